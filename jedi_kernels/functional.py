@@ -1,0 +1,233 @@
+"""Public functional API: ``set_attention``, ``prepare_inputs``, ``sample_ng_mask``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jedi_kernels import dispatch
+from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
+
+__all__ = ["set_attention", "prepare_inputs", "sample_ng_mask"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _can_sync(t: torch.Tensor) -> bool:
+    """Data-dependent checks need a device sync: skip them while compiling or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _check_set_mask(set_mask, set_size: int, device: torch.device) -> torch.Tensor | None:
+    if set_mask is None:
+        return None
+    if not isinstance(set_mask, torch.Tensor):
+        raise TypeError(f"set_mask must be a bool tensor of shape ({set_size}, {set_size}) or None, got {type(set_mask)}")
+    if set_mask.dtype != torch.bool:
+        raise TypeError(f"set_mask must have dtype torch.bool, got {set_mask.dtype}")
+    if tuple(set_mask.shape) != (set_size, set_size):
+        raise ValueError(
+            f"set_mask must have shape (set_size, set_size) = ({set_size}, {set_size}), got {tuple(set_mask.shape)}"
+        )
+    if _can_sync(set_mask) and not bool(set_mask.any(dim=1).all()):
+        rows = (~set_mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"set_mask rows {rows} allow no image: every query image must attend at least one image")
+    return set_mask.to(device=device)
+
+
+def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (N, L, heads*head_dim), got {type(t)}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (N, L, heads*head_dim) (3 dims), got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
+        raise ValueError(f"set_size must be a positive int, got {set_size!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    N, L, HD = q.shape
+    if N == 0 or L == 0 or HD == 0:
+        raise ValueError(f"q must be non-empty (N, L, heads*head_dim), got {tuple(q.shape)}")
+    if N % set_size:
+        raise ValueError(f"q.shape[0] = N = {N} must be a multiple of set_size = {set_size} (N = B * set_size)")
+    if HD % heads:
+        raise ValueError(f"q.shape[-1] = {HD} must be heads * head_dim with heads = {heads}")
+    return N // set_size, set_size, L, heads, HD // heads
+
+
+def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask):
+    """Backend "torch": torch SDPA on a (B, H, G*L, D) view; a block-diagonal mask runs as per-image attention."""
+    N, L, HD = q.shape
+    G, H = set_size, heads
+    D = HD // H
+    if set_mask is not None and _can_sync(set_mask) and bool(
+        torch.equal(set_mask, torch.eye(G, dtype=torch.bool, device=set_mask.device))
+    ):
+        B, G, set_mask = N, 1, None  # each image attends only itself: plain per-image attention
+    else:
+        B = N // G
+
+    def heads_first(x):
+        # (N, L, H*D) -> (B, G*L, H, D) -> (B, H, G*L, D)
+        return x.reshape(B, G * L, H, D).transpose(1, 2)
+
+    attn_mask = None
+    if set_mask is not None:
+        # (G, G) -> (G*L, G*L) token mask; dense, but only on this fallback path
+        attn_mask = set_mask.repeat_interleave(L, 0).repeat_interleave(L, 1)
+    o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=attn_mask, scale=scale)
+    # (B, H, G*L, D) -> (B, G*L, H, D) -> (N, L, H*D)
+    return o.transpose(1, 2).reshape(N, L, HD)
+
+
+def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backend="auto"):
+    """Set-wise (joint) self-attention over all images of each set, read from the projection layout.
+
+    Each set of ``set_size`` consecutive images attends jointly: queries of every image see the keys of every image
+    of its set (``softmax(q k^T * scale) v`` over ``set_size * L`` keys), which is JeDi's joint self-attention.
+
+    Args:
+        q, k, v: (N, L, heads*head_dim), N = B * set_size; float16/bfloat16 (GPU kernels), float32/float64; same
+            shape, dtype and device. Any strides (views of one fused qkv projection work); a non-unit last-dim
+            stride is copied once.
+        set_size: G, number of images per set (int >= 1).
+        heads: H, number of attention heads (int >= 1, divides the last dim).
+        scale: softmax scale (float), default head_dim ** -0.5.
+        set_mask: optional bool (G, G); ``set_mask[i, j]`` = queries of image i may attend keys of image j. None means
+            full joint attention. Every row must allow at least one image.
+        backend: "auto" (fastest correct backend for device/dtype/shape; ``JEDI_BACKEND`` overrides),
+            "triton", "cuda" or "torch" (torch SDPA).
+
+    Returns:
+        (N, L, heads*head_dim) tensor in q's dtype, contiguous, ready for the out-projection. Differentiable w.r.t.
+        q, k and v on every backend.
+
+    Raises:
+        TypeError: non-tensor inputs, non-float or mismatched dtypes, non-bool set_mask.
+        ValueError: wrong ranks/shapes, N not divisible by set_size, heads not dividing the last dim, empty inputs,
+            mismatched devices, bad set_mask shape or a set_mask row allowing nothing, unknown or unavailable backend.
+    """
+    B, G, L, H, D = _check_qkv(q, k, v, set_size, heads)
+    if scale is None:
+        scale = D**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale)}")
+    scale = float(scale)
+    set_mask = _check_set_mask(set_mask, G, q.device)
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = dispatch.env_backend() or "auto"
+    if backend == "auto":
+        backend = dispatch.choose_set_attention_backend(q, heads, set_mask is not None)
+    if backend == "torch":
+        return _sdpa_set_attention(q, k, v, G, H, scale, set_mask)
+    if backend == "triton" and not triton_ok(q.device):
+        raise ValueError(
+            f"backend='triton' cannot run on {q.device}: {available_backends()['reasons'].get('triton', 'needs a CUDA device')}"
+        )
+    if backend == "cuda" and not cuda_ok(q.device):
+        reason = available_backends()["reasons"].get("cuda", "q is not on a CUDA device")
+        raise ValueError(f"backend='cuda' is unavailable: {reason}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    from jedi_kernels.ops.set_attention import set_attention_op
+
+    return set_attention_op(q, k, v, G, H, scale, set_mask, backend)
+
+
+def prepare_inputs(x_t, x0, ng_mask, *, backend="auto"):
+    """JeDi's UNet input in one fused pass: ``cat(x_t, x0 * (1 - m), m)``, m = ng_mask broadcast over (H, W).
+
+    Reference images (m = 0) keep their clean content in the middle channels; images to generate (m = 1) get zeros.
+
+    Args:
+        x_t: (N, C, H, W) noisy latents, float16/bfloat16/float32/float64, contiguous or channels-last.
+        x0: (N, C, H, W) clean latents, same dtype and device as x_t.
+        ng_mask: (N,) bool or float {0, 1}: 1 = image to generate, 0 = reference.
+        backend: "auto" (CUDA kernel, else Triton on GPU; CPU C++ kernel on CPU; else torch), "cuda", "triton",
+            "cpu" or "torch".
+
+    Returns:
+        (N, 2C+1, H, W) in x_t's dtype, in x_t's memory format (channels-last in, channels-last out).
+        Differentiable w.r.t. x_t and x0 (not ng_mask).
+
+    Raises:
+        TypeError: non-tensor or non-float inputs, mismatched dtypes, bad ng_mask dtype.
+        ValueError: wrong shapes, mismatched devices, empty tensors, unknown or unavailable backend.
+    """
+    for name, t in (("x_t", x_t), ("x0", x0), ("ng_mask", ng_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t)}")
+    if x_t.dim() != 4:
+        raise ValueError(f"x_t must have shape (N, C, H, W), got {tuple(x_t.shape)}")
+    if x_t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x_t must be a float tensor, got {x_t.dtype}")
+    if x0.shape != x_t.shape:
+        raise ValueError(f"x0 must have x_t's shape {tuple(x_t.shape)}, got {tuple(x0.shape)}")
+    if x0.dtype != x_t.dtype:
+        raise TypeError(f"x0 must have x_t's dtype {x_t.dtype}, got {x0.dtype}")
+    N = x_t.shape[0]
+    if ng_mask.shape != (N,):
+        raise ValueError(f"ng_mask must have shape (N,) = ({N},), got {tuple(ng_mask.shape)}")
+    if ng_mask.dtype != torch.bool and not ng_mask.dtype.is_floating_point:
+        raise TypeError(f"ng_mask must be bool or float (0/1), got {ng_mask.dtype}")
+    for name, t in (("x0", x0), ("ng_mask", ng_mask)):
+        if t.device != x_t.device:
+            raise ValueError(f"{name} must be on x_t's device {x_t.device}, got {t.device}")
+    if x_t.numel() == 0:
+        raise ValueError(f"x_t must be non-empty, got shape {tuple(x_t.shape)}")
+    choices = ("auto", "cuda", "triton", "cpu", "torch")
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    if backend == "auto":
+        backend = dispatch.choose_prepare_backend(x_t)
+    if backend == "cuda" and not cuda_ok(x_t.device):
+        reason = available_backends()["reasons"].get("cuda", "x_t is not on a CUDA device")
+        raise ValueError(f"backend='cuda' is unavailable: {reason}")
+    if backend == "cpu" and not cpu_ext_ok(x_t.device):
+        reason = available_backends()["reasons"].get("cpu_ext", "x_t is not on the CPU")
+        raise ValueError(f"backend='cpu' is unavailable: {reason}")
+    if backend == "triton" and not triton_ok(x_t.device):
+        reason = available_backends()["reasons"].get("triton", "needs a CUDA device")
+        raise ValueError(f"backend='triton' cannot run on {x_t.device}: {reason}")
+    from jedi_kernels.ops.prepare_inputs import prepare_inputs_op
+
+    # the mask travels as x_t's dtype: one code path per kernel, exact for {0, 1}
+    return prepare_inputs_op(x_t, x0, ng_mask.to(x_t.dtype), backend)
+
+
+def sample_ng_mask(n: int, set_size: int, generator: torch.Generator | None = None, *, p: float = 0.5,
+                   device=None) -> torch.Tensor:
+    """JeDi's training rule for which images of a set to generate: each image is masked with probability ``p``.
+
+    Args:
+        n: N, total images (B * set_size).
+        set_size: G; n must be a multiple of it.
+        generator: optional torch.Generator for reproducibility (its device is used when ``device`` is None).
+        p: masking probability (default 0.5, the seed's rule).
+        device: output device (default: the generator's, else CPU).
+
+    Returns:
+        (n,) bool tensor, True = image to generate (mask 1).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1 or n % set_size:
+        raise ValueError(f"set_size must be a positive int dividing n = {n}, got {set_size!r}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    return torch.rand(n, generator=generator, device=device) < p

@@ -1,0 +1,47 @@
+"""Drop-in torch modules built on the fused kernels."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from jedi_kernels.functional import set_attention
+
+__all__ = ["SetAttention"]
+
+
+class SetAttention(nn.Module):
+    """Joint self-attention over each set of images; a drop-in for Stable Diffusion's ``attn1``.
+
+    Parameters carry SD's names (``to_q``, ``to_k``, ``to_v`` without bias, ``to_out.0`` Linear with bias), so LDM and
+    diffusers state dicts load unchanged.
+
+    Args:
+        query_dim: C, channels of the tokens.
+        heads: H.
+        dim_head: D; inner dim is H*D.
+        fuse_qkv: run the three projections as one GEMM (weights concatenated on the fly; state-dict names unchanged).
+        backend: set_attention backend ("auto", "triton", "cuda", "torch").
+    """
+
+    def __init__(self, query_dim: int, heads: int = 8, dim_head: int = 64, *, fuse_qkv: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head**-0.5
+        self.fuse_qkv, self.backend = fuse_qkv, backend
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(query_dim, inner, bias=False)
+        self.to_v = nn.Linear(query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, set_size: int, set_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, L, C) tokens, N = B * set_size. Returns (N, L, C)."""
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (N, L, C), got {tuple(x.shape)}")
+        if self.fuse_qkv:
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight], dim=0)  # (3*H*D, C)
+            q, k, v = torch.nn.functional.linear(x, w).chunk(3, dim=-1)  # strided views of (N, L, 3*H*D)
+        else:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        o = set_attention(q, k, v, set_size, self.heads, scale=self.scale, set_mask=set_mask, backend=self.backend)
+        return self.to_out(o)

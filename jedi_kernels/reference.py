@@ -1,0 +1,95 @@
+"""Plain-PyTorch references of every op in :mod:`jedi_kernels`.
+
+These are the ground truth of the test-suite (run in float64), the CPU fallback of the functional API and the
+"eager torch" peer of the benchmarks. They favour clarity over speed.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["set_attention_reference", "prepare_inputs_reference", "set_mask_to_dense"]
+
+
+def set_mask_to_dense(set_mask: torch.Tensor, L: int) -> torch.Tensor:
+    """Expand a (G, G) image-level mask to the (G·L, G·L) token-level mask the reference applies."""
+    # (G, G) -> (G*L, G*L): every token of image i sees every token of image j iff set_mask[i, j]
+    return set_mask.repeat_interleave(L, dim=0).repeat_interleave(L, dim=1)
+
+
+def set_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    set_size: int,
+    heads: int,
+    scale: float | None = None,
+    set_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Joint self-attention over all images of a set, written out in plain PyTorch.
+
+    Args:
+        q, k, v: (N, L, H*D) with N = B*G (G = ``set_size``), any float dtype; the math runs in that dtype.
+        set_size: G, images per set.
+        heads: H.
+        scale: softmax scale, default D**-0.5.
+        set_mask: optional bool (G, G); ``set_mask[i, j]`` lets queries of image i attend keys of image j.
+
+    Returns:
+        (N, L, H*D) in q's dtype: for each set, softmax(q k^T * scale) v over all G*L keys of the set.
+    """
+    N, L, HD = q.shape
+    G, H = set_size, heads
+    B, D = N // G, HD // H
+    if scale is None:
+        scale = D**-0.5
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        # (N, L, H*D) -> (B, G*L, H, D) -> (B, H, G*L, D)
+        return x.reshape(B, G * L, H, D).transpose(1, 2)
+
+    qh, kh, vh = split(q), split(k), split(v)
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, G*L, G*L)
+    if set_mask is not None:
+        dense = set_mask_to_dense(set_mask.to(device=q.device, dtype=torch.bool), L)
+        s = s.masked_fill(~dense, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, vh)  # (B, H, G*L, D)
+    # (B, H, G*L, D) -> (B, G*L, H, D) -> (N, L, H*D)
+    return o.transpose(1, 2).reshape(N, L, HD)
+
+
+def set_attention_lse_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    set_size: int,
+    heads: int,
+    scale: float | None = None,
+    set_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row logsumexp (natural log) of the scaled scores: (B, H, G*L) float32, as the forward kernels save it."""
+    N, L, HD = q.shape
+    G, H = set_size, heads
+    B, D = N // G, HD // H
+    if scale is None:
+        scale = D**-0.5
+    qh = q.reshape(B, G * L, H, D).transpose(1, 2)
+    kh = k.reshape(B, G * L, H, D).transpose(1, 2)
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if set_mask is not None:
+        s = s.masked_fill(~set_mask_to_dense(set_mask.to(device=q.device, dtype=torch.bool), L), float("-inf"))
+    return torch.logsumexp(s, dim=-1).float()
+
+
+def prepare_inputs_reference(x_t: torch.Tensor, x0: torch.Tensor, ng_mask: torch.Tensor) -> torch.Tensor:
+    """JeDi's UNet input ``cat(x_t, x0 * (1 - m), m)`` with m = ng_mask broadcast over (H, W).
+
+    Args:
+        x_t, x0: (N, C, H, W) same dtype.
+        ng_mask: (N,) bool or {0, 1} float: 1 = image to generate (content hidden), 0 = reference.
+
+    Returns:
+        (N, 2C+1, H, W) in x_t's dtype.
+    """
+    N, C, H, W = x_t.shape
+    m = ng_mask.to(x_t.dtype).view(N, 1, 1, 1)
+    return torch.cat([x_t, x0 * (1 - m), m.expand(N, 1, H, W)], dim=1)

@@ -1,0 +1,52 @@
+"""Build of jedi_kernels._C (see README "Install" and DESIGN §4).
+
+- Always: the CPU C++ ops (csrc/ops.cpp + csrc/cpu/*.cpp).
+- With CUDA (torch.version.cuda set and a CUDA toolkit found, or JEDI_FORCE_CUDA=1): + csrc/cuda/*.cu and the
+  torch glue csrc/cuda/*.cpp, for JEDI_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). MAX_JOBS caps the
+  parallel compile jobs (ninja).
+- JEDI_SKIP_EXT=1: pure Python (Triton kernels + references), no compiler needed.
+
+Install with ``pip install -e . --no-build-isolation`` so the build sees the torch you run with.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def ext_modules_and_cmdclass():
+    if os.environ.get("JEDI_SKIP_EXT") == "1":
+        print("jedi-kernels: JEDI_SKIP_EXT=1, building no C++/CUDA extension")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
+    force_cuda = os.environ.get("JEDI_FORCE_CUDA") == "1"
+    with_cuda = force_cuda or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
+    cxx = ["-O3"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) found"
+        print(f"jedi-kernels: building the CPU extension only ({why})")
+        ext = cpp_extension.CppExtension("jedi_kernels._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cxx})
+    else:
+        archs = os.environ.get("JEDI_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension when it adds -gencode flags
+        print(f"jedi-kernels: building CPU + CUDA extension for archs {archs}")
+        sources += _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu")
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DJEDI_WITH_CUDA"]
+        ext = cpp_extension.CUDAExtension("jedi_kernels._C", sources, include_dirs=include_dirs + [
+            os.path.join(ROOT, "csrc", "cuda")], extra_compile_args={"cxx": cxx + ["-DJEDI_WITH_CUDA"], "nvcc": nvcc})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = ext_modules_and_cmdclass()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
