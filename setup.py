@@ -1,6 +1,6 @@
 """Build of jedi_kernels._C (see README "Install" and DESIGN §4).
 
-- Always: the CPU C++ ops (csrc/ops.cpp + csrc/cpu/*.cpp).
+- Always: the CPU C++ ops (csrc/*.cpp + csrc/cpu/*.cpp).
 - With CUDA (torch.version.cuda set and a CUDA toolkit found, or JEDI_FORCE_CUDA=1): + csrc/cuda/*.cu and the
   torch glue csrc/cuda/*.cpp, for JEDI_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). MAX_JOBS caps the
   parallel compile jobs (ninja).
@@ -27,10 +27,12 @@ def ext_modules_and_cmdclass():
     import torch
     from torch.utils import cpp_extension
 
-    sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     force_cuda = os.environ.get("JEDI_FORCE_CUDA") == "1"
     with_cuda = force_cuda or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is inline in ATen headers (#pragma omp); without it the CPU kernels run serially.
+    # Compile-only: the GOMP symbols resolve to the OpenMP runtime torch already loaded (a second one thrashes).
+    cxx = ["-O3", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) found"

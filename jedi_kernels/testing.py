@@ -17,7 +17,7 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: 
     """Assert ``max|actual - expected| <= atol``; on failure report the worst element, its index and both values."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double(), expected.detach().double()
     if not torch.isfinite(a).all():
         bad = (~torch.isfinite(a)).nonzero()[:5].tolist()
         raise AssertionError(f"{name}: non-finite values at {bad}")
@@ -35,7 +35,7 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: 
 
 def assert_flash_rule(ours: torch.Tensor, same_dtype_torch: torch.Tensor, ref64: torch.Tensor, name: str) -> None:
     """flash-attention's rule: ``max|ours - ref64| <= 2 * max|torch_same_dtype - ref64| + 1e-5``."""
-    base = float((same_dtype_torch.double() - ref64).abs().max()) if ref64.numel() else 0.0
+    base = float((same_dtype_torch.detach().double() - ref64.detach()).abs().max()) if ref64.numel() else 0.0
     assert_close_verbose(ours, ref64, atol=2 * base + 1e-5, name=f"{name} (2x rule, torch err {base:.2e})")
 
 

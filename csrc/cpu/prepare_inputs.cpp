@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+
 namespace jedi {
 namespace {
 
@@ -42,15 +45,18 @@ at::Tensor prepare_inputs_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_in,
           const int64_t n = p / Co, c = p % Co;
           scalar_t* dst = o + p * HW;
           if (c < C) {
-            const scalar_t* src = a + (n * C + c) * HW;
-            for (int64_t i = 0; i < HW; ++i) dst[i] = src[i];
+            std::memcpy(dst, a + (n * C + c) * HW, HW * sizeof(scalar_t));
           } else if (c < 2 * C) {
+            // m is 0 or 1: the masked content is a copy or zeros (x0 * 0 == 0 for finite x0, as in the reference)
             const scalar_t* src = b + (n * C + (c - C)) * HW;
-            const scalar_t keep = static_cast<scalar_t>(1.0f - mp[n]);
-            for (int64_t i = 0; i < HW; ++i) dst[i] = src[i] * keep;
+            if (mp[n] == 0.0f) {
+              std::memcpy(dst, src, HW * sizeof(scalar_t));
+            } else {
+              const scalar_t keep = static_cast<scalar_t>(1.0f - mp[n]);
+              for (int64_t i = 0; i < HW; ++i) dst[i] = src[i] * keep;
+            }
           } else {
-            const scalar_t mv = static_cast<scalar_t>(mp[n]);
-            for (int64_t i = 0; i < HW; ++i) dst[i] = mv;
+            std::fill_n(dst, HW, static_cast<scalar_t>(mp[n]));
           }
         }
       });

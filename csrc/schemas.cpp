@@ -1,8 +1,7 @@
-// Schemas of every op of the compiled extension (the one TORCH_LIBRARY block of namespace "jedi") and the Python
-// module init. Kernels register their implementations in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA).
+// Schemas of every op of the compiled extension: the one TORCH_LIBRARY block of namespace "jedi" (the Python module
+// init is module.cpp). Kernels register their implementations in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA).
 // The public, autograd-aware ops (jedi::prepare_inputs, jedi::set_attention_fwd/bwd) are torch.library.custom_op's
 // defined in Python; they call these *_ext ops as their "cpu"/"cuda" backends. See docs/CONTRACT.md.
-#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(jedi, m) {
@@ -14,15 +13,4 @@ TORCH_LIBRARY(jedi, m) {
   m.def(
       "set_attention_bwd_ext(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int set_size, "
       "int heads, float scale, Tensor? set_mask) -> (Tensor, Tensor, Tensor)");
-}
-
-PYBIND11_MODULE(_C, mod) {
-  mod.doc() = "jedi_kernels compiled ops (registered in torch.ops.jedi on import)";
-  mod.def("with_cuda", []() {
-#ifdef JEDI_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  });
 }

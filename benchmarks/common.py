@@ -1,0 +1,81 @@
+"""Shared benchmark helpers: synchronized GPU timing, environment facts for ``extra_info``."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def env_info(device: torch.device | str = "cpu") -> dict:
+    """Device name and library versions, recorded with every benchmark."""
+    device = torch.device(device)
+    info = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def gpu_time_ms(fn, warmup: int = 10, rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (triton.testing.do_bench: L2 flushed, CUDA events)."""
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep_ms, return_mode="median"))
+    except ImportError:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(20):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        return statistics.median(times)
+
+
+def cpu_time_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of ``fn()`` on the CPU."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_gpu(benchmark, fn, rounds: int = 20, **extra) -> float:
+    """Run ``fn`` under pytest-benchmark with a sync per round, and record the do_bench median in extra_info."""
+    ms = gpu_time_ms(fn)
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=2)
+    benchmark.extra_info.update(env_info("cuda"))
+    benchmark.extra_info.update(extra)
+    benchmark.extra_info["ms"] = ms
+    return ms
+
+
+def copy_bandwidth_gbps(nbytes: int, device="cuda") -> float:
+    """Device copy bandwidth (read + write GB/s) measured on a buffer of ``nbytes``: the memory-bound ceiling."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
+    dst = torch.empty_like(src)
+    ms = gpu_time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
