@@ -4,6 +4,7 @@
 - With CUDA (torch.version.cuda set and a CUDA toolkit found, or JEDI_FORCE_CUDA=1): + csrc/cuda/*.cu and the
   torch glue csrc/cuda/*.cpp, for JEDI_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). MAX_JOBS caps the
   parallel compile jobs (ninja).
+- JEDI_CUDA_EXCLUDE=substring: leave CUDA sources whose file name contains it out of the build.
 - JEDI_SKIP_EXT=1: pure Python (Triton kernels + references), no compiler needed.
 
 Install with ``pip install -e . --no-build-isolation`` so the build sees the torch you run with.
@@ -43,7 +44,12 @@ def ext_modules_and_cmdclass():
         archs = os.environ.get("JEDI_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension when it adds -gencode flags
         print(f"jedi-kernels: building CPU + CUDA extension for archs {archs}")
-        sources += _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu")
+        cuda_sources = _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu")
+        exclude = os.environ.get("JEDI_CUDA_EXCLUDE")  # e.g. "set_attention": build the CUDA ops without those
+        if exclude:
+            cuda_sources = [s for s in cuda_sources if exclude not in os.path.basename(s)]
+            print(f"jedi-kernels: JEDI_CUDA_EXCLUDE={exclude}: leaving out CUDA sources matching it")
+        sources += cuda_sources
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DJEDI_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension("jedi_kernels._C", sources, include_dirs=include_dirs + [
             os.path.join(ROOT, "csrc", "cuda")], extra_compile_args={"cxx": cxx + ["-DJEDI_WITH_CUDA"], "nvcc": nvcc})

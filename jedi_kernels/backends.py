@@ -24,11 +24,21 @@ def _triton_import() -> tuple[bool, str]:
     return True, ""
 
 
+def _has_cuda_kernel(op: str) -> bool:
+    return _ext.cuda_built() and torch._C._dispatch_has_kernel_for_dispatch_key(f"jedi::{op}", "CUDA")
+
+
 @torch._dynamo.assume_constant_result
 def flags() -> tuple[bool, bool, bool, bool]:
     """(triton importable, TRITON_INTERPRET=1, cpu_ext loaded, cuda kernels built): constants to torch.compile, so
     backend resolution inside a compiled region never graph-breaks."""
     return _triton_import()[0], triton_interpreting(), _ext.ext_loaded(), _ext.cuda_built()
+
+
+@torch._dynamo.assume_constant_result
+def cuda_attention_built() -> bool:
+    """The CUDA set-attention kernels are registered (a build may leave them out: JEDI_CUDA_EXCLUDE)."""
+    return _has_cuda_kernel("set_attention_fwd_ext")
 
 
 def triton_ok(device: torch.device) -> bool:
@@ -41,10 +51,11 @@ def triton_ok(device: torch.device) -> bool:
     return device.type == "cpu" and interp
 
 
-def cuda_ok(device: torch.device) -> bool:
-    """The compiled CUDA kernels can run on tensors of ``device``."""
+def cuda_ok(device: torch.device, attention: bool = False) -> bool:
+    """The compiled CUDA kernels (the set-attention ones when ``attention``) can run on tensors of ``device``."""
     _, _, ext, cuda_built = flags()
-    return device.type == "cuda" and ext and cuda_built
+    ok = device.type == "cuda" and ext and cuda_built
+    return ok and (cuda_attention_built() if attention else True)
 
 
 def cpu_ext_ok(device: torch.device) -> bool:
@@ -56,7 +67,8 @@ def available_backends() -> dict:
     """Report the kernel backends of this install.
 
     Returns:
-        dict with bool entries ``triton``, ``cuda``, ``cpu_ext``, ``torch`` (always True) and
+        dict with bool entries ``triton``, ``cuda`` (CUDA kernels built and a GPU visible), ``cuda_attention`` (the
+        CUDA set-attention kernels among them), ``cpu_ext``, ``torch`` (always True) and
         ``triton_interpreter``, plus ``reasons``: {backend: why it is unavailable} for each False backend.
     """
     reasons: dict[str, str] = {}
@@ -79,9 +91,13 @@ def available_backends() -> dict:
             reasons["cuda"] = "jedi_kernels._C was built without CUDA (CPU torch or no CUDA toolkit at build time)"
         else:
             reasons["cuda"] = "no CUDA device is visible"
+    cuda_attn = cuda and _has_cuda_kernel("set_attention_fwd_ext")
+    if cuda and not cuda_attn:
+        reasons["cuda_attention"] = "jedi_kernels._C was built without the CUDA set-attention kernels"
     return {
         "triton": triton_usable,
         "cuda": cuda,
+        "cuda_attention": cuda_attn,
         "cpu_ext": cpu_ext,
         "torch": True,
         "triton_interpreter": interp,

@@ -46,7 +46,7 @@ def choose_set_attention_backend(q: torch.Tensor, heads: int, masked: bool) -> s
     choice = SET_ATTENTION_TABLE.get((device_kind(q.device), q.dtype, D, masked), "torch")
     if choice == "triton" and not triton_ok(q.device):
         return "torch"
-    if choice == "cuda" and not cuda_ok(q.device):
+    if choice == "cuda" and not cuda_ok(q.device, attention=True):
         return "torch"
     return choice
 

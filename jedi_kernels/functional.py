@@ -138,8 +138,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
         raise ValueError(
             f"backend='triton' cannot run on {q.device}: {available_backends()['reasons'].get('triton', 'needs a CUDA device')}"
         )
-    if backend == "cuda" and not cuda_ok(q.device):
-        reason = available_backends()["reasons"].get("cuda", "q is not on a CUDA device")
+    if backend == "cuda" and not cuda_ok(q.device, attention=True):
+        reasons = available_backends()["reasons"]
+        reason = reasons.get("cuda", reasons.get("cuda_attention", "q is not on a CUDA device"))
         raise ValueError(f"backend='cuda' is unavailable: {reason}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     from jedi_kernels.ops.set_attention import set_attention_op

@@ -1,0 +1,21 @@
+# The two commands of the README, on a fresh machine with Python 3.10+:
+#   make run    the main job (now: the benchmark suite on this machine's devices)
+#   make test   the whole test suite (what CI runs)
+# Both create .venv (CPU torch 2.13, triton 3.6) and build the package on first use.
+.PHONY: run test setup gpu-check clean
+
+run: setup
+	.venv/bin/python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider
+
+test:
+	scripts/test.sh
+
+setup:
+	scripts/setup_env.sh
+
+# on a GPU machine with torch+CUDA already installed: make gpu-check OUT=/tmp/out
+gpu-check:
+	benchmarks/gpu_check.sh $(OUT)
+
+clean:
+	rm -rf build .venv jedi_kernels/_C*.so *.egg-info

@@ -1,0 +1,108 @@
+"""Turn one gpu_check run into the committed results format: ``results.json`` + ``results.png``.
+
+    python benchmarks/collect_results.py OUTDIR [--build full]
+
+Reads OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml (junit) and, when present, OUTDIR/attention.json
+(benchmarks/attention_sweep.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import xml.etree.ElementTree as ET
+
+
+def _tests(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"ran": False}
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = []
+    for s in suites:
+        for case in s.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname')}::{case.get('name')}")
+    tot["passed"] = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
+    tot["failed_tests"] = failed[:50]
+    return tot
+
+
+def _benchmarks(path: str) -> tuple[list, dict]:
+    if not os.path.exists(path):
+        return [], {}
+    data = json.load(open(path))
+    rows = []
+    for b in data.get("benchmarks", []):
+        rows.append({"name": b["name"], "group": b.get("group"), "params": b.get("params"),
+                     "median_ms_pytest_benchmark": b["stats"]["median"] * 1e3, **b.get("extra_info", {})})
+    return rows, data.get("machine_info", {})
+
+
+def _plot(rows: list, path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    rows = [r for r in rows if isinstance(r.get("ms"), (int, float))]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(rows))))
+    names = [r["name"].replace("test_", "") for r in rows]
+    ax.barh(range(len(rows)), [r["ms"] for r in rows])
+    ax.set_yticks(range(len(rows)), names, fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (median, lower is better)")
+    ax.set_title(title)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("outdir")
+    ap.add_argument("--build", default="unknown", help="how the extension built (full / without_cuda_attention)")
+    args = ap.parse_args()
+    rows, machine = _benchmarks(os.path.join(args.outdir, "bench.json"))
+    card = next((r.get("device") for r in rows if r.get("device")), None)
+    try:
+        import torch
+
+        card = card or (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+        versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    except ImportError:
+        versions = {}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    result = {
+        "card": card,
+        "date": datetime.date.today().isoformat(),
+        "versions": versions,
+        "build": args.build,
+        "tests_gpu": _tests(os.path.join(args.outdir, "pytest_gpu.xml")),
+        "benchmarks": rows,
+        "machine_info": {k: machine.get(k) for k in ("node", "processor", "cpu") if k in machine},
+    }
+    sweep = os.path.join(args.outdir, "attention.json")
+    if os.path.exists(sweep):
+        result["attention_sweep"] = json.load(open(sweep))
+    with open(os.path.join(args.outdir, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    _plot(rows, os.path.join(args.outdir, "results.png"), f"jedi-kernels GPU benchmarks on {card}")
+    t = result["tests_gpu"]
+    print(f"results.json: {len(rows)} benchmarks on {card}; gpu tests: {t}")
+
+
+if __name__ == "__main__":
+    main()

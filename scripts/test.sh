@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole CPU test suite, as CI runs it (README: `make test`):
+#   build/refresh the venv, compile-check every CUDA source (nvcc, when present) and the CUDA glue, build the C++
+#   tests with CMake and run ctest, run pytest (Triton kernels through TRITON_INTERPRET=1), then a benchmark smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${JEDI_VENV:-.venv}
+scripts/setup_env.sh
+VPY="$VENV/bin/python"
+export PATH="$PWD/$VENV/bin:$PATH"
+JOBS=${MAX_JOBS:-$(nproc)}
+
+echo "[test] CUDA glue syntax check"
+tools/check_cuda_sources.sh --glue-only "$VPY"
+
+echo "[test] CMake build (+ nvcc compile check of csrc/cuda/*.cu when nvcc exists) and ctest"
+cmake -S . -B build/cmake -DPython_EXECUTABLE="$PWD/$VPY" -DCMAKE_BUILD_TYPE=Release >build/cmake.log 2>&1 \
+  || { cat build/cmake.log; exit 1; }
+cmake --build build/cmake -j "$JOBS" >>build/cmake.log 2>&1 || { tail -60 build/cmake.log; exit 1; }
+ctest --test-dir build/cmake --output-on-failure
+
+echo "[test] pytest"
+export TRITON_INTERPRET=1
+"$VPY" -m pytest tests -q -p no:cacheprovider "$@"
+
+echo "[test] benchmark smoke run"
+"$VPY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-min-rounds=1 \
+  --benchmark-max-time=0.05 --benchmark-warmup=off
