@@ -74,8 +74,9 @@ def bench_gpu(benchmark, fn, rounds: int = 20, **extra) -> float:
 
 
 def copy_bandwidth_gbps(nbytes: int, device="cuda") -> float:
-    """Device copy bandwidth (read + write GB/s) measured on a buffer of ``nbytes``: the memory-bound ceiling."""
-    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
+    """Device copy bandwidth in GB/s (bytes read + written per second) of a copy that moves ``nbytes`` in total:
+    the memory-bound ceiling for a kernel with the same traffic."""
+    src = torch.empty(max(1, nbytes // 4), dtype=torch.int16, device=device)  # nbytes/2 read + nbytes/2 written
     dst = torch.empty_like(src)
     ms = gpu_time_ms(lambda: dst.copy_(src))
-    return 2 * nbytes / ms / 1e6
+    return 4 * src.numel() / ms / 1e6

@@ -14,6 +14,7 @@ echo "[test] CUDA glue syntax check"
 tools/check_cuda_sources.sh --glue-only "$VPY"
 
 echo "[test] CMake build (+ nvcc compile check of csrc/cuda/*.cu when nvcc exists) and ctest"
+mkdir -p build
 cmake -S . -B build/cmake -DPython_EXECUTABLE="$PWD/$VPY" -DCMAKE_BUILD_TYPE=Release >build/cmake.log 2>&1 \
   || { cat build/cmake.log; exit 1; }
 cmake --build build/cmake -j "$JOBS" >>build/cmake.log 2>&1 || { tail -60 build/cmake.log; exit 1; }
