@@ -1,0 +1,82 @@
+"""Running a :class:`jedi.JeDiUNet` step as one CUDA graph replay.
+
+A denoising loop calls the UNet with the same shapes at every step; capturing the forward once and replaying it
+removes the per-kernel launch cost (hundreds of small kernels per SD step). The kernels of ``jedi_kernels`` skip
+their data-dependent checks while a graph is being captured, so the whole forward captures.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CUDAGraphRunner"]
+
+
+class CUDAGraphRunner:
+    """Capture ``unet(**example_inputs)`` (no grad) into a CUDA graph and replay it with new input values.
+
+    Args:
+        unet: a JeDiUNet (any module called with keyword inputs) whose parameters live on a CUDA device.
+        example_inputs: the keyword arguments of one forward, e.g. ``dict(x_t=..., timesteps=..., context=...,
+            x0=..., ng_mask=..., set_size=2, set_mask=None)``. Tensors (on the UNet's device) become static input
+            buffers of the same shape, dtype and strides; other values (``set_size``, ``set_mask=None``) are frozen
+            into the graph.
+        warmup: eager forwards on a side stream before capture (lets Triton compile and cuBLAS/cuDNN pick kernels).
+        clone: return a fresh copy of the output on every call instead of the static output buffer.
+        pool: optional CUDA graph memory pool handle (``torch.cuda.graph_pool_handle()``) to share with other graphs.
+
+    ``__call__(**inputs)`` copies every tensor input into its static buffer, replays the graph and returns the static
+    output tensor (N, C, h, w), which the NEXT call overwrites: clone it (or build with ``clone=True``) to keep it.
+    A call must pass the same keys; tensors must have the captured shapes and dtypes, and non-tensor values must equal
+    the captured ones (else ValueError). The graph reads the UNet's parameters in place: updating their values
+    (``load_unet_weights``, an optimizer step) is seen by the next replay, re-allocating them is not.
+
+    Raises:
+        RuntimeError: at construction when CUDA is unavailable or the UNet is not on a CUDA device. There is no
+            silent CPU fallback: a CUDA graph's point is speed, and a runner that quietly ran eager would hide that.
+            On the CPU call the UNet directly (or wrap it in ``torch.compile``).
+    """
+
+    def __init__(self, unet: nn.Module, example_inputs: dict, *, warmup: int = 3, clone: bool = False, pool=None):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDAGraphRunner needs CUDA (torch.cuda.is_available() is False); on the CPU call the "
+                               "UNet directly")
+        param = next(unet.parameters())
+        if param.device.type != "cuda":
+            raise RuntimeError(f"CUDAGraphRunner needs the UNet on a CUDA device, its parameters are on {param.device}")
+        self.unet, self.clone, self.device = unet, clone, param.device
+        self.static: dict = {}
+        for k, v in example_inputs.items():
+            if isinstance(v, torch.Tensor):
+                if v.device != self.device:
+                    raise ValueError(f"example_inputs[{k!r}] is on {v.device}, the UNet on {self.device}")
+                self.static[k] = v.detach().clone()  # keeps v's strides (channels-last stays channels-last)
+            else:
+                self.static[k] = v
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(max(warmup, 1)):
+                unet(**self.static)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+            self.output = unet(**self.static)
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        """Copy ``inputs`` into the static buffers, replay, return the (static, or cloned) output."""
+        if inputs.keys() != self.static.keys():
+            raise ValueError(f"inputs must have the captured keys {sorted(self.static)}, got {sorted(inputs)}")
+        for k, v in inputs.items():
+            s = self.static[k]
+            if isinstance(s, torch.Tensor):
+                if not isinstance(v, torch.Tensor) or v.shape != s.shape or v.dtype != s.dtype:
+                    got = (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v)
+                    raise ValueError(f"{k} must be a tensor of the captured shape {tuple(s.shape)} and dtype "
+                                     f"{s.dtype}, got {got}")
+                s.copy_(v)
+            elif not (v is s or v == s):
+                raise ValueError(f"{k}={v!r} differs from the captured value {s!r}: capture another runner")
+        self.graph.replay()
+        return self.output.clone() if self.clone else self.output

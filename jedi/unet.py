@@ -1,0 +1,417 @@
+"""The Stable Diffusion v1 UNet with JeDi's joint self-attention, in the CompVis layout.
+
+Module and parameter names are LDM's (``openaimodel.UNetModel`` + ``attention.SpatialTransformer``), so an SD v1
+``model.diffusion_model.*`` state dict loads without renaming (see :mod:`jedi.weights` for diffusers layouts):
+
+    time_embed.{0,2}                         Linear(C0 -> 4C0), SiLU, Linear(4C0 -> 4C0)
+    input_blocks.0.0                         conv_in, 3x3, in_channels -> C0
+    input_blocks.i.0                         ResBlock (in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection)
+    input_blocks.i.1                         SpatialTransformer (norm, proj_in, transformer_blocks.j, proj_out)
+    input_blocks.i.0.op                      Downsample, 3x3 stride-2 conv
+    middle_block.{0,1,2}                     ResBlock, SpatialTransformer, ResBlock
+    output_blocks.i.{0,1,2}                  ResBlock, [SpatialTransformer], [Upsample .conv]
+    out.{0,2}                                GroupNorm, SiLU, 3x3 conv -> out_channels
+
+JeDi's two changes: the input is ``prepare_inputs(x_t, x0, ng_mask)`` (x_t, masked x0, mask: 4+4+1 channels), and
+every ``attn1`` is a :class:`jedi_kernels.SetAttention` attending jointly over the ``set_size`` images of each set.
+
+Dimension letters: B sets, G set size, N = B*G images, L = h*w tokens, M context tokens, H heads, D head dim,
+C channels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import jedi_kernels as jk
+from jedi.config import UNetConfig
+
+__all__ = [
+    "JeDiUNet",
+    "GroupNorm32",
+    "TimestepEmbedding",
+    "ResBlock",
+    "Downsample",
+    "Upsample",
+    "GEGLU",
+    "FeedForward",
+    "CrossAttention",
+    "TransformerBlock",
+    "SpatialTransformer",
+    "Block",
+    "timestep_embedding",
+]
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """LDM's sinusoidal timestep embedding, cos first: ``[cos(t f_k), sin(t f_k)]``, f_k = max_period**(-k/half).
+
+    Args:
+        timesteps: (N,) int or float.
+        dim: embedding width (even widths; an odd one gets a zero pad column, as in LDM).
+
+    Returns:
+        (N, dim) float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps.float()[:, None] * freqs[None]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back to the input dtype (LDM's GroupNorm32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class TimestepEmbedding(nn.Sequential):
+    """Sinusoid(C0) -> Linear(C0, 4C0) -> SiLU -> Linear(4C0, 4C0); names ``time_embed.0`` / ``time_embed.2``.
+
+    forward: timesteps (N,) -> (N, 4C0) in the Linear weights' dtype.
+    """
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__(nn.Linear(channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        self.channels = channels
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(timesteps, self.channels).to(self[0].weight.dtype)
+        return super().forward(emb)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv3x3, + Linear(SiLU(emb)), GroupNorm-SiLU-conv3x3, residual (1x1 conv if widths differ).
+
+    forward: x (N, C_in, h, w), emb (N, E) -> (N, C_out, h, w).
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.out_layers[3].weight)  # LDM's zero_module: a fresh block starts as the identity
+        nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """3x3 conv with stride 2 (``op``): (N, C, h, w) -> (N, C, h/2, w/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling, then a 3x3 conv (``conv``): (N, C, h, w) -> (N, C, 2h, 2w)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class GEGLU(nn.Module):
+    """``a * gelu(g)`` with ``[a, g] = proj(x)``: (..., C) -> (..., C_out)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU(C -> 4C), Linear(4C -> C); names ``net.0.proj`` and ``net.2``: (N, L, C) -> (N, L, C)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of image tokens to the text context (``attn2``), through torch SDPA.
+
+    Parameters: ``to_q`` (C -> H*D), ``to_k``/``to_v`` (C_ctx -> H*D), no bias; ``to_out.0`` (H*D -> C) with bias.
+    forward: x (N, L, C), context (N, M, C_ctx) -> (N, L, C).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        N, L, _ = x.shape
+        M = context.shape[1]
+        H, D = self.heads, self.dim_head
+        q = self.to_q(x).view(N, L, H, D).transpose(1, 2)  # (N, L, H*D) -> (N, H, L, D)
+        k = self.to_k(context).view(N, M, H, D).transpose(1, 2)  # (N, M, H*D) -> (N, H, M, D)
+        v = self.to_v(context).view(N, M, H, D).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, D)
+        return self.to_out(o.transpose(1, 2).reshape(N, L, H * D))  # (N, H, L, D) -> (N, L, H*D)
+
+
+class TransformerBlock(nn.Module):
+    """LDM's BasicTransformerBlock with joint self-attention: pre-LayerNorm attn1 (over the set), attn2 (to the
+    context) and a GEGLU feed-forward, each residual.
+
+    forward: x (N, L, C), context (N, M, C_ctx), set_size G, set_mask (G, G) bool or None -> (N, L, C).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, *, attn_backend: str = "auto",
+                 fuse_qkv: bool = False):
+        super().__init__()
+        self.attn1 = jk.SetAttention(dim, heads, dim_head, fuse_qkv=fuse_qkv, backend=attn_backend)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x, context, set_size: int, set_mask=None):
+        x = x + self.attn1(self.norm1(x), set_size, set_mask)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm (eps 1e-6) -> proj_in -> TransformerBlocks over the h*w tokens -> proj_out, residual.
+
+    proj_in/proj_out are 1x1 convs (SD v1) or Linears (``linear=True``, SD v2). proj_out starts at zero (LDM).
+    forward: x (N, C, h, w), context (N, M, C_ctx), set_size G, set_mask -> (N, C, h, w) in x's memory format.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, *,
+                 linear: bool = False, attn_backend: str = "auto", fuse_qkv: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear, self.inner = linear, inner
+        self.norm = GroupNorm32(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads, dim_head, context_dim, attn_backend=attn_backend, fuse_qkv=fuse_qkv)
+             for _ in range(depth)]
+        )
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context, set_size: int, set_mask=None):
+        N, _, h, w = x.shape
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        t = self.norm(x)
+        if not self.linear:
+            t = self.proj_in(t)
+        t = t.permute(0, 2, 3, 1).reshape(N, h * w, -1)  # (N, C, h, w) -> (N, L, C); free when channels-last
+        if self.linear:
+            t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context, set_size, set_mask)
+        if self.linear:
+            t = self.proj_out(t)
+        t = t.view(N, h, w, -1).permute(0, 3, 1, 2)  # (N, L, C) -> (N, C, h, w), a channels-last view
+        t = t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if not self.linear:
+            t = self.proj_out(t)
+        return x + t
+
+
+class Block(nn.ModuleList):
+    """LDM's TimestepEmbedSequential: runs its layers in order, handing each the inputs it takes.
+
+    forward: x (N, C, h, w), emb (N, E), context (N, M, C_ctx), set_size, set_mask -> (N, C', h', w').
+    """
+
+    def forward(self, x, emb, context, set_size: int, set_mask=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, set_size, set_mask)
+            else:
+                x = layer(x)
+        return x
+
+
+class JeDiUNet(nn.Module):
+    """SD v1 UNet (CompVis layout and names) with JeDi's 9-channel input and joint self-attention over image sets.
+
+    Args:
+        config: :class:`UNetConfig` (``UNetConfig.sd_v1()`` for Stable Diffusion v1, ``UNetConfig.tiny()`` for
+            tests).
+
+    Build big models without allocating: ``with torch.device("meta"): unet = JeDiUNet(cfg)``, then
+    ``jedi.load_unet_weights(unet, path)`` materializes it from the file (no second copy), and
+    ``unet.to("cuda", torch.float16)``. Weights of a fresh model follow LDM's init (the last conv of every residual
+    branch and the output conv start at zero).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.gradient_checkpointing = cfg.use_checkpoint
+        C0, E = cfg.model_channels, cfg.time_embed_dim
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads_and_dim(ch)
+            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                                      linear=cfg.use_linear_in_transformer, attn_backend=cfg.attn_backend,
+                                      fuse_qkv=cfg.fuse_qkv)
+
+        self.time_embed = TimestepEmbedding(C0, E)
+        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, C0, 3, padding=1)])])
+        skip_channels = [C0]  # widths of the skips the decoder concatenates, in encoder order
+        ch = C0
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, E, mult * C0)]
+                ch = mult * C0
+                if cfg.has_attention(level):
+                    layers.append(transformer(ch))
+                self.input_blocks.append(Block(layers))
+                skip_channels.append(ch)
+            if level != cfg.levels - 1:
+                self.input_blocks.append(Block([Downsample(ch)]))
+                skip_channels.append(ch)
+        self.middle_block = Block([ResBlock(ch, E, ch), transformer(ch), ResBlock(ch, E, ch)])
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), E, mult * C0)]
+                ch = mult * C0
+                if cfg.has_attention(level):
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(Block(layers))
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(C0, cfg.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    def set_attn_backend(self, backend: str) -> None:
+        """Route every joint self-attention to ``backend`` ("auto", "triton", "cuda", "torch"); see
+        ``jedi_kernels.set_attention``."""
+        if backend not in ("auto", "triton", "cuda", "torch"):
+            raise ValueError(f"backend must be auto|triton|cuda|torch, got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, TransformerBlock):
+                m.attn1.backend = backend
+
+    # ---- gradient checkpointing -----------------------------------------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every UNet block in backward (``torch.utils.checkpoint``, non-reentrant) while grad is on."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Store activations again (the default)."""
+        self.gradient_checkpointing = False
+
+    def _run(self, block: Block, h, emb, context, set_size, set_mask):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, set_size, set_mask, use_reentrant=False)
+        return block(h, emb, context, set_size, set_mask)
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+    def _check(self, x_t, timesteps, context, x0, ng_mask, set_size) -> torch.Tensor:
+        cfg = self.config
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
+            raise ValueError(f"x_t must be a tensor of shape (N, C, h, w), got "
+                             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t)}")
+        N, C, h, w = x_t.shape
+        if 2 * C + 1 != cfg.in_channels:
+            raise ValueError(f"x_t has {C} channels: this UNet's conv_in takes in_channels={cfg.in_channels} = "
+                             f"2*C+1 (x_t, masked x0, mask), so x_t must have {(cfg.in_channels - 1) // 2}")
+        if C != cfg.out_channels:
+            raise ValueError(f"x_t has {C} channels but the UNet predicts out_channels={cfg.out_channels}")
+        f = 2 ** (cfg.levels - 1)
+        if N == 0 or h == 0 or w == 0 or h % f or w % f:
+            raise ValueError(f"x_t spatial size ({h}, {w}) must be non-empty and divisible by 2**(levels-1) = {f}")
+        if not isinstance(x0, torch.Tensor) or x0.shape != x_t.shape:
+            raise ValueError(f"x0 must have x_t's shape {tuple(x_t.shape)}, got "
+                             f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0)}")
+        if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1 or N % set_size:
+            raise ValueError(f"set_size must be a positive int dividing N = {N} (N = B * set_size), got {set_size!r}")
+        if not isinstance(ng_mask, torch.Tensor) or ng_mask.shape != (N,):
+            raise ValueError(f"ng_mask must be a tensor of shape (N,) = ({N},), got "
+                             f"{tuple(ng_mask.shape) if isinstance(ng_mask, torch.Tensor) else type(ng_mask)}")
+        if (not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != N
+                or context.shape[2] != cfg.context_dim or context.shape[1] == 0):
+            raise ValueError(f"context must have shape (N, M, context_dim) = ({N}, M, {cfg.context_dim}), got "
+                             f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context)}")
+        if isinstance(timesteps, (int, float)) and not isinstance(timesteps, bool):
+            timesteps = torch.full((N,), timesteps, device=x_t.device, dtype=torch.float32)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.shape not in ((), (1,), (N,)):
+            raise ValueError(f"timesteps must be a number or a tensor of shape (), (1,) or (N,) = ({N},), got "
+                             f"{tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps)}")
+        return timesteps.reshape(-1).expand(N)
+
+    def forward(self, x_t, timesteps, context, *, x0, ng_mask, set_size: int, set_mask=None):
+        """Predict the noise of every image of every set, attending jointly within each set.
+
+        Args:
+            x_t: (N, C, h, w) noisy latents, N = B * set_size, C = out_channels (4); h, w divisible by
+                ``2 ** (levels - 1)`` (8 for SD v1). Contiguous or channels-last.
+            timesteps: (N,), (1,) or () int/float diffusion steps (or a Python number), broadcast over N.
+            context: (N, M, context_dim) text embeddings (M = 77 for CLIP; any M >= 1).
+            x0: (N, C, h, w) clean latents of the references (their content is used where ng_mask is 0), x_t's dtype.
+            ng_mask: (N,) bool or {0, 1} float: 1 = image to generate, 0 = reference image.
+            set_size: G, images per set.
+            set_mask: optional bool (G, G); ``set_mask[i, j]`` lets image i attend image j. None = full joint.
+
+        Returns:
+            eps: (N, C, h, w) in x_t's dtype (the UNet computes in its parameters' dtype, or under autocast).
+
+        Raises:
+            ValueError: naming the argument, for bad shapes, channel counts, a set_size not dividing N, a spatial
+                size not divisible by ``2 ** (levels - 1)``, or a bad set_mask.
+        """
+        timesteps = self._check(x_t, timesteps, context, x0, ng_mask, set_size)
+        dtype = self.input_blocks[0][0].weight.dtype
+        h = jk.prepare_inputs(x_t, x0, ng_mask).to(dtype)  # (N, 2C+1, h, w)
+        context = context.to(dtype)
+        emb = self.time_embed(timesteps)  # (N, 4C0)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context, set_size, set_mask)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context, set_size, set_mask)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (N, C + C_skip, h, w)
+            h = self._run(block, h, emb, context, set_size, set_mask)
+        return self.out(h).to(x_t.dtype)
