@@ -1,0 +1,271 @@
+"""Set-attention sweep on a GPU: our kernels (Triton, and CUDA when built) against torch SDPA's backends.
+
+    python benchmarks/attention_sweep.py --out benchmarks/results/h100-2026-11-27-attention.json [--quick]
+
+Writes one JSON list of rows (shape, dtype, pass, ms per backend, TFLOP/s, ratio to the best SDPA backend, max abs
+difference to SDPA's output). Shapes are Stable Diffusion v1's self-attention layers: (L, D) in (4096, 40), (1024, 80),
+(256, 160), (64, 160) with H = 8 heads, B = 2 sets of ng images (joint attention over ng·L tokens). ``--quick`` runs
+the essential set (forward bf16 at every shape and ng, forward+backward and fp16 at ng = 2) in <= 120 s on an H100,
+Triton compilation and autotuning included.
+
+FLOPs: forward 4·B·H·(ng·L)²·D; backward 2.5x that, so forward+backward counts 3.5x.
+The helpers here are shared with ``bench_set_attention.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+SHAPES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (L, D) of SD v1's attn1 layers at 512x512
+HEADS = 8
+SETS = 2  # B
+NGS = (1, 2, 4, 8)
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+MATH_MAX_TOKENS = 2048  # the math backend materializes (ng·L)² scores: only small sequences
+DEVICE = "cuda"  # a CPU dry run of the plumbing sets "cpu"
+
+
+def versions() -> dict:
+    import triton
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def flops(B: int, H: int, ng: int, L: int, D: int, mode: str) -> float:
+    fwd = 4.0 * B * H * (ng * L) ** 2 * D
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def make_inputs(B, ng, L, H, D, dtype, device=None, requires_grad=False, seed=0):
+    """q, k, v (N, L, H*D) as chunks of one fused qkv projection output (the layout SetAttention produces)."""
+    device = device or DEVICE
+    g = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(B * ng, L, 3 * H * D, device=device, dtype=dtype, generator=g)
+    qkv.requires_grad_(requires_grad)
+    q, k, v = qkv.chunk(3, dim=-1)
+    return qkv, q, k, v
+
+
+def sdpa_backend_enum(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def sdpa_set_attention(q, k, v, ng, H, set_mask=None):
+    """Joint attention through torch SDPA on (B, H, ng·L, D) views of the (N, L, H·D) projections."""
+    N, L, HD = q.shape
+    B, D = N // ng, HD // H
+
+    def heads(x):
+        # (N, L, H*D) -> (B, ng*L, H, D) -> (B, H, ng*L, D): a view, no copy
+        return x.view(B, ng * L, H, D).transpose(1, 2)
+
+    mask = None
+    if set_mask is not None:
+        mask = set_mask.repeat_interleave(L, 0).repeat_interleave(L, 1)  # dense (ng*L, ng*L): SDPA has no sparsity
+    o = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    # (B, H, ng*L, D) -> (B, ng*L, H, D) -> (N, L, H*D)
+    return o.transpose(1, 2).reshape(N, L, HD)
+
+
+def time_ms(fn, rep_ms: int = 60, warmup_ms: int = 20) -> float:
+    """Median milliseconds of fn() (triton.testing.do_bench: CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def build_fn(backend: str, q, k, v, ng, H, mode: str, qkv=None, do=None, set_mask=None, **launch):
+    """A zero-arg callable running one forward (or forward+backward) on ``backend`` ("triton", "cuda", or
+    "sdpa-<cudnn|flash|efficient|math>"); returns (fn, output_of_one_run)."""
+    import jedi_kernels as jk
+
+    if backend.startswith("sdpa-"):
+        from torch.nn.attention import sdpa_kernel
+
+        enum = sdpa_backend_enum(backend[5:])
+
+        def fwd():
+            with sdpa_kernel([enum]):
+                return sdpa_set_attention(q, k, v, ng, H, set_mask)
+    elif launch:
+        from jedi_kernels.ops.set_attention import set_attn_bwd, set_attn_fwd
+
+        D = q.shape[-1] // H
+
+        if mode == "fwd":
+            def fwd():
+                return set_attn_fwd(q, k, v, ng, H, D**-0.5, set_mask, **launch)[0]
+        else:
+            def run():
+                out, lse = set_attn_fwd(q, k, v, ng, H, D**-0.5, set_mask, **launch)
+                set_attn_bwd(do, q, k, v, out, lse, ng, H, D**-0.5, set_mask, **launch)
+                return out
+
+            return run, run()
+    else:
+        def fwd():
+            return jk.set_attention(q, k, v, ng, H, set_mask=set_mask, backend=backend)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fwd()
+    else:
+        def run():
+            out = fwd()
+            torch.autograd.grad(out, qkv, do)
+            return out
+    return run, run()
+
+
+def available_ours() -> list[str]:
+    import jedi_kernels as jk
+
+    avail = jk.available_backends()
+    return [b for b in ("triton", "cuda") if avail[b]]
+
+
+def measure_row(L, D, ng, dtype, mode, *, B=SETS, H=HEADS, rep_ms=60, set_mask=None, label=None) -> dict:
+    """One sweep row: every available backend on one shape; ms, TFLOP/s, ratio to the best SDPA backend."""
+    qkv, q, k, v = make_inputs(B, ng, L, H, D, dtype, requires_grad=(mode != "fwd"))
+    do = torch.randn(B * ng, L, H * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
+    fl = flops(B, H, ng, L, D, mode)
+    row = {"L": L, "D": D, "ng": ng, "B": B, "H": H, "tokens": ng * L, "dtype": str(dtype).replace("torch.", ""),
+           "mode": mode, "mask": label or ("none" if set_mask is None else "custom"), "ms": {}, "tflops": {},
+           "max_abs_diff_vs_sdpa": {}, "errors": {}}
+    outs = {}
+    names = [f"sdpa-{b}" for b in SDPA_BACKENDS if b != "math" or ng * L <= MATH_MAX_TOKENS] + available_ours()
+    for name in names:
+        try:
+            fn, out = build_fn(name, q, k, v, ng, H, mode, qkv=qkv, do=do, set_mask=set_mask)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            ms = time_ms(fn, rep_ms=rep_ms)
+        except Exception as e:  # an SDPA backend without support for this shape/dtype; a failing kernel is recorded
+            row["errors"][name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            continue
+        row["ms"][name] = ms
+        row["tflops"][name] = fl / ms * 1e-9
+        outs[name] = out.detach()
+    sdpa = {n: t for n, t in row["ms"].items() if n.startswith("sdpa-")}
+    if sdpa:
+        best = min(sdpa, key=sdpa.get)
+        row["best_sdpa"] = best
+        for name in available_ours():
+            if name in row["ms"]:
+                row[f"ratio_{name}"] = sdpa[best] / row["ms"][name]  # > 1: ours is faster
+                row["max_abs_diff_vs_sdpa"][name] = float((outs[name].float() - outs[best].float()).abs().max())
+    return row
+
+
+def peak_memory_row(dtype=torch.bfloat16, ng=16, L=4096, D=40, H=HEADS, B=1) -> dict:
+    """Peak memory above the inputs for forward and forward+backward at ng·L tokens: O(tokens), never O(tokens²)."""
+    import jedi_kernels as jk
+
+    qkv, q, k, v = make_inputs(B, ng, L, H, D, dtype, requires_grad=True)
+    do = torch.randn(B * ng, L, H * D, device=DEVICE, dtype=dtype)
+    row = {"L": L, "D": D, "ng": ng, "B": B, "H": H, "dtype": str(dtype).replace("torch.", ""),
+           "input_bytes": qkv.numel() * qkv.element_size(),
+           "dense_scores_bytes": B * H * (ng * L) ** 2 * qkv.element_size()}
+    for backend in available_ours():
+        # compile and autotune first: the autotuner's benchmarking buffers must not count
+        torch.autograd.grad(jk.set_attention(q, k, v, ng, H, backend=backend), qkv, do)
+        for mode in ("fwd", "fwd+bwd"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = jk.set_attention(q, k, v, ng, H, backend=backend)
+            if mode == "fwd+bwd":
+                torch.autograd.grad(out, qkv, do)
+            torch.cuda.synchronize()
+            row[f"peak_extra_bytes_{backend}_{mode}"] = torch.cuda.max_memory_allocated() - base
+            del out
+    return row
+
+
+def chunking_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """Triton forward with the head dim split into power-of-two chunks vs padded to the next power of two."""
+    from jedi_kernels.ops.set_attention import head_dim_chunks
+
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
+           "kind": "head_dim_chunking", "chunks": head_dim_chunks(D, True), "padded_to": head_dim_chunks(D, False)[0]}
+    for label, chunked in (("chunked", True), ("padded", False)):
+        fn, _ = build_fn("triton", q, k, v, ng, HEADS, "fwd", chunk_head_dim=chunked)
+        row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
+    row["speedup_chunked_vs_padded"] = row["ms_padded"] / row["ms_chunked"]
+    return row
+
+
+def sweep(quick: bool, rep_ms: int) -> list[dict]:
+    rows = []
+    plan = []
+    for L, D in SHAPES:
+        for ng in NGS:
+            plan.append((L, D, ng, torch.bfloat16, "fwd"))
+        plan.append((L, D, 2, torch.bfloat16, "fwd+bwd"))
+        plan.append((L, D, 2, torch.float16, "fwd"))
+        if not quick:
+            plan.append((L, D, 2, torch.float16, "fwd+bwd"))
+            plan.append((L, D, 4, torch.bfloat16, "fwd+bwd"))
+    for L, D, ng, dtype, mode in plan:
+        t = time.time()
+        row = measure_row(L, D, ng, dtype, mode, rep_ms=rep_ms)
+        row["wall_s"] = time.time() - t
+        rows.append(row)
+        ours = {n: f"{row['ms'][n]:.3f}ms x{row.get('ratio_' + n, float('nan')):.2f}" for n in available_ours()
+                if n in row["ms"]}
+        best = row.get("best_sdpa")
+        best_ms = f"{row['ms'][best]:.3f}ms" if best else "-"
+        print(f"L={L:5d} D={D:3d} ng={ng} {row['dtype']:8s} {mode:8s} best SDPA {best} {best_ms} | ours {ours} "
+              f"errors {list(row['errors'])} ({row['wall_s']:.1f}s)", flush=True)
+    # a block-diagonal mask skips (ng-1)/ng of the tiles; SDPA can only apply it densely
+    G = 4
+    diag = torch.eye(G, dtype=torch.bool, device=DEVICE)
+    row = measure_row(1024, 80, G, torch.bfloat16, "fwd", set_mask=diag, label="blockdiag", rep_ms=rep_ms)
+    rows.append(row)
+    print(f"blockdiag L=1024 D=80 ng={G}: {row['ms']}", flush=True)
+    if not quick:
+        if "triton" in available_ours():
+            for L, D in SHAPES[:3]:
+                rows.append(chunking_row(L, D, rep_ms=rep_ms))
+                print(f"chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)
+        rows.append(peak_memory_row())
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="the essential rows only (<= 120 s on an H100)")
+    ap.add_argument("--rep-ms", type=int, default=None, help="do_bench repetition time per measurement (ms)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("attention_sweep.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    t0 = time.time()
+    rows = sweep(args.quick, args.rep_ms or (40 if args.quick else 100))
+    meta = versions()
+    for r in rows:
+        r.update(meta)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {len(rows)} rows to {args.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

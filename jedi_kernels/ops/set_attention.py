@@ -1,0 +1,823 @@
+"""Set-wise flash attention in Triton (forward + FlashAttention-2 backward) and its ``jedi::`` custom ops.
+
+JeDi's joint self-attention: for every set b of G consecutive images (N = B·G rows of q/k/v) and head h, the G·L tokens
+of the set attend to each other,
+
+    O_b,h = softmax(scale · Q_b,h K_b,hᵀ + M) V_b,h,    Q_b,h = q[b·G:(b+1)·G, :, h·D:(h+1)·D] viewed (G·L, D),
+
+where M is 0, or -inf on the (L × L) blocks of image pairs (i, j) that ``set_mask`` forbids. The kernels read q, k, v in
+the (N, L, H·D) projection layout through strides (no transpose, no copy; views of a fused qkv projection work):
+token t of a set is image t // L, position t % L, i.e. row b·G + t // L of the N dim.
+
+Tiling: a query tile never straddles two images (the grid is (image-in-set × q-tile-within-image, B·H)) and the key
+loop walks image by image, key tile by key tile within the image, masking the tail of each image's last tile. A
+``set_mask`` becomes, per query image, a compact list of allowed key images: forbidden images cost nothing (their
+tiles are never loaded), so a block-diagonal mask costs 1/G of full joint attention.
+
+Head dims that are not powers of two are split into two power-of-two chunks with one ``tl.dot`` per chunk instead of
+padding to the next power of two: D = D0 + D1 with D0 the largest power of two <= D and D1 = next_pow2(D - D0)
+(>= 16, the smallest ``tl.dot`` K); SD's 40 / 80 / 160 become 32+16 / 64+16 / 128+32 (padding would cost 64 / 128 /
+256). ``_CHUNK_HEAD_DIM = False`` (or ``chunk_head_dim=False``) selects plain padding, for the benchmark.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from jedi_kernels.backends import triton_interpreting
+
+__all__ = [
+    "set_attn_fwd",
+    "set_attn_bwd",
+    "set_attention_op",
+    "head_dim_chunks",
+    "MAX_HEAD_DIM",
+]
+
+MAX_HEAD_DIM = 256
+# Split non-power-of-two head dims into two power-of-two chunks (True) or pad to the next power of two (False).
+_CHUNK_HEAD_DIM = True
+# JEDI_TRITON_AUTOTUNE=0 skips autotuning on GPU and runs the first (default) config of each list.
+_AUTOTUNE = os.environ.get("JEDI_TRITON_AUTOTUNE", "1") != "0"
+# The interpreter runs one fixed config: small tiles keep CPU tests fast and exercise multi-tile images.
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+_LOG2E = 1.4426950408889634
+
+# H, G, L stay runtime ints: Triton would otherwise compile a separate kernel for each of them equal to 1 (and for
+# L % 16 == 0), multiplying compile and autotune time for no gain (alignment comes from HEAD_DIM and the strides).
+_NO_SPECIALIZE = ["H", "G", "L"]
+
+# Outputs are allocated through this alias so tests can poison them (fill with NaN) and prove every element is written.
+_empty = torch.empty
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_chunk(base, rows, row_ok, stride_row, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                ROWS_IN: tl.constexpr = False):
+    """Load ``base[rows, COL0:COL0+WIDTH]`` of a (rows, HEAD_DIM) head slice as (R, WIDTH); zero outside.
+
+    ROWS_IN: every row is known valid (L is a multiple of the tile), so no row mask is needed.
+    """
+    cols = COL0 + tl.arange(0, WIDTH)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    if COL0 + WIDTH <= HEAD_DIM:
+        # the chunk lies inside the head: no column mask (keeps the loads vectorized)
+        if ROWS_IN:
+            val = tl.load(ptrs)
+        else:
+            val = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if ROWS_IN:
+            val = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+        else:
+            val = tl.load(ptrs, mask=row_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+    return val
+
+
+@triton.jit
+def _store_chunk(base, rows, row_ok, stride_row, val, COL0: tl.constexpr, WIDTH: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """Store the (R, WIDTH) tile ``val`` to ``base[rows, COL0:COL0+WIDTH]``, skipping rows/cols outside the head."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    if COL0 + WIDTH <= HEAD_DIM:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _set_attn_fwd_kernel(
+    Q, K, V, Out, Lse, ImgList, ImgCount, TileCount,
+    stride_qn, stride_ql, stride_kn, stride_kl, stride_vn, stride_vl,
+    qk_scale_log2,
+    H, G, L,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    HAS_MASK: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """Flash-attention forward for one (query tile of image i, set b, head h).
+
+    With s = scale·log2(e) · q kᵀ (base-2 scores), the online softmax over the allowed key tiles j keeps per row
+
+        m ← max(m, rowmax s_j),   ℓ ← ℓ·2^(m_old − m) + rowsum 2^(s_j − m),   acc ← acc·2^(m_old − m) + 2^(s_j − m) v_j
+
+    and writes O = acc / ℓ and the natural-log logsumexp lse = ln 2 · (m + log2 ℓ) (what the backward recomputes P
+    from). The head dim is D0 (+ D1) columns: one ``tl.dot`` per chunk for q kᵀ and for P v, fp32 accumulation.
+    ImgList[i, :ImgCount[i]] lists the key images query image i may attend (HAS_MASK); without a mask all G.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_mt = tl.cdiv(L, BLOCK_M)
+    n_nt = tl.cdiv(L, BLOCK_N)
+    i = pid_m // n_mt  # query image within the set
+    mt = pid_m % n_mt  # query tile within the image
+    b = pid_bh // H
+    h = pid_bh % H
+
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < L
+
+    q_base = Q + (b * G + i).to(tl.int64) * stride_qn + h * HEAD_DIM
+    q0 = _load_chunk(q_base, offs_m, m_ok, stride_ql, 0, D0, HEAD_DIM)
+    if HAS_D1:
+        q1 = _load_chunk(q_base, offs_m, m_ok, stride_ql, D0, D1, HEAD_DIM)
+    if DOT_F32:
+        q0 = q0.to(tl.float32)
+        if HAS_D1:
+            q1 = q1.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    visited = tl.zeros([BLOCK_M], tl.int32)
+
+    if HAS_MASK:
+        n_img = tl.load(ImgCount + i)
+    else:
+        n_img = G
+    # one flat loop over (allowed image, key tile within it): the pipeliner sees a single loop of n_img·n_nt steps
+    for it in range(0, n_img * n_nt):
+        jj = it // n_nt
+        nt = it - jj * n_nt
+        if HAS_MASK:
+            j = tl.load(ImgList + i * G + jj)
+        else:
+            j = jj
+        offs_kv = nt * BLOCK_N + offs_n
+        n_ok = offs_kv < L
+        k_base = K + (b * G + j).to(tl.int64) * stride_kn + h * HEAD_DIM
+        v_base = V + (b * G + j).to(tl.int64) * stride_vn + h * HEAD_DIM
+
+        k0 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
+        if DOT_F32:
+            k0 = k0.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if HAS_D1:
+            k1 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, D0, D1, HEAD_DIM, EVEN_N)
+            if DOT_F32:
+                k1 = k1.to(tl.float32)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
+        s = s * qk_scale_log2
+        if not EVEN_N:
+            # the tail of an image's last tile is not part of the image: -inf before the row max
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+
+        # every visited tile has >= 1 valid key, so m_new is finite and alpha = 0 on the first tile
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v0 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
+        if DOT_F32:
+            v0 = v0.to(tl.float32)
+        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=PREC)
+        if HAS_D1:
+            v1 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, D0, D1, HEAD_DIM, EVEN_N)
+            if DOT_F32:
+                v1 = v1.to(tl.float32)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+        if COUNT_TILES:
+            visited += 1
+
+    # a row with no allowed key (only reachable if a caller skipped set_mask validation) gets O = 0, lse = -inf
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    inv_l = 1.0 / l_safe
+    o_base = Out + (b * G + i).to(tl.int64) * L * H * HEAD_DIM + h * HEAD_DIM
+    _store_chunk(o_base, offs_m, m_ok, H * HEAD_DIM, acc0 * inv_l[:, None], 0, D0, HEAD_DIM)
+    if HAS_D1:
+        _store_chunk(o_base, offs_m, m_ok, H * HEAD_DIM, acc1 * inv_l[:, None], D0, D1, HEAD_DIM)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    # lse: (B, H, G*L) contiguous, row (b, h) = pid_bh
+    lse_ptrs = Lse + (pid_bh * G + i).to(tl.int64) * L + offs_m
+    tl.store(lse_ptrs, lse, mask=m_ok)
+    if COUNT_TILES:
+        # one counter per program: the number of key tiles its loop really loaded and computed
+        tl.store(TileCount + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m + tl.arange(0, BLOCK_M),
+                 visited, mask=tl.arange(0, BLOCK_M) < 1)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _set_attn_bwd_preprocess_kernel(
+    Out, DO, Delta,
+    stride_on, stride_ol, stride_don, stride_dol,
+    H, G, L,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta = rowsum(dO ∘ O) per query row (fp32), the softmax-Jacobian term dS = P ∘ (dP − Delta) needs."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_mt = tl.cdiv(L, BLOCK_M)
+    i = pid_m // n_mt
+    mt = pid_m % n_mt
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    o = _load_chunk(Out + (b * G + i).to(tl.int64) * stride_on + h * HEAD_DIM, offs_m, m_ok, stride_ol,
+                    0, D_PAD, HEAD_DIM)
+    do = _load_chunk(DO + (b * G + i).to(tl.int64) * stride_don + h * HEAD_DIM, offs_m, m_ok, stride_dol,
+                     0, D_PAD, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + (pid_bh * G + i).to(tl.int64) * L + offs_m, delta, mask=m_ok)
+
+
+@triton.heuristics({"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _set_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, ImgList, ImgCount,
+    stride_qn, stride_ql, stride_kn, stride_kl, stride_vn, stride_vl, stride_don, stride_dol,
+    qk_scale_log2, scale,
+    H, G, L,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+):
+    """dK, dV for one (key tile of image j, set b, head h), looping over the query tiles that attend image j.
+
+    FlashAttention-2 backward with P recomputed from the saved logsumexp (transposed, keys as rows):
+
+        Pᵀ = 2^(s·log2e·kqᵀ − lse·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),  dK += scale · dSᵀ Q
+
+    ImgList[j, :ImgCount[j]] lists the query images allowed to attend key image j (the transposed mask); an image no
+    query attends gets dK = dV = 0.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_mt = tl.cdiv(L, BLOCK_M)
+    n_nt = tl.cdiv(L, BLOCK_N)
+    j = pid_n // n_nt  # key image within the set
+    nt = pid_n % n_nt
+    b = pid_bh // H
+    h = pid_bh % H
+
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < L
+    k_base = K + (b * G + j).to(tl.int64) * stride_kn + h * HEAD_DIM
+    v_base = V + (b * G + j).to(tl.int64) * stride_vn + h * HEAD_DIM
+    k0 = _load_chunk(k_base, offs_n, n_ok, stride_kl, 0, D0, HEAD_DIM)
+    v0 = _load_chunk(v_base, offs_n, n_ok, stride_vl, 0, D0, HEAD_DIM)
+    if HAS_D1:
+        k1 = _load_chunk(k_base, offs_n, n_ok, stride_kl, D0, D1, HEAD_DIM)
+        v1 = _load_chunk(v_base, offs_n, n_ok, stride_vl, D0, D1, HEAD_DIM)
+    if DOT_F32:
+        k0 = k0.to(tl.float32)
+        v0 = v0.to(tl.float32)
+        if HAS_D1:
+            k1 = k1.to(tl.float32)
+            v1 = v1.to(tl.float32)
+
+    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
+
+    if HAS_MASK:
+        n_img = tl.load(ImgCount + j)
+    else:
+        n_img = G
+    for it in range(0, n_img * n_mt):
+        ii = it // n_mt
+        mt = it - ii * n_mt
+        if HAS_MASK:
+            i = tl.load(ImgList + j * G + ii)
+        else:
+            i = ii
+        offs_q = mt * BLOCK_M + offs_m
+        m_ok = offs_q < L
+        q_base = Q + (b * G + i).to(tl.int64) * stride_qn + h * HEAD_DIM
+        do_base = DO + (b * G + i).to(tl.int64) * stride_don + h * HEAD_DIM
+        row = (pid_bh * G + i).to(tl.int64) * L + offs_q
+        if EVEN_M:
+            lse2 = tl.load(Lse + row) * 1.4426950408889634
+            delta = tl.load(Delta + row)
+        else:
+            # rows past the image's end: lse = +inf makes their P column exactly 0
+            lse2 = tl.load(Lse + row, mask=m_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(Delta + row, mask=m_ok, other=0.0)
+
+        q0 = _load_chunk(q_base, offs_q, m_ok, stride_ql, 0, D0, HEAD_DIM, EVEN_M)
+        do0 = _load_chunk(do_base, offs_q, m_ok, stride_dol, 0, D0, HEAD_DIM, EVEN_M)
+        if DOT_F32:
+            q0 = q0.to(tl.float32)
+            do0 = do0.to(tl.float32)
+        st = tl.dot(k0, tl.trans(q0), input_precision=PREC)  # (BLOCK_N, BLOCK_M) = (k qᵀ)
+        if HAS_D1:
+            q1 = _load_chunk(q_base, offs_q, m_ok, stride_ql, D0, D1, HEAD_DIM, EVEN_M)
+            do1 = _load_chunk(do_base, offs_q, m_ok, stride_dol, D0, D1, HEAD_DIM, EVEN_M)
+            if DOT_F32:
+                q1 = q1.to(tl.float32)
+                do1 = do1.to(tl.float32)
+            st = tl.dot(k1, tl.trans(q1), st, input_precision=PREC)
+        pt = tl.math.exp2(st * qk_scale_log2 - lse2[None, :])
+        dv0 = tl.dot(pt.to(do0.dtype), do0, dv0, input_precision=PREC)
+        dpt = tl.dot(v0, tl.trans(do0), input_precision=PREC)
+        if HAS_D1:
+            dv1 = tl.dot(pt.to(do1.dtype), do1, dv1, input_precision=PREC)
+            dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk0 = tl.dot(dst.to(q0.dtype), q0, dk0, input_precision=PREC)
+        if HAS_D1:
+            dk1 = tl.dot(dst.to(q1.dtype), q1, dk1, input_precision=PREC)
+
+    row_stride = H * HEAD_DIM
+    dk_base = DK + (b * G + j).to(tl.int64) * L * row_stride + h * HEAD_DIM
+    dv_base = DV + (b * G + j).to(tl.int64) * L * row_stride + h * HEAD_DIM
+    _store_chunk(dk_base, offs_n, n_ok, row_stride, dk0 * scale, 0, D0, HEAD_DIM)
+    _store_chunk(dv_base, offs_n, n_ok, row_stride, dv0, 0, D0, HEAD_DIM)
+    if HAS_D1:
+        _store_chunk(dk_base, offs_n, n_ok, row_stride, dk1 * scale, D0, D1, HEAD_DIM)
+        _store_chunk(dv_base, offs_n, n_ok, row_stride, dv1, D0, D1, HEAD_DIM)
+
+
+@triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _set_attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, ImgList, ImgCount,
+    stride_qn, stride_ql, stride_kn, stride_kl, stride_vn, stride_vl, stride_don, stride_dol,
+    qk_scale_log2, scale,
+    H, G, L,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """dQ for one (query tile of image i, set b, head h), looping over the allowed key tiles as the forward does:
+
+        P = 2^(s·log2e·q kᵀ − lse·log2e),  dP = dO Vᵀ,  dS = P ∘ (dP − Delta),  dQ = scale · dS K
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_mt = tl.cdiv(L, BLOCK_M)
+    n_nt = tl.cdiv(L, BLOCK_N)
+    i = pid_m // n_mt
+    mt = pid_m % n_mt
+    b = pid_bh // H
+    h = pid_bh % H
+
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < L
+    q_base = Q + (b * G + i).to(tl.int64) * stride_qn + h * HEAD_DIM
+    do_base = DO + (b * G + i).to(tl.int64) * stride_don + h * HEAD_DIM
+    q0 = _load_chunk(q_base, offs_m, m_ok, stride_ql, 0, D0, HEAD_DIM)
+    do0 = _load_chunk(do_base, offs_m, m_ok, stride_dol, 0, D0, HEAD_DIM)
+    if HAS_D1:
+        q1 = _load_chunk(q_base, offs_m, m_ok, stride_ql, D0, D1, HEAD_DIM)
+        do1 = _load_chunk(do_base, offs_m, m_ok, stride_dol, D0, D1, HEAD_DIM)
+    if DOT_F32:
+        q0 = q0.to(tl.float32)
+        do0 = do0.to(tl.float32)
+        if HAS_D1:
+            q1 = q1.to(tl.float32)
+            do1 = do1.to(tl.float32)
+    row = (pid_bh * G + i).to(tl.int64) * L + offs_m
+    lse2 = tl.load(Lse + row, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + row, mask=m_ok, other=0.0)
+
+    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
+
+    if HAS_MASK:
+        n_img = tl.load(ImgCount + i)
+    else:
+        n_img = G
+    for it in range(0, n_img * n_nt):
+        jj = it // n_nt
+        nt = it - jj * n_nt
+        if HAS_MASK:
+            j = tl.load(ImgList + i * G + jj)
+        else:
+            j = jj
+        offs_kv = nt * BLOCK_N + offs_n
+        n_ok = offs_kv < L
+        k_base = K + (b * G + j).to(tl.int64) * stride_kn + h * HEAD_DIM
+        v_base = V + (b * G + j).to(tl.int64) * stride_vn + h * HEAD_DIM
+        k0 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
+        v0 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
+        if DOT_F32:
+            k0 = k0.to(tl.float32)
+            v0 = v0.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
+        if HAS_D1:
+            k1 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, D0, D1, HEAD_DIM, EVEN_N)
+            v1 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, D0, D1, HEAD_DIM, EVEN_N)
+            if DOT_F32:
+                k1 = k1.to(tl.float32)
+                v1 = v1.to(tl.float32)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PREC)
+        p = tl.math.exp2(s * qk_scale_log2 - lse2[:, None])
+        if not EVEN_N:
+            # keys past the image's end are zero rows of K, not keys: their P must be 0
+            p = tl.where(n_ok[None, :], p, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=PREC)
+        if HAS_D1:
+            dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=PREC)
+
+    row_stride = H * HEAD_DIM
+    dq_base = DQ + (b * G + i).to(tl.int64) * L * row_stride + h * HEAD_DIM
+    _store_chunk(dq_base, offs_m, m_ok, row_stride, dq0 * scale, 0, D0, HEAD_DIM)
+    if HAS_D1:
+        _store_chunk(dq_base, offs_m, m_ok, row_stride, dq1 * scale, D0, D1, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs (GPU autotuning; the interpreter runs _INTERPRETER_CONFIG)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+def head_dim_chunks(D: int, chunk: Optional[bool] = None) -> tuple[int, int]:
+    """(D0, D1) columns the kernels cover for head dim D; D1 = 0 means one chunk.
+
+    Chunked: D0 = largest power of two <= D (>= 16), D1 = next_pow2(D - D0) (>= 16) when D is not a power of two:
+    40 -> (32, 16), 80 -> (64, 16), 160 -> (128, 32), 8 -> (16, 0), 24 -> (16, 16), 72 -> (64, 16), 256 -> (256, 0).
+    Padded (chunk=False): (max(16, next_pow2(D)), 0): 40 -> 64, 80 -> 128, 160 -> 256.
+    """
+    if chunk is None:
+        chunk = _CHUNK_HEAD_DIM
+    if not chunk:
+        return max(16, _next_pow2(D)), 0
+    d0 = 1 << (D.bit_length() - 1)
+    if d0 == D or D <= 16:
+        return max(16, _next_pow2(D)), 0
+    return d0, max(16, _next_pow2(D - d0))
+
+
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _dclass(D0: int, D1: int, dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "f32"  # GPU fp32 is for tests: small tiles that fit shared memory at every head dim
+    width = D0 + D1
+    return "d64" if width <= 64 else ("d128" if width <= 128 else "d256")
+
+
+# First config of each list = the default when autotuning is off (JEDI_TRITON_AUTOTUNE=0). Tiles: H100, wgmma
+# wants BLOCK_M = 64·k per warpgroup; the key tile and stage count trade shared memory (K and V tiles per stage).
+# Every config here compiles for sm_90 without register spills at D = 40 / 80 / 160 (checked with ptxas); three per
+# list keeps first-call compile + autotune time of a whole benchmark sweep within a couple of minutes.
+_FWD_CONFIGS = {
+    "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
+    "d128": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+    "d256": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
+    "f32": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
+}
+# dK/dV: a program owns BLOCK_N keys and walks BLOCK_M queries.
+_DKDV_CONFIGS = {
+    "d64": [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3)],
+    "d128": [_cfg(32, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2)],
+    "d256": [_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
+    "f32": [_cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2)],
+}
+# dQ: a program owns BLOCK_M queries and walks BLOCK_N keys.
+_DQ_CONFIGS = {
+    "d64": [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+    "d128": [_cfg(128, 32, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
+    "d256": [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],
+    "f32": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
+}
+_TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, dclass: str, autotune: bool):
+    """The autotuned wrapper of one kernel for one head-dim class (a separate tuning cache per class); with
+    ``autotune`` False it holds only the class's first (default) config."""
+    kernel, configs = {
+        "fwd": (_set_attn_fwd_kernel, _FWD_CONFIGS),
+        "dkdv": (_set_attn_bwd_dkdv_kernel, _DKDV_CONFIGS),
+        "dq": (_set_attn_bwd_dq_kernel, _DQ_CONFIGS),
+    }[kind]
+    cfgs = configs[dclass] if autotune else configs[dclass][:1]
+    return triton.autotune(configs=cfgs, key=_TUNE_KEY)(kernel)
+
+
+def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Optional[dict]):
+    """Run a kernel: a fixed config under the interpreter or when given one, else the autotuned wrapper."""
+    kernel = {"fwd": _set_attn_fwd_kernel, "dkdv": _set_attn_bwd_dkdv_kernel, "dq": _set_attn_bwd_dq_kernel}[kind]
+    if config is None and triton_interpreting():
+        config = _INTERPRETER_CONFIG
+    if config is not None:
+        cfg = dict(config)
+        kernel[grid_fn(cfg)](*args, **meta, **cfg)
+    else:
+        _tuned(kind, dclass, _AUTOTUNE)[grid_fn](*args, **meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_launch(q: torch.Tensor, set_size: int, heads: int, name: str = "q") -> tuple[int, int, int, int, int]:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"{name}: the Triton set-attention kernels take float16, bfloat16 or float32, got {q.dtype} "
+            f"(float64 runs on backend='torch')"
+        )
+    if q.dim() != 3:
+        raise ValueError(f"{name} must have shape (N, L, heads*head_dim), got {tuple(q.shape)}")
+    N, L, HD = q.shape
+    if N % set_size or HD % heads:
+        raise ValueError(f"{name} shape {tuple(q.shape)} does not split into N = B*{set_size}, H*D = {heads}*D")
+    D = HD // heads
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim = {D} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    return N // set_size, set_size, L, heads, D
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """Kernels read rows through strides but need unit stride along H*D (e.g. expanded grads have stride 0)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mask_lists(set_mask: Optional[torch.Tensor], G: int, transpose: bool = False):
+    """Compact (G, G) int32 image lists + (G,) counts from a bool (G, G) mask, on its device with no host sync and no
+    data-dependent allocation (CUDA-graph safe): cumsum ranks + one scatter.
+
+    Row i of the list holds the images j with mask[i, j] (ascending), then the forbidden ones; the kernels read only
+    the first count[i]. ``transpose`` lists, per key image j, the query images i with mask[i, j].
+    """
+    m = set_mask.to(torch.int32)
+    if transpose:
+        m = m.t()
+    cnt = m.sum(dim=1, dtype=torch.int32)
+    allowed_rank = m.cumsum(dim=1) - 1  # rank of an allowed image among the allowed ones
+    forbidden_rank = (1 - m).cumsum(dim=1) - 1 + cnt[:, None].long()  # forbidden images go after them
+    pos = torch.where(m.bool(), allowed_rank, forbidden_rank)  # (G, G) int64, a permutation per row
+    images = torch.arange(G, device=m.device, dtype=torch.int32).expand(G, G)
+    lst = torch.empty((G, G), device=m.device, dtype=torch.int32).scatter_(1, pos, images)
+    return lst, cnt.contiguous()
+
+
+def _prec(dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_F32, input_precision): the interpreter's bf16 dot is wrong, so it runs every dot in fp32; fp32 inputs use
+    IEEE fp32 dots (not tf32) so GPU fp32 results are comparable to torch's fp32 matmul."""
+    interp = triton_interpreting()
+    return interp, ("ieee" if (interp or dtype == torch.float32) else "tf32")
+
+
+def set_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    set_size: int,
+    heads: int,
+    scale: float,
+    set_mask: Optional[torch.Tensor] = None,
+    *,
+    chunk_head_dim: Optional[bool] = None,
+    config: Optional[dict] = None,
+    tile_counter: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set-wise flash-attention forward (Triton).
+
+    Args:
+        q, k, v: (N, L, H*D), N = B*G, float16/bfloat16/float32, same shape/dtype/device; any row strides, unit stride
+            along H*D (chunks of a fused (N, L, 3*H*D) qkv projection work without a copy).
+        set_size: G, images per set.
+        heads: H.
+        scale: softmax scale (e.g. D**-0.5).
+        set_mask: optional bool (G, G) on q's device; ``set_mask[i, j]`` = queries of image i attend keys of image j.
+            Forbidden key tiles are skipped. Every row must allow an image (rows that allow none give O = 0).
+        chunk_head_dim: split D into power-of-two chunks (default ``_CHUNK_HEAD_DIM``) or pad to a power of two.
+        config: fixed launch config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+        tile_counter: optional int32 tensor of >= G*cdiv(L, BLOCK_M)*B*H elements; receives, per program, the number of
+            key tiles it visited (instrumentation for tests; compiled in only when given).
+
+    Returns:
+        out: (N, L, H*D) contiguous, q's dtype.
+        lse: (B, H, G*L) float32, natural-log logsumexp of scale·q·kᵀ over the allowed keys.
+
+    Raises:
+        TypeError: float64 (or other) dtypes. ValueError: shapes that do not split into (B, G) / (H, D), D > 256.
+    """
+    B, G, L, H, D = _check_launch(q, set_size, heads)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    N = B * G
+    D0, D1 = head_dim_chunks(D, chunk_head_dim)
+    out = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
+    lse = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
+    has_mask = set_mask is not None
+    lst, cnt = _mask_lists(set_mask, G) if has_mask else (lse, lse)  # dummies: never read without a mask
+    dot_f32, prec = _prec(q.dtype)
+    count = tile_counter is not None
+    args = (
+        q, k, v, out, lse, lst, cnt, tile_counter if count else lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        float(scale) * _LOG2E,
+        H, G, L,
+    )
+    meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, COUNT_TILES=count,
+                DOT_F32=dot_f32, PREC=prec)
+
+    def grid(c):
+        return (G * triton.cdiv(L, c["BLOCK_M"]), B * H)
+
+    _launch("fwd", _dclass(D0, D1, q.dtype), grid, args, meta, config)
+    return out, lse
+
+
+def set_attn_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    set_size: int,
+    heads: int,
+    scale: float,
+    set_mask: Optional[torch.Tensor] = None,
+    *,
+    chunk_head_dim: Optional[bool] = None,
+    config: Optional[dict] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Set-wise flash-attention backward (Triton, FlashAttention-2: P recomputed from ``lse``).
+
+    Args:
+        do: (N, L, H*D) gradient of ``out``, q's dtype, any strides.
+        q, k, v: the forward's inputs (N, L, H*D).
+        out: (N, L, H*D) the forward's output.
+        lse: (B, H, G*L) float32, the forward's natural-log logsumexp.
+        set_size, heads, scale, set_mask: as in :func:`set_attn_fwd`.
+        chunk_head_dim, config: as in :func:`set_attn_fwd` (config applies to both the dK/dV and the dQ kernel).
+
+    Returns:
+        dq, dk, dv: (N, L, H*D) contiguous, q's dtype. Key images that no query image may attend get dk = dv = 0.
+
+    Raises:
+        TypeError / ValueError: as :func:`set_attn_fwd`.
+    """
+    B, G, L, H, D = _check_launch(q, set_size, heads)
+    do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
+    lse = lse.contiguous()
+    N = B * G
+    D0, D1 = head_dim_chunks(D, chunk_head_dim)
+    dclass = _dclass(D0, D1, q.dtype)
+    dot_f32, prec = _prec(q.dtype)
+
+    # Delta = rowsum(dO ∘ O): (B, H, G*L) fp32 like lse
+    delta = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
+    pre_bm = 64 if not triton_interpreting() else 32
+    _set_attn_bwd_preprocess_kernel[(G * triton.cdiv(L, pre_bm), B * H)](
+        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), H, G, L,
+        HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm,
+    )
+
+    dq = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
+    dk = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
+    dv = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
+    has_mask = set_mask is not None
+    if has_mask:
+        rows, rcnt = _mask_lists(set_mask, G)
+        cols, ccnt = _mask_lists(set_mask, G, transpose=True)
+    else:
+        rows = rcnt = cols = ccnt = delta  # dummies: never read without a mask
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec)
+    scalars = (float(scale) * _LOG2E, float(scale), H, G, L)
+
+    _launch("dkdv", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_N"]), B * H),
+            (q, k, v, do, lse, delta, dk, dv, cols, ccnt, *strides, *scalars), meta, config)
+    _launch("dq", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_M"]), B * H),
+            (q, k, v, do, lse, delta, dq, rows, rcnt, *strides, *scalars), meta, config)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Custom ops (torch.library): jedi::set_attention_fwd / jedi::set_attention_bwd
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("jedi::set_attention_fwd", mutates_args=())
+def set_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    set_size: int,
+    heads: int,
+    scale: float,
+    set_mask: Optional[torch.Tensor],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (N, L, H*D), lse (B, H, G*L) fp32) of set-wise attention on backend "triton" or "cuda"."""
+    if backend == "cuda":
+        return torch.ops.jedi.set_attention_fwd_ext(q, k, v, set_size, heads, scale, set_mask)
+    if backend != "triton":
+        raise ValueError(f"jedi::set_attention_fwd: backend must be 'triton' or 'cuda', got {backend!r}")
+    return set_attn_fwd(q, k, v, set_size, heads, scale, set_mask)
+
+
+@set_attention_fwd.register_fake
+def _set_attention_fwd_fake(q, k, v, set_size, heads, scale, set_mask, backend):
+    N, L, HD = q.shape
+    B = N // set_size
+    out = q.new_empty((N, L, HD))
+    lse = q.new_empty((B, heads, set_size * L), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("jedi::set_attention_bwd", mutates_args=())
+def set_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    set_size: int,
+    heads: int,
+    scale: float,
+    set_mask: Optional[torch.Tensor],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each (N, L, H*D) in q's dtype, of set-wise attention on backend "triton" or "cuda"."""
+    if backend == "cuda":
+        return torch.ops.jedi.set_attention_bwd_ext(grad_out, q, k, v, out, lse, set_size, heads, scale, set_mask)
+    if backend != "triton":
+        raise ValueError(f"jedi::set_attention_bwd: backend must be 'triton' or 'cuda', got {backend!r}")
+    return set_attn_bwd(grad_out, q, k, v, out, lse, set_size, heads, scale, set_mask)
+
+
+@set_attention_bwd.register_fake
+def _set_attention_bwd_fake(grad_out, q, k, v, out, lse, set_size, heads, scale, set_mask, backend):
+    shape = q.shape
+    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, set_size, heads, scale, set_mask, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.set_mask = set_mask
+    ctx.set_size, ctx.heads, ctx.scale, ctx.backend = set_size, heads, scale, backend
+    # lse is an auxiliary output for the backward; gradients do not flow through it
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.jedi.set_attention_bwd(
+        grad_out, q, k, v, out, lse, ctx.set_size, ctx.heads, ctx.scale, ctx.set_mask, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+set_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def set_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    set_size: int,
+    heads: int,
+    scale: float,
+    set_mask: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    """Differentiable set-wise attention through ``jedi::set_attention_fwd`` (inputs already validated by
+    :func:`jedi_kernels.set_attention`).
+
+    Args:
+        q, k, v: (N, L, H*D) with unit last-dim stride; float16/bfloat16/float32 for backend "triton".
+        set_size: G. heads: H. scale: softmax scale (float).
+        set_mask: bool (G, G) on q's device, or None.
+        backend: "triton" or "cuda" (resolved).
+
+    Returns:
+        (N, L, H*D) contiguous, q's dtype.
+
+    Raises:
+        TypeError: a dtype the Triton kernels do not take (float64). ValueError: head_dim > 256 on backend "triton".
+    """
+    if backend == "triton":
+        _check_launch(q, set_size, heads)  # raise here, before the op, with the argument named
+    return torch.ops.jedi.set_attention_fwd(q, k, v, set_size, heads, float(scale), set_mask, backend)[0]

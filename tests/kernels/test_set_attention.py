@@ -1,0 +1,570 @@
+"""Triton set-wise flash attention (``jedi_kernels/ops/set_attention.py``) and its ``jedi::`` custom ops.
+
+Every result is judged against the float64 reference with flash-attention's rule
+``max|ours - ref64| <= 2 * max|torch_same_dtype - ref64| + 1e-5`` for out, dq, dk, dv (and lse). On CPU the kernels run
+under ``TRITON_INTERPRET=1`` (tests/conftest.py) in float32 at <= 256 tokens per set; the GPU cases (marked ``gpu``)
+run fp16/bf16 at Stable Diffusion's shapes, on backend "triton" and, where built, "cuda".
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jedi_kernels as jk
+from jedi_kernels import reference
+from jedi_kernels.ops import set_attention as sa
+from jedi_kernels.testing import assert_close_verbose, assert_flash_rule
+
+CPU = torch.device("cpu")
+
+# The interpreter emits a numpy deprecation warning per scalar loop bound; it says nothing about our code.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_default_configs(monkeypatch):
+    """GPU tests run each kernel's default config (first of its autotune list) instead of autotuning every shape: the
+    suite stays within minutes. The benchmarks autotune over all configs and check their outputs against SDPA;
+    JEDI_TEST_AUTOTUNE=1 autotunes here too."""
+    monkeypatch.setattr(sa, "_AUTOTUNE", os.environ.get("JEDI_TEST_AUTOTUNE") == "1")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else CPU
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _one_way(G: int, refs: int) -> torch.Tensor:
+    """Every image attends only the first ``refs`` images (reference images); later images get no queries' attention."""
+    m = torch.zeros(G, G, dtype=torch.bool)
+    m[:, :refs] = True
+    return m
+
+
+def _jedi_mask(G: int, refs: int) -> torch.Tensor:
+    """JeDi-style: references attend references only, images to generate attend everything."""
+    m = torch.ones(G, G, dtype=torch.bool)
+    m[:refs, refs:] = False
+    return m
+
+
+def _masks(kind: str, G: int) -> torch.Tensor | None:
+    if kind == "full":
+        return None
+    if kind == "blockdiag":
+        return torch.eye(G, dtype=torch.bool)
+    if kind == "oneway":
+        return _one_way(G, max(1, G - 1))
+    if kind == "jedi":
+        return _jedi_mask(G, max(1, G // 2))
+    if kind == "random":
+        g = torch.Generator().manual_seed(G)
+        m = torch.rand(G, G, generator=g) < 0.5
+        m[torch.arange(G), (torch.arange(G) + 1) % G] = True  # every row allows >= 1 image, not always itself
+        return m
+    raise ValueError(kind)
+
+
+def _inputs(B, G, L, H, D, dtype, device, fused=False):
+    """Fresh random q, k, v (N, L, H*D); ``fused`` returns chunks of one (N, L, 3*H*D) projection (strided views)."""
+    N, HD = B * G, H * D
+    if fused:
+        qkv = torch.randn(N, L, 3 * HD, device=device, dtype=dtype)
+        return qkv, qkv.chunk(3, dim=-1)  # three (N, L, H*D) views with row stride 3*H*D
+    return None, tuple(torch.randn(N, L, HD, device=device, dtype=dtype) for _ in range(3))
+
+
+def _ref_fwd_bwd(q, k, v, do, G, H, scale, mask, dtype):
+    """Reference out, lse, dq, dk, dv computed in ``dtype``; heads run one at a time to bound memory at large L."""
+    N, L, HD = q.shape
+    D = HD // H
+    outs, lses, grads = [], [], ([], [], [])
+    for h in range(H):
+        sl = slice(h * D, (h + 1) * D)
+        qh, kh, vh = (t[..., sl].detach().to(dtype).requires_grad_() for t in (q, k, v))
+        o = reference.set_attention_reference(qh, kh, vh, G, 1, scale, mask)
+        o.backward(do[..., sl].to(dtype))
+        outs.append(o.detach())
+        lses.append(reference.set_attention_lse_reference(qh.detach(), kh.detach(), G, 1, scale, mask))
+        for acc, t in zip(grads, (qh, kh, vh)):
+            acc.append(t.grad)
+    cat = lambda xs: torch.cat(xs, dim=-1)  # noqa: E731  (per-head (N, L, D) -> (N, L, H*D))
+    return cat(outs), torch.cat(lses, dim=1), cat(grads[0]), cat(grads[1]), cat(grads[2])
+
+
+def _check_case(B, G, L, H, D, *, dtype=torch.float32, device=None, mask="full", fused=False, backend="triton",
+                launcher_kwargs=None):
+    """Forward + backward of one case through the custom op (or the launchers with ``launcher_kwargs``), judged by
+    the flash rule against the float64 reference for out, lse, dq, dk, dv."""
+    device = device or _device()
+    set_mask = _masks(mask, G) if isinstance(mask, str) else mask
+    set_mask = None if set_mask is None else set_mask.to(device)
+    scale = D**-0.5
+    qkv, (q, k, v) = _inputs(B, G, L, H, D, dtype, device, fused)
+    do = torch.randn(B * G, L, H * D, device=device, dtype=dtype)
+
+    if launcher_kwargs is None:
+        leaves = [qkv.requires_grad_()] if fused else [t.requires_grad_() for t in (q, k, v)]
+        if fused:
+            q, k, v = qkv.chunk(3, dim=-1)
+        out, lse = torch.ops.jedi.set_attention_fwd(q, k, v, G, H, scale, set_mask, backend)
+        out.backward(do)
+        if fused:
+            dq, dk, dv = leaves[0].grad.chunk(3, dim=-1)
+        else:
+            dq, dk, dv = (t.grad for t in leaves)
+    else:
+        out, lse = sa.set_attn_fwd(q, k, v, G, H, scale, set_mask, **launcher_kwargs)
+        dq, dk, dv = sa.set_attn_bwd(do, q, k, v, out, lse, G, H, scale, set_mask, **launcher_kwargs)
+
+    assert out.shape == (B * G, L, H * D) and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (B, H, G * L) and lse.dtype == torch.float32
+    ref64 = _ref_fwd_bwd(q, k, v, do, G, H, scale, set_mask, torch.float64)
+    same = _ref_fwd_bwd(q, k, v, do, G, H, scale, set_mask, dtype)
+    for name, ours, r_same, r64 in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), same, ref64):
+        assert_flash_rule(ours, r_same, r64, f"{name} [B={B} G={G} L={L} H={H} D={D} {dtype} mask={mask}]")
+    return out, lse, (dq, dk, dv)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# head-dim chunking rule
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "D, chunked, padded",
+    [(40, (32, 16), (64, 0)), (80, (64, 16), (128, 0)), (160, (128, 32), (256, 0)), (8, (16, 0), (16, 0)),
+     (24, (16, 16), (32, 0)), (72, (64, 16), (128, 0)), (64, (64, 0), (64, 0)), (256, (256, 0), (256, 0)),
+     (248, (128, 128), (256, 0))],
+)
+def test_head_dim_chunks(D, chunked, padded):
+    assert sa.head_dim_chunks(D, True) == chunked
+    assert sa.head_dim_chunks(D, False) == padded
+    d0, d1 = chunked
+    assert d0 + d1 >= D and d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU (interpreter) cases: a covering set of head dims, set sizes, L and masks, not the full cross product
+# ----------------------------------------------------------------------------------------------------------------------
+
+CPU_CASES = [
+    # B, G, L, H, D, mask
+    (1, 2, 64, 2, 40, "full"),       # SD head dim 40 (32+16 chunks), two whole tiles per image
+    (2, 3, 17, 2, 80, "full"),       # 80 = 64+16, L shorter than a tile
+    (1, 1, 97, 2, 160, "full"),      # ng = 1, 160 = 128+32, L = 97: 3 tiles + a 1-token tail
+    (1, 5, 17, 3, 8, "full"),        # ng = 5, tiny head dim padded to the 16-wide dot
+    (1, 2, 97, 1, 24, "full"),       # 24 = 16+16 (last 8 masked)
+    (2, 3, 1, 2, 72, "full"),        # L = 1, 72 = 64+16
+    (1, 4, 64, 1, 40, "blockdiag"),  # block-diagonal: per-image attention
+    (1, 3, 17, 2, 40, "oneway"),     # images attend the references only; image 2 gets dk = dv = 0
+    (1, 5, 17, 1, 24, "random"),     # asymmetric mask
+    (1, 2, 64, 2, 80, "jedi"),       # references attend references, targets attend all
+    (1, 3, 33, 1, 160, "jedi"),
+]
+
+
+@pytest.mark.parametrize("B, G, L, H, D, mask", CPU_CASES)
+def test_set_attention_cpu_cases(B, G, L, H, D, mask):
+    if _device().type != "cpu":
+        pytest.skip("the CPU covering set runs under the interpreter; GPU cases are below")
+    _check_case(B, G, L, H, D, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_cpu(dtype):
+    """fp16/bf16 storage under the interpreter (dots run in fp32 there; the GPU runs them natively, tested below)."""
+    if _device().type != "cpu":
+        pytest.skip("GPU half-precision cases are below")
+    _check_case(1, 2, 33, 2, 40, dtype=dtype, mask="jedi")
+
+
+@pytest.mark.parametrize("mask", ["full", "oneway"])
+@pytest.mark.parametrize("D, G, L", [(40, 2, 17), (72, 3, 33)])
+def test_fused_qkv_strided_views(D, G, L, mask):
+    """q, k, v as chunks of one (N, L, 3*H*D) projection: read through strides, gradients land in the fused grad."""
+    if _device().type != "cpu":
+        pytest.skip("GPU strided cases are below")
+    _check_case(2, G, L, 2, D, mask=mask, fused=True)
+
+
+def _gpu_tile_shapes():
+    """Every distinct (BLOCK_M, BLOCK_N) of the GPU autotune lists (fwd, dK/dV, dQ; all head-dim classes)."""
+    shapes = set()
+    for table in (sa._FWD_CONFIGS, sa._DKDV_CONFIGS, sa._DQ_CONFIGS):
+        for configs in table.values():
+            shapes.update((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
+    return sorted(shapes)
+
+
+@pytest.mark.parametrize("block_m, block_n", _gpu_tile_shapes())
+def test_every_gpu_tile_shape(block_m, block_n):
+    """GPU tests run default configs only; here every tile shape the autotuner may pick runs forward + backward
+    (both backward kernels) under the interpreter on images with tails (L = 97) and a mask."""
+    if _device().type != "cpu":
+        pytest.skip("runs the GPU tile shapes under the interpreter")
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    _check_case(1, 2, 97, 1, 40, mask="jedi", launcher_kwargs={"config": cfg})
+
+
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU launch path (autotune wrappers over several configs, EVEN_* heuristics, config-dependent grids),
+    driven under the interpreter with a CPU timer standing in for the GPU benchmarker."""
+    if _device().type != "cpu":
+        pytest.skip("on a GPU every test takes this path")
+    import time
+
+    from triton.runtime.autotuner import Autotuner
+
+    def cpu_bench(fn, quantiles=None):
+        t = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t) * 1e3
+        return [ms, ms, ms]
+
+    monkeypatch.setattr(sa, "triton_interpreting", lambda: False)  # launch as on a GPU ...
+    monkeypatch.setattr(sa, "_prec", lambda dtype: (True, "ieee"))  # ... but keep the interpreter's fp32 dots
+    monkeypatch.setattr(sa, "_AUTOTUNE", True)
+    monkeypatch.setattr(Autotuner, "do_bench", property(lambda self: cpu_bench))
+    monkeypatch.setattr(sa, "_FWD_CONFIGS", {"f32": [sa._cfg(32, 32, 4, 1), sa._cfg(16, 32, 4, 1)]})
+    monkeypatch.setattr(sa, "_DKDV_CONFIGS", {"f32": [sa._cfg(16, 32, 4, 1), sa._cfg(32, 16, 4, 1)]})
+    monkeypatch.setattr(sa, "_DQ_CONFIGS", {"f32": [sa._cfg(32, 16, 4, 1), sa._cfg(16, 16, 4, 1)]})
+    sa._tuned.cache_clear()
+    try:
+        for L in (32, 20):  # EVEN and uneven tails
+            _check_case(1, 2, L, 1, 24, mask="oneway", launcher_kwargs={})
+        for kind in ("fwd", "dkdv", "dq"):
+            tuner = sa._tuned(kind, "f32", True)
+            assert len(tuner.cache) == 2, f"{kind}: expected one tuned config per L, got {tuner.cache}"
+    finally:
+        sa._tuned.cache_clear()
+
+
+@pytest.mark.parametrize("D", [40, 80])
+def test_padded_head_dim_variant(D):
+    """The plain-padding variant (40 -> 64, 80 -> 128) kept for the chunked-vs-padded benchmark is correct too."""
+    if _device().type != "cpu":
+        pytest.skip("GPU: benchmarked, not tested")
+    _check_case(1, 2, 33, 2, D, mask="oneway", launcher_kwargs={"chunk_head_dim": False})
+
+
+def test_ng1_equals_per_image_attention():
+    """set_size = 1 is plain per-image attention (torch SDPA per image in float64)."""
+    device = _device()
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    N, L, H, D = 3, 33, 2, 40
+    q, k, v = (torch.randn(N, L, H * D, device=device, dtype=dtype) for _ in range(3))
+    out = jk.set_attention(q, k, v, 1, H, backend="triton")
+    # (N, L, H*D) -> (N, H, L, D)
+    heads = lambda x: x.double().reshape(N, L, H, D).transpose(1, 2)  # noqa: E731
+    ref64 = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(N, L, H * D)
+    same = reference.set_attention_reference(q, k, v, 1, H)
+    assert_flash_rule(out, same, ref64, "ng=1 out vs per-image SDPA")
+
+
+def test_block_diagonal_equals_ng1():
+    """A block-diagonal mask over a set of G images gives exactly per-image attention (set_size 1) on the same rows."""
+    device = _device()
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    B, G, L, H, D = 1, 3, 33, 2, 40
+    q, k, v = (torch.randn(B * G, L, H * D, device=device, dtype=dtype) for _ in range(3))
+    diag = torch.eye(G, dtype=torch.bool, device=device)
+    masked = jk.set_attention(q, k, v, G, H, set_mask=diag, backend="triton")
+    per_image = jk.set_attention(q, k, v, 1, H, backend="triton")
+    assert_close_verbose(masked, per_image, atol=1e-6 if dtype == torch.float32 else 2e-3, name="blockdiag vs ng=1")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# masks really skip tiles; outputs are fully written
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_block_diagonal_mask_skips_tiles():
+    """Count the key tiles each program's loop visits (an instrumented kernel variant): a block-diagonal mask over G
+    images visits 1/G of full attention's tiles, a one-way mask refs/G."""
+    device = _device()
+    B, G, L, H, D = 1, 4, 64, 1, 40
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    q, k, v = (torch.randn(B * G, L, H * D, device=device) for _ in range(3))
+    n_programs = G * math.ceil(L / 32) * B * H
+    visited = {}
+    for kind, mask in (("full", None), ("blockdiag", torch.eye(G, dtype=torch.bool)), ("oneway", _one_way(G, 1))):
+        counter = torch.full((n_programs,), -1, dtype=torch.int32, device=device)
+        mask = None if mask is None else mask.to(device)
+        sa.set_attn_fwd(q, k, v, G, H, D**-0.5, mask, config=cfg, tile_counter=counter)
+        assert (counter >= 0).all(), "every program must report its count"
+        visited[kind] = int(counter.sum())
+    tiles_per_image = math.ceil(L / 32)
+    assert visited["full"] == n_programs * G * tiles_per_image
+    assert visited["blockdiag"] * G == visited["full"]
+    assert visited["oneway"] * G == visited["full"]
+
+
+def test_forbidden_images_are_never_read():
+    """K/V of images no query may attend are NaN: nothing leaks into the outputs (their tiles are never loaded)."""
+    device = _device()
+    B, G, L, H, D = 1, 3, 17, 2, 40
+    mask = _one_way(G, 2).to(device)  # image 2 is attended by nobody
+    q, k, v = (torch.randn(B * G, L, H * D, device=device) for _ in range(3))
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[2], v_bad[2] = float("nan"), float("nan")
+    out, lse = sa.set_attn_fwd(q, k_bad, v_bad, G, H, D**-0.5, mask)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref = reference.set_attention_reference(q.double(), k.double(), v.double(), G, H, None, mask)
+    assert_close_verbose(out, ref, atol=1e-5, name="out with NaN in forbidden images")
+    do = torch.randn_like(out)
+    dq, dk, dv = sa.set_attn_bwd(do, q, k_bad, v_bad, out, lse, G, H, D**-0.5, mask)
+    assert torch.isfinite(dq).all()
+    assert torch.isfinite(dk[:2]).all() and torch.isfinite(dv[:2]).all()
+
+
+@pytest.mark.parametrize("mask", ["full", "oneway"])
+def test_poisoned_outputs_are_fully_written(monkeypatch, mask):
+    """Every output (and scratch) buffer is allocated NaN-filled: all of out, lse, dq, dk, dv must be overwritten —
+    including dk = dv = 0 for an image nobody attends, and the tails of images whose L is not a tile multiple."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(sa, "_empty", poisoned)
+    out, lse, grads = _check_case(2, 3, 17, 2, 40, mask=mask)
+    for name, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+
+
+def test_lse_matches_reference():
+    device = _device()
+    B, G, L, H, D = 2, 3, 20, 2, 24
+    q, k, v = (torch.randn(B * G, L, H * D, device=device) for _ in range(3))
+    mask = _jedi_mask(G, 1).to(device)
+    _, lse = torch.ops.jedi.set_attention_fwd(q, k, v, G, H, 0.3, mask, "triton")
+    ref64 = reference.set_attention_lse_reference(q.double(), k.double(), G, H, 0.3, mask)
+    same = reference.set_attention_lse_reference(q, k, G, H, 0.3, mask)
+    assert_flash_rule(lse, same, ref64.double(), "lse")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# custom-op contract: opcheck, torch.compile, autograd through jedi_kernels.set_attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_opcheck_fwd(with_mask):
+    device = _device()
+    B, G, L, H, D = 1, 2, 8, 1, 16
+    q, k, v = (torch.randn(B * G, L, H * D, device=device, requires_grad=True) for _ in range(3))
+    mask = _jedi_mask(G, 1).to(device) if with_mask else None
+    torch.library.opcheck(torch.ops.jedi.set_attention_fwd.default, (q, k, v, G, H, 0.25, mask, "triton"))
+
+
+def test_opcheck_bwd():
+    device = _device()
+    B, G, L, H, D = 1, 2, 8, 1, 16
+    q, k, v = (torch.randn(B * G, L, H * D, device=device) for _ in range(3))
+    mask = _one_way(G, 1).to(device)
+    out, lse = torch.ops.jedi.set_attention_fwd(q, k, v, G, H, 0.25, mask, "triton")
+    do = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.jedi.set_attention_bwd.default, (do, q, k, v, out, lse, G, H, 0.25, mask, "triton")
+    )
+
+
+def test_fake_shapes():
+    """register_fake gives out (N, L, H*D) in q's dtype and lse (B, H, G*L) float32 without running a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(6, 10, 48, dtype=torch.float16)
+        out, lse = torch.ops.jedi.set_attention_fwd(q, q, q, 3, 2, 0.2, None, "triton")
+        dq, dk, dv = torch.ops.jedi.set_attention_bwd(q, q, q, q, out, lse, 3, 2, 0.2, None, "triton")
+    assert out.shape == (6, 10, 48) and out.dtype == torch.float16
+    assert lse.shape == (2, 2, 30) and lse.dtype == torch.float32
+    assert dq.shape == dk.shape == dv.shape == (6, 10, 48)
+
+
+def test_torch_compile_fullgraph_fwd_bwd():
+    """torch.compile(fullgraph=True) through the public API, forward and backward, equals eager."""
+    device = _device()
+    B, G, L, H, D = 1, 2, 17, 2, 40
+    mask = _jedi_mask(G, 1).to(device)
+    qkv = torch.randn(B * G, L, 3 * H * D, device=device, requires_grad=True)
+
+    def f(x):
+        q, k, v = x.chunk(3, dim=-1)
+        return jk.set_attention(q, k, v, G, H, set_mask=mask, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    do = torch.randn(B * G, L, H * D, device=device)
+    out_c = compiled(qkv)
+    (g_c,) = torch.autograd.grad(out_c, qkv, do)
+    out_e = f(qkv)
+    (g_e,) = torch.autograd.grad(out_e, qkv, do)
+    assert_close_verbose(out_c, out_e, atol=1e-6, name="compiled out")
+    assert_close_verbose(g_c, g_e, atol=1e-6, name="compiled grad")
+
+
+def test_public_api_backward_matches_reference():
+    """jedi_kernels.set_attention(..., backend="triton") is differentiable and matches the reference."""
+    device = _device()
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    B, G, L, H, D = 1, 2, 24, 2, 40
+    q, k, v = (torch.randn(B * G, L, H * D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = jk.set_attention(q, k, v, G, H, backend="triton", scale=0.2)
+    do = torch.randn_like(out)
+    out.backward(do)
+    ref64 = _ref_fwd_bwd(q, k, v, do, G, H, 0.2, None, torch.float64)
+    same = _ref_fwd_bwd(q, k, v, do, G, H, 0.2, None, dtype)
+    for name, ours, r_same, r64 in zip(("out", "lse", "dq", "dk", "dv"), (out, None, q.grad, k.grad, v.grad), same,
+                                       ref64):
+        if ours is not None:
+            assert_flash_rule(ours, r_same, r64, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _qkv(shape=(4, 8, 32), dtype=torch.float32):
+    return tuple(torch.randn(*shape, device=_device(), dtype=dtype) for _ in range(3))
+
+
+def test_float64_rejected_by_triton_backend():
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        jk.set_attention(q, k, v, 2, 2, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        sa.set_attn_fwd(q, k, v, 2, 2, 0.25)
+
+
+def test_head_dim_over_256_rejected():
+    q, k, v = _qkv(shape=(2, 4, 264))
+    with pytest.raises(ValueError, match="head_dim"):
+        jk.set_attention(q, k, v, 2, 1, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"set_mask": torch.zeros(2, 2, dtype=torch.bool)}, ValueError, "set_mask"),
+        ({"set_mask": torch.tensor([[True, False], [False, False]])}, ValueError, "set_mask"),
+        ({"set_mask": torch.ones(3, 3, dtype=torch.bool)}, ValueError, "set_mask"),
+        ({"set_mask": torch.ones(2, 2)}, TypeError, "set_mask"),
+        ({"backend": "flash"}, ValueError, "backend"),
+        ({"scale": "0.1"}, TypeError, "scale"),
+    ],
+)
+def test_bad_mask_backend_scale(kwargs, exc, match):
+    q, k, v = _qkv()
+    if isinstance(kwargs.get("set_mask"), torch.Tensor):
+        kwargs = dict(kwargs, set_mask=kwargs["set_mask"].to(q.device))
+    kwargs.setdefault("backend", "triton")
+    with pytest.raises(exc, match=match):
+        jk.set_attention(q, k, v, 2, 2, **kwargs)
+
+
+def test_bad_shapes_rejected():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="set_size"):
+        jk.set_attention(q, k, v, 3, 2, backend="triton")  # N = 4 is not a multiple of 3
+    with pytest.raises(ValueError, match="heads"):
+        jk.set_attention(q, k, v, 2, 3, backend="triton")  # 32 is not 3 * head_dim
+    with pytest.raises(ValueError, match="k must have"):
+        jk.set_attention(q, k[:, :4], v, 2, 2, backend="triton")
+    with pytest.raises(TypeError, match="v must have"):
+        jk.set_attention(q, k, v.half(), 2, 2, backend="triton")
+    with pytest.raises(ValueError, match="3 dims"):
+        jk.set_attention(q[0], k[0], v[0], 1, 2, backend="triton")
+
+
+def test_cuda_backend_unavailable_is_rejected():
+    if jk.available_backends()["cuda"] and _device().type == "cuda":
+        pytest.skip("the CUDA extension is built here")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="cuda"):
+        jk.set_attention(q, k, v, 2, 2, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU: fp16/bf16 at Stable Diffusion's shapes, masks, strided views, CUDA graphs, backend "cuda"
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gpu_backends():
+    params = [pytest.param("triton", id="triton")]
+    cuda_ok = torch.cuda.is_available() and jk.available_backends()["cuda"]
+    params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not cuda_ok, reason="jedi_kernels._C "
+                                                                                           "built without CUDA")))
+    return params
+
+
+GPU_CASES = [
+    # B, G, L, H, D, mask, fused
+    (1, 1, 4096, 2, 40, "full", False),
+    (1, 2, 4096, 2, 40, "full", True),
+    (1, 2, 1024, 2, 80, "full", False),
+    (1, 4, 1024, 2, 80, "blockdiag", False),
+    (2, 4, 256, 2, 160, "jedi", True),
+    (2, 4, 64, 2, 160, "full", False),
+    (1, 3, 256, 2, 160, "oneway", False),
+    (2, 3, 97, 2, 72, "random", True),
+    (1, 1, 1, 1, 40, "full", False),  # G = L = H = 1: Triton specializes these ints as constants
+    (3, 5, 17, 1, 8, "full", False),
+    (1, 2, 64, 3, 256, "jedi", False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", GPU_CASES)
+def test_set_attention_gpu(B, G, L, H, D, mask, fused, dtype, backend):
+    _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused, backend=backend)
+
+
+@pytest.mark.gpu
+def test_set_attention_gpu_fp32():
+    _check_case(1, 2, 128, 2, 40, dtype=torch.float32, mask="jedi")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_cuda_graph_capture_replay(backend):
+    """Forward and backward launches capture into a CUDA graph (no host syncs, no data-dependent allocation); a replay
+    on new inputs equals an eager run bit for bit."""
+    device = torch.device("cuda")
+    B, G, L, H, D = 2, 2, 256, 2, 80
+    mask = _jedi_mask(G, 1).to(device)
+    scale = D**-0.5
+    static = [torch.randn(B * G, L, H * D, device=device, dtype=torch.float16) for _ in range(4)]  # q, k, v, do
+
+    def step():
+        q, k, v, do = static
+        out, lse = torch.ops.jedi.set_attention_fwd(q, k, v, G, H, scale, mask, backend)
+        return (out, lse, *torch.ops.jedi.set_attention_bwd(do, q, k, v, out, lse, G, H, scale, mask, backend))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # compile and autotune outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for t in static:
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for name, c, e in zip(("out", "lse", "dq", "dk", "dv"), captured, eager):
+        assert torch.equal(c, e), f"{name}: graph replay differs from eager"
