@@ -20,12 +20,18 @@ def _load() -> None:
     if os.environ.get("JEDI_SKIP_EXT") == "1":
         _reason = "JEDI_SKIP_EXT=1 was set: pure-Python install (Triton + reference)"
         return
+    import importlib.util
+
     try:
-        from jedi_kernels import _C as mod  # type: ignore[attr-defined]
-    except ImportError as e:  # missing, or built against another torch (undefined symbols)
-        _reason = f"jedi_kernels._C could not be loaded ({e}); reinstall with `pip install -e . --no-build-isolation`"
-        if "No module named" not in str(e):
-            warnings.warn(f"jedi_kernels: {_reason}. Falling back to Triton / reference ops.", stacklevel=3)
+        if importlib.util.find_spec("jedi_kernels._C") is None:
+            _reason = "jedi_kernels._C is not built; build it with `pip install -e . --no-build-isolation`"
+        else:
+            from jedi_kernels import _C as mod  # type: ignore[attr-defined]
+    except ImportError as e:  # built against another torch (undefined symbols) or otherwise broken
+        _reason = (f"jedi_kernels._C could not be loaded ({e}); it is probably stale: rebuild with "
+                   "`pip install -e . --no-build-isolation`")
+    if _reason is not None:
+        warnings.warn(f"jedi_kernels: {_reason}. Falling back to Triton / reference ops.", stacklevel=3)
         return
     _C = mod
     _cuda_built = bool(mod.with_cuda())

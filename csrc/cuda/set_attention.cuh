@@ -1,0 +1,85 @@
+// Torch-free interface of the CUDA set-wise flash attention (the `cuda` backend of jk.set_attention).
+//
+// Semantics (jedi_kernels.reference.set_attention_reference): q, k, v are (N, L, H*D), N = B*G. For set b and head
+// h the sequence is the G*L tokens of the set's G images; out = softmax(scale * q k^T) v over the keys each query
+// may attend (all of the set, or the images allowed by set_mask), lse = natural-log logsumexp of scale * q.k over
+// those keys. Backward: FlashAttention-2 (recompute P from lse; dq, dk, dv).
+//
+// Layouts: q, k, v, out_fwd, dout: any row strides (stride of N and of L, in elements), unit stride inside the
+// H*D row, 16-byte aligned base pointers, strides multiples of 8 elements (views of a fused (N, L, 3*H*D) qkv
+// projection qualify). out, dq, dk, dv: contiguous (N, L, H*D). lse, delta: contiguous (B, H, G*L) float32.
+// set_mask: contiguous uint8 (G, G) on the device (set_mask[i*G + j] != 0: queries of image i may attend keys of
+// image j) or nullptr for full joint attention.
+// Head dims: every multiple of 8 up to 256 (set_attn::padded_head_dim); 40, 80 and 160 run padded to 48, 80, 160.
+// Everything is enqueued on `stream`: no host synchronization, no allocation (CUDA-graph capturable).
+#pragma once
+
+#if defined(JEDI_SET_ATTN_EMULATE)  // CPU test build: stand-ins for the CUDA runtime types
+#include "tests/set_attention_emulation.h"
+#else
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+
+#include "set_attention_plan.h"
+
+namespace jedi {
+
+struct SetAttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_stride_n, q_stride_l;
+  int64_t k_stride_n, k_stride_l;
+  int64_t v_stride_n, v_stride_l;
+  void* out;                // (N, L, H*D) contiguous, q's dtype
+  float* lse;               // (B, H, G*L) float32
+  const uint8_t* set_mask;  // (G, G) uint8 or nullptr
+  int64_t B, G, L, H, D;
+  float scale;
+};
+
+struct SetAttnBwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;   // forward output
+  const void* dout;  // gradient of out
+  int64_t q_stride_n, q_stride_l;
+  int64_t k_stride_n, k_stride_l;
+  int64_t v_stride_n, v_stride_l;
+  int64_t o_stride_n, o_stride_l;
+  int64_t do_stride_n, do_stride_l;
+  const float* lse;         // (B, H, G*L) float32, from the forward
+  const uint8_t* set_mask;  // (G, G) uint8 or nullptr
+  void* dq;                 // (N, L, H*D) contiguous, input dtype
+  void* dk;
+  void* dv;
+  float* dq_accum;  // workspace: N*L*H*D float32 (set_attn_dq_accum_elems); zeroed by the launch itself
+  float* delta;     // workspace: B*H*G*L float32 (set_attn_delta_elems): rowsum(dout * out)
+  int64_t B, G, L, H, D;
+  float scale;
+};
+
+// dtype: 0 = float16, 1 = bfloat16.
+// Returns cudaErrorInvalidValue for unsupported shapes/dtypes (see set_attention_supported) and the launch error
+// (cudaGetLastError) otherwise.
+cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStream_t stream);
+cudaError_t set_attention_bwd_launch(const SetAttnBwdParams& p, int dtype, cudaStream_t stream);
+
+// Workspace sizes (elements of float32) the caller allocates for the backward.
+inline int64_t set_attn_dq_accum_elems(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D) {
+  return B * G * L * H * D;
+}
+inline int64_t set_attn_delta_elems(int64_t B, int64_t G, int64_t L, int64_t H) { return B * H * G * L; }
+
+// nullptr when (D, dtype) is supported, else a static message naming what is supported.
+inline const char* set_attention_supported(int64_t D, int dtype) {
+  if (dtype != 0 && dtype != 1) return "dtype must be float16 or bfloat16";
+  if (set_attn::padded_head_dim(D) == 0)
+    return "head_dim must be a multiple of 8 in [8, 256] (40, 80, 160 have tuned instances)";
+  return nullptr;
+}
+
+}  // namespace jedi

@@ -1,0 +1,25 @@
+// Declarations of the per-head-dim kernel launchers of set attention. Each is explicitly instantiated in one
+// set_attention_{fwd,bwd}_*.cu file (so nvcc builds the instances in parallel) and called by the dispatcher in
+// set_attention_launch.cu, which picks the instance from the head dim (set_attn::padded_head_dim).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "set_attention.cuh"
+
+namespace jedi {
+namespace set_attn {
+
+// Forward: out and lse for every (query tile, head, set).
+template <typename T, int kD>
+cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream);
+
+// Backward main kernel: dK, dV written, dQ accumulated into p.dq_accum (float32, unscaled). Needs p.delta filled and
+// p.dq_accum zeroed first (set_attention_bwd_launch runs the preprocess kernel before it and the convert after).
+template <typename T, int kD>
+cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream);
+
+}  // namespace set_attn
+}  // namespace jedi

@@ -1,0 +1,196 @@
+// Torch glue of the CUDA set attention (schemas in csrc/ops.cpp): argument checks naming the argument, layout
+// fix-ups (a copy only where the kernel's 16-byte vector loads cannot read a view), allocation of outputs and
+// workspaces, stream and device, launch, error check. No host synchronization: capturable in CUDA graphs.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "set_attention.cuh"
+
+namespace jedi {
+namespace {
+
+int dtype_code(const at::Tensor& q, const char* op) {
+  if (q.scalar_type() == at::kHalf) return 0;
+  if (q.scalar_type() == at::kBFloat16) return 1;
+  TORCH_CHECK(false, op, ": q must be float16 or bfloat16 for the cuda backend, got ", q.scalar_type());
+  return -1;
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must have shape (N, L, heads*head_dim), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, op, ": ", name,
+              " must have unit stride in its last dim (heads*head_dim), got strides ", t.strides());
+}
+
+// The kernels read rows with 16-byte vectors: base 16-byte aligned and row strides multiples of 8 elements (true for
+// contiguous tensors and for views of a fused qkv projection). Anything else is copied once.
+at::Tensor kernel_view(const at::Tensor& t) {
+  const bool ok = t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+struct Shape {
+  int64_t B, G, L, H, D;
+};
+
+Shape check_shape(const at::Tensor& q, int64_t set_size, int64_t heads, const char* op) {
+  TORCH_CHECK(set_size >= 1, op, ": set_size must be >= 1, got ", set_size);
+  TORCH_CHECK(heads >= 1, op, ": heads must be >= 1, got ", heads);
+  const int64_t N = q.size(0), L = q.size(1), HD = q.size(2);
+  TORCH_CHECK(N % set_size == 0, op, ": q.shape[0] = N = ", N, " must be a multiple of set_size = ", set_size);
+  TORCH_CHECK(HD % heads == 0, op, ": q.shape[2] = ", HD, " must be heads * head_dim with heads = ", heads);
+  const int64_t D = HD / heads;
+  const char* why = set_attention_supported(D, q.scalar_type() == at::kHalf ? 0 : 1);
+  TORCH_CHECK(why == nullptr, op, ": head_dim = q.shape[2] / heads = ", D, " is not supported by the cuda backend: ",
+              why ? why : "");
+  return Shape{N / set_size, set_size, L, heads, D};
+}
+
+// bool/uint8 (G, G) mask on q's device -> contiguous uint8 (a small async copy), or an undefined tensor.
+at::Tensor mask_u8(const std::optional<at::Tensor>& set_mask, const at::Tensor& q, int64_t G, const char* op) {
+  if (!set_mask.has_value() || !set_mask->defined()) return at::Tensor();
+  const at::Tensor& m = *set_mask;
+  TORCH_CHECK(m.device() == q.device(), op, ": set_mask must be on q's device ", q.device(), ", got ", m.device());
+  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, op,
+              ": set_mask must be a bool (or uint8) tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == G && m.size(1) == G, op,
+              ": set_mask must have shape (set_size, set_size) = (", G, ", ", G, "), got ", m.sizes());
+  return m.to(at::kByte).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                          const at::Tensor& v_in, int64_t set_size, int64_t heads,
+                                                          double scale, const std::optional<at::Tensor>& set_mask) {
+  constexpr const char* op = "set_attention_fwd_ext";
+  TORCH_CHECK(q_in.defined() && q_in.is_cuda(), op, ": q must be a CUDA tensor");
+  check_like(q_in, q_in, op, "q");
+  check_like(k_in, q_in, op, "k");
+  check_like(v_in, q_in, op, "v");
+  const int dtype = dtype_code(q_in, op);
+  const Shape s = check_shape(q_in, set_size, heads, op);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor mask = mask_u8(set_mask, q_in, s.G, op);
+
+  const int64_t N = q_in.size(0), HD = q_in.size(2);
+  at::Tensor out = at::empty({N, s.L, HD}, q_in.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.G * s.L}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+
+  const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
+  SetAttnParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride_n = q.stride(0);
+  p.q_stride_l = q.stride(1);
+  p.k_stride_n = k.stride(0);
+  p.k_stride_l = k.stride(1);
+  p.v_stride_n = v.stride(0);
+  p.v_stride_l = v.stride(1);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.set_mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+  p.B = s.B;
+  p.G = s.G;
+  p.L = s.L;
+  p.H = s.H;
+  p.D = s.D;
+  p.scale = static_cast<float>(scale);
+  const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, int64_t set_size, int64_t heads, double scale,
+    const std::optional<at::Tensor>& set_mask) {
+  constexpr const char* op = "set_attention_bwd_ext";
+  TORCH_CHECK(q_in.defined() && q_in.is_cuda(), op, ": q must be a CUDA tensor");
+  check_like(q_in, q_in, op, "q");
+  check_like(k_in, q_in, op, "k");
+  check_like(v_in, q_in, op, "v");
+  check_like(out_in, q_in, op, "out");
+  TORCH_CHECK(grad_out_in.defined() && grad_out_in.is_cuda() && grad_out_in.device() == q_in.device(), op,
+              ": grad_out must be a CUDA tensor on q's device ", q_in.device());
+  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type(), op, ": grad_out must have q's dtype ",
+              q_in.scalar_type(), ", got ", grad_out_in.scalar_type());
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), op, ": grad_out must have q's shape ", q_in.sizes(), ", got ",
+              grad_out_in.sizes());
+  const int dtype = dtype_code(q_in, op);
+  const Shape s = check_shape(q_in, set_size, heads, op);
+  TORCH_CHECK(lse_in.defined() && lse_in.device() == q_in.device(), op, ": lse must be on q's device ", q_in.device());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H && lse_in.size(2) == s.G * s.L, op,
+              ": lse must have shape (B, heads, set_size*L) = (", s.B, ", ", s.H, ", ", s.G * s.L, "), got ",
+              lse_in.sizes());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor mask = mask_u8(set_mask, q_in, s.G, op);
+
+  const int64_t N = q_in.size(0), HD = q_in.size(2);
+  at::Tensor dq = at::empty({N, s.L, HD}, q_in.options());
+  at::Tensor dk = at::empty({N, s.L, HD}, q_in.options());
+  at::Tensor dv = at::empty({N, s.L, HD}, q_in.options());
+  if (dq.numel() == 0) return {dq, dk, dv};
+
+  const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in), o = kernel_view(out_in);
+  const at::Tensor g = kernel_view(grad_out_in.contiguous());
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dq_accum = at::empty({set_attn_dq_accum_elems(s.B, s.G, s.L, s.H, s.D)}, q_in.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({set_attn_delta_elems(s.B, s.G, s.L, s.H)}, q_in.options().dtype(at::kFloat));
+
+  SetAttnBwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = o.data_ptr();
+  p.dout = g.data_ptr();
+  p.q_stride_n = q.stride(0);
+  p.q_stride_l = q.stride(1);
+  p.k_stride_n = k.stride(0);
+  p.k_stride_l = k.stride(1);
+  p.v_stride_n = v.stride(0);
+  p.v_stride_l = v.stride(1);
+  p.o_stride_n = o.stride(0);
+  p.o_stride_l = o.stride(1);
+  p.do_stride_n = g.stride(0);
+  p.do_stride_l = g.stride(1);
+  p.lse = lse.data_ptr<float>();
+  p.set_mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.B = s.B;
+  p.G = s.G;
+  p.L = s.L;
+  p.H = s.H;
+  p.D = s.D;
+  p.scale = static_cast<float>(scale);
+  const cudaError_t err = set_attention_bwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jedi, CUDA, m) {
+  m.impl("set_attention_fwd_ext", &set_attention_fwd_cuda);
+  m.impl("set_attention_bwd_ext", &set_attention_bwd_cuda);
+}
+
+}  // namespace jedi

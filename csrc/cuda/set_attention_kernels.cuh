@@ -1,0 +1,601 @@
+// Set-wise flash attention on tensor cores (FlashAttention-2 design, mma.sync m16n8k16, sm80+): kernel templates.
+// Included by the set_attention_{fwd,bwd}_*.cu instance files, and by tests/test_set_attention_emulated.cpp, which
+// runs these very templates on the CPU (JEDI_SET_ATTN_EMULATE) against a float64 reference.
+//
+// MMA fragment conventions (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs and .f32 accumulators), with
+// g = lane / 4 and c = lane % 4:
+//   A (16x16, row-major)  a0: (g, 2c..2c+1)  a1: (g+8, 2c..)  a2: (g, 2c+8..)  a3: (g+8, 2c+8..)
+//   B (16x8, k x n)       b0: (k = 2c..2c+1, n = g)  b1: (k = 2c+8.., n = g)
+//   C (16x8, f32)         c0,c1: (g, 2c..2c+1)  c2,c3: (g+8, 2c..2c+1)
+// so a 16x16 block of C (two n8 tiles) is, packed to 16 bits, exactly an A fragment: scores become the A operand
+// of the next GEMM without touching shared memory. ldmatrix.x4 gives lane l the row l/4, columns 2(l%4).. of each
+// of its four 8x8 matrices (transposed with .trans); the matrices' row addresses come from lanes 0-7, 8-15, 16-23,
+// 24-31. Two per-lane address patterns cover every operand here:
+//   "A pattern"  row (l%8) + 8*((l/8)%2), col 8*(l/16): an A fragment of a row-major [m][k] tile, or with .trans
+//                the (b0, b1) pairs of two n8 tiles of a B operand stored [k][n] (V in P V, dO in P^T dO, ...)
+//   "B pattern"  row (l%8) + 8*(l/16), col 8*((l/8)%2): the (b0, b1) pairs of two n8 tiles of a B operand stored
+//                [n][k] (K in Q K^T, ...), or with .trans an A fragment of a tile stored transposed [k][m] (dS^T)
+#pragma once
+
+#include "set_attention.cuh"
+#include "set_attention_device.cuh"
+#if !defined(JEDI_SET_ATTN_EMULATE)
+#include "set_attention_dispatch.cuh"
+#endif
+
+namespace jedi {
+namespace set_attn {
+
+// ---- tile loads ----------------------------------------------------------------------------------------------
+// Load rows [row0, row0 + kRows) x columns [0, kD) of one head of one image into a shared tile with row pitch
+// smem_pitch(kD). `g` points at (image row of the tensor, column h*D); rows >= L and columns >= D (the padding up to
+// the instance's head dim: the next head's data lives there) are zero-filled, so padded keys/values contribute
+// exact zeros and never NaN.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride_l, int64_t row0, int64_t L, int D,
+                                          int tid) {
+  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+  constexpr int kTotal = kRows * kChunks;
+  constexpr int kPitch = smem_pitch(kD);
+#pragma unroll
+  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
+    const int i = it * kThreads + tid;
+    if (kTotal % kThreads == 0 || i < kTotal) {
+      const int r = i / kChunks, c = i % kChunks;
+      T* dst = s + r * kPitch + c * 8;
+      const int64_t row = row0 + r;
+      if (row < L && c * 8 < D) {
+        cp_async16(dst, g + row * stride_l + c * 8);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  }
+}
+
+// =================================================================================================================
+// Forward
+// =================================================================================================================
+template <typename T, int kD>
+struct FwdTraits {
+  static constexpr FwdConfig kCfg = fwd_config(kD);
+  static constexpr int kBlockM = kCfg.block_m;
+  static constexpr int kBlockN = kCfg.block_n;
+  static constexpr int kWarps = kCfg.num_warps;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr bool kQInRegs = kCfg.q_in_regs;
+  static constexpr int kMinBlocks = kCfg.min_blocks;
+  static constexpr int kPitch = smem_pitch(kD);
+  static constexpr int kSmemBytes = static_cast<int>(fwd_smem_bytes(kD, sizeof(T)));
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBlockM == 16 * kWarps, "tile shapes");
+};
+
+// One CTA: query rows [m0, m0 + kBlockM) of image i of set b, head h. With s_j = q . k_j over the allowed keys j of
+// the set (in key-tile order) and c = |scale| * log2(e):
+//   m_t = max(m_{t-1}, c * max_j s_j)                     (running max, log2 units, per row)
+//   P_j = exp2(c s_j - m_t),  l_t = l_{t-1} 2^(m_{t-1} - m_t) + sum_j P_j
+//   O_t = O_{t-1} 2^(m_{t-1} - m_t) + P V_tile            (fp32 accumulators, P rounded to T for the MMA)
+//   out = O / l,  lse = ln(2) m + ln(l)                    (natural log, as the reference saves it)
+// Each warp owns 16 rows; a row's 4 owner lanes (a quad) share its max through two xor-shuffles, and keep partial
+// sums l that are added across the quad once, at the end (the rescale factor is uniform over the quad).
+// Pipeline (one K and one V buffer, as FlashAttention-2): V_t streams in while S = Q K_t^T is computed, K_{t+1}
+// while softmax and O += P V_t run.
+template <typename T, int kD>
+__global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::kMinBlocks)
+    set_attn_fwd_kernel(const SetAttnParams p) {
+  using Tr = FwdTraits<T, kD>;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kPitch = Tr::kPitch;
+  constexpr int kNT = kBlockN / 8;  // score n8 tiles per warp row block
+  constexpr int kDT = kD / 8;       // output n8 tiles
+  constexpr int kKS = kD / 16;      // k16 steps of Q K^T
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * kPitch;
+  T* sV = sK + kBlockN * kPitch;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t G = p.G, L = p.L, H = p.H;
+  const int D = static_cast<int>(p.D);
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t m_tiles = ceil_div(L, kBlockM), n_tiles = ceil_div(L, kBlockN);
+  const TileCoord qc = tile_coord(blockIdx.x, m_tiles, kBlockM);
+
+  const T* q_tile = static_cast<const T*>(p.q) + tensor_row(b, G, qc.image) * p.q_stride_n + h * D;
+  const T* k_head = static_cast<const T*>(p.k) + h * D;
+  const T* v_head = static_cast<const T*>(p.v) + h * D;
+  const uint8_t* mask_row = p.set_mask != nullptr ? p.set_mask + qc.image * G : nullptr;
+  const int64_t t_end = G * n_tiles;
+  int64_t t = next_tile(mask_row, 1, G, n_tiles, -1);
+
+  load_tile<T, kBlockM, kD, kThreads>(sQ, q_tile, p.q_stride_l, qc.row0, L, D, tid);
+  if (t < t_end) {
+    const TileCoord kc = tile_coord(t, n_tiles, kBlockN);
+    load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, kc.image) * p.k_stride_n, p.k_stride_l,
+                                        kc.row0, L, D, tid);
+  }
+  cp_async_commit();
+
+  const float sl = fabsf(p.scale) * kLog2e;
+  const uint32_t qsign = p.scale < 0.f ? kSignBits : 0u;
+
+  // per-lane ldmatrix addresses (see the header comment)
+  const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
+  const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+  const uint32_t sQ_a = smem_u32(sQ + (warp * 16 + a_row) * kPitch + a_col);
+  const uint32_t sK_b = smem_u32(sK + b_row * kPitch + b_col);
+  const uint32_t sV_a = smem_u32(sV + a_row * kPitch + a_col);
+
+  float acc_o[kDT][4];
+#pragma unroll
+  for (int i = 0; i < kDT; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
+  float row_sum[2] = {0.f, 0.f};              // this lane's partial sums
+  uint32_t q_frag[Tr::kQInRegs ? kKS : 1][4];
+  bool q_loaded = false;
+
+  while (t < t_end) {
+    const TileCoord kc = tile_coord(t, n_tiles, kBlockN);
+    cp_async_wait_all();  // K_t (and Q on the first trip) landed
+    __syncthreads();      // ... for every thread; and every warp is done with V_{t-1}
+    load_tile<T, kBlockN, kD, kThreads>(sV, v_head + tensor_row(b, G, kc.image) * p.v_stride_n, p.v_stride_l,
+                                        kc.row0, L, D, tid);
+    cp_async_commit();
+
+    if constexpr (Tr::kQInRegs) {
+      if (!q_loaded) {
+#pragma unroll
+        for (int ks = 0; ks < kKS; ++ks) {
+          ldsm_x4(q_frag[ks], sQ_a + ks * 16 * sizeof(T));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) q_frag[ks][i] ^= qsign;
+        }
+        q_loaded = true;
+      }
+    }
+
+    // S = Q K_t^T: 16 x kBlockN per warp
+    float acc_s[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) acc_s[j][0] = acc_s[j][1] = acc_s[j][2] = acc_s[j][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKS; ++ks) {
+      uint32_t a[4];
+      if constexpr (Tr::kQInRegs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = q_frag[ks][i];
+      } else {
+        ldsm_x4(a, sQ_a + ks * 16 * sizeof(T));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] ^= qsign;
+      }
+#pragma unroll
+      for (int j = 0; j < kNT / 2; ++j) {
+        uint32_t bk[4];
+        ldsm_x4(bk, sK_b + (j * 16 * kPitch + ks * 16) * sizeof(T));
+        mma16816<T>(acc_s[2 * j], a, bk[0], bk[1]);
+        mma16816<T>(acc_s[2 * j + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // keys past the image's end (last tile of an image only) take no probability
+    const int64_t valid_keys = L - kc.row0;  // > 0; >= kBlockN except in an image's last tile
+    const bool tail = valid_keys < kBlockN;
+    if (tail) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[j][e] = -INFINITY;
+    }
+
+    // online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[r], mx * sl);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing allowed yet: keep exp2 finite
+      const float corr = fast_exp2(row_max[r] - m_use);
+      row_max[r] = m_new;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        acc_s[j][2 * r] = fast_exp2(fmaf(acc_s[j][2 * r], sl, -m_use));
+        acc_s[j][2 * r + 1] = fast_exp2(fmaf(acc_s[j][2 * r + 1], sl, -m_use));
+      }
+      row_sum[r] *= corr;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        acc_o[i][2 * r] *= corr;
+        acc_o[i][2 * r + 1] *= corr;
+      }
+    }
+    if (tail) {  // exact zeros also when scale == 0 (0 * -inf = NaN above)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[j][e] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      row_sum[0] += acc_s[j][0] + acc_s[j][1];
+      row_sum[1] += acc_s[j][2] + acc_s[j][3];
+    }
+
+    cp_async_wait_all();  // V_t landed
+    __syncthreads();      // ... for every thread; and every warp is done reading K_t
+    const int64_t t_next = next_tile(mask_row, 1, G, n_tiles, t);
+    if (t_next < t_end) {
+      const TileCoord nc = tile_coord(t_next, n_tiles, kBlockN);
+      load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, nc.image) * p.k_stride_n, p.k_stride_l,
+                                          nc.row0, L, D, tid);
+    }
+    cp_async_commit();
+
+    // O += P V_t: P's accumulator layout is the A fragment layout (two n8 score tiles per k16 step)
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+      a[1] = pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+      a[2] = pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+      a[3] = pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+#pragma unroll
+      for (int d2 = 0; d2 < kD / 16; ++d2) {
+        uint32_t bv[4];
+        ldsm_x4_trans(bv, sV_a + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
+        mma16816<T>(acc_o[2 * d2], a, bv[0], bv[1]);
+        mma16816<T>(acc_o[2 * d2 + 1], a, bv[2], bv[3]);
+      }
+    }
+    t = t_next;
+  }
+  cp_async_wait_all();  // a CTA that visited no key tile still has its Q copy in flight
+
+  // epilogue: normalize, write out rows < L (columns < D) and lse
+  T* out = static_cast<T*>(p.out);
+  const int64_t HD = H * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float lse = sum > 0.f ? row_max[r] * kLn2 + logf(sum) : -INFINITY;
+    const int64_t pos = qc.row0 + warp * 16 + lane / 4 + 8 * r;
+    if (pos < L) {
+      T* orow = out + (tensor_row(b, G, qc.image) * L + pos) * HD + h * D;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        const int col = i * 8 + (lane % 4) * 2;
+        if (col < D)
+          *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv);
+      }
+      if (lane % 4 == 0) p.lse[lse_index(b, h, qc.image, pos, H, G, L)] = lse;
+    }
+  }
+}
+
+#if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
+template <typename T, int kD>
+cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kD>;
+  const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
+  if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
+  auto kernel = set_attn_fwd_kernel<T, kD>;
+  if (Tr::kSmemBytes > 48 * 1024) {
+    // > 48 KB of dynamic shared memory needs an explicit opt-in (per kernel; cheap, and legal during graph capture)
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
+           Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+#endif
+
+// =================================================================================================================
+// Backward
+// =================================================================================================================
+template <typename T, int kD>
+struct BwdTraits {
+  static constexpr BwdConfig kCfg = bwd_config(kD);
+  static constexpr int kBlockN = kCfg.block_n;  // keys per CTA
+  static constexpr int kBlockM = kCfg.block_m;  // queries per iteration
+  static constexpr int kWarps = kCfg.num_warps;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kChunk = kCfg.chunk;
+  static constexpr int kChunks = kD / kChunk;
+  static constexpr int kPitch = smem_pitch(kD);
+  static constexpr int kPitchS = smem_pitch(kBlockM);
+  static constexpr int kSmemBytes = static_cast<int>(bwd_smem_bytes(kD, sizeof(T)));
+  static_assert(kD % 16 == 0 && kChunk % 16 == 0 && kD % kChunk == 0, "head-dim chunks");
+  static_assert(kBlockN == 16 * kWarps && kBlockM % 16 == 0, "tile shapes");
+};
+
+// One CTA: keys [n0, n0 + kBlockN) of image j of set b, head h, dK/dV columns [c0, c0 + kChunk). It walks the query
+// tiles of every image allowed to attend image j and, with c = |scale| log2(e), lse2 = lse log2(e) and
+// delta_i = sum_d dO_id O_id (precomputed):
+//   P^T = exp2(c K Q^T - lse2)                (recomputed; 16 keys x kBlockM queries per warp, in registers)
+//   dV += P^T dO
+//   dP^T = V dO^T,   dS^T = P^T o (dP^T - delta)
+//   dK += dS^T Q                              (times scale in the epilogue)
+//   dQ += dS K                                (dS^T staged in shared memory; fp32 atomics into dq_accum,
+//                                              times scale in the convert kernel)
+template <typename T, int kD>
+__global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_kernel(const SetAttnBwdParams p) {
+  using Tr = BwdTraits<T, kD>;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kWarps = Tr::kWarps;
+  constexpr int kPitch = Tr::kPitch, kPitchS = Tr::kPitchS, kChunk = Tr::kChunk;
+  constexpr int kMT = kBlockM / 8;  // n8 tiles over the queries of S^T / dP^T
+  constexpr int kCT = kChunk / 8;   // n8 tiles over the chunk columns of dK / dV
+  constexpr int kKS = kD / 16;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBlockN * kPitch;
+  T* sQ = sV + kBlockN * kPitch;
+  T* sdO = sQ + kBlockM * kPitch;
+  T* sdS = sdO + kBlockM * kPitch;  // dS^T: [key][query]
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kPitchS);
+  float* sDelta = sLse + kBlockM;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t G = p.G, L = p.L, H = p.H;
+  const int D = static_cast<int>(p.D);
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t n_tiles = ceil_div(L, kBlockN), m_tiles = ceil_div(L, kBlockM);
+  const int c0 = static_cast<int>(blockIdx.x % Tr::kChunks) * kChunk;
+  const TileCoord kc = tile_coord(blockIdx.x / Tr::kChunks, n_tiles, kBlockN);
+
+  const T* q_head = static_cast<const T*>(p.q) + h * D;
+  const T* do_head = static_cast<const T*>(p.dout) + h * D;
+  // the mask COLUMN of the key image: query images allowed to attend it
+  const uint8_t* mask_col = p.set_mask != nullptr ? p.set_mask + kc.image : nullptr;
+  const int64_t t_end = G * m_tiles;
+  int64_t t = next_tile(mask_col, G, G, m_tiles, -1);
+
+  load_tile<T, kBlockN, kD, kThreads>(
+      sK, static_cast<const T*>(p.k) + tensor_row(b, G, kc.image) * p.k_stride_n + h * D, p.k_stride_l, kc.row0, L,
+      D, tid);
+  load_tile<T, kBlockN, kD, kThreads>(
+      sV, static_cast<const T*>(p.v) + tensor_row(b, G, kc.image) * p.v_stride_n + h * D, p.v_stride_l, kc.row0, L,
+      D, tid);
+
+  // Q, dO, lse (log2 units; +inf = no probability) and delta of query tile t
+  auto load_query_tile = [&](int64_t tq) {
+    const TileCoord qc = tile_coord(tq, m_tiles, kBlockM);
+    const int64_t row = tensor_row(b, G, qc.image);
+    load_tile<T, kBlockM, kD, kThreads>(sQ, q_head + row * p.q_stride_n, p.q_stride_l, qc.row0, L, D, tid);
+    load_tile<T, kBlockM, kD, kThreads>(sdO, do_head + row * p.do_stride_n, p.do_stride_l, qc.row0, L, D, tid);
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      const int64_t pos = qc.row0 + i;
+      float lse2 = INFINITY, dlt = 0.f;
+      if (pos < L) {
+        const int64_t idx = lse_index(b, h, qc.image, pos, H, G, L);
+        const float lse = p.lse[idx];
+        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+        dlt = p.delta[idx];
+      }
+      sLse[i] = lse2;
+      sDelta[i] = dlt;
+    }
+  };
+  if (t < t_end) load_query_tile(t);
+  cp_async_commit();
+
+  const float sl = fabsf(p.scale) * kLog2e;
+  const uint32_t ksign = p.scale < 0.f ? kSignBits : 0u;
+
+  const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
+  const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+  const uint32_t sK_a = smem_u32(sK + (warp * 16 + a_row) * kPitch + a_col);  // A: this warp's keys
+  const uint32_t sV_a = smem_u32(sV + (warp * 16 + a_row) * kPitch + a_col);
+  const uint32_t sQ_b = smem_u32(sQ + b_row * kPitch + b_col);     // B [n = query][k = d]
+  const uint32_t sdO_b = smem_u32(sdO + b_row * kPitch + b_col);
+  const uint32_t sQ_t = smem_u32(sQ + a_row * kPitch + a_col + c0);  // B^T [k = query][n = d], chunk columns
+  const uint32_t sdO_t = smem_u32(sdO + a_row * kPitch + a_col + c0);
+  const uint32_t sK_t = smem_u32(sK + a_row * kPitch + a_col + c0);  // B^T [k = key][n = d], chunk columns
+  const uint32_t sdS_t = smem_u32(sdS + b_row * kPitchS + b_col);    // A^T of dS from dS^T [key][query]
+
+  const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  const bool key_ok[2] = {kc.row0 + key_local[0] < L, kc.row0 + key_local[1] < L};
+
+  float acc_dk[kCT][4], acc_dv[kCT][4];
+#pragma unroll
+  for (int i = 0; i < kCT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+  float* dq_accum = p.dq_accum;
+  const int64_t HD = H * D;
+
+  while (t < t_end) {
+    const TileCoord qc = tile_coord(t, m_tiles, kBlockM);
+    const int64_t valid_q = L - qc.row0;
+    cp_async_wait_all();
+    __syncthreads();  // Q, dO, lse, delta of tile t visible; every warp done with the previous dS^T and dQ step
+
+    // S^T = K Q^T
+    float acc_s[kMT][4];
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) acc_s[j][0] = acc_s[j][1] = acc_s[j][2] = acc_s[j][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKS; ++ks) {
+      uint32_t a[4];
+      ldsm_x4(a, sK_a + ks * 16 * sizeof(T));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] ^= ksign;
+#pragma unroll
+      for (int j = 0; j < kMT / 2; ++j) {
+        uint32_t bq[4];
+        ldsm_x4(bq, sQ_b + (j * 16 * kPitch + ks * 16) * sizeof(T));
+        mma16816<T>(acc_s[2 * j], a, bq[0], bq[1]);
+        mma16816<T>(acc_s[2 * j + 1], a, bq[2], bq[3]);
+      }
+    }
+    // P^T (zero outside the valid keys x valid queries)
+#pragma unroll
+    for (int j = 0; j < kMT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = j * 8 + (lane % 4) * 2 + (e % 2);
+        const float pv = fast_exp2(fmaf(acc_s[j][e], sl, -sLse[qi]));
+        acc_s[j][e] = (key_ok[e / 2] && qi < valid_q) ? pv : 0.f;
+      }
+
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+      a[1] = pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+      a[2] = pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+      a[3] = pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+#pragma unroll
+      for (int d2 = 0; d2 < kChunk / 16; ++d2) {
+        uint32_t bo[4];
+        ldsm_x4_trans(bo, sdO_t + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
+        mma16816<T>(acc_dv[2 * d2], a, bo[0], bo[1]);
+        mma16816<T>(acc_dv[2 * d2 + 1], a, bo[2], bo[3]);
+      }
+    }
+
+    // dP^T = V dO^T
+    float acc_dp[kMT][4];
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) acc_dp[j][0] = acc_dp[j][1] = acc_dp[j][2] = acc_dp[j][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKS; ++ks) {
+      uint32_t a[4];
+      ldsm_x4(a, sV_a + ks * 16 * sizeof(T));
+#pragma unroll
+      for (int j = 0; j < kMT / 2; ++j) {
+        uint32_t bo[4];
+        ldsm_x4(bo, sdO_b + (j * 16 * kPitch + ks * 16) * sizeof(T));
+        mma16816<T>(acc_dp[2 * j], a, bo[0], bo[1]);
+        mma16816<T>(acc_dp[2 * j + 1], a, bo[2], bo[3]);
+      }
+    }
+    // dS^T = P^T o (dP^T - delta)
+#pragma unroll
+    for (int j = 0; j < kMT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = j * 8 + (lane % 4) * 2 + (e % 2);
+        acc_dp[j][e] = acc_s[j][e] * (acc_dp[j][e] - sDelta[qi]);
+      }
+
+    // dK += dS^T Q, and stage dS^T (rounded to T, as the MMA sees it) for dQ
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(acc_dp[2 * kk][0], acc_dp[2 * kk][1]);
+      a[1] = pack2<T>(acc_dp[2 * kk][2], acc_dp[2 * kk][3]);
+      a[2] = pack2<T>(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]);
+      a[3] = pack2<T>(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3]);
+      // rows key_local[0] (a0: queries 16kk + 2c.., a2: + 8) and key_local[1] (a1, a3)
+      const int qcol = kk * 16 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kPitchS + qcol) = a[0];
+      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kPitchS + qcol) = a[1];
+      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kPitchS + qcol + 8) = a[2];
+      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kPitchS + qcol + 8) = a[3];
+#pragma unroll
+      for (int d2 = 0; d2 < kChunk / 16; ++d2) {
+        uint32_t bq[4];
+        ldsm_x4_trans(bq, sQ_t + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
+        mma16816<T>(acc_dk[2 * d2], a, bq[0], bq[1]);
+        mma16816<T>(acc_dk[2 * d2 + 1], a, bq[2], bq[3]);
+      }
+    }
+    __syncthreads();  // dS^T complete; every warp done with Q, dO, lse, delta of tile t
+
+    const int64_t t_next = next_tile(mask_col, G, G, m_tiles, t);
+    if (t_next < t_end) load_query_tile(t_next);  // overlaps the dQ step below
+    cp_async_commit();
+
+    // dQ[tile t] += dS K over this CTA's keys, chunk columns: (16-query slab, 16-column group) pairs over warps
+    constexpr int kGroups = kChunk / 16;
+    for (int pi = warp; pi < (kBlockM / 16) * kGroups; pi += kWarps) {
+      const int slab = pi / kGroups, grp = pi % kGroups;
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[4], bk[4];
+        ldsm_x4_trans(a, sdS_t + (kk * 16 * kPitchS + slab * 16) * sizeof(T));
+        ldsm_x4_trans(bk, sK_t + (kk * 16 * kPitch + grp * 16) * sizeof(T));
+        mma16816<T>(acc[0], a, bk[0], bk[1]);
+        mma16816<T>(acc[1], a, bk[2], bk[3]);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int qi = slab * 16 + lane / 4 + 8 * r;
+        if (qi < valid_q) {
+          float* dst = dq_accum + (tensor_row(b, G, qc.image) * L + qc.row0 + qi) * HD + h * D;
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            const int col = c0 + grp * 16 + n * 8 + (lane % 4) * 2;
+            if (col < D) {
+              atomicAdd(dst + col, acc[n][2 * r]);
+              atomicAdd(dst + col + 1, acc[n][2 * r + 1]);
+            }
+          }
+        }
+      }
+    }
+    t = t_next;
+  }
+  cp_async_wait_all();  // a CTA that visited no query tile still has its K/V copies in flight
+
+  // epilogue: dK (times scale), dV for keys < L, chunk columns < D
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!key_ok[r]) continue;
+    const int64_t off = (tensor_row(b, G, kc.image) * L + kc.row0 + key_local[r]) * HD + h * D;
+#pragma unroll
+    for (int i = 0; i < kCT; ++i) {
+      const int col = c0 + i * 8 + (lane % 4) * 2;
+      if (col < D) {
+        *reinterpret_cast<uint32_t*>(dk + off + col) =
+            pack2<T>(acc_dk[i][2 * r] * p.scale, acc_dk[i][2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dv + off + col) = pack2<T>(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
+      }
+    }
+  }
+}
+
+#if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
+template <typename T, int kD>
+cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
+  using Tr = BwdTraits<T, kD>;
+  const Grid3 g = bwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockN, Tr::kChunks);
+  if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
+  auto kernel = set_attn_bwd_kernel<T, kD>;
+  if (Tr::kSmemBytes > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
+           Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+#endif
+
+}  // namespace set_attn
+}  // namespace jedi
+
+// Explicit instantiation of both dtypes of one head-dim instance (used by the *_hdim*.cu / *_generic.cu files).
+#define JEDI_SET_ATTN_INSTANTIATE_FWD(KD)                                                                     \
+  template cudaError_t jedi::set_attn::run_fwd<__half, KD>(const jedi::SetAttnParams&, cudaStream_t);        \
+  template cudaError_t jedi::set_attn::run_fwd<__nv_bfloat16, KD>(const jedi::SetAttnParams&, cudaStream_t);
+#define JEDI_SET_ATTN_INSTANTIATE_BWD(KD)                                                                     \
+  template cudaError_t jedi::set_attn::run_bwd<__half, KD>(const jedi::SetAttnBwdParams&, cudaStream_t);     \
+  template cudaError_t jedi::set_attn::run_bwd<__nv_bfloat16, KD>(const jedi::SetAttnBwdParams&, cudaStream_t);

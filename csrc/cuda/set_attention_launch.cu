@@ -1,0 +1,100 @@
+// Entry points of the CUDA set attention: argument validation, head-dim/dtype dispatch to the compiled instances,
+// and the backward's sequence preprocess (delta, dQ-accumulator reset) -> main kernel -> dQ conversion.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "set_attention.cuh"
+#include "set_attention_bwd_aux.cuh"
+#include "set_attention_dispatch.cuh"
+
+namespace jedi {
+namespace set_attn {
+namespace {
+
+template <typename T>
+cudaError_t dispatch_fwd(const SetAttnParams& p, cudaStream_t s) {
+  switch (padded_head_dim(p.D)) {
+    case 32: return run_fwd<T, 32>(p, s);
+    case 48: return run_fwd<T, 48>(p, s);
+    case 64: return run_fwd<T, 64>(p, s);
+    case 80: return run_fwd<T, 80>(p, s);
+    case 96: return run_fwd<T, 96>(p, s);
+    case 128: return run_fwd<T, 128>(p, s);
+    case 160: return run_fwd<T, 160>(p, s);
+    case 192: return run_fwd<T, 192>(p, s);
+    case 256: return run_fwd<T, 256>(p, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t dispatch_bwd(const SetAttnBwdParams& p, cudaStream_t s) {
+  switch (padded_head_dim(p.D)) {
+    case 32: return run_bwd<T, 32>(p, s);
+    case 48: return run_bwd<T, 48>(p, s);
+    case 64: return run_bwd<T, 64>(p, s);
+    case 80: return run_bwd<T, 80>(p, s);
+    case 96: return run_bwd<T, 96>(p, s);
+    case 128: return run_bwd<T, 128>(p, s);
+    case 160: return run_bwd<T, 160>(p, s);
+    case 192: return run_bwd<T, 192>(p, s);
+    case 256: return run_bwd<T, 256>(p, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t bwd_all(const SetAttnBwdParams& p, cudaStream_t s) {
+  const int64_t rows = p.B * p.G * p.L * p.H;
+  const int64_t pre_blocks = ceil_div(rows, kPreWarps);
+  if (pre_blocks > INT_MAX) return cudaErrorInvalidValue;
+  set_attn_bwd_preprocess_kernel<T><<<static_cast<unsigned>(pre_blocks), 32 * kPreWarps, 0, s>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  e = dispatch_bwd<T>(p, s);
+  if (e != cudaSuccess) return e;
+  const int64_t n4 = rows * p.D / 4;
+  const int64_t blocks = ceil_div(n4, 256) < 65536 ? ceil_div(n4, 256) : 65536;  // grid-stride beyond
+  set_attn_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, s>>>(p.dq_accum, static_cast<T*>(p.dq), n4,
+                                                                            p.scale);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+bool strides_ok(int64_t sn, int64_t sl) { return sn % 8 == 0 && sl % 8 == 0; }
+
+}  // namespace
+}  // namespace set_attn
+
+cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStream_t stream) {
+  using namespace set_attn;
+  if (set_attention_supported(p.D, dtype) != nullptr) return cudaErrorInvalidValue;
+  if (p.B < 0 || p.G < 1 || p.L < 0 || p.H < 1) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.L == 0) return cudaSuccess;  // nothing to compute
+  // 16-byte vector/cp.async access of every row chunk
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
+      !strides_ok(p.q_stride_n, p.q_stride_l) || !strides_ok(p.k_stride_n, p.k_stride_l) ||
+      !strides_ok(p.v_stride_n, p.v_stride_l))
+    return cudaErrorMisalignedAddress;
+  return dtype == 0 ? dispatch_fwd<__half>(p, stream) : dispatch_fwd<__nv_bfloat16>(p, stream);
+}
+
+cudaError_t set_attention_bwd_launch(const SetAttnBwdParams& p, int dtype, cudaStream_t stream) {
+  using namespace set_attn;
+  if (set_attention_supported(p.D, dtype) != nullptr) return cudaErrorInvalidValue;
+  if (p.B < 0 || p.G < 1 || p.L < 0 || p.H < 1) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.L == 0) return cudaSuccess;
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned16(p.dout) ||
+      !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv) || !aligned16(p.dq_accum) ||
+      !strides_ok(p.q_stride_n, p.q_stride_l) || !strides_ok(p.k_stride_n, p.k_stride_l) ||
+      !strides_ok(p.v_stride_n, p.v_stride_l) || !strides_ok(p.o_stride_n, p.o_stride_l) ||
+      !strides_ok(p.do_stride_n, p.do_stride_l))
+    return cudaErrorMisalignedAddress;
+  return dtype == 0 ? bwd_all<__half>(p, stream) : bwd_all<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace jedi

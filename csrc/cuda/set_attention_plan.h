@@ -1,0 +1,162 @@
+// Tiling plan of the CUDA set-attention kernels: pure C++ (no CUDA, no torch), shared by the kernels (as
+// __host__ __device__ functions) and by the host-side unit test, so the test checks the very index arithmetic the
+// kernels run.
+//
+// Geometry (letters of DESIGN.md: B sets, G images per set, L tokens per image, H heads, D head dim):
+//   a set's sequence is the G*L tokens of its G images; token t of set b is position t % L of image t / L, stored at
+//   row b*G + t/L of the (N, L, H*D) tensors. Tiles never straddle images: a query tile is block_m positions of one
+//   image, and keys are visited image by image, tile by tile (the last tile of an image is partial when
+//   L % block_n != 0 and its tail is masked). With a set mask (uint8 (G, G), row-major), key tiles of images that a
+//   query image may not attend are skipped entirely, so a block-diagonal mask costs about 1/G of full attention.
+//
+// Forward: one CTA per (query tile, head, set); it walks the allowed key tiles in increasing linear index
+//   t = image * n_tiles + tile (next_tile over the mask ROW of its query image).
+// Backward: one CTA per (key tile, column chunk of dK/dV, head, set); it walks the query tiles of the images allowed
+//   to attend its key image (next_tile over the mask COLUMN of its key image).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define JEDI_HD __host__ __device__ __forceinline__
+#else
+#define JEDI_HD inline
+#endif
+
+namespace jedi {
+namespace set_attn {
+
+JEDI_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Head dims with a compiled kernel instance. A head dim D runs on the smallest instance >= D (columns D..kD-1 are
+// zero-filled on load and never stored). 48 serves SD's 40 (16-column k-steps of mma.m16n8k16: 40 -> 48, not 64),
+// 80 and 160 are SD's other two; the rest cover every multiple of 8 up to 256.
+constexpr int kNumInstances = 9;
+JEDI_HD constexpr int instance_head_dim(int i) {
+  return i == 0 ? 32 : i == 1 ? 48 : i == 2 ? 64 : i == 3 ? 80 : i == 4 ? 96 : i == 5 ? 128 : i == 6 ? 160
+       : i == 7 ? 192 : 256;
+}
+constexpr int kMaxHeadDim = 256;
+
+// Padded head dim of the instance serving D, or 0 when D is unsupported (D must be a positive multiple of 8, <= 256:
+// 16-byte vector loads need 8-element alignment of every head's columns).
+JEDI_HD constexpr int padded_head_dim(int64_t D) {
+  if (D <= 0 || D % 8 != 0 || D > kMaxHeadDim) return 0;
+  for (int i = 0; i < kNumInstances; ++i)
+    if (instance_head_dim(i) >= D) return instance_head_dim(i);
+  return 0;
+}
+
+// ---- block shapes ----------------------------------------------------------------------------------------------
+// Forward: every warp owns 16 query rows (one m16 MMA row block), so block_m = 16 * num_warps.
+struct FwdConfig {
+  int block_m;     // query rows per CTA
+  int block_n;     // keys per iteration
+  int num_warps;   // block_m / 16
+  bool q_in_regs;  // keep Q's MMA fragments in registers (small D) or re-read them from shared memory (large D)
+  int min_blocks;  // __launch_bounds__ occupancy hint
+};
+JEDI_HD constexpr FwdConfig fwd_config(int kD) {
+  // Registers per thread ~ kD/2 (O accumulator) + block_n/2 (scores) [+ kD/4 Q fragments]: 192/256 take a
+  // narrower key tile so they fit without spills.
+  return kD <= 64 ? FwdConfig{128, 64, 8, true, 2}
+       : kD <= 128 ? FwdConfig{128, 64, 8, true, 1}
+       : kD <= 160 ? FwdConfig{128, 64, 8, false, 1}
+                   : FwdConfig{128, 32, 8, false, 1};
+}
+
+// Backward: every warp owns 16 keys (dK, dV accumulators of 16 x chunk), block_n = 16 * num_warps. Large head dims
+// split the dK/dV columns into chunks handled by separate CTAs (each recomputes S and dP over the full head dim),
+// which bounds the accumulator registers at the cost of recomputing two of the five GEMMs.
+struct BwdConfig {
+  int block_n;    // keys per CTA
+  int block_m;    // queries per iteration
+  int num_warps;  // block_n / 16
+  int chunk;      // dK/dV/dQ columns per CTA (divides the padded head dim, multiple of 16)
+};
+JEDI_HD constexpr BwdConfig bwd_config(int kD) {
+  // (sm_90 ptxas: 211-255 registers, no spills, for every instance with these shapes)
+  return kD <= 80 ? BwdConfig{64, 64, 4, kD}
+       : kD <= 128 ? BwdConfig{64, 32, 4, kD}
+       : kD == 160 ? BwdConfig{64, 32, 4, 80}
+       : kD == 192 ? BwdConfig{64, 32, 4, 96}
+                   : BwdConfig{64, 32, 4, 64};  // 256: four chunks
+}
+
+// Shared-memory row pitch (elements) of a kD-wide tile: +8 elements (16 bytes) makes the 8 row addresses of every
+// ldmatrix phase hit 8 distinct 16-byte bank groups: pitch/8 = kD/8 + 1 is odd because kD % 16 == 0.
+JEDI_HD constexpr int smem_pitch(int cols) { return cols + 8; }
+
+JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes) {
+  return static_cast<int64_t>(fwd_config(kD).block_m + 2 * fwd_config(kD).block_n) * smem_pitch(kD) * elem_bytes;
+}
+JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes) {
+  // K, V (block_n x kD), Q, dO (block_m x kD), dS^T (block_n x block_m), lse and delta (block_m floats each)
+  return (static_cast<int64_t>(2 * bwd_config(kD).block_n + 2 * bwd_config(kD).block_m) * smem_pitch(kD) +
+          static_cast<int64_t>(bwd_config(kD).block_n) * smem_pitch(bwd_config(kD).block_m)) *
+             elem_bytes +
+         2 * bwd_config(kD).block_m * 4;
+}
+
+// ---- mask-aware tile walk ----------------------------------------------------------------------------------------
+// `line` points at the mask entries of one image pair line: mask[i][j] for j = 0..G-1 (row: stride 1) or i = 0..G-1
+// (column: stride G). nullptr = every image allowed.
+JEDI_HD bool image_allowed(const uint8_t* line, int64_t stride, int64_t img) {
+  return line == nullptr || line[img * stride] != 0;
+}
+
+// The smallest linear tile index t' > t (t' = image * tiles_per_image + tile) whose image is allowed, or
+// G * tiles_per_image when none is left. Start with t = -1. Within an image every tile is visited (t was allowed, so
+// t+1 in the same image is too); crossing into a new image skips disallowed images whole.
+JEDI_HD int64_t next_tile(const uint8_t* line, int64_t stride, int64_t G, int64_t tiles_per_image, int64_t t) {
+  const int64_t t1 = t + 1;
+  if (t1 % tiles_per_image != 0) return t1;
+  int64_t img = t1 / tiles_per_image;
+  while (img < G && !image_allowed(line, stride, img)) ++img;
+  return img * tiles_per_image;  // == G * tiles_per_image when img == G
+}
+
+// ---- grids and coordinates -------------------------------------------------------------------------------------
+struct Grid3 {
+  int64_t x, y, z;
+};
+
+// Forward grid: x = query tile of the set (image-major: x = image * m_tiles + tile), y = head, z = set. Consecutive
+// CTAs share (set, head) and so the same K/V in L2.
+JEDI_HD Grid3 fwd_grid(int64_t B, int64_t G, int64_t L, int64_t H, int block_m) {
+  return Grid3{G * ceil_div(L, block_m), H, B};
+}
+
+// Backward grid: x = (key tile of the set) * chunks + chunk, y = head, z = set.
+JEDI_HD Grid3 bwd_grid(int64_t B, int64_t G, int64_t L, int64_t H, int block_n, int chunks) {
+  return Grid3{G * ceil_div(L, block_n) * chunks, H, B};
+}
+
+// A tile of linear index t (image-major) -> its image and its first position inside the image.
+struct TileCoord {
+  int64_t image;
+  int64_t row0;
+};
+JEDI_HD TileCoord tile_coord(int64_t t, int64_t tiles_per_image, int block) {
+  return TileCoord{t / tiles_per_image, (t % tiles_per_image) * block};
+}
+
+// Row of the (N, L, ...) tensors holding image `image` of set b.
+JEDI_HD int64_t tensor_row(int64_t b, int64_t G, int64_t image) { return b * G + image; }
+
+// Index of (set b, head h, set token image*L + pos) in the (B, H, G*L) lse / delta arrays.
+JEDI_HD int64_t lse_index(int64_t b, int64_t h, int64_t image, int64_t pos, int64_t H, int64_t G, int64_t L) {
+  return (b * H + h) * (G * L) + image * L + pos;
+}
+
+// Host-side summary of one forward CTA's work (tests, docs): number of key tiles it visits.
+inline int64_t fwd_key_tiles_visited(const uint8_t* mask, int64_t G, int64_t L, int block_n, int64_t q_image) {
+  const int64_t tiles = ceil_div(L, block_n);
+  const uint8_t* row = mask ? mask + q_image * G : nullptr;
+  int64_t n = 0;
+  for (int64_t t = next_tile(row, 1, G, tiles, -1); t < G * tiles; t = next_tile(row, 1, G, tiles, t)) ++n;
+  return n;
+}
+
+}  // namespace set_attn
+}  // namespace jedi

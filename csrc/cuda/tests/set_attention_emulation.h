@@ -1,0 +1,454 @@
+// CPU emulation of the CUDA features the set-attention kernels use, so that the kernels' OWN source
+// (set_attention_kernels.cuh, set_attention_bwd_aux.cuh) runs on a machine without a GPU. Included in place of the
+// CUDA headers when JEDI_SET_ATTN_EMULATE is defined (CPU tests only; never in the extension build).
+//
+// Model: one CTA at a time; every CUDA thread is a fiber on one OS thread, switched at barriers (warps advance at
+// random relative speeds, so a missing __syncthreads lets one warp overtake another). Warp-collective instructions
+// (ldmatrix, mma.sync, shfl) rendezvous the 32 lanes of a warp at a barrier, exchange operands and compute each
+// lane's result from the PTX ISA's fragment layouts, so fragment/address bugs in the kernels show up as wrong
+// numbers; a collective in divergent code is reported as a deadlock. __syncthreads is a CTA-wide barrier. cp.async
+// copies are performed either at issue or only at cp.async.wait_group (both orders are legal on hardware), so a read
+// before the wait sees stale data. Shared memory is filled with NaN bytes before each CTA, so a read of an unwritten
+// location poisons the result; ldmatrix and cp.async check their shared-memory bounds, cp.async its global source
+// against the registered input buffers, and a kernel may not exit with copies in flight.
+#pragma once
+
+#include <math.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <utility>
+#include <vector>
+
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll
+// The kernels store 16-bit tiles through 32/128-bit pointers (as CUDA code does); keep GCC from exploiting the
+// aliasing rules across those accesses.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-strict-aliasing")
+#endif
+
+// ---- qualifiers and runtime types --------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+typedef int cudaError_t;
+typedef struct CUstream_st* cudaStream_t;
+
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline EmuDim3 threadIdx;  // switched by the fiber scheduler
+inline EmuDim3 blockIdx, blockDim, gridDim;
+
+// ---- 16-bit floats (round-to-nearest-even conversions, as the CUDA intrinsics) ---------------------------------
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __half2 {
+  __half x, y;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+namespace jedi_emu {
+
+inline uint16_t float_to_half_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xFFu, mant = x & 0x7FFFFFu;
+  if (exp == 0xFF) return static_cast<uint16_t>(sign | 0x7C00u | (mant ? 0x200u : 0u));
+  const int e = static_cast<int>(exp) - 127 + 15;
+  if (e >= 0x1F) return static_cast<uint16_t>(sign | 0x7C00u);
+  if (e <= 0) {  // half subnormal (or zero)
+    if (e < -10) return static_cast<uint16_t>(sign);
+    const uint32_t m = mant | 0x800000u;
+    const int shift = 14 - e;
+    uint32_t hm = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (hm & 1u))) ++hm;
+    return static_cast<uint16_t>(sign | hm);
+  }
+  uint32_t out = sign | (static_cast<uint32_t>(e) << 10) | (mant >> 13);
+  const uint32_t rem = mant & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) ++out;  // a carry rounds up into the exponent (to inf)
+  return static_cast<uint16_t>(out);
+}
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  uint32_t x;
+  if (exp == 0x1F) {
+    x = sign | 0x7F800000u | (mant << 13);
+  } else if (exp == 0) {
+    const float v = std::ldexp(static_cast<float>(mant), -24);
+    return sign ? -v : v;
+  } else {
+    x = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>(((x >> 16) & 0x8000u) | 0x7FC0u);
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t x = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+}  // namespace jedi_emu
+
+inline __half __float2half_rn(float f) { return __half{jedi_emu::float_to_half_bits(f)}; }
+inline float __half2float(__half h) { return jedi_emu::half_bits_to_float(h.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{jedi_emu::float_to_bf16_bits(f)}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return jedi_emu::bf16_bits_to_float(b.bits); }
+inline __half2 __floats2half2_rn(float lo, float hi) { return __half2{__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+inline float2 __half22float2(__half2 v) { return float2{__half2float(v.x), __half2float(v.y)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{__bfloat162float(v.x), __bfloat162float(v.y)}; }
+
+// ---- threads, barriers, warp rendezvous ---------------------------------------------------------------------------
+namespace jedi_emu {
+
+[[noreturn]] inline void fail(const char* what, long long a = 0, long long b = 0) {
+  std::fprintf(stderr, "EMULATION CHECK FAILED: %s (%lld, %lld)\n", what, a, b);
+  std::fflush(stderr);
+  std::abort();
+}
+
+void yield();  // back to the scheduler (defined below)
+void wait_on(const unsigned* gen, unsigned seen);  // yield until *gen != seen
+inline uint64_t g_progress = 0;  // completed barriers: the scheduler's deadlock detector watches it
+
+// n participants; the last arrival releases the others (who yield to the scheduler until then)
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    const unsigned g = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      ++g_progress;
+      return;
+    }
+    wait_on(&gen_, g);
+  }
+
+ private:
+  int n_, count_ = 0;
+  unsigned gen_ = 0;
+};
+
+struct Warp {
+  Barrier bar{32};
+  uint32_t u[32][8];
+  float f[32][4];
+};
+
+struct Cta {
+  explicit Cta(int threads) : bar(threads) {
+    if (threads % 32 != 0) fail("CTA size must be whole warps", threads);
+    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Warp);
+  }
+  Barrier bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+inline Cta* g_cta = nullptr;
+inline bool g_cp_async_at_wait = true;  // true: copies land at cp.async.wait_group; false: at issue
+constexpr int kMaxThreads = 1024;
+inline std::vector<std::pair<void*, const void*>> g_pending[kMaxThreads];  // per CUDA thread
+inline std::vector<std::pair<void*, const void*>>& pending() { return g_pending[threadIdx.x]; }
+inline int64_t g_smem_limit = 0;  // dynamic shared memory bytes of the running kernel
+struct Range {
+  const unsigned char* lo;
+  const unsigned char* hi;
+};
+inline std::vector<Range> g_inputs;  // global buffers cp.async may read
+
+inline int lane() { return static_cast<int>(threadIdx.x % 32); }
+inline Warp& warp() { return *g_cta->warps[threadIdx.x / 32]; }
+
+constexpr int64_t kSmemCapacity = 256 * 1024;
+
+}  // namespace jedi_emu
+
+inline void __syncthreads() { jedi_emu::g_cta->bar.wait(); }
+
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  if (mask != 0xffffffffu) jedi_emu::fail("only full-warp shuffles are emulated");
+  jedi_emu::Warp& w = jedi_emu::warp();
+  const int l = jedi_emu::lane();
+  w.f[l][0] = v;
+  w.bar.wait();
+  const float r = w.f[l ^ lane_mask][0];
+  w.bar.wait();
+  return r;
+}
+
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+
+// ---- the kernels' device primitives ------------------------------------------------------------------------------
+namespace jedi {
+namespace set_attn {
+
+// dynamic shared memory of the running CTA (the kernels' `extern __shared__ ... smem_raw[]` binds to it)
+alignas(16) inline unsigned char smem_raw[jedi_emu::kSmemCapacity];
+
+inline uint32_t smem_u32(const void* p) {
+  const auto off = static_cast<const unsigned char*>(p) - smem_raw;
+  if (off < 0 || off >= jedi_emu::g_smem_limit) jedi_emu::fail("shared-memory address out of range", off);
+  return static_cast<uint32_t>(off);
+}
+
+inline void cp_async16(void* smem, const void* gmem) {
+  const auto off = static_cast<unsigned char*>(smem) - smem_raw;
+  if (off < 0 || off + 16 > jedi_emu::g_smem_limit || off % 16) jedi_emu::fail("cp.async destination", off);
+  const auto* g = static_cast<const unsigned char*>(gmem);
+  bool ok = false;
+  for (const auto& r : jedi_emu::g_inputs) ok = ok || (g >= r.lo && g + 16 <= r.hi);
+  if (!ok || reinterpret_cast<uintptr_t>(g) % 16) jedi_emu::fail("cp.async source outside the inputs or unaligned");
+  if (jedi_emu::g_cp_async_at_wait)
+    jedi_emu::pending().emplace_back(smem, gmem);
+  else
+    std::memcpy(smem, gmem, 16);
+}
+inline void cp_async_commit() {}
+inline float fast_exp2(float x) { return exp2f(x); }
+inline void cp_async_wait_all() {
+  for (auto& c : jedi_emu::pending()) std::memcpy(c.first, c.second, 16);
+  jedi_emu::pending().clear();
+}
+
+inline uint16_t smem_b16(uint32_t addr) {
+  if (addr % 2 || static_cast<int64_t>(addr) + 2 > jedi_emu::g_smem_limit) jedi_emu::fail("ldmatrix read", addr);
+  uint16_t v;
+  std::memcpy(&v, smem_raw + addr, 2);
+  return v;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8j..8j+7 give the row addresses of matrix j; lane l gets,
+// of each matrix, row l/4 columns 2(l%4), 2(l%4)+1 (or, with .trans, column l/4 rows 2(l%4), 2(l%4)+1).
+inline void ldsm_x4_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  jedi_emu::Warp& w = jedi_emu::warp();
+  const int l = jedi_emu::lane();
+  if (addr % 16) jedi_emu::fail("ldmatrix row address not 16-byte aligned", addr);
+  w.u[l][0] = addr;
+  w.bar.wait();
+  const int g = l / 4, c = l % 4;
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const uint32_t row = w.u[8 * j + g][0];
+      lo = smem_b16(row + 4 * c);
+      hi = smem_b16(row + 4 * c + 2);
+    } else {
+      lo = smem_b16(w.u[8 * j + 2 * c][0] + 2 * g);
+      hi = smem_b16(w.u[8 * j + 2 * c + 1][0] + 2 * g);
+    }
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  w.bar.wait();
+}
+inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { ldsm_x4_impl(r, addr, false); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldsm_x4_impl(r, addr, true); }
+
+template <typename T>
+inline float emu_to_float(uint16_t bits);
+template <>
+inline float emu_to_float<__half>(uint16_t bits) {
+  return jedi_emu::half_bits_to_float(bits);
+}
+template <>
+inline float emu_to_float<__nv_bfloat16>(uint16_t bits) {
+  return jedi_emu::bf16_bits_to_float(bits);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C with the PTX fragment layouts
+// (g = lane/4, c = lane%4): A reg i holds (row g + 8*(i%2), cols 2c + 8*(i/2) + {0,1}); B reg i holds
+// (rows k = 2c + 8*i + {0,1}, col n = g); C/D element i holds (row g + 8*(i/2), col 2c + i%2).
+template <typename T>
+inline void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  jedi_emu::Warp& w = jedi_emu::warp();
+  const int l = jedi_emu::lane();
+  for (int i = 0; i < 4; ++i) w.u[l][i] = a[i];
+  w.u[l][4] = b0;
+  w.u[l][5] = b1;
+  for (int i = 0; i < 4; ++i) w.f[l][i] = d[i];
+  w.bar.wait();
+  float A[16][16], B[16][8], C[16][8];
+  for (int t = 0; t < 32; ++t) {
+    const int g = t / 4, c = t % 4;
+    for (int i = 0; i < 4; ++i)
+      for (int e = 0; e < 2; ++e) {
+        A[g + 8 * (i % 2)][2 * c + 8 * (i / 2) + e] = emu_to_float<T>(static_cast<uint16_t>(w.u[t][i] >> (16 * e)));
+      }
+    for (int i = 0; i < 2; ++i)
+      for (int e = 0; e < 2; ++e)
+        B[2 * c + 8 * i + e][g] = emu_to_float<T>(static_cast<uint16_t>(w.u[t][4 + i] >> (16 * e)));
+    for (int i = 0; i < 4; ++i) C[g + 8 * (i / 2)][2 * c + i % 2] = w.f[t][i];
+  }
+  const int g = l / 4, c = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * c + i % 2;
+    float acc = C[row][col];
+    for (int k = 0; k < 16; ++k) acc = std::fma(A[row][k], B[k][col], acc);
+    d[i] = acc;
+  }
+  w.bar.wait();
+}
+
+}  // namespace set_attn
+}  // namespace jedi
+
+// ---- launching -----------------------------------------------------------------------------------------------
+namespace jedi_emu {
+
+// Fibers (ucontext) play the CUDA threads of one CTA on this one OS thread: a thread runs until it waits at a
+// barrier (warp collective or __syncthreads), then the scheduler resumes the next one, round-robin. Far cheaper than
+// OS threads, and a CTA whose threads can never all meet (a barrier in divergent code) is reported as a deadlock.
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  bool done = false;
+  const unsigned* wait_gen = nullptr;  // the barrier generation it waits to change (nullptr: runnable)
+  unsigned wait_seen = 0;
+};
+inline ucontext_t g_sched;
+inline std::vector<Fiber> g_fibers;
+inline int g_current = -1;
+inline const std::function<void(int)>* g_job = nullptr;
+inline std::mt19937 g_rng(12345);  // scheduling noise, reproducible
+
+inline void yield() { swapcontext(&g_fibers[g_current].ctx, &g_sched); }
+inline void wait_on(const unsigned* gen, unsigned seen) {
+  Fiber& f = g_fibers[g_current];
+  f.wait_gen = gen;
+  f.wait_seen = seen;
+  while (*gen == seen) yield();
+  f.wait_gen = nullptr;
+}
+
+inline void fiber_entry(int id) {
+  (*g_job)(id);
+  g_fibers[id].done = true;  // returning resumes uc_link = the scheduler
+}
+
+inline void run_cta(int n, const std::function<void(int)>& job) {
+  if (n > kMaxThreads) fail("CTA too large", n);
+  constexpr size_t kStack = 256 * 1024;
+  if (static_cast<int>(g_fibers.size()) < n) g_fibers.resize(n);
+  g_job = &job;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = g_fibers[i];
+    if (f.stack.empty()) f.stack.resize(kStack);
+    f.done = false;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = &g_sched;
+    makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_entry), 1, i);
+  }
+  // Each warp gets a random speed: a round runs its threads (each up to its next barrier) with that probability, so
+  // warps drift apart between __syncthreads as on hardware, and a missing barrier lets one warp overtake another.
+  const int warps = (n + 31) / 32;
+  std::vector<double> speed(warps);
+  for (auto& v : speed) v = 0.2 + 0.8 * static_cast<double>(g_rng() % 1000) / 1000.0;
+  int alive = n, stuck_rounds = 0;
+  while (alive > 0) {
+    const uint64_t before = g_progress;
+    bool ran = false;
+    for (int w = 0; w < warps; ++w) {
+      if (static_cast<double>(g_rng() % 1000) / 1000.0 >= speed[w]) continue;
+      for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i) {
+        Fiber& f = g_fibers[i];
+        if (f.done || (f.wait_gen != nullptr && *f.wait_gen == f.wait_seen)) continue;  // finished or blocked
+        g_current = i;
+        threadIdx = EmuDim3{static_cast<unsigned>(i), 0, 0};
+        swapcontext(&g_sched, &f.ctx);
+        ran = true;
+        if (f.done) --alive;
+      }
+    }
+    // nothing runnable anywhere and no barrier completing: the threads wait for each other forever
+    bool runnable = false;
+    for (int i = 0; i < n && !runnable; ++i)
+      runnable = !g_fibers[i].done &&
+                 (g_fibers[i].wait_gen == nullptr || *g_fibers[i].wait_gen != g_fibers[i].wait_seen);
+    stuck_rounds = (!runnable && !ran && g_progress == before) ? stuck_rounds + 1 : 0;
+    if (alive > 0 && !runnable && stuck_rounds > 0)
+      fail("deadlock: threads wait at barriers the others never reach", alive);
+  }
+  g_current = -1;
+}
+
+// Run `body` (a call of a kernel) for every CTA of the grid, sequentially, each CTA with `threads` fibers.
+template <typename F>
+void launch(EmuDim3 grid, int threads, int64_t smem_bytes, F body) {
+  if (smem_bytes > kSmemCapacity) fail("dynamic shared memory above the emulated capacity", smem_bytes);
+  gridDim = grid;
+  blockDim = EmuDim3{static_cast<unsigned>(threads), 1, 1};
+  g_smem_limit = smem_bytes;
+  const std::function<void(int)> job = [&body](int t) {
+    body();
+    if (!g_pending[t].empty()) fail("kernel exited with cp.async copies in flight", t);
+  };
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = EmuDim3{x, y, z};
+        std::memset(jedi::set_attn::smem_raw, 0xFF, static_cast<size_t>(smem_bytes));  // NaN in fp16/bf16/fp32
+        Cta cta(threads);
+        g_cta = &cta;
+        run_cta(threads, job);
+        g_cta = nullptr;
+      }
+}
+
+}  // namespace jedi_emu
