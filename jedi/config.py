@@ -34,9 +34,10 @@ _FIXED_KEYS = {
 class UNetConfig:
     """Hyper-parameters of the SD v1 (CompVis ``openaimodel.UNetModel``) JeDi UNet.
 
-    Fields carry LDM's names. JeDi's input is ``cat(x_t, masked x0, mask)``, so ``in_channels`` must be
-    ``2 * out_channels + 1`` (9 for SD latents) to run a forward; other values build (e.g. 4, to count SD v1's
-    parameters) but the forward raises.
+    Fields carry LDM's names. JeDi's input is ``cat(x_t, masked x0, mask)``, so a JeDi UNet has ``in_channels =
+    2 * out_channels + 1`` (9 for SD latents). ``in_channels == out_channels`` (4) is plain Stable Diffusion: the
+    forward takes x_t alone (``x0=None, ng_mask=None``; see :meth:`jedi.JeDiUNet.forward`). Other values build but
+    the forward raises.
 
     Attributes:
         in_channels: C_in of ``conv_in`` (9 for JeDi).
@@ -54,6 +55,13 @@ class UNetConfig:
         attn_backend: ``jedi_kernels.set_attention`` backend of every self-attention ("auto", "triton", "cuda",
             "torch").
         fuse_qkv: run each self-attention's q/k/v projections as one GEMM (same parameter names).
+        extra_context_dim: width of optional extra context tokens (None: none). When set, every cross-attention
+            (``attn2``) gets its own key/value projections ``to_k_extra``/``to_v_extra`` (extra_context_dim -> H*D,
+            no bias) and attends, in one softmax, to the text tokens and the extra tokens (``extra_context`` of the
+            forward): ELITE's local mapping of image-patch features, in the "ELITE-like" benchmark workload
+            (``benchmarks/table6.py``). The new parameters are absent from SD checkpoints: ``load_unet_weights``
+            reports them as missing (ValueError when ``strict=True``; with ``strict=False`` they keep their init
+            and are listed in ``LoadReport.missing``).
     """
 
     in_channels: int = 9
@@ -70,6 +78,7 @@ class UNetConfig:
     use_checkpoint: bool = False
     attn_backend: str = "auto"
     fuse_qkv: bool = False
+    extra_context_dim: int | None = None
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # ignored yaml keys, for the record
 
     def __post_init__(self):
@@ -88,6 +97,9 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig: level {level} has {ch} channels; GroupNorm(32) needs a multiple of 32")
             if self.has_attention(level):
                 self.heads_and_dim(ch)  # raises on a width the heads do not divide
+        e = self.extra_context_dim
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise ValueError(f"UNetConfig.extra_context_dim must be None or a positive int, got {e!r}")
         if self.attn_backend not in ("auto", "triton", "cuda", "torch"):
             raise ValueError(f"UNetConfig.attn_backend must be auto|triton|cuda|torch, got {self.attn_backend!r}")
 
@@ -100,6 +112,12 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
+
+    @property
+    def plain_sd(self) -> bool:
+        """Whether this is a plain SD UNet (``in_channels == out_channels``: x_t is the whole input, no JeDi
+        inpainting channels)."""
+        return self.in_channels == self.out_channels
 
     def has_attention(self, level: int) -> bool:
         """Whether resolution ``level`` (downsampling factor 2**level) carries SpatialTransformers."""

@@ -15,6 +15,10 @@ Module and parameter names are LDM's (``openaimodel.UNetModel`` + ``attention.Sp
 JeDi's two changes: the input is ``prepare_inputs(x_t, x0, ng_mask)`` (x_t, masked x0, mask: 4+4+1 channels), and
 every ``attn1`` is a :class:`jedi_kernels.SetAttention` attending jointly over the ``set_size`` images of each set.
 
+Two configurations serve as peers in the benchmarks (``benchmarks/table6.py``): ``in_channels=4`` is plain SD (x_t is
+the whole input; with ``set_size=1`` every attn1 is ordinary self-attention), and ``extra_context_dim`` gives every
+``attn2`` key/value projections over extra context tokens (ELITE-like local mapping, see :class:`CrossAttention`).
+
 Dimension letters: B sets, G set size, N = B*G images, L = h*w tokens, M context tokens, H heads, D head dim,
 C channels.
 """
@@ -164,25 +168,44 @@ class CrossAttention(nn.Module):
     """Multi-head attention of image tokens to the text context (``attn2``), through torch SDPA.
 
     Parameters: ``to_q`` (C -> H*D), ``to_k``/``to_v`` (C_ctx -> H*D), no bias; ``to_out.0`` (H*D -> C) with bias.
-    forward: x (N, L, C), context (N, M, C_ctx) -> (N, L, C).
+    With ``extra_context_dim`` also ``to_k_extra``/``to_v_extra`` (C_extra -> H*D, no bias): ELITE-like local
+    mapping. The T extra tokens (ELITE: the reference image's CLIP patch features) get their own keys and values,
+    concatenated after the text's, and each query attends to all M + T keys in ONE softmax. (ELITE itself runs a
+    second softmax over the local keys and adds its weighted output; the matmul FLOPs are the same.)
+
+    forward: x (N, L, C), context (N, M, C_ctx), extra_context (N, T, C_extra) or None -> (N, L, C). None on a model
+    with extra projections attends to the text alone (e.g. a guidance branch run without the local features).
     """
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int,
+                 extra_context_dim: int | None = None):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.extra_context_dim = extra_context_dim
+        if extra_context_dim is not None:
+            self.to_k_extra = nn.Linear(extra_context_dim, inner, bias=False)
+            self.to_v_extra = nn.Linear(extra_context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, extra_context: torch.Tensor | None = None
+                ) -> torch.Tensor:
         N, L, _ = x.shape
-        M = context.shape[1]
         H, D = self.heads, self.dim_head
+        k, v = self.to_k(context), self.to_v(context)  # (N, M, H*D)
+        if extra_context is not None:
+            if self.extra_context_dim is None:
+                raise ValueError("extra_context given to a CrossAttention without extra projections "
+                                 "(UNetConfig.extra_context_dim is None)")
+            k = torch.cat([k, self.to_k_extra(extra_context)], dim=1)  # (N, M + T, H*D)
+            v = torch.cat([v, self.to_v_extra(extra_context)], dim=1)
+        M = k.shape[1]
         q = self.to_q(x).view(N, L, H, D).transpose(1, 2)  # (N, L, H*D) -> (N, H, L, D)
-        k = self.to_k(context).view(N, M, H, D).transpose(1, 2)  # (N, M, H*D) -> (N, H, M, D)
-        v = self.to_v(context).view(N, M, H, D).transpose(1, 2)
+        k = k.view(N, M, H, D).transpose(1, 2)  # (N, M, H*D) -> (N, H, M, D)
+        v = v.view(N, M, H, D).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, D)
         return self.to_out(o.transpose(1, 2).reshape(N, L, H * D))  # (N, H, L, D) -> (N, L, H*D)
 
@@ -191,22 +214,23 @@ class TransformerBlock(nn.Module):
     """LDM's BasicTransformerBlock with joint self-attention: pre-LayerNorm attn1 (over the set), attn2 (to the
     context) and a GEGLU feed-forward, each residual.
 
-    forward: x (N, L, C), context (N, M, C_ctx), set_size G, set_mask (G, G) bool or None -> (N, L, C).
+    forward: x (N, L, C), context (N, M, C_ctx), set_size G, set_mask (G, G) bool or None, extra_context
+    (N, T, C_extra) or None -> (N, L, C).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, *, attn_backend: str = "auto",
-                 fuse_qkv: bool = False):
+                 fuse_qkv: bool = False, extra_context_dim: int | None = None):
         super().__init__()
         self.attn1 = jk.SetAttention(dim, heads, dim_head, fuse_qkv=fuse_qkv, backend=attn_backend)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, extra_context_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x, context, set_size: int, set_mask=None):
+    def forward(self, x, context, set_size: int, set_mask=None, extra_context=None):
         x = x + self.attn1(self.norm1(x), set_size, set_mask)
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, extra_context)
         return x + self.ff(self.norm3(x))
 
 
@@ -214,25 +238,28 @@ class SpatialTransformer(nn.Module):
     """GroupNorm (eps 1e-6) -> proj_in -> TransformerBlocks over the h*w tokens -> proj_out, residual.
 
     proj_in/proj_out are 1x1 convs (SD v1) or Linears (``linear=True``, SD v2). proj_out starts at zero (LDM).
-    forward: x (N, C, h, w), context (N, M, C_ctx), set_size G, set_mask -> (N, C, h, w) in x's memory format.
+    forward: x (N, C, h, w), context (N, M, C_ctx), set_size G, set_mask, extra_context -> (N, C, h, w) in x's
+    memory format.
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, *,
-                 linear: bool = False, attn_backend: str = "auto", fuse_qkv: bool = False):
+                 linear: bool = False, attn_backend: str = "auto", fuse_qkv: bool = False,
+                 extra_context_dim: int | None = None):
         super().__init__()
         inner = heads * dim_head
         self.linear, self.inner = linear, inner
         self.norm = GroupNorm32(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(inner, heads, dim_head, context_dim, attn_backend=attn_backend, fuse_qkv=fuse_qkv)
+            [TransformerBlock(inner, heads, dim_head, context_dim, attn_backend=attn_backend, fuse_qkv=fuse_qkv,
+                              extra_context_dim=extra_context_dim)
              for _ in range(depth)]
         )
         self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x, context, set_size: int, set_mask=None):
+    def forward(self, x, context, set_size: int, set_mask=None, extra_context=None):
         N, _, h, w = x.shape
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         t = self.norm(x)
@@ -242,7 +269,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             t = self.proj_in(t)
         for block in self.transformer_blocks:
-            t = block(t, context, set_size, set_mask)
+            t = block(t, context, set_size, set_mask, extra_context)
         if self.linear:
             t = self.proj_out(t)
         t = t.view(N, h, w, -1).permute(0, 3, 1, 2)  # (N, L, C) -> (N, C, h, w), a channels-last view
@@ -255,15 +282,16 @@ class SpatialTransformer(nn.Module):
 class Block(nn.ModuleList):
     """LDM's TimestepEmbedSequential: runs its layers in order, handing each the inputs it takes.
 
-    forward: x (N, C, h, w), emb (N, E), context (N, M, C_ctx), set_size, set_mask -> (N, C', h', w').
+    forward: x (N, C, h, w), emb (N, E), context (N, M, C_ctx), set_size, set_mask, extra_context
+    -> (N, C', h', w').
     """
 
-    def forward(self, x, emb, context, set_size: int, set_mask=None):
+    def forward(self, x, emb, context, set_size: int, set_mask=None, extra_context=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, set_size, set_mask)
+                x = layer(x, context, set_size, set_mask, extra_context)
             else:
                 x = layer(x)
         return x
@@ -275,6 +303,10 @@ class JeDiUNet(nn.Module):
     Args:
         config: :class:`UNetConfig` (``UNetConfig.sd_v1()`` for Stable Diffusion v1, ``UNetConfig.tiny()`` for
             tests).
+
+    Plain SD (``UNetConfig(in_channels=4)``, ``cfg.plain_sd``): the forward takes x_t alone (``x0=None,
+    ng_mask=None``, ``set_size`` default 1), e.g. the SD v1.x UNet as a timing peer. ``extra_context_dim`` adds
+    ELITE-like extra key/value projections to every cross-attention (see :class:`CrossAttention`).
 
     Build big models without allocating: ``with torch.device("meta"): unet = JeDiUNet(cfg)``, then
     ``jedi.load_unet_weights(unet, path)`` materializes it from the file (no second copy), and
@@ -292,7 +324,7 @@ class JeDiUNet(nn.Module):
             heads, dim_head = cfg.heads_and_dim(ch)
             return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
                                       linear=cfg.use_linear_in_transformer, attn_backend=cfg.attn_backend,
-                                      fuse_qkv=cfg.fuse_qkv)
+                                      fuse_qkv=cfg.fuse_qkv, extra_context_dim=cfg.extra_context_dim)
 
         self.time_embed = TimestepEmbedding(C0, E)
         self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, C0, 3, padding=1)])])
@@ -342,46 +374,68 @@ class JeDiUNet(nn.Module):
         """Store activations again (the default)."""
         self.gradient_checkpointing = False
 
-    def _run(self, block: Block, h, emb, context, set_size, set_mask):
+    def _run(self, block: Block, h, emb, context, set_size, set_mask, extra_context):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, set_size, set_mask, use_reentrant=False)
-        return block(h, emb, context, set_size, set_mask)
+            return checkpoint(block, h, emb, context, set_size, set_mask, extra_context, use_reentrant=False)
+        return block(h, emb, context, set_size, set_mask, extra_context)
 
     # ---- forward ---------------------------------------------------------------------------------------------------
-    def _check(self, x_t, timesteps, context, x0, ng_mask, set_size) -> torch.Tensor:
+    def _check(self, x_t, timesteps, context, x0, ng_mask, set_size, extra_context) -> tuple[torch.Tensor, int]:
+        """Validate the forward's inputs; returns (timesteps (N,), set_size)."""
         cfg = self.config
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
             raise ValueError(f"x_t must be a tensor of shape (N, C, h, w), got "
                              f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t)}")
         N, C, h, w = x_t.shape
-        if 2 * C + 1 != cfg.in_channels:
-            raise ValueError(f"x_t has {C} channels: this UNet's conv_in takes in_channels={cfg.in_channels} = "
-                             f"2*C+1 (x_t, masked x0, mask), so x_t must have {(cfg.in_channels - 1) // 2}")
-        if C != cfg.out_channels:
-            raise ValueError(f"x_t has {C} channels but the UNet predicts out_channels={cfg.out_channels}")
+        if cfg.plain_sd:
+            if C != cfg.in_channels:
+                raise ValueError(f"x_t has {C} channels: this plain SD UNet (in_channels = out_channels = "
+                                 f"{cfg.in_channels}) takes x_t with {cfg.in_channels}")
+            if x0 is not None or ng_mask is not None:
+                raise ValueError(f"x0 and ng_mask must be None: this UNet has in_channels = out_channels = {C} "
+                                 f"(plain SD, its conv_in takes x_t alone); JeDi's input (x_t, masked x0, mask) "
+                                 f"needs in_channels = {2 * C + 1}")
+            if set_size is None:
+                set_size = 1
+        else:
+            if 2 * C + 1 != cfg.in_channels:
+                raise ValueError(f"x_t has {C} channels: this UNet's conv_in takes in_channels={cfg.in_channels} "
+                                 f"= 2*C+1 (x_t, masked x0, mask), so x_t must have {(cfg.in_channels - 1) // 2}")
+            if C != cfg.out_channels:
+                raise ValueError(f"x_t has {C} channels but the UNet predicts out_channels={cfg.out_channels}")
         f = 2 ** (cfg.levels - 1)
         if N == 0 or h == 0 or w == 0 or h % f or w % f:
             raise ValueError(f"x_t spatial size ({h}, {w}) must be non-empty and divisible by 2**(levels-1) = {f}")
-        if not isinstance(x0, torch.Tensor) or x0.shape != x_t.shape:
+        if not cfg.plain_sd and (not isinstance(x0, torch.Tensor) or x0.shape != x_t.shape):
             raise ValueError(f"x0 must have x_t's shape {tuple(x_t.shape)}, got "
                              f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0)}")
         if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1 or N % set_size:
             raise ValueError(f"set_size must be a positive int dividing N = {N} (N = B * set_size), got {set_size!r}")
-        if not isinstance(ng_mask, torch.Tensor) or ng_mask.shape != (N,):
+        if not cfg.plain_sd and (not isinstance(ng_mask, torch.Tensor) or ng_mask.shape != (N,)):
             raise ValueError(f"ng_mask must be a tensor of shape (N,) = ({N},), got "
                              f"{tuple(ng_mask.shape) if isinstance(ng_mask, torch.Tensor) else type(ng_mask)}")
         if (not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != N
                 or context.shape[2] != cfg.context_dim or context.shape[1] == 0):
             raise ValueError(f"context must have shape (N, M, context_dim) = ({N}, M, {cfg.context_dim}), got "
                              f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context)}")
+        if extra_context is not None:
+            E = cfg.extra_context_dim
+            if E is None:
+                raise ValueError("extra_context given, but this UNet has no extra key/value projections "
+                                 "(UNetConfig.extra_context_dim is None)")
+            if (not isinstance(extra_context, torch.Tensor) or extra_context.dim() != 3
+                    or extra_context.shape[0] != N or extra_context.shape[2] != E or extra_context.shape[1] == 0):
+                got = tuple(extra_context.shape) if isinstance(extra_context, torch.Tensor) else type(extra_context)
+                raise ValueError(f"extra_context must have shape (N, T, extra_context_dim) = ({N}, T, {E}), got {got}")
         if isinstance(timesteps, (int, float)) and not isinstance(timesteps, bool):
             timesteps = torch.full((N,), timesteps, device=x_t.device, dtype=torch.float32)
         if not isinstance(timesteps, torch.Tensor) or timesteps.shape not in ((), (1,), (N,)):
             raise ValueError(f"timesteps must be a number or a tensor of shape (), (1,) or (N,) = ({N},), got "
                              f"{tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps)}")
-        return timesteps.reshape(-1).expand(N)
+        return timesteps.reshape(-1).expand(N), set_size
 
-    def forward(self, x_t, timesteps, context, *, x0, ng_mask, set_size: int, set_mask=None):
+    def forward(self, x_t, timesteps, context, *, x0=None, ng_mask=None, set_size: int | None = None, set_mask=None,
+                extra_context=None):
         """Predict the noise of every image of every set, attending jointly within each set.
 
         Args:
@@ -390,28 +444,39 @@ class JeDiUNet(nn.Module):
             timesteps: (N,), (1,) or () int/float diffusion steps (or a Python number), broadcast over N.
             context: (N, M, context_dim) text embeddings (M = 77 for CLIP; any M >= 1).
             x0: (N, C, h, w) clean latents of the references (their content is used where ng_mask is 0), x_t's dtype.
-            ng_mask: (N,) bool or {0, 1} float: 1 = image to generate, 0 = reference image.
-            set_size: G, images per set.
+                None (required) for a plain SD UNet (``in_channels == out_channels``).
+            ng_mask: (N,) bool or {0, 1} float: 1 = image to generate, 0 = reference image. None (required) for a
+                plain SD UNet.
+            set_size: G, images per set (required for a JeDi UNet; a plain SD UNet defaults to 1 = no joint
+                attention).
             set_mask: optional bool (G, G); ``set_mask[i, j]`` lets image i attend image j. None = full joint.
+            extra_context: optional (N, T, extra_context_dim) extra tokens every cross-attention also attends to
+                (ELITE-like local mapping; needs ``UNetConfig.extra_context_dim``). None: the text alone.
 
         Returns:
             eps: (N, C, h, w) in x_t's dtype (the UNet computes in its parameters' dtype, or under autocast).
 
         Raises:
-            ValueError: naming the argument, for bad shapes, channel counts, a set_size not dividing N, a spatial
-                size not divisible by ``2 ** (levels - 1)``, or a bad set_mask.
+            ValueError: naming the argument, for bad shapes, channel counts, a set_size not dividing N (or missing
+                for a JeDi UNet), a spatial size not divisible by ``2 ** (levels - 1)``, a bad set_mask, x0/ng_mask
+                given to a plain SD UNet, or extra_context of the wrong shape or on a UNet without extra projections.
         """
-        timesteps = self._check(x_t, timesteps, context, x0, ng_mask, set_size)
+        timesteps, set_size = self._check(x_t, timesteps, context, x0, ng_mask, set_size, extra_context)
         dtype = self.input_blocks[0][0].weight.dtype
-        h = jk.prepare_inputs(x_t, x0, ng_mask).to(dtype)  # (N, 2C+1, h, w)
+        if self.config.plain_sd:
+            h = x_t.to(dtype)  # (N, C, h, w): plain SD, no inpainting channels
+        else:
+            h = jk.prepare_inputs(x_t, x0, ng_mask).to(dtype)  # (N, 2C+1, h, w)
         context = context.to(dtype)
+        if extra_context is not None:
+            extra_context = extra_context.to(dtype)
         emb = self.time_embed(timesteps)  # (N, 4C0)
         skips = []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, context, set_size, set_mask)
+            h = self._run(block, h, emb, context, set_size, set_mask, extra_context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, set_size, set_mask)
+        h = self._run(self.middle_block, h, emb, context, set_size, set_mask, extra_context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (N, C + C_skip, h, w)
-            h = self._run(block, h, emb, context, set_size, set_mask)
+            h = self._run(block, h, emb, context, set_size, set_mask, extra_context)
         return self.out(h).to(x_t.dtype)
