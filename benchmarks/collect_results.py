@@ -3,7 +3,7 @@
     python benchmarks/collect_results.py OUTDIR [--build full]
 
 Reads OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml (junit) and, when present, OUTDIR/attention.json
-(benchmarks/attention_sweep.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png).
+(benchmarks/attention_sweep.py) and OUTDIR/table6.json (benchmarks/table6.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png).
 """
 from __future__ import annotations
 
@@ -94,9 +94,10 @@ def main() -> None:
         "benchmarks": rows,
         "machine_info": {k: machine.get(k) for k in ("node", "processor", "cpu") if k in machine},
     }
-    sweep = os.path.join(args.outdir, "attention.json")
-    if os.path.exists(sweep):
-        result["attention_sweep"] = json.load(open(sweep))
+    for key, name in (("attention_sweep", "attention.json"), ("table6", "table6.json")):
+        path = os.path.join(args.outdir, name)
+        if os.path.exists(path):
+            result[key] = json.load(open(path))
     with open(os.path.join(args.outdir, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     _plot(rows, os.path.join(args.outdir, "results.png"), f"jedi-kernels GPU benchmarks on {card}")

@@ -6,7 +6,9 @@
 #    if the CUDA set-attention sources fail to build, rebuilds without them (JEDI_CUDA_EXCLUDE) and says so;
 # 2. runs `pytest -m gpu` (tests/);
 # 3. runs the GPU benchmarks (pytest-benchmark JSON) and the attention sweep;
-# 4. writes OUTDIR/results.json (benchmarks/results format) + OUTDIR/results.png.
+# 4. runs the Table 6 reproduction (quick) within what is left of the time budget;
+# 5. writes OUTDIR/results.json (benchmarks/results format, embedding the sweep and Table 6) + results.png,
+#    table6.png, gpu_check.log and logs.tgz (every raw output and log).
 # Every step has a time limit so the whole check stays under 10 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +71,16 @@ timeout ${JEDI_SWEEP_TIMEOUT:-120} $PY benchmarks/attention_sweep.py --out "$OUT
 echo "sweep rc=$?" | tee -a "$LOG"
 tail -40 "$OUT/sweep.log" | tee -a "$LOG"
 
+step "table6 (JeDi Table 6, quick)"
+left=$(( ${JEDI_CHECK_BUDGET_S:-570} - ($(date +%s) - t0) )); t6=$(( left - 45 ))
+[ $t6 -gt 240 ] && t6=240; [ $t6 -lt 60 ] && t6=60
+timeout $(( t6 + 60 )) $PY benchmarks/table6.py --quick --budget-s $t6 --out "$OUT/table6.json" >"$OUT/table6.log" 2>&1
+echo "table6 rc=$?" | tee -a "$LOG"; tail -30 "$OUT/table6.log" | tee -a "$LOG"
+
 step "collect"
 $PY benchmarks/collect_results.py "$OUT" --build "$build_status" 2>&1 | tee -a "$LOG"
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+# the device tool returns at most 8 files: raw outputs (embedded in results.json anyway) and logs go in one archive
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml bench.json attention.json table6.json table6.md 2>/dev/null \
+  | grep -v '^gpu_check.log$'))
+ls -la "$OUT"
