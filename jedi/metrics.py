@@ -117,12 +117,10 @@ class ClipScorer:
     @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
         """N images -> (N, projection_dim) float32 unit vectors (CLIP preprocessing, see module doc)."""
-        outs = []
-        for i in range(0, len(images), self.batch_size):
-            x = preprocess(images[i:i + self.batch_size], resize=self.size, crop=self.size, mean=CLIP_MEAN,
-                           std=CLIP_STD)
-            outs.append(_features(self.model.get_image_features(pixel_values=x.to(self.device))).float())
-        return F.normalize(torch.cat(outs), dim=-1).cpu()
+        return _embed_batched(
+            images, self.batch_size, self.device,
+            lambda ims: preprocess(ims, resize=self.size, crop=self.size, mean=CLIP_MEAN, std=CLIP_STD),
+            lambda x: _features(self.model.get_image_features(pixel_values=x)))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -164,12 +162,20 @@ class DinoScorer:
     @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
         """N images -> (N, hidden_size) float32 unit vectors (DINO preprocessing, see module doc)."""
-        outs = []
-        for i in range(0, len(images), self.batch_size):
-            x = preprocess(images[i:i + self.batch_size], resize=round(self.size * 256 / 224), crop=self.size,
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD)
-            outs.append(self.model(pixel_values=x.to(self.device)).last_hidden_state[:, 0].float())
-        return F.normalize(torch.cat(outs), dim=-1).cpu()
+        return _embed_batched(
+            images, self.batch_size, self.device,
+            lambda ims: preprocess(ims, resize=round(self.size * 256 / 224), crop=self.size, mean=IMAGENET_MEAN,
+                                   std=IMAGENET_STD),
+            lambda x: self.model(pixel_values=x).last_hidden_state[:, 0])
+
+
+def _embed_batched(images: Sequence, batch_size: int, device, prep, forward) -> torch.Tensor:
+    """Embed images in batches: ``prep`` (PIL list -> (n, 3, S, S)), ``forward`` (pixels -> (n, E)); returns the
+    (N, E) float32 L2-normalized embeddings on the CPU."""
+    outs = []
+    for i in range(0, len(images), batch_size):
+        outs.append(forward(prep(images[i:i + batch_size]).to(device)).float())
+    return F.normalize(torch.cat(outs), dim=-1).cpu()
 
 
 def _local_dir(path, what: str) -> Path:
