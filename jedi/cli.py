@@ -1,21 +1,27 @@
-"""The ``jedi`` command: ``jedi synth``, ``jedi train``, ``jedi demo``.
+"""The ``jedi`` command: ``jedi synth``, ``jedi train``, ``jedi demo``, ``jedi sample``, ``jedi eval``.
 
     jedi synth --out data/ --sets 512 --set-size 3 --resolution 16 [--seed 0]
     jedi train [--config run.yaml] [--set key=value ...] [--resume]
     torchrun --nproc_per_node 2 -m jedi.cli train --config run.yaml        # DDP (gloo on CPU, nccl on CUDA)
     jedi demo --out demo/ [--quick]
+    jedi sample --refs a.png b.png --prompt "..." --ckpt sd-v1-5.safetensors --tokenizer DIR --out DIR
+    jedi eval ...                                                           # CLIP-T/I, DINO, M-variants
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 __all__ = ["main", "build_parser"]
 
+# subcommands with their own full argparse parsers (``jedi sample --help`` shows theirs)
+DELEGATED = {"sample": ("jedi.pipeline", "sample_main"), "eval": ("jedi.metrics", "eval_main")}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``jedi`` (subcommands synth, train, demo)."""
+    """The argparse parser of ``jedi`` (subcommands synth, train, demo; sample and eval are delegated)."""
     p = argparse.ArgumentParser(prog="jedi", description="JeDi: joint-image diffusion for personalization")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -41,11 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     d.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("sample", add_help=False, help="personalize: sample a set's new images from reference images "
+                   "with an SD v1 checkpoint (jedi sample --help)")
+    sub.add_parser("eval", add_help=False, help="CLIP-T, CLIP-I, MCLIP-I, DINO, MDINO of generated images "
+                   "(jedi eval --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jedi`` console script. Returns the exit status (0 on success)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        module, fn = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), fn)(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "synth":
         from jedi.synthetic import write_synthetic_dataset
