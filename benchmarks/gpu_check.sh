@@ -52,7 +52,7 @@ if [ "$build_status" = full ] && command -v nvcc >/dev/null; then
 fi
 
 step "pytest -m gpu"
-timeout ${JEDI_GPU_TEST_TIMEOUT:-150} $PY -m pytest tests -m gpu -q -x --maxfail=20 -p no:cacheprovider \
+timeout ${JEDI_GPU_TEST_TIMEOUT:-150} $PY -m pytest tests -m gpu -q --maxfail=20 -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -25 "$OUT/pytest_gpu.log" | tee -a "$LOG"
