@@ -32,7 +32,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_time_ms, env_info, gpu_time_ms  # noqa: E402
 
 from jedi import CUDAGraphRunner, JeDiUNet, UNetConfig, to_diffusers_state_dict  # noqa: E402
+from jedi.testing import randomize_weights_
 
 PAPER_A100_S = {"blipd": 0.0492, "elite": 0.0719, "jedi_ng2": 0.0564}  # JeDi paper, Table 6 (one A100)
 OUR_MODES = ("eager", "cuda_graph", "compile", "compile+cuda_graph")
@@ -110,27 +110,6 @@ TINY_HW, TINY_CONTEXT, TINY_EXTRA_TOKENS, TINY_EXTRA_DIM = 8, 7, 5, 24
 
 
 # ---- models and inputs --------------------------------------------------------------------------------------------
-def init_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights with unit-scale activations (norms ~1, linears/convs 1/sqrt(fan_in)); LDM's zero-init of every
-    residual branch would hide most of the network from an ours-vs-diffusers check. Timing does not depend on them."""
-    dev = next(model.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-
-    def randn(t):
-        return torch.randn(t.shape, generator=g, device=dev, dtype=torch.float32).to(t.dtype)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                m.weight.copy_(1 + 0.1 * randn(m.weight))
-                m.bias.copy_(0.1 * randn(m.bias))
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.weight.copy_(randn(m.weight) / math.sqrt(m.weight[0].numel()))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * randn(m.bias))
-    return model
-
-
 def make_inputs(w: Workload, cfg: UNetConfig, device, dtype, *, tiny: bool = False, seed: int = 0) -> dict:
     """Keyword inputs of our UNet for one step of workload ``w`` (set_size included)."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -156,7 +135,7 @@ def build_ours(w: Workload, device="cuda", dtype=torch.float16, *, tiny: bool = 
     cfg = w.config(tiny)
     with torch.device("meta"):
         unet = JeDiUNet(cfg)
-    unet = init_weights_(unet.to_empty(device=device), seed).to(dtype).eval()
+    unet = randomize_weights_(unet.to_empty(device=device), seed).to(dtype).eval()
     return unet, make_inputs(w, cfg, device, dtype, tiny=tiny, seed=seed)
 
 

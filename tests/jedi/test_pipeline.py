@@ -3,13 +3,11 @@ an LDM single file and a diffusers-layout folder, the ``jedi sample`` CLI, bad i
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 pytest.importorskip("transformers")
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
@@ -19,6 +17,7 @@ from jedi.pipeline import (JeDiPipeline, load_images, sample_main, unet_config_f
                            unet_config_to_diffusers)
 from jedi.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from jedi.weights import to_ldm_state_dict  # noqa: E402
+from jedi.testing import randomize_weights_ as randomize_
 
 SIZE = 16  # pixels: tiny VAE (2x) * tiny UNet (4x) needs multiples of 8
 
@@ -39,20 +38,6 @@ def write_tokenizer(path):
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return path
-
-
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.dim() > 1:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return model
 
 
 def text_config(tokenizer) -> CLIPTextConfig:

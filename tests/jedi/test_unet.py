@@ -2,7 +2,6 @@
 formats, gradient checkpointing, torch.compile, input validation, UNetConfig."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -13,30 +12,10 @@ from jedi import JeDiUNet, UNetConfig, load_unet_weights
 from jedi.unet import ResBlock, SpatialTransformer, TransformerBlock, timestep_embedding
 from jedi_kernels import prepare_inputs_reference
 from jedi_kernels.testing import assert_close_verbose
+from jedi.testing import randomize_weights_ as randomize_
 
 SD_V1_PARAMS_4CH = 859_520_964  # SD v1.4/1.5 UNet (diffusers' UNet2DConditionModel agrees)
 CONV_IN_DELTA_9CH = 5 * 320 * 3 * 3  # five more input channels of the 320-wide 3x3 conv_in
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-zero random weights everywhere, drawn on the model's device (LDM zero-inits every residual branch's last
-    layer, which would hide most of the network from a comparison)."""
-    dev = next(model.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-
-    def randn(t):
-        return torch.randn(t.shape, generator=g, device=dev, dtype=torch.float32).to(t.dtype)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                m.weight.copy_(1 + 0.1 * randn(m.weight))
-                m.bias.copy_(0.1 * randn(m.bias))
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.weight.copy_(randn(m.weight) / math.sqrt(m.weight[0].numel()))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * randn(m.bias))
-    return model
 
 
 def make_inputs(cfg: UNetConfig, N: int = 2, hw: int = 16, M: int = 7, dtype=torch.float32, generate=None):

@@ -8,29 +8,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from jedi import JeDiUNet, UNetConfig, load_unet_weights, to_ldm_state_dict
 from jedi.unet import CrossAttention
 from jedi_kernels.testing import assert_close_verbose
+from jedi.testing import randomize_weights_ as randomize_
 
 E, T = 24, 5  # extra-context width and token count of the tiny ELITE-like variant
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-zero random weights everywhere (LDM zero-inits each residual branch's last layer, which would hide most of
-    the network from a comparison)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight[0].numel()))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    return model
 
 
 def sd_inputs(cfg: UNetConfig, N: int = 2, hw: int = 16, M: int = 7) -> dict:

@@ -3,20 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from jedi.vae import AutoencoderKL, VAEConfig, load_vae_weights, to_diffusers_vae_state_dict
 from jedi_kernels.testing import assert_close_verbose
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else
-                    noise / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.1 * noise)
-    return model
+from jedi.testing import randomize_weights_ as randomize_
 
 
 @pytest.fixture(scope="module")
