@@ -3,12 +3,19 @@
     import jedi_kernels as jk
     o = jk.set_attention(q, k, v, set_size, heads)          # (N, L, H*D) joint attention over each set
     x_in = jk.prepare_inputs(x_t, x0, ng_mask)              # cat(x_t, x0 * (1 - m), m)
+    y = jk.group_norm(x, 32, w, b, 1e-5, silu=True)         # GroupNorm(+SiLU), NHWC-friendly, two passes
+    a = jk.geglu(h)                                         # h[..., :F] * gelu(h[..., F:]), one pass
 """
 from jedi_kernels import _ext  # noqa: F401  (imports torch, then _C)
 from jedi_kernels.backends import available_backends
-from jedi_kernels.functional import prepare_inputs, sample_ng_mask, set_attention
+from jedi_kernels.functional import geglu, group_norm, prepare_inputs, sample_ng_mask, set_attention
 from jedi_kernels.modules import SetAttention
-from jedi_kernels.reference import prepare_inputs_reference, set_attention_reference
+from jedi_kernels.reference import (
+    geglu_reference,
+    group_norm_reference,
+    prepare_inputs_reference,
+    set_attention_reference,
+)
 
 __version__ = "0.1.0"
 
@@ -16,8 +23,12 @@ __all__ = [
     "set_attention",
     "prepare_inputs",
     "sample_ng_mask",
+    "group_norm",
+    "geglu",
     "SetAttention",
     "available_backends",
     "set_attention_reference",
     "prepare_inputs_reference",
+    "group_norm_reference",
+    "geglu_reference",
 ]

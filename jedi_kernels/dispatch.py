@@ -60,3 +60,11 @@ def choose_prepare_backend(x: torch.Tensor) -> str:
     if cpu_ext_ok(x.device):
         return "cpu"
     return "torch"
+
+
+def choose_fused_backend(x: torch.Tensor) -> str:
+    """Resolve ``backend="auto"`` of the fused norm/activation ops (group_norm, geglu): Triton on CUDA (the fused
+    kernel moves strictly fewer bytes than torch's separate norm, activation and cast passes), torch elsewhere."""
+    if x.device.type == "cuda" and triton_ok(x.device):
+        return "triton"
+    return "torch"

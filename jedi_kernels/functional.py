@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from jedi_kernels import dispatch
 from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
 
-__all__ = ["set_attention", "prepare_inputs", "sample_ng_mask"]
+__all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -214,6 +214,102 @@ def prepare_inputs(x_t, x0, ng_mask, *, backend="auto"):
     from jedi_kernels.ops.prepare_inputs import prepare_inputs_op
 
     return prepare_inputs_op(x_t, x0, m, backend)
+
+
+def _elementwise_backend(backend: str, x: torch.Tensor) -> str:
+    """Resolve the backend of the fused elementwise/normalization ops (group_norm, geglu)."""
+    choices = ("auto", "triton", "torch")
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    if backend == "auto":
+        return dispatch.choose_fused_backend(x)
+    if backend == "triton" and not triton_ok(x.device):
+        reason = available_backends()["reasons"].get("triton", "needs a CUDA device")
+        raise ValueError(f"backend='triton' cannot run on {x.device}: {reason}")
+    return backend
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, backend="auto"):
+    """GroupNorm, optionally fused with the SiLU that follows it in SD's ResBlocks, in two passes over x.
+
+    Normalization math is float32 for half inputs (LDM's GroupNorm32) and the result is rounded once; a channels-last
+    input is read and written channels-last (the Triton kernel splits each group's reduction over many programs, so
+    N * num_groups groups still fill the GPU).
+
+    Args:
+        x: (N, C, H, W) float16/bfloat16/float32/float64, contiguous or channels-last; C divisible by num_groups.
+        num_groups: G_n, number of channel groups (32 in SD).
+        weight, bias: optional (C,) float tensors on x's device (any float dtype; used in float32).
+        eps: variance epsilon (SD: 1e-5 in ResBlocks, 1e-6 in SpatialTransformer).
+        silu: apply ``y * sigmoid(y)`` to the normalized, affine output.
+        backend: "auto" (Triton on CUDA, see ``dispatch.choose_fused_backend``; torch elsewhere), "triton" or
+            "torch" (``reference.group_norm_reference``).
+
+    Returns:
+        (N, C, H, W) in x's dtype and memory format. Differentiable w.r.t. x, weight and bias.
+
+    Raises:
+        TypeError: non-tensor or non-float x / weight / bias.
+        ValueError: wrong shapes, C not divisible by num_groups, mismatched devices, empty x, bad backend.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups must be a positive int dividing C = {C}, got {num_groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a float tensor of shape (C,) = ({C},) or None, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t)}")
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    backend = _elementwise_backend(backend, x)
+    from jedi_kernels.ops.group_norm import group_norm_op
+
+    return group_norm_op(x, num_groups, weight, bias, float(eps), bool(silu), backend)
+
+
+def geglu(h, *, backend="auto"):
+    """SD's GEGLU activation in one pass: ``a * gelu(g)`` with ``[a, g] = h.chunk(2, -1)`` (exact erf gelu).
+
+    Reads the (…, 2F) output of the feed-forward's ``proj`` Linear once and writes (…, F) once, instead of a chunk,
+    a gelu and a multiply (three passes).
+
+    Args:
+        h: (..., 2F) float16/bfloat16/float32/float64 with unit last-dim stride; the first F features are the values,
+            the last F the gates.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch" (``reference.geglu_reference``).
+
+    Returns:
+        (..., F) contiguous in h's dtype, differentiable w.r.t. h. Triton: math in float32 (float64 for float64),
+        rounded once. torch: the reference's three ops, each in h's dtype (as an unfused model computes it).
+
+    Raises:
+        TypeError: non-tensor or non-float h.
+        ValueError: h without dims, an odd or zero last dim, bad backend.
+    """
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"h must be a torch.Tensor of shape (..., 2F), got {type(h)}")
+    if h.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"h must be float16, bfloat16, float32 or float64, got {h.dtype}")
+    if h.dim() == 0 or h.shape[-1] == 0 or h.shape[-1] % 2:
+        raise ValueError(f"h must have shape (..., 2F) with an even, non-zero last dim, got {tuple(h.shape)}")
+    backend = _elementwise_backend(backend, h)
+    from jedi_kernels.ops.geglu import geglu_op
+
+    return geglu_op(h, backend)
 
 
 def sample_ng_mask(n: int, set_size: int, generator: torch.Generator | None = None, *, p: float = 0.5,

@@ -6,8 +6,15 @@ These are the ground truth of the test-suite (run in float64), the CPU fallback 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["set_attention_reference", "prepare_inputs_reference", "set_mask_to_dense"]
+__all__ = [
+    "set_attention_reference",
+    "prepare_inputs_reference",
+    "set_mask_to_dense",
+    "group_norm_reference",
+    "geglu_reference",
+]
 
 
 def set_mask_to_dense(set_mask: torch.Tensor, L: int) -> torch.Tensor:
@@ -93,3 +100,48 @@ def prepare_inputs_reference(x_t: torch.Tensor, x0: torch.Tensor, ng_mask: torch
     N, C, H, W = x_t.shape
     m = ng_mask.to(x_t.dtype).view(N, 1, 1, 1)
     return torch.cat([x_t, x0 * (1 - m), m.expand(N, 1, H, W)], dim=1)
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    silu: bool = False,
+) -> torch.Tensor:
+    """GroupNorm (optionally followed by SiLU) as Stable Diffusion's ``GroupNorm32`` computes it.
+
+    Args:
+        x: (N, C, H, W) (or (N, C, *)) any float dtype, any memory format; C divisible by ``num_groups``.
+        num_groups: number of channel groups (32 in SD).
+        weight, bias: optional (C,) affine parameters.
+        eps: variance epsilon.
+        silu: apply ``y * sigmoid(y)`` after the affine.
+
+    Returns:
+        x's shape and dtype. Half-precision inputs are normalized in float32 (LDM's GroupNorm32) and rounded once;
+        float32/float64 inputs in their own precision.
+    """
+    math_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    w = weight.to(math_dtype) if weight is not None else None
+    b = bias.to(math_dtype) if bias is not None else None
+    y = F.group_norm(x.to(math_dtype), num_groups, w, b, eps)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+def geglu_reference(h: torch.Tensor) -> torch.Tensor:
+    """SD's GEGLU activation on the output of its ``proj`` Linear: ``a * gelu(g)`` with ``[a, g] = h.chunk(2, -1)``.
+
+    gelu is the exact (erf) one, as ``torch.nn.functional.gelu``'s default.
+
+    Args:
+        h: (..., 2F) any float dtype; the first F features are the values a, the last F the gates g.
+
+    Returns:
+        (..., F) in h's dtype, computed in h's dtype.
+    """
+    a, g = h.chunk(2, dim=-1)
+    return a * F.gelu(g)

@@ -1,0 +1,271 @@
+"""Fused GEGLU, SD's feed-forward activation: ``out = a * gelu(g)`` with ``[a, g] = h.chunk(2, -1)``, and its backward.
+
+Maths, with the exact (erf) gelu that ``torch.nn.functional.gelu`` uses by default::
+
+    Phi(g)   = 0.5 * (1 + erf(g / sqrt(2)))           standard normal CDF
+    phi(g)   = exp(-g^2 / 2) / sqrt(2 * pi)            standard normal PDF
+    gelu(g)  = g * Phi(g)
+    gelu'(g) = Phi(g) + g * phi(g)
+
+    forward:  out = a * gelu(g)                                       h: (R, 2F) -> out: (R, F)
+    backward: da = grad * gelu(g);  dg = grad * a * gelu'(g)          dh = [da, dg]: (R, 2F)
+
+R is the product of h's leading dims. The torch reference (chunk, gelu, multiply) runs a gelu kernel that writes an
+(R, F) temporary and a multiply that reads it back: 5 R*F element moves where the fused kernels need 3 (read h, write
+out). Math runs in fp32 for fp16/bf16/fp32 inputs and in fp64 for fp64 inputs, and is rounded once to h's dtype.
+
+Backends: "triton" (this file; GPU, or CPU under TRITON_INTERPRET=1) and "torch" (the reference forward and the
+formula above in torch ops). The public op is ``jedi::geglu`` with a fake and an autograd formula that calls
+``jedi::geglu_backward``, so it composes with torch.compile and CUDA graphs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jedi_kernels.reference import geglu_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the torch backend still works
+    triton = None
+
+__all__ = ["geglu_op", "geglu_fwd", "geglu_bwd"]
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+if triton is not None:
+    # constexpr so the jit may read them; Python floats stay weakly typed, so in fp64 math they keep full precision
+    _C_SQRT1_2 = tl.constexpr(_SQRT1_2)
+    _C_INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
+
+    @triton.jit
+    def _to_out(x, out_ptr, BF16_RNE: tl.constexpr):
+        """Round fp32/fp64 math to the output dtype once, to nearest even. BF16_RNE (only under the CPU interpreter,
+        whose fp32 -> bf16 cast truncates toward zero where the GPU rounds to nearest even) rounds bf16 by hand:
+        add half an ulp of bf16 (minus one on ties to an even mantissa) to the fp32 bits and keep the top 16."""
+        if BF16_RNE:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(out_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _geglu_fwd_kernel(
+        h_ptr, out_ptr,
+        R, F,
+        s_hr,  # h row stride (elements); the feature stride is 1
+        s_or,  # out row stride
+        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, WIDE: tl.constexpr, BF16_RNE: tl.constexpr,
+    ):
+        """out[r, f] = h[r, f] * gelu(h[r, F + f]),  gelu(g) = 0.5 * g * (1 + erf(g / sqrt(2))).
+
+        One program owns a (BLOCK_R, BLOCK_F) tile of the output and reads the matching value and gate tiles, so
+        every element of h is read once and every output element written once. Math in fp64 when WIDE (fp64 input),
+        else in fp32 (half inputs never do half-precision arithmetic); the result is rounded once on store.
+        """
+        pid_r = tl.program_id(0)
+        pid_f = tl.program_id(1)
+        r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        f = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+        m = (r < R)[:, None] & (f < F)[None, :]
+        src = (r * s_hr)[:, None] + f[None, :]
+        a = tl.load(h_ptr + src, mask=m, other=0.0)
+        g = tl.load(h_ptr + src + F, mask=m, other=0.0)
+        if WIDE:
+            a = a.to(tl.float64)
+            g = g.to(tl.float64)
+        else:
+            a = a.to(tl.float32)
+            g = g.to(tl.float32)
+        out = a * (0.5 * g * (1.0 + tl.erf(g * _C_SQRT1_2)))
+        dst = (r * s_or)[:, None] + f[None, :]
+        tl.store(out_ptr + dst, _to_out(out, out_ptr, BF16_RNE), mask=m)
+
+    @triton.jit
+    def _geglu_bwd_kernel(
+        grad_ptr, h_ptr, dh_ptr,
+        R, F,
+        s_gr,  # grad row stride; feature stride 1
+        s_hr,  # h row stride; feature stride 1
+        s_dr,  # dh row stride
+        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, WIDE: tl.constexpr, BF16_RNE: tl.constexpr,
+    ):
+        """dh[r, f] = grad[r, f] * gelu(g);  dh[r, F + f] = grad[r, f] * a * (Phi(g) + g * phi(g)),
+
+        with a = h[r, f], g = h[r, F + f], Phi(g) = 0.5 * (1 + erf(g / sqrt(2))), phi(g) = exp(-g^2 / 2) / sqrt(2 pi).
+        Reads grad and h once, writes dh once (h, a saved input, is only read). Math in fp64 when WIDE, else fp32.
+        """
+        pid_r = tl.program_id(0)
+        pid_f = tl.program_id(1)
+        r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        f = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+        m = (r < R)[:, None] & (f < F)[None, :]
+        src = (r * s_hr)[:, None] + f[None, :]
+        gr = tl.load(grad_ptr + (r * s_gr)[:, None] + f[None, :], mask=m, other=0.0)
+        a = tl.load(h_ptr + src, mask=m, other=0.0)
+        g = tl.load(h_ptr + src + F, mask=m, other=0.0)
+        if WIDE:
+            gr = gr.to(tl.float64)
+            a = a.to(tl.float64)
+            g = g.to(tl.float64)
+        else:
+            gr = gr.to(tl.float32)
+            a = a.to(tl.float32)
+            g = g.to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.erf(g * _C_SQRT1_2))
+        pdf = tl.exp(-0.5 * g * g) * _C_INV_SQRT_2PI
+        da = gr * (g * cdf)
+        dg = gr * a * (cdf + g * pdf)
+        dst = (r * s_dr)[:, None] + f[None, :]
+        tl.store(dh_ptr + dst, _to_out(da, dh_ptr, BF16_RNE), mask=m)
+        tl.store(dh_ptr + dst + F, _to_out(dg, dh_ptr, BF16_RNE), mask=m)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., W) as a (R, W) view with unit feature stride; copies only when the leading dims have no single row
+    stride (e.g. a transposed view) or the last dim is strided."""
+    W = t.shape[-1]
+    if t.stride(-1) == 1 or W == 1:
+        try:
+            # (..., W) -> (R, W): a view whenever the leading dims flatten into one stride
+            return t.view(-1, W)
+        except RuntimeError:
+            pass
+    # (..., W) -> (R, W) contiguous
+    return t.contiguous().view(-1, W)
+
+
+def _bf16_rne(h: torch.Tensor) -> bool:
+    """Round bf16 outputs by hand only where Triton is interpreted (see ``_to_out``); GPUs use the native cast."""
+    interpreted = type(_geglu_fwd_kernel).__name__ == "InterpretedFunction"
+    return interpreted and h.dtype == torch.bfloat16
+
+
+def _config(R: int, F: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_F, num_warps). BLOCK_F <= 256 divides SD's F (1280, 2560, 5120) so no column tile is partly
+    empty, and a 256-wide fp16 row segment is one warp of 16-byte accesses; ~4K outputs per program keeps the grid
+    at thousands of programs for SD's shapes (and the interpreter's per-program overhead small on CPU)."""
+    block_f = min(256, max(16, triton.next_power_of_2(F)))
+    block_r = min(max(1, 4096 // block_f), triton.next_power_of_2(R))
+    return block_r, block_f, 4
+
+
+def geglu_fwd(h: torch.Tensor) -> torch.Tensor:
+    """Triton launcher of the forward.
+
+    Args:
+        h: (..., 2F) float16/bfloat16/float32/float64 on a device Triton runs on (CUDA, or CPU under the
+            interpreter). Any leading strides; the (R, 2F) row view is used in place when the leading dims flatten
+            into one row stride with unit feature stride (e.g. a column slice of a wider tensor), else h is copied.
+
+    Returns:
+        (..., F) contiguous in h's dtype: ``h[..., :F] * gelu(h[..., F:])``.
+    """
+    F = h.shape[-1] // 2
+    out = torch.empty((*h.shape[:-1], F), device=h.device, dtype=h.dtype)
+    if out.numel() == 0:
+        return out
+    h2 = _rows(h)  # (R, 2F)
+    out2 = out.view(-1, F)  # (R, F)
+    R = h2.shape[0]
+    block_r, block_f, warps = _config(R, F)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(F, block_f))
+    _geglu_fwd_kernel[grid](
+        h2, out2, R, F, h2.stride(0), out2.stride(0),
+        BLOCK_R=block_r, BLOCK_F=block_f, WIDE=h.dtype == torch.float64, BF16_RNE=_bf16_rne(h), num_warps=warps,
+    )
+    return out
+
+
+def geglu_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Triton launcher of the backward.
+
+    Args:
+        grad: (..., F) gradient of the output, h's dtype and device, any strides (copied if not row-viewable).
+        h: (..., 2F) the forward's input (only read).
+
+    Returns:
+        dh: (..., 2F) contiguous in h's dtype, ``[grad * gelu(g), grad * a * gelu'(g)]``.
+    """
+    F = h.shape[-1] // 2
+    dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
+    if dh.numel() == 0:
+        return dh
+    h2 = _rows(h)  # (R, 2F)
+    g2 = _rows(grad.to(h.dtype))  # (R, F)
+    d2 = dh.view(-1, 2 * F)  # (R, 2F)
+    R = h2.shape[0]
+    block_r, block_f, warps = _config(R, F)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(F, block_f))
+    _geglu_bwd_kernel[grid](
+        g2, h2, d2, R, F, g2.stride(0), h2.stride(0), d2.stride(0),
+        BLOCK_R=block_r, BLOCK_F=block_f, WIDE=h.dtype == torch.float64, BF16_RNE=_bf16_rne(h), num_warps=warps,
+    )
+    return dh
+
+
+def _torch_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The backward formula in torch ops, in fp32 (fp64 for fp64 inputs), rounded once to h's dtype."""
+    wide = torch.float64 if h.dtype == torch.float64 else torch.float32
+    a, g = h.to(wide).chunk(2, dim=-1)
+    gr = grad.to(wide)
+    cdf = 0.5 * (1.0 + torch.erf(g * _SQRT1_2))
+    pdf = torch.exp(-0.5 * g * g) * _INV_SQRT_2PI
+    # (..., F) x 2 -> (..., 2F), contiguous
+    return torch.cat([gr * g * cdf, gr * a * (cdf + g * pdf)], dim=-1).to(h.dtype)
+
+
+@torch.library.custom_op("jedi::geglu", mutates_args=())
+def _geglu(h: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return geglu_fwd(h)
+    return geglu_reference(h).contiguous()
+
+
+@_geglu.register_fake
+def _(h, backend):
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+@torch.library.custom_op("jedi::geglu_backward", mutates_args=())
+def _geglu_backward(grad: torch.Tensor, h: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return geglu_bwd(grad, h)
+    return _torch_bwd(grad, h)
+
+
+@_geglu_backward.register_fake
+def _(grad, h, backend):
+    return h.new_empty(h.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    h, backend = inputs
+    ctx.save_for_backward(h)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    (h,) = ctx.saved_tensors
+    return torch.ops.jedi.geglu_backward(grad, h, ctx.backend), None
+
+
+_geglu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def geglu_op(h: torch.Tensor, backend: str) -> torch.Tensor:
+    """The differentiable op behind ``jedi_kernels.geglu``.
+
+    Args:
+        h: (..., 2F) float16/bfloat16/float32/float64, already validated (even, non-zero last dim).
+        backend: "triton" or "torch" (already resolved from "auto").
+
+    Returns:
+        (..., F) contiguous in h's dtype; gradients flow to h through ``jedi::geglu_backward``.
+    """
+    return torch.ops.jedi.geglu(h, backend)

@@ -1,0 +1,235 @@
+"""jedi_kernels.group_norm (GroupNorm + optional SiLU, split reductions): values and grads against the float64
+reference, both layouts, the split plan, multi-split merging, opcheck, compile, bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jedi_kernels as jk
+from jedi_kernels.ops import group_norm as gn_ops
+from jedi_kernels.reference import group_norm_reference
+from jedi_kernels.testing import assert_close_verbose, assert_flash_rule
+
+BACKENDS = ["torch"] + (["triton"] if jk.available_backends()["triton"] else [])
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+
+# (shape, num_groups): SD-like group widths (C/G = 20, 40), a group of one channel, odd spatial sizes, 1x1 images
+SHAPES = [
+    ((2, 64, 8, 8), 32),
+    ((3, 20, 5, 7), 4),
+    ((1, 96, 1, 1), 32),
+    ((2, 1, 3, 3), 1),
+    ((2, 640, 4, 4), 32),
+    ((1, 1280, 2, 3), 32),
+    ((2, 9, 13, 11), 3),
+]
+
+
+def _x(shape, dtype, layout, offset=0.0):
+    x = torch.randn(shape) * 2 + offset
+    x = x.to(dtype)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]  # every other column of a wider tensor: neither NCHW nor NHWC
+    return x
+
+
+def _affine(C, affine):
+    if not affine:
+        return None, None
+    return torch.randn(C), torch.randn(C)
+
+
+def _bf16_truncated(y32: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 by truncation: what the Triton 3.6 interpreter's ``.to(tl.bfloat16)`` does (a GPU rounds to
+    nearest). Under the interpreter the 2x rule measures against this, so it still checks all the math."""
+    return (y32.contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _same_dtype(backend, x, *args):
+    """torch's answer in x's dtype (GroupNorm32: fp32 math, one rounding), as the backend rounds."""
+    if backend == "triton" and x.dtype == torch.bfloat16 and jk.available_backends()["triton_interpreter"]:
+        return _bf16_truncated(group_norm_reference(x.float(), *args))
+    return group_norm_reference(x, *args)
+
+
+def _is_layout(y, x):
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y.is_contiguous(memory_format=torch.channels_last)
+    return y.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,G", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+@pytest.mark.parametrize("silu", [False, True], ids=["norm", "norm_silu"])
+def test_forward_fp64(backend, shape, G, layout, silu):
+    x = _x(shape, torch.float64, layout, offset=3.0)
+    w, b = _affine(shape[1], True)
+    y = jk.group_norm(x, G, w, b, 1e-5, silu=silu, backend=backend)
+    ref = group_norm_reference(x, G, w.double(), b.double(), 1e-5, silu)
+    assert y.dtype == torch.float64 and _is_layout(y, x)
+    assert_close_verbose(y, ref, atol=1e-12, name=f"group_norm[{backend}] fp64")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,G", [SHAPES[0], SHAPES[1], SHAPES[4]], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_forward_2x_rule(backend, dtype, shape, G, affine):
+    x = _x(shape, dtype, "nhwc")
+    w, b = _affine(shape[1], affine)
+    y = jk.group_norm(x, G, w, b, 1e-6, silu=True, backend=backend)
+    ref64 = group_norm_reference(x.double(), G, None if w is None else w.double(), None if b is None else b.double(),
+                                 1e-6, True)
+    same = _same_dtype(backend, x, G, w, b, 1e-6, True)
+    assert y.dtype == dtype
+    assert_flash_rule(y, same, ref64, f"group_norm[{backend}] {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_is_stable(backend):
+    """A group whose mean is 1e4 times its spread: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance."""
+    x = (torch.randn(2, 32, 16, 16) * 1e-2 + 100.0).to(memory_format=torch.channels_last)
+    y = jk.group_norm(x, 8, None, None, 1e-8, backend=backend)
+    ref = group_norm_reference(x.double(), 8, None, None, 1e-8)
+    same = F.group_norm(x, 8, eps=1e-8)
+    assert_flash_rule(y, same, ref, f"group_norm[{backend}] offset 100")
+
+
+@needs_triton
+def test_split_plan_covers_every_pixel_once():
+    for N, C, HW, sms in [(4, 320, 4096, 132), (1, 32, 1, 132), (8, 2560, 64, 132), (2, 9, 143, 4), (1, 64, 1023, 132),
+                          (16, 1280, 256, 108)]:
+        p = gn_ops.split_plan(N, C, HW, sms)
+        assert 1 <= p["split"] <= 64
+        assert p["BLOCK_C"] >= min(C, 64) and p["n_cblk"] * p["BLOCK_C"] >= C
+        assert (p["split"] - 1) * p["tiles_per_split"] < p["n_ptiles"] <= p["split"] * p["tiles_per_split"]
+        assert p["n_ptiles"] * p["BLOCK_P"] >= HW > (p["n_ptiles"] - 1) * p["BLOCK_P"]
+    # the SD case the split exists for: 64x64 latents, 320 channels, batch 4 -> well over one program per SM
+    p = gn_ops.split_plan(4, 320, 4096, 132)
+    assert 4 * p["n_cblk"] * p["split"] >= 132
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 32, 32, 32), (2, 40, 33, 31)], ids=str)
+def test_many_splits_merge_exactly(monkeypatch, shape):
+    """Pretend to be an H100 (132 SMs) so the interpreter runs the multi-split merge, uneven last split included."""
+    monkeypatch.setattr(gn_ops, "_num_sms", lambda device: 132)
+    N, C, H, W = shape
+    plan = gn_ops.split_plan(N, C, H * W, 132)
+    assert plan["split"] > 1
+    x = _x(shape, torch.float64, "nhwc", offset=-2.0)
+    w, b = _affine(C, True)
+    y = jk.group_norm(x, 4, w, b, 1e-5, silu=True, backend="triton")
+    ref = group_norm_reference(x, 4, w.double(), b.double(), 1e-5, True)
+    assert_close_verbose(y, ref, atol=1e-12, name=f"group_norm split={plan['split']}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("silu", [False, True], ids=["norm", "norm_silu"])
+def test_backward_2x_rule(backend, dtype, silu):
+    shape, G = (2, 40, 5, 6), 4
+    x = _x(shape, dtype, "nhwc")
+    w, b = torch.randn(40), torch.randn(40)
+    gy = torch.randn(shape).to(dtype)
+
+    def grads(fn, xx, ww, bb):
+        xx, ww, bb = (t.detach().clone().requires_grad_() for t in (xx, ww, bb))
+        fn(xx, ww, bb).backward(gy.to(xx.dtype))
+        return xx.grad, ww.grad, bb.grad
+
+    ours = grads(lambda a, c, d: jk.group_norm(a, G, c, d, 1e-5, silu=silu, backend=backend), x, w, b)
+    ref = grads(lambda a, c, d: group_norm_reference(a, G, c, d, 1e-5, silu), x.double(), w.double(), b.double())
+    same = grads(lambda a, c, d: group_norm_reference(a, G, c, d, 1e-5, silu), x, w, b)
+    for name, o, r, s in zip(("dx", "dweight", "dbias"), ours, ref, same):
+        assert o.dtype == s.dtype
+        assert_flash_rule(o, s, r, f"group_norm[{backend}] {name} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    x = _x((2, 8, 3, 4), torch.float64, "nhwc").requires_grad_()
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: jk.group_norm(a, 4, c, d, 1e-5, silu=True, backend=backend),
+                                    (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x = _x((2, 8, 3, 4), torch.float32, "nhwc")
+    w, b = torch.randn(8), torch.randn(8)
+    torch.library.opcheck(torch.ops.jedi.group_norm.default, (x, 4, w, b, 1e-5, True, backend))
+    torch.library.opcheck(torch.ops.jedi.group_norm.default, (x.contiguous(), 2, None, None, 1e-6, False, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    x = _x((2, 8, 4, 4), torch.float32, "nhwc")
+    w, b = torch.randn(8), torch.randn(8)
+
+    def f(x):
+        return jk.group_norm(x, 4, w, b, 1e-5, silu=True, backend=backend) * 2
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert_close_verbose(out, f(x), atol=1e-6, name="compiled group_norm")
+
+
+def test_auto_on_cpu_is_torch():
+    x = _x((1, 4, 2, 2), torch.float32, "nchw")
+    assert torch.equal(jk.group_norm(x, 2), jk.group_norm(x, 2, backend="torch"))
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda x: jk.group_norm(x.numpy(), 4), TypeError, "x must be a torch.Tensor"),
+        (lambda x: jk.group_norm(x[0], 4), ValueError, r"x must have shape \(N, C, H, W\)"),
+        (lambda x: jk.group_norm(x.int(), 4), TypeError, "x must be float16"),
+        (lambda x: jk.group_norm(x, 3), ValueError, "num_groups must be a positive int dividing C = 8"),
+        (lambda x: jk.group_norm(x, 0), ValueError, "num_groups"),
+        (lambda x: jk.group_norm(x, 4, torch.ones(7)), ValueError, r"weight must have shape \(C,\) = \(8,\)"),
+        (lambda x: jk.group_norm(x, 4, None, torch.ones(8, dtype=torch.int64)), TypeError, "bias must be a float"),
+        (lambda x: jk.group_norm(x, 4, eps=-1.0), ValueError, "eps must be a non-negative"),
+        (lambda x: jk.group_norm(x[:0], 4), ValueError, "x must be non-empty"),
+        (lambda x: jk.group_norm(x, 4, backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(2, 8, 3, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 640, 32, 32), (4, 2560, 16, 16), (8, 1280, 8, 8),
+                                   (4, 960, 64, 64), (1, 32, 1, 1)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_gpu_sd_shapes(dtype, shape, layout):
+    x = _x(shape, dtype, layout, offset=1.0).cuda()
+    w, b = (t.cuda() for t in _affine(shape[1], True))
+    for silu in (False, True):
+        y = jk.group_norm(x, 32, w, b, 1e-5, silu=silu, backend="triton")
+        ref64 = group_norm_reference(x.double(), 32, w.double(), b.double(), 1e-5, silu)
+        same = group_norm_reference(x, 32, w, b, 1e-5, silu)
+        assert _is_layout(y, x)
+        assert_flash_rule(y, same, ref64, f"group_norm gpu {shape} {dtype} {layout} silu={silu}")
+
+
+@pytest.mark.gpu
+def test_gpu_backward_and_graph_capture():
+    x = _x((2, 320, 16, 16), torch.float16, "nhwc").cuda().requires_grad_()
+    w = torch.randn(320, device="cuda", requires_grad=True)
+    jk.group_norm(x, 32, w, None, 1e-5, silu=True, backend="triton").float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    xs = x.detach().clone()
+    out = jk.group_norm(xs, 32, w.detach(), None, 1e-5, silu=True, backend="triton")  # warm-up compiles
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = jk.group_norm(xs, 32, w.detach(), None, 1e-5, silu=True, backend="triton")
+    xs.normal_()
+    g.replay()
+    ref = group_norm_reference(xs, 32, w.detach(), None, 1e-5, True)
+    assert_close_verbose(out, ref, atol=2e-2, name="replayed group_norm")
