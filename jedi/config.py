@@ -55,6 +55,9 @@ class UNetConfig:
         attn_backend: ``jedi_kernels.set_attention`` backend of every self-attention ("auto", "triton", "cuda",
             "torch").
         fuse_qkv: run each self-attention's q/k/v projections as one GEMM (same parameter names).
+        fused_ops: run every GroupNorm (with the SiLU that follows it in ResBlocks and the output head) and every
+            GEGLU through the fused kernels ``jedi_kernels.group_norm`` / ``jedi_kernels.geglu`` (Triton on CUDA,
+            torch ops elsewhere). Same parameters and names; see :meth:`jedi.JeDiUNet.set_fused_ops`.
         extra_context_dim: width of optional extra context tokens (None: none). When set, every cross-attention
             (``attn2``) gets its own key/value projections ``to_k_extra``/``to_v_extra`` (extra_context_dim -> H*D,
             no bias) and attends, in one softmax, to the text tokens and the extra tokens (``extra_context`` of the
@@ -78,6 +81,7 @@ class UNetConfig:
     use_checkpoint: bool = False
     attn_backend: str = "auto"
     fuse_qkv: bool = False
+    fused_ops: bool = False
     extra_context_dim: int | None = None
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # ignored yaml keys, for the record
 

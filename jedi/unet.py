@@ -73,12 +73,26 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype (LDM's GroupNorm32)."""
+    """GroupNorm computed in float32 and cast back to the input dtype (LDM's GroupNorm32).
+
+    Two switches, set by :meth:`JeDiUNet.set_fused_ops` (parameters and names never change):
+    ``fused`` runs it as ``jedi_kernels.group_norm`` (two passes over x, NCHW or NHWC, one rounding), and ``silu``
+    applies the SiLU that follows it in ResBlocks and the output head (the model then swaps that ``nn.SiLU`` for an
+    ``nn.Identity``), so norm and activation are one kernel.
+    """
+
+    fused: bool = False
+    silu: bool = False
+    backend: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu,
+                                 backend=self.backend)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        y = F.group_norm(x.float(), self.num_groups, w, b, self.eps)
+        return (F.silu(y) if self.silu else y).to(x.dtype)
 
 
 class TimestepEmbedding(nn.Sequential):
@@ -142,13 +156,19 @@ class Upsample(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """``a * gelu(g)`` with ``[a, g] = proj(x)``: (..., C) -> (..., C_out)."""
+    """``a * gelu(g)`` with ``[a, g] = proj(x)``: (..., C) -> (..., C_out). With ``fused`` (set by
+    :meth:`JeDiUNet.set_fused_ops`) the activation is one ``jedi_kernels.geglu`` pass over the projection."""
+
+    fused: bool = False
+    backend: str = "auto"
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return jk.geglu(self.proj(x), backend=self.backend)
         a, gate = self.proj(x).chunk(2, dim=-1)
         return a * F.gelu(gate)
 
@@ -355,6 +375,32 @@ class JeDiUNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(C0, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
+        if cfg.fused_ops:
+            self.set_fused_ops(True)
+
+    def set_fused_ops(self, enabled: bool = True, backend: str = "auto") -> None:
+        """Run every GroupNorm (+ the SiLU after it) and every GEGLU through the fused kernels
+        (``jedi_kernels.group_norm`` / ``jedi_kernels.geglu``), or back through torch ops (``enabled=False``).
+
+        Args:
+            enabled: fuse (True) or restore the unfused torch modules (False).
+            backend: the fused ops' backend: "auto" (Triton on CUDA, torch ops elsewhere), "triton" or "torch".
+
+        Parameters, their names and the state dict are unchanged; the SiLU modules that follow a fused norm become
+        ``nn.Identity`` (they hold no parameters). ``config.fused_ops`` records the state.
+        """
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be auto|triton|torch, got {backend!r}")
+        enabled = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, nn.Sequential) and len(m) > 1 and isinstance(m[0], GroupNorm32):
+                # ResBlock in_layers / out_layers and the output head: GroupNorm32, SiLU, ...
+                assert isinstance(m[1], (nn.SiLU, nn.Identity)), f"unexpected {type(m[1]).__name__} after a norm"
+                m[0].silu = enabled
+                m[1] = nn.Identity() if enabled else nn.SiLU()
+            if isinstance(m, (GroupNorm32, GEGLU)):
+                m.fused, m.backend = enabled, backend
+        self.config.fused_ops = enabled
 
     def set_attn_backend(self, backend: str) -> None:
         """Route every joint self-attention to ``backend`` ("auto", "triton", "cuda", "torch"); see
