@@ -1,6 +1,8 @@
 """Public functional API: ``set_attention``, ``prepare_inputs``, ``sample_ng_mask``."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +23,36 @@ def _can_sync(t: torch.Tensor) -> bool:
     return True
 
 
-def _check_set_mask(set_mask, set_size: int, device: torch.device) -> torch.Tensor | None:
-    if set_mask is None:
+# Facts about recently seen set_masks, so a model that passes the same mask to every attention layer pays for the
+# data-dependent checks (a device->host copy, i.e. a sync) once, not once per layer. Keyed by tensor identity and its
+# in-place version counter; weak references, a handful of entries.
+_MASK_CACHE: list[tuple[weakref.ref, int, dict]] = []
+_MASK_CACHE_SIZE = 8
+
+
+def _mask_facts(set_mask: torch.Tensor) -> dict | None:
+    """{"empty_rows": [...], "identity": bool} of a (G, G) bool mask, cached; None where a sync is not allowed."""
+    for ref, version, facts in _MASK_CACHE:
+        if ref() is set_mask and version == set_mask._version:
+            return facts
+    if not _can_sync(set_mask):
         return None
+    host = set_mask.detach().cpu()  # G*G bools: one small copy, the only sync
+    G = host.shape[0]
+    facts = {
+        "empty_rows": (~host.any(dim=1)).nonzero().flatten().tolist(),
+        "identity": bool(torch.equal(host, torch.eye(G, dtype=torch.bool))),
+        "moved": {},  # device -> copy of the mask there
+    }
+    _MASK_CACHE[:] = [e for e in _MASK_CACHE if e[0]() is not None][-(_MASK_CACHE_SIZE - 1):]
+    _MASK_CACHE.append((weakref.ref(set_mask), set_mask._version, facts))
+    return facts
+
+
+def _check_set_mask(set_mask, set_size: int, device: torch.device) -> tuple[torch.Tensor | None, dict | None]:
+    """Validate set_mask; returns (the mask on ``device`` or None, its cached facts or None)."""
+    if set_mask is None:
+        return None, None
     if not isinstance(set_mask, torch.Tensor):
         raise TypeError(f"set_mask must be a bool tensor of shape ({set_size}, {set_size}) or None, got {type(set_mask)}")
     if set_mask.dtype != torch.bool:
@@ -32,10 +61,18 @@ def _check_set_mask(set_mask, set_size: int, device: torch.device) -> torch.Tens
         raise ValueError(
             f"set_mask must have shape (set_size, set_size) = ({set_size}, {set_size}), got {tuple(set_mask.shape)}"
         )
-    if _can_sync(set_mask) and not bool(set_mask.any(dim=1).all()):
-        rows = (~set_mask.any(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(f"set_mask rows {rows} allow no image: every query image must attend at least one image")
-    return set_mask.to(device=device)
+    facts = _mask_facts(set_mask)
+    if facts is not None and facts["empty_rows"]:
+        raise ValueError(f"set_mask rows {facts['empty_rows']} allow no image: every query image must attend at least "
+                         f"one image")
+    if set_mask.device == device:
+        return set_mask, facts
+    if facts is None or torch.compiler.is_compiling():
+        return set_mask.to(device=device), facts
+    moved = facts["moved"].get(device)
+    if moved is None:
+        moved = facts["moved"][device] = set_mask.to(device=device)
+    return moved, facts
 
 
 def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
@@ -67,14 +104,12 @@ def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
     return N // set_size, set_size, L, heads, HD // heads
 
 
-def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask):
+def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask, facts=None):
     """Backend "torch": torch SDPA on a (B, H, G*L, D) view; a block-diagonal mask runs as per-image attention."""
     N, L, HD = q.shape
     G, H = set_size, heads
     D = HD // H
-    if set_mask is not None and _can_sync(set_mask) and bool(
-        torch.equal(set_mask, torch.eye(G, dtype=torch.bool, device=set_mask.device))
-    ):
+    if set_mask is not None and facts is not None and facts["identity"]:
         B, G, set_mask = N, 1, None  # each image attends only itself: plain per-image attention
     else:
         B = N // G
@@ -125,7 +160,7 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale)}")
     scale = float(scale)
-    set_mask = _check_set_mask(set_mask, G, q.device)
+    set_mask, facts = _check_set_mask(set_mask, G, q.device)
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -133,7 +168,7 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
     if backend == "auto":
         backend = dispatch.choose_set_attention_backend(q, heads, set_mask is not None)
     if backend == "torch":
-        return _sdpa_set_attention(q, k, v, G, H, scale, set_mask)
+        return _sdpa_set_attention(q, k, v, G, H, scale, set_mask, facts)
     if backend == "triton" and not triton_ok(q.device):
         raise ValueError(
             f"backend='triton' cannot run on {q.device}: {available_backends()['reasons'].get('triton', 'needs a CUDA device')}"

@@ -180,3 +180,27 @@ def test_stale_extension_warns_once_and_falls_back(tmp_path):
     )
     r = _run(code, {})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_set_mask_checks_run_once_per_mask_and_again_after_an_inplace_edit(monkeypatch):
+    """A UNet passes one mask to every attention layer: its data-dependent checks (a device sync on GPU) must run once,
+    and again only if the mask changes in place."""
+    from jedi_kernels import functional
+
+    q, k, v = (torch.randn(4, 9, 16) for _ in range(3))
+    mask = torch.tensor([[True, False], [True, True]])
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **kw: copies.append(t.shape) or real_cpu(t, *a, **kw))
+    for _ in range(5):
+        out = jk.set_attention(q, k, v, 2, 2, set_mask=mask, backend="torch")
+    assert len(copies) == 1
+    assert_close_verbose(out, set_attention_reference(q, k, v, 2, 2, set_mask=mask), atol=1e-5, name="cached mask")
+    mask[1] = False  # in place: the version counter moves, the checks run again and catch the empty row
+    with pytest.raises(ValueError, match=r"set_mask rows \[1\] allow no image"):
+        jk.set_attention(q, k, v, 2, 2, set_mask=mask, backend="torch")
+    assert len(copies) == 2
+    eye = torch.eye(2, dtype=torch.bool)  # identity facts come from the cache too: per-image attention
+    assert_close_verbose(jk.set_attention(q, k, v, 2, 2, set_mask=eye, backend="torch"),
+                         set_attention_reference(q, k, v, 1, 2), atol=1e-5, name="identity mask")
+    assert functional._mask_facts(eye)["identity"] and len(functional._MASK_CACHE) <= functional._MASK_CACHE_SIZE
