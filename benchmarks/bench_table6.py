@@ -87,16 +87,6 @@ def test_table6_diffusers(benchmark, t6_session, mode):
 
 
 # ---- CPU ---------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU an OpenMP barrier waiting on a descheduled
-    thread makes each op ~100x slower (1.8 s instead of 10 ms per tiny forward, measured): run them on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("workload", list(t6.WORKLOADS))
 def test_table6_cpu_smoke(benchmark, workload, one_thread):
     """Each workload's construction and one forward on tiny-sized models; the diffusers equivalent (extra K/V

@@ -25,3 +25,13 @@ def _seed():
     """Fresh but reproducible random inputs per test."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU an OpenMP barrier waiting on a descheduled
+    thread makes each op ~100x slower (1.8 s instead of 10 ms per tiny forward, measured): run them on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

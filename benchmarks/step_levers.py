@@ -1,0 +1,358 @@
+"""Issue 9: the JeDi denoising step, lever by lever, against the peers — in one run, on one card.
+
+    python benchmarks/step_levers.py --out OUT.json [--quick] [--budget-s 420]     # GPU: OUT.json + OUT.md
+    python benchmarks/step_levers.py --device cpu --tiny --compile-backend eager   # CPU rehearsal of the script
+
+Workload: ``jedi_ng2`` of ``table6.py`` — JeDiUNet (SD v1), fp16, 64x64 latents, set size 2, guidance "joint" (two
+branches) -> UNet batch 4; the target is <= 8.0 ms on an H100 (peer: diffusers + joint SDPA, torch.compile
+reduce-overhead, channels-last: 12.26 ms, measured again here when diffusers is importable).
+
+The ladder is cumulative; every rung is timed on the same inputs (CUDA-event medians, ``common.gpu_time_ms``):
+
+    eager               NCHW, torch SDPA ("auto" attention), GroupNorm/SiLU/GEGLU as torch ops
+    +channels_last      model and inputs channels-last
+    +fused_ops          GroupNorm(+SiLU) and GEGLU through jedi_kernels (JeDiUNet.set_fused_ops)
+    +fuse_qkv           q/k/v of every self-attention as one GEMM
+    +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each from +fuse_qkv)
+    cuda_graph[attn]    the best eager configuration replayed as one CUDA graph, for each attention backend
+    compile+cuda_graph  torch.compile (inductor, default mode) of it, replayed as a CUDA graph
+    diffusers eager / compile(reduce-overhead, channels-last)   the peers
+
+Then the best configuration runs ``jedi_ng4`` (batch 8; target <= 2.1x the ng2 step) and ``blipd`` (plain SD, batch
+2; target <= 4.5 ms), and its fp16 output is compared with the fp32 UNet on the same inputs (target: relative error
+<= 1e-2). Every entry is measured in try/except (errors are recorded, the run goes on), compiles that would not fit
+``--budget-s`` are skipped and say so, and the JSON is rewritten after every entry.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import table6  # noqa: E402
+from table6 import WORKLOADS, _card_slug, _device_info, _free, build_diffusers, build_ours, time_step  # noqa: E402
+
+from jedi import CUDAGraphRunner  # noqa: E402
+from jedi_kernels import available_backends  # noqa: E402
+
+TARGET_MS = {"jedi_ng2": 8.0, "blipd": 4.5}
+TARGET_NG4_OVER_NG2 = 2.1
+ANCHOR_PEER_MS = {"jedi_ng2": 12.26, "blipd": 6.54}  # diffusers compile reduce-overhead channels-last, H100 2026-11-26
+
+BASE = dict(channels_last=False, fused_ops=False, fuse_qkv=False, attn="auto")
+LADDER = [
+    ("eager", dict(BASE)),
+    ("+channels_last", dict(BASE, channels_last=True)),
+    ("+fused_ops", dict(BASE, channels_last=True, fused_ops=True)),
+    ("+fuse_qkv", dict(BASE, channels_last=True, fused_ops=True, fuse_qkv=True)),
+    ("+attn=triton", dict(BASE, channels_last=True, fused_ops=True, fuse_qkv=True, attn="triton")),
+    ("+attn=cuda", dict(BASE, channels_last=True, fused_ops=True, fuse_qkv=True, attn="cuda")),
+]
+
+
+def configure(unet, inp: dict, cfg: dict) -> dict:
+    """Apply one ladder configuration to ``unet`` in place; returns the inputs in the matching memory format."""
+    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    unet.to(memory_format=fmt)
+    unet.set_fused_ops(cfg["fused_ops"])
+    for m in unet.modules():
+        if hasattr(m, "fuse_qkv") and hasattr(m, "to_q"):
+            m.fuse_qkv = cfg["fuse_qkv"]
+    unet.set_attn_backend(cfg["attn"])
+    return {k: (v.contiguous(memory_format=fmt) if isinstance(v, torch.Tensor) and v.dim() == 4 else v)
+            for k, v in inp.items()}
+
+
+def attn_available(backend: str) -> str | None:
+    """None when ``backend`` can run here, else why not."""
+    avail = available_backends()
+    key = {"triton": "triton", "cuda": "cuda_attention"}.get(backend)
+    if key is None or avail.get(key):
+        return None
+    return avail["reasons"].get(key) or avail["reasons"].get("cuda") or f"{backend} unavailable"
+
+
+class Run:
+    """Rows of one run, written to ``out`` (JSON + markdown) after every entry."""
+
+    def __init__(self, args):
+        self.args, self.out = args, Path(args.out)
+        self.deadline = time.time() + args.budget_s
+        self.compile_est = args.compile_est
+        self.device = torch.device(args.device)
+        self.result = dict(date=str(datetime.date.today()), env=_device_info(), args=vars(args), rows=[],
+                           targets=dict(ms=TARGET_MS, ng4_over_ng2=TARGET_NG4_OVER_NG2),
+                           anchor_peer_ms=ANCHOR_PEER_MS)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------------
+    def add(self, **row) -> dict:
+        row.setdefault("ms", None)
+        row.setdefault("error", None)
+        self.result["rows"].append(row)
+        self.result["summary"] = summarize(self.result["rows"])
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.result, indent=1))
+        self.out.with_suffix(".md").write_text(markdown(self.result))
+        status = f"{row['ms']:.3f} ms" if row["ms"] else row["error"]
+        print(f"[step_levers] {row['workload']:9s} {row['entry']:28s} {status}", flush=True)
+        return row
+
+    def fits(self, compile_: bool) -> str | None:
+        need = self.compile_est if compile_ else 10.0
+        left = self.deadline - time.time()
+        return None if left > need else f"skipped: time budget ({left:.0f} s left, entry needs ~{need:.0f} s)"
+
+    def measure(self, workload: str, entry: str, cfg: dict, prepare, *, compile_: bool = False, **extra) -> dict:
+        """Time ``prepare() -> step`` (built under no_grad); errors and budget skips become the row's error."""
+        row = dict(workload=workload, entry=entry, config=dict(cfg), **extra)
+        skip = self.fits(compile_)
+        if skip:
+            return self.add(**row, error=skip)
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                step = prepare()
+                t1 = time.perf_counter()
+                row["ms"] = round(time_step(step, self.device, self.args.rep_ms), 3)
+            if compile_:
+                row["compile_s"] = round(t1 - t0, 1)
+                self.compile_est = max(30.0, 1.2 * row["compile_s"])
+            if self.device.type == "cuda":
+                row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {e}"[:1500], traceback=traceback.format_exc()[-2500:])
+        return self.add(**row)
+
+    # -- the ladder --------------------------------------------------------------------------------------------------
+    def graph_step(self, unet, inp):
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        runner = CUDAGraphRunner(unet, inp)
+        return lambda: runner(**inp)
+
+    def compile_step(self, unet, inp, *, graph: bool, mode: str | None = None):
+        compiled = torch.compile(unet, backend=self.args.compile_backend, mode=mode)
+        compiled(**inp)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return self.graph_step(compiled, inp) if graph else (lambda: compiled(**inp))
+
+    def ladder(self) -> dict | None:
+        """jedi_ng2 rungs and peers; returns the best configuration found (with its mode)."""
+        name = "jedi_ng2"
+        unet, inp0 = build_ours(WORKLOADS[name], self.device, self.dtype, tiny=self.args.tiny)
+        eager_ms = {}
+        for entry, cfg in LADDER:
+            why = attn_available(cfg["attn"])
+            if why:
+                self.add(workload=name, entry=entry, config=cfg, error=f"skipped: {why}")
+                continue
+            inp = configure(unet, inp0, cfg)
+            row = self.measure(name, entry, cfg, lambda: (lambda: unet(**inp)))
+            if row["ms"]:
+                eager_ms[entry] = row["ms"]
+        if not eager_ms:
+            return None
+        # the best non-attention levers (by eager time), then each attention backend under a CUDA graph
+        base_entry = min((e for e in eager_ms if not e.startswith("+attn")), key=eager_ms.get)
+        base_cfg = dict(dict(LADDER)[base_entry], attn="auto")
+        graph_ms = {}
+        for attn in ("auto", "triton", "cuda"):
+            cfg = dict(base_cfg, attn=attn)
+            why = attn_available(attn) or (None if self.device.type == "cuda" else "CUDA graphs need a CUDA device")
+            if why:
+                self.add(workload=name, entry=f"cuda_graph[attn={attn}]", config=cfg, error=f"skipped: {why}")
+                continue
+            inp = configure(unet, inp0, cfg)
+            row = self.measure(name, f"cuda_graph[attn={attn}]", cfg, lambda: self.graph_step(unet, inp))
+            _free()
+            if row["ms"]:
+                graph_ms[attn] = row["ms"]
+        best_attn = min(graph_ms, key=graph_ms.get) if graph_ms else min(
+            ("auto", "triton", "cuda"), key=lambda a: eager_ms.get(f"+attn={a}", eager_ms[base_entry] if a == "auto"
+                                                                    else float("inf")))
+        best = dict(base_cfg, attn=best_attn, mode="cuda_graph" if graph_ms else "eager")
+        best_ms = graph_ms.get(best_attn) or eager_ms.get(base_entry)
+        if not self.args.quick:
+            cfg = dict(base_cfg, attn=best_attn)
+            inp = configure(unet, inp0, cfg)
+            graph = self.device.type == "cuda"
+            row = self.measure(name, "compile+cuda_graph" if graph else "compile", cfg,
+                               lambda: self.compile_step(unet, inp, graph=graph), compile_=True)
+            torch._dynamo.reset()
+            _free()
+            if row["ms"] and row["ms"] < best_ms:
+                best, best_ms = dict(cfg, mode="compile+cuda_graph" if graph else "compile"), row["ms"]
+        self.peers(name, unet, configure(unet, inp0, BASE))
+        self.precision(unet, inp0, best)
+        unet = inp = None  # free before the next workloads
+        _free()
+        return best
+
+    def peers(self, name: str, unet, inp) -> None:
+        if importlib.util.find_spec("diffusers") is None:
+            self.add(workload=name, entry="diffusers eager", config={}, error="skipped: diffusers not importable")
+            return
+        state = {}
+
+        def build():
+            state["dm"], state["step"] = build_diffusers(WORKLOADS[name], unet, inp)
+            return state["step"]
+
+        self.measure(name, "diffusers eager", {}, build, impl="diffusers")
+        if self.args.quick or "dm" not in state:
+            return
+        dm, step = state["dm"], state["step"]
+        peer_inp = {k: v for k, v in inp.items()}
+
+        def compiled():
+            dm.to(memory_format=torch.channels_last)
+            for k in ("x_t", "x0"):
+                if k in peer_inp:
+                    peer_inp[k].data = peer_inp[k].contiguous(memory_format=torch.channels_last)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            c = torch.compile(dm, backend=self.args.compile_backend, mode=mode)
+            step(c)
+            return lambda: step(c)
+
+        self.measure(name, "diffusers compile(reduce-overhead, channels-last)", {}, compiled, compile_=True,
+                     impl="diffusers")
+        torch._dynamo.reset()
+        state.clear()
+        _free()
+
+    def precision(self, unet, inp0, best: dict) -> None:
+        """fp16 output of the best configuration vs the fp32 UNet on the same inputs (relative L2 error)."""
+        row = dict(workload="jedi_ng2", entry="precision fp16 best vs fp32", config=best)
+        try:
+            with torch.no_grad():
+                inp = configure(unet, inp0, best)
+                got = unet(**inp).float()
+                ref = build_ours(WORKLOADS["jedi_ng2"], self.device, torch.float32, tiny=self.args.tiny)[0]
+                ref.set_attn_backend("torch")
+                inp32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                         for k, v in inp0.items()}
+                tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                try:
+                    want = ref(**inp32).float()
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+                row["rel_err"] = float((got - want).norm() / want.norm())
+                row["target_rel_err"] = 1e-2
+            del ref
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {e}"[:1500], traceback=traceback.format_exc()[-2500:])
+        self.add(**row)
+        _free()
+
+    def others(self, best: dict) -> None:
+        """The best configuration on jedi_ng4 and blipd."""
+        for name in ("jedi_ng4", "blipd"):
+            cfg = dict(best)
+            mode = cfg.pop("mode")
+            if mode.startswith("compile") and self.args.quick:
+                mode = "cuda_graph" if self.device.type == "cuda" else "eager"
+            try:
+                unet, inp0 = build_ours(WORKLOADS[name], self.device, self.dtype, tiny=self.args.tiny)
+            except Exception as e:
+                self.add(workload=name, entry=f"best ({mode})", config=cfg, error=f"{type(e).__name__}: {e}"[:1500])
+                continue
+            inp = configure(unet, inp0, cfg)
+            if mode == "eager":
+                prep, comp = (lambda: (lambda: unet(**inp))), False
+            elif mode == "cuda_graph":
+                prep, comp = (lambda: self.graph_step(unet, inp)), False
+            else:
+                graph = self.device.type == "cuda"
+                prep, comp = (lambda: self.compile_step(unet, inp, graph=graph)), True
+            self.measure(name, f"best ({mode})", cfg, prep, compile_=comp)
+            unet = inp = inp0 = prep = None
+            torch._dynamo.reset()
+            _free()
+
+    def run(self) -> dict:
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        best = self.ladder()
+        if best is not None:
+            self.result["best_config"] = best
+            self.others(best)
+        self.add(workload="-", entry="done", config={}, error=None, ms=None)
+        return self.result
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Headline numbers: best ms per workload (ours), best peer, and the targets' verdicts."""
+    ours = {}
+    for r in rows:
+        if r.get("ms") and r.get("impl") != "diffusers":
+            ours[r["workload"]] = min(ours.get(r["workload"], float("inf")), r["ms"])
+    peer = min((r["ms"] for r in rows if r.get("impl") == "diffusers" and r.get("ms")), default=None)
+    s = {"best_ms": ours, "best_peer_ms_ng2": peer}
+    if "jedi_ng2" in ours:
+        s["ng2_meets_8ms"] = ours["jedi_ng2"] <= TARGET_MS["jedi_ng2"]
+        if peer:
+            s["speedup_vs_best_peer"] = round(peer / ours["jedi_ng2"], 3)
+        if "jedi_ng4" in ours:
+            s["ng4_over_ng2"] = round(ours["jedi_ng4"] / ours["jedi_ng2"], 3)
+    if "blipd" in ours:
+        s["blipd_meets_4.5ms"] = ours["blipd"] <= TARGET_MS["blipd"]
+    prec = [r for r in rows if r.get("rel_err") is not None]
+    if prec:
+        s["rel_err_fp16_vs_fp32"] = prec[-1]["rel_err"]
+    return s
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    lines = [f"# JeDi step levers — {env.get('device')} — {result['date']}", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
+             f"diffusers {env.get('diffusers')}", "",
+             "| workload | entry | attention | ms | compile s | note |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        if r["entry"] == "done":
+            continue
+        ms = f"{r['ms']:.3f}" if r.get("ms") else ""
+        note = (r.get("error") or "")[:90]
+        if r.get("rel_err") is not None:
+            note = f"rel err {r['rel_err']:.2e} (target <= 1e-2)"
+        lines.append(f"| {r['workload']} | {r['entry']} | {r.get('config', {}).get('attn', '')} | {ms} | "
+                     f"{r.get('compile_s', '')} | {note} |")
+    lines += ["", "Summary: `" + json.dumps(result.get("summary", {})) + "`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="result JSON (default benchmarks/results/<card>-<date>-step.json); .md beside it")
+    ap.add_argument("--quick", action="store_true", help="no torch.compile entries (ours and diffusers)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; compiles that would not fit "
+                                                                  "are skipped")
+    ap.add_argument("--rep-ms", type=int, default=300, help="do_bench measuring time per entry")
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a rehearsal)")
+    ap.add_argument("--tiny", action="store_true", help="UNetConfig.tiny-sized models (rehearsal)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: CPU rehearsal)")
+    ap.add_argument("--compile-est", type=float, default=table6.COMPILE_EST_S, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("[step_levers] no CUDA device: nothing to time (`--device cpu --tiny --compile-backend eager` rehearses "
+              "this script)")
+        return
+    if not args.out:
+        slug = _card_slug(torch.cuda.get_device_name())
+        args.out = str(Path(__file__).resolve().parent / "results" / f"{slug}-{datetime.date.today()}-step.json")
+    Run(args).run()
+
+
+if __name__ == "__main__":
+    main()
