@@ -2,8 +2,10 @@
 
     python benchmarks/collect_results.py OUTDIR [--build full]
 
-Reads OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml (junit) and, when present, OUTDIR/attention.json
-(benchmarks/attention_sweep.py) and OUTDIR/table6.json (benchmarks/table6.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png).
+Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml and pytest_gpu_model.xml (junit),
+attention.json (attention_sweep.py), step.json (step_levers.py), profile_eager.json / profile_fused.json
+(profile_step.py) and table6.json (table6.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png;
+a second part of the same day gets a ``-model`` suffix).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("outdir")
     ap.add_argument("--build", default="unknown", help="how the extension built (full / without_cuda_attention)")
+    ap.add_argument("--part", default="all", help="which gpu_check part produced OUTDIR (all / kernels / model)")
     args = ap.parse_args()
     rows, machine = _benchmarks(os.path.join(args.outdir, "bench.json"))
     card = next((r.get("device") for r in rows if r.get("device")), None)
@@ -90,11 +93,14 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "versions": versions,
         "build": args.build,
+        "part": args.part,
         "tests_gpu": _tests(os.path.join(args.outdir, "pytest_gpu.xml")),
+        "tests_gpu_model": _tests(os.path.join(args.outdir, "pytest_gpu_model.xml")),
         "benchmarks": rows,
         "machine_info": {k: machine.get(k) for k in ("node", "processor", "cpu") if k in machine},
     }
-    for key, name in (("attention_sweep", "attention.json"), ("table6", "table6.json")):
+    for key, name in (("attention_sweep", "attention.json"), ("table6", "table6.json"), ("step_levers", "step.json"),
+                      ("profile_eager", "profile_eager.json"), ("profile_fused", "profile_fused.json")):
         path = os.path.join(args.outdir, name)
         if os.path.exists(path):
             result[key] = json.load(open(path))
@@ -102,7 +108,8 @@ def main() -> None:
         json.dump(result, f, indent=1, default=str)
     _plot(rows, os.path.join(args.outdir, "results.png"), f"jedi-kernels GPU benchmarks on {card}")
     t = result["tests_gpu"]
-    print(f"results.json: {len(rows)} benchmarks on {card}; gpu tests: {t}")
+    print(f"results.json: {len(rows)} benchmarks on {card}; gpu tests: {t}; model gpu tests: "
+          f"{result['tests_gpu_model']}; embedded: {[k for k in ('attention_sweep', 'table6', 'step_levers') if k in result]}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,45 @@
 #!/usr/bin/env bash
-# The whole GPU check in one go (DESIGN §7), for an offline GPU machine with torch+CUDA, triton, pytest,
-# pytest-benchmark already installed:
-#   benchmarks/gpu_check.sh OUTDIR [--quick]
-# 1. builds and installs the package with its CUDA kernels (pip install -e . --no-build-isolation --no-deps);
-#    if the CUDA set-attention sources fail to build, rebuilds without them (JEDI_CUDA_EXCLUDE) and says so;
-# 2. runs `pytest -m gpu` (tests/);
-# 3. runs the GPU benchmarks (pytest-benchmark JSON) and the attention sweep;
-# 4. runs the Table 6 reproduction (quick) within what is left of the time budget;
-# 5. writes OUTDIR/results.json (benchmarks/results format, embedding the sweep and Table 6) + results.png,
-#    table6.png, gpu_check.log and logs.tgz (every raw output and log).
-# Every step has a time limit so the whole check stays under 10 minutes on an H100.
+# The GPU check (DESIGN §7), for an offline GPU machine with torch+CUDA, triton, pytest, pytest-benchmark installed:
+#   benchmarks/gpu_check.sh OUTDIR [--quick] [--part all|kernels|model]
+# Parts (a device session has ~13 usable minutes and 10 per command: run `kernels` first, `model` in a second call
+# on the same warm machine; `all` runs both in one call with the quick settings):
+#   kernels: build + install (pip install -e . --no-build-isolation --no-deps; without the CUDA set-attention
+#            sources if they fail to build), the torch-free CUDA attention harness (+ memcheck), `pytest -m gpu
+#            tests/kernels`, the kernel benchmarks (prepare_inputs, set_attention, geglu, group_norm), the attention
+#            sweep;
+#   model:   (re)build only if the extension is missing, `pytest -m gpu tests/jedi`, step_levers.py (issue 9's
+#            ladder, quick = no compiles), profile_step.py (eager and fused), the Table 6 reproduction (quick) in
+#            what is left of the budget.
+# Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
+# results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
+# budget (JEDI_CHECK_BUDGET_S, default 540 s) so a part stays under the 10-minute command limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [--quick]}
-QUICK=${2:-}
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [--quick] [--part all|kernels|model]}
+shift
+QUICK=""; PART=all
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=--quick ;;
+    --part) PART=${2:?--part needs all|kernels|model}; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$PART" in all|kernels|model) ;; *) echo "--part must be all, kernels or model" >&2; exit 2 ;; esac
+[ "$PART" = all ] && QUICK=--quick
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} JEDI_CUDA_ARCHS=${JEDI_CUDA_ARCHS:-9.0}
 PY=${PYTHON:-python3}
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
-step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+step() { echo "=== $* ($(date +%T), $(( $(date +%s) - t0 )) s)" | tee -a "$LOG"; }
 t0=$(date +%s)
+BUDGET=${JEDI_CHECK_BUDGET_S:-540}
+# lim WANT: a step's timeout, WANT seconds or what is left of the budget (minus 20 s for collecting), at least 10
+lim() { local left=$(( BUDGET - ($(date +%s) - t0) - 20 )); [ "$left" -lt "$1" ] && echo $(( left > 10 ? left : 10 )) || echo "$1"; }
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+echo "part=$PART quick=${QUICK:-no} budget=${BUDGET}s" | tee -a "$LOG"
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
@@ -28,59 +47,89 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 step "build (archs $JEDI_CUDA_ARCHS, $MAX_JOBS jobs)"
 build_status=full
-if ! timeout 300 $PY -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1; then
+if [ "$PART" = model ] && $PY -c "import jedi_kernels as jk, sys; sys.exit(0 if jk.available_backends()['cuda'] else 1)" 2>/dev/null; then
+  echo "extension already built with CUDA: not rebuilding" | tee -a "$LOG"
+  $PY -c "import jedi_kernels as jk, sys; sys.exit(0 if jk.available_backends()['cuda_attention'] else 1)" 2>/dev/null \
+    || build_status=without_cuda_attention
+  : >"$OUT/build.log"
+elif ! timeout "$(lim 300)" $PY -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -20 | tee -a "$LOG"
   step "build failed: rebuilding without the CUDA set-attention sources"
   build_status=without_cuda_attention
-  JEDI_CUDA_EXCLUDE=set_attention timeout 200 $PY -m pip install -e . --no-build-isolation --no-deps \
+  JEDI_CUDA_EXCLUDE=set_attention timeout "$(lim 200)" $PY -m pip install -e . --no-build-isolation --no-deps \
     >>"$OUT/build.log" 2>&1 || build_status=failed
 fi
 echo "build: $build_status ($(( $(date +%s) - t0 )) s so far)" | tee -a "$LOG"
 $PY -c "import jedi_kernels as jk; print(jk.available_backends())" 2>&1 | tee -a "$LOG"
 
+if want kernels; then
 step "CUDA set-attention harness (torch-free, + compute-sanitizer memcheck on the quick cases)"
 if [ "$build_status" = full ] && command -v nvcc >/dev/null; then
-  timeout 150 nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -Icsrc/cuda \
+  timeout "$(lim 150)" nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -Icsrc/cuda \
     csrc/cuda/tests/set_attention_gpu_check.cu csrc/cuda/set_attention_*.cu -o "${TMPDIR:-/tmp}/jedi_sa_check" >"$OUT/harness.log" 2>&1 \
-    && timeout 60 "${TMPDIR:-/tmp}/jedi_sa_check" >>"$OUT/harness.log" 2>&1
+    && timeout "$(lim 60)" "${TMPDIR:-/tmp}/jedi_sa_check" >>"$OUT/harness.log" 2>&1
   echo "harness rc=$?" | tee -a "$LOG"
   grep -v '^PASS' "$OUT/harness.log" | tail -30 | tee -a "$LOG"
   if command -v compute-sanitizer >/dev/null; then
-    timeout 60 compute-sanitizer --tool memcheck "${TMPDIR:-/tmp}/jedi_sa_check" --quick >"$OUT/memcheck.log" 2>&1
+    timeout "$(lim 60)" compute-sanitizer --tool memcheck "${TMPDIR:-/tmp}/jedi_sa_check" --quick >"$OUT/memcheck.log" 2>&1
     echo "memcheck rc=$?" | tee -a "$LOG"; tail -3 "$OUT/memcheck.log" | tee -a "$LOG"
   fi
 fi
 
-step "pytest -m gpu"
-timeout ${JEDI_GPU_TEST_TIMEOUT:-150} $PY -m pytest tests -m gpu -q --maxfail=20 -p no:cacheprovider \
+step "pytest -m gpu tests/kernels"
+timeout "$(lim ${JEDI_GPU_TEST_TIMEOUT:-150})" $PY -m pytest tests/kernels -m gpu -q --maxfail=20 -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -25 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
-step "benchmarks"
+step "kernel benchmarks"
 sel=()
-if [ "$QUICK" = "--quick" ]; then sel=(-k "not ng8"); fi
-timeout ${JEDI_BENCH_TIMEOUT:-180} $PY -m pytest benchmarks -m gpu --benchmark-only -q -p no:cacheprovider \
+if [ -n "$QUICK" ]; then sel=(-k "not ng8"); fi
+timeout "$(lim ${JEDI_BENCH_TIMEOUT:-180})" $PY -m pytest benchmarks/bench_prepare_inputs.py benchmarks/bench_set_attention.py \
+  benchmarks/bench_geglu.py benchmarks/bench_group_norm.py -m gpu --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json" "${sel[@]}" >"$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$LOG"
 tail -8 "$OUT/bench.log" | tee -a "$LOG"
 
 step "attention sweep"
-timeout ${JEDI_SWEEP_TIMEOUT:-120} $PY benchmarks/attention_sweep.py --out "$OUT/attention.json" --quick \
+timeout "$(lim ${JEDI_SWEEP_TIMEOUT:-120})" $PY benchmarks/attention_sweep.py --out "$OUT/attention.json" --quick \
   >"$OUT/sweep.log" 2>&1
 echo "sweep rc=$?" | tee -a "$LOG"
 tail -40 "$OUT/sweep.log" | tee -a "$LOG"
+fi
+
+if want model; then
+step "pytest -m gpu tests/jedi"
+timeout "$(lim 120)" $PY -m pytest tests/jedi -m gpu -q --maxfail=20 -p no:cacheprovider \
+  --junitxml="$OUT/pytest_gpu_model.xml" >"$OUT/pytest_gpu_model.log" 2>&1
+echo "pytest rc=$?" | tee -a "$LOG"
+tail -15 "$OUT/pytest_gpu_model.log" | tee -a "$LOG"
+
+step "step levers (issue 9)"
+sl=$(lim 300)
+timeout $(( sl + 30 )) $PY benchmarks/step_levers.py $QUICK --budget-s "$sl" --out "$OUT/step.json" >"$OUT/step.log" 2>&1
+echo "step_levers rc=$?" | tee -a "$LOG"; grep '^\[step_levers\]' "$OUT/step.log" | tee -a "$LOG"
+
+step "profile (eager baseline, then channels-last + fused ops)"
+timeout "$(lim 60)" $PY benchmarks/profile_step.py --steps 3 --out "$OUT/profile_eager.json" >"$OUT/profile.log" 2>&1
+timeout "$(lim 60)" $PY benchmarks/profile_step.py --steps 3 --channels-last --fused --out "$OUT/profile_fused.json" \
+  >>"$OUT/profile.log" 2>&1
+echo "profile rc=$?" | tee -a "$LOG"; cat "$OUT/profile_fused.md" 2>/dev/null | tee -a "$LOG"
 
 step "table6 (JeDi Table 6, quick)"
-left=$(( ${JEDI_CHECK_BUDGET_S:-570} - ($(date +%s) - t0) )); t6=$(( left - 45 ))
-[ $t6 -gt 240 ] && t6=240; [ $t6 -lt 60 ] && t6=60
-timeout $(( t6 + 60 )) $PY benchmarks/table6.py --quick --budget-s $t6 --out "$OUT/table6.json" >"$OUT/table6.log" 2>&1
-echo "table6 rc=$?" | tee -a "$LOG"; tail -30 "$OUT/table6.log" | tee -a "$LOG"
+t6=$(( $(lim 240) - 40 ))
+if [ "$t6" -ge 60 ]; then
+  timeout $(( t6 + 40 )) $PY benchmarks/table6.py --quick --budget-s $t6 --out "$OUT/table6.json" >"$OUT/table6.log" 2>&1
+  echo "table6 rc=$?" | tee -a "$LOG"; tail -30 "$OUT/table6.log" | tee -a "$LOG"
+else
+  echo "table6 skipped: ${t6}s left of the budget" | tee -a "$LOG"
+fi
+fi
 
 step "collect"
-$PY benchmarks/collect_results.py "$OUT" --build "$build_status" 2>&1 | tee -a "$LOG"
+$PY benchmarks/collect_results.py "$OUT" --build "$build_status" --part "$PART" 2>&1 | tee -a "$LOG"
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 # the device tool returns at most 8 files: raw outputs (embedded in results.json anyway) and logs go in one archive
-(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml bench.json attention.json table6.json table6.md 2>/dev/null \
-  | grep -v '^gpu_check.log$'))
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml *.md bench.json attention.json table6.json step.json \
+  profile_*.json 2>/dev/null | grep -v '^gpu_check.log$'))
 ls -la "$OUT"
