@@ -35,7 +35,8 @@ def versions() -> dict:
     import triton
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+    cap = "sm%d%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "cpu"
+    return {"device": dev, "capability": cap, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 

@@ -96,6 +96,8 @@ timeout "$(lim ${JEDI_SWEEP_TIMEOUT:-120})" $PY benchmarks/attention_sweep.py --
   >"$OUT/sweep.log" 2>&1
 echo "sweep rc=$?" | tee -a "$LOG"
 tail -40 "$OUT/sweep.log" | tee -a "$LOG"
+step "dispatch table the sweep justifies (commit with: make_dispatch_table.py attention.json --write)"
+[ -f "$OUT/attention.json" ] && $PY benchmarks/make_dispatch_table.py "$OUT/attention.json" 2>&1 | tee -a "$LOG"
 fi
 
 if want model; then

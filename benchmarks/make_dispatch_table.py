@@ -1,0 +1,87 @@
+"""Derive ``set_attention``'s ``backend="auto"`` table from a GPU sweep (``attention_sweep.py``), as data.
+
+    python benchmarks/make_dispatch_table.py SWEEP.json [SWEEP2.json ...] [--write] [--margin 1.03]
+
+A class is (device capability, dtype, head dim, masked). Our backend (triton / cuda) gets the class only if, on EVERY
+measured row of that class (every L, ng, forward and forward+backward), it is at least ``margin`` times faster than
+the best torch SDPA backend of the same row, and its output stayed close to SDPA's. Among qualifying backends the one
+with the larger geometric-mean speedup wins. Everything else stays torch SDPA, so auto is never slower than SDPA on
+what was measured. Masked rows are not used: the sweep applies a set_mask densely in SDPA, while the "torch" backend
+runs a block-diagonal mask as per-image attention, so that comparison would flatter our kernel.
+
+Prints the derived entries (and the near misses); ``--write`` replaces ``jedi_kernels/dispatch_table.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+TABLE = Path(__file__).resolve().parent.parent / "jedi_kernels" / "dispatch_table.json"
+OURS = ("triton", "cuda")
+MAX_DIFF = {"bfloat16": 6e-2, "float16": 1e-2}  # |ours - SDPA| on unit-normal inputs: beyond this, a wrong kernel
+
+
+def derive(rows: list[dict], margin: float = 1.03, sources: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """(table entries, notes) from sweep rows; see the module docstring for the rule."""
+    classes: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if "ms" not in r or "best_sdpa" not in r or r.get("mask", "none") != "none" or "capability" not in r:
+            continue  # chunking / memory rows, masked rows, rows without an SDPA baseline or a device class
+        classes[(r["capability"], r["dtype"], int(r["D"]))].append(r)
+    entries, notes = [], []
+    for (cap, dtype, D), rs in sorted(classes.items()):
+        best = None
+        for b in OURS:
+            ratios = [r.get(f"ratio_{b}") for r in rs]
+            if any(x is None for x in ratios):
+                if any(x is not None for x in ratios):
+                    notes.append(f"{cap} {dtype} D={D} {b}: missing on some rows (errors: "
+                                 f"{sorted({e for r in rs for e in r.get('errors', {}) if e == b})})")
+                continue
+            worst = min(ratios)
+            diff = max(r.get("max_abs_diff_vs_sdpa", {}).get(b, 0.0) for r in rs)
+            gmean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            if diff > MAX_DIFF.get(dtype, 1e-2):
+                notes.append(f"{cap} {dtype} D={D} {b}: output differs from SDPA by {diff:.3g}: not eligible")
+            elif worst < margin:
+                notes.append(f"{cap} {dtype} D={D} {b}: worst row x{worst:.2f} < x{margin:.2f} "
+                             f"(geomean x{gmean:.2f}, {len(rs)} rows): stays SDPA")
+            elif best is None or gmean > best["geomean_speedup"]:
+                best = {"device": cap, "dtype": dtype, "head_dim": D, "masked": False, "backend": b,
+                        "worst_speedup": round(worst, 3), "geomean_speedup": round(gmean, 3), "rows": len(rs),
+                        "sources": sources or []}
+        if best:
+            entries.append(best)
+    return entries, notes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweeps", nargs="+", help="attention_sweep.py JSON files (or results.json with attention_sweep)")
+    ap.add_argument("--margin", type=float, default=1.03, help="minimum speedup over the best SDPA on every row")
+    ap.add_argument("--write", action="store_true", help=f"replace {TABLE.relative_to(TABLE.parent.parent)}")
+    args = ap.parse_args(argv)
+    rows = []
+    for p in args.sweeps:
+        data = json.loads(Path(p).read_text())
+        rows += data.get("attention_sweep", []) if isinstance(data, dict) else data
+    entries, notes = derive(rows, args.margin, [Path(p).name for p in args.sweeps])
+    for e in entries:
+        print(f"auto -> {e['backend']:6s} on {e['device']} {e['dtype']:8s} D={e['head_dim']:3d} "
+              f"(worst x{e['worst_speedup']:.2f}, geomean x{e['geomean_speedup']:.2f}, {e['rows']} rows)")
+    for n in notes:
+        print("  " + n)
+    if args.write:
+        doc = json.loads(TABLE.read_text())
+        doc["set_attention"] = entries
+        TABLE.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {len(entries)} entries to {TABLE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

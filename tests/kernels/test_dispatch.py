@@ -1,0 +1,84 @@
+"""backend="auto" is data: the packaged dispatch table loads, a bad one is ignored loudly, lookups honour it, and the
+table generator (benchmarks/make_dispatch_table.py) only grants a class to a kernel that won every measured row."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jedi_kernels import dispatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import make_dispatch_table as mdt  # noqa: E402
+
+
+def test_packaged_table_is_valid():
+    doc = json.loads(dispatch.TABLE_PATH.read_text())
+    assert isinstance(doc["set_attention"], list)
+    assert dispatch.load_table() == dispatch.SET_ATTENTION_TABLE
+
+
+def test_load_table_parses_entries(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"set_attention": [
+        {"device": "sm90", "dtype": "bfloat16", "head_dim": 40, "masked": False, "backend": "triton", "rows": 5}]}))
+    assert dispatch.load_table(p) == {("sm90", torch.bfloat16, 40, False): "triton"}
+    assert dispatch.load_table(tmp_path / "missing.json") == {}
+
+
+@pytest.mark.parametrize("doc", ['{"set_attention": [{"device": "sm90"}]}', "not json",
+                                 '{"set_attention": [{"device": "sm90", "dtype": "bfloat16", "head_dim": 40, '
+                                 '"masked": false, "backend": "flash"}]}'])
+def test_bad_table_warns_and_falls_back_to_sdpa(tmp_path, doc):
+    p = tmp_path / "t.json"
+    p.write_text(doc)
+    with pytest.warns(UserWarning, match="ignoring the dispatch table"):
+        assert dispatch.load_table(p) == {}
+
+
+def test_auto_follows_the_table(monkeypatch):
+    q = torch.empty(4, 16, 2 * 40, device="meta", dtype=torch.bfloat16)
+    monkeypatch.setattr(dispatch, "device_kind", lambda device: "sm90")
+    monkeypatch.setattr(dispatch, "triton_ok", lambda device: True)
+    monkeypatch.setattr(dispatch, "SET_ATTENTION_TABLE", {("sm90", torch.bfloat16, 40, False): "triton"})
+    assert dispatch.choose_set_attention_backend(q, 2, masked=False) == "triton"
+    assert dispatch.choose_set_attention_backend(q, 2, masked=True) == "torch"  # masked class not measured
+    assert dispatch.choose_set_attention_backend(q.to(torch.float16), 2, masked=False) == "torch"
+    monkeypatch.setattr(dispatch, "triton_ok", lambda device: False)
+    assert dispatch.choose_set_attention_backend(q, 2, masked=False) == "torch"  # listed but cannot run here
+
+
+def _row(D, ratio_triton, ratio_cuda=None, dtype="bfloat16", mode="fwd", ng=2, mask="none", diff=1e-3):
+    row = {"L": 4096, "D": D, "ng": ng, "dtype": dtype, "mode": mode, "mask": mask, "capability": "sm90",
+           "best_sdpa": "sdpa-cudnn", "ms": {"sdpa-cudnn": 1.0}, "errors": {},
+           "ratio_triton": ratio_triton, "max_abs_diff_vs_sdpa": {"triton": diff}}
+    if ratio_cuda is not None:
+        row["ratio_cuda"] = ratio_cuda
+        row["max_abs_diff_vs_sdpa"]["cuda"] = diff
+    return row
+
+
+def test_generator_needs_a_win_on_every_row():
+    rows = [_row(40, 1.3, 1.1), _row(40, 1.25, 1.2, mode="fwd+bwd"), _row(40, 1.4, 1.05, ng=4),
+            _row(80, 1.5), _row(80, 0.98, mode="fwd+bwd"),            # one loss: D=80 stays SDPA
+            _row(160, 1.2, diff=0.5),                                  # fast but wrong: not eligible
+            _row(40, 3.0, mask="blockdiag", ng=4)]                     # masked rows are never used
+    entries, notes = mdt.derive(rows, margin=1.03, sources=["x.json"])
+    assert [(e["head_dim"], e["backend"], e["masked"]) for e in entries] == [(40, "triton", False)]
+    assert entries[0]["worst_speedup"] == 1.25 and entries[0]["rows"] == 3 and entries[0]["sources"] == ["x.json"]
+    assert any("D=80 triton: worst row x0.98" in n for n in notes)
+    assert any("D=160 triton: output differs" in n for n in notes)
+
+
+def test_generator_picks_the_faster_of_our_backends_and_writes(tmp_path, monkeypatch):
+    rows = [_row(40, 1.2, 1.5), _row(40, 1.1, 1.4, mode="fwd+bwd")]
+    entries, _ = mdt.derive(rows)
+    assert entries[0]["backend"] == "cuda"
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(rows))
+    table = tmp_path / "dispatch_table.json"
+    table.write_text(json.dumps({"comment": "c", "set_attention": []}))
+    monkeypatch.setattr(mdt, "TABLE", table)
+    assert mdt.main([str(sweep), "--write"]) == 0
+    assert dispatch.load_table(table) == {("sm90", torch.bfloat16, 40, False): "cuda"}
