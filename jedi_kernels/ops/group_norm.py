@@ -68,7 +68,7 @@ if triton is not None:
         cm = c < C
         mean = tl.zeros([BLOCK_C], dtype=acc_t)
         m2 = tl.zeros([BLOCK_C], dtype=acc_t)
-        cnt = 0.0
+        cnt = tl.sum(mean, axis=0)  # 0 of type acc_t: a loop-carried value must keep its type (fp64 when WIDE)
         t0 = s * TILES_PER_SPLIT
         t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(HW, BLOCK_P))
         for t in range(t0, t1):
