@@ -1,11 +1,11 @@
 """JeDi paper Table 6 (inference time of one diffusion step) as pytest-benchmark: ``pytest benchmarks --benchmark-only
 -k table6``. Workloads, modes and peers are defined in ``table6.py`` (also a plain script, which gpu_check.sh runs).
 
-GPU (``-m gpu``; SD v1 UNet, 64x64 latents, fp16): {blipd, elite, jedi_ng2, jedi_ng4} x ours {eager, cuda_graph,
+GPU (``-m gpu``; SD v1 UNet, 64x64 latents, fp16): {blipd, elite, jedi_ng2, jedi_ng2_1b, jedi_ng4} x ours {eager, cuda_graph,
 compile, compile+cuda_graph} + diffusers {eager, compile}. They run only when selected (``-k`` naming table6, or
 ``JEDI_TABLE6=1``), so a plain ``pytest benchmarks -m gpu --benchmark-only`` does not spend minutes compiling.
 Each workload's models are built once (a module-scoped fixture, freed before the next workload).
-``JEDI_TABLE6_QUICK=1``: blipd, elite and jedi_ng2 only, no diffusers compile. ``extra_info`` records ms (do_bench
+``JEDI_TABLE6_QUICK=1``: blipd, elite, jedi_ng2 and jedi_ng2_1b only, no diffusers compile. ``extra_info`` records ms (do_bench
 median), ratio to blipd (same impl and mode, when blipd ran in this session), the paper's ratio, UNet batch, compile
 time, peak memory, device and versions.
 
