@@ -78,7 +78,9 @@ class GroupNorm32(nn.GroupNorm):
     Two switches, set by :meth:`JeDiUNet.set_fused_ops` (parameters and names never change):
     ``fused`` runs it as ``jedi_kernels.group_norm`` (two passes over x, NCHW or NHWC, one rounding), and ``silu``
     applies the SiLU that follows it in ResBlocks and the output head (the model then swaps that ``nn.SiLU`` for an
-    ``nn.Identity``), so norm and activation are one kernel.
+    ``nn.Identity``), so norm and activation are one kernel. The fused kernel serves inference: when a gradient is
+    needed the norm runs through torch (whose native backward is two kernels; the fused op's backward is a chain of
+    torch ops), with the same result.
     """
 
     fused: bool = False
@@ -86,7 +88,8 @@ class GroupNorm32(nn.GroupNorm):
     backend: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if self.fused and not needs_grad:
             return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu,
                                  backend=self.backend)
         w = self.weight.float() if self.weight is not None else None

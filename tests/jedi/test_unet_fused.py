@@ -90,6 +90,28 @@ def test_fused_set_back_is_bitwise_unfused():
         assert torch.equal(fused(**inp, set_size=2), base(**inp, set_size=2))
 
 
+def test_fused_norm_serves_inference_and_training_keeps_torch_backward(monkeypatch):
+    """The fused GroupNorm runs when no gradient is needed; under autograd the norm takes torch's native path (its
+    backward is 2 kernels, the fused op's a chain of torch ops). GEGLU has a Triton backward and stays fused."""
+    import jedi.unet as unet_mod
+
+    calls = {"group_norm": 0, "geglu": 0}
+    for name in calls:
+        real = getattr(jk, name)
+        monkeypatch.setattr(unet_mod.jk, name,
+                            lambda *a, _real=real, _n=name, **kw: calls.__setitem__(_n, calls[_n] + 1) or _real(*a, **kw))
+    base, fused = _pair(UNetConfig.tiny(channel_mult=(1, 2), attention_resolutions=(1,)))
+    fused.set_fused_ops(True, backend="torch")
+    inp = _inputs(base.config, N=2)
+    with torch.no_grad():
+        fused(**inp, set_size=2)
+    n_norms = _count(fused, GroupNorm32)
+    assert calls["group_norm"] == n_norms and calls["geglu"] == _count(fused, GEGLU)
+    calls.update(group_norm=0, geglu=0)
+    fused(**inp, set_size=2).sum().backward()
+    assert calls["group_norm"] == 0 and calls["geglu"] == _count(fused, GEGLU)
+
+
 def test_fused_gradients_match_unfused():
     base, fused = _pair(UNetConfig.tiny(channel_mult=(1, 2), attention_resolutions=(1,)))
     fused.set_fused_ops(True, backend="torch")
