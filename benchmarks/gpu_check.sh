@@ -5,8 +5,8 @@
 # on the same warm machine; `all` runs both in one call with the quick settings):
 #   kernels: build + install (pip install -e . --no-build-isolation --no-deps; without the CUDA set-attention
 #            sources if they fail to build), the torch-free CUDA attention harness (+ memcheck), `pytest -m gpu
-#            tests/kernels`, the kernel benchmarks (prepare_inputs, set_attention, geglu, group_norm), the attention
-#            sweep;
+#            tests/kernels`, the attention sweep (+ the dispatch table it justifies), the kernel benchmarks
+#            (prepare_inputs, geglu, group_norm, set_attention: whatever the budget leaves);
 #   model:   (re)build only if the extension is missing, `pytest -m gpu tests/jedi`, step_levers.py (issue 9's
 #            ladder, quick = no compiles), profile_step.py (eager and fused), the Table 6 reproduction (quick) in
 #            what is left of the budget.
@@ -82,15 +82,6 @@ timeout "$(lim ${JEDI_GPU_TEST_TIMEOUT:-150})" $PY -m pytest tests/kernels -m gp
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -25 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
-step "kernel benchmarks"
-sel=()
-if [ -n "$QUICK" ]; then sel=(-k "not ng8"); fi
-timeout "$(lim ${JEDI_BENCH_TIMEOUT:-180})" $PY -m pytest benchmarks/bench_prepare_inputs.py benchmarks/bench_set_attention.py \
-  benchmarks/bench_geglu.py benchmarks/bench_group_norm.py -m gpu --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT/bench.json" "${sel[@]}" >"$OUT/bench.log" 2>&1
-echo "bench rc=$?" | tee -a "$LOG"
-tail -8 "$OUT/bench.log" | tee -a "$LOG"
-
 step "attention sweep"
 timeout "$(lim ${JEDI_SWEEP_TIMEOUT:-120})" $PY benchmarks/attention_sweep.py --out "$OUT/attention.json" --quick \
   >"$OUT/sweep.log" 2>&1
@@ -98,6 +89,15 @@ echo "sweep rc=$?" | tee -a "$LOG"
 tail -40 "$OUT/sweep.log" | tee -a "$LOG"
 step "dispatch table the sweep justifies (commit with: make_dispatch_table.py attention.json --write)"
 [ -f "$OUT/attention.json" ] && $PY benchmarks/make_dispatch_table.py "$OUT/attention.json" 2>&1 | tee -a "$LOG"
+step "kernel benchmarks"
+sel=()
+if [ -n "$QUICK" ]; then sel=(-k "not ng8"); fi
+timeout "$(lim ${JEDI_BENCH_TIMEOUT:-180})" $PY -m pytest benchmarks/bench_prepare_inputs.py benchmarks/bench_geglu.py \
+  benchmarks/bench_group_norm.py benchmarks/bench_set_attention.py -m gpu --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench.json" "${sel[@]}" >"$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$LOG"
+tail -8 "$OUT/bench.log" | tee -a "$LOG"
+
 fi
 
 if want model; then
