@@ -23,6 +23,7 @@ hot path this kernel is for; see ``_backward``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -154,12 +155,18 @@ if triton is not None:
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=msk)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # the interpreter runs programs one after another: few, fat programs are fastest there
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of ints, called by every norm of every UNet step
 def split_plan(N: int, C: int, HW: int, num_sms: int) -> dict:
     """Tiling of the three kernels for an (N, C, HW) activation on a device with ``num_sms`` SMs.
 
@@ -195,7 +202,7 @@ def group_norm_fwd(
     CG = C // G
     wide = x.dtype == torch.float64
     acc = torch.float64 if wide else torch.float32
-    plan = split_plan(N, C, HW, _num_sms(x.device))
+    plan = split_plan(N, C, HW, _num_sms(x.device))  # cached dict: read, never modified
     S = plan["split"]
     pmean = torch.empty((N, S, C), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
