@@ -209,6 +209,27 @@ def chunking_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def rowsum_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """Triton forward with the softmax row sums on the tensor cores (P·1) vs one FADD per element
+    (``JEDI_ATTN_ROWSUM``; the static SASS count at d 40 says 530 vs 586 instructions per warp and tile)."""
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
+           "kind": "rowsum_dot_vs_fadd"}
+    old = os.environ.get("JEDI_ATTN_ROWSUM")
+    try:
+        for label in ("dot", "fadd"):
+            os.environ["JEDI_ATTN_ROWSUM"] = label
+            fn, _ = build_fn("triton", q, k, v, ng, HEADS, "fwd")
+            row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
+    finally:
+        if old is None:
+            os.environ.pop("JEDI_ATTN_ROWSUM", None)
+        else:
+            os.environ["JEDI_ATTN_ROWSUM"] = old
+    row["speedup_dot_vs_fadd"] = row["ms_fadd"] / row["ms_dot"]
+    return row
+
+
 def sweep(quick: bool, rep_ms: int) -> list[dict]:
     rows = []
     plan = []
@@ -242,6 +263,8 @@ def sweep(quick: bool, rep_ms: int) -> list[dict]:
         for L, D in SHAPES[: 2 if quick else 3]:
             rows.append(chunking_row(L, D, rep_ms=rep_ms))
             print(f"chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)
+        rows.append(rowsum_row(4096, 40, rep_ms=rep_ms))
+        print(f"rowsum on tensor cores vs FADD, L=4096 D=40: x{rows[-1]['speedup_dot_vs_fadd']:.2f}", flush=True)
     rows.append(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
     return rows

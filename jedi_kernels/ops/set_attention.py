@@ -108,6 +108,7 @@ def _set_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     HAS_MASK: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    SCALE_POS: tl.constexpr = True, ROWSUM_DOT: tl.constexpr = False,
 ):
     """Flash-attention forward for one (query tile of image i, set b, head h).
 
@@ -118,6 +119,13 @@ def _set_attn_fwd_kernel(
     and writes O = acc / ℓ and the natural-log logsumexp lse = ln 2 · (m + log2 ℓ) (what the backward recomputes P
     from). The head dim is D0 (+ D1) columns: one ``tl.dot`` per chunk for q kᵀ and for P v, fp32 accumulation.
     ImgList[i, :ImgCount[i]] lists the key images query image i may attend (HAS_MASK); without a mask all G.
+
+    At D = 40 the loop is bound by instruction issue and the exp unit, not the tensor cores (SASS per warp and 128x64
+    tile: ~650 instructions, 69 MUFU), so two switches trim per-element FP32 work:
+    SCALE_POS (scale > 0): the row max is taken on the raw q kᵀ and scaled once per row, and 2^(s·c − m) is one FFMA
+    per element (no separate multiply). ROWSUM_DOT: ℓ's row sums come from the tensor cores, P times a ones tile,
+    instead of one FADD per element plus shuffles (the sum is then of P as rounded for the P v product, so the
+    normalization matches the numerator).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -145,6 +153,10 @@ def _set_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    if ROWSUM_DOT:
+        # every column of P·1 is the row sum; 16 columns is the narrowest tensor-core tile
+        l_acc = tl.zeros([BLOCK_M, 16], tl.float32)
+        ones = tl.full([BLOCK_N, 16], 1.0, tl.float32 if DOT_F32 else Q.dtype.element_ty)
     visited = tl.zeros([BLOCK_M], tl.int32)
 
     if HAS_MASK:
@@ -173,16 +185,25 @@ def _set_attn_fwd_kernel(
             if DOT_F32:
                 k1 = k1.to(tl.float32)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
-        s = s * qk_scale_log2
+        if not SCALE_POS:
+            s = s * qk_scale_log2
         if not EVEN_N:
             # the tail of an image's last tile is not part of the image: -inf before the row max
             s = tl.where(n_ok[None, :], s, float("-inf"))
 
         # every visited tile has >= 1 valid key, so m_new is finite and alpha = 0 on the first tile
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if SCALE_POS:
+            # max(c·s) = c·max(s) for c > 0: scale the row max, and fold the scale into one FFMA per element
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+            p = tl.math.exp2(s * qk_scale_log2 - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if ROWSUM_DOT:
+            l_acc = tl.dot(p.to(ones.dtype), ones, l_acc * alpha[:, None], input_precision=PREC)
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
 
         v0 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
         if DOT_F32:
@@ -197,6 +218,8 @@ def _set_attn_fwd_kernel(
         if COUNT_TILES:
             visited += 1
 
+    if ROWSUM_DOT:
+        l_i = tl.max(l_acc, 1)  # all 16 columns hold the same row sum
     # a row with no allowed key (only reachable if a caller skipped set_mask validation) gets O = 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     inv_l = 1.0 / l_safe
@@ -471,6 +494,16 @@ def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
+def _rowsum_dot(width: int, dtype: torch.dtype) -> bool:
+    """Forward row sums on the tensor cores (``ROWSUM_DOT``): where the per-element FADDs cost more issue slots than
+    a 16-column P·1 product costs tensor time, i.e. narrow heads (the exp/issue-bound d <= 64 class) in half
+    precision. ``JEDI_ATTN_ROWSUM=dot|fadd`` forces one way (benchmarks compare both)."""
+    force = os.environ.get("JEDI_ATTN_ROWSUM", "")
+    if force in ("dot", "fadd"):
+        return force == "dot"
+    return width <= 64 and dtype in (torch.float16, torch.bfloat16)
+
+
 def _dclass(D0: int, D1: int, dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "f32"  # GPU fp32 is for tests: small tiles that fit shared memory at every head dim
@@ -502,7 +535,7 @@ _DQ_CONFIGS = {
     "d256": [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],
     "f32": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
 }
-_TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK"]
+_TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK", "ROWSUM_DOT"]  # names a kernel lacks are skipped
 
 
 @functools.lru_cache(maxsize=None)
@@ -635,7 +668,7 @@ def set_attn_fwd(
         H, G, L,
     )
     meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, COUNT_TILES=count,
-                DOT_F32=dot_f32, PREC=prec)
+                DOT_F32=dot_f32, PREC=prec, SCALE_POS=scale > 0, ROWSUM_DOT=_rowsum_dot(D0 + D1, q.dtype))
 
     def grid(c):
         return (G * triton.cdiv(L, c["BLOCK_M"]), B * H)

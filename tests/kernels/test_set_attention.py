@@ -412,6 +412,32 @@ def test_torch_compile_fullgraph_fwd_bwd():
     assert_close_verbose(g_c, g_e, atol=1e-6, name="compiled grad")
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-3])
+def test_non_positive_and_tiny_scales(scale):
+    """The forward folds a positive scale into one FFMA after the row max (max(c·s) = c·max(s) needs c > 0); zero and
+    negative scales take the general path. Both against the reference."""
+    device = _device()
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    G, L, H, D = 2, 17, 2, 40
+    q, k, v = (torch.randn(G, L, H * D, device=device, dtype=dtype) for _ in range(3))
+    out = jk.set_attention(q, k, v, G, H, backend="triton", scale=scale)
+    ref64 = reference.set_attention_reference(*(t.double() for t in (q, k, v)), G, H, scale=scale)
+    same = reference.set_attention_reference(q, k, v, G, H, scale=scale)
+    assert_flash_rule(out, same, ref64, f"out scale={scale}")
+
+
+@pytest.mark.parametrize("rowsum", ["dot", "fadd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rowsum_on_tensor_cores_or_fadd(monkeypatch, rowsum, dtype):
+    """Both ways of summing the softmax rows (P·1 on the tensor cores, or one FADD per element) pass the flash rule,
+    forward and backward (the backward recomputes P from the forward's logsumexp)."""
+    monkeypatch.setenv("JEDI_ATTN_ROWSUM", rowsum)
+    device = _device()
+    if device.type == "cuda" and dtype == torch.float32:
+        dtype = torch.float16
+    _check_case(1, 2, 33, 2, 40, dtype=dtype, mask="jedi")
+
+
 def test_public_api_backward_matches_reference():
     """jedi_kernels.set_attention(..., backend="triton") is differentiable and matches the reference."""
     device = _device()
