@@ -31,7 +31,10 @@ _MASK_CACHE_SIZE = 8
 
 
 def _mask_facts(set_mask: torch.Tensor) -> dict | None:
-    """{"empty_rows": [...], "identity": bool} of a (G, G) bool mask, cached; None where a sync is not allowed."""
+    """{"empty_rows": [...], "identity": bool} of a (G, G) bool mask, cached; None where a sync is not allowed and
+    always while compiling (no Python-state lookups for dynamo to guard on)."""
+    if torch.compiler.is_compiling():
+        return None
     for ref, version, facts in _MASK_CACHE:
         if ref() is set_mask and version == set_mask._version:
             return facts
