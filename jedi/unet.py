@@ -24,6 +24,7 @@ C channels.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -339,7 +340,9 @@ class JeDiUNet(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config = cfg = config
+        # a private copy: set_fused_ops records its state here, and a config shared by several models must not
+        # claim a state only one of them is in
+        self.config = cfg = dataclasses.replace(config)
         self.gradient_checkpointing = cfg.use_checkpoint
         C0, E = cfg.model_channels, cfg.time_embed_dim
 
