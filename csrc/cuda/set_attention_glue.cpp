@@ -1,4 +1,4 @@
-// Torch glue of the CUDA set attention (schemas in csrc/ops.cpp): argument checks naming the argument, layout
+// Torch glue of the CUDA set attention (schemas in csrc/schemas.cpp): argument checks naming the argument, layout
 // fix-ups (a copy only where the kernel's 16-byte vector loads cannot read a view), allocation of outputs and
 // workspaces, stream and device, launch, error check. No host synchronization: capturable in CUDA graphs.
 #include <ATen/ATen.h>
@@ -71,6 +71,28 @@ at::Tensor mask_u8(const std::optional<at::Tensor>& set_mask, const at::Tensor& 
   return m.to(at::kByte).contiguous();
 }
 
+// The fields SetAttnParams and SetAttnBwdParams share: q/k/v pointers and row strides, the mask, the shape, scale.
+template <typename Params>
+void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                 const Shape& s, double scale) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride_n = q.stride(0);
+  p.q_stride_l = q.stride(1);
+  p.k_stride_n = k.stride(0);
+  p.k_stride_l = k.stride(1);
+  p.v_stride_n = v.stride(0);
+  p.v_stride_l = v.stride(1);
+  p.set_mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+  p.B = s.B;
+  p.G = s.G;
+  p.L = s.L;
+  p.H = s.H;
+  p.D = s.D;
+  p.scale = static_cast<float>(scale);
+}
+
 std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           const at::Tensor& v_in, int64_t set_size, int64_t heads,
                                                           double scale, const std::optional<at::Tensor>& set_mask) {
@@ -91,24 +113,9 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
 
   const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
   SetAttnParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride_n = q.stride(0);
-  p.q_stride_l = q.stride(1);
-  p.k_stride_n = k.stride(0);
-  p.k_stride_l = k.stride(1);
-  p.v_stride_n = v.stride(0);
-  p.v_stride_l = v.stride(1);
+  fill_common(p, q, k, v, mask, s, scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.set_mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
-  p.B = s.B;
-  p.G = s.G;
-  p.L = s.L;
-  p.H = s.H;
-  p.D = s.D;
-  p.scale = static_cast<float>(scale);
   const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};
@@ -153,34 +160,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
   at::Tensor delta = at::empty({set_attn_delta_elems(s.B, s.G, s.L, s.H)}, q_in.options().dtype(at::kFloat));
 
   SetAttnBwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  fill_common(p, q, k, v, mask, s, scale);
   p.out = o.data_ptr();
   p.dout = g.data_ptr();
-  p.q_stride_n = q.stride(0);
-  p.q_stride_l = q.stride(1);
-  p.k_stride_n = k.stride(0);
-  p.k_stride_l = k.stride(1);
-  p.v_stride_n = v.stride(0);
-  p.v_stride_l = v.stride(1);
   p.o_stride_n = o.stride(0);
   p.o_stride_l = o.stride(1);
   p.do_stride_n = g.stride(0);
   p.do_stride_l = g.stride(1);
   p.lse = lse.data_ptr<float>();
-  p.set_mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dq_accum = dq_accum.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
-  p.B = s.B;
-  p.G = s.G;
-  p.L = s.L;
-  p.H = s.H;
-  p.D = s.D;
-  p.scale = static_cast<float>(scale);
   const cudaError_t err = set_attention_bwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {dq, dk, dv};
