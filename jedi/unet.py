@@ -79,18 +79,24 @@ class GroupNorm32(nn.GroupNorm):
     Two switches, set by :meth:`JeDiUNet.set_fused_ops` (parameters and names never change):
     ``fused`` runs it as ``jedi_kernels.group_norm`` (two passes over x, NCHW or NHWC, one rounding), and ``silu``
     applies the SiLU that follows it in ResBlocks and the output head (the model then swaps that ``nn.SiLU`` for an
-    ``nn.Identity``), so norm and activation are one kernel. The fused kernel serves inference: when a gradient is
-    needed the norm runs through torch (whose native backward is two kernels; the fused op's backward is a chain of
-    torch ops), with the same result.
+    ``nn.Identity``), so norm and activation are one kernel. Under autograd the fused op runs only with its Triton
+    backend (backend "triton", or "auto" on CUDA): its torch backend's backward is a chain of torch ops, slower than
+    torch's native GroupNorm backward, so there the norm takes torch's path (same result).
     """
 
     fused: bool = False
     silu: bool = False
     backend: str = "auto"
 
+    def _run_fused(self, x: torch.Tensor) -> bool:
+        if not self.fused:
+            return False
+        if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return True
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if self.fused and not needs_grad:
+        if self._run_fused(x):
             return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu,
                                  backend=self.backend)
         w = self.weight.float() if self.weight is not None else None

@@ -15,7 +15,7 @@ every interpreter test and still fail to compile for the GPU. This tool closes t
    list, the one used when autotuning is off). ptxas runs (it ships with Triton); ``ptxas -v`` reports registers and spill bytes,
    Triton's metadata the shared memory, per kernel.
 
-Exit status 1 if any kernel fails to compile (or spills, with ``--no-spills``).
+Exit status 1 if any kernel fails to compile (or, with ``--no-spills``, spills on sm_90 in fp16/bf16).
 """
 from __future__ import annotations
 
@@ -77,11 +77,12 @@ def _record(out_path: str) -> None:
                 x_t, x0 = (t.detach().to(memory_format=torch.channels_last).requires_grad_() for t in (x_t, x0))
             jk.prepare_inputs(x_t, x0, torch.tensor([True, False]), backend="triton").sum().backward()
     for dtype in (*halves, torch.float32, torch.float64):
-        x = torch.randn(2, 64, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
+        x = torch.randn(1, 64, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)  # 64-pixel tiles, as at SD sizes
         for silu, affine in ((True, True), (False, False)):
-            w = torch.randn(64) if affine else None
-            jk.group_norm(x, 32, w, w, 1e-5, silu=silu, backend="triton")
-        h = torch.randn(3, 2 * 40, dtype=dtype, requires_grad=True)
+            w = torch.randn(64, requires_grad=True) if affine else None
+            xg = x.detach().requires_grad_()
+            jk.group_norm(xg, 32, w, w, 1e-5, silu=silu, backend="triton").float().sum().backward()
+        h = torch.randn(16, 2 * 256, dtype=dtype, requires_grad=True)  # 16 x 256 tiles, as at SD sizes
         jk.geglu(h, backend="triton").sum().backward()
     cases = [(40, torch.bfloat16, False), (40, torch.float16, False), (80, torch.bfloat16, False),
              (80, torch.bfloat16, True), (160, torch.float16, False), (64, torch.bfloat16, False),
@@ -203,7 +204,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90)")
     ap.add_argument("--all-configs", action="store_true", help="every autotune config of the set-attention kernels")
-    ap.add_argument("--no-spills", action="store_true", help="fail on register spills too")
+    ap.add_argument("--no-spills", action="store_true",
+                    help="also fail on register spills of the production path: sm_90, fp16/bf16 kernels (fp32/fp64 "
+                         "variants exist for tests, sm_80 configs are tuned for H100; those spills are reported only)")
     ap.add_argument("--json", help="write the per-kernel report here")
     ap.add_argument("--record", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 failed += 1
-            spilled += bool(row.get("spills"))
+            spilled += bool(row.get("spills")) and arch == 90 and row["dtype"] in ("fp16", "bf16")
             report.append(row)
             status = row.get("error", "").splitlines()[-1][:150] if "error" in row else (
                 f"regs {row.get('regs')} spills {row.get('spills')} smem {row['shared']} ({row['compile_s']} s)")
@@ -243,7 +246,9 @@ def main(argv=None) -> int:
                   f"{status}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"{len(report)} compiles, {failed} failed, {spilled} with spills")
+    n_spill = sum(bool(r.get("spills")) for r in report)
+    print(f"{len(report)} compiles, {failed} failed, {n_spill} with spills ({spilled} on the production path: "
+          f"sm_90 fp16/bf16)")
     return 1 if failed or (args.no_spills and spilled) else 0
 
 

@@ -18,8 +18,9 @@ GPU mostly idle. Here the statistics are split three ways:
      in x's dtype and layout.
 
 x is read twice and y written once (torch's eager GroupNorm32 + SiLU: a cast to fp32, the norm, a SiLU and a cast
-back, all materialized). Math is fp32 (fp64 for fp64 inputs). The backward runs as torch ops (training is not the
-hot path this kernel is for; see ``_backward``).
+back, all materialized). Math is fp32 (fp64 for fp64 inputs). The backward (``jedi::group_norm_backward``) recomputes
+the statistics, sums dxhat and dxhat * xhat per channel over the same splits, and writes dx in one more pass:
+x is read three times and the gradient twice, nothing is saved but x.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ try:
 except ImportError:  # triton is optional: the torch backend still works
     triton = None
 
-__all__ = ["group_norm_op", "group_norm_fwd", "split_plan"]
+__all__ = ["group_norm_op", "group_norm_fwd", "group_norm_bwd", "split_plan"]
 
 
 def _fmt(t: torch.Tensor) -> torch.memory_format:
@@ -70,13 +71,14 @@ if triton is not None:
         mean = tl.zeros([BLOCK_C], dtype=acc_t)
         m2 = tl.zeros([BLOCK_C], dtype=acc_t)
         cnt = tl.sum(mean, axis=0)  # 0 of type acc_t: a loop-carried value must keep its type (fp64 when WIDE)
+        x_img = x_ptr + n * s_xn  # int64 image base; offsets inside an image are int32
         t0 = s * TILES_PER_SPLIT
         t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(HW, BLOCK_P))
         for t in range(t0, t1):
-            p = tl.arange(0, BLOCK_P).to(tl.int64) + t * BLOCK_P  # int64: p * s_xp may pass 2**31
+            p = tl.arange(0, BLOCK_P) + t * BLOCK_P
             pm = p < HW
             msk = pm[:, None] & cm[None, :]
-            x = tl.load(x_ptr + n * s_xn + p[:, None] * s_xp + c[None, :] * s_xc, mask=msk, other=0.0).to(acc_t)
+            x = tl.load(x_img + p[:, None] * s_xp + c[None, :] * s_xc, mask=msk, other=0.0).to(acc_t)
             nb = tl.minimum(HW - t * BLOCK_P, BLOCK_P).to(acc_t)
             mean_b = tl.sum(x, axis=0) / nb
             d = tl.where(msk, x - mean_b[None, :], 0.0)
@@ -136,7 +138,7 @@ if triton is not None:
         acc_t = tl.float64 if WIDE else tl.float32
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
-        p = tl.arange(0, BLOCK_P).to(tl.int64) + t * BLOCK_P
+        p = tl.arange(0, BLOCK_P) + t * BLOCK_P
         msk = (p < HW)[:, None] & cm[None, :]
         grp = n * G + c // CG
         mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
@@ -147,12 +149,112 @@ if triton is not None:
         shift = -mean * scale
         if HAS_B:
             shift = shift + tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t)
-        off = n * s_xn + p[:, None] * s_xp + c[None, :] * s_xc
-        x = tl.load(x_ptr + off, mask=msk, other=0.0).to(acc_t)
+        off = p[:, None] * s_xp + c[None, :] * s_xc  # within image n: int32 (the launcher checks C*HW < 2**31)
+        x = tl.load(x_ptr + n * s_xn + off, mask=msk, other=0.0).to(acc_t)
         y = x * scale[None, :] + shift[None, :]  # (x - mean) * rstd * w + b, one FMA per element
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=msk)
+        tl.store(y_ptr + n * s_xn + off, y.to(y_ptr.dtype.element_ty), mask=msk)
+
+
+    @triton.jit
+    def _gn_bwd_terms(x, dz, mean, rstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr):
+        """(xhat, dy, dxhat) of a tile: xhat = (x - mean) * rstd, y = xhat * w + b, dy = dz * silu'(y) (or dz),
+        dxhat = dy * w. Per-channel vectors broadcast over the tile's pixel rows."""
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        dy = dz
+        if SILU:
+            y = xhat
+            if HAS_W:
+                y = y * w[None, :]
+            if HAS_B:
+                y = y + b[None, :]
+            sig = 1.0 / (1.0 + tl.exp(-y))
+            dy = dz * sig * (1.0 + y * (1.0 - sig))
+        dxhat = dy
+        if HAS_W:
+            dxhat = dy * w[None, :]
+        return xhat, dy, dxhat
+
+    @triton.jit
+    def _gn_bwd_partial_kernel(
+        x_ptr, dz_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pa_ptr, pb_ptr, pdw_ptr, pdb_ptr,
+        C, HW, G, CG, TILES_PER_SPLIT,
+        s_xn, s_xc, s_xp,  # x and dz strides (same layout)
+        s_pn, s_ps,  # partial buffers (N, SPLIT, C), channel stride 1
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
+    ):
+        """Per-channel sums over a pixel slice of image n: sum dxhat, sum dxhat * xhat (for dx), sum dy * xhat and
+        sum dy (for dweight, dbias)."""
+        n = tl.program_id(0).to(tl.int64)
+        cb = tl.program_id(1)
+        s = tl.program_id(2)
+        acc_t = tl.float64 if WIDE else tl.float32
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = c < C
+        grp = n * G + c // CG
+        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_W else mean
+        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_B else mean
+        sa = tl.zeros([BLOCK_C], dtype=acc_t)
+        sb = tl.zeros([BLOCK_C], dtype=acc_t)
+        sdw = tl.zeros([BLOCK_C], dtype=acc_t)
+        sdb = tl.zeros([BLOCK_C], dtype=acc_t)
+        t0 = s * TILES_PER_SPLIT
+        t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(HW, BLOCK_P))
+        x_img = x_ptr + n * s_xn  # int64 image bases; offsets inside an image are int32
+        dz_img = dz_ptr + n * s_xn
+        for t in range(t0, t1):
+            p = tl.arange(0, BLOCK_P) + t * BLOCK_P
+            msk = (p < HW)[:, None] & cm[None, :]
+            off = p[:, None] * s_xp + c[None, :] * s_xc
+            x = tl.load(x_img + off, mask=msk, other=0.0).to(acc_t)
+            dz = tl.load(dz_img + off, mask=msk, other=0.0).to(acc_t)
+            xhat, dy, dxhat = _gn_bwd_terms(x, dz, mean, rstd, w, b, HAS_W, HAS_B, SILU)
+            xhat = tl.where(msk, xhat, 0.0)  # masked pixels: x = 0 gives xhat != 0, and dz = 0 keeps dy = 0
+            sa += tl.sum(dxhat, axis=0)
+            sb += tl.sum(dxhat * xhat, axis=0)
+            sdw += tl.sum(dy * xhat, axis=0)
+            sdb += tl.sum(dy, axis=0)
+        dst = n * s_pn + s * s_ps + c
+        tl.store(pa_ptr + dst, sa, mask=cm)
+        tl.store(pb_ptr + dst, sb, mask=cm)
+        tl.store(pdw_ptr + dst, sdw, mask=cm)
+        tl.store(pdb_ptr + dst, sdb, mask=cm)
+
+    @triton.jit
+    def _gn_bwd_apply_kernel(
+        x_ptr, dz_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr,
+        C, HW, G, CG,
+        s_xn, s_xc, s_xp,  # x, dz and dx strides (same layout)
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
+    ):
+        """dx = rstd * (dxhat - c1[n, g] - xhat * c2[n, g]), c1 = mean_g(dxhat), c2 = mean_g(dxhat * xhat)."""
+        n = tl.program_id(0).to(tl.int64)
+        cb = tl.program_id(1)
+        t = tl.program_id(2)
+        acc_t = tl.float64 if WIDE else tl.float32
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = c < C
+        grp = n * G + c // CG
+        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+        c1 = tl.load(c1_ptr + grp, mask=cm, other=0.0)
+        c2 = tl.load(c2_ptr + grp, mask=cm, other=0.0)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_W else mean
+        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_B else mean
+        p = tl.arange(0, BLOCK_P) + t * BLOCK_P
+        msk = (p < HW)[:, None] & cm[None, :]
+        base = n * s_xn  # int64 image base; offsets inside an image are int32
+        off = p[:, None] * s_xp + c[None, :] * s_xc
+        x = tl.load(x_ptr + base + off, mask=msk, other=0.0).to(acc_t)
+        dz = tl.load(dz_ptr + base + off, mask=msk, other=0.0).to(acc_t)
+        xhat, dy, dxhat = _gn_bwd_terms(x, dz, mean, rstd, w, b, HAS_W, HAS_B, SILU)
+        dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+        tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=msk)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,8 +269,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=1024)  # a pure function of ints, called by every norm of every UNet step
-def split_plan(N: int, C: int, HW: int, num_sms: int) -> dict:
+def split_plan(N: int, C: int, HW: int, num_sms: int, tile: int = 2048) -> dict:
     """Tiling of the three kernels for an (N, C, HW) activation on a device with ``num_sms`` SMs.
+
+    ``tile``: elements per program tile (2048 forward; the backward's kernels keep more values live per element and
+    use 1024): with 4 warps that is 16 (8) elements per thread, which compiles to <= 128 registers on sm_90 (163 on
+    sm_80) without spills; 4096 took 255 registers in the forward and spilled in the backward
+    (tools/triton_aot_check.py).
 
     Returns dict(BLOCK_C, BLOCK_P, n_cblk, n_ptiles, tiles_per_split, split): the partial-statistics grid is
     (N, n_cblk, split), sized to about 4 programs per SM (never more splits than pixel tiles, at most 64 so the
@@ -176,7 +283,7 @@ def split_plan(N: int, C: int, HW: int, num_sms: int) -> dict:
     BLOCK_P pixels except possibly the last.
     """
     block_c = min(triton.next_power_of_2(C), 64)
-    block_p = max(16, min(4096 // block_c, triton.next_power_of_2(HW)))
+    block_p = max(16, min(tile // block_c, triton.next_power_of_2(HW)))
     n_cblk = triton.cdiv(C, block_c)
     n_ptiles = triton.cdiv(HW, block_p)
     want = triton.cdiv(4 * num_sms, N * n_cblk)
@@ -185,6 +292,37 @@ def split_plan(N: int, C: int, HW: int, num_sms: int) -> dict:
     split = triton.cdiv(n_ptiles, tiles_per_split)  # no empty split
     return dict(BLOCK_C=block_c, BLOCK_P=block_p, n_cblk=n_cblk, n_ptiles=n_ptiles,
                 tiles_per_split=tiles_per_split, split=split)
+
+
+def _check_int32(x: torch.Tensor) -> None:
+    """The kernels index inside one image with int32 (fewer registers than int64 per element)."""
+    if x[0].numel() >= 2**31:
+        raise ValueError(f"group_norm: one image of x has {x[0].numel()} elements; the Triton kernels index an image "
+                         f"with int32 (< 2**31 elements); use backend='torch'")
+
+
+def _stats(x: torch.Tensor, G: int, eps: float, plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd), each (N, G) in the math dtype, of x (N, C, H, W) laid out NCHW or NHWC."""
+    N, C, H, W = x.shape
+    HW, CG = H * W, C // G
+    wide = x.dtype == torch.float64
+    acc = torch.float64 if wide else torch.float32
+    S = plan["split"]
+    pmean = torch.empty((N, S, C), device=x.device, dtype=acc)
+    pm2 = torch.empty_like(pmean)
+    _gn_partial_kernel[(N, plan["n_cblk"], S)](
+        x, pmean, pm2, C, HW, plan["tiles_per_split"],
+        x.stride(0), x.stride(1), x.stride(3), pmean.stride(0), pmean.stride(1),
+        BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], WIDE=wide,
+    )
+    mean = torch.empty((N, G), device=x.device, dtype=acc)
+    rstd = torch.empty_like(mean)
+    _gn_stats_kernel[(N * G,)](
+        pmean, pm2, mean, rstd, G, CG, HW, S, plan["tiles_per_split"] * plan["BLOCK_P"], float(CG * HW), eps,
+        pmean.stride(0), pmean.stride(1),
+        BLOCK_S=triton.next_power_of_2(S), BLOCK_G=triton.next_power_of_2(CG), WIDE=wide,
+    )
+    return mean, rstd
 
 
 def group_norm_fwd(
@@ -201,23 +339,9 @@ def group_norm_fwd(
     HW, G = H * W, num_groups
     CG = C // G
     wide = x.dtype == torch.float64
-    acc = torch.float64 if wide else torch.float32
+    _check_int32(x)
     plan = split_plan(N, C, HW, _num_sms(x.device))  # cached dict: read, never modified
-    S = plan["split"]
-    pmean = torch.empty((N, S, C), device=x.device, dtype=acc)
-    pm2 = torch.empty_like(pmean)
-    _gn_partial_kernel[(N, plan["n_cblk"], S)](
-        x, pmean, pm2, C, HW, plan["tiles_per_split"],
-        x.stride(0), x.stride(1), x.stride(3), pmean.stride(0), pmean.stride(1),
-        BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], WIDE=wide,
-    )
-    mean = torch.empty((N, G), device=x.device, dtype=acc)
-    rstd = torch.empty_like(mean)
-    _gn_stats_kernel[(N * G,)](
-        pmean, pm2, mean, rstd, G, CG, HW, S, plan["tiles_per_split"] * plan["BLOCK_P"], float(CG * HW), eps,
-        pmean.stride(0), pmean.stride(1),
-        BLOCK_S=triton.next_power_of_2(S), BLOCK_G=triton.next_power_of_2(CG), WIDE=wide,
-    )
+    mean, rstd = _stats(x, G, eps, plan)
     y = torch.empty_like(x)
     dummy = mean  # never read when HAS_W / HAS_B is False
     _gn_apply_kernel[(N, plan["n_cblk"], plan["n_ptiles"])](
@@ -227,6 +351,59 @@ def group_norm_fwd(
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WIDE=wide,
     )
     return y
+
+
+def group_norm_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Triton launcher of the backward (statistics recomputed from x: one more read of x instead of saving them).
+
+    Args:
+        grad: (N, C, H, W) gradient of the output. x, num_groups, weight, bias, eps, silu: the forward's.
+
+    Returns:
+        (dx like x, dweight (C,) or None, dbias (C,) or None); dweight/dbias in the parameters' dtypes.
+    """
+    fmt = _fmt(x)
+    x = x.contiguous(memory_format=fmt)
+    grad = grad.contiguous(memory_format=fmt)
+    if grad.stride() != x.stride():  # e.g. a size-1 dim with another stride: one layout for both
+        grad = torch.empty_like(x).copy_(grad)
+    N, C, H, W = x.shape
+    HW, G = H * W, num_groups
+    CG = C // G
+    wide = x.dtype == torch.float64
+    acc = torch.float64 if wide else torch.float32
+    _check_int32(x)
+    mean, rstd = _stats(x, G, eps, split_plan(N, C, HW, _num_sms(x.device)))
+    plan = split_plan(N, C, HW, _num_sms(x.device), tile=1024)
+    S = plan["split"]
+    parts = torch.empty((4, N, S, C), device=x.device, dtype=acc)  # sum dxhat, sum dxhat*xhat, dweight, dbias
+    dummy = mean
+    common = dict(BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], HAS_W=weight is not None,
+                  HAS_B=bias is not None, SILU=silu, WIDE=wide)
+    wb = (weight if weight is not None else dummy, bias if bias is not None else dummy)
+    _gn_bwd_partial_kernel[(N, plan["n_cblk"], S)](
+        x, grad, *wb, mean, rstd, parts[0], parts[1], parts[2], parts[3],
+        C, HW, G, CG, plan["tiles_per_split"], x.stride(0), x.stride(1), x.stride(3),
+        parts.stride(1), parts.stride(2), **common,
+    )
+    # (4, N, S, C) -> per (n, group) means of dxhat and dxhat * xhat: a few hundred KB, torch reduces it
+    sums = parts[:2].sum(2).view(2, N, G, CG).sum(-1) / (CG * HW)  # (2, N, G)
+    c1, c2 = sums[0].contiguous(), sums[1].contiguous()
+    dx = torch.empty_like(x)
+    _gn_bwd_apply_kernel[(N, plan["n_cblk"], plan["n_ptiles"])](
+        x, grad, dx, *wb, mean, rstd, c1, c2, C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), **common,
+    )
+    dw = parts[2].sum((0, 1)).to(weight.dtype) if weight is not None else None
+    db = parts[3].sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
 
 
 def _torch_fwd(x, num_groups, weight, bias, eps, silu):
@@ -253,44 +430,78 @@ def _(x, num_groups, weight, bias, eps, silu, backend):
     return torch.empty_like(x, memory_format=_fmt(x))
 
 
-def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, silu, backend = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
-
-
-def _backward(ctx, grad):
-    """Gradients as torch ops, math in fp32 (fp64 for fp64), statistics recomputed from x:
+def _torch_bwd(grad, x, num_groups, weight, bias, eps, silu):
+    """The backward as torch ops, math in fp32 (fp64 for fp64), statistics recomputed from x:
 
         y = xhat * w + b, z = silu(y): dy = dz * sig(y) * (1 + y * (1 - sig(y)))
         dw = sum_{n,p} dy * xhat, db = sum_{n,p} dy
         dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dy * w
     """
-    x, weight, bias = ctx.saved_tensors
-    G = ctx.num_groups
+    G = num_groups
     md = torch.float64 if x.dtype == torch.float64 else torch.float32
     N, C = x.shape[:2]
     xg = x.to(md).reshape(N, G, -1)  # (N, C, H, W) -> (N, G, C/G * H*W)
     mean = xg.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(xg.var(-1, unbiased=False, keepdim=True) + ctx.eps)
+    rstd = torch.rsqrt(xg.var(-1, unbiased=False, keepdim=True) + eps)
     xhat = ((xg - mean) * rstd).reshape(x.shape)
     w = weight.to(md).view(1, C, 1, 1) if weight is not None else None
     dy = grad.to(md)
-    if ctx.silu:
+    if silu:
         y = xhat * w if w is not None else xhat
         if bias is not None:
             y = y + bias.to(md).view(1, C, 1, 1)
         sig = torch.sigmoid(y)
         dy = dy * sig * (1 + y * (1 - sig))
-    dw = (dy * xhat).sum((0, 2, 3)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-    db = dy.sum((0, 2, 3)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
-    dx = None
-    if ctx.needs_input_grad[0]:
-        dxh = (dy * w if w is not None else dy).reshape(N, G, -1)
-        xh = xhat.reshape(N, G, -1)
-        dxg = rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))
-        dx = dxg.reshape(x.shape).to(x.dtype).contiguous(memory_format=_fmt(x))
-    return dx, None, dw, db, None, None, None
+    dw = (dy * xhat).sum((0, 2, 3)).to(weight.dtype) if weight is not None else None
+    db = dy.sum((0, 2, 3)).to(bias.dtype) if bias is not None else None
+    dxh = (dy * w if w is not None else dy).reshape(N, G, -1)
+    xh = xhat.reshape(N, G, -1)
+    dxg = rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))
+    dx = dxg.reshape(x.shape).to(x.dtype).contiguous(memory_format=_fmt(x))
+    return dx, dw, db
+
+
+@torch.library.custom_op("jedi::group_norm_backward", mutates_args=())
+def _group_norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    silu: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dweight / dbias are empty (0,) tensors when weight / bias is None."""
+    fn = group_norm_bwd if backend == "triton" else _torch_bwd
+    dx, dw, db = fn(grad, x, num_groups, weight, bias, eps, silu)
+    empty = x.new_empty((0,))
+    return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+
+
+@_group_norm_backward.register_fake
+def _(grad, x, num_groups, weight, bias, eps, silu, backend):
+    dx = torch.empty_like(x, memory_format=_fmt(x))
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, silu, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.num_groups, ctx.eps, ctx.silu, ctx.backend = num_groups, eps, silu, backend
+
+
+def _backward(ctx, grad):
+    """jedi::group_norm_backward (Triton: statistics recomputed, per-channel partial sums split like the forward's,
+    then one pass writing dx; torch: :func:`_torch_bwd`)."""
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = torch.ops.jedi.group_norm_backward(grad, x, ctx.num_groups, weight, bias, ctx.eps, ctx.silu,
+                                                    ctx.backend)
+    return (dx if ctx.needs_input_grad[0] else None, None,
+            dw if weight is not None and ctx.needs_input_grad[2] else None,
+            db if bias is not None and ctx.needs_input_grad[3] else None, None, None, None)
 
 
 _group_norm.register_autograd(_backward, setup_context=_setup_context)

@@ -126,6 +126,34 @@ def test_many_splits_merge_exactly(monkeypatch, shape):
     assert_close_verbose(y, ref, atol=1e-12, name=f"group_norm split={plan['split']}")
 
 
+@needs_triton
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_backward_many_splits_exact_fp64(monkeypatch, affine):
+    """The Triton backward's per-channel partial sums merged across several splits (H100-sized plan), uneven tail."""
+    monkeypatch.setattr(gn_ops, "_num_sms", lambda device: 132)
+    shape = (2, 40, 33, 31)
+    assert gn_ops.split_plan(2, 40, 33 * 31, 132)["split"] > 1
+    x = _x(shape, torch.float64, "nhwc", offset=1.5).requires_grad_()
+    w, b = (torch.randn(40, dtype=torch.float64, requires_grad=True) for _ in range(2)) if affine else (None, None)
+    gy = torch.randn(shape, dtype=torch.float64)
+    leaves = [t for t in (x, w, b) if t is not None]
+    ours = torch.autograd.grad(jk.group_norm(x, 4, w, b, 1e-5, silu=True, backend="triton"), leaves, gy)
+    ref = torch.autograd.grad(group_norm_reference(x, 4, w, b, 1e-5, True), leaves, gy)
+    for name, o, r in zip(("dx", "dweight", "dbias"), ours, ref):
+        assert_close_verbose(o, r, atol=1e-11 * max(1.0, float(r.abs().max())), name=f"{name} split")
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward(backend):
+    x = _x((2, 8, 3, 4), torch.float32, "nhwc")
+    g = torch.randn(2, 8, 3, 4).to(memory_format=torch.channels_last)
+    w, b = torch.randn(8), torch.randn(8)
+    torch.library.opcheck(torch.ops.jedi.group_norm_backward.default, (g, x, 4, w, b, 1e-5, True, backend))
+    torch.library.opcheck(torch.ops.jedi.group_norm_backward.default, (g.contiguous(), x.contiguous(), 2, None, None,
+                                                                       1e-6, False, backend))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("silu", [False, True], ids=["norm", "norm_silu"])
