@@ -115,3 +115,26 @@ def test_group_norm_gpu(benchmark, impl, layout, shape):
     gbps, gbps_min = nbytes / ms / 1e6, nbytes_min / ms / 1e6
     benchmark.extra_info.update(GBps=gbps, copy_GBps=copy, fraction_of_copy=gbps / copy,
                                 GBps_min=gbps_min, copy_GBps_min=copy_min, fraction_of_copy_min=gbps_min / copy_min)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "torch_eager"])
+@pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 1280, 16, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_group_norm_fwd_bwd_gpu(benchmark, impl, shape):
+    """Forward + backward (training), channels-last fp16: the Triton pair (jedi::group_norm + jedi::group_norm_backward:
+    x read 2 + 3 times, the gradient twice, y and dx written once each) vs GroupNorm32 + SiLU under autograd."""
+    x, w, b = _inputs(shape, torch.float16, "cuda", "nhwc")
+    x.requires_grad_()
+    w, b = w.float().requires_grad_(), b.float().requires_grad_()
+    gy = torch.randn_like(x)
+    if impl == "triton":
+        def fn():
+            return torch.autograd.grad(jk.group_norm(x, GROUPS, w, b, EPS, silu=True, backend="triton"), (x, w, b), gy)
+    else:
+        def fn():
+            return torch.autograd.grad(torch_eager(x, w, b), (x, w, b), gy)
+    N, C, H, W = shape
+    nbytes = 9 * N * C * H * W * 2  # the Triton pair's traffic: 5 reads of x, 2 of the grad, writes of y and dx
+    ms = bench_gpu(benchmark, fn, shape=list(shape), dtype="float16", layout="nhwc", impl=impl, mode="fwd+bwd",
+                   bytes_triton_pair=nbytes)
+    benchmark.extra_info.update(GBps_triton_pair_traffic=nbytes / ms / 1e6)

@@ -247,6 +247,28 @@ def test_gpu_sd_shapes(dtype, shape, layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 2560, 16, 16), (8, 1280, 8, 8), (2, 64, 33, 31)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_gpu_backward_sd_shapes(dtype, shape, layout):
+    """The Triton backward (dx, dweight, dbias) at SD shapes against autograd of the float64 reference, 2x rule."""
+    x = _x(shape, dtype, layout, offset=0.5).cuda()
+    w, b = (t.cuda() for t in _affine(shape[1], True))
+    gy = torch.randn(shape, device="cuda").to(dtype)
+
+    def grads(fn, xx, ww, bb):
+        xx, ww, bb = (t.detach().clone().requires_grad_() for t in (xx, ww, bb))
+        return torch.autograd.grad(fn(xx, ww, bb), (xx, ww, bb), gy.to(xx.dtype))
+
+    ours = grads(lambda a, c, d: jk.group_norm(a, 32, c, d, 1e-5, silu=True, backend="triton"), x, w, b)
+    ref = grads(lambda a, c, d: group_norm_reference(a, 32, c, d, 1e-5, True), x.double(), w.double(), b.double())
+    same = grads(lambda a, c, d: group_norm_reference(a, 32, c, d, 1e-5, True), x, w, b)
+    assert _is_layout(ours[0], x)
+    for name, o, r, sm in zip(("dx", "dweight", "dbias"), ours, ref, same):
+        assert_flash_rule(o, sm, r, f"group_norm gpu {name} {shape} {dtype} {layout}")
+
+
+@pytest.mark.gpu
 def test_gpu_backward_and_graph_capture():
     x = _x((2, 320, 16, 16), torch.float16, "nhwc").cuda().requires_grad_()
     w = torch.randn(320, device="cuda", requires_grad=True)
