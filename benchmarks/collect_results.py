@@ -2,7 +2,8 @@
 
     python benchmarks/collect_results.py OUTDIR [--build full]
 
-Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml and pytest_gpu_model.xml (junit),
+Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml, pytest_gpu_fused.xml and
+pytest_gpu_model.xml (junit),
 attention.json (attention_sweep.py), step.json (step_levers.py), profile_eager.json / profile_fused.json
 (profile_step.py) and table6.json (table6.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png;
 a second part of the same day gets a ``-model`` suffix).
@@ -95,6 +96,7 @@ def main() -> None:
         "build": args.build,
         "part": args.part,
         "tests_gpu": _tests(os.path.join(args.outdir, "pytest_gpu.xml")),
+        "tests_gpu_fused": _tests(os.path.join(args.outdir, "pytest_gpu_fused.xml")),
         "tests_gpu_model": _tests(os.path.join(args.outdir, "pytest_gpu_model.xml")),
         "benchmarks": rows,
         "machine_info": {k: machine.get(k) for k in ("node", "processor", "cpu") if k in machine},

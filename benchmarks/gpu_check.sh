@@ -76,8 +76,9 @@ if [ "$build_status" = full ] && command -v nvcc >/dev/null; then
   fi
 fi
 
-step "pytest -m gpu tests/kernels"
+step "pytest -m gpu tests/kernels (attention, input prep, API; the fused norm/GEGLU tests run after the sweep)"
 timeout "$(lim ${JEDI_GPU_TEST_TIMEOUT:-150})" $PY -m pytest tests/kernels -m gpu -q --maxfail=20 -p no:cacheprovider \
+  --ignore=tests/kernels/test_group_norm.py --ignore=tests/kernels/test_geglu.py \
   --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -25 "$OUT/pytest_gpu.log" | tee -a "$LOG"
@@ -89,6 +90,11 @@ echo "sweep rc=$?" | tee -a "$LOG"
 tail -40 "$OUT/sweep.log" | tee -a "$LOG"
 step "dispatch table the sweep justifies (commit with: make_dispatch_table.py attention.json --write)"
 [ -f "$OUT/attention.json" ] && $PY benchmarks/make_dispatch_table.py "$OUT/attention.json" 2>&1 | tee -a "$LOG"
+step "pytest -m gpu: fused GroupNorm and GEGLU"
+timeout "$(lim 90)" $PY -m pytest tests/kernels/test_group_norm.py tests/kernels/test_geglu.py -m gpu -q --maxfail=20 \
+  -p no:cacheprovider --junitxml="$OUT/pytest_gpu_fused.xml" >"$OUT/pytest_gpu_fused.log" 2>&1
+echo "pytest rc=$?" | tee -a "$LOG"
+tail -10 "$OUT/pytest_gpu_fused.log" | tee -a "$LOG"
 step "kernel benchmarks"
 sel=()
 if [ -n "$QUICK" ]; then sel=(-k "not ng8"); fi
