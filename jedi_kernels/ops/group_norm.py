@@ -124,6 +124,19 @@ if triton is not None:
         tl.store(rstd_ptr + pid, rstd)
 
     @triton.jit
+    def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, WIDE: tl.constexpr):
+        """Per-channel (mean, rstd, w, b) of image n for channels c: the group statistics gathered by c // CG and
+        the affine parameters in the math dtype (w, b = mean as placeholders when absent: never used then)."""
+        acc_t = tl.float64 if WIDE else tl.float32
+        grp = n * G + c // CG
+        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_W else mean
+        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_B else mean
+        return mean, rstd, w, b
+
+    @triton.jit
     def _gn_apply_kernel(
         x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         C, HW, G, CG,
@@ -140,15 +153,11 @@ if triton is not None:
         cm = c < C
         p = tl.arange(0, BLOCK_P) + t * BLOCK_P
         msk = (p < HW)[:, None] & cm[None, :]
-        grp = n * G + c // CG
-        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
-        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
-        scale = rstd
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_t)
+        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG, HAS_W, HAS_B, WIDE)
+        scale = rstd * w if HAS_W else rstd
         shift = -mean * scale
         if HAS_B:
-            shift = shift + tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t)
+            shift = shift + b
         off = p[:, None] * s_xp + c[None, :] * s_xc  # within image n: int32 (the launcher checks C*HW < 2**31)
         x = tl.load(x_ptr + n * s_xn + off, mask=msk, other=0.0).to(acc_t)
         y = x * scale[None, :] + shift[None, :]  # (x - mean) * rstd * w + b, one FMA per element
@@ -193,11 +202,7 @@ if triton is not None:
         acc_t = tl.float64 if WIDE else tl.float32
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
-        grp = n * G + c // CG
-        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
-        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
-        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_W else mean
-        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_B else mean
+        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG, HAS_W, HAS_B, WIDE)
         sa = tl.zeros([BLOCK_C], dtype=acc_t)
         sb = tl.zeros([BLOCK_C], dtype=acc_t)
         sdw = tl.zeros([BLOCK_C], dtype=acc_t)
@@ -239,13 +244,10 @@ if triton is not None:
         acc_t = tl.float64 if WIDE else tl.float32
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
+        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG, HAS_W, HAS_B, WIDE)
         grp = n * G + c // CG
-        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
-        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
         c1 = tl.load(c1_ptr + grp, mask=cm, other=0.0)
         c2 = tl.load(c2_ptr + grp, mask=cm, other=0.0)
-        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_W else mean
-        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_B else mean
         p = tl.arange(0, BLOCK_P) + t * BLOCK_P
         msk = (p < HW)[:, None] & cm[None, :]
         base = n * s_xn  # int64 image base; offsets inside an image are int32
