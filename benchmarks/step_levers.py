@@ -213,13 +213,12 @@ class Run:
         if self.args.quick or "dm" not in state:
             return
         dm, step = state["dm"], state["step"]
-        peer_inp = {k: v for k, v in inp.items()}
 
         def compiled():
             dm.to(memory_format=torch.channels_last)
             for k in ("x_t", "x0"):
-                if k in peer_inp:
-                    peer_inp[k].data = peer_inp[k].contiguous(memory_format=torch.channels_last)
+                if k in inp:  # in place: the diffusers step closes over these tensors
+                    inp[k].data = inp[k].contiguous(memory_format=torch.channels_last)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             c = torch.compile(dm, backend=self.args.compile_backend, mode=mode)
             step(c)

@@ -298,8 +298,9 @@ def split_plan(N: int, C: int, HW: int, num_sms: int, tile: int = 2048) -> dict:
 
 def _check_int32(x: torch.Tensor) -> None:
     """The kernels index inside one image with int32 (fewer registers than int64 per element)."""
-    if x[0].numel() >= 2**31:
-        raise ValueError(f"group_norm: one image of x has {x[0].numel()} elements; the Triton kernels index an image "
+    per_image = x.numel() // x.shape[0]
+    if per_image >= 2**31:
+        raise ValueError(f"group_norm: one image of x has {per_image} elements; the Triton kernels index an image "
                          f"with int32 (< 2**31 elements); use backend='torch'")
 
 
