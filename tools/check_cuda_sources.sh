@@ -20,10 +20,13 @@ cu=(csrc/cuda/*.cu)
 if [ $GLUE_ONLY = 1 ]; then
   :
 elif command -v nvcc >/dev/null; then
-  echo "nvcc check: ${#cu[@]} files (sm_80, sm_90), $JOBS jobs"
+  # the flags torch's extension build passes to nvcc (no implicit half/bfloat16 conversions or operators)
+  NVF=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join(c.COMMON_NVCC_FLAGS))" 2>/dev/null) \
+    || NVF="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr"
+  echo "nvcc check: ${#cu[@]} files (sm_80, sm_90), $JOBS jobs, torch's flags: $NVF"
   printf '%s\n' "${cu[@]}" | xargs -P "$JOBS" -I{} sh -c \
-    'nvcc -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/cuda -c -gencode arch=compute_80,code=sm_80 \
-       -gencode arch=compute_90,code=sm_90 -o "$1/$(basename {}).o" {} && echo "  ok   {}" || { echo "  FAIL {}"; exit 255; }' _ "$OUT" \
+    'nvcc -std=c++17 -O3 $2 -Icsrc/cuda -c -gencode arch=compute_80,code=sm_80 \
+       -gencode arch=compute_90,code=sm_90 -o "$1/$(basename {}).o" {} && echo "  ok   {}" || { echo "  FAIL {}"; exit 255; }' _ "$OUT" "$NVF" \
     || status=1
 else
   echo "nvcc not found: skipping the .cu compile check"

@@ -10,9 +10,28 @@
 namespace jedi {
 namespace {
 
+// Conversions through the cuda_fp16/cuda_bf16 intrinsics, never the implicit __half/__nv_bfloat16 <-> float
+// operators: torch's extension build defines __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ (and
+// the operator macros), which remove those, and this file must compile with and without them.
+template <typename T>
+struct Cvt {  // float, double
+  static __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
+  static __device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
+};
+template <>
+struct Cvt<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
 template <typename T>
 __device__ __forceinline__ T scale_by(T x, float s) {
-  return static_cast<T>(static_cast<float>(x) * s);
+  return Cvt<T>::from_float(Cvt<T>::to_float(x) * s);
 }
 template <>
 __device__ __forceinline__ double scale_by<double>(double x, float s) {
@@ -50,14 +69,14 @@ __global__ void prepare_nchw_kernel(const T* __restrict__ x_t, const T* __restri
         for (int j = 0; j < kV; ++j) r.v[j] = scale_by(r.v[j], 1.0f - m);
       } else {
 #pragma unroll
-        for (int j = 0; j < kV; ++j) r.v[j] = static_cast<T>(m);
+        for (int j = 0; j < kV; ++j) r.v[j] = Cvt<T>::from_float(m);
       }
       *reinterpret_cast<Vec<T>*>(dst + i) = r;
     } else {
       T r;
       if (c < C) r = x_t[(n * C + c) * HW + i];
       else if (c < 2 * C) r = scale_by(x0[(n * C + c - C) * HW + i], 1.0f - m);
-      else r = static_cast<T>(m);
+      else r = Cvt<T>::from_float(m);
       dst[i] = r;
     }
   }
@@ -76,7 +95,7 @@ __global__ void prepare_nhwc_kernel(const T* __restrict__ x_t, const T* __restri
     T r;
     if (c < C) r = x_t[pix * C + c];
     else if (c < 2 * C) r = scale_by(x0[pix * C + c - C], 1.0f - m);
-    else r = static_cast<T>(m);
+    else r = Cvt<T>::from_float(m);
     out[e] = r;
   }
 }
