@@ -527,9 +527,10 @@ def test_cuda_backend_unavailable_is_rejected():
 
 def _gpu_backends():
     params = [pytest.param("triton", id="triton")]
-    cuda_ok = torch.cuda.is_available() and jk.available_backends()["cuda"]
-    params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not cuda_ok, reason="jedi_kernels._C "
-                                                                                           "built without CUDA")))
+    avail = jk.available_backends()
+    why = avail["reasons"].get("cuda") or avail["reasons"].get("cuda_attention", "")
+    params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not avail["cuda_attention"],
+                                                                           reason=f"backend cuda: {why}")))
     return params
 
 

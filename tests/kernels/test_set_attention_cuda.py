@@ -14,9 +14,9 @@ from jedi_kernels.testing import assert_close_verbose, assert_flash_rule
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available() or not jk.available_backends()["cuda"],
-        reason="needs a CUDA GPU and jedi_kernels._C built with CUDA: "
-        + str(jk.available_backends()["reasons"].get("cuda", "")),
+        not jk.available_backends()["cuda_attention"],
+        reason="needs a CUDA GPU and jedi_kernels._C built with the CUDA set-attention kernels: "
+        + str(jk.available_backends()["reasons"].get("cuda") or jk.available_backends()["reasons"].get("cuda_attention")),
     ),
 ]
 
