@@ -43,7 +43,23 @@ echo "part=$PART quick=${QUICK:-no} budget=${BUDGET}s" | tee -a "$LOG"
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$LOG"
+$PY -c "import torch, triton, setuptools; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
+  triton.__version__, 'setuptools', setuptools.__version__)" 2>&1 | tee -a "$LOG"
+# torch finds the toolkit through CUDA_HOME, else `which nvcc`/../..: an nvcc linked into /usr/local/bin (as on the
+# CPU machines here) makes that /usr/local, whose include/ lacks cuda_runtime.h, and the glue then fails to compile
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null \
+   && [ ! -f "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include/cuda_runtime.h" ] \
+   && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+echo "nvcc: $(nvcc --version 2>/dev/null | tail -1) CUDA_HOME=${CUDA_HOME:-unset}" | tee -a "$LOG"
+# editable installs need setuptools >= 64 (PEP 660); with an older one build the extension in place instead
+INSTALL=(-m pip install -e . --no-build-isolation --no-deps)
+if ! $PY -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null; then
+  INSTALL=(setup.py build_ext --inplace)
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "setuptools < 64: building in place (setup.py build_ext --inplace, PYTHONPATH=$PWD)" | tee -a "$LOG"
+fi
 
 step "build (archs $JEDI_CUDA_ARCHS, $MAX_JOBS jobs)"
 build_status=full
@@ -52,12 +68,12 @@ if [ "$PART" = model ] && $PY -c "import jedi_kernels as jk, sys; sys.exit(0 if 
   $PY -c "import jedi_kernels as jk, sys; sys.exit(0 if jk.available_backends()['cuda_attention'] else 1)" 2>/dev/null \
     || build_status=without_cuda_attention
   : >"$OUT/build.log"
-elif ! timeout "$(lim 300)" $PY -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1; then
+elif ! timeout "$(lim 300)" $PY "${INSTALL[@]}" >"$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -20 | tee -a "$LOG"
   step "build failed: rebuilding without the CUDA set-attention sources"
   build_status=without_cuda_attention
-  JEDI_CUDA_EXCLUDE=set_attention timeout "$(lim 200)" $PY -m pip install -e . --no-build-isolation --no-deps \
-    >>"$OUT/build.log" 2>&1 || build_status=failed
+  JEDI_CUDA_EXCLUDE=set_attention timeout "$(lim 200)" $PY "${INSTALL[@]}" >>"$OUT/build.log" 2>&1 \
+    || build_status=failed
 fi
 echo "build: $build_status ($(( $(date +%s) - t0 )) s so far)" | tee -a "$LOG"
 $PY -c "import jedi_kernels as jk; print(jk.available_backends())" 2>&1 | tee -a "$LOG"
