@@ -15,7 +15,8 @@ every interpreter test and still fail to compile for the GPU. This tool closes t
    list, the one used when autotuning is off). ptxas runs (it ships with Triton); ``ptxas -v`` reports registers and spill bytes,
    Triton's metadata the shared memory, per kernel.
 
-Exit status 1 if any kernel fails to compile (or, with ``--no-spills``, spills on sm_90 in fp16/bf16).
+Exit status 1 if any kernel fails to compile or needs more shared memory than one block of the arch may use (it
+would compile here and fail at launch with OutOfResources), or, with ``--no-spills``, spills on sm_90 in fp16/bf16.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the most shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 _DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32",
            "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
@@ -237,6 +240,9 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 failed += 1
             spilled += bool(row.get("spills")) and arch == 90 and row["dtype"] in ("fp16", "bf16")
+            if "shared" in row and row["shared"] > SMEM_LIMIT.get(arch, 101376):
+                row["error"] = f"shared memory {row['shared']} B > {SMEM_LIMIT.get(arch, 101376)} B, the sm_{arch} limit"
+                failed += 1
             report.append(row)
             status = row.get("error", "").splitlines()[-1][:150] if "error" in row else (
                 f"regs {row.get('regs')} spills {row.get('spills')} smem {row['shared']} ({row['compile_s']} s)")
@@ -247,8 +253,10 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     n_spill = sum(bool(r.get("spills")) for r in report)
+    max_smem = {a: max((r.get("shared", 0) for r in report if r["arch"] == a), default=0) for a in args.arch or [90]}
     print(f"{len(report)} compiles, {failed} failed, {n_spill} with spills ({spilled} on the production path: "
-          f"sm_90 fp16/bf16)")
+          f"sm_90 fp16/bf16); most shared memory per block: "
+          + ", ".join(f"sm_{a} {m} B of {SMEM_LIMIT.get(a, 101376)}" for a, m in max_smem.items()))
     return 1 if failed or (args.no_spills and spilled) else 0
 
 
