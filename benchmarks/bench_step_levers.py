@@ -10,19 +10,23 @@ from __future__ import annotations
 import json
 
 import step_levers as sl
+import torch
 from common import env_info
 
 
 def test_step_levers_script_cpu_rehearsal(benchmark, tmp_path, one_thread):
     out = tmp_path / "levers.json"
+    cudnn_before = torch.backends.cudnn.benchmark
     argv = ["--device", "cpu", "--tiny", "--compile-backend", "eager", "--rep-ms", "20", "--out", str(out)]
     benchmark.pedantic(lambda: sl.main(argv), rounds=1, iterations=1)
     result = json.loads(out.read_text())
     rows = {(r["workload"], r["entry"]): r for r in result["rows"]}
     for entry, _ in sl.LADDER:
         assert ("jedi_ng2", entry) in rows, entry
-    for entry in ("eager", "+channels_last", "+fused_ops", "+fuse_qkv"):
+    for entry in ("eager", "+channels_last", "+fused_ops", "+fuse_qkv", "+cudnn_benchmark"):
         assert rows[("jedi_ng2", entry)]["ms"] > 0, rows[("jedi_ng2", entry)]
+    assert rows[("jedi_ng2", "+cudnn_benchmark")]["config"]["cudnn_benchmark"] is True
+    assert torch.backends.cudnn.benchmark is cudnn_before  # the script restores the process-wide switch
     assert "CUDA graphs need a CUDA device" in rows[("jedi_ng2", "cuda_graph[attn=auto]")]["error"]
     assert rows[("jedi_ng2", "precision fp16 best vs fp32")]["rel_err"] is not None
     assert {"jedi_ng4", "blipd"} <= {r["workload"] for r in result["rows"]}

@@ -13,6 +13,8 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +channels_last      model and inputs channels-last
     +fused_ops          GroupNorm(+SiLU) and GEGLU through jedi_kernels (JeDiUNet.set_fused_ops)
     +fuse_qkv           q/k/v of every self-attention as one GEMM
+    +cudnn_benchmark    torch.backends.cudnn.benchmark: cuDNN times its conv algorithms once per shape instead of
+                        taking its heuristic's pick (process-wide: the rungs after it and the peers run with it too)
     +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each from +fuse_qkv)
     cuda_graph[attn]    the best eager configuration replayed as one CUDA graph, for each attention backend
     compile+cuda_graph  torch.compile (inductor, default mode) of it, replayed as a CUDA graph
@@ -47,14 +49,16 @@ TARGET_MS = {"jedi_ng2": 8.0, "blipd": 4.5}
 TARGET_NG4_OVER_NG2 = 2.1
 ANCHOR_PEER_MS = {"jedi_ng2": 12.26, "blipd": 6.54}  # diffusers compile reduce-overhead channels-last, H100 2026-11-26
 
-BASE = dict(channels_last=False, fused_ops=False, fuse_qkv=False, attn="auto")
+BASE = dict(channels_last=False, fused_ops=False, fuse_qkv=False, cudnn_benchmark=False, attn="auto")
+_ALL = dict(channels_last=True, fused_ops=True, fuse_qkv=True, cudnn_benchmark=True)
 LADDER = [
     ("eager", dict(BASE)),
     ("+channels_last", dict(BASE, channels_last=True)),
     ("+fused_ops", dict(BASE, channels_last=True, fused_ops=True)),
     ("+fuse_qkv", dict(BASE, channels_last=True, fused_ops=True, fuse_qkv=True)),
-    ("+attn=triton", dict(BASE, channels_last=True, fused_ops=True, fuse_qkv=True, attn="triton")),
-    ("+attn=cuda", dict(BASE, channels_last=True, fused_ops=True, fuse_qkv=True, attn="cuda")),
+    ("+cudnn_benchmark", dict(BASE, **_ALL)),
+    ("+attn=triton", dict(BASE, **_ALL, attn="triton")),
+    ("+attn=cuda", dict(BASE, **_ALL, attn="cuda")),
 ]
 
 
@@ -67,6 +71,7 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
         if hasattr(m, "fuse_qkv") and hasattr(m, "to_q"):
             m.fuse_qkv = cfg["fuse_qkv"]
     unet.set_attn_backend(cfg["attn"])
+    torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))
     return {k: (v.contiguous(memory_format=fmt) if isinstance(v, torch.Tensor) and v.dim() == 4 else v)
             for k, v in inp.items()}
 
@@ -193,7 +198,8 @@ class Run:
             _free()
             if row["ms"] and row["ms"] < best_ms:
                 best, best_ms = dict(cfg, mode="compile+cuda_graph" if graph else "compile"), row["ms"]
-        self.peers(name, unet, configure(unet, inp0, BASE))
+        # the peers get the process-wide cuDNN setting of our best configuration (a diffusers user can set it too)
+        self.peers(name, unet, configure(unet, inp0, dict(BASE, cudnn_benchmark=best.get("cudnn_benchmark", False))))
         self.precision(unet, inp0, best)
         unet = inp = None  # free before the next workloads
         _free()
@@ -282,10 +288,14 @@ class Run:
 
     def run(self) -> dict:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        best = self.ladder()
-        if best is not None:
-            self.result["best_config"] = best
-            self.others(best)
+        cudnn_benchmark = torch.backends.cudnn.benchmark
+        try:
+            best = self.ladder()
+            if best is not None:
+                self.result["best_config"] = best
+                self.others(best)
+        finally:
+            torch.backends.cudnn.benchmark = cudnn_benchmark  # configure() sets it process-wide
         self.add(workload="-", entry="done", config={}, error=None, ms=None)
         return self.result
 

@@ -517,6 +517,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         0 on success, 2 on a user error (message on stderr).
     """
     args = build_sample_parser().parse_args(argv)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every step runs the same conv shapes: time cuDNN's algorithms once
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if str(args.device).startswith("cuda") else "fp32")]
     try:
