@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["JeDiUNet", "UNetConfig", "load_unet_weights", "to_diffusers_state_dict", "to_ldm_state_dict",
-           "CUDAGraphRunner"]
+           "CUDAGraphRunner", "GraphedUNet"]
 
 _WHERE = {
     "JeDiUNet": "jedi.unet",
@@ -21,6 +21,7 @@ _WHERE = {
     "to_diffusers_state_dict": "jedi.weights",
     "to_ldm_state_dict": "jedi.weights",
     "CUDAGraphRunner": "jedi.runtime",
+    "GraphedUNet": "jedi.runtime",
 }
 
 

@@ -244,6 +244,7 @@ class JeDiPipeline:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet.eval(), vae.eval(), text_encoder.eval(), tokenizer
         self.schedule = schedule or NoiseSchedule.scaled_linear()
         self.default_size = default_size
+        self.graphed = None  # jedi.runtime.GraphedUNet once optimize(cuda_graph=True) ran
 
     @property
     def device(self) -> torch.device:
@@ -258,6 +259,39 @@ class JeDiPipeline:
         self.unet.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device, dtype=dtype)
         self.vae.to(device=device)
+        if self.graphed is not None:  # captured graphs read the old parameter buffers
+            self.graphed = None if self.device.type != "cuda" else type(self.graphed)(self.unet)
+        return self
+
+    def optimize(self, *, channels_last: bool = True, fused_ops: bool = True, fuse_qkv: bool = True,
+                 cuda_graph: bool | None = None) -> "JeDiPipeline":
+        """Switch the UNet to the fast inference configuration (issue 9's levers); the weights stay the same.
+
+        Args:
+            channels_last: store the UNet's conv weights channels-last (NHWC convolutions, no layout transforms).
+            fused_ops: GroupNorm(+SiLU) and GEGLU through jedi_kernels' fused kernels (``JeDiUNet.set_fused_ops``).
+            fuse_qkv: every self-attention's q/k/v projections as one GEMM.
+            cuda_graph: replay each denoising step as a CUDA graph (:class:`jedi.runtime.GraphedUNet`; captured at
+                the first step of each new batch shape). Default: on when the pipeline is on a CUDA device.
+
+        Returns:
+            self. ``optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)`` undoes it.
+
+        Raises:
+            ValueError: ``cuda_graph=True`` while the pipeline is not on a CUDA device.
+        """
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device, it is on {self.device}")
+        self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.unet.set_fused_ops(fused_ops)
+        for m in self.unet.modules():
+            if hasattr(m, "fuse_qkv") and hasattr(m, "to_q"):
+                m.fuse_qkv = fuse_qkv
+        from jedi.runtime import GraphedUNet
+
+        self.graphed = GraphedUNet(self.unet) if cuda_graph else None
         return self
 
     @property
@@ -335,9 +369,9 @@ class JeDiPipeline:
         ctx = self.encode_prompt(prompts)  # (B, T, D)
         null = self.encode_prompt([negative_prompt])  # (1, T, D)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        lat = personalize(self.unet, refs, ctx, null, num_targets=num_images, steps=steps, sampler=sampler,
-                          strategy=strategy, l1=l1, l2=l2, eta=eta, generator=gen, schedule=self.schedule,
-                          progress=progress)
+        lat = personalize(self.graphed or self.unet, refs, ctx, null, num_targets=num_images, steps=steps,
+                          sampler=sampler, strategy=strategy, l1=l1, l2=l2, eta=eta, generator=gen,
+                          schedule=self.schedule, progress=progress)
         images = self.decode_latents(lat.flatten(0, 1))
         return (images, lat) if return_latents else images
 
@@ -506,6 +540,9 @@ def build_sample_parser(prog: str = "jedi sample") -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="UNet/text encoder dtype (default fp16 on CUDA, else fp32; the VAE stays fp32)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast inference configuration (JeDiPipeline.optimize): channels-last, fused GroupNorm/GEGLU "
+                        "and QKV kernels, and on CUDA one CUDA graph replay per step")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -530,6 +567,8 @@ def sample_main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"--ckpt {ckpt} does not exist")
             pipe = JeDiPipeline.from_single_file(ckpt, tokenizer_path=args.tokenizer, use_ema=args.use_ema,
                                                  device=args.device, dtype=dtype)
+        if args.fast:
+            pipe.optimize()
         images = pipe(args.refs, args.prompt, num_images=args.num_images, steps=args.steps, strategy=args.strategy,
                       l1=args.l1, l2=args.l2, seed=args.seed, sampler=args.sampler, eta=args.eta,
                       negative_prompt=args.negative_prompt, height=args.size, width=args.size,

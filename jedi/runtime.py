@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CUDAGraphRunner"]
+__all__ = ["CUDAGraphRunner", "GraphedUNet"]
 
 
 class CUDAGraphRunner:
@@ -80,3 +80,79 @@ class CUDAGraphRunner:
                 raise ValueError(f"{k}={v!r} differs from the captured value {s!r}: capture another runner")
         self.graph.replay()
         return self.output.clone() if self.clone else self.output
+
+
+def _uses_channels_last(unet: nn.Module) -> bool:
+    """Whether the UNet's first 4-D parameter (conv_in's weight) is stored channels-last."""
+    w = next((p for p in unet.parameters() if p.dim() == 4), None)
+    return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
+class GraphedUNet:
+    """A UNet that replays CUDA graphs: call it as the UNet (``graphed(x_t, timesteps, context, **kw) -> eps``) in a
+    sampling loop; the first call with a new signature captures a :class:`CUDAGraphRunner`, later calls replay it.
+
+    A signature is the shape, dtype and device of every tensor argument plus the values of the others (``set_size``,
+    ``set_mask=None``); a Python-number ``timesteps`` is turned into a 0-d tensor first, so changing it replays the
+    same graph. Inputs are copied into the graph's static buffers (any strides; the buffers are channels-last when the
+    UNet is), so callers pass fresh tensors as they would to the UNet. Every call returns a fresh output tensor: a
+    multistep sampler keeps earlier steps' eps.
+
+    Args:
+        unet: a JeDiUNet on a CUDA device, in eval mode (no grad is recorded).
+        max_graphs: graphs kept at once; capturing one more drops the oldest (each holds its own activation memory).
+        warmup: eager forwards before each capture (:class:`CUDAGraphRunner`).
+
+    Raises:
+        RuntimeError: at construction, without CUDA or with the UNet off the GPU (see :class:`CUDAGraphRunner`).
+        ValueError: ``max_graphs < 1``.
+
+    The graphs read the UNet's parameters in place: loading new weights into them is seen by the next replay; moving
+    or re-allocating the parameters (``.to(...)``) is not, call :meth:`reset` after that.
+    """
+
+    def __init__(self, unet: nn.Module, *, max_graphs: int = 4, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedUNet needs CUDA (torch.cuda.is_available() is False); on the CPU call the UNet "
+                               "directly")
+        if next(unet.parameters()).device.type != "cuda":
+            raise RuntimeError(f"GraphedUNet needs the UNet on a CUDA device, its parameters are on "
+                               f"{next(unet.parameters()).device}")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.unet, self.max_graphs, self.warmup = unet, max_graphs, warmup
+        self.runners: dict = {}  # signature -> CUDAGraphRunner, oldest first
+        self.captures = 0
+
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory); the next call captures again."""
+        self.runners.clear()
+
+    @staticmethod
+    def _signature(kwargs: dict) -> tuple:
+        sig = []
+        for k in sorted(kwargs):
+            v = kwargs[k]
+            sig.append((k, (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("value", v)))
+        return tuple(sig)
+
+    def __call__(self, x_t, timesteps, context, **kwargs) -> torch.Tensor:
+        device = next(self.unet.parameters()).device
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.as_tensor(timesteps, device=device)
+        inputs = dict(x_t=x_t, timesteps=timesteps, context=context, **kwargs)
+        try:
+            sig = self._signature(inputs)
+            hash(sig)
+        except TypeError as e:  # an unhashable non-tensor argument
+            raise ValueError(f"GraphedUNet arguments must be tensors or hashable values: {e}") from None
+        runner = self.runners.get(sig)
+        if runner is None:
+            fmt = torch.channels_last if _uses_channels_last(self.unet) else torch.contiguous_format
+            example = {k: (v.contiguous(memory_format=fmt) if isinstance(v, torch.Tensor) and v.dim() == 4 else v)
+                       for k, v in inputs.items()}
+            if len(self.runners) >= self.max_graphs:
+                self.runners.pop(next(iter(self.runners)))
+            runner = self.runners[sig] = CUDAGraphRunner(self.unet, example, warmup=self.warmup, clone=True)
+            self.captures += 1
+        return runner(**inputs)

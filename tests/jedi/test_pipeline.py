@@ -165,6 +165,61 @@ def test_folder_roundtrip_and_sample_cli(pipe, tmp_path, capsys):
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
+def _unet_state(pipe):
+    fused = {m.fused for m in pipe.unet.modules() if hasattr(m, "fused")}
+    qkv = {m.fuse_qkv for m in pipe.unet.modules() if hasattr(m, "fuse_qkv") and hasattr(m, "to_q")}
+    w = pipe.unet.input_blocks[0][0].weight
+    return fused, qkv, w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def test_optimize_keeps_the_images_and_undoes(pipe, tmp_path):
+    """optimize() on the CPU (channels-last, fused ops through their torch path, fused QKV; no CUDA graph) generates
+    the same images; cuda_graph=True off the GPU is refused; optimize(all False) restores the plain model."""
+    kw = dict(num_images=2, steps=2, seed=7, progress=False, return_latents=True)
+    _, want = pipe(refs(2), "a dog", **kw)
+    try:
+        assert pipe.optimize() is pipe and pipe.graphed is None  # cuda_graph defaults to the device: CPU -> off
+        assert _unet_state(pipe) == ({True}, {True}, True)
+        _, got = pipe(refs(2), "a dog", **kw)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="CUDA device"):
+            pipe.optimize(cuda_graph=True)
+    finally:
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+    assert _unet_state(pipe) == ({False}, {False}, False)
+    _, again = pipe(refs(2), "a dog", **kw)
+    assert torch.equal(again, want)
+
+    folder = pipe.save_folder(tmp_path / "model")
+    refs(1)[0].save(tmp_path / "ref.png")
+    rc = sample_main(["--refs", str(tmp_path / "ref.png"), "--prompt", "a dog", "--ckpt", str(folder), "--out",
+                      str(tmp_path / "out"), "--num-images", "1", "--steps", "1", "--device", "cpu", "--no-progress",
+                      "--fast"])
+    assert rc == 0 and (tmp_path / "out" / "00_00.png").is_file()
+
+
+@pytest.mark.gpu
+def test_optimize_on_cuda_replays_graphs_and_matches(pipe):
+    """On a GPU: optimize() turns on the CUDA graph by default; the images match the plain fp32 pipeline's."""
+    kw = dict(num_images=2, steps=3, seed=8, progress=False, return_latents=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # NCHW vs NHWC algorithms
+    try:
+        pipe.to("cuda")
+        _, want = pipe(refs(2), "a dog", **kw)
+        pipe.optimize()
+        assert pipe.graphed is not None
+        _, got = pipe(refs(2), "a dog", **kw)
+        assert pipe.graphed.captures == 1  # one batch shape: one capture, replayed for every step
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        pipe.to("cpu")
+        assert pipe.graphed is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+        pipe.to("cpu")
+
+
 def test_unet_config_diffusers_roundtrip():
     cfg = UNetConfig.sd_v1()
     d = unet_config_to_diffusers(cfg)

@@ -1,4 +1,5 @@
-"""jedi.runtime.CUDAGraphRunner: refuses CPU models clearly; on a GPU, replays equal eager forwards."""
+"""jedi.runtime.CUDAGraphRunner and GraphedUNet: refuse CPU models clearly; on a GPU, replays equal eager forwards.
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from jedi import CUDAGraphRunner, JeDiUNet, UNetConfig
+import jedi.runtime as rt
+from jedi import CUDAGraphRunner, GraphedUNet, JeDiUNet, UNetConfig
 from jedi_kernels.testing import assert_close_verbose
 
 
@@ -108,3 +110,75 @@ def test_bad_calls_raise():
         runner(**{k: v for k, v in example.items() if k != "x0"})
     with pytest.raises(ValueError, match="device"):
         CUDAGraphRunner(unet, dict(example, x0=example["x0"].cpu()))
+
+
+def test_graphed_unet_refuses_cpu():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        GraphedUNet(JeDiUNet(UNetConfig.tiny()))
+
+
+def test_graphed_unet_captures_per_signature(monkeypatch):
+    """GraphedUNet's bookkeeping on the CPU, with a stand-in runner that runs the UNet eagerly: one capture per
+    signature (tensor shapes/dtypes, other values), oldest dropped past max_graphs, Python timesteps as tensors,
+    channels-last static buffers for a channels-last UNet, eager-equal outputs."""
+    made = []
+
+    class FakeRunner:
+        def __init__(self, unet, example, *, warmup, clone):
+            assert clone  # a multistep sampler keeps earlier eps: every call must return a fresh tensor
+            self.unet, self.example = unet, example
+            made.append(self)
+
+        def __call__(self, **inputs):
+            with torch.no_grad():
+                return self.unet(**inputs)
+
+    monkeypatch.setattr(rt, "CUDAGraphRunner", FakeRunner)
+    unet = _randomize(JeDiUNet(UNetConfig.tiny())).eval()
+    g = GraphedUNet.__new__(GraphedUNet)  # __init__ insists on CUDA
+    g.unet, g.max_graphs, g.warmup, g.runners, g.captures = unet, 2, 1, {}, 0
+
+    a = _inputs()
+    with torch.no_grad():
+        want = unet(**a)
+    x_t, t, ctx = a.pop("x_t"), a.pop("timesteps"), a.pop("context")
+    assert_close_verbose(g(x_t, t, ctx, **a), want, atol=0, name="graphed output")
+    g(torch.randn_like(x_t), torch.randint(0, 1000, (4,)), ctx, **a)  # new values, same signature
+    assert g.captures == 1 and len(made) == 1
+    g(x_t, 500, ctx, **a)  # a Python timestep becomes a 0-d tensor: a new (tensor) signature, then reused
+    g(x_t, 20, ctx, **a)
+    assert g.captures == 2 and made[-1].example["timesteps"].dim() == 0
+    b = _inputs(N=2)
+    g(b.pop("x_t"), b.pop("timesteps"), b.pop("context"), **b)  # another batch: third graph, the oldest goes
+    assert g.captures == 3 and len(g.runners) == 2 and made[0] not in g.runners.values()
+    g(x_t, t, ctx, **dict(a, set_size=4))  # a non-tensor value is part of the signature
+    assert g.captures == 4
+    with pytest.raises(ValueError, match="hashable"):
+        g(x_t, t, ctx, **dict(a, set_mask=[[True]]))
+
+    unet.to(memory_format=torch.channels_last)
+    g.reset()
+    g(x_t, t, ctx, **a)
+    assert made[-1].example["x_t"].is_contiguous(memory_format=torch.channels_last)
+    assert not made[-1].example["x_t"].is_contiguous()
+
+
+@pytest.mark.gpu
+def test_graphed_unet_replays_equal_eager():
+    unet = _randomize(JeDiUNet(UNetConfig.tiny())).cuda().eval()
+    g = GraphedUNet(unet, max_graphs=1)
+    outs = []
+    for step in range(3):
+        inp = _inputs(device="cuda")
+        with torch.no_grad():
+            ref = unet(**inp)
+        x_t, t, ctx = inp.pop("x_t"), inp.pop("timesteps"), inp.pop("context")
+        out = g(x_t, t, ctx, **inp)
+        assert_close_verbose(out, ref, atol=1e-4, name=f"graphed step {step}")
+        outs.append(out)
+    assert g.captures == 1 and outs[0] is not outs[1]
+    inp = _inputs(N=2, device="cuda")
+    g(inp.pop("x_t"), inp.pop("timesteps"), inp.pop("context"), **inp)
+    assert g.captures == 2 and len(g.runners) == 1
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphedUNet(unet, max_graphs=0)
