@@ -137,6 +137,12 @@ class GraphedUNet:
         return tuple(sig)
 
     def __call__(self, x_t, timesteps, context, **kwargs) -> torch.Tensor:
+        """``unet(x_t, timesteps, context, **kwargs)`` by graph replay (capturing first for a new signature).
+
+        Raises:
+            ValueError: a non-tensor argument that is not hashable, or (from :class:`CUDAGraphRunner`) a tensor on
+                another device than the UNet.
+        """
         device = next(self.unet.parameters()).device
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.as_tensor(timesteps, device=device)
