@@ -21,6 +21,24 @@ def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _fix_cuda_home(cpp_extension):
+    """torch takes CUDA_HOME from the environment, else from ``which nvcc``/../.. without resolving links: an nvcc
+    linked into /usr/local/bin gives /usr/local, whose include/ lacks cuda_runtime.h, and the CUDA glue fails to
+    compile. Where the toolkit found has no cuda_runtime.h, use the one the real nvcc (links resolved) belongs to."""
+    import shutil
+
+    home = cpp_extension.CUDA_HOME
+    if home is None or os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for cand in candidates + ["/usr/local/cuda"]:
+        if os.path.isfile(os.path.join(cand, "include", "cuda_runtime.h")):
+            print(f"jedi-kernels: CUDA_HOME={home} has no include/cuda_runtime.h; using {cand}")
+            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cand
+            return
+
+
 def ext_modules_and_cmdclass():
     if os.environ.get("JEDI_SKIP_EXT") == "1":
         print("jedi-kernels: JEDI_SKIP_EXT=1, building no C++/CUDA extension")
@@ -29,6 +47,8 @@ def ext_modules_and_cmdclass():
     from torch.utils import cpp_extension
 
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+    if torch.version.cuda is not None:
+        _fix_cuda_home(cpp_extension)
     force_cuda = os.environ.get("JEDI_FORCE_CUDA") == "1"
     with_cuda = force_cuda or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
     # -fopenmp: at::parallel_for is inline in ATen headers (#pragma omp); without it the CPU kernels run serially.
