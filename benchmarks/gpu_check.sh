@@ -45,13 +45,7 @@ step "device"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
 $PY -c "import torch, triton, setuptools; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
   triton.__version__, 'setuptools', setuptools.__version__)" 2>&1 | tee -a "$LOG"
-# torch finds the toolkit through CUDA_HOME, else `which nvcc`/../..: an nvcc linked into /usr/local/bin (as on the
-# CPU machines here) makes that /usr/local, whose include/ lacks cuda_runtime.h, and the glue then fails to compile
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null \
-   && [ ! -f "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include/cuda_runtime.h" ] \
-   && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
-  export CUDA_HOME=/usr/local/cuda
-fi
+# (setup.py corrects a CUDA_HOME without cuda_runtime.h, e.g. /usr/local from an nvcc wrapper in /usr/local/bin)
 echo "nvcc: $(nvcc --version 2>/dev/null | tail -1) CUDA_HOME=${CUDA_HOME:-unset}" | tee -a "$LOG"
 # editable installs need setuptools >= 64 (PEP 660); with an older one build the extension in place instead
 INSTALL=(-m pip install -e . --no-build-isolation --no-deps)
