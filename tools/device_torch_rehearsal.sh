@@ -11,6 +11,7 @@
 #   2. runs the CPU test suite (Triton through TRITON_INTERPRET=1) and the benchmark smoke run against that build.
 # Usage: tools/device_torch_rehearsal.sh [VENV]   (default /tmp/jedi-devtorch; reused when it exists)
 #   JEDI_DEVICE_TORCH=2.11.0  the torch version to rehearse;  JEDI_REHEARSAL_INDEX=https://pypi.org/simple
+#   JEDI_REHEARSAL_PYTHON     the interpreter for the venv (default python3.12, the device's, when installed)
 # Needs nvcc (CUDA 13 for cu130 torch) and network access to the index. Not part of CI (the download is too big);
 # run it after touching csrc/, setup.py, pyproject.toml or benchmarks/gpu_check.sh. ~10 min on 2 cores.
 set -euo pipefail
@@ -19,15 +20,16 @@ VENV=${1:-/tmp/jedi-devtorch}
 TORCH=${JEDI_DEVICE_TORCH:-2.11.0}
 INDEX=${JEDI_REHEARSAL_INDEX:-https://pypi.org/simple}
 PY=$VENV/bin/python
+BASE_PY=${JEDI_REHEARSAL_PYTHON:-$(command -v python3.12 || command -v python3)}
 
 if [ ! -x "$PY" ] || ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH')" 2>/dev/null; then
   echo "[rehearsal] venv $VENV with torch $TORCH (CUDA wheel) from $INDEX"
-  python3 -m venv "$VENV"
+  "$BASE_PY" -m venv "$VENV"
   "$PY" -m pip install -q --index-url "$INDEX" "torch==$TORCH" "numpy<2.4" pytest pytest-benchmark matplotlib \
     einops safetensors tqdm pyyaml pillow transformers diffusers ninja pybind11 wheel
 fi
-"$PY" -c "import torch, triton, setuptools; print('[rehearsal] torch', torch.__version__, 'triton', triton.__version__,
-  'setuptools', setuptools.__version__)"
+"$PY" -c "import sys, torch, triton, setuptools; print('[rehearsal] python', sys.version.split()[0], 'torch',
+  torch.__version__, 'triton', triton.__version__, 'setuptools', setuptools.__version__)"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
