@@ -20,7 +20,8 @@ VENV=${1:-/tmp/jedi-devtorch}
 TORCH=${JEDI_DEVICE_TORCH:-2.11.0}
 INDEX=${JEDI_REHEARSAL_INDEX:-https://pypi.org/simple}
 PY=$VENV/bin/python
-BASE_PY=${JEDI_REHEARSAL_PYTHON:-$(command -v python3.12 || command -v python3)}
+BASE_PY=${JEDI_REHEARSAL_PYTHON:-python3}
+if [ -z "${JEDI_REHEARSAL_PYTHON:-}" ] && python3.12 -c "" 2>/dev/null; then BASE_PY=python3.12; fi  # (a shim may fail)
 
 if [ ! -x "$PY" ] || ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH')" 2>/dev/null; then
   echo "[rehearsal] venv $VENV with torch $TORCH (CUDA wheel) from $INDEX"
