@@ -15,7 +15,7 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +fuse_qkv           q/k/v of every self-attention as one GEMM
     +cudnn_benchmark    torch.backends.cudnn.benchmark: cuDNN times its conv algorithms once per shape instead of
                         taking its heuristic's pick (process-wide: the rungs after it and the peers run with it too)
-    +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each from +fuse_qkv)
+    +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each on +cudnn_benchmark)
     cuda_graph[attn]    the best eager configuration replayed as one CUDA graph, for each attention backend
     compile+cuda_graph  torch.compile (inductor, default mode) of it, replayed as a CUDA graph
     diffusers eager / compile(reduce-overhead, channels-last)   the peers
