@@ -105,14 +105,12 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
   const T* k_head = static_cast<const T*>(p.k) + h * D;
   const T* v_head = static_cast<const T*>(p.v) + h * D;
   const uint8_t* mask_row = p.set_mask != nullptr ? p.set_mask + qc.image * G : nullptr;
-  const int64_t t_end = G * n_tiles;
-  int64_t t = next_tile(mask_row, 1, G, n_tiles, -1);
+  TileWalk kw = TileWalk::start(mask_row, 1, G, n_tiles);  // the allowed key tiles, no divisions in the loop
 
   load_tile<T, kBlockM, kD, kThreads>(sQ, q_tile, p.q_stride_l, qc.row0, L, D, tid);
-  if (t < t_end) {
-    const TileCoord kc = tile_coord(t, n_tiles, kBlockN);
-    load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, kc.image) * p.k_stride_n, p.k_stride_l,
-                                        kc.row0, L, D, tid);
+  if (!kw.done()) {
+    load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, kw.image) * p.k_stride_n, p.k_stride_l,
+                                        kw.tile * kBlockN, L, D, tid);
   }
   cp_async_commit();
 
@@ -134,12 +132,12 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
   uint32_t q_frag[Tr::kQInRegs ? kKS : 1][4];
   bool q_loaded = false;
 
-  while (t < t_end) {
-    const TileCoord kc = tile_coord(t, n_tiles, kBlockN);
+  while (!kw.done()) {
+    const int64_t k_image = kw.image, k_row0 = kw.tile * kBlockN;
     cp_async_wait_all();  // K_t (and Q on the first trip) landed
     __syncthreads();      // ... for every thread; and every warp is done with V_{t-1}
-    load_tile<T, kBlockN, kD, kThreads>(sV, v_head + tensor_row(b, G, kc.image) * p.v_stride_n, p.v_stride_l,
-                                        kc.row0, L, D, tid);
+    load_tile<T, kBlockN, kD, kThreads>(sV, v_head + tensor_row(b, G, k_image) * p.v_stride_n, p.v_stride_l,
+                                        k_row0, L, D, tid);
     cp_async_commit();
 
     if constexpr (Tr::kQInRegs) {
@@ -179,7 +177,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
     }
 
     // keys past the image's end (last tile of an image only) take no probability
-    const int64_t valid_keys = L - kc.row0;  // > 0; >= kBlockN except in an image's last tile
+    const int64_t valid_keys = L - k_row0;  // > 0; >= kBlockN except in an image's last tile
     const bool tail = valid_keys < kBlockN;
     if (tail) {
 #pragma unroll
@@ -228,11 +226,10 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
 
     cp_async_wait_all();  // V_t landed
     __syncthreads();      // ... for every thread; and every warp is done reading K_t
-    const int64_t t_next = next_tile(mask_row, 1, G, n_tiles, t);
-    if (t_next < t_end) {
-      const TileCoord nc = tile_coord(t_next, n_tiles, kBlockN);
-      load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, nc.image) * p.k_stride_n, p.k_stride_l,
-                                          nc.row0, L, D, tid);
+    kw.advance();
+    if (!kw.done()) {
+      load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, kw.image) * p.k_stride_n, p.k_stride_l,
+                                          kw.tile * kBlockN, L, D, tid);
     }
     cp_async_commit();
 
@@ -252,7 +249,6 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
         mma16816<T>(acc_o[2 * d2 + 1], a, bv[2], bv[3]);
       }
     }
-    t = t_next;
   }
   cp_async_wait_all();  // a CTA that visited no key tile still has its Q copy in flight
 
@@ -357,8 +353,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
   const T* do_head = static_cast<const T*>(p.dout) + h * D;
   // the mask COLUMN of the key image: query images allowed to attend it
   const uint8_t* mask_col = p.set_mask != nullptr ? p.set_mask + kc.image : nullptr;
-  const int64_t t_end = G * m_tiles;
-  int64_t t = next_tile(mask_col, G, G, m_tiles, -1);
+  TileWalk qw = TileWalk::start(mask_col, G, G, m_tiles);  // the allowed query tiles, no divisions in the loop
 
   load_tile<T, kBlockN, kD, kThreads>(
       sK, static_cast<const T*>(p.k) + tensor_row(b, G, kc.image) * p.k_stride_n + h * D, p.k_stride_l, kc.row0, L,
@@ -367,9 +362,9 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
       sV, static_cast<const T*>(p.v) + tensor_row(b, G, kc.image) * p.v_stride_n + h * D, p.v_stride_l, kc.row0, L,
       D, tid);
 
-  // Q, dO, lse (log2 units; +inf = no probability) and delta of query tile t
-  auto load_query_tile = [&](int64_t tq) {
-    const TileCoord qc = tile_coord(tq, m_tiles, kBlockM);
+  // Q, dO, lse (log2 units; +inf = no probability) and delta of the query tile qw stands at
+  auto load_query_tile = [&](const TileWalk& w) {
+    const TileCoord qc{w.image, w.tile * kBlockM};
     const int64_t row = tensor_row(b, G, qc.image);
     load_tile<T, kBlockM, kD, kThreads>(sQ, q_head + row * p.q_stride_n, p.q_stride_l, qc.row0, L, D, tid);
     load_tile<T, kBlockM, kD, kThreads>(sdO, do_head + row * p.do_stride_n, p.do_stride_l, qc.row0, L, D, tid);
@@ -386,7 +381,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
       sDelta[i] = dlt;
     }
   };
-  if (t < t_end) load_query_tile(t);
+  if (!qw.done()) load_query_tile(qw);
   cp_async_commit();
 
   const float sl = fabsf(p.scale) * kLog2e;
@@ -415,8 +410,8 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
   float* dq_accum = p.dq_accum;
   const int64_t HD = H * D;
 
-  while (t < t_end) {
-    const TileCoord qc = tile_coord(t, m_tiles, kBlockM);
+  while (!qw.done()) {
+    const TileCoord qc{qw.image, qw.tile * kBlockM};
     const int64_t valid_q = L - qc.row0;
     cp_async_wait_all();
     __syncthreads();  // Q, dO, lse, delta of tile t visible; every warp done with the previous dS^T and dQ step
@@ -515,8 +510,8 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
     }
     __syncthreads();  // dS^T complete; every warp done with Q, dO, lse, delta of tile t
 
-    const int64_t t_next = next_tile(mask_col, G, G, m_tiles, t);
-    if (t_next < t_end) load_query_tile(t_next);  // overlaps the dQ step below
+    qw.advance();
+    if (!qw.done()) load_query_tile(qw);  // overlaps the dQ step below
     cp_async_commit();
 
     // dQ[tile t] += dS K over this CTA's keys, chunk columns: (16-query slab, 16-column group) pairs over warps
@@ -548,7 +543,6 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
         }
       }
     }
-    t = t_next;
   }
   cp_async_wait_all();  // a CTA that visited no query tile still has its K/V copies in flight
 

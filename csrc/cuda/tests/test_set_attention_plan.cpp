@@ -106,6 +106,35 @@ static std::vector<int64_t> walk(const uint8_t* line, int64_t stride, int64_t G,
   return v;
 }
 
+// The kernels' TileWalk: the same sequence as next_tile, and (image, tile) == tile_coord of each index.
+static std::vector<int64_t> walk_incremental(const uint8_t* line, int64_t stride, int64_t G, int64_t tiles) {
+  std::vector<int64_t> v;
+  for (TileWalk w = TileWalk::start(line, stride, G, tiles); !w.done(); w.advance()) {
+    const TileCoord c = tile_coord(w.linear(), tiles, 64);
+    CHECK(c.image == w.image && c.row0 == w.tile * 64, "TileWalk coordinates of %lld", (long long)w.linear());
+    v.push_back(w.linear());
+  }
+  return v;
+}
+
+static void test_tile_walk_matches_next_tile() {
+  // every mask of G <= 4 images (each row and each column of it), tiles per image 1..3, and no mask
+  for (int64_t G = 1; G <= 4; ++G)
+    for (int64_t tiles = 1; tiles <= 3; ++tiles) {
+      CHECK(walk_incremental(nullptr, 1, G, tiles) == walk(nullptr, 1, G, tiles), "no mask G=%lld", (long long)G);
+      for (uint32_t bits = 0; bits < (1u << (G * G)); ++bits) {
+        std::vector<uint8_t> m(G * G);
+        for (int64_t i = 0; i < G * G; ++i) m[i] = (bits >> i) & 1u;
+        for (int64_t i = 0; i < G; ++i) {
+          CHECK(walk_incremental(m.data() + i * G, 1, G, tiles) == walk(m.data() + i * G, 1, G, tiles),
+                "row %lld of mask %u (G=%lld, tiles=%lld)", (long long)i, bits, (long long)G, (long long)tiles);
+          CHECK(walk_incremental(m.data() + i, G, G, tiles) == walk(m.data() + i, G, G, tiles),
+                "column %lld of mask %u (G=%lld, tiles=%lld)", (long long)i, bits, (long long)G, (long long)tiles);
+        }
+      }
+    }
+}
+
 static void test_walk() {
   const int64_t G = 4, tiles = 3;
   // full / nullptr: every tile in order
@@ -438,6 +467,7 @@ int main() {
   test_instances();
   test_grids();
   test_walk();
+  test_tile_walk_matches_next_tile();
   for (const char* kind : {"full", "diag", "oneway", "gapped", "lower"}) {
     test_coverage(3, 97, kind);
     test_coverage(5, 17, kind);
