@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import table6  # noqa: E402
-from table6 import WORKLOADS, _card_slug, _device_info, _free, build_diffusers, build_ours, time_step  # noqa: E402
+from table6 import WORKLOADS, _device_info, _free, build_diffusers, build_ours, time_step  # noqa: E402
 
 from jedi import CUDAGraphRunner  # noqa: E402
 from jedi_kernels import available_backends  # noqa: E402
@@ -67,9 +67,7 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
     fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     unet.to(memory_format=fmt)
     unet.set_fused_ops(cfg["fused_ops"])
-    for m in unet.modules():
-        if hasattr(m, "fuse_qkv") and hasattr(m, "to_q"):
-            m.fuse_qkv = cfg["fuse_qkv"]
+    unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_attn_backend(cfg["attn"])
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))
     return {k: (v.contiguous(memory_format=fmt) if isinstance(v, torch.Tensor) and v.dim() == 4 else v)
@@ -362,8 +360,7 @@ def main(argv=None) -> None:
               "this script)")
         return
     if not args.out:
-        slug = _card_slug(torch.cuda.get_device_name())
-        args.out = str(Path(__file__).resolve().parent / "results" / f"{slug}-{datetime.date.today()}-step.json")
+        args.out = table6.default_results_path("step")
     Run(args).run()
 
 

@@ -458,6 +458,12 @@ def _card_slug(device: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")).lower()
 
 
+def default_results_path(kind: str) -> str:
+    """benchmarks/results/<card>-<date>-<kind>.json for the current CUDA device."""
+    slug = _card_slug(torch.cuda.get_device_name())
+    return str(Path(__file__).resolve().parent / "results" / f"{slug}-{datetime.date.today()}-{kind}.json")
+
+
 def _add_ratios(result: dict) -> None:
     base = {(r["impl"], r["mode"]): r["ms"] for r in result["results"] if r["workload"] == "blipd" and r["ms"]}
     for r in result["results"]:
@@ -728,8 +734,7 @@ def main(argv=None) -> None:
               "`--device cpu --tiny --compile-backend eager` rehearses this script)")
         return
     if not args.out:
-        slug = _card_slug(torch.cuda.get_device_name())
-        args.out = str(Path(__file__).resolve().parent / "results" / f"{slug}-{datetime.date.today()}-table6.json")
+        args.out = default_results_path("table6")
     run(args)
 
 

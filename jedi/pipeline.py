@@ -286,9 +286,7 @@ class JeDiPipeline:
             raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device, it is on {self.device}")
         self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.unet.set_fused_ops(fused_ops)
-        for m in self.unet.modules():
-            if hasattr(m, "fuse_qkv") and hasattr(m, "to_q"):
-                m.fuse_qkv = fuse_qkv
+        self.unet.set_fuse_qkv(fuse_qkv)
         from jedi.runtime import GraphedUNet
 
         self.graphed = GraphedUNet(self.unet) if cuda_graph else None

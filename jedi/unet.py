@@ -414,6 +414,15 @@ class JeDiUNet(nn.Module):
                 m.fused, m.backend = enabled, backend
         self.config.fused_ops = enabled
 
+    def set_fuse_qkv(self, enabled: bool = True) -> None:
+        """Run every joint self-attention's q/k/v projections as one GEMM (True) or three (False); parameter names
+        and the state dict are unchanged. ``config.fuse_qkv`` records the state."""
+        enabled = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, TransformerBlock):
+                m.attn1.fuse_qkv = enabled
+        self.config.fuse_qkv = enabled
+
     def set_attn_backend(self, backend: str) -> None:
         """Route every joint self-attention to ``backend`` ("auto", "triton", "cuda", "torch"); see
         ``jedi_kernels.set_attention``."""
