@@ -14,6 +14,7 @@ The helpers here are shared with ``bench_set_attention.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -209,24 +210,46 @@ def chunking_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Set environment variable ``name`` for the block (the kernels read their variant switches per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def rowsum_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """Triton forward with the softmax row sums on the tensor cores (P·1) vs one FADD per element
     (``JEDI_ATTN_ROWSUM``; the static SASS count at d 40 says 530 vs 586 instructions per warp and tile)."""
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
     row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
            "kind": "rowsum_dot_vs_fadd"}
-    old = os.environ.get("JEDI_ATTN_ROWSUM")
-    try:
-        for label in ("dot", "fadd"):
-            os.environ["JEDI_ATTN_ROWSUM"] = label
+    for label in ("dot", "fadd"):
+        with _env("JEDI_ATTN_ROWSUM", label):
             fn, _ = build_fn("triton", q, k, v, ng, HEADS, "fwd")
             row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
-    finally:
-        if old is None:
-            os.environ.pop("JEDI_ATTN_ROWSUM", None)
-        else:
-            os.environ["JEDI_ATTN_ROWSUM"] = old
     row["speedup_dot_vs_fadd"] = row["ms_fadd"] / row["ms_dot"]
+    return row
+
+
+def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """CUDA forward with 16 vs 32 query rows per warp (``JEDI_CUDA_FWD_ROW_BLOCKS`` 1 / 2; head dims <= 80 have
+    both). Static SASS per 1024 scores of a full key tile, sm_90: d 40 484 vs 383 instructions, d 80 614 vs 501;
+    registers 126 / 208 and 173 / 240 (8 resident warps per SM with 32 rows)."""
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
+           "kind": "cuda_fwd_rows_per_warp"}
+    for rb in ("1", "2"):
+        with _env("JEDI_CUDA_FWD_ROW_BLOCKS", rb):
+            fn, _ = build_fn("cuda", q, k, v, ng, HEADS, "fwd")
+            row[f"ms_{16 * int(rb)}rows"] = time_ms(fn, rep_ms=rep_ms)
+    row["speedup_32_vs_16rows"] = row["ms_16rows"] / row["ms_32rows"]
     return row
 
 
@@ -265,6 +288,13 @@ def sweep(quick: bool, rep_ms: int) -> list[dict]:
             print(f"chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)
         rows.append(rowsum_row(4096, 40, rep_ms=rep_ms))
         print(f"rowsum on tensor cores vs FADD, L=4096 D=40: x{rows[-1]['speedup_dot_vs_fadd']:.2f}", flush=True)
+    import jedi_kernels as jk
+
+    if jk.available_backends()["cuda_attention"]:
+        for L, D in ((4096, 40), (1024, 80)):
+            rows.append(cuda_row_blocks_row(L, D, rep_ms=rep_ms))
+            print(f"CUDA forward 32 vs 16 rows per warp, L={L} D={D}: x{rows[-1]['speedup_32_vs_16rows']:.2f}",
+                  flush=True)
     rows.append(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
     return rows

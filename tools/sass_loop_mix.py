@@ -81,9 +81,10 @@ def loop_mix(kernel) -> tuple[collections.Counter, int]:
     return sass_loop_mix(_sass(kernel.asm["cubin"]))
 
 
-def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16") -> str:
+def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1) -> str:
     """SASS of the CUDA C++ forward instance serving head dim D (csrc/cuda/set_attention_fwd_hdim<D>.cu), compiled
-    with nvcc as torch's extension build compiles it; only the ``dtype`` instantiation's function."""
+    with nvcc as torch's extension build compiles it; only the ``dtype`` instantiation's function with ``row_blocks``
+    m16 row blocks per warp."""
     src = ROOT / "csrc" / "cuda" / f"set_attention_fwd_hdim{D}.cu"
     flags = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
              "-D__CUDA_NO_HALF2_OPERATORS__"]
@@ -92,24 +93,54 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16") -> str:
         subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
                         "-cubin", f"-arch=sm_{arch}", *flags, "-o", str(out), str(src)], check=True)
         sass = _sass(out.read_bytes())
-    want = "13__nv_bfloat16" if dtype == "bf16" else "6__half"
+    want = ("13__nv_bfloat16" if dtype == "bf16" else "6__half") + "Li"
     blocks = re.split(r"\n\s*Function : ", sass)
-    return next(b for b in blocks[1:] if b.split("\n", 1)[0].split("I", 1)[-1].startswith(want))
+    for blk in blocks[1:]:
+        name = blk.split("\n", 1)[0]
+        args = re.search(r"set_attn_fwd_kernelI(\w+?)Li(\d+)ELi(\d+)E", name)
+        if args and name.split("I", 1)[-1].startswith(want) and int(args.group(3)) == row_blocks:
+            return blk
+    raise LookupError(f"no forward kernel for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
 
 
-def sass_loop_mix(sass: str) -> tuple[collections.Counter, int]:
-    """(opcode counts, instruction count) of the main loop of SASS text: the span of its longest backward branch."""
+def _loop_body(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, rest) of the main loop of SASS text: the span of its longest backward branch."""
     pat = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(.*)")
     instrs = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(pat.match, sass.splitlines()) if m]
     span = None
     for addr, op, rest in instrs:
-        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", op + rest)
-        if op == "BRA" and target and int(target.group(1), 16) < addr:
-            lo = int(target.group(1), 16)
-            if span is None or addr - lo > span[1] - span[0]:
-                span = (lo, addr)
-    body = [op for addr, op, _ in instrs if span is None or span[0] <= addr <= span[1]]
+        target = _branch_target(op, rest)
+        if target is not None and target < addr:
+            if span is None or addr - target > span[1] - span[0]:
+                span = (target, addr)
+    return [i for i in instrs if span is None or span[0] <= i[0] <= span[1]]
+
+
+def _branch_target(op: str, rest: str) -> int | None:
+    target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", op + rest)
+    return int(target.group(1), 16) if op == "BRA" and target else None
+
+
+def sass_loop_mix(sass: str) -> tuple[collections.Counter, int]:
+    """(opcode counts, instruction count) of the main loop of SASS text: the span of its longest backward branch."""
+    body = [op for _, op, _ in _loop_body(sass)]
     return collections.Counter(body), len(body)
+
+
+def full_tile_count(sass: str) -> int:
+    """Instructions of the main loop that a full key tile issues: the loop minus the regions a forward branch skips
+    when those regions are tail masking (at least half ISETP/FSEL/SEL: the CUDA kernel's last-tile-of-an-image
+    code, which every other tile jumps over)."""
+    body = _loop_body(sass)
+    skipped: set[int] = set()
+    for addr, op, rest in body:
+        target = _branch_target(op, rest)
+        if target is None or target <= addr:
+            continue
+        region = [o for a, o, _ in body if addr < a < target]
+        if region and sum(o in ("ISETP", "FSEL", "SEL") for o in region) * 2 >= len(region):
+            skipped.update(a for a, _, _ in body if addr < a < target)
+    return sum(a not in skipped for a, _, _ in body)
 
 
 def main(argv=None) -> int:
@@ -132,7 +163,8 @@ def main(argv=None) -> int:
                   f"HGMMA {ops['HGMMA']:3d}  SHFL {ops['SHFL']:3d}")
     if args.cuda:
         # per score element of a warp's share of one key tile: Triton's tile is BLOCK_M x BLOCK_N over num_warps
-        # warps; the CUDA kernel's warp owns 16 query rows x block_n keys (mma.sync m16n8k16)
+        # warps; the CUDA kernel's warp owns 16 x row_blocks query rows x 64 keys (mma.sync m16n8k16); "full tile"
+        # leaves out the tail masking only an image's last key tile runs
         from jedi_kernels.ops import set_attention as sa
 
         print(f"per 1024 score elements (one warp's work), sm_{args.arch}, bf16: Triton (FFMA scale, P.1 row sums) "
@@ -141,13 +173,20 @@ def main(argv=None) -> int:
             D0, D1 = sa.head_dim_chunks(D, True)
             cfg = sa._FWD_CONFIGS[sa._dclass(D0, D1, None)][0]
             per_warp = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / cfg.num_warps
-            rows = [("triton", *loop_mix(compile_fwd(D, args.arch, SCALE_POS=True, ROWSUM_DOT=D <= 64)), per_warp),
-                    ("cuda", *sass_loop_mix(cuda_fwd_sass(D, args.arch)), 16 * 64)]
-            for name, ops, n, elems in rows:
+            tri = loop_mix(compile_fwd(D, args.arch, SCALE_POS=True, ROWSUM_DOT=D <= 64))
+            rows = [("triton", *tri, tri[1], per_warp)]
+            for rb in (1, 2):
+                try:
+                    sass = cuda_fwd_sass(D, args.arch, row_blocks=rb)
+                except LookupError:  # no such instance (fwd_has_row_blocks)
+                    continue
+                rows.append((f"cuda {16 * rb}r", *sass_loop_mix(sass), full_tile_count(sass), 16 * rb * 64))
+            for name, ops, n, full, elems in rows:
                 k = 1024 / elems
                 fp32 = sum(ops[o] for o in FP32_PIPE)
                 mma = ops["HGMMA"] + ops["HMMA"]
-                print(f"  D={D:3d} {name:6s} instructions {n * k:6.0f}  MUFU {ops['MUFU'] * k:5.0f}  "
+                print(f"  D={D:3d} {name:8s} instructions {n * k:6.0f} (full tile {full * k:4.0f})  "
+                      f"MUFU {ops['MUFU'] * k:5.0f}  "
                       f"FP32 {fp32 * k:5.0f}  MMA {mma * k:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "
                       f"SHFL {ops['SHFL'] * k:4.0f}  LDSM {ops['LDSM'] * k:4.0f}  BAR {ops['BAR'] * k:3.0f}")
     return 0

@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <optional>
 #include <tuple>
 
@@ -93,6 +95,18 @@ void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::
   p.scale = static_cast<float>(scale);
 }
 
+// JEDI_CUDA_FWD_ROW_BLOCKS=1|2 picks the forward instance with 16 or 32 query rows per warp (benchmarks time both);
+// unset or 0: the head dim's default (set_attn::fwd_default_row_blocks). 2 applies where it is compiled (padded head
+// dims <= 80); other head dims keep their one instance. Read per call, so a process can switch.
+int fwd_row_blocks_from_env(int64_t D, const char* op) {
+  const char* env = std::getenv("JEDI_CUDA_FWD_ROW_BLOCKS");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string v(env);
+  TORCH_CHECK(v == "0" || v == "1" || v == "2", op, ": JEDI_CUDA_FWD_ROW_BLOCKS must be 0, 1 or 2, got '", v, "'");
+  const int rb = v[0] - '0';
+  return set_attn::fwd_has_row_blocks(set_attn::padded_head_dim(D), rb) ? rb : 0;
+}
+
 std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           const at::Tensor& v_in, int64_t set_size, int64_t heads,
                                                           double scale, const std::optional<at::Tensor>& set_mask) {
@@ -116,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
   fill_common(p, q, k, v, mask, s, scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.fwd_row_blocks = fwd_row_blocks_from_env(s.D, op);
   const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};

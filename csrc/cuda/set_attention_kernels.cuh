@@ -56,18 +56,20 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride_l, in
 // =================================================================================================================
 // Forward
 // =================================================================================================================
-template <typename T, int kD>
+template <typename T, int kD, int kRB>
 struct FwdTraits {
-  static constexpr FwdConfig kCfg = fwd_config(kD);
+  static constexpr FwdConfig kCfg = fwd_config(kD, kRB);
   static constexpr int kBlockM = kCfg.block_m;
   static constexpr int kBlockN = kCfg.block_n;
   static constexpr int kWarps = kCfg.num_warps;
+  static constexpr int kRowBlocks = kCfg.row_blocks;  // m16 row blocks per warp
   static constexpr int kThreads = 32 * kWarps;
   static constexpr bool kQInRegs = kCfg.q_in_regs;
   static constexpr int kMinBlocks = kCfg.min_blocks;
   static constexpr int kPitch = smem_pitch(kD);
-  static constexpr int kSmemBytes = static_cast<int>(fwd_smem_bytes(kD, sizeof(T)));
-  static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBlockM == 16 * kWarps, "tile shapes");
+  static constexpr int kSmemBytes = static_cast<int>(fwd_smem_bytes(kD, sizeof(T), kRB));
+  static_assert(kRowBlocks == kRB, "fwd config");
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBlockM == 16 * kRowBlocks * kWarps, "tile shapes");
 };
 
 // One CTA: query rows [m0, m0 + kBlockM) of image i of set b, head h. With s_j = q . k_j over the allowed keys j of
@@ -76,14 +78,17 @@ struct FwdTraits {
 //   P_j = exp2(c s_j - m_t),  l_t = l_{t-1} 2^(m_{t-1} - m_t) + sum_j P_j
 //   O_t = O_{t-1} 2^(m_{t-1} - m_t) + P V_tile            (fp32 accumulators, P rounded to T for the MMA)
 //   out = O / l,  lse = ln(2) m + ln(l)                    (natural log, as the reference saves it)
-// Each warp owns 16 rows; a row's 4 owner lanes (a quad) share its max through two xor-shuffles, and keep partial
-// sums l that are added across the quad once, at the end (the rescale factor is uniform over the quad).
+// Each warp owns kRB blocks of 16 consecutive rows (16 * kRB rows); every K/V fragment a warp loads from shared
+// memory feeds the MMAs of all its row blocks, so two row blocks halve the ldmatrix traffic and the per-tile
+// overhead per score (FlashAttention-2's 4 warps x 32 rows) at the price of twice the accumulator registers.
+// A row's 4 owner lanes (a quad) share its max through two xor-shuffles, and keep partial sums l that are added
+// across the quad once, at the end (the rescale factor is uniform over the quad).
 // Pipeline (one K and one V buffer, as FlashAttention-2): V_t streams in while S = Q K_t^T is computed, K_{t+1}
 // while softmax and O += P V_t run.
-template <typename T, int kD>
-__global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::kMinBlocks)
+template <typename T, int kD, int kRB>
+__global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, kD, kRB>::kMinBlocks)
     set_attn_fwd_kernel(const SetAttnParams p) {
-  using Tr = FwdTraits<T, kD>;
+  using Tr = FwdTraits<T, kD, kRB>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kPitch = Tr::kPitch;
   constexpr int kNT = kBlockN / 8;  // score n8 tiles per warp row block
   constexpr int kDT = kD / 8;       // output n8 tiles
@@ -117,19 +122,26 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
   const float sl = fabsf(p.scale) * kLog2e;
   const uint32_t qsign = p.scale < 0.f ? kSignBits : 0u;
 
-  // per-lane ldmatrix addresses (see the header comment)
+  // per-lane ldmatrix addresses (see the header comment); row block rb of this warp starts 16 * rb rows further
   const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
   const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
-  const uint32_t sQ_a = smem_u32(sQ + (warp * 16 + a_row) * kPitch + a_col);
+  const uint32_t sQ_a = smem_u32(sQ + (warp * 16 * kRB + a_row) * kPitch + a_col);
   const uint32_t sK_b = smem_u32(sK + b_row * kPitch + b_col);
   const uint32_t sV_a = smem_u32(sV + a_row * kPitch + a_col);
+  constexpr uint32_t kRowBlockBytes = 16 * kPitch * sizeof(T);
 
-  float acc_o[kDT][4];
+  float acc_o[kRB][kDT][4];
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
-  float row_sum[2] = {0.f, 0.f};              // this lane's partial sums
-  uint32_t q_frag[Tr::kQInRegs ? kKS : 1][4];
+  for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) acc_o[rb][i][0] = acc_o[rb][i][1] = acc_o[rb][i][2] = acc_o[rb][i][3] = 0.f;
+  float row_max[kRB][2], row_sum[kRB][2];  // log2 units; this lane's partial sums
+#pragma unroll
+  for (int rb = 0; rb < kRB; ++rb) {
+    row_max[rb][0] = row_max[rb][1] = -INFINITY;
+    row_sum[rb][0] = row_sum[rb][1] = 0.f;
+  }
+  uint32_t q_frag[Tr::kQInRegs ? kRB : 1][Tr::kQInRegs ? kKS : 1][4];
   bool q_loaded = false;
 
   while (!kw.done()) {
@@ -143,36 +155,46 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
     if constexpr (Tr::kQInRegs) {
       if (!q_loaded) {
 #pragma unroll
-        for (int ks = 0; ks < kKS; ++ks) {
-          ldsm_x4(q_frag[ks], sQ_a + ks * 16 * sizeof(T));
+        for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) q_frag[ks][i] ^= qsign;
-        }
+          for (int ks = 0; ks < kKS; ++ks) {
+            ldsm_x4(q_frag[rb][ks], sQ_a + rb * kRowBlockBytes + ks * 16 * sizeof(T));
+#pragma unroll
+            for (int i = 0; i < 4; ++i) q_frag[rb][ks][i] ^= qsign;
+          }
         q_loaded = true;
       }
     }
 
-    // S = Q K_t^T: 16 x kBlockN per warp
-    float acc_s[kNT][4];
+    // S = Q K_t^T: 16 x kBlockN per warp row block; each K fragment serves every row block
+    float acc_s[kRB][kNT][4];
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) acc_s[j][0] = acc_s[j][1] = acc_s[j][2] = acc_s[j][3] = 0.f;
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) acc_s[rb][j][0] = acc_s[rb][j][1] = acc_s[rb][j][2] = acc_s[rb][j][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kKS; ++ks) {
-      uint32_t a[4];
-      if constexpr (Tr::kQInRegs) {
+      uint32_t a[kRB][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = q_frag[ks][i];
-      } else {
-        ldsm_x4(a, sQ_a + ks * 16 * sizeof(T));
+      for (int rb = 0; rb < kRB; ++rb) {
+        if constexpr (Tr::kQInRegs) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] ^= qsign;
+          for (int i = 0; i < 4; ++i) a[rb][i] = q_frag[rb][ks][i];
+        } else {
+          ldsm_x4(a[rb], sQ_a + rb * kRowBlockBytes + ks * 16 * sizeof(T));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[rb][i] ^= qsign;
+        }
       }
 #pragma unroll
       for (int j = 0; j < kNT / 2; ++j) {
         uint32_t bk[4];
         ldsm_x4(bk, sK_b + (j * 16 * kPitch + ks * 16) * sizeof(T));
-        mma16816<T>(acc_s[2 * j], a, bk[0], bk[1]);
-        mma16816<T>(acc_s[2 * j + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb) {
+          mma16816<T>(acc_s[rb][2 * j], a[rb], bk[0], bk[1]);
+          mma16816<T>(acc_s[rb][2 * j + 1], a[rb], bk[2], bk[3]);
+        }
       }
     }
 
@@ -181,48 +203,56 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
     const bool tail = valid_keys < kBlockN;
     if (tail) {
 #pragma unroll
-      for (int j = 0; j < kNT; ++j)
+      for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[j][e] = -INFINITY;
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[rb][j][e] = -INFINITY;
     }
 
-    // online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3)
+    // online softmax, per row block rows g (e = 0, 1) and g + 8 (e = 2, 3)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
+    for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[r], mx * sl);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing allowed yet: keep exp2 finite
-      const float corr = fast_exp2(row_max[r] - m_use);
-      row_max[r] = m_new;
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        acc_s[j][2 * r] = fast_exp2(fmaf(acc_s[j][2 * r], sl, -m_use));
-        acc_s[j][2 * r + 1] = fast_exp2(fmaf(acc_s[j][2 * r + 1], sl, -m_use));
+        for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(acc_s[rb][j][2 * r], acc_s[rb][j][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_max[rb][r], mx * sl);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing allowed yet: keep exp2 finite
+        const float corr = fast_exp2(row_max[rb][r] - m_use);
+        row_max[rb][r] = m_new;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          acc_s[rb][j][2 * r] = fast_exp2(fmaf(acc_s[rb][j][2 * r], sl, -m_use));
+          acc_s[rb][j][2 * r + 1] = fast_exp2(fmaf(acc_s[rb][j][2 * r + 1], sl, -m_use));
+        }
+        row_sum[rb][r] *= corr;
+#pragma unroll
+        for (int i = 0; i < kDT; ++i) {
+          acc_o[rb][i][2 * r] *= corr;
+          acc_o[rb][i][2 * r + 1] *= corr;
+        }
       }
-      row_sum[r] *= corr;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        acc_o[i][2 * r] *= corr;
-        acc_o[i][2 * r + 1] *= corr;
-      }
-    }
     if (tail) {  // exact zeros also when scale == 0 (0 * -inf = NaN above)
 #pragma unroll
-      for (int j = 0; j < kNT; ++j)
+      for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[j][e] = 0.f;
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[rb][j][e] = 0.f;
     }
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      row_sum[0] += acc_s[j][0] + acc_s[j][1];
-      row_sum[1] += acc_s[j][2] + acc_s[j][3];
-    }
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        row_sum[rb][0] += acc_s[rb][j][0] + acc_s[rb][j][1];
+        row_sum[rb][1] += acc_s[rb][j][2] + acc_s[rb][j][3];
+      }
 
     cp_async_wait_all();  // V_t landed
     __syncthreads();      // ... for every thread; and every warp is done reading K_t
@@ -233,20 +263,27 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
     }
     cp_async_commit();
 
-    // O += P V_t: P's accumulator layout is the A fragment layout (two n8 score tiles per k16 step)
+    // O += P V_t: P's accumulator layout is the A fragment layout (two n8 score tiles per k16 step); each V
+    // fragment serves every row block
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
-      a[1] = pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
-      a[2] = pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
-      a[3] = pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+      uint32_t a[kRB][4];
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) {
+        a[rb][0] = pack2<T>(acc_s[rb][2 * kk][0], acc_s[rb][2 * kk][1]);
+        a[rb][1] = pack2<T>(acc_s[rb][2 * kk][2], acc_s[rb][2 * kk][3]);
+        a[rb][2] = pack2<T>(acc_s[rb][2 * kk + 1][0], acc_s[rb][2 * kk + 1][1]);
+        a[rb][3] = pack2<T>(acc_s[rb][2 * kk + 1][2], acc_s[rb][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int d2 = 0; d2 < kD / 16; ++d2) {
         uint32_t bv[4];
         ldsm_x4_trans(bv, sV_a + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
-        mma16816<T>(acc_o[2 * d2], a, bv[0], bv[1]);
-        mma16816<T>(acc_o[2 * d2 + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb) {
+          mma16816<T>(acc_o[rb][2 * d2], a[rb], bv[0], bv[1]);
+          mma16816<T>(acc_o[rb][2 * d2 + 1], a[rb], bv[2], bv[3]);
+        }
       }
     }
   }
@@ -256,33 +293,36 @@ __global__ void __launch_bounds__(FwdTraits<T, kD>::kThreads, FwdTraits<T, kD>::
   T* out = static_cast<T*>(p.out);
   const int64_t HD = H * D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const float lse = sum > 0.f ? row_max[r] * kLn2 + logf(sum) : -INFINITY;
-    const int64_t pos = qc.row0 + warp * 16 + lane / 4 + 8 * r;
-    if (pos < L) {
-      T* orow = out + (tensor_row(b, G, qc.image) * L + pos) * HD + h * D;
+  for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        const int col = i * 8 + (lane % 4) * 2;
-        if (col < D)
-          *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[rb][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float lse = sum > 0.f ? row_max[rb][r] * kLn2 + logf(sum) : -INFINITY;
+      const int64_t pos = qc.row0 + (warp * kRB + rb) * 16 + lane / 4 + 8 * r;
+      if (pos < L) {
+        T* orow = out + (tensor_row(b, G, qc.image) * L + pos) * HD + h * D;
+#pragma unroll
+        for (int i = 0; i < kDT; ++i) {
+          const int col = i * 8 + (lane % 4) * 2;
+          if (col < D)
+            *reinterpret_cast<uint32_t*>(orow + col) =
+                pack2<T>(acc_o[rb][i][2 * r] * inv, acc_o[rb][i][2 * r + 1] * inv);
+        }
+        if (lane % 4 == 0) p.lse[lse_index(b, h, qc.image, pos, H, G, L)] = lse;
       }
-      if (lane % 4 == 0) p.lse[lse_index(b, h, qc.image, pos, H, G, L)] = lse;
     }
-  }
 }
 
 #if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
-template <typename T, int kD>
-cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<T, kD>;
+template <typename T, int kD, int kRB>
+cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kD, kRB>;
   const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_fwd_kernel<T, kD>;
+  auto kernel = set_attn_fwd_kernel<T, kD, kRB>;
   if (Tr::kSmemBytes > 48 * 1024) {
     // > 48 KB of dynamic shared memory needs an explicit opt-in (per kernel; cheap, and legal during graph capture)
     const cudaError_t e =
@@ -292,6 +332,16 @@ cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
   kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
            Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int kD>
+cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
+  const int rb = p.fwd_row_blocks == 0 ? fwd_default_row_blocks(kD) : p.fwd_row_blocks;
+  if (rb == 1) return run_fwd_rb<T, kD, 1>(p, stream);
+  if constexpr (fwd_has_row_blocks(kD, 2)) {
+    if (rb == 2) return run_fwd_rb<T, kD, 2>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 #endif
 

@@ -48,22 +48,38 @@ JEDI_HD constexpr int padded_head_dim(int64_t D) {
 }
 
 // ---- block shapes ----------------------------------------------------------------------------------------------
-// Forward: every warp owns 16 query rows (one m16 MMA row block), so block_m = 16 * num_warps.
+// Forward: every warp owns row_blocks m16 MMA row blocks (16 or 32 query rows), so block_m = 16 * row_blocks *
+// num_warps. Two row blocks share every K/V fragment a warp loads from shared memory (FlashAttention-2's layout: half
+// the ldmatrix traffic and per-tile overhead per score) but double the accumulator registers.
 struct FwdConfig {
   int block_m;     // query rows per CTA
   int block_n;     // keys per iteration
-  int num_warps;   // block_m / 16
+  int num_warps;   // block_m / (16 * row_blocks)
+  int row_blocks;  // m16 row blocks per warp: 1 or 2
   bool q_in_regs;  // keep Q's MMA fragments in registers (small D) or re-read them from shared memory (large D)
   int min_blocks;  // __launch_bounds__ occupancy hint
 };
-JEDI_HD constexpr FwdConfig fwd_config(int kD) {
-  // Registers per thread ~ kD/2 (O accumulator) + block_n/2 (scores) [+ kD/4 Q fragments]: 192/256 take a
-  // narrower key tile so they fit without spills.
-  return kD <= 64 ? FwdConfig{128, 64, 8, true, 2}
-       : kD <= 128 ? FwdConfig{128, 64, 8, true, 1}
-       : kD <= 160 ? FwdConfig{128, 64, 8, false, 1}
-                   : FwdConfig{128, 32, 8, false, 1};
+// Row blocks per warp compiled for a kernel head dim: 1 always; 2 up to 80 (sm_90 ptxas: 183-240 registers; 96
+// takes 255, 128 spills).
+JEDI_HD constexpr bool fwd_has_row_blocks(int kD, int row_blocks) {
+  return row_blocks == 1 || (row_blocks == 2 && kD <= 80);
 }
+// The instance a launch uses when the caller does not ask for one (SetAttnParams::fwd_row_blocks == 0): two row
+// blocks wherever compiled. Static SASS of the main loop, sm_90 bf16, per 1024 scores of a full key tile
+// (tools/sass_loop_mix.py --cuda): D 40 484 -> 383 instructions, ldmatrix 27 -> 15; D 80 614 -> 501, 45 -> 25; at
+// 208/240 registers instead of 126/173 (8 resident warps per SM instead of 16 / 8). Not yet timed on a GPU: the
+// benchmarks time both (JEDI_CUDA_FWD_ROW_BLOCKS).
+JEDI_HD constexpr int fwd_default_row_blocks(int kD) { return fwd_has_row_blocks(kD, 2) ? 2 : 1; }
+JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks) {
+  // Registers per thread ~ row_blocks * (kD/2 (O accumulator) + block_n/2 (scores) [+ kD/4 Q fragments]): 192/256
+  // take a narrower key tile so they fit without spills.
+  return row_blocks == 2 ? (kD <= 64 ? FwdConfig{128, 64, 4, 2, true, 2} : FwdConfig{128, 64, 4, 2, false, 1})
+       : kD <= 64        ? FwdConfig{128, 64, 8, 1, true, 2}
+       : kD <= 128       ? FwdConfig{128, 64, 8, 1, true, 1}
+       : kD <= 160       ? FwdConfig{128, 64, 8, 1, false, 1}
+                         : FwdConfig{128, 32, 8, 1, false, 1};
+}
+JEDI_HD constexpr FwdConfig fwd_config(int kD) { return fwd_config(kD, fwd_default_row_blocks(kD)); }
 
 // Backward: every warp owns 16 keys (dK, dV accumulators of 16 x chunk), block_n = 16 * num_warps. Large head dims
 // split the dK/dV columns into chunks handled by separate CTAs (each recomputes S and dP over the full head dim),
@@ -87,8 +103,12 @@ JEDI_HD constexpr BwdConfig bwd_config(int kD) {
 // ldmatrix phase hit 8 distinct 16-byte bank groups: pitch/8 = kD/8 + 1 is odd because kD % 16 == 0.
 JEDI_HD constexpr int smem_pitch(int cols) { return cols + 8; }
 
+JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes, int row_blocks) {
+  return static_cast<int64_t>(fwd_config(kD, row_blocks).block_m + 2 * fwd_config(kD, row_blocks).block_n) *
+         smem_pitch(kD) * elem_bytes;
+}
 JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes) {
-  return static_cast<int64_t>(fwd_config(kD).block_m + 2 * fwd_config(kD).block_n) * smem_pitch(kD) * elem_bytes;
+  return fwd_smem_bytes(kD, elem_bytes, fwd_default_row_blocks(kD));
 }
 JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes) {
   // K, V (block_n x kD), Q, dO (block_m x kD), dS^T (block_n x block_m), lse and delta (block_m floats each)

@@ -559,6 +559,34 @@ def test_set_attention_gpu(B, G, L, H, D, mask, fused, dtype, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("row_blocks", ["1", "2"], ids=["16rows", "32rows"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (1, 2, 4096, 2, 40, "full", True),
+    (1, 4, 1024, 2, 80, "blockdiag", False),
+    (2, 3, 97, 2, 72, "random", True),
+    (1, 2, 130, 1, 64, "oneway", False),
+    (3, 5, 17, 1, 8, "full", False),
+])
+def test_cuda_forward_instances(monkeypatch, row_blocks, B, G, L, H, D, mask, fused):
+    """Both CUDA forward instances (16 or 32 query rows per warp, JEDI_CUDA_FWD_ROW_BLOCKS; head dims <= 80 have
+    both) pass the 2x rule, forward and backward."""
+    if not jk.available_backends()["cuda_attention"]:
+        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", row_blocks)
+    _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_forward_instances_bad_env_value(monkeypatch):
+    if not jk.available_backends()["cuda_attention"]:
+        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
+    monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", "4")
+    with pytest.raises(RuntimeError, match="JEDI_CUDA_FWD_ROW_BLOCKS must be 0, 1 or 2"):
+        jk.set_attention(q, k, v, 2, 1, backend="cuda")
+
+
+@pytest.mark.gpu
 def test_set_attention_gpu_fp32():
     _check_case(1, 2, 128, 2, 40, dtype=torch.float32, mask="jedi")
 

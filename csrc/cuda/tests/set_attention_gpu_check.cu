@@ -50,6 +50,7 @@ struct Case {
   int layout;        // 0 separate contiguous, 1 fused qkv view, 2 padded row strides
   float scale;       // 0 -> D^-0.5 ; use scale_raw for an explicit value
   bool explicit_scale;
+  int row_blocks = 0;  // forward instance (SetAttnParams::fwd_row_blocks): 0 = the head dim's default
 };
 
 uint16_t to_bits(float x, int dtype) {
@@ -160,6 +161,7 @@ bool run_case(const Case& c, bool use_graph) {
   fp.set_mask = d.mask;
   fp.B = B; fp.G = G; fp.L = L; fp.H = H; fp.D = D;
   fp.scale = (float)scale;
+  fp.fwd_row_blocks = c.row_blocks;
   SetAttnBwdParams bp{};
   bp.q = fp.q; bp.k = fp.k; bp.v = fp.v; bp.out = d.out; bp.dout = d.dout;
   bp.q_stride_n = bp.k_stride_n = bp.v_stride_n = sn;
@@ -235,9 +237,10 @@ bool run_case(const Case& c, bool use_graph) {
       msg += buf;
     }
   }
-  std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f%s:%s\n", ok ? "PASS" : "FAIL",
-              (long long)B, (long long)G, (long long)L, (long long)H, (long long)D, c.dtype ? "bf16" : "fp16", c.mask,
-              c.layout, scale, use_graph ? " graph" : "", msg.c_str());
+  std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d%s:%s\n",
+              ok ? "PASS" : "FAIL", (long long)B, (long long)G, (long long)L, (long long)H, (long long)D,
+              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, use_graph ? " graph" : "",
+              msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
   return ok;
@@ -304,14 +307,26 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
   };
   const float f_ms = median_ms([&] { return jedi::set_attention_fwd_launch(fp, dtype, 0); });
   const float b_ms = median_ms([&] { return jedi::set_attention_bwd_launch(bp, dtype, 0); });
+  // both forward instances where the head dim has two (16 and 32 query rows per warp)
+  std::string alt;
+  const int kD = jedi::set_attn::padded_head_dim(D);
+  for (int rb = 1; rb <= 2; ++rb) {
+    if (!jedi::set_attn::fwd_has_row_blocks(kD, rb) || !jedi::set_attn::fwd_has_row_blocks(kD, 3 - rb)) continue;
+    fp.fwd_row_blocks = rb;
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "  fwd[%d rows/warp] %.3f ms", 16 * rb,
+                  median_ms([&] { return jedi::set_attention_fwd_launch(fp, dtype, 0); }));
+    alt += buf;
+  }
+  fp.fwd_row_blocks = 0;
   // useful FLOPs (unpadded D, allowed key fraction of the mask)
   double frac = 1.0;
   if (mask_kind) frac = (double)std::count(mask.begin(), mask.end(), 1) / (double)(G * G);
   const double fl = 4.0 * B * H * (double)S * S * D * frac;
   std::printf("TIME B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d: fwd %.3f ms (%.0f TFLOP/s)  "
-              "bwd %.3f ms (%.0f TFLOP/s)\n",
+              "bwd %.3f ms (%.0f TFLOP/s)%s\n",
               (long long)B, (long long)G, (long long)L, (long long)H, (long long)D, dtype ? "bf16" : "fp16", mask_kind,
-              f_ms, fl / f_ms * 1e-9, b_ms, 2.5 * fl / b_ms * 1e-9);
+              f_ms, fl / f_ms * 1e-9, b_ms, 2.5 * fl / b_ms * 1e-9, alt.c_str());
   std::fflush(stdout);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
@@ -326,8 +341,15 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
   std::vector<Case> cases;
+  // both dtypes; head dims with two forward instances also run the non-default one
   auto add = [&](int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int mask, int layout) {
-    for (int dt = 0; dt < 2; ++dt) cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false});
+    const int kD = jedi::set_attn::padded_head_dim(D);
+    for (int dt = 0; dt < 2; ++dt) {
+      cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0});
+      for (int rb = 1; rb <= 2; ++rb)
+        if (rb != jedi::set_attn::fwd_default_row_blocks(kD) && jedi::set_attn::fwd_has_row_blocks(kD, rb))
+          cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, rb});
+    }
   };
   if (quick) {
     add(1, 2, 97, 2, 40, 0, 1);

@@ -69,7 +69,7 @@ struct Case {
   bool cp_late = true;
 };
 
-template <typename T, int kD>
+template <typename T, int kD, int kRB = fwd_default_row_blocks(kD)>
 void run_case(const Case& c) {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t B = c.B, G = c.G, L = c.L, H = c.H, D = c.D, HD = H * D, N = B * G, S = G * L;
@@ -152,10 +152,10 @@ void run_case(const Case& c) {
   fp.D = D;
   fp.scale = scale;
 
-  using FT = FwdTraits<T, kD>;
+  using FT = FwdTraits<T, kD, kRB>;
   const Grid3 gf = fwd_grid(B, G, L, H, FT::kBlockM);
   jedi_emu::launch(EmuDim3{unsigned(gf.x), unsigned(gf.y), unsigned(gf.z)}, FT::kThreads, FT::kSmemBytes,
-                   [&] { set_attn_fwd_kernel<T, kD>(fp); });
+                   [&] { set_attn_fwd_kernel<T, kD, kRB>(fp); });
 
   jedi::SetAttnBwdParams bp{};
   bp.q = fp.q;
@@ -241,8 +241,8 @@ void run_case(const Case& c) {
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%s kD=%d %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
-              ok ? "PASS" : "FAIL", kD, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
+  std::printf("%s kD=%d rows/warp=%d %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
+              ok ? "PASS" : "FAIL", kD, 16 * kRB, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
               (long long)D, c.mask, c.layout, scale, c.cp_late ? "late" : "early", secs, msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
@@ -252,13 +252,19 @@ void run_case(const Case& c) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
-  // SD head dims: Q in registers (48, 80), Q from shared memory + two dK/dV chunks (160)
+  // SD head dims: Q in registers (48; 80 with 16 rows per warp), Q from shared memory (80 with 32 rows per warp,
+  // 160) + two dK/dV chunks (160); forward instances with 16 and 32 query rows per warp (1 and 2 row blocks)
   run_case<__half, 48>({1, 2, 97, 2, 40, 0, 1, 0.f, true});
-  run_case<__nv_bfloat16, 48>({1, 2, 97, 1, 40, 2, 0, 0.f, false});
+  run_case<__nv_bfloat16, 48, 1>({1, 2, 97, 1, 40, 2, 0, 0.f, false});
+  run_case<__nv_bfloat16, 48, 2>({1, 2, 97, 1, 40, 2, 0, 0.f, false});
   run_case<__nv_bfloat16, 160>({1, 3, 17, 1, 160, 2, 2, -0.1f, true});
-  run_case<__half, 80>({1, 2, 33, 1, 72, 1, 0, 0.f, true});
+  run_case<__half, 80, 1>({1, 2, 33, 1, 72, 1, 0, 0.f, true});
+  run_case<__half, 80, 2>({1, 2, 33, 1, 72, 1, 0, 0.f, true});
   if (!quick) {
     run_case<__half, 48>({1, 2, 130, 1, 48, 3, 2, 0.f, true});  // two query tiles per image, unattended image
+    run_case<__half, 48, 1>({1, 2, 130, 1, 48, 3, 2, 0.f, true});
+    run_case<__nv_bfloat16, 64, 2>({1, 3, 100, 1, 56, 1, 1, -0.2f, false});
+    run_case<__half, 32, 1>({1, 2, 31, 1, 24, 0, 0, 0.f, true});
     run_case<__half, 256>({1, 2, 20, 1, 248, 0, 1, 0.f, true});  // key tiles of 32, four dK/dV chunks
     run_case<__nv_bfloat16, 128>({1, 2, 40, 1, 128, 3, 0, 0.f, false});  // backward query tiles of 32
     run_case<__half, 32>({2, 5, 1, 1, 8, 2, 1, 0.f, true});  // one token per image

@@ -63,8 +63,17 @@ static void test_instances() {
   }
   for (int i = 0; i < kNumInstances; ++i) {
     const int kD = instance_head_dim(i);
-    const FwdConfig f = fwd_config(kD);
-    CHECK(f.block_m == 16 * f.num_warps && f.block_n % 16 == 0 && kD % 16 == 0, "fwd config kD=%d", kD);
+    CHECK(fwd_has_row_blocks(kD, 1) && fwd_has_row_blocks(kD, fwd_default_row_blocks(kD)) &&
+              !fwd_has_row_blocks(kD, 0) && !fwd_has_row_blocks(kD, 3),
+          "fwd instances kD=%d", kD);
+    for (int rb = 1; rb <= 2; ++rb) {
+      if (!fwd_has_row_blocks(kD, rb)) continue;
+      const FwdConfig f = fwd_config(kD, rb);
+      CHECK(f.row_blocks == rb && f.block_m == 16 * rb * f.num_warps && f.block_n % 16 == 0 && kD % 16 == 0,
+            "fwd config kD=%d rb=%d", kD, rb);
+      CHECK(fwd_smem_bytes(kD, 2, rb) <= 163 * 1024, "fwd smem kD=%d rb=%d", kD, rb);
+    }
+    CHECK(fwd_config(kD).row_blocks == fwd_default_row_blocks(kD), "fwd default kD=%d", kD);
     const BwdConfig b = bwd_config(kD);
     CHECK(b.block_n == 16 * b.num_warps && b.block_m % 16 == 0 && b.chunk % 16 == 0 && kD % b.chunk == 0,
           "bwd config kD=%d", kD);
