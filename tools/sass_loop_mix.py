@@ -127,18 +127,20 @@ def sass_loop_mix(sass: str) -> tuple[collections.Counter, int]:
     return collections.Counter(body), len(body)
 
 
-def full_tile_count(sass: str) -> int:
+def full_tile_count(sass: str, *, skip_rescale: bool = False) -> int:
     """Instructions of the main loop that a full key tile issues: the loop minus the regions a forward branch skips
     when those regions are tail masking (at least half ISETP/FSEL/SEL: the CUDA kernel's last-tile-of-an-image
-    code, which every other tile jumps over)."""
+    code, which every other tile jumps over). ``skip_rescale`` also leaves out the lazy O/l rescale (a skipped
+    region at least half FMUL/MUFU), i.e. the steady state once the running maxima have settled."""
     body = _loop_body(sass)
+    skip_ops = [("ISETP", "FSEL", "SEL")] + ([("FMUL", "MUFU")] if skip_rescale else [])
     skipped: set[int] = set()
     for addr, op, rest in body:
         target = _branch_target(op, rest)
         if target is None or target <= addr:
             continue
         region = [o for a, o, _ in body if addr < a < target]
-        if region and sum(o in ("ISETP", "FSEL", "SEL") for o in region) * 2 >= len(region):
+        if region and any(sum(o in ops for o in region) * 2 >= len(region) for ops in skip_ops):
             skipped.update(a for a, _, _ in body if addr < a < target)
     return sum(a not in skipped for a, _, _ in body)
 
@@ -164,7 +166,8 @@ def main(argv=None) -> int:
     if args.cuda:
         # per score element of a warp's share of one key tile: Triton's tile is BLOCK_M x BLOCK_N over num_warps
         # warps; the CUDA kernel's warp owns 16 x row_blocks query rows x 64 keys (mma.sync m16n8k16); "full tile"
-        # leaves out the tail masking only an image's last key tile runs
+        # leaves out the tail masking only an image's last key tile runs, "without rescale" also the lazy O/l
+        # rescale that tiles skip once the running maxima have settled
         from jedi_kernels.ops import set_attention as sa
 
         print(f"per 1024 score elements (one warp's work), sm_{args.arch}, bf16: Triton (FFMA scale, P.1 row sums) "
@@ -174,18 +177,20 @@ def main(argv=None) -> int:
             cfg = sa._FWD_CONFIGS[sa._dclass(D0, D1, None)][0]
             per_warp = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / cfg.num_warps
             tri = loop_mix(compile_fwd(D, args.arch, SCALE_POS=True, ROWSUM_DOT=D <= 64))
-            rows = [("triton", *tri, tri[1], per_warp)]
+            rows = [("triton", *tri, tri[1], tri[1], per_warp)]
             for rb in (1, 2):
                 try:
                     sass = cuda_fwd_sass(D, args.arch, row_blocks=rb)
                 except LookupError:  # no such instance (fwd_has_row_blocks)
                     continue
-                rows.append((f"cuda {16 * rb}r", *sass_loop_mix(sass), full_tile_count(sass), 16 * rb * 64))
-            for name, ops, n, full, elems in rows:
+                rows.append((f"cuda {16 * rb}r", *sass_loop_mix(sass), full_tile_count(sass),
+                             full_tile_count(sass, skip_rescale=True), 16 * rb * 64))
+            for name, ops, n, full, steady, elems in rows:
                 k = 1024 / elems
                 fp32 = sum(ops[o] for o in FP32_PIPE)
                 mma = ops["HGMMA"] + ops["HMMA"]
-                print(f"  D={D:3d} {name:8s} instructions {n * k:6.0f} (full tile {full * k:4.0f})  "
+                print(f"  D={D:3d} {name:8s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
+                      f"without rescale {steady * k:4.0f})  "
                       f"MUFU {ops['MUFU'] * k:5.0f}  "
                       f"FP32 {fp32 * k:5.0f}  MMA {mma * k:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "
                       f"SHFL {ops['SHFL'] * k:4.0f}  LDSM {ops['LDSM'] * k:4.0f}  BAR {ops['BAR'] * k:3.0f}")

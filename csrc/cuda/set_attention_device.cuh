@@ -23,6 +23,9 @@ namespace set_attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// Lazy softmax rescaling (forward): the running max moves only when a tile exceeds it by more than this many
+// binary orders of magnitude, so probabilities stay <= 2^8 = 256 before normalization.
+constexpr float kLazyRescaleLog2 = 8.f;
 
 #if !defined(JEDI_SET_ATTN_EMULATE)
 // ---- PTX wrappers ------------------------------------------------------------------------------------------------

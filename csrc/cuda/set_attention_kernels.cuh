@@ -68,6 +68,9 @@ struct FwdTraits {
   static constexpr int kMinBlocks = kCfg.min_blocks;
   static constexpr int kPitch = smem_pitch(kD);
   static constexpr int kSmemBytes = static_cast<int>(fwd_smem_bytes(kD, sizeof(T), kRB));
+  // Softmax row sums as P . 1 on the tensor cores (one m16n8k16 per k16 step and row block) instead of one FADD per
+  // score: at small head dims the loop is issue-bound and the tensor cores have room; from 80 on they are the bound.
+  static constexpr bool kRowSumMma = kD <= 64;
   static_assert(kRowBlocks == kRB, "fwd config");
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBlockM == 16 * kRowBlocks * kWarps, "tile shapes");
 };
@@ -81,8 +84,14 @@ struct FwdTraits {
 // Each warp owns kRB blocks of 16 consecutive rows (16 * kRB rows); every K/V fragment a warp loads from shared
 // memory feeds the MMAs of all its row blocks, so two row blocks halve the ldmatrix traffic and the per-tile
 // overhead per score (FlashAttention-2's 4 warps x 32 rows) at the price of twice the accumulator registers.
-// A row's 4 owner lanes (a quad) share its max through two xor-shuffles, and keep partial sums l that are added
-// across the quad once, at the end (the rescale factor is uniform over the quad).
+// A row's 4 owner lanes (a quad) share its max through two xor-shuffles. Row sums l: either one MMA per k16 step
+// with an all-ones B (P . 1: every lane gets whole-row sums, kRowSumMma) or per-lane partial sums added across the
+// quad once, at the end (the rescale factor is uniform over the quad).
+// Lazy rescaling (FlashAttention-4): the running max m only moves when a tile's row max exceeds it by more than
+// kLazyRescaleLog2, so P = 2^(c s - m) <= 2^kLazyRescaleLog2 (fine in fp32 accumulators and 16-bit P), and O, l
+// are rescaled only when some row of the warp moved (a warp-uniform branch): after the first tiles most skip the
+// 2 * kD / 8 FMULs and the exp2 of the correction per row block. O and l stay relative to the same m, so the result
+// and lse are exact up to rounding.
 // Pipeline (one K and one V buffer, as FlashAttention-2): V_t streams in while S = Q K_t^T is computed, K_{t+1}
 // while softmax and O += P V_t run.
 template <typename T, int kD, int kRB>
@@ -135,12 +144,15 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
     for (int i = 0; i < kDT; ++i) acc_o[rb][i][0] = acc_o[rb][i][1] = acc_o[rb][i][2] = acc_o[rb][i][3] = 0.f;
-  float row_max[kRB][2], row_sum[kRB][2];  // log2 units; this lane's partial sums
+  // running max (log2 units); row sums: [0], [1] row g, [2], [3] row g + 8 (kRowSumMma: P . 1 accumulators, all
+  // equal and whole-row; else this lane's partial sums in [0] and [2])
+  float row_max[kRB][2], row_sum[kRB][4];
 #pragma unroll
   for (int rb = 0; rb < kRB; ++rb) {
     row_max[rb][0] = row_max[rb][1] = -INFINITY;
-    row_sum[rb][0] = row_sum[rb][1] = 0.f;
+    row_sum[rb][0] = row_sum[rb][1] = row_sum[rb][2] = row_sum[rb][3] = 0.f;
   }
+  const uint32_t ones = pack2<T>(1.f, 1.f);
   uint32_t q_frag[Tr::kQInRegs ? kRB : 1][Tr::kQInRegs ? kKS : 1][4];
   bool q_loaded = false;
 
@@ -212,6 +224,8 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
     }
 
     // online softmax, per row block rows g (e = 0, 1) and g + 8 (e = 2, 3)
+    float m_prev[kRB][2];
+    bool moved = false;
 #pragma unroll
     for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
@@ -221,22 +235,37 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
         for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(acc_s[rb][j][2 * r], acc_s[rb][j][2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[rb][r], mx * sl);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing allowed yet: keep exp2 finite
-        const float corr = fast_exp2(row_max[rb][r] - m_use);
-        row_max[rb][r] = m_new;
+        const float mx2 = mx * sl;
+        m_prev[rb][r] = row_max[rb][r];
+        // -inf + threshold = -inf: the first finite tile max always moves it
+        if (mx2 > row_max[rb][r] + kLazyRescaleLog2) {
+          row_max[rb][r] = mx2;
+          moved = true;
+        }
+        const float m_use = row_max[rb][r] == -INFINITY ? 0.f : row_max[rb][r];  // nothing allowed yet: exp2 finite
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
           acc_s[rb][j][2 * r] = fast_exp2(fmaf(acc_s[rb][j][2 * r], sl, -m_use));
           acc_s[rb][j][2 * r + 1] = fast_exp2(fmaf(acc_s[rb][j][2 * r + 1], sl, -m_use));
         }
-        row_sum[rb][r] *= corr;
-#pragma unroll
-        for (int i = 0; i < kDT; ++i) {
-          acc_o[rb][i][2 * r] *= corr;
-          acc_o[rb][i][2 * r + 1] *= corr;
-        }
       }
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          // exactly 1 for rows that did not move; 0 for a row's first finite max (O and l are still 0 then)
+          const float m_use = row_max[rb][r] == -INFINITY ? 0.f : row_max[rb][r];
+          const float corr = fast_exp2(m_prev[rb][r] - m_use);
+          row_sum[rb][2 * r] *= corr;
+          row_sum[rb][2 * r + 1] *= corr;
+#pragma unroll
+          for (int i = 0; i < kDT; ++i) {
+            acc_o[rb][i][2 * r] *= corr;
+            acc_o[rb][i][2 * r + 1] *= corr;
+          }
+        }
+    }
     if (tail) {  // exact zeros also when scale == 0 (0 * -inf = NaN above)
 #pragma unroll
       for (int rb = 0; rb < kRB; ++rb)
@@ -246,13 +275,15 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
           for (int e = 0; e < 4; ++e)
             if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[rb][j][e] = 0.f;
     }
+    if constexpr (!Tr::kRowSumMma) {
 #pragma unroll
-    for (int rb = 0; rb < kRB; ++rb)
+      for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        row_sum[rb][0] += acc_s[rb][j][0] + acc_s[rb][j][1];
-        row_sum[rb][1] += acc_s[rb][j][2] + acc_s[rb][j][3];
-      }
+        for (int j = 0; j < kNT; ++j) {
+          row_sum[rb][0] += acc_s[rb][j][0] + acc_s[rb][j][1];
+          row_sum[rb][2] += acc_s[rb][j][2] + acc_s[rb][j][3];
+        }
+    }
 
     cp_async_wait_all();  // V_t landed
     __syncthreads();      // ... for every thread; and every warp is done reading K_t
@@ -275,6 +306,10 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
         a[rb][2] = pack2<T>(acc_s[rb][2 * kk + 1][0], acc_s[rb][2 * kk + 1][1]);
         a[rb][3] = pack2<T>(acc_s[rb][2 * kk + 1][2], acc_s[rb][2 * kk + 1][3]);
       }
+      if constexpr (Tr::kRowSumMma) {
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb) mma16816<T>(row_sum[rb], a[rb], ones, ones);
+      }
 #pragma unroll
       for (int d2 = 0; d2 < kD / 16; ++d2) {
         uint32_t bv[4];
@@ -296,9 +331,11 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[rb][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      float sum = row_sum[rb][2 * r];
+      if constexpr (!Tr::kRowSumMma) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      }
       const float inv = sum > 0.f ? 1.f / sum : 0.f;
       const float lse = sum > 0.f ? row_max[rb][r] * kLn2 + logf(sum) : -INFINITY;
       const int64_t pos = qc.row0 + (warp * kRB + rb) * 16 + lane / 4 + 8 * r;

@@ -228,6 +228,18 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   return r;
 }
 
+inline bool __any_sync(unsigned mask, bool pred) {
+  if (mask != 0xffffffffu) jedi_emu::fail("only full-warp votes are emulated");
+  jedi_emu::Warp& w = jedi_emu::warp();
+  const int l = jedi_emu::lane();
+  w.f[l][0] = pred ? 1.f : 0.f;
+  w.bar.wait();
+  bool any = false;
+  for (int i = 0; i < 32; ++i) any = any || w.f[i][0] != 0.f;
+  w.bar.wait();
+  return any;
+}
+
 inline float atomicAdd(float* p, float v) {
   const float old = *p;
   *p = old + v;

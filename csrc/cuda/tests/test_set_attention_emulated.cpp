@@ -260,6 +260,10 @@ int main(int argc, char** argv) {
   run_case<__nv_bfloat16, 160>({1, 3, 17, 1, 160, 2, 2, -0.1f, true});
   run_case<__half, 80, 1>({1, 2, 33, 1, 72, 1, 0, 0.f, true});
   run_case<__half, 80, 2>({1, 2, 33, 1, 72, 1, 0, 0.f, true});
+  // a large scale spreads the scores over ~+-20 binary orders: later key tiles move the running max by more than
+  // the lazy-rescale threshold, so O and l are rescaled mid-row (random scales keep the first tile's max)
+  run_case<__half, 48>({1, 3, 70, 1, 40, 0, 0, 3.f, true});
+  run_case<__nv_bfloat16, 80, 1>({1, 3, 70, 1, 80, 0, 1, -2.5f, false});
   if (!quick) {
     run_case<__half, 48>({1, 2, 130, 1, 48, 3, 2, 0.f, true});  // two query tiles per image, unattended image
     run_case<__half, 48, 1>({1, 2, 130, 1, 48, 3, 2, 0.f, true});
