@@ -399,6 +399,8 @@ struct BwdTraits {
   static constexpr int kSmemBytes = static_cast<int>(bwd_smem_bytes(kD, sizeof(T)));
   static_assert(kD % 16 == 0 && kChunk % 16 == 0 && kD % kChunk == 0, "head-dim chunks");
   static_assert(kBlockN == 16 * kWarps && kBlockM % 16 == 0, "tile shapes");
+  // lse and delta follow the 16-bit tiles in shared memory and are read as float2
+  static_assert(((2 * kBlockN + 2 * kBlockM) * kPitch + kBlockN * kPitchS) * sizeof(T) % 8 == 0, "sLse alignment");
 };
 
 // One CTA: keys [n0, n0 + kBlockN) of image j of set b, head h, dK/dV columns [c0, c0 + kChunk). It walks the query
@@ -487,6 +489,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
 
   const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const bool key_ok[2] = {kc.row0 + key_local[0] < L, kc.row0 + key_local[1] < L};
+  const bool warp_keys_full = kc.row0 + (warp + 1) * 16 <= L;  // warp-uniform: no key of this warp is past L
 
   float acc_dk[kCT][4], acc_dv[kCT][4];
 #pragma unroll
@@ -521,15 +524,21 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
         mma16816<T>(acc_s[2 * j + 1], a, bq[2], bq[3]);
       }
     }
-    // P^T (zero outside the valid keys x valid queries)
+    // P^T. Queries past L have lse2 = +inf (P = 0 exactly: their Q rows are zero-filled, so s = 0, never NaN);
+    // keys past L (zero-filled K rows: s = 0, P > 0) are zeroed, only in a warp that has such keys.
 #pragma unroll
-    for (int j = 0; j < kMT; ++j)
+    for (int j = 0; j < kMT; ++j) {
+      const float2 lse2 = *reinterpret_cast<const float2*>(sLse + j * 8 + (lane % 4) * 2);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = j * 8 + (lane % 4) * 2 + (e % 2);
-        const float pv = fast_exp2(fmaf(acc_s[j][e], sl, -sLse[qi]));
-        acc_s[j][e] = (key_ok[e / 2] && qi < valid_q) ? pv : 0.f;
-      }
+      for (int e = 0; e < 4; ++e) acc_s[j][e] = fast_exp2(fmaf(acc_s[j][e], sl, -(e % 2 ? lse2.y : lse2.x)));
+    }
+    if (!warp_keys_full) {
+#pragma unroll
+      for (int j = 0; j < kMT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!key_ok[e / 2]) acc_s[j][e] = 0.f;
+    }
 
     // dV += P^T dO
 #pragma unroll
@@ -566,12 +575,11 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
     }
     // dS^T = P^T o (dP^T - delta)
 #pragma unroll
-    for (int j = 0; j < kMT; ++j)
+    for (int j = 0; j < kMT; ++j) {
+      const float2 dlt = *reinterpret_cast<const float2*>(sDelta + j * 8 + (lane % 4) * 2);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = j * 8 + (lane % 4) * 2 + (e % 2);
-        acc_dp[j][e] = acc_s[j][e] * (acc_dp[j][e] - sDelta[qi]);
-      }
+      for (int e = 0; e < 4; ++e) acc_dp[j][e] = acc_s[j][e] * (acc_dp[j][e] - (e % 2 ? dlt.y : dlt.x));
+    }
 
     // dK += dS^T Q, and stage dS^T (rounded to T, as the MMA sees it) for dQ
 #pragma unroll
@@ -602,8 +610,14 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
     cp_async_commit();
 
     // dQ[tile t] += dS K over this CTA's keys, chunk columns: (16-query slab, 16-column group) pairs over warps
-    constexpr int kGroups = kChunk / 16;
-    for (int pi = warp; pi < (kBlockM / 16) * kGroups; pi += kWarps) {
+    constexpr int kGroups = kChunk / 16, kPairs = (kBlockM / 16) * kGroups;
+    // this lane's query row (slab 0, r = 0) of the tile; 32-bit row bound (valid queries of the tile <= kBlockM)
+    float* const dq_lane = dq_accum + (tensor_row(b, G, qc.image) * L + qc.row0 + lane / 4) * HD + h * D + c0 +
+                           (lane % 4) * 2;
+    const int q_end = static_cast<int>(valid_q < kBlockM ? valid_q : kBlockM) - lane / 4;  // slab*16 + 8r < q_end
+    const int col_end = D - c0 - (lane % 4) * 2;  // grp*16 + 8n < col_end
+#pragma unroll 1
+    for (int pi = warp; pi < kPairs; pi += kWarps) {
       const int slab = pi / kGroups, grp = pi % kGroups;
       float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
@@ -614,17 +628,16 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
         mma16816<T>(acc[0], a, bk[0], bk[1]);
         mma16816<T>(acc[1], a, bk[2], bk[3]);
       }
+      float* const dst0 = dq_lane + slab * 16 * HD + grp * 16;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int qi = slab * 16 + lane / 4 + 8 * r;
-        if (qi < valid_q) {
-          float* dst = dq_accum + (tensor_row(b, G, qc.image) * L + qc.row0 + qi) * HD + h * D;
+        if (slab * 16 + 8 * r < q_end) {
+          float* const dst = dst0 + 8 * r * HD;
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
-            const int col = c0 + grp * 16 + n * 8 + (lane % 4) * 2;
-            if (col < D) {
-              atomicAdd(dst + col, acc[n][2 * r]);
-              atomicAdd(dst + col + 1, acc[n][2 * r + 1]);
+            if (grp * 16 + n * 8 < col_end) {
+              atomicAdd(dst + n * 8, acc[n][2 * r]);
+              atomicAdd(dst + n * 8 + 1, acc[n][2 * r + 1]);
             }
           }
         }
