@@ -27,10 +27,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FP32_PIPE = ("FMUL", "FADD", "FFMA", "FMNMX", "F2FP", "FSEL", "FSETP")
+# what torch's extension build passes to nvcc (torch.utils.cpp_extension.COMMON_NVCC_FLAGS, less the constexpr flag)
+NVCC_TORCH_FLAGS = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 
 
 def compile_fwd(D: int, arch: int, *, dtype: str = "bf16", **switches):
     """The forward kernel for head dim D with its class's default GPU config; ``switches`` override constexprs."""
+    return compile_kernel("fwd", D, arch, dtype=dtype, **switches)[0]
+
+
+def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", **switches):
+    """(compiled kernel, its default config) of the Triton set-attention kernel ``kind`` ("fwd", "dkdv", "dq") for
+    head dim D with its class's default GPU config; ``switches`` override constexprs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,31 +47,36 @@ def compile_fwd(D: int, arch: int, *, dtype: str = "bf16", **switches):
     from jedi_kernels.ops import set_attention as sa
 
     D0, D1 = sa.head_dim_chunks(D, True)
-    cfg = sa._FWD_CONFIGS[sa._dclass(D0, D1, None)][0]
-    fn = sa._set_attn_fwd_kernel
+    kernel, configs = {"fwd": (sa._set_attn_fwd_kernel, sa._FWD_CONFIGS),
+                       "dkdv": (sa._set_attn_bwd_dkdv_kernel, sa._DKDV_CONFIGS),
+                       "dq": (sa._set_attn_bwd_dq_kernel, sa._DQ_CONFIGS)}[kind]
+    cfg = configs[sa._dclass(D0, D1, None)][0]
+    fn = kernel
     while not hasattr(fn, "params"):
         fn = fn.fn
     values = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=False, COUNT_TILES=False,
-                  DOT_F32=False, PREC="tf32", EVEN_N=True, SCALE_POS=True, ROWSUM_DOT=False, **cfg.kwargs)
+                  DOT_F32=False, PREC="tf32", EVEN_N=True, EVEN_M=True, SCALE_POS=True, ROWSUM_DOT=False,
+                  **cfg.kwargs)
     values.update(switches)
     sig, const = {}, {}
     for p in fn.params:
         if p.is_constexpr:
             sig[p.name], const[p.name] = "constexpr", values[p.name]
-        elif p.name in ("Q", "K", "V", "Out"):
+        elif p.name in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"):
             sig[p.name] = "*" + dtype
-        elif p.name == "Lse":
+        elif p.name in ("Lse", "Delta"):
             sig[p.name] = "*fp32"
         elif p.name in ("ImgList", "ImgCount", "TileCount"):
             sig[p.name] = "*i32"
-        elif p.name == "qk_scale_log2":
+        elif p.name in ("qk_scale_log2", "scale"):
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
              if sig[p.name].startswith("*") or p.name.startswith("stride")}
-    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return compiled, cfg
 
 
 def _sass(cubin: bytes) -> str:
@@ -86,12 +100,10 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1) -
     with nvcc as torch's extension build compiles it; only the ``dtype`` instantiation's function with ``row_blocks``
     m16 row blocks per warp."""
     src = ROOT / "csrc" / "cuda" / f"set_attention_fwd_hdim{D}.cu"
-    flags = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-             "-D__CUDA_NO_HALF2_OPERATORS__"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "k.cubin"
         subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
-                        "-cubin", f"-arch=sm_{arch}", *flags, "-o", str(out), str(src)], check=True)
+                        "-cubin", f"-arch=sm_{arch}", *NVCC_TORCH_FLAGS, "-o", str(out), str(src)], check=True)
         sass = _sass(out.read_bytes())
     want = ("13__nv_bfloat16" if dtype == "bf16" else "6__half") + "Li"
     blocks = re.split(r"\n\s*Function : ", sass)
@@ -101,6 +113,34 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1) -
         if args and name.split("I", 1)[-1].startswith(want) and int(args.group(3)) == row_blocks:
             return blk
     raise LookupError(f"no forward kernel for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
+
+
+def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16") -> str:
+    """SASS of the CUDA C++ backward main kernel serving head dim D (csrc/cuda/set_attention_bwd_hdim<D>.cu)."""
+    src = ROOT / "csrc" / "cuda" / f"set_attention_bwd_hdim{D}.cu"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "k.cubin"
+        subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
+                        "-cubin", f"-arch=sm_{arch}", *NVCC_TORCH_FLAGS, "-o", str(out), str(src)], check=True)
+        sass = _sass(out.read_bytes())
+    want = "set_attn_bwd_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half")
+    return next(b for b in re.split(r"\n\s*Function : ", sass)[1:] if want in b.split("\n", 1)[0])
+
+
+def dynamic_loop_count(sass: str, mma_loop_trips: int) -> int:
+    """Instructions one trip of the main loop issues when its inner loop with tensor-core instructions (the CUDA
+    backward's dQ loop) runs ``mma_loop_trips`` trips; other inner loops (the tile walk's image skip, the lse/delta
+    load) are counted once, tail regions included."""
+    body = _loop_body(sass)
+    lo = body[0][0]
+    n = len(body)
+    for a, op, rest in body:
+        t = _branch_target(op, rest)
+        if t is not None and lo < t < a:
+            inner = [o for x, o, _ in body if t <= x <= a]
+            if "HMMA" in inner:
+                n += (mma_loop_trips - 1) * len(inner)
+    return n
 
 
 def _loop_body(sass: str) -> list[tuple[int, str, str]]:
@@ -145,14 +185,52 @@ def full_tile_count(sass: str, *, skip_rescale: bool = False) -> int:
     return sum(a not in skipped for a, _, _ in body)
 
 
+def bwd_report(arch: int) -> None:
+    """Print the backward comparison (``--bwd``)."""
+    # Triton: dK/dV kernel (BLOCK_N keys x BLOCK_M queries per iteration) + dQ kernel (BLOCK_M queries x BLOCK_N
+    # keys); CUDA: one kernel, a warp owns 16 keys x 64 queries per query tile, dQ by atomics in an inner loop
+
+    print(f"backward, per 1024 score elements (one warp's work), sm_{arch}, bf16: Triton dK/dV + dQ kernels "
+          f"vs CUDA C++ (csrc/cuda/set_attention_bwd_hdim<D>.cu, dQ loop at its trip count)")
+    for D in (40, 80, 160):
+        total = collections.Counter()
+        n_total = 0.0
+        for kind in ("dkdv", "dq"):
+            kernel, cfg = compile_kernel(kind, D, arch)
+            ops, n = loop_mix(kernel)
+            k = 1024 / (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / cfg.num_warps)
+            total.update({o: c * k for o, c in ops.items()})
+            n_total += n * k
+        rows = [("triton", total, n_total)]
+        kD = {40: 48, 80: 80, 160: 160}[D]
+        chunk = {48: 48, 80: 80, 160: 80}[kD]
+        trips = (64 // 16) * (chunk // 16) // 4  # (query slab, column group) pairs over 4 warps
+        sass = cuda_bwd_sass(D, arch)
+        ops, _ = sass_loop_mix(sass)
+        n = dynamic_loop_count(sass, trips)
+        per_tile = 16 * 64 / 1024 * (kD // chunk)  # a CTA per column chunk recomputes S and dP
+        rows.append(("cuda", collections.Counter({o: c * per_tile for o, c in ops.items()}), n * per_tile))
+        for name, ops, n in rows:
+            fp32 = sum(ops[o] for o in FP32_PIPE)
+            mma = ops["HGMMA"] + ops["HMMA"]
+            print(f"  D={D:3d} {name:6s} instructions {n:6.0f}  MUFU {ops['MUFU']:5.0f}  FP32 {fp32:5.0f}  "
+                  f"MMA {mma:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'}, static)  "
+                  f"LDSM {ops['LDSM']:4.0f} (static)  atomics {ops['REDG'] + ops['RED']:3.0f} (static)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--bwd", action="store_true", help="the backward instead: Triton dK/dV + dQ kernels vs the "
+                    "CUDA C++ backward (needs nvcc), per score element")
     ap.add_argument("--cuda", action="store_true", help="also the CUDA C++ forward instances (needs nvcc), per score "
                     "element next to the Triton kernel's best variant")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
+    if args.bwd:
+        bwd_report(args.arch)
+        return 0
     variants = (("unfused scale, FADD row sums", dict(SCALE_POS=False, ROWSUM_DOT=False)),
                 ("FFMA scale, FADD row sums", dict(SCALE_POS=True, ROWSUM_DOT=False)),
                 ("FFMA scale, row sums by P.1", dict(SCALE_POS=True, ROWSUM_DOT=True)))

@@ -89,7 +89,9 @@ def _record(out_path: str) -> None:
         jk.geglu(h, backend="triton").sum().backward()
     cases = [(40, torch.bfloat16, False), (40, torch.float16, False), (80, torch.bfloat16, False),
              (80, torch.bfloat16, True), (160, torch.float16, False), (64, torch.bfloat16, False),
-             (24, torch.bfloat16, False), (40, torch.float32, False)]
+             (24, torch.bfloat16, False), (40, torch.float32, False),
+             # the widest head dims of the d128 / d256 classes (the largest tiles' shared memory)
+             (128, torch.bfloat16, False), (256, torch.float16, False)]
     for D, dtype, masked in cases:
         q, k, v = (torch.randn(4, 17, 2 * D, dtype=dtype, requires_grad=True) for _ in range(3))
         mask = torch.tensor([[True, False], [True, True]]) if masked else None
@@ -127,8 +129,9 @@ def _variants(rec: dict, all_configs: bool) -> list[dict]:
     if rec["name"] not in lists:
         return [dict(rec, args=args)]
     ptr = args["Q"]["ptr"]
-    D0, D1 = _val(args["D0"]), _val(args["D1"])
-    dclass = "f32" if ptr == "fp32" else ("d64" if D0 + D1 <= 64 else ("d128" if D0 + D1 <= 128 else "d256"))
+    # the launchers pass D1 >= 16 even without a second chunk (HAS_D1 False): the class is that of D0 alone then
+    D0, D1 = _val(args["D0"]), (_val(args["D1"]) if _val(args["HAS_D1"]) else 0)
+    dclass = "f32" if ptr == "fp32" else sa._dclass(D0, D1, None)
     out = []
     for cfg in lists[rec["name"]][dclass][: None if all_configs else 1]:
         a = dict(args)

@@ -505,34 +505,53 @@ def _rowsum_dot(width: int, dtype: torch.dtype) -> bool:
 
 
 def _dclass(D0: int, D1: int, dtype: torch.dtype) -> str:
+    """Config class of a head split into chunks D0 + D1 (padded width): d64, d96 (SD's 80), d128, d192 (SD's 160),
+    d256; f32 for float32 (tests)."""
     if dtype == torch.float32:
         return "f32"  # GPU fp32 is for tests: small tiles that fit shared memory at every head dim
     width = D0 + D1
-    return "d64" if width <= 64 else ("d128" if width <= 128 else "d256")
+    for cls, top in (("d64", 64), ("d96", 96), ("d128", 128), ("d192", 192)):
+        if width <= top:
+            return cls
+    return "d256"
 
 
 # First config of each list = the default when autotuning is off (JEDI_TRITON_AUTOTUNE=0). Tiles: H100, wgmma
 # wants BLOCK_M = 64·k per warpgroup; the key tile and stage count trade shared memory (K and V tiles per stage).
-# Every config here compiles for sm_90 without register spills at D = 40 / 80 / 160 (checked with ptxas); three per
-# list keeps first-call compile + autotune time of a whole benchmark sweep within a couple of minutes.
+# Every default compiles for sm_90 without register spills and fits sm_80's shared memory at the widest head dim of
+# its class (tools/triton_aot_check.py, in CI); three per list keeps first-call compile + autotune time of a whole
+# benchmark sweep within a couple of minutes.
 _FWD_CONFIGS = {
     "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
-    "d128": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+    "d96": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+    # at 128 columns 4 warps spill (255 registers, 272 B on sm_90)
+    "d128": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)],
+    "d192": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
     "d256": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
     "f32": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
 }
+# Backward defaults by static SASS per 1024 scores, sm_90 bf16 (tools/sass_loop_mix.py --bwd): a 64-key dK/dV tile
+# or a 64-query dQ tile over 8 warps computes every exp twice (MUFU 66-68 instead of 33-34) and issues 1.5-2.5x the
+# instructions of the 128-wide tiles: d 160 dK/dV 2256 -> 960, dQ 1014 -> 650; d 80 650 -> 491, 498 -> 368. At
+# d <= 64, dK/dV (64, 128, 8 warps) issues about as much as (32, 128, 4) at d 40 (447 vs 437) and 6 % less at 64,
+# where (32, 128, 4) spills (255 registers; 180-188 instead); dQ (128, 64, 8) issues 8 % less at d 40. Head dims
+# 200-256 keep tiles without spills that fit sm_80's 163 KB of shared memory at D = 256.
 # dK/dV: a program owns BLOCK_N keys and walks BLOCK_M queries.
 _DKDV_CONFIGS = {
-    "d64": [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3)],
-    "d128": [_cfg(32, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2)],
+    "d64": [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3)],
+    "d96": [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 128, 8, 2)],
+    "d128": [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 128, 8, 2)],
+    "d192": [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2)],
     "d256": [_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
     "f32": [_cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2)],
 }
 # dQ: a program owns BLOCK_M queries and walks BLOCK_N keys.
 _DQ_CONFIGS = {
-    "d64": [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
-    "d128": [_cfg(128, 32, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
-    "d256": [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],
+    "d64": [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+    "d96": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
+    "d128": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
+    "d192": [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2)],
+    "d256": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2)],
     "f32": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
 }
 _TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK", "ROWSUM_DOT"]  # names a kernel lacks are skipped
