@@ -146,7 +146,10 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
         set_mask: optional bool (G, G); ``set_mask[i, j]`` = queries of image i may attend keys of image j. None means
             full joint attention. Every row must allow at least one image.
         backend: "auto" (fastest correct backend for device/dtype/shape; ``JEDI_BACKEND`` overrides),
-            "triton", "cuda" or "torch" (torch SDPA).
+            "triton", "cuda" or "torch" (torch SDPA). Kernel variants from the environment:
+            ``JEDI_TRITON_AUTOTUNE=0`` (read at import: Triton runs its default configs only), and, read per call,
+            ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums) and ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA
+            forward: 16 or 32 query rows per warp).
 
     Returns:
         (N, L, heads*head_dim) tensor in q's dtype, contiguous, ready for the out-projection. Differentiable w.r.t.
