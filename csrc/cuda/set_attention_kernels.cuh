@@ -153,6 +153,8 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
     row_sum[rb][0] = row_sum[rb][1] = row_sum[rb][2] = row_sum[rb][3] = 0.f;
   }
   const uint32_t ones = pack2<T>(1.f, 1.f);
+  // the last output n8 tile holds only padding when D <= kD - 8 (40 on the 48 instance, 72 on 80): skip its MMAs
+  const bool last_n8_live = 8 * (kDT - 1) < D;
   uint32_t q_frag[Tr::kQInRegs ? kRB : 1][Tr::kQInRegs ? kKS : 1][4];
   bool q_loaded = false;
 
@@ -317,7 +319,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
 #pragma unroll
         for (int rb = 0; rb < kRB; ++rb) {
           mma16816<T>(acc_o[rb][2 * d2], a[rb], bv[0], bv[1]);
-          mma16816<T>(acc_o[rb][2 * d2 + 1], a[rb], bv[2], bv[3]);
+          if (2 * d2 + 1 < kDT - 1 || last_n8_live) mma16816<T>(acc_o[rb][2 * d2 + 1], a[rb], bv[2], bv[3]);
         }
       }
     }
@@ -490,6 +492,9 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
   const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const bool key_ok[2] = {kc.row0 + key_local[0] < L, kc.row0 + key_local[1] < L};
   const bool warp_keys_full = kc.row0 + (warp + 1) * 16 <= L;  // warp-uniform: no key of this warp is past L
+  // the chunk's last dK/dV n8 tile holds only padding when c0 + 8 (kCT - 1) >= D (D 40 on the 48 instance): skip
+  // its MMAs (dQ likewise per 16-column group)
+  const bool last_ct_live = c0 + 8 * (kCT - 1) < D;
 
   float acc_dk[kCT][4], acc_dv[kCT][4];
 #pragma unroll
@@ -553,7 +558,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
         uint32_t bo[4];
         ldsm_x4_trans(bo, sdO_t + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
         mma16816<T>(acc_dv[2 * d2], a, bo[0], bo[1]);
-        mma16816<T>(acc_dv[2 * d2 + 1], a, bo[2], bo[3]);
+        if (2 * d2 + 1 < kCT - 1 || last_ct_live) mma16816<T>(acc_dv[2 * d2 + 1], a, bo[2], bo[3]);
       }
     }
 
@@ -600,7 +605,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
         uint32_t bq[4];
         ldsm_x4_trans(bq, sQ_t + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
         mma16816<T>(acc_dk[2 * d2], a, bq[0], bq[1]);
-        mma16816<T>(acc_dk[2 * d2 + 1], a, bq[2], bq[3]);
+        if (2 * d2 + 1 < kCT - 1 || last_ct_live) mma16816<T>(acc_dk[2 * d2 + 1], a, bq[2], bq[3]);
       }
     }
     __syncthreads();  // dS^T complete; every warp done with Q, dO, lse, delta of tile t
@@ -616,6 +621,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
                            (lane % 4) * 2;
     const int q_end = static_cast<int>(valid_q < kBlockM ? valid_q : kBlockM) - lane / 4;  // slab*16 + 8r < q_end
     const int col_end = D - c0 - (lane % 4) * 2;  // grp*16 + 8n < col_end
+    const int col_end_warp = D - c0;                 // grp*16 + 8n < col_end_warp: some lane's column is live
 #pragma unroll 1
     for (int pi = warp; pi < kPairs; pi += kWarps) {
       const int slab = pi / kGroups, grp = pi % kGroups;
@@ -626,7 +632,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
         ldsm_x4_trans(a, sdS_t + (kk * 16 * kPitchS + slab * 16) * sizeof(T));
         ldsm_x4_trans(bk, sK_t + (kk * 16 * kPitch + grp * 16) * sizeof(T));
         mma16816<T>(acc[0], a, bk[0], bk[1]);
-        mma16816<T>(acc[1], a, bk[2], bk[3]);
+        if (grp * 16 + 8 < col_end_warp) mma16816<T>(acc[1], a, bk[2], bk[3]);
       }
       float* const dst0 = dq_lane + slab * 16 * HD + grp * 16;
 #pragma unroll
