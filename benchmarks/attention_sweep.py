@@ -224,31 +224,34 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
+def _variant_row(L, D, ng, dtype, rep_ms, backend: str, env: str, variants: dict[str, str], kind: str) -> dict:
+    """Forward timings of one backend under each value of the environment switch ``env`` ({label: value}), same
+    inputs: a row with ms_<label> per variant."""
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
+           "kind": kind}
+    for label, value in variants.items():
+        with _env(env, value):
+            fn, _ = build_fn(backend, q, k, v, ng, HEADS, "fwd")
+            row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
+    return row
+
+
 def rowsum_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """Triton forward with the softmax row sums on the tensor cores (P·1) vs one FADD per element
     (``JEDI_ATTN_ROWSUM``; the static SASS count at d 40 says 530 vs 586 instructions per warp and tile)."""
-    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
-    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
-           "kind": "rowsum_dot_vs_fadd"}
-    for label in ("dot", "fadd"):
-        with _env("JEDI_ATTN_ROWSUM", label):
-            fn, _ = build_fn("triton", q, k, v, ng, HEADS, "fwd")
-            row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
+    row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_ATTN_ROWSUM", {"dot": "dot", "fadd": "fadd"},
+                       "rowsum_dot_vs_fadd")
     row["speedup_dot_vs_fadd"] = row["ms_fadd"] / row["ms_dot"]
     return row
 
 
 def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA forward with 16 vs 32 query rows per warp (``JEDI_CUDA_FWD_ROW_BLOCKS`` 1 / 2; head dims <= 80 have
-    both). Static SASS per 1024 scores of a full key tile, sm_90: d 40 484 vs 383 instructions, d 80 614 vs 501;
-    registers 126 / 208 and 173 / 240 (8 resident warps per SM with 32 rows)."""
-    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
-    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
-           "kind": "cuda_fwd_rows_per_warp"}
-    for rb in ("1", "2"):
-        with _env("JEDI_CUDA_FWD_ROW_BLOCKS", rb):
-            fn, _ = build_fn("cuda", q, k, v, ng, HEADS, "fwd")
-            row[f"ms_{16 * int(rb)}rows"] = time_ms(fn, rep_ms=rep_ms)
+    both). Static SASS per 1024 scores of a full key tile, sm_90: d 40 484 vs 383 instructions, d 80 614 vs 501
+    (before the lazy rescale); registers 128 / 221 and 175 / 240 (8 resident warps per SM with 32 rows)."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_ROW_BLOCKS", {"16rows": "1", "32rows": "2"},
+                       "cuda_fwd_rows_per_warp")
     row["speedup_32_vs_16rows"] = row["ms_16rows"] / row["ms_32rows"]
     return row
 

@@ -95,16 +95,21 @@ def loop_mix(kernel) -> tuple[collections.Counter, int]:
     return sass_loop_mix(_sass(kernel.asm["cubin"]))
 
 
+def _nvcc_sass(src: Path, arch: int) -> str:
+    """SASS of one csrc/cuda source compiled to a cubin with nvcc as torch's extension build compiles it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "k.cubin"
+        subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
+                        "-cubin", f"-arch=sm_{arch}", *NVCC_TORCH_FLAGS, "-o", str(out), str(src)], check=True)
+        return _sass(out.read_bytes())
+
+
 def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1) -> str:
     """SASS of the CUDA C++ forward instance serving head dim D (csrc/cuda/set_attention_fwd_hdim<D>.cu), compiled
     with nvcc as torch's extension build compiles it; only the ``dtype`` instantiation's function with ``row_blocks``
     m16 row blocks per warp."""
     src = ROOT / "csrc" / "cuda" / f"set_attention_fwd_hdim{D}.cu"
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "k.cubin"
-        subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
-                        "-cubin", f"-arch=sm_{arch}", *NVCC_TORCH_FLAGS, "-o", str(out), str(src)], check=True)
-        sass = _sass(out.read_bytes())
+    sass = _nvcc_sass(src, arch)
     want = ("13__nv_bfloat16" if dtype == "bf16" else "6__half") + "Li"
     blocks = re.split(r"\n\s*Function : ", sass)
     for blk in blocks[1:]:
@@ -117,12 +122,7 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1) -
 
 def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16") -> str:
     """SASS of the CUDA C++ backward main kernel serving head dim D (csrc/cuda/set_attention_bwd_hdim<D>.cu)."""
-    src = ROOT / "csrc" / "cuda" / f"set_attention_bwd_hdim{D}.cu"
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "k.cubin"
-        subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
-                        "-cubin", f"-arch=sm_{arch}", *NVCC_TORCH_FLAGS, "-o", str(out), str(src)], check=True)
-        sass = _sass(out.read_bytes())
+    sass = _nvcc_sass(ROOT / "csrc" / "cuda" / f"set_attention_bwd_hdim{D}.cu", arch)
     want = "set_attn_bwd_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half")
     return next(b for b in re.split(r"\n\s*Function : ", sass)[1:] if want in b.split("\n", 1)[0])
 

@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
   const bool key_ok[2] = {kc.row0 + key_local[0] < L, kc.row0 + key_local[1] < L};
   const bool warp_keys_full = kc.row0 + (warp + 1) * 16 <= L;  // warp-uniform: no key of this warp is past L
   // the chunk's last dK/dV n8 tile holds only padding when c0 + 8 (kCT - 1) >= D (D 40 on the 48 instance): skip
-  // its MMAs (dQ likewise per 16-column group)
+  // its MMAs (not in the dQ loop: the predicate there costs more issue slots than the MMAs cost tensor time)
   const bool last_ct_live = c0 + 8 * (kCT - 1) < D;
 
   float acc_dk[kCT][4], acc_dv[kCT][4];
@@ -621,7 +621,6 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
                            (lane % 4) * 2;
     const int q_end = static_cast<int>(valid_q < kBlockM ? valid_q : kBlockM) - lane / 4;  // slab*16 + 8r < q_end
     const int col_end = D - c0 - (lane % 4) * 2;  // grp*16 + 8n < col_end
-    const int col_end_warp = D - c0;                 // grp*16 + 8n < col_end_warp: some lane's column is live
 #pragma unroll 1
     for (int pi = warp; pi < kPairs; pi += kWarps) {
       const int slab = pi / kGroups, grp = pi % kGroups;
@@ -632,7 +631,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
         ldsm_x4_trans(a, sdS_t + (kk * 16 * kPitchS + slab * 16) * sizeof(T));
         ldsm_x4_trans(bk, sK_t + (kk * 16 * kPitch + grp * 16) * sizeof(T));
         mma16816<T>(acc[0], a, bk[0], bk[1]);
-        if (grp * 16 + 8 < col_end_warp) mma16816<T>(acc[1], a, bk[2], bk[3]);
+        mma16816<T>(acc[1], a, bk[2], bk[3]);
       }
       float* const dst0 = dq_lane + slab * 16 * HD + grp * 16;
 #pragma unroll
