@@ -59,15 +59,15 @@ struct FwdConfig {
   bool q_in_regs;  // keep Q's MMA fragments in registers (small D) or re-read them from shared memory (large D)
   int min_blocks;  // __launch_bounds__ occupancy hint
 };
-// Row blocks per warp compiled for a kernel head dim: 1 always; 2 up to 80 (sm_90 ptxas: 183-240 registers; 96
-// takes 255, 128 spills).
+// Row blocks per warp compiled for a kernel head dim: 1 always; 2 up to 80 (sm_90 ptxas: 189-255 registers, no
+// spills; 96 took 255 and 128 spilled).
 JEDI_HD constexpr bool fwd_has_row_blocks(int kD, int row_blocks) {
   return row_blocks == 1 || (row_blocks == 2 && kD <= 80);
 }
 // The instance a launch uses when the caller does not ask for one (SetAttnParams::fwd_row_blocks == 0): two row
 // blocks wherever compiled. Static SASS of the main loop, sm_90 bf16, per 1024 scores of a full key tile
 // (tools/sass_loop_mix.py --cuda): D 40 484 -> 383 instructions, ldmatrix 27 -> 15; D 80 614 -> 501, 45 -> 25; at
-// 208/240 registers instead of 126/173 (8 resident warps per SM instead of 16 / 8). Not yet timed on a GPU: the
+// ~220/240 registers instead of 128/175 (8 resident warps per SM instead of 16 / 8). Not yet timed on a GPU: the
 // benchmarks time both (JEDI_CUDA_FWD_ROW_BLOCKS).
 JEDI_HD constexpr int fwd_default_row_blocks(int kD) { return fwd_has_row_blocks(kD, 2) ? 2 : 1; }
 JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks) {
