@@ -1,0 +1,63 @@
+"""tools/sass_loop_mix.py's SASS text analysis (loop span, tail/rescale regions, inner-loop trips) on synthetic
+listings: the counts in benchmarks/README.md come from these functions."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_SPEC = importlib.util.spec_from_file_location(
+    "sass_loop_mix", Path(__file__).resolve().parents[2] / "tools" / "sass_loop_mix.py")
+sass_loop_mix = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(sass_loop_mix)
+
+
+def _listing(ops: list[str]) -> str:
+    """cuobjdump-style lines: /*addr*/ followed by the instruction, 16 bytes apart."""
+    return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;  /* 0x0 */" for i, op in enumerate(ops))
+
+
+def _program() -> tuple[str, dict]:
+    ops = ["MOV R1, R2", "MOV R3, R4"]                      # prologue (0x00, 0x10)
+    loop = len(ops)                                          # main loop starts at 0x20
+    ops += ["HMMA.16816.F32.BF16 R0, R4, R8, R0", "MUFU.EX2 R1, R1", "ISETP.GT.AND P0, PT, R1, 0x3f, PT"]
+    tail_branch = len(ops)
+    ops += [None]                                            # @P0 BRA over the tail region
+    tail = len(ops)
+    ops += ["FSEL R1, R1, -INF, P1", "FSEL R2, R2, -INF, P2", "ISETP.GE.AND P1, PT, R5, R6, PT"]
+    after_tail = len(ops)
+    ops += ["VOTE.ANY R0, PT, P3"]
+    resc_branch = len(ops)
+    ops += [None]                                            # @!P4 BRA over the rescale region
+    resc = len(ops)
+    ops += ["FMUL R8, R8, R9", "FMUL R10, R10, R9", "MUFU.EX2 R9, R9"]
+    after_resc = len(ops)
+    inner = len(ops)                                         # inner loop: 3 instructions with an MMA
+    ops += ["LDSM.16.MT88.4 R12, [R2]", "HMMA.16816.F32.BF16 R16, R12, R14, R16", None]
+    ops += ["IADD3 R5, R5, 0x1, RZ", None]                   # back edge of the main loop
+    ops += ["EXIT"]
+    addr = lambda i: f"0x{16 * i:x}"                         # noqa: E731
+    ops[tail_branch] = f"@P0 BRA {addr(after_tail)}"
+    ops[resc_branch] = f"@!P4 BRA {addr(after_resc)}"
+    ops[inner + 2] = f"@P5 BRA {addr(inner)}"
+    ops[len(ops) - 2] = f"@!P6 BRA {addr(loop)}"
+    sizes = dict(loop=len(ops) - 1 - loop, tail=after_tail - tail, rescale=after_resc - resc, inner=3)
+    return _listing(ops), sizes
+
+
+def test_loop_span_and_opcode_counts():
+    sass, n = _program()
+    ops, count = sass_loop_mix.sass_loop_mix(sass)
+    assert count == n["loop"]  # from the main loop's first instruction to its back edge, prologue and EXIT out
+    assert ops["HMMA"] == 2 and ops["MUFU"] == 2 and ops["FSEL"] == 2 and ops["BRA"] == 4 and "EXIT" not in ops
+
+
+def test_full_tile_leaves_out_tail_masking_then_rescale():
+    sass, n = _program()
+    assert sass_loop_mix.full_tile_count(sass) == n["loop"] - n["tail"]
+    assert sass_loop_mix.full_tile_count(sass, skip_rescale=True) == n["loop"] - n["tail"] - n["rescale"]
+
+
+def test_dynamic_count_multiplies_the_inner_mma_loop():
+    sass, n = _program()
+    assert sass_loop_mix.dynamic_loop_count(sass, 1) == n["loop"]
+    assert sass_loop_mix.dynamic_loop_count(sass, 5) == n["loop"] + 4 * n["inner"]
