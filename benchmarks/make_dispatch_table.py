@@ -9,7 +9,9 @@ with the larger geometric-mean speedup wins. Everything else stays torch SDPA, s
 what was measured. Masked rows are not used: the sweep applies a set_mask densely in SDPA, while the "torch" backend
 runs a block-diagonal mask as per-image attention, so that comparison would flatter our kernel.
 
-Prints the derived entries (and the near misses); ``--write`` replaces ``jedi_kernels/dispatch_table.json``.
+Prints the derived entries (and the near misses); ``--write`` replaces ``jedi_kernels/dispatch_table.json``. Also
+prints what the sweep's kernel-variant rows say about the compiled-in defaults (``variant_advice``): the CUDA
+forward's rows per warp and the Triton forward's row sums; those defaults live in code, so changing one is a commit.
 """
 from __future__ import annotations
 
@@ -59,6 +61,37 @@ def derive(rows: list[dict], margin: float = 1.03, sources: list[str] | None = N
     return entries, notes
 
 
+# kernel-variant rows of attention_sweep.py: kind -> (timing keys (a, b), the default's key, where the default lives)
+VARIANTS = {
+    "cuda_fwd_rows_per_warp": (("ms_16rows", "ms_32rows"), "ms_32rows",
+                               "fwd_default_row_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_ROW_BLOCKS)"),
+    "rowsum_dot_vs_fadd": (("ms_dot", "ms_fadd"), "ms_dot",
+                           "_rowsum_dot in jedi_kernels/ops/set_attention.py (JEDI_ATTN_ROWSUM)"),
+}
+
+
+def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
+    """One line per kernel-variant row: which variant was faster, and whether the compiled-in default should change
+    (only when the other variant wins by at least ``margin``)."""
+    out = []
+    for r in rows:
+        spec = VARIANTS.get(r.get("kind"))
+        if spec is None or not all(k in r for k in spec[0]):
+            continue
+        (a, b), default, where = spec
+        other = b if default == a else a
+        ratio = r[default] / r[other]  # > 1: the other variant is faster
+        label = lambda k: k[3:]  # noqa: E731  (ms_32rows -> 32rows)
+        shape = f"{r.get('kind')} L={r.get('L')} D={r.get('D')} {r.get('dtype', '')}"
+        if ratio >= margin:
+            out.append(f"{shape}: {label(other)} x{ratio:.2f} faster than the default {label(default)}: "
+                       f"change {where}")
+        else:
+            out.append(f"{shape}: default {label(default)} {r[default]:.3f} ms vs {label(other)} {r[other]:.3f} ms: "
+                       f"keep")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="attention_sweep.py JSON files (or results.json with attention_sweep)")
@@ -75,6 +108,8 @@ def main(argv=None) -> int:
               f"(worst x{e['worst_speedup']:.2f}, geomean x{e['geomean_speedup']:.2f}, {e['rows']} rows)")
     for n in notes:
         print("  " + n)
+    for line in variant_advice(rows, args.margin):
+        print("variant: " + line)
     if args.write:
         doc = json.loads(TABLE.read_text())
         doc["set_attention"] = entries

@@ -82,3 +82,17 @@ def test_generator_picks_the_faster_of_our_backends_and_writes(tmp_path, monkeyp
     monkeypatch.setattr(mdt, "TABLE", table)
     assert mdt.main([str(sweep), "--write"]) == 0
     assert dispatch.load_table(table) == {("sm90", torch.bfloat16, 40, False): "cuda"}
+
+
+def test_variant_advice_flags_a_faster_non_default():
+    rows = [{"kind": "cuda_fwd_rows_per_warp", "L": 4096, "D": 40, "dtype": "bfloat16", "ms_16rows": 0.50,
+             "ms_32rows": 0.40},
+            {"kind": "cuda_fwd_rows_per_warp", "L": 1024, "D": 80, "dtype": "bfloat16", "ms_16rows": 0.20,
+             "ms_32rows": 0.25},
+            {"kind": "rowsum_dot_vs_fadd", "L": 4096, "D": 40, "ms_dot": 0.301, "ms_fadd": 0.300},
+            {"kind": "head_dim_chunking", "ms_chunked": 1.0, "ms_padded": 2.0}]  # not a variant row
+    advice = mdt.variant_advice(rows)
+    assert len(advice) == 3
+    assert "D=40" in advice[0] and advice[0].endswith("keep")
+    assert "16rows x1.25 faster than the default 32rows" in advice[1] and "set_attention_plan.h" in advice[1]
+    assert advice[2].endswith("keep")  # within the margin
