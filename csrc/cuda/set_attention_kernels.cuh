@@ -401,6 +401,10 @@ struct BwdTraits {
   static constexpr int kSmemBytes = static_cast<int>(bwd_smem_bytes(kD, sizeof(T)));
   static_assert(kD % 16 == 0 && kChunk % 16 == 0 && kD % kChunk == 0, "head-dim chunks");
   static_assert(kBlockN == 16 * kWarps && kBlockM % 16 == 0, "tile shapes");
+  // keep this warp's K and V MMA fragments in registers across the query tiles instead of re-reading them from
+  // shared memory every tile (the backward is bound by shared-memory bandwidth); head dims <= 48 only (at 64 the
+  // instance spills)
+  static constexpr bool kKVInRegs = kD <= 48;
   // lse and delta follow the 16-bit tiles in shared memory and are read as float2
   static_assert(((2 * kBlockN + 2 * kBlockM) * kPitch + kBlockN * kPitchS) * sizeof(T) % 8 == 0, "sLse alignment");
 };
@@ -504,12 +508,27 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
 
   float* dq_accum = p.dq_accum;
   const int64_t HD = H * D;
+  uint32_t k_frag[Tr::kKVInRegs ? kKS : 1][4], v_frag[Tr::kKVInRegs ? kKS : 1][4];
+  bool kv_loaded = false;
 
   while (!qw.done()) {
     const TileCoord qc{qw.image, qw.tile * kBlockM};
     const int64_t valid_q = L - qc.row0;
     cp_async_wait_all();
     __syncthreads();  // Q, dO, lse, delta of tile t visible; every warp done with the previous dS^T and dQ step
+
+    if constexpr (Tr::kKVInRegs) {
+      if (!kv_loaded) {  // K and V landed with the first query tile
+#pragma unroll
+        for (int ks = 0; ks < kKS; ++ks) {
+          ldsm_x4(k_frag[ks], sK_a + ks * 16 * sizeof(T));
+          ldsm_x4(v_frag[ks], sV_a + ks * 16 * sizeof(T));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) k_frag[ks][i] ^= ksign;
+        }
+        kv_loaded = true;
+      }
+    }
 
     // S^T = K Q^T
     float acc_s[kMT][4];
@@ -518,9 +537,14 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
 #pragma unroll
     for (int ks = 0; ks < kKS; ++ks) {
       uint32_t a[4];
-      ldsm_x4(a, sK_a + ks * 16 * sizeof(T));
+      if constexpr (Tr::kKVInRegs) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] ^= ksign;
+        for (int i = 0; i < 4; ++i) a[i] = k_frag[ks][i];
+      } else {
+        ldsm_x4(a, sK_a + ks * 16 * sizeof(T));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] ^= ksign;
+      }
 #pragma unroll
       for (int j = 0; j < kMT / 2; ++j) {
         uint32_t bq[4];
@@ -569,7 +593,12 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
 #pragma unroll
     for (int ks = 0; ks < kKS; ++ks) {
       uint32_t a[4];
-      ldsm_x4(a, sV_a + ks * 16 * sizeof(T));
+      if constexpr (Tr::kKVInRegs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = v_frag[ks][i];
+      } else {
+        ldsm_x4(a, sV_a + ks * 16 * sizeof(T));
+      }
 #pragma unroll
       for (int j = 0; j < kMT / 2; ++j) {
         uint32_t bo[4];

@@ -263,6 +263,7 @@ int main(int argc, char** argv) {
   // a large scale spreads the scores over ~+-20 binary orders: later key tiles move the running max by more than
   // the lazy-rescale threshold, so O and l are rescaled mid-row (random scales keep the first tile's max)
   run_case<__half, 48>({1, 3, 70, 1, 40, 0, 0, 3.f, true});
+  run_case<__nv_bfloat16, 48>({1, 2, 80, 1, 40, 1, 1, -0.3f, true});  // negative scale: K fragments kept in registers
   run_case<__nv_bfloat16, 80, 1>({1, 3, 70, 1, 80, 0, 1, -2.5f, false});
   if (!quick) {
     run_case<__half, 48>({1, 2, 130, 1, 48, 3, 2, 0.f, true});  // two query tiles per image, unattended image
