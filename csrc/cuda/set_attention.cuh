@@ -39,7 +39,7 @@ struct SetAttnParams {
   int64_t B, G, L, H, D;
   float scale;
   // Forward instance: m16 row blocks per warp (1: 16 query rows per warp; 2: 32, FlashAttention-2's layout, compiled
-  // for padded head dims <= 128, set_attn::fwd_has_row_blocks); 0 = the head dim's default.
+  // for padded head dims <= 80, set_attn::fwd_has_row_blocks); 0 = the head dim's default.
   int fwd_row_blocks;
 };
 

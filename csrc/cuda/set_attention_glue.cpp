@@ -8,8 +8,8 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <string>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "set_attention.cuh"
