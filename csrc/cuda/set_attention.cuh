@@ -63,6 +63,9 @@ struct SetAttnBwdParams {
   float* delta;     // workspace: B*H*G*L float32 (set_attn_delta_elems): rowsum(dout * out)
   int64_t B, G, L, H, D;
   float scale;
+  // Backward instance: m16 key blocks per warp (1: 16 keys per warp; 2: 32, compiled for padded head dims <= 48,
+  // set_attn::bwd_has_key_blocks); 0 = the head dim's default.
+  int bwd_key_blocks;
 };
 
 // dtype: 0 = float16, 1 = bfloat16.

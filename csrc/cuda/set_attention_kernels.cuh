@@ -387,24 +387,28 @@ cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
 // =================================================================================================================
 // Backward
 // =================================================================================================================
-template <typename T, int kD>
+template <typename T, int kD, int kKB>
 struct BwdTraits {
-  static constexpr BwdConfig kCfg = bwd_config(kD);
+  static constexpr BwdConfig kCfg = bwd_config(kD, kKB);
   static constexpr int kBlockN = kCfg.block_n;  // keys per CTA
-  static constexpr int kBlockM = kCfg.block_m;  // queries per iteration
+  static constexpr int kBlockM = kCfg.block_m;  // queries per step
+  static constexpr int kSubM = kCfg.sub_m;      // queries per register pass
   static constexpr int kWarps = kCfg.num_warps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kChunk = kCfg.chunk;
   static constexpr int kChunks = kD / kChunk;
+  static constexpr int kDqGroups = bwd_dq_groups(kD, kKB);
   static constexpr int kPitch = smem_pitch(kD);
   static constexpr int kPitchS = smem_pitch(kBlockM);
-  static constexpr int kSmemBytes = static_cast<int>(bwd_smem_bytes(kD, sizeof(T)));
+  static constexpr int kSmemBytes = static_cast<int>(bwd_smem_bytes(kD, sizeof(T), kKB));
+  static_assert(kCfg.key_blocks == kKB && bwd_has_key_blocks(kD, kKB), "a compiled key-block count");
   static_assert(kD % 16 == 0 && kChunk % 16 == 0 && kD % kChunk == 0, "head-dim chunks");
-  static_assert(kBlockN == 16 * kWarps && kBlockM % 16 == 0, "tile shapes");
-  // keep this warp's K and V MMA fragments in registers across the query tiles instead of re-reading them from
+  static_assert(kBlockN == 16 * kKB * kWarps && kBlockM % kSubM == 0 && kSubM % 16 == 0, "tile shapes");
+  // keep this warp's K (and V) MMA fragments in registers across the query tiles instead of re-reading them from
   // shared memory every tile (the backward is bound by shared-memory bandwidth); head dims <= 48 only (at 64 the
-  // instance spills)
-  static constexpr bool kKVInRegs = kD <= 48;
+  // instance spills), and V only with one key block (with two, V's 24 registers make ptxas spill)
+  static constexpr bool kKInRegs = kD <= 48;
+  static constexpr bool kVInRegs = kD <= 48 && kKB == 1;
   // lse and delta follow the 16-bit tiles in shared memory and are read as float2
   static_assert(((2 * kBlockN + 2 * kBlockM) * kPitch + kBlockN * kPitchS) * sizeof(T) % 8 == 0, "sLse alignment");
 };
@@ -412,20 +416,22 @@ struct BwdTraits {
 // One CTA: keys [n0, n0 + kBlockN) of image j of set b, head h, dK/dV columns [c0, c0 + kChunk). It walks the query
 // tiles of every image allowed to attend image j and, with c = |scale| log2(e), lse2 = lse log2(e) and
 // delta_i = sum_d dO_id O_id (precomputed):
-//   P^T = exp2(c K Q^T - lse2)                (recomputed; 16 keys x kBlockM queries per warp, in registers)
+//   P^T = exp2(c K Q^T - lse2)                (recomputed; 16 kKB keys x kSubM queries per warp and register pass)
 //   dV += P^T dO
 //   dP^T = V dO^T,   dS^T = P^T o (dP^T - delta)
 //   dK += dS^T Q                              (times scale in the epilogue)
-//   dQ += dS K                                (dS^T staged in shared memory; fp32 atomics into dq_accum,
-//                                              times scale in the convert kernel)
-template <typename T, int kD>
-__global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_kernel(const SetAttnBwdParams p) {
-  using Tr = BwdTraits<T, kD>;
+//   dQ += dS K                                (dS^T staged in shared memory; once per query tile, fp32 atomics into
+//                                              dq_accum, times scale in the convert kernel)
+// A warp's kKB key blocks share every Q and dO fragment it loads from shared memory.
+template <typename T, int kD, int kKB>
+__global__ void __launch_bounds__(BwdTraits<T, kD, kKB>::kThreads, 1) set_attn_bwd_kernel(const SetAttnBwdParams p) {
+  using Tr = BwdTraits<T, kD, kKB>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kWarps = Tr::kWarps;
-  constexpr int kPitch = Tr::kPitch, kPitchS = Tr::kPitchS, kChunk = Tr::kChunk;
-  constexpr int kMT = kBlockM / 8;  // n8 tiles over the queries of S^T / dP^T
-  constexpr int kCT = kChunk / 8;   // n8 tiles over the chunk columns of dK / dV
+  constexpr int kPitch = Tr::kPitch, kPitchS = Tr::kPitchS, kChunk = Tr::kChunk, kSubM = Tr::kSubM;
+  constexpr int kMT = kSubM / 8;   // n8 tiles over the queries of one pass of S^T / dP^T
+  constexpr int kCT = kChunk / 8;  // n8 tiles over the chunk columns of dK / dV
   constexpr int kKS = kD / 16;
+  constexpr uint32_t kKeyBlockBytes = 16 * kPitch * sizeof(T);  // between a warp's key blocks in sK / sV
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -484,8 +490,9 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
 
   const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
   const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
-  const uint32_t sK_a = smem_u32(sK + (warp * 16 + a_row) * kPitch + a_col);  // A: this warp's keys
-  const uint32_t sV_a = smem_u32(sV + (warp * 16 + a_row) * kPitch + a_col);
+  // A: this warp's first key block (block kb at + kb * kKeyBlockBytes)
+  const uint32_t sK_a = smem_u32(sK + (warp * 16 * kKB + a_row) * kPitch + a_col);
+  const uint32_t sV_a = smem_u32(sV + (warp * 16 * kKB + a_row) * kPitch + a_col);
   const uint32_t sQ_b = smem_u32(sQ + b_row * kPitch + b_col);     // B [n = query][k = d]
   const uint32_t sdO_b = smem_u32(sdO + b_row * kPitch + b_col);
   const uint32_t sQ_t = smem_u32(sQ + a_row * kPitch + a_col + c0);  // B^T [k = query][n = d], chunk columns
@@ -493,22 +500,32 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
   const uint32_t sK_t = smem_u32(sK + a_row * kPitch + a_col + c0);  // B^T [k = key][n = d], chunk columns
   const uint32_t sdS_t = smem_u32(sdS + b_row * kPitchS + b_col);    // A^T of dS from dS^T [key][query]
 
-  const int key_local[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
-  const bool key_ok[2] = {kc.row0 + key_local[0] < L, kc.row0 + key_local[1] < L};
-  const bool warp_keys_full = kc.row0 + (warp + 1) * 16 <= L;  // warp-uniform: no key of this warp is past L
+  int key_local[kKB][2];
+  bool key_ok[kKB][2];
+#pragma unroll
+  for (int kb = 0; kb < kKB; ++kb)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      key_local[kb][r] = (warp * kKB + kb) * 16 + lane / 4 + 8 * r;
+      key_ok[kb][r] = kc.row0 + key_local[kb][r] < L;
+    }
+  const bool warp_keys_full = kc.row0 + (warp + 1) * 16 * kKB <= L;  // warp-uniform: no key of this warp is past L
   // the chunk's last dK/dV n8 tile holds only padding when c0 + 8 (kCT - 1) >= D (D 40 on the 48 instance): skip
   // its MMAs (not in the dQ loop: the predicate there costs more issue slots than the MMAs cost tensor time)
   const bool last_ct_live = c0 + 8 * (kCT - 1) < D;
 
-  float acc_dk[kCT][4], acc_dv[kCT][4];
+  float acc_dk[kKB][kCT][4], acc_dv[kKB][kCT][4];
 #pragma unroll
-  for (int i = 0; i < kCT; ++i)
+  for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+    for (int i = 0; i < kCT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[kb][i][e] = acc_dv[kb][i][e] = 0.f;
 
   float* dq_accum = p.dq_accum;
   const int64_t HD = H * D;
-  uint32_t k_frag[Tr::kKVInRegs ? kKS : 1][4], v_frag[Tr::kKVInRegs ? kKS : 1][4];
+  uint32_t k_frag[Tr::kKInRegs ? kKB : 1][Tr::kKInRegs ? kKS : 1][4];
+  uint32_t v_frag[Tr::kVInRegs ? kKB : 1][Tr::kVInRegs ? kKS : 1][4];
   bool kv_loaded = false;
 
   while (!qw.done()) {
@@ -517,124 +534,169 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
     cp_async_wait_all();
     __syncthreads();  // Q, dO, lse, delta of tile t visible; every warp done with the previous dS^T and dQ step
 
-    if constexpr (Tr::kKVInRegs) {
+    if constexpr (Tr::kKInRegs || Tr::kVInRegs) {
       if (!kv_loaded) {  // K and V landed with the first query tile
 #pragma unroll
-        for (int ks = 0; ks < kKS; ++ks) {
-          ldsm_x4(k_frag[ks], sK_a + ks * 16 * sizeof(T));
-          ldsm_x4(v_frag[ks], sV_a + ks * 16 * sizeof(T));
+        for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) k_frag[ks][i] ^= ksign;
-        }
+          for (int ks = 0; ks < kKS; ++ks) {
+            if constexpr (Tr::kKInRegs) {
+              ldsm_x4(k_frag[kb][ks], sK_a + kb * kKeyBlockBytes + ks * 16 * sizeof(T));
+#pragma unroll
+              for (int i = 0; i < 4; ++i) k_frag[kb][ks][i] ^= ksign;
+            }
+            if constexpr (Tr::kVInRegs) ldsm_x4(v_frag[kb][ks], sV_a + kb * kKeyBlockBytes + ks * 16 * sizeof(T));
+          }
         kv_loaded = true;
       }
     }
 
-    // S^T = K Q^T
-    float acc_s[kMT][4];
+    // register passes over the tile's queries [q0, q0 + kSubM)
+#pragma unroll 1
+    for (int q0 = 0; q0 < kBlockM; q0 += kSubM) {
+      // S^T = K Q^T
+      float acc_s[kKB][kMT][4];
 #pragma unroll
-    for (int j = 0; j < kMT; ++j) acc_s[j][0] = acc_s[j][1] = acc_s[j][2] = acc_s[j][3] = 0.f;
+      for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
-    for (int ks = 0; ks < kKS; ++ks) {
-      uint32_t a[4];
-      if constexpr (Tr::kKVInRegs) {
+        for (int j = 0; j < kMT; ++j) acc_s[kb][j][0] = acc_s[kb][j][1] = acc_s[kb][j][2] = acc_s[kb][j][3] = 0.f;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = k_frag[ks][i];
-      } else {
-        ldsm_x4(a, sK_a + ks * 16 * sizeof(T));
+      for (int ks = 0; ks < kKS; ++ks) {
+        uint32_t a[kKB][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] ^= ksign;
+        for (int kb = 0; kb < kKB; ++kb) {
+          if constexpr (Tr::kKInRegs) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[kb][i] = k_frag[kb][ks][i];
+          } else {
+            ldsm_x4(a[kb], sK_a + kb * kKeyBlockBytes + ks * 16 * sizeof(T));
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[kb][i] ^= ksign;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kMT / 2; ++j) {
+          uint32_t bq[4];
+          ldsm_x4(bq, sQ_b + ((q0 + j * 16) * kPitch + ks * 16) * sizeof(T));
+#pragma unroll
+          for (int kb = 0; kb < kKB; ++kb) {
+            mma16816<T>(acc_s[kb][2 * j], a[kb], bq[0], bq[1]);
+            mma16816<T>(acc_s[kb][2 * j + 1], a[kb], bq[2], bq[3]);
+          }
+        }
       }
+      // P^T. Queries past L have lse2 = +inf (P = 0 exactly: their Q rows are zero-filled, so s = 0, never NaN);
+      // keys past L (zero-filled K rows: s = 0, P > 0) are zeroed, only in a warp that has such keys.
 #pragma unroll
-      for (int j = 0; j < kMT / 2; ++j) {
-        uint32_t bq[4];
-        ldsm_x4(bq, sQ_b + (j * 16 * kPitch + ks * 16) * sizeof(T));
-        mma16816<T>(acc_s[2 * j], a, bq[0], bq[1]);
-        mma16816<T>(acc_s[2 * j + 1], a, bq[2], bq[3]);
+      for (int j = 0; j < kMT; ++j) {
+        const float2 lse2 = *reinterpret_cast<const float2*>(sLse + q0 + j * 8 + (lane % 4) * 2);
+#pragma unroll
+        for (int kb = 0; kb < kKB; ++kb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc_s[kb][j][e] = fast_exp2(fmaf(acc_s[kb][j][e], sl, -(e % 2 ? lse2.y : lse2.x)));
       }
-    }
-    // P^T. Queries past L have lse2 = +inf (P = 0 exactly: their Q rows are zero-filled, so s = 0, never NaN);
-    // keys past L (zero-filled K rows: s = 0, P > 0) are zeroed, only in a warp that has such keys.
+      if (!warp_keys_full) {
 #pragma unroll
-    for (int j = 0; j < kMT; ++j) {
-      const float2 lse2 = *reinterpret_cast<const float2*>(sLse + j * 8 + (lane % 4) * 2);
+        for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[j][e] = fast_exp2(fmaf(acc_s[j][e], sl, -(e % 2 ? lse2.y : lse2.x)));
-    }
-    if (!warp_keys_full) {
+          for (int j = 0; j < kMT; ++j)
 #pragma unroll
-      for (int j = 0; j < kMT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!key_ok[e / 2]) acc_s[j][e] = 0.f;
-    }
+            for (int e = 0; e < 4; ++e)
+              if (!key_ok[kb][e / 2]) acc_s[kb][j][e] = 0.f;
+      }
 
-    // dV += P^T dO
+      // dV += P^T dO
 #pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
-      a[1] = pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
-      a[2] = pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
-      a[3] = pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+      for (int kk = 0; kk < kSubM / 16; ++kk) {
+        uint32_t a[kKB][4];
 #pragma unroll
-      for (int d2 = 0; d2 < kChunk / 16; ++d2) {
-        uint32_t bo[4];
-        ldsm_x4_trans(bo, sdO_t + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
-        mma16816<T>(acc_dv[2 * d2], a, bo[0], bo[1]);
-        if (2 * d2 + 1 < kCT - 1 || last_ct_live) mma16816<T>(acc_dv[2 * d2 + 1], a, bo[2], bo[3]);
+        for (int kb = 0; kb < kKB; ++kb) {
+          a[kb][0] = pack2<T>(acc_s[kb][2 * kk][0], acc_s[kb][2 * kk][1]);
+          a[kb][1] = pack2<T>(acc_s[kb][2 * kk][2], acc_s[kb][2 * kk][3]);
+          a[kb][2] = pack2<T>(acc_s[kb][2 * kk + 1][0], acc_s[kb][2 * kk + 1][1]);
+          a[kb][3] = pack2<T>(acc_s[kb][2 * kk + 1][2], acc_s[kb][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int d2 = 0; d2 < kChunk / 16; ++d2) {
+          uint32_t bo[4];
+          ldsm_x4_trans(bo, sdO_t + ((q0 + kk * 16) * kPitch + d2 * 16) * sizeof(T));
+#pragma unroll
+          for (int kb = 0; kb < kKB; ++kb) {
+            mma16816<T>(acc_dv[kb][2 * d2], a[kb], bo[0], bo[1]);
+            if (2 * d2 + 1 < kCT - 1 || last_ct_live) mma16816<T>(acc_dv[kb][2 * d2 + 1], a[kb], bo[2], bo[3]);
+          }
+        }
       }
-    }
 
-    // dP^T = V dO^T
-    float acc_dp[kMT][4];
+      // dP^T = V dO^T
+      float acc_dp[kKB][kMT][4];
 #pragma unroll
-    for (int j = 0; j < kMT; ++j) acc_dp[j][0] = acc_dp[j][1] = acc_dp[j][2] = acc_dp[j][3] = 0.f;
+      for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
-    for (int ks = 0; ks < kKS; ++ks) {
-      uint32_t a[4];
-      if constexpr (Tr::kKVInRegs) {
+        for (int j = 0; j < kMT; ++j)
+          acc_dp[kb][j][0] = acc_dp[kb][j][1] = acc_dp[kb][j][2] = acc_dp[kb][j][3] = 0.f;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = v_frag[ks][i];
-      } else {
-        ldsm_x4(a, sV_a + ks * 16 * sizeof(T));
+      for (int ks = 0; ks < kKS; ++ks) {
+        uint32_t a[kKB][4];
+#pragma unroll
+        for (int kb = 0; kb < kKB; ++kb) {
+          if constexpr (Tr::kVInRegs) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[kb][i] = v_frag[kb][ks][i];
+          } else {
+            ldsm_x4(a[kb], sV_a + kb * kKeyBlockBytes + ks * 16 * sizeof(T));
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kMT / 2; ++j) {
+          uint32_t bo[4];
+          ldsm_x4(bo, sdO_b + ((q0 + j * 16) * kPitch + ks * 16) * sizeof(T));
+#pragma unroll
+          for (int kb = 0; kb < kKB; ++kb) {
+            mma16816<T>(acc_dp[kb][2 * j], a[kb], bo[0], bo[1]);
+            mma16816<T>(acc_dp[kb][2 * j + 1], a[kb], bo[2], bo[3]);
+          }
+        }
       }
+      // dS^T = P^T o (dP^T - delta)
 #pragma unroll
-      for (int j = 0; j < kMT / 2; ++j) {
-        uint32_t bo[4];
-        ldsm_x4(bo, sdO_b + (j * 16 * kPitch + ks * 16) * sizeof(T));
-        mma16816<T>(acc_dp[2 * j], a, bo[0], bo[1]);
-        mma16816<T>(acc_dp[2 * j + 1], a, bo[2], bo[3]);
+      for (int j = 0; j < kMT; ++j) {
+        const float2 dlt = *reinterpret_cast<const float2*>(sDelta + q0 + j * 8 + (lane % 4) * 2);
+#pragma unroll
+        for (int kb = 0; kb < kKB; ++kb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc_dp[kb][j][e] = acc_s[kb][j][e] * (acc_dp[kb][j][e] - (e % 2 ? dlt.y : dlt.x));
       }
-    }
-    // dS^T = P^T o (dP^T - delta)
-#pragma unroll
-    for (int j = 0; j < kMT; ++j) {
-      const float2 dlt = *reinterpret_cast<const float2*>(sDelta + j * 8 + (lane % 4) * 2);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = acc_s[j][e] * (acc_dp[j][e] - (e % 2 ? dlt.y : dlt.x));
-    }
 
-    // dK += dS^T Q, and stage dS^T (rounded to T, as the MMA sees it) for dQ
+      // dK += dS^T Q, and stage dS^T (rounded to T, as the MMA sees it) for dQ
 #pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(acc_dp[2 * kk][0], acc_dp[2 * kk][1]);
-      a[1] = pack2<T>(acc_dp[2 * kk][2], acc_dp[2 * kk][3]);
-      a[2] = pack2<T>(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]);
-      a[3] = pack2<T>(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3]);
-      // rows key_local[0] (a0: queries 16kk + 2c.., a2: + 8) and key_local[1] (a1, a3)
-      const int qcol = kk * 16 + (lane % 4) * 2;
-      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kPitchS + qcol) = a[0];
-      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kPitchS + qcol) = a[1];
-      *reinterpret_cast<uint32_t*>(sdS + key_local[0] * kPitchS + qcol + 8) = a[2];
-      *reinterpret_cast<uint32_t*>(sdS + key_local[1] * kPitchS + qcol + 8) = a[3];
+      for (int kk = 0; kk < kSubM / 16; ++kk) {
+        uint32_t a[kKB][4];
+        // rows key_local[kb][0] (a0: queries q0 + 16kk + 2c.., a2: + 8) and key_local[kb][1] (a1, a3)
+        const int qcol = q0 + kk * 16 + (lane % 4) * 2;
 #pragma unroll
-      for (int d2 = 0; d2 < kChunk / 16; ++d2) {
-        uint32_t bq[4];
-        ldsm_x4_trans(bq, sQ_t + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
-        mma16816<T>(acc_dk[2 * d2], a, bq[0], bq[1]);
-        if (2 * d2 + 1 < kCT - 1 || last_ct_live) mma16816<T>(acc_dk[2 * d2 + 1], a, bq[2], bq[3]);
+        for (int kb = 0; kb < kKB; ++kb) {
+          a[kb][0] = pack2<T>(acc_dp[kb][2 * kk][0], acc_dp[kb][2 * kk][1]);
+          a[kb][1] = pack2<T>(acc_dp[kb][2 * kk][2], acc_dp[kb][2 * kk][3]);
+          a[kb][2] = pack2<T>(acc_dp[kb][2 * kk + 1][0], acc_dp[kb][2 * kk + 1][1]);
+          a[kb][3] = pack2<T>(acc_dp[kb][2 * kk + 1][2], acc_dp[kb][2 * kk + 1][3]);
+          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol) = a[kb][0];
+          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][1] * kPitchS + qcol) = a[kb][1];
+          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol + 8) = a[kb][2];
+          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][1] * kPitchS + qcol + 8) = a[kb][3];
+        }
+#pragma unroll
+        for (int d2 = 0; d2 < kChunk / 16; ++d2) {
+          uint32_t bq[4];
+          ldsm_x4_trans(bq, sQ_t + ((q0 + kk * 16) * kPitch + d2 * 16) * sizeof(T));
+#pragma unroll
+          for (int kb = 0; kb < kKB; ++kb) {
+            mma16816<T>(acc_dk[kb][2 * d2], a[kb], bq[0], bq[1]);
+            if (2 * d2 + 1 < kCT - 1 || last_ct_live) mma16816<T>(acc_dk[kb][2 * d2 + 1], a[kb], bq[2], bq[3]);
+          }
+        }
       }
     }
     __syncthreads();  // dS^T complete; every warp done with Q, dO, lse, delta of tile t
@@ -643,37 +705,48 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
     if (!qw.done()) load_query_tile(qw);  // overlaps the dQ step below
     cp_async_commit();
 
-    // dQ[tile t] += dS K over this CTA's keys, chunk columns: (16-query slab, 16-column group) pairs over warps
-    constexpr int kGroups = kChunk / 16, kPairs = (kBlockM / 16) * kGroups;
+    // dQ[tile t] += dS K over this CTA's keys, chunk columns, in units of (16-query slab, kDqG 16-column groups)
+    // over the warps: a unit loads its slab's dS fragment once per 16 keys for all of its groups
+    constexpr int kDqG = Tr::kDqGroups, kSpans = kChunk / 16 / kDqG, kUnits = (kBlockM / 16) * kSpans;
     // this lane's query row (slab 0, r = 0) of the tile; 32-bit row bound (valid queries of the tile <= kBlockM)
     float* const dq_lane = dq_accum + (tensor_row(b, G, qc.image) * L + qc.row0 + lane / 4) * HD + h * D + c0 +
                            (lane % 4) * 2;
     const int q_end = static_cast<int>(valid_q < kBlockM ? valid_q : kBlockM) - lane / 4;  // slab*16 + 8r < q_end
     const int col_end = D - c0 - (lane % 4) * 2;  // grp*16 + 8n < col_end
 #pragma unroll 1
-    for (int pi = warp; pi < kPairs; pi += kWarps) {
-      const int slab = pi / kGroups, grp = pi % kGroups;
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    for (int u = warp; u < kUnits; u += kWarps) {
+      const int slab = u / kSpans, grp0 = (u % kSpans) * kDqG;
+      float acc[kDqG][2][4];
+#pragma unroll
+      for (int g = 0; g < kDqG; ++g)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[g][0][e] = acc[g][1][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[4], bk[4];
+        uint32_t a[4];
         ldsm_x4_trans(a, sdS_t + (kk * 16 * kPitchS + slab * 16) * sizeof(T));
-        ldsm_x4_trans(bk, sK_t + (kk * 16 * kPitch + grp * 16) * sizeof(T));
-        mma16816<T>(acc[0], a, bk[0], bk[1]);
-        mma16816<T>(acc[1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int g = 0; g < kDqG; ++g) {
+          uint32_t bk[4];
+          ldsm_x4_trans(bk, sK_t + (kk * 16 * kPitch + (grp0 + g) * 16) * sizeof(T));
+          mma16816<T>(acc[g][0], a, bk[0], bk[1]);
+          mma16816<T>(acc[g][1], a, bk[2], bk[3]);
+        }
       }
-      float* const dst0 = dq_lane + slab * 16 * HD + grp * 16;
+      float* const dst0 = dq_lane + slab * 16 * HD + grp0 * 16;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         if (slab * 16 + 8 * r < q_end) {
           float* const dst = dst0 + 8 * r * HD;
 #pragma unroll
-          for (int n = 0; n < 2; ++n) {
-            if (grp * 16 + n * 8 < col_end) {
-              atomicAdd(dst + n * 8, acc[n][2 * r]);
-              atomicAdd(dst + n * 8 + 1, acc[n][2 * r + 1]);
+          for (int g = 0; g < kDqG; ++g)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              if ((grp0 + g) * 16 + n * 8 < col_end) {
+                atomicAdd(dst + g * 16 + n * 8, acc[g][n][2 * r]);
+                atomicAdd(dst + g * 16 + n * 8 + 1, acc[g][n][2 * r + 1]);
+              }
             }
-          }
         }
       }
     }
@@ -684,28 +757,30 @@ __global__ void __launch_bounds__(BwdTraits<T, kD>::kThreads, 1) set_attn_bwd_ke
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (!key_ok[r]) continue;
-    const int64_t off = (tensor_row(b, G, kc.image) * L + kc.row0 + key_local[r]) * HD + h * D;
+  for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
-    for (int i = 0; i < kCT; ++i) {
-      const int col = c0 + i * 8 + (lane % 4) * 2;
-      if (col < D) {
-        *reinterpret_cast<uint32_t*>(dk + off + col) =
-            pack2<T>(acc_dk[i][2 * r] * p.scale, acc_dk[i][2 * r + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dv + off + col) = pack2<T>(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      if (!key_ok[kb][r]) continue;
+      const int64_t off = (tensor_row(b, G, kc.image) * L + kc.row0 + key_local[kb][r]) * HD + h * D;
+#pragma unroll
+      for (int i = 0; i < kCT; ++i) {
+        const int col = c0 + i * 8 + (lane % 4) * 2;
+        if (col < D) {
+          *reinterpret_cast<uint32_t*>(dk + off + col) =
+              pack2<T>(acc_dk[kb][i][2 * r] * p.scale, acc_dk[kb][i][2 * r + 1] * p.scale);
+          *reinterpret_cast<uint32_t*>(dv + off + col) = pack2<T>(acc_dv[kb][i][2 * r], acc_dv[kb][i][2 * r + 1]);
+        }
       }
     }
-  }
 }
 
 #if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
-template <typename T, int kD>
-cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
-  using Tr = BwdTraits<T, kD>;
+template <typename T, int kD, int kKB>
+cudaError_t run_bwd_kb(const SetAttnBwdParams& p, cudaStream_t stream) {
+  using Tr = BwdTraits<T, kD, kKB>;
   const Grid3 g = bwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockN, Tr::kChunks);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_bwd_kernel<T, kD>;
+  auto kernel = set_attn_bwd_kernel<T, kD, kKB>;
   if (Tr::kSmemBytes > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
@@ -714,6 +789,16 @@ cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
   kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
            Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int kD>
+cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
+  const int kb = p.bwd_key_blocks == 0 ? bwd_default_key_blocks(kD) : p.bwd_key_blocks;
+  if (kb == 1) return run_bwd_kb<T, kD, 1>(p, stream);
+  if constexpr (bwd_has_key_blocks(kD, 2)) {
+    if (kb == 2) return run_bwd_kb<T, kD, 2>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 #endif
 

@@ -81,24 +81,52 @@ JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks) {
 }
 JEDI_HD constexpr FwdConfig fwd_config(int kD) { return fwd_config(kD, fwd_default_row_blocks(kD)); }
 
-// Backward: every warp owns 16 keys (dK, dV accumulators of 16 x chunk), block_n = 16 * num_warps. Large head dims
-// split the dK/dV columns into chunks handled by separate CTAs (each recomputes S and dP over the full head dim),
-// which bounds the accumulator registers at the cost of recomputing two of the five GEMMs.
+// Backward: every warp owns key_blocks m16 blocks of keys (16 or 32 keys: dK, dV accumulators of 16 key_blocks x
+// chunk), block_n = 16 * key_blocks * num_warps. Large head dims split the dK/dV columns into chunks handled by
+// separate CTAs (each recomputes S and dP over the full head dim), which bounds the accumulator registers at the cost
+// of recomputing two of the five GEMMs. A CTA loads block_m queries per step into shared memory and works through
+// them in register passes of sub_m queries (the S, dP accumulators hold 16 key_blocks x sub_m scores).
 struct BwdConfig {
-  int block_n;    // keys per CTA
-  int block_m;    // queries per iteration
-  int num_warps;  // block_n / 16
-  int chunk;      // dK/dV/dQ columns per CTA (divides the padded head dim, multiple of 16)
+  int block_n;     // keys per CTA
+  int block_m;     // queries per step (shared-memory tile; the dQ reduction runs once per step)
+  int num_warps;   // block_n / (16 * key_blocks)
+  int chunk;       // dK/dV/dQ columns per CTA (divides the padded head dim, multiple of 16)
+  int key_blocks;  // m16 key blocks per warp: 1 or 2
+  int sub_m;       // queries per register pass (divides block_m, multiple of 16)
 };
-JEDI_HD constexpr BwdConfig bwd_config(int kD) {
-  // (sm_90 ptxas: 211-255 registers, no spills, for every instance with these shapes)
-  return kD <= 80 ? BwdConfig{64, 64, 4, kD}
-       : kD <= 128 ? BwdConfig{64, 32, 4, kD}
-       : kD == 160 ? BwdConfig{64, 32, 4, 80}
-       : kD == 192 ? BwdConfig{64, 32, 4, 96}
-                   : BwdConfig{64, 32, 4, 64};  // 256: four chunks
+// Key blocks per warp compiled for a kernel head dim: 1 always; 2 up to 48, where the K fragments still fit in
+// registers next to the doubled dK/dV accumulators (sm_90 ptxas: 254 registers at 48, no spills). Two key blocks
+// share every Q and dO fragment a warp loads (the four per-score ldmatrix streams of the backward halve), and a
+// CTA's 128 keys halve the dQ atomics. Static SASS per 1024 scores, sm_90 bf16, D 40 (tools/sass_loop_mix.py
+// --bwd): 16 keys per warp ~973 instructions, 32 keys ~691.
+JEDI_HD constexpr bool bwd_has_key_blocks(int kD, int key_blocks) {
+  return key_blocks == 1 || (key_blocks == 2 && kD <= 48);
 }
+// The instance a launch uses when the caller does not ask for one (SetAttnBwdParams::bwd_key_blocks == 0): two key
+// blocks wherever compiled. Not yet timed on a GPU: the benchmarks time both (JEDI_CUDA_BWD_KEY_BLOCKS).
+JEDI_HD constexpr int bwd_default_key_blocks(int kD) { return bwd_has_key_blocks(kD, 2) ? 2 : 1; }
+JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks) {
+  // (sm_90 ptxas: no spills for every instance with these shapes)
+  return key_blocks == 2 ? BwdConfig{128, 64, 4, kD, 2, 32}
+       : kD <= 80        ? BwdConfig{64, 64, 4, kD, 1, 64}
+       : kD <= 128       ? BwdConfig{64, 32, 4, kD, 1, 32}
+       : kD == 160       ? BwdConfig{64, 32, 4, 80, 1, 32}
+       : kD == 192       ? BwdConfig{64, 32, 4, 96, 1, 32}
+                         : BwdConfig{64, 32, 4, 64, 1, 32};  // 256: four chunks
+}
+JEDI_HD constexpr BwdConfig bwd_config(int kD) { return bwd_config(kD, bwd_default_key_blocks(kD)); }
 
+// dQ step of the backward: dQ[block_m x chunk] += dS[block_m x block_n] K[block_n x chunk] is split into units of
+// one 16-query slab x dq_groups(kD, kb) 16-column groups, handed to the warps round-robin. A warp loads a slab's dS
+// fragment once per 16 keys for all of its groups, so larger units save ldmatrix; the largest group count that
+// divides the chunk's groups and gives every warp the same number of units is used (1 where none does).
+JEDI_HD constexpr int bwd_dq_groups(int kD, int key_blocks) {
+  const BwdConfig c = bwd_config(kD, key_blocks);
+  const int groups = c.chunk / 16, slabs = c.block_m / 16;
+  for (int g = groups; g > 1; --g)
+    if (groups % g == 0 && (slabs * (groups / g)) % c.num_warps == 0) return g;
+  return 1;
+}
 // Shared-memory row pitch (elements) of a kD-wide tile: +8 elements (16 bytes) makes the 8 row addresses of every
 // ldmatrix phase hit 8 distinct 16-byte bank groups: pitch/8 = kD/8 + 1 is odd because kD % 16 == 0.
 JEDI_HD constexpr int smem_pitch(int cols) { return cols + 8; }
@@ -110,12 +138,16 @@ JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes, int row_blocks)
 JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes) {
   return fwd_smem_bytes(kD, elem_bytes, fwd_default_row_blocks(kD));
 }
-JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes) {
+JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes, int key_blocks) {
   // K, V (block_n x kD), Q, dO (block_m x kD), dS^T (block_n x block_m), lse and delta (block_m floats each)
-  return (static_cast<int64_t>(2 * bwd_config(kD).block_n + 2 * bwd_config(kD).block_m) * smem_pitch(kD) +
-          static_cast<int64_t>(bwd_config(kD).block_n) * smem_pitch(bwd_config(kD).block_m)) *
+  return (static_cast<int64_t>(2 * bwd_config(kD, key_blocks).block_n + 2 * bwd_config(kD, key_blocks).block_m) *
+              smem_pitch(kD) +
+          static_cast<int64_t>(bwd_config(kD, key_blocks).block_n) * smem_pitch(bwd_config(kD, key_blocks).block_m)) *
              elem_bytes +
-         2 * bwd_config(kD).block_m * 4;
+         2 * bwd_config(kD, key_blocks).block_m * 4;
+}
+JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes) {
+  return bwd_smem_bytes(kD, elem_bytes, bwd_default_key_blocks(kD));
 }
 
 // ---- mask-aware tile walk ----------------------------------------------------------------------------------------

@@ -74,9 +74,24 @@ static void test_instances() {
       CHECK(fwd_smem_bytes(kD, 2, rb) <= 163 * 1024, "fwd smem kD=%d rb=%d", kD, rb);
     }
     CHECK(fwd_config(kD).row_blocks == fwd_default_row_blocks(kD), "fwd default kD=%d", kD);
+    CHECK(bwd_has_key_blocks(kD, 1) && bwd_has_key_blocks(kD, bwd_default_key_blocks(kD)) &&
+              !bwd_has_key_blocks(kD, 0) && !bwd_has_key_blocks(kD, 3),
+          "bwd instances kD=%d", kD);
+    for (int kb = 1; kb <= 2; ++kb) {
+      if (!bwd_has_key_blocks(kD, kb)) continue;
+      const BwdConfig c = bwd_config(kD, kb);
+      CHECK(c.key_blocks == kb && c.block_n == 16 * kb * c.num_warps && c.block_m % c.sub_m == 0 &&
+                c.sub_m % 16 == 0 && c.chunk % 16 == 0 && kD % c.chunk == 0,
+            "bwd config kD=%d kb=%d", kD, kb);
+      CHECK(bwd_smem_bytes(kD, 2, kb) <= 163 * 1024, "bwd smem kD=%d kb=%d", kD, kb);
+      CHECK((smem_pitch(c.block_m) * 2 / 16) % 2 == 1, "dS pitch kD=%d kb=%d", kD, kb);
+      // dQ units: whole groups of the chunk; every warp gets the same number of units unless there are none
+      const int g = bwd_dq_groups(kD, kb), groups = c.chunk / 16, units = (c.block_m / 16) * (groups / g);
+      CHECK(g >= 1 && groups % g == 0 && (g == 1 || units % c.num_warps == 0), "dq groups kD=%d kb=%d: %d", kD, kb,
+            g);
+    }
     const BwdConfig b = bwd_config(kD);
-    CHECK(b.block_n == 16 * b.num_warps && b.block_m % 16 == 0 && b.chunk % 16 == 0 && kD % b.chunk == 0,
-          "bwd config kD=%d", kD);
+    CHECK(b.key_blocks == bwd_default_key_blocks(kD), "bwd default kD=%d", kD);
     // A100 opt-in limit (163 KB) bounds both; H100 allows 227 KB
     CHECK(fwd_smem_bytes(kD, 2) <= 163 * 1024, "fwd smem kD=%d: %lld", kD, (long long)fwd_smem_bytes(kD, 2));
     CHECK(bwd_smem_bytes(kD, 2) <= 163 * 1024, "bwd smem kD=%d: %lld", kD, (long long)bwd_smem_bytes(kD, 2));
@@ -85,6 +100,14 @@ static void test_instances() {
     CHECK((smem_pitch(b.block_m) * 2 / 16) % 2 == 1, "dS pitch kD=%d", kD);
   }
   CHECK(fwd_smem_bytes(48, 2) == (128 + 128) * 56 * 2, "fwd smem 48 = %lld", (long long)fwd_smem_bytes(48, 2));
+  // K, V (128 x 56), Q, dO (64 x 56), dS^T (128 x 72), lse and delta (64 floats each)
+  CHECK(bwd_smem_bytes(48, 2) == ((2 * 128 + 2 * 64) * 56 + 128 * 72) * 2 + 2 * 64 * 4, "bwd smem 48 = %lld",
+        (long long)bwd_smem_bytes(48, 2));
+  // SD's head dims: one slab x all groups per warp (48: 3 groups, 80: 5); 160's 80-column chunks over 32-query
+  // tiles divide by no group count evenly, so (slab, group) pairs
+  CHECK(bwd_dq_groups(48, 2) == 3 && bwd_dq_groups(48, 1) == 3 && bwd_dq_groups(80, 1) == 5 &&
+            bwd_dq_groups(160, 1) == 1 && bwd_dq_groups(128, 1) == 4,
+        "dq groups");
 }
 
 static void test_grids() {
