@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -224,15 +225,23 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
-def _variant_row(L, D, ng, dtype, rep_ms, backend: str, env: str, variants: dict[str, str], kind: str) -> dict:
-    """Forward timings of one backend under each value of the environment switch ``env`` ({label: value}), same
-    inputs: a row with ms_<label> per variant."""
+def _variant_row(L, D, ng, dtype, rep_ms, backend: str, env: str, variants: dict[str, str], kind: str,
+                 mode: str = "fwd") -> dict:
+    """Timings of one backend under each value of the environment switch ``env`` ({label: value}), same inputs: a
+    row with ms_<label> per variant. ``mode`` "fwd" times the forward, "bwd" the backward op alone on one forward's
+    out and lse (a backward switch: the forward's time would only dilute the difference)."""
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
-    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "fwd",
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
            "kind": kind}
+    if mode == "bwd":
+        from jedi_kernels.ops.set_attention import set_attention_bwd, set_attention_fwd
+
+        out, lse = set_attention_fwd(q, k, v, ng, HEADS, D**-0.5, None, backend)
+        bwd = functools.partial(set_attention_bwd, torch.randn_like(out), q, k, v, out, lse, ng, HEADS, D**-0.5, None,
+                                backend)
     for label, value in variants.items():
         with _env(env, value):
-            fn, _ = build_fn(backend, q, k, v, ng, HEADS, "fwd")
+            fn = bwd if mode == "bwd" else build_fn(backend, q, k, v, ng, HEADS, "fwd")[0]
             row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
     return row
 
@@ -253,6 +262,15 @@ def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_ROW_BLOCKS", {"16rows": "1", "32rows": "2"},
                        "cuda_fwd_rows_per_warp")
     row["speedup_32_vs_16rows"] = row["ms_16rows"] / row["ms_32rows"]
+    return row
+
+
+def cuda_bwd_key_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """CUDA backward with 16 vs 32 keys per warp (``JEDI_CUDA_BWD_KEY_BLOCKS`` 1 / 2; padded head dims <= 48 have
+    both): two key blocks share every Q and dO fragment a warp loads, and a CTA's 128 keys halve the dQ atomics."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_BWD_KEY_BLOCKS", {"16keys": "1", "32keys": "2"},
+                       "cuda_bwd_keys_per_warp", mode="bwd")
+    row["speedup_32_vs_16keys"] = row["ms_16keys"] / row["ms_32keys"]
     return row
 
 
@@ -298,6 +316,12 @@ def sweep(quick: bool, rep_ms: int) -> list[dict]:
             rows.append(cuda_row_blocks_row(L, D, rep_ms=rep_ms))
             print(f"CUDA forward 32 vs 16 rows per warp, L={L} D={D}: x{rows[-1]['speedup_32_vs_16rows']:.2f}",
                   flush=True)
+        # only d 40 (padded 48) of SD's head dims has both backward instances; two set sizes, as the 128-key CTAs
+        # of 32 keys per warp halve the grid
+        for ng in (1, 2):
+            rows.append(cuda_bwd_key_blocks_row(4096, 40, ng=ng, rep_ms=rep_ms))
+            print(f"CUDA backward 32 vs 16 keys per warp, L=4096 D=40 ng={ng}: "
+                  f"x{rows[-1]['speedup_32_vs_16keys']:.2f}", flush=True)
     rows.append(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
     return rows

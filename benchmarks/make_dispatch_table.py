@@ -11,7 +11,8 @@ runs a block-diagonal mask as per-image attention, so that comparison would flat
 
 Prints the derived entries (and the near misses); ``--write`` replaces ``jedi_kernels/dispatch_table.json``. Also
 prints what the sweep's kernel-variant rows say about the compiled-in defaults (``variant_advice``): the CUDA
-forward's rows per warp and the Triton forward's row sums; those defaults live in code, so changing one is a commit.
+forward's rows per warp, the CUDA backward's keys per warp and the Triton forward's row sums; those defaults live in
+code, so changing one is a commit.
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def derive(rows: list[dict], margin: float = 1.03, sources: list[str] | None = N
 VARIANTS = {
     "cuda_fwd_rows_per_warp": (("ms_16rows", "ms_32rows"), "ms_32rows",
                                "fwd_default_row_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_ROW_BLOCKS)"),
+    "cuda_bwd_keys_per_warp": (("ms_16keys", "ms_32keys"), "ms_32keys",
+                               "bwd_default_key_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_BWD_KEY_BLOCKS)"),
     "rowsum_dot_vs_fadd": (("ms_dot", "ms_fadd"), "ms_dot",
                            "_rowsum_dot in jedi_kernels/ops/set_attention.py (JEDI_ATTN_ROWSUM)"),
 }
@@ -82,7 +85,7 @@ def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
         other = b if default == a else a
         ratio = r[default] / r[other]  # > 1: the other variant is faster
         label = lambda k: k[3:]  # noqa: E731  (ms_32rows -> 32rows)
-        shape = f"{r.get('kind')} L={r.get('L')} D={r.get('D')} {r.get('dtype', '')}"
+        shape = f"{r.get('kind')} L={r.get('L')} D={r.get('D')} ng={r.get('ng')} {r.get('dtype', '')}"
         if ratio >= margin:
             out.append(f"{shape}: {label(other)} x{ratio:.2f} faster than the default {label(default)}: "
                        f"change {where}")

@@ -148,8 +148,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
         backend: "auto" (fastest correct backend for device/dtype/shape; ``JEDI_BACKEND`` overrides),
             "triton", "cuda" or "torch" (torch SDPA). Kernel variants from the environment:
             ``JEDI_TRITON_AUTOTUNE=0`` (read at import: Triton runs its default configs only), and, read per call,
-            ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums) and ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA
-            forward: 16 or 32 query rows per warp).
+            ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA
+            forward: 16 or 32 query rows per warp) and ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32
+            keys per warp).
 
     Returns:
         (N, L, heads*head_dim) tensor in q's dtype, contiguous, ready for the out-projection. Differentiable w.r.t.

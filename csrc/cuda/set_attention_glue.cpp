@@ -95,16 +95,30 @@ void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::
   p.scale = static_cast<float>(scale);
 }
 
-// JEDI_CUDA_FWD_ROW_BLOCKS=1|2 picks the forward instance with 16 or 32 query rows per warp (benchmarks time both);
-// unset or 0: the head dim's default (set_attn::fwd_default_row_blocks). 2 applies where it is compiled (padded head
-// dims <= 80); other head dims keep their one instance. Read per call, so a process can switch.
-int fwd_row_blocks_from_env(int64_t D, const char* op) {
-  const char* env = std::getenv("JEDI_CUDA_FWD_ROW_BLOCKS");
+// A kernel-instance switch from the environment variable `name`: 1 or 2 m16 blocks per warp; unset, empty or 0: 0
+// (the head dim's default). Read per call, so a process can switch (benchmarks time both instances).
+int blocks_from_env(const char* name, const char* op) {
+  const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return 0;
   const std::string v(env);
-  TORCH_CHECK(v == "0" || v == "1" || v == "2", op, ": JEDI_CUDA_FWD_ROW_BLOCKS must be 0, 1 or 2, got '", v, "'");
-  const int rb = v[0] - '0';
+  TORCH_CHECK(v == "0" || v == "1" || v == "2", op, ": ", name, " must be 0, 1 or 2, got '", v, "'");
+  return v[0] - '0';
+}
+
+// JEDI_CUDA_FWD_ROW_BLOCKS=1|2 picks the forward instance with 16 or 32 query rows per warp; 0: the head dim's
+// default (set_attn::fwd_default_row_blocks). 2 applies where it is compiled (padded head dims <= 80); other head
+// dims keep their one instance, so one setting serves a whole model.
+int fwd_row_blocks_from_env(int64_t D, const char* op) {
+  const int rb = blocks_from_env("JEDI_CUDA_FWD_ROW_BLOCKS", op);
   return set_attn::fwd_has_row_blocks(set_attn::padded_head_dim(D), rb) ? rb : 0;
+}
+
+// JEDI_CUDA_BWD_KEY_BLOCKS=1|2 picks the backward instance with 16 or 32 keys per warp; 0: the head dim's default
+// (set_attn::bwd_default_key_blocks). 2 applies where it is compiled (padded head dims <= 48); other head dims keep
+// their one instance, as for the forward.
+int bwd_key_blocks_from_env(int64_t D, const char* op) {
+  const int kb = blocks_from_env("JEDI_CUDA_BWD_KEY_BLOCKS", op);
+  return set_attn::bwd_has_key_blocks(set_attn::padded_head_dim(D), kb) ? kb : 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -188,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
   p.dv = dv.data_ptr();
   p.dq_accum = dq_accum.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
+  p.bwd_key_blocks = bwd_key_blocks_from_env(s.D, op);
   const cudaError_t err = set_attention_bwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {dq, dk, dv};

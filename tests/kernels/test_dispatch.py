@@ -1,6 +1,8 @@
 """backend="auto" is data: the packaged dispatch table loads, a bad one is ignored loudly, lookups honour it, and the
-table generator (benchmarks/make_dispatch_table.py) only grants a class to a kernel that won every measured row."""
+table generator (benchmarks/make_dispatch_table.py) only grants a class to a kernel that won every measured row; the
+sweep's kernel-variant rows (benchmarks/attention_sweep.py) time every value of a variant switch."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 from jedi_kernels import dispatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import attention_sweep as sw  # noqa: E402
 import make_dispatch_table as mdt  # noqa: E402
 
 
@@ -90,9 +93,42 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "cuda_fwd_rows_per_warp", "L": 1024, "D": 80, "dtype": "bfloat16", "ms_16rows": 0.20,
              "ms_32rows": 0.25},
             {"kind": "rowsum_dot_vs_fadd", "L": 4096, "D": 40, "ms_dot": 0.301, "ms_fadd": 0.300},
-            {"kind": "head_dim_chunking", "ms_chunked": 1.0, "ms_padded": 2.0}]  # not a variant row
+            {"kind": "head_dim_chunking", "ms_chunked": 1.0, "ms_padded": 2.0},  # not a variant row
+            {"kind": "cuda_bwd_keys_per_warp", "L": 4096, "D": 40, "ng": 1, "dtype": "bfloat16", "ms_16keys": 1.00,
+             "ms_32keys": 1.10},
+            {"kind": "cuda_bwd_keys_per_warp", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_16keys": 2.00,
+             "ms_32keys": 1.60}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 3
+    assert len(advice) == 5
     assert "D=40" in advice[0] and advice[0].endswith("keep")
     assert "16rows x1.25 faster than the default 32rows" in advice[1] and "set_attention_plan.h" in advice[1]
     assert advice[2].endswith("keep")  # within the margin
+    assert "ng=1" in advice[3] and "16keys x1.10 faster than the default 32keys" in advice[3]
+    assert "bwd_default_key_blocks" in advice[3] and "JEDI_CUDA_BWD_KEY_BLOCKS" in advice[3]
+    assert "ng=2" in advice[4] and advice[4].endswith("keep")
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter's
+@pytest.mark.parametrize("mode", ["fwd", "bwd"])
+def test_sweep_variant_row_times_each_switch_value(monkeypatch, mode):
+    """The sweep's variant rows (input to variant_advice) time each value of the switch with the switch set, since
+    the kernels read it per call: the forward, or the backward op alone. Here on the Triton backend (interpreted
+    without a GPU) with a stand-in timer that runs the callable once."""
+    seen = []
+
+    def fake_time_ms(fn, rep_ms=60):
+        seen.append((os.environ.get("JEDI_TEST_SWITCH"), fn()))
+        return float(len(seen))
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "time_ms", fake_time_ms)
+    monkeypatch.delenv("JEDI_TEST_SWITCH", raising=False)
+    row = sw._variant_row(16, 8, 1, torch.float32, 1, "triton", "JEDI_TEST_SWITCH", {"a": "1", "b": "2"}, "k",
+                          mode=mode)
+    assert row["mode"] == mode and row["kind"] == "k" and (row["ms_a"], row["ms_b"]) == (1.0, 2.0)
+    assert [value for value, _ in seen] == ["1", "2"] and "JEDI_TEST_SWITCH" not in os.environ
+    shape = (sw.SETS, 16, sw.HEADS * 8)
+    for _, result in seen:
+        outs = result if mode == "bwd" else (result,)  # (dq, dk, dv) or out
+        assert len(outs) == (3 if mode == "bwd" else 1) and all(t.shape == shape for t in outs)

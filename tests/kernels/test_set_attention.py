@@ -587,6 +587,36 @@ def test_cuda_forward_instances_bad_env_value(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("key_blocks", ["1", "2"], ids=["16keys", "32keys"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (1, 2, 4096, 2, 40, "full", True),
+    (2, 3, 97, 2, 40, "random", True),        # partial query and key tiles, masked
+    (1, 2, 130, 1, 48, "oneway", False),      # a 2-key tail tile
+    (3, 5, 17, 1, 8, "full", False),          # padded to 32
+    (1, 4, 1024, 2, 80, "blockdiag", False),  # one instance only: the switch falls back to it
+])
+def test_cuda_backward_instances(monkeypatch, key_blocks, B, G, L, H, D, mask, fused):
+    """Both CUDA backward instances (16 or 32 keys per warp, JEDI_CUDA_BWD_KEY_BLOCKS; padded head dims <= 48 have
+    both) pass the 2x rule for dq, dk, dv."""
+    if not jk.available_backends()["cuda_attention"]:
+        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    monkeypatch.setenv("JEDI_CUDA_BWD_KEY_BLOCKS", key_blocks)
+    _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_backward_instances_bad_env_value(monkeypatch):
+    if not jk.available_backends()["cuda_attention"]:
+        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
+    q.requires_grad_()
+    monkeypatch.setenv("JEDI_CUDA_BWD_KEY_BLOCKS", "4")
+    out = jk.set_attention(q, k, v, 2, 1, backend="cuda")  # the forward does not read the backward's switch
+    with pytest.raises(RuntimeError, match="JEDI_CUDA_BWD_KEY_BLOCKS must be 0, 1 or 2"):
+        out.backward(torch.ones_like(out))
+
+
+@pytest.mark.gpu
 def test_set_attention_gpu_fp32():
     _check_case(1, 2, 128, 2, 40, dtype=torch.float32, mask="jedi")
 

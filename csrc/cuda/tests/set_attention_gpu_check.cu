@@ -51,6 +51,7 @@ struct Case {
   float scale;       // 0 -> D^-0.5 ; use scale_raw for an explicit value
   bool explicit_scale;
   int row_blocks = 0;  // forward instance (SetAttnParams::fwd_row_blocks): 0 = the head dim's default
+  int key_blocks = 0;  // backward instance (SetAttnBwdParams::bwd_key_blocks): 0 = the head dim's default
 };
 
 uint16_t to_bits(float x, int dtype) {
@@ -171,6 +172,7 @@ bool run_case(const Case& c, bool use_graph) {
   bp.lse = d.lse; bp.set_mask = d.mask; bp.dq = d.dq; bp.dk = d.dk; bp.dv = d.dv;
   bp.dq_accum = d.dq_acc; bp.delta = d.delta;
   bp.B = B; bp.G = G; bp.L = L; bp.H = H; bp.D = D; bp.scale = (float)scale;
+  bp.bwd_key_blocks = c.key_blocks;
 
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -237,10 +239,11 @@ bool run_case(const Case& c, bool use_graph) {
       msg += buf;
     }
   }
-  std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d%s:%s\n",
+  std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d "
+              "bwd_key_blocks=%d%s:%s\n",
               ok ? "PASS" : "FAIL", (long long)B, (long long)G, (long long)L, (long long)H, (long long)D,
-              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, use_graph ? " graph" : "",
-              msg.c_str());
+              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.key_blocks,
+              use_graph ? " graph" : "", msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
   return ok;
@@ -319,6 +322,16 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
     alt += buf;
   }
   fp.fwd_row_blocks = 0;
+  // both backward instances where the head dim has two (16 and 32 keys per warp)
+  for (int kb = 1; kb <= 2; ++kb) {
+    if (!jedi::set_attn::bwd_has_key_blocks(kD, kb) || !jedi::set_attn::bwd_has_key_blocks(kD, 3 - kb)) continue;
+    bp.bwd_key_blocks = kb;
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "  bwd[%d keys/warp] %.3f ms", 16 * kb,
+                  median_ms([&] { return jedi::set_attention_bwd_launch(bp, dtype, 0); }));
+    alt += buf;
+  }
+  bp.bwd_key_blocks = 0;
   // useful FLOPs (unpadded D, allowed key fraction of the mask)
   double frac = 1.0;
   if (mask_kind) frac = (double)std::count(mask.begin(), mask.end(), 1) / (double)(G * G);
@@ -341,14 +354,17 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
   std::vector<Case> cases;
-  // both dtypes; head dims with two forward instances also run the non-default one
+  // both dtypes; head dims with two forward (backward) instances also run the non-default one
   auto add = [&](int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int mask, int layout) {
     const int kD = jedi::set_attn::padded_head_dim(D);
     for (int dt = 0; dt < 2; ++dt) {
-      cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0});
+      cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 0});
       for (int rb = 1; rb <= 2; ++rb)
         if (rb != jedi::set_attn::fwd_default_row_blocks(kD) && jedi::set_attn::fwd_has_row_blocks(kD, rb))
-          cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, rb});
+          cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, rb, 0});
+      for (int kb = 1; kb <= 2; ++kb)
+        if (kb != jedi::set_attn::bwd_default_key_blocks(kD) && jedi::set_attn::bwd_has_key_blocks(kD, kb))
+          cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, kb});
     }
   };
   if (quick) {
