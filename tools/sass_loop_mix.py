@@ -120,27 +120,73 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1) -
     raise LookupError(f"no forward kernel for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
 
 
-def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16") -> str:
-    """SASS of the CUDA C++ backward main kernel serving head dim D (csrc/cuda/set_attention_bwd_hdim<D>.cu)."""
+def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16", key_blocks: int = 1) -> str:
+    """SASS of the CUDA C++ backward main kernel serving head dim D (csrc/cuda/set_attention_bwd_hdim<D>.cu), the
+    ``dtype`` instantiation with ``key_blocks`` m16 key blocks per warp."""
     sass = _nvcc_sass(ROOT / "csrc" / "cuda" / f"set_attention_bwd_hdim{D}.cu", arch)
     want = "set_attn_bwd_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half")
-    return next(b for b in re.split(r"\n\s*Function : ", sass)[1:] if want in b.split("\n", 1)[0])
+    for blk in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = blk.split("\n", 1)[0]
+        args = re.search(r"set_attn_bwd_kernelI\w+?Li(\d+)ELi(\d+)E", name)
+        if want in name and args and int(args.group(2)) == key_blocks:
+            return blk
+    raise LookupError(f"no backward kernel for D={D} {dtype} key_blocks={key_blocks}")
 
 
-def dynamic_loop_count(sass: str, mma_loop_trips: int) -> int:
-    """Instructions one trip of the main loop issues when its inner loop with tensor-core instructions (the CUDA
-    backward's dQ loop) runs ``mma_loop_trips`` trips; other inner loops (the tile walk's image skip, the lse/delta
-    load) are counted once, tail regions included."""
+def cuda_bwd_configs() -> dict[tuple[int, int], dict[str, int]]:
+    """{(padded head dim, key blocks): backward tile shape} as csrc/cuda/set_attention_plan.h computes it (compiled
+    and run on the host, so the counts below scale by the kernel's real tiles): block_n, block_m, num_warps, chunk,
+    sub_m, dq_groups, for SD's padded head dims 48 / 80 / 160 and every key-block count compiled for them."""
+    src = """#include <cstdio>
+#include <initializer_list>
+#include "set_attention_plan.h"
+using namespace jedi::set_attn;
+int main() {
+  for (int kD : {48, 80, 160})
+    for (int kb : {1, 2})
+      if (bwd_has_key_blocks(kD, kb)) {
+        const BwdConfig c = bwd_config(kD, kb);
+        std::printf("%d %d %d %d %d %d %d %d\\n", kD, kb, c.block_n, c.block_m, c.num_warps, c.chunk, c.sub_m,
+                    bwd_dq_groups(kD, kb));
+      }
+}
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "plan"
+        subprocess.run(["g++", "-std=c++17", f"-I{ROOT / 'csrc' / 'cuda'}", "-x", "c++", "-", "-o", str(exe)],
+                       input=src, text=True, check=True)
+        out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    keys = ("block_n", "block_m", "num_warps", "chunk", "sub_m", "dq_groups")
+    rows = [list(map(int, line.split())) for line in out.splitlines()]
+    return {(r[0], r[1]): dict(zip(keys, r[2:])) for r in rows}
+
+
+def dynamic_loop_mix(sass: str, mma_loop_trips) -> tuple[collections.Counter, float]:
+    """(opcode counts, instruction count) one trip of the main loop issues when its inner loops with tensor-core
+    instructions (the CUDA backward's register-pass and dQ loops) run ``mma_loop_trips`` trips: one number for every
+    such loop, or one per loop in address order (their count must match); other inner loops (the tile walk's image
+    skip, the lse/delta load) are counted once, tail regions included."""
     body = _loop_body(sass)
     lo = body[0][0]
-    n = len(body)
+    ops = collections.Counter(o for _, o, _ in body)
+    inner_loops = []
     for a, op, rest in body:
         t = _branch_target(op, rest)
         if t is not None and lo < t < a:
             inner = [o for x, o, _ in body if t <= x <= a]
             if "HMMA" in inner:
-                n += (mma_loop_trips - 1) * len(inner)
-    return n
+                inner_loops.append(inner)
+    trips = [mma_loop_trips] * len(inner_loops) if isinstance(mma_loop_trips, (int, float)) else list(mma_loop_trips)
+    if len(trips) != len(inner_loops):
+        raise ValueError(f"{len(inner_loops)} inner loops with MMAs, {len(trips)} trip counts given")
+    for t, inner in zip(trips, inner_loops):
+        ops.update({o: (t - 1) * c for o, c in collections.Counter(inner).items()})
+    return ops, sum(ops.values())
+
+
+def dynamic_loop_count(sass: str, mma_loop_trips) -> float:
+    """Instructions of :func:`dynamic_loop_mix`."""
+    return dynamic_loop_mix(sass, mma_loop_trips)[1]
 
 
 def _loop_body(sass: str) -> list[tuple[int, str, str]]:
@@ -188,10 +234,13 @@ def full_tile_count(sass: str, *, skip_rescale: bool = False) -> int:
 def bwd_report(arch: int) -> None:
     """Print the backward comparison (``--bwd``)."""
     # Triton: dK/dV kernel (BLOCK_N keys x BLOCK_M queries per iteration) + dQ kernel (BLOCK_M queries x BLOCK_N
-    # keys); CUDA: one kernel, a warp owns 16 keys x 64 queries per query tile, dQ by atomics in an inner loop
+    # keys); CUDA: one kernel, a warp owns 16 or 32 keys (register passes over each query tile), dQ by atomics once
+    # per query tile
 
     print(f"backward, per 1024 score elements (one warp's work), sm_{arch}, bf16: Triton dK/dV + dQ kernels "
-          f"vs CUDA C++ (csrc/cuda/set_attention_bwd_hdim<D>.cu, dQ loop at its trip count)")
+          f"vs CUDA C++ (csrc/cuda/set_attention_bwd_hdim<D>.cu with 16 or 32 keys per warp, inner loops at their "
+          f"trip counts)")
+    cfgs = cuda_bwd_configs()
     for D in (40, 80, 160):
         total = collections.Counter()
         n_total = 0.0
@@ -203,19 +252,27 @@ def bwd_report(arch: int) -> None:
             n_total += n * k
         rows = [("triton", total, n_total)]
         kD = {40: 48, 80: 80, 160: 160}[D]
-        chunk = {48: 48, 80: 80, 160: 80}[kD]
-        trips = (64 // 16) * (chunk // 16) // 4  # (query slab, column group) pairs over 4 warps
-        sass = cuda_bwd_sass(D, arch)
-        ops, _ = sass_loop_mix(sass)
-        n = dynamic_loop_count(sass, trips)
-        per_tile = 16 * 64 / 1024 * (kD // chunk)  # a CTA per column chunk recomputes S and dP
-        rows.append(("cuda", collections.Counter({o: c * per_tile for o, c in ops.items()}), n * per_tile))
+        for kb in (1, 2):
+            c = cfgs.get((kD, kb))
+            if c is None:
+                continue
+            # inner loops with MMAs in address order: the register passes over a query tile (a loop only when a
+            # tile takes more than one), then the dQ step's (slab, column groups) units over the warps
+            units = (c["block_m"] // 16) * (c["chunk"] // 16 // c["dq_groups"])
+            passes = c["block_m"] // c["sub_m"]
+            trips = ([passes] if passes > 1 else []) + [units / c["num_warps"]]
+            ops, n = dynamic_loop_mix(cuda_bwd_sass(D, arch, key_blocks=kb), trips)
+            # a warp's share of one query tile: 16 kb keys x block_m queries, once per column chunk (each chunk's
+            # CTA recomputes S and dP)
+            per_1024 = 1024 / (16 * kb * c["block_m"]) * (kD // c["chunk"])
+            rows.append((f"cuda {16 * kb}k", collections.Counter({o: v * per_1024 for o, v in ops.items()}),
+                         n * per_1024))
         for name, ops, n in rows:
             fp32 = sum(ops[o] for o in FP32_PIPE)
             mma = ops["HGMMA"] + ops["HMMA"]
-            print(f"  D={D:3d} {name:6s} instructions {n:6.0f}  MUFU {ops['MUFU']:5.0f}  FP32 {fp32:5.0f}  "
-                  f"MMA {mma:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'}, static)  "
-                  f"LDSM {ops['LDSM']:4.0f} (static)  atomics {ops['REDG'] + ops['RED']:3.0f} (static)")
+            print(f"  D={D:3d} {name:8s} instructions {n:6.0f}  MUFU {ops['MUFU']:5.0f}  FP32 {fp32:5.0f}  "
+                  f"MMA {mma:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "
+                  f"LDSM {ops['LDSM']:4.0f}  atomics {ops['REDG'] + ops['RED']:3.0f}")
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location(
     "sass_loop_mix", Path(__file__).resolve().parents[2] / "tools" / "sass_loop_mix.py")
 sass_loop_mix = importlib.util.module_from_spec(_SPEC)
@@ -61,3 +63,12 @@ def test_dynamic_count_multiplies_the_inner_mma_loop():
     sass, n = _program()
     assert sass_loop_mix.dynamic_loop_count(sass, 1) == n["loop"]
     assert sass_loop_mix.dynamic_loop_count(sass, 5) == n["loop"] + 4 * n["inner"]
+
+
+def test_dynamic_mix_takes_one_trip_count_per_inner_mma_loop():
+    sass, n = _program()
+    ops, count = sass_loop_mix.dynamic_loop_mix(sass, [3])
+    assert count == n["loop"] + 2 * n["inner"]
+    assert ops["HMMA"] == 1 + 3 and ops["LDSM"] == 3 and ops["MUFU"] == 2  # the inner loop's opcodes, three times
+    with pytest.raises(ValueError, match="1 inner loops with MMAs, 2 trip counts"):
+        sass_loop_mix.dynamic_loop_mix(sass, [3, 2])
