@@ -5,7 +5,8 @@
 // surrounded by canaries, so unwritten elements and out-of-bounds writes show.
 //   g++ -std=c++17 -O2 -pthread -I csrc/cuda csrc/cuda/tests/test_set_attention_emulated.cpp -o t && ./t
 // Covers every code path of the kernel templates (Q in registers / from shared memory, key tiles of 64 and 32,
-// backward query tiles of 64 and 32, one to four dK/dV column chunks), both dtypes, partial tiles, masks (with a
+// backward query tiles of 64 and 32, 16 or 32 keys per warp (one or two register passes per query tile), dQ units of
+// one or several column groups, one to four dK/dV column chunks), both dtypes, partial tiles, masks (with a
 // never-attended image), fused-qkv strides, padded strides, negative scale. Prints "N passed, M failed".
 #define JEDI_SET_ATTN_EMULATE 1
 
