@@ -93,6 +93,7 @@ struct BwdConfig {
   int chunk;       // dK/dV/dQ columns per CTA (divides the padded head dim, multiple of 16)
   int key_blocks;  // m16 key blocks per warp: 1 or 2
   int sub_m;       // queries per register pass (divides block_m, multiple of 16)
+  int dq_groups_max;  // widest dQ unit in 16-column groups (bwd_dq_groups) the registers allow next to dK/dV
 };
 // Key blocks per warp compiled for a kernel head dim: 1 always; 2 up to 48, where the K fragments still fit in
 // registers next to the doubled dK/dV accumulators (sm_90 ptxas: 254 registers at 48, no spills). Two key blocks
@@ -106,24 +107,27 @@ JEDI_HD constexpr bool bwd_has_key_blocks(int kD, int key_blocks) {
 // blocks wherever compiled. Not yet timed on a GPU: the benchmarks time both (JEDI_CUDA_BWD_KEY_BLOCKS).
 JEDI_HD constexpr int bwd_default_key_blocks(int kD) { return bwd_has_key_blocks(kD, 2) ? 2 : 1; }
 JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks) {
-  // (sm_90 ptxas: no spills for every instance with these shapes)
-  return key_blocks == 2 ? BwdConfig{128, 64, 4, kD, 2, 32}
-       : kD <= 80        ? BwdConfig{64, 64, 4, kD, 1, 64}
-       : kD <= 128       ? BwdConfig{64, 32, 4, kD, 1, 32}
-       : kD == 160       ? BwdConfig{64, 32, 4, 80, 1, 32}
-       : kD == 192       ? BwdConfig{64, 32, 4, 96, 1, 32}
-                         : BwdConfig{64, 32, 4, 64, 1, 32};  // 256: four chunks
+  // (sm_80 and sm_90 ptxas: no spills for every instance with these shapes.) 160 runs as one chunk: its 160
+  // registers of dK/dV accumulators leave room for S and dP of 16 queries at a time and for dQ units of one group;
+  // two 80-column chunks, each recomputing S and dP, cost 4264 instead of 2936 instructions per 1024 scores.
+  return key_blocks == 2 ? BwdConfig{128, 64, 4, kD, 2, 32, 16}
+       : kD <= 80        ? BwdConfig{64, 64, 4, kD, 1, 64, 16}
+       : kD <= 128       ? BwdConfig{64, 32, 4, kD, 1, 32, 16}
+       : kD == 160       ? BwdConfig{64, 32, 4, 160, 1, 16, 1}
+       : kD == 192       ? BwdConfig{64, 32, 4, 96, 1, 32, 16}
+                         : BwdConfig{64, 32, 4, 64, 1, 32, 16};  // 256: four chunks
 }
 JEDI_HD constexpr BwdConfig bwd_config(int kD) { return bwd_config(kD, bwd_default_key_blocks(kD)); }
 
 // dQ step of the backward: dQ[block_m x chunk] += dS[block_m x block_n] K[block_n x chunk] is split into units of
 // one 16-query slab x dq_groups(kD, kb) 16-column groups, handed to the warps round-robin. A warp loads a slab's dS
-// fragment once per 16 keys for all of its groups, so larger units save ldmatrix; the largest group count that
-// divides the chunk's groups and gives every warp the same number of units is used (1 where none does).
+// fragment once per 16 keys for all of its groups, so larger units save ldmatrix; the largest group count (up to
+// dq_groups_max) that divides the chunk's groups and gives every warp the same number of units is used (1 where none
+// does).
 JEDI_HD constexpr int bwd_dq_groups(int kD, int key_blocks) {
   const BwdConfig c = bwd_config(kD, key_blocks);
   const int groups = c.chunk / 16, slabs = c.block_m / 16;
-  for (int g = groups; g > 1; --g)
+  for (int g = groups < c.dq_groups_max ? groups : c.dq_groups_max; g > 1; --g)
     if (groups % g == 0 && (slabs * (groups / g)) % c.num_warps == 0) return g;
   return 1;
 }

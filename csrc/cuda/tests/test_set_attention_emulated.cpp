@@ -275,6 +275,7 @@ int main(int argc, char** argv) {
     run_case<__nv_bfloat16, 128>({1, 2, 40, 1, 128, 3, 0, 0.f, false});  // backward query tiles of 32
     run_case<__half, 32>({2, 5, 1, 1, 8, 2, 1, 0.f, true});  // one token per image
     run_case<__nv_bfloat16, 192>({1, 1, 37, 1, 176, 0, 2, 0.f, true});
+    run_case<__half, 160>({1, 2, 70, 1, 152, 3, 1, 0.f, false});  // one 160-column chunk, 8 of them padding
   }
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;

@@ -87,8 +87,8 @@ static void test_instances() {
       CHECK((smem_pitch(c.block_m) * 2 / 16) % 2 == 1, "dS pitch kD=%d kb=%d", kD, kb);
       // dQ units: whole groups of the chunk; every warp gets the same number of units unless there are none
       const int g = bwd_dq_groups(kD, kb), groups = c.chunk / 16, units = (c.block_m / 16) * (groups / g);
-      CHECK(g >= 1 && groups % g == 0 && (g == 1 || units % c.num_warps == 0), "dq groups kD=%d kb=%d: %d", kD, kb,
-            g);
+      CHECK(g >= 1 && g <= c.dq_groups_max && groups % g == 0 && (g == 1 || units % c.num_warps == 0),
+            "dq groups kD=%d kb=%d: %d", kD, kb, g);
     }
     const BwdConfig b = bwd_config(kD);
     CHECK(b.key_blocks == bwd_default_key_blocks(kD), "bwd default kD=%d", kD);
@@ -103,8 +103,8 @@ static void test_instances() {
   // K, V (128 x 56), Q, dO (64 x 56), dS^T (128 x 72), lse and delta (64 floats each)
   CHECK(bwd_smem_bytes(48, 2) == ((2 * 128 + 2 * 64) * 56 + 128 * 72) * 2 + 2 * 64 * 4, "bwd smem 48 = %lld",
         (long long)bwd_smem_bytes(48, 2));
-  // SD's head dims: one slab x all groups per warp (48: 3 groups, 80: 5); 160's 80-column chunks over 32-query
-  // tiles divide by no group count evenly, so (slab, group) pairs
+  // SD's head dims: one slab x all groups per warp (48: 3 groups, 80: 5); 160 (one 160-column chunk) has no
+  // registers to spare next to its dK/dV accumulators, so (slab, group) pairs
   CHECK(bwd_dq_groups(48, 2) == 3 && bwd_dq_groups(48, 1) == 3 && bwd_dq_groups(80, 1) == 5 &&
             bwd_dq_groups(160, 1) == 1 && bwd_dq_groups(128, 1) == 4,
         "dq groups");
