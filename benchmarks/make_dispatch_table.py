@@ -11,8 +11,8 @@ runs a block-diagonal mask as per-image attention, so that comparison would flat
 
 Prints the derived entries (and the near misses); ``--write`` replaces ``jedi_kernels/dispatch_table.json``. Also
 prints what the sweep's kernel-variant rows say about the compiled-in defaults (``variant_advice``): the CUDA
-forward's rows per warp, the CUDA backward's keys per warp and the Triton forward's row sums; those defaults live in
-code, so changing one is a commit.
+forward's rows per warp, the CUDA backward's keys per warp, the Triton forward's row sums and the Triton backward's
+dQ by atomics or by kernel; those defaults live in code, so changing one is a commit.
 """
 from __future__ import annotations
 
@@ -70,6 +70,8 @@ VARIANTS = {
                                "bwd_default_key_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_BWD_KEY_BLOCKS)"),
     "rowsum_dot_vs_fadd": (("ms_dot", "ms_fadd"), "ms_dot",
                            "_rowsum_dot in jedi_kernels/ops/set_attention.py (JEDI_ATTN_ROWSUM)"),
+    "triton_bwd_dq_atomic_vs_kernel": (("ms_atomic", "ms_kernel"), "ms_atomic",
+                                       "_fused_dq in jedi_kernels/ops/set_attention.py (JEDI_TRITON_BWD_DQ)"),
 }
 
 

@@ -148,7 +148,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
         backend: "auto" (fastest correct backend for device/dtype/shape; ``JEDI_BACKEND`` overrides),
             "triton", "cuda" or "torch" (torch SDPA). Kernel variants from the environment:
             ``JEDI_TRITON_AUTOTUNE=0`` (read at import: Triton runs its default configs only), and, read per call,
-            ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA
+            ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums), ``JEDI_TRITON_BWD_DQ=atomic|kernel`` (Triton
+            backward: dQ by float32 atomics from the dK/dV kernel, the default up to 96 padded head-dim columns, or
+            by a second kernel; deterministic mode always takes the kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA
             forward: 16 or 32 query rows per warp) and ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32
             keys per warp).
 

@@ -56,6 +56,7 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", **switc
         fn = fn.fn
     values = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=False, COUNT_TILES=False,
                   DOT_F32=False, PREC="tf32", EVEN_N=True, EVEN_M=True, SCALE_POS=True, ROWSUM_DOT=False,
+                  FUSED_DQ=False,
                   **cfg.kwargs)
     values.update(switches)
     sig, const = {}, {}
@@ -64,7 +65,7 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", **switc
             sig[p.name], const[p.name] = "constexpr", values[p.name]
         elif p.name in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"):
             sig[p.name] = "*" + dtype
-        elif p.name in ("Lse", "Delta"):
+        elif p.name in ("Lse", "Delta", "DQacc"):
             sig[p.name] = "*fp32"
         elif p.name in ("ImgList", "ImgCount", "TileCount"):
             sig[p.name] = "*i32"
@@ -237,20 +238,27 @@ def bwd_report(arch: int) -> None:
     # keys); CUDA: one kernel, a warp owns 16 or 32 keys (register passes over each query tile), dQ by atomics once
     # per query tile
 
-    print(f"backward, per 1024 score elements (one warp's work), sm_{arch}, bf16: Triton dK/dV + dQ kernels "
-          f"vs CUDA C++ (csrc/cuda/set_attention_bwd_hdim<D>.cu with 16 or 32 keys per warp, inner loops at their "
-          f"trip counts)")
+    print(f"backward, per 1024 score elements (one warp's work), sm_{arch}, bf16: Triton dK/dV kernel with dQ by "
+          f"atomics, or dK/dV + dQ kernels (2k), vs CUDA C++ (csrc/cuda/set_attention_bwd_hdim<D>.cu with 16 or 32 "
+          f"keys per warp, inner loops at their trip counts); * = Triton's default")
     cfgs = cuda_bwd_configs()
+    from jedi_kernels.ops import set_attention as sa
+
     for D in (40, 80, 160):
-        total = collections.Counter()
-        n_total = 0.0
-        for kind in ("dkdv", "dq"):
-            kernel, cfg = compile_kernel(kind, D, arch)
-            ops, n = loop_mix(kernel)
-            k = 1024 / (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / cfg.num_warps)
-            total.update({o: c * k for o, c in ops.items()})
-            n_total += n * k
-        rows = [("triton", total, n_total)]
+        # Triton: the dK/dV kernel with dQ by atomics (FUSED_DQ, the default up to 96 padded columns) and the two
+        # kernels (dK/dV, then dQ recomputing S, P and dP)
+        rows = []
+        for label, kinds in (("triton", (("dkdv", True),)), ("triton 2k", (("dkdv", False), ("dq", False)))):
+            total = collections.Counter()
+            n_total = 0.0
+            for kind, fused in kinds:
+                kernel, cfg = compile_kernel(kind, D, arch, FUSED_DQ=fused)
+                ops, n = loop_mix(kernel)
+                k = 1024 / (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / cfg.num_warps)
+                total.update({o: c * k for o, c in ops.items()})
+                n_total += n * k
+            default = sa._fused_dq(*sa.head_dim_chunks(D, True)) == (label == "triton")
+            rows.append((label + (" *" if default else ""), total, n_total))
         kD = {40: 48, 80: 80, 160: 160}[D]
         for kb in (1, 2):
             c = cfgs.get((kD, kb))
@@ -270,7 +278,7 @@ def bwd_report(arch: int) -> None:
         for name, ops, n in rows:
             fp32 = sum(ops[o] for o in FP32_PIPE)
             mma = ops["HGMMA"] + ops["HMMA"]
-            print(f"  D={D:3d} {name:8s} instructions {n:6.0f}  MUFU {ops['MUFU']:5.0f}  FP32 {fp32:5.0f}  "
+            print(f"  D={D:3d} {name:10s} instructions {n:6.0f}  MUFU {ops['MUFU']:5.0f}  FP32 {fp32:5.0f}  "
                   f"MMA {mma:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "
                   f"LDSM {ops['LDSM']:4.0f}  atomics {ops['REDG'] + ops['RED']:3.0f}")
 
@@ -324,7 +332,7 @@ def main(argv=None) -> int:
                 k = 1024 / elems
                 fp32 = sum(ops[o] for o in FP32_PIPE)
                 mma = ops["HGMMA"] + ops["HMMA"]
-                print(f"  D={D:3d} {name:8s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
+                print(f"  D={D:3d} {name:10s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
                       f"without rescale {steady * k:4.0f})  "
                       f"MUFU {ops['MUFU'] * k:5.0f}  "
                       f"FP32 {fp32 * k:5.0f}  MMA {mma * k:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "

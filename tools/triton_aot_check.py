@@ -93,9 +93,14 @@ def _record(out_path: str) -> None:
              # the widest head dims of the d128 / d256 classes (the largest tiles' shared memory)
              (128, torch.bfloat16, False), (256, torch.float16, False)]
     for D, dtype, masked in cases:
-        q, k, v = (torch.randn(4, 17, 2 * D, dtype=dtype, requires_grad=True) for _ in range(3))
-        mask = torch.tensor([[True, False], [True, True]]) if masked else None
-        jk.set_attention(q, k, v, 2, 2, set_mask=mask, backend="triton").float().sum().backward()
+        # up to 96 padded columns the backward's dQ comes by atomics from the dK/dV kernel; the dQ kernel (taken in
+        # deterministic mode and by JEDI_TRITON_BWD_DQ=kernel) is recorded there too
+        for dq_mode in ("", "kernel") if D <= 96 and dtype != torch.float32 else ("",):
+            os.environ["JEDI_TRITON_BWD_DQ"] = dq_mode
+            q, k, v = (torch.randn(4, 17, 2 * D, dtype=dtype, requires_grad=True) for _ in range(3))
+            mask = torch.tensor([[True, False], [True, True]]) if masked else None
+            jk.set_attention(q, k, v, 2, 2, set_mask=mask, backend="triton").float().sum().backward()
+    os.environ.pop("JEDI_TRITON_BWD_DQ")
     interpreter.InterpretedFunction.run = real_run
     Path(out_path).write_text(json.dumps(launches))
 

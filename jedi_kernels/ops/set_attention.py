@@ -265,12 +265,12 @@ def _set_attn_bwd_preprocess_kernel(
 @triton.heuristics({"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _set_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, ImgList, ImgCount,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQacc, ImgList, ImgCount,
     stride_qn, stride_ql, stride_kn, stride_kl, stride_vn, stride_vl, stride_don, stride_dol,
     qk_scale_log2, scale,
     H, G, L,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
 ):
     """dK, dV for one (key tile of image j, set b, head h), looping over the query tiles that attend image j.
@@ -280,7 +280,9 @@ def _set_attn_bwd_dkdv_kernel(
         Pᵀ = 2^(s·log2e·kqᵀ − lse·log2e),  dV += Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ − Delta),  dK += scale · dSᵀ Q
 
     ImgList[j, :ImgCount[j]] lists the query images allowed to attend key image j (the transposed mask); an image no
-    query attends gets dK = dV = 0.
+    query attends gets dK = dV = 0. With ``FUSED_DQ`` the program also adds scale · dS K, its keys' share of every
+    query tile's dQ, into the float32 (N, L, H*D) DQacc with atomics (no dQ kernel: P and dP are not recomputed).
+    Keys past L need no mask there: their K rows are loaded as zeros.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -360,6 +362,17 @@ def _set_attn_bwd_dkdv_kernel(
         dk0 = tl.dot(dst.to(q0.dtype), q0, dk0, input_precision=PREC)
         if HAS_D1:
             dk1 = tl.dot(dst.to(q1.dtype), q1, dk1, input_precision=PREC)
+        if FUSED_DQ:
+            ds = tl.trans(dst.to(k0.dtype))
+            dq_rows = DQacc + (b * G + i).to(tl.int64) * L * (H * HEAD_DIM) + h * HEAD_DIM + \
+                offs_q[:, None] * (H * HEAD_DIM)
+            cols0 = tl.arange(0, D0)
+            tl.atomic_add(dq_rows + cols0[None, :], tl.dot(ds, k0, input_precision=PREC) * scale,
+                          mask=m_ok[:, None] & (cols0[None, :] < HEAD_DIM), sem="relaxed")
+            if HAS_D1:
+                cols1 = D0 + tl.arange(0, D1)
+                tl.atomic_add(dq_rows + cols1[None, :], tl.dot(ds, k1, input_precision=PREC) * scale,
+                              mask=m_ok[:, None] & (cols1[None, :] < HEAD_DIM), sem="relaxed")
 
     row_stride = H * HEAD_DIM
     dk_base = DK + (b * G + j).to(tl.int64) * L * row_stride + h * HEAD_DIM
@@ -504,6 +517,23 @@ def _rowsum_dot(width: int, dtype: torch.dtype) -> bool:
     return width <= 64 and dtype in (torch.float16, torch.bfloat16)
 
 
+def _fused_dq(D0: int, D1: int) -> bool:
+    """dQ inside the dK/dV kernel (``FUSED_DQ``: atomics into a float32 accumulator) instead of a second kernel that
+    recomputes S, P and dP. Static SASS per 1024 scores, sm_90 bf16 (tools/sass_loop_mix.py --bwd): d 40 763 -> 583
+    instructions, d 80 859 -> 663; at 128 columns and wider the fused kernel issues more than the two (d 160 needs
+    narrower tiles to fit and then takes 2104 instead of 1610), so those keep the dQ kernel. ``JEDI_TRITON_BWD_DQ=
+    atomic|kernel`` forces one way (benchmarks compare both); deterministic mode
+    (``torch.use_deterministic_algorithms``) takes the kernel, whose dQ does not depend on atomic ordering."""
+    force = os.environ.get("JEDI_TRITON_BWD_DQ", "")
+    if force not in ("", "atomic", "kernel"):
+        raise ValueError(f"JEDI_TRITON_BWD_DQ must be 'atomic' or 'kernel', got {force!r}")
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    if force:
+        return force == "atomic"
+    return D0 + D1 <= 96
+
+
 def _dclass(D0: int, D1: int, dtype: torch.dtype) -> str:
     """Config class of a head split into chunks D0 + D1 (padded width): d64, d96 (SD's 80), d128, d192 (SD's 160),
     d256; f32 for float32 (tests)."""
@@ -559,22 +589,25 @@ _DQ_CONFIGS = {
 _TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK", "ROWSUM_DOT"]  # names a kernel lacks are skipped
 
 
+_KERNELS = {"fwd": _set_attn_fwd_kernel, "dkdv": _set_attn_bwd_dkdv_kernel,
+            "dkdv_dq": _set_attn_bwd_dkdv_kernel,  # FUSED_DQ: dQ by atomics into DQacc
+            "dq": _set_attn_bwd_dq_kernel}
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, dclass: str, autotune: bool):
     """The autotuned wrapper of one kernel for one head-dim class (a separate tuning cache per class); with
-    ``autotune`` False it holds only the class's first (default) config."""
-    kernel, configs = {
-        "fwd": (_set_attn_fwd_kernel, _FWD_CONFIGS),
-        "dkdv": (_set_attn_bwd_dkdv_kernel, _DKDV_CONFIGS),
-        "dq": (_set_attn_bwd_dq_kernel, _DQ_CONFIGS),
-    }[kind]
+    ``autotune`` False it holds only the class's first (default) config. The fused dK/dV/dQ kernel accumulates into
+    DQacc, so the autotuner zeroes it before every timed run and once more before the real one."""
+    configs = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dkdv_dq": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
     cfgs = configs[dclass] if autotune else configs[dclass][:1]
-    return triton.autotune(configs=cfgs, key=_TUNE_KEY)(kernel)
+    return triton.autotune(configs=cfgs, key=_TUNE_KEY,
+                           reset_to_zero=["DQacc"] if kind == "dkdv_dq" else None)(_KERNELS[kind])
 
 
 def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Optional[dict]):
     """Run a kernel: a fixed config under the interpreter or when given one, else the autotuned wrapper."""
-    kernel = {"fwd": _set_attn_fwd_kernel, "dkdv": _set_attn_bwd_dkdv_kernel, "dq": _set_attn_bwd_dq_kernel}[kind]
+    kernel = _KERNELS[kind]
     if config is None and triton_interpreting():
         config = _INTERPRETER_CONFIG
     if config is not None:
@@ -725,6 +758,8 @@ def set_attn_bwd(
 
     Returns:
         dq, dk, dv: (N, L, H*D) contiguous, q's dtype. Key images that no query image may attend get dk = dv = 0.
+        Up to 96 padded head-dim columns dq is summed by float32 atomics (see ``_fused_dq``), so it may differ in the
+        last bits from run to run; ``torch.use_deterministic_algorithms(True)`` takes the deterministic dQ kernel.
 
     Raises:
         TypeError / ValueError: as :func:`set_attn_fwd`.
@@ -745,7 +780,7 @@ def set_attn_bwd(
         HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm,
     )
 
-    dq = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
+    fused = _fused_dq(D0, D1)
     dk = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     dv = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     has_mask = set_mask is not None
@@ -758,8 +793,14 @@ def set_attn_bwd(
     meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec)
     scalars = (float(scale) * _LOG2E, float(scale), H, G, L)
 
-    _launch("dkdv", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_N"]), B * H),
-            (q, k, v, do, lse, delta, dk, dv, cols, ccnt, *strides, *scalars), meta, config)
+    # dQ: scale * dS K summed over every key tile, by atomics from the dK/dV programs or by its own kernel
+    dq_acc = torch.zeros((N, L, H * D), device=q.device, dtype=torch.float32) if fused else dk  # dk: unread dummy
+    _launch("dkdv_dq" if fused else "dkdv", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_N"]), B * H),
+            (q, k, v, do, lse, delta, dk, dv, dq_acc, cols, ccnt, *strides, *scalars), dict(meta, FUSED_DQ=fused),
+            config)
+    if fused:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     _launch("dq", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_M"]), B * H),
             (q, k, v, do, lse, delta, dq, rows, rcnt, *strides, *scalars), meta, config)
     return dq, dk, dv

@@ -97,15 +97,18 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "cuda_bwd_keys_per_warp", "L": 4096, "D": 40, "ng": 1, "dtype": "bfloat16", "ms_16keys": 1.00,
              "ms_32keys": 1.10},
             {"kind": "cuda_bwd_keys_per_warp", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_16keys": 2.00,
-             "ms_32keys": 1.60}]
+             "ms_32keys": 1.60},
+            {"kind": "triton_bwd_dq_atomic_vs_kernel", "L": 1024, "D": 80, "ng": 2, "dtype": "bfloat16",
+             "ms_atomic": 0.50, "ms_kernel": 0.40}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 5
+    assert len(advice) == 6
     assert "D=40" in advice[0] and advice[0].endswith("keep")
     assert "16rows x1.25 faster than the default 32rows" in advice[1] and "set_attention_plan.h" in advice[1]
     assert advice[2].endswith("keep")  # within the margin
     assert "ng=1" in advice[3] and "16keys x1.10 faster than the default 32keys" in advice[3]
     assert "bwd_default_key_blocks" in advice[3] and "JEDI_CUDA_BWD_KEY_BLOCKS" in advice[3]
     assert "ng=2" in advice[4] and advice[4].endswith("keep")
+    assert "kernel x1.25 faster than the default atomic" in advice[5] and "JEDI_TRITON_BWD_DQ" in advice[5]
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter's

@@ -239,9 +239,14 @@ def test_autotuned_launch_path(monkeypatch):
     monkeypatch.setattr(sa, "_DQ_CONFIGS", {"f32": [sa._cfg(32, 16, 4, 1), sa._cfg(16, 16, 4, 1)]})
     sa._tuned.cache_clear()
     try:
+        # dQ by atomics (D 24's default): every timed config adds into DQacc, so a result that survives autotuning
+        # shows the accumulator is zeroed before the real run
         for L in (32, 20):  # EVEN and uneven tails
             _check_case(1, 2, L, 1, 24, mask="oneway", launcher_kwargs={})
-        for kind in ("fwd", "dkdv", "dq"):
+        monkeypatch.setenv("JEDI_TRITON_BWD_DQ", "kernel")
+        for L in (32, 20):
+            _check_case(1, 2, L, 1, 24, mask="oneway", launcher_kwargs={})
+        for kind in ("fwd", "dkdv_dq", "dkdv", "dq"):
             tuner = sa._tuned(kind, "f32", True)
             assert len(tuner.cache) == 2, f"{kind}: expected one tuned config per L, got {tuner.cache}"
     finally:
@@ -424,6 +429,43 @@ def test_non_positive_and_tiny_scales(scale):
     ref64 = reference.set_attention_reference(*(t.double() for t in (q, k, v)), G, H, scale=scale)
     same = reference.set_attention_reference(q, k, v, G, H, scale=scale)
     assert_flash_rule(out, same, ref64, f"out scale={scale}")
+
+
+@pytest.mark.parametrize("mode", ["", "atomic", "kernel"])
+@pytest.mark.parametrize("D, mask", [(40, "jedi"), (72, "oneway"), (160, "full")])
+def test_backward_dq_by_atomics_or_kernel(monkeypatch, mode, D, mask):
+    """dQ from the dK/dV programs by atomics (the default up to 96 padded columns) or by its own kernel (the default
+    above, and in deterministic mode): both pass the flash rule, and the switch picks the path it names."""
+    launched = []
+    launch = sa._launch
+    monkeypatch.setattr(sa, "_launch", lambda kind, *a: (launched.append(kind), launch(kind, *a))[1])
+    monkeypatch.setenv("JEDI_TRITON_BWD_DQ", mode)
+    device = _device()
+    _check_case(1, 2, 33, 2, D, dtype=torch.float32 if device.type == "cpu" else torch.float16, mask=mask)
+    atomic = mode == "atomic" or (mode == "" and D <= 96)
+    assert launched[1:] == (["dkdv_dq"] if atomic else ["dkdv", "dq"]), launched
+
+
+def test_backward_dq_deterministic_mode_takes_the_kernel(monkeypatch):
+    launched = []
+    launch = sa._launch
+    monkeypatch.setattr(sa, "_launch", lambda kind, *a: (launched.append(kind), launch(kind, *a))[1])
+    monkeypatch.setenv("JEDI_TRITON_BWD_DQ", "atomic")
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _check_case(1, 2, 17, 1, 40, dtype=torch.float32 if _device().type == "cpu" else torch.float16)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert launched[1:] == ["dkdv", "dq"], launched
+
+
+def test_backward_dq_bad_switch_value(monkeypatch):
+    monkeypatch.setenv("JEDI_TRITON_BWD_DQ", "fused")
+    q = torch.randn(2, 8, 16, device=_device(), requires_grad=True)
+    out = jk.set_attention(q, q, q, 2, 1, backend="triton")
+    with pytest.raises(ValueError, match="JEDI_TRITON_BWD_DQ must be 'atomic' or 'kernel', got 'fused'"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("rowsum", ["dot", "fadd"])
