@@ -284,8 +284,16 @@ def triton_bwd_dq_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
-def sweep(quick: bool, rep_ms: int) -> list[dict]:
+def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
+    """Every row of the report, the dispatch-deciding ones first; ``save(rows)`` runs after each new row, so a run cut
+    short (gpu_check.sh gives the sweep a fixed time) keeps what it measured."""
     rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if save is not None:
+            save(rows)
+
     plan = []
     for L, D in SHAPES:
         for ng in NGS:
@@ -299,7 +307,7 @@ def sweep(quick: bool, rep_ms: int) -> list[dict]:
         t = time.time()
         row = measure_row(L, D, ng, dtype, mode, rep_ms=rep_ms)
         row["wall_s"] = time.time() - t
-        rows.append(row)
+        add(row)
         ours = {n: f"{row['ms'][n]:.3f}ms x{row.get('ratio_' + n, float('nan')):.2f}" for n in available_ours()
                 if n in row["ms"]}
         best = row.get("best_sdpa")
@@ -310,33 +318,33 @@ def sweep(quick: bool, rep_ms: int) -> list[dict]:
     G = 4
     diag = torch.eye(G, dtype=torch.bool, device=DEVICE)
     row = measure_row(1024, 80, G, torch.bfloat16, "fwd", set_mask=diag, label="blockdiag", rep_ms=rep_ms)
-    rows.append(row)
+    add(row)
     print(f"blockdiag L=1024 D=80 ng={G}: {row['ms']}", flush=True)
     # issue 3 asks for both in every report: what head-dim chunking buys over padding, and O(tokens) memory
     if "triton" in available_ours():
         for L, D in SHAPES[: 2 if quick else 3]:
-            rows.append(chunking_row(L, D, rep_ms=rep_ms))
+            add(chunking_row(L, D, rep_ms=rep_ms))
             print(f"chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)
-        rows.append(rowsum_row(4096, 40, rep_ms=rep_ms))
+        add(rowsum_row(4096, 40, rep_ms=rep_ms))
         print(f"rowsum on tensor cores vs FADD, L=4096 D=40: x{rows[-1]['speedup_dot_vs_fadd']:.2f}", flush=True)
         for L, D in ((4096, 40), (1024, 80)):
-            rows.append(triton_bwd_dq_row(L, D, rep_ms=rep_ms))
+            add(triton_bwd_dq_row(L, D, rep_ms=rep_ms))
             print(f"Triton backward, dQ by atomics vs kernel, L={L} D={D}: "
                   f"x{rows[-1]['speedup_atomic_vs_kernel']:.2f}", flush=True)
     import jedi_kernels as jk
 
     if jk.available_backends()["cuda_attention"]:
         for L, D in ((4096, 40), (1024, 80)):
-            rows.append(cuda_row_blocks_row(L, D, rep_ms=rep_ms))
+            add(cuda_row_blocks_row(L, D, rep_ms=rep_ms))
             print(f"CUDA forward 32 vs 16 rows per warp, L={L} D={D}: x{rows[-1]['speedup_32_vs_16rows']:.2f}",
                   flush=True)
         # only d 40 (padded 48) of SD's head dims has both backward instances; two set sizes, as the 128-key CTAs
         # of 32 keys per warp halve the grid
         for ng in (1, 2):
-            rows.append(cuda_bwd_key_blocks_row(4096, 40, ng=ng, rep_ms=rep_ms))
+            add(cuda_bwd_key_blocks_row(4096, 40, ng=ng, rep_ms=rep_ms))
             print(f"CUDA backward 32 vs 16 keys per warp, L=4096 D=40 ng={ng}: "
                   f"x{rows[-1]['speedup_32_vs_16keys']:.2f}", flush=True)
-    rows.append(peak_memory_row())
+    add(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
     return rows
 
@@ -352,13 +360,16 @@ def main(argv=None) -> int:
         return 2
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     t0 = time.time()
-    rows = sweep(args.quick, args.rep_ms or (40 if args.quick else 100))
     meta = versions()
-    for r in rows:
-        r.update(meta)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+
+    def save(rows: list[dict]) -> None:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([{**r, **meta} for r in rows], f, indent=1)
+        os.replace(tmp, args.out)  # a reader (or a kill mid-write) never sees half a file
+
+    rows = sweep(args.quick, args.rep_ms or (40 if args.quick else 100), save=save)
     print(f"wrote {len(rows)} rows to {args.out} in {time.time() - t0:.0f} s")
     return 0
 
