@@ -26,6 +26,16 @@
 namespace jedi {
 namespace set_attn {
 
+// A 16x16 block of C (the two n8 accumulator tiles lo, hi), rounded to T, is the A fragment of the next MMA (see the
+// fragment conventions above): P for P V, P^T for dV, dS^T for dK.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
 // ---- tile loads ----------------------------------------------------------------------------------------------
 // Load rows [row0, row0 + kRows) x columns [0, kD) of one head of one image into a shared tile with row pitch
 // smem_pitch(kD). `g` points at (image row of the tensor, column h*D); rows >= L and columns >= D (the padding up to
@@ -303,10 +313,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
       uint32_t a[kRB][4];
 #pragma unroll
       for (int rb = 0; rb < kRB; ++rb) {
-        a[rb][0] = pack2<T>(acc_s[rb][2 * kk][0], acc_s[rb][2 * kk][1]);
-        a[rb][1] = pack2<T>(acc_s[rb][2 * kk][2], acc_s[rb][2 * kk][3]);
-        a[rb][2] = pack2<T>(acc_s[rb][2 * kk + 1][0], acc_s[rb][2 * kk + 1][1]);
-        a[rb][3] = pack2<T>(acc_s[rb][2 * kk + 1][2], acc_s[rb][2 * kk + 1][3]);
+        c_to_a<T>(a[rb], acc_s[rb][2 * kk], acc_s[rb][2 * kk + 1]);
       }
       if constexpr (Tr::kRowSumMma) {
 #pragma unroll
@@ -612,10 +619,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB>::kThreads, 1) set_attn_b
         uint32_t a[kKB][4];
 #pragma unroll
         for (int kb = 0; kb < kKB; ++kb) {
-          a[kb][0] = pack2<T>(acc_s[kb][2 * kk][0], acc_s[kb][2 * kk][1]);
-          a[kb][1] = pack2<T>(acc_s[kb][2 * kk][2], acc_s[kb][2 * kk][3]);
-          a[kb][2] = pack2<T>(acc_s[kb][2 * kk + 1][0], acc_s[kb][2 * kk + 1][1]);
-          a[kb][3] = pack2<T>(acc_s[kb][2 * kk + 1][2], acc_s[kb][2 * kk + 1][3]);
+          c_to_a<T>(a[kb], acc_s[kb][2 * kk], acc_s[kb][2 * kk + 1]);
         }
 #pragma unroll
         for (int d2 = 0; d2 < kChunk / 16; ++d2) {
@@ -678,10 +682,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB>::kThreads, 1) set_attn_b
         const int qcol = q0 + kk * 16 + (lane % 4) * 2;
 #pragma unroll
         for (int kb = 0; kb < kKB; ++kb) {
-          a[kb][0] = pack2<T>(acc_dp[kb][2 * kk][0], acc_dp[kb][2 * kk][1]);
-          a[kb][1] = pack2<T>(acc_dp[kb][2 * kk][2], acc_dp[kb][2 * kk][3]);
-          a[kb][2] = pack2<T>(acc_dp[kb][2 * kk + 1][0], acc_dp[kb][2 * kk + 1][1]);
-          a[kb][3] = pack2<T>(acc_dp[kb][2 * kk + 1][2], acc_dp[kb][2 * kk + 1][3]);
+          c_to_a<T>(a[kb], acc_dp[kb][2 * kk], acc_dp[kb][2 * kk + 1]);
           *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol) = a[kb][0];
           *reinterpret_cast<uint32_t*>(sdS + key_local[kb][1] * kPitchS + qcol) = a[kb][1];
           *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol + 8) = a[kb][2];

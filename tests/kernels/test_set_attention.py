@@ -567,6 +567,11 @@ def test_cuda_backend_unavailable_is_rejected():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _require_cuda_attention() -> None:
+    if not jk.available_backends()["cuda_attention"]:
+        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+
+
 def _gpu_backends():
     params = [pytest.param("triton", id="triton")]
     avail = jk.available_backends()
@@ -612,16 +617,14 @@ def test_set_attention_gpu(B, G, L, H, D, mask, fused, dtype, backend):
 def test_cuda_forward_instances(monkeypatch, row_blocks, B, G, L, H, D, mask, fused):
     """Both CUDA forward instances (16 or 32 query rows per warp, JEDI_CUDA_FWD_ROW_BLOCKS; head dims <= 80 have
     both) pass the 2x rule, forward and backward."""
-    if not jk.available_backends()["cuda_attention"]:
-        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    _require_cuda_attention()
     monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", row_blocks)
     _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
 
 
 @pytest.mark.gpu
 def test_cuda_forward_instances_bad_env_value(monkeypatch):
-    if not jk.available_backends()["cuda_attention"]:
-        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    _require_cuda_attention()
     _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
     monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", "4")
     with pytest.raises(RuntimeError, match="JEDI_CUDA_FWD_ROW_BLOCKS must be 0, 1 or 2"):
@@ -640,16 +643,14 @@ def test_cuda_forward_instances_bad_env_value(monkeypatch):
 def test_cuda_backward_instances(monkeypatch, key_blocks, B, G, L, H, D, mask, fused):
     """Both CUDA backward instances (16 or 32 keys per warp, JEDI_CUDA_BWD_KEY_BLOCKS; padded head dims <= 48 have
     both) pass the 2x rule for dq, dk, dv."""
-    if not jk.available_backends()["cuda_attention"]:
-        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    _require_cuda_attention()
     monkeypatch.setenv("JEDI_CUDA_BWD_KEY_BLOCKS", key_blocks)
     _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
 
 
 @pytest.mark.gpu
 def test_cuda_backward_instances_bad_env_value(monkeypatch):
-    if not jk.available_backends()["cuda_attention"]:
-        pytest.skip("backend cuda: " + jk.available_backends()["reasons"].get("cuda_attention", "not built"))
+    _require_cuda_attention()
     _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
     q.requires_grad_()
     monkeypatch.setenv("JEDI_CUDA_BWD_KEY_BLOCKS", "4")
