@@ -623,15 +623,6 @@ def test_cuda_forward_instances(monkeypatch, row_blocks, B, G, L, H, D, mask, fu
 
 
 @pytest.mark.gpu
-def test_cuda_forward_instances_bad_env_value(monkeypatch):
-    _require_cuda_attention()
-    _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
-    monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", "4")
-    with pytest.raises(RuntimeError, match="JEDI_CUDA_FWD_ROW_BLOCKS must be 0, 1 or 2"):
-        jk.set_attention(q, k, v, 2, 1, backend="cuda")
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("key_blocks", ["1", "2"], ids=["16keys", "32keys"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
     (1, 2, 4096, 2, 40, "full", True),
@@ -649,14 +640,21 @@ def test_cuda_backward_instances(monkeypatch, key_blocks, B, G, L, H, D, mask, f
 
 
 @pytest.mark.gpu
-def test_cuda_backward_instances_bad_env_value(monkeypatch):
+@pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_BWD_KEY_BLOCKS"])
+def test_cuda_instance_switch_bad_value(monkeypatch, switch):
+    """A bad value of a CUDA instance switch is an error naming the variable, from the pass that reads it."""
     _require_cuda_attention()
     _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
     q.requires_grad_()
-    monkeypatch.setenv("JEDI_CUDA_BWD_KEY_BLOCKS", "4")
-    out = jk.set_attention(q, k, v, 2, 1, backend="cuda")  # the forward does not read the backward's switch
-    with pytest.raises(RuntimeError, match="JEDI_CUDA_BWD_KEY_BLOCKS must be 0, 1 or 2"):
-        out.backward(torch.ones_like(out))
+    monkeypatch.setenv(switch, "4")
+    bad = pytest.raises(RuntimeError, match=f"{switch} must be 0, 1 or 2")
+    if switch == "JEDI_CUDA_FWD_ROW_BLOCKS":
+        with bad:
+            jk.set_attention(q, k, v, 2, 1, backend="cuda")
+    else:
+        out = jk.set_attention(q, k, v, 2, 1, backend="cuda")  # the forward does not read the backward's switch
+        with bad:
+            out.backward(torch.ones_like(out))
 
 
 @pytest.mark.gpu
