@@ -131,6 +131,7 @@ JEDI_HD constexpr int bwd_dq_groups(int kD, int key_blocks) {
     if (groups % g == 0 && (slabs * (groups / g)) % c.num_warps == 0) return g;
   return 1;
 }
+
 // Shared-memory row pitch (elements) of a kD-wide tile: +8 elements (16 bytes) makes the 8 row addresses of every
 // ldmatrix phase hit 8 distinct 16-byte bank groups: pitch/8 = kD/8 + 1 is odd because kD % 16 == 0.
 JEDI_HD constexpr int smem_pitch(int cols) { return cols + 8; }
@@ -144,11 +145,11 @@ JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes) {
 }
 JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes, int key_blocks) {
   // K, V (block_n x kD), Q, dO (block_m x kD), dS^T (block_n x block_m), lse and delta (block_m floats each)
-  return (static_cast<int64_t>(2 * bwd_config(kD, key_blocks).block_n + 2 * bwd_config(kD, key_blocks).block_m) *
-              smem_pitch(kD) +
-          static_cast<int64_t>(bwd_config(kD, key_blocks).block_n) * smem_pitch(bwd_config(kD, key_blocks).block_m)) *
+  const BwdConfig c = bwd_config(kD, key_blocks);
+  return (static_cast<int64_t>(2 * c.block_n + 2 * c.block_m) * smem_pitch(kD) +
+          static_cast<int64_t>(c.block_n) * smem_pitch(c.block_m)) *
              elem_bytes +
-         2 * bwd_config(kD, key_blocks).block_m * 4;
+         2 * c.block_m * 4;
 }
 JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes) {
   return bwd_smem_bytes(kD, elem_bytes, bwd_default_key_blocks(kD));
