@@ -286,8 +286,9 @@ def bwd_report(arch: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--bwd", action="store_true", help="the backward instead: Triton dK/dV + dQ kernels vs the "
-                    "CUDA C++ backward (needs nvcc), per score element")
+    ap.add_argument("--bwd", action="store_true", help="the backward instead: Triton (dK/dV kernel with dQ by "
+                    "atomics, or dK/dV + dQ kernels) vs the CUDA C++ backward instances (needs nvcc), per score "
+                    "element")
     ap.add_argument("--cuda", action="store_true", help="also the CUDA C++ forward instances (needs nvcc), per score "
                     "element next to the Triton kernel's best variant")
     args = ap.parse_args(argv)
