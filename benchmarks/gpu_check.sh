@@ -4,12 +4,16 @@
 # Parts (a device session has ~13 usable minutes and 10 per command: run `kernels` first, `model` in a second call
 # on the same warm machine; `all` runs both in one call with the quick settings):
 #   kernels: build + install (pip install -e . --no-build-isolation --no-deps; without the CUDA set-attention
-#            sources if they fail to build), the torch-free CUDA attention harness (+ memcheck), `pytest -m gpu
-#            tests/kernels`, the attention sweep (+ the dispatch table it justifies), the kernel benchmarks
+#            sources if they fail to build; the torch-free harness compiles beside it), `pytest -m gpu tests/kernels`
+#            (in parallel processes with pytest-xdist), the attention sweep (+ the dispatch table it justifies), the
+#            CUDA attention harness (+ memcheck), the fused GroupNorm/GEGLU tests, the kernel benchmarks
 #            (prepare_inputs, geglu, group_norm, set_attention: whatever the budget leaves);
 #   model:   (re)build only if the extension is missing, `pytest -m gpu tests/jedi`, step_levers.py (issue 9's
-#            ladder, quick = no compiles), profile_step.py (eager and fused), the Table 6 reproduction (quick) in
+#            ladder, quick = no compiles), the Table 6 reproduction (quick), profile_step.py (eager and fused) in
 #            what is left of the budget.
+# Each step's cap can be set (seconds; 0 skips the benchmarks / memcheck): JEDI_GPU_TEST_TIMEOUT, JEDI_SWEEP_TIMEOUT,
+# JEDI_HARNESS_TIMEOUT, JEDI_MEMCHECK_TIMEOUT, JEDI_FUSED_TEST_TIMEOUT, JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT,
+# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT, JEDI_PROFILE_TIMEOUT; JEDI_TEST_WORKERS (xdist processes, default 8).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
 # budget (JEDI_CHECK_BUDGET_S, default 540 s) so a part stays under the 10-minute command limit.
@@ -55,6 +59,22 @@ if ! $PY -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('
   echo "setuptools < 64: building in place (setup.py build_ext --inplace, PYTHONPATH=$PWD)" | tee -a "$LOG"
 fi
 
+# The torch-free harness's objects compile in the background, one nvcc per source, beside the extension build (one
+# nvcc over all sources ran them in series: ~1.5 min of a part's budget).
+HARNESS_BIN="${TMPDIR:-/tmp}/jedi_sa_check"
+harness_pid=""
+if want kernels && command -v nvcc >/dev/null; then
+  hobj="${TMPDIR:-/tmp}/jedi_sa_objs"; rm -rf "$hobj"; mkdir -p "$hobj"
+  ( ls csrc/cuda/tests/set_attention_gpu_check.cu csrc/cuda/set_attention_*.cu | xargs -P "$MAX_JOBS" -I{} sh -c \
+      'nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -Icsrc/cuda -c {} -o "$1/$(basename {}).o"' \
+      _ "$hobj" && nvcc -gencode arch=compute_90,code=sm_90 "$hobj"/*.o -o "$HARNESS_BIN" ) >"$OUT/harness.log" 2>&1 &
+  harness_pid=$!
+fi
+
+# Test files run in parallel processes where pytest-xdist is installed: Triton's compiles (CPU) dominate the GPU tests.
+XDIST=()
+if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "${JEDI_TEST_WORKERS:-8}"); fi
+
 step "build (archs $JEDI_CUDA_ARCHS, $MAX_JOBS jobs)"
 build_status=full
 if [ "$PART" = model ] && $PY -c "import jedi_kernels as jk, sys; sys.exit(0 if jk.available_backends()['cuda'] else 1)" 2>/dev/null; then
@@ -73,39 +93,46 @@ echo "build: $build_status ($(( $(date +%s) - t0 )) s so far)" | tee -a "$LOG"
 $PY -c "import jedi_kernels as jk; print(jk.available_backends())" 2>&1 | tee -a "$LOG"
 
 if want kernels; then
-step "CUDA set-attention harness (torch-free, + compute-sanitizer memcheck on the quick cases)"
-if [ "$build_status" = full ] && command -v nvcc >/dev/null; then
-  timeout "$(lim 150)" nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -Icsrc/cuda \
-    csrc/cuda/tests/set_attention_gpu_check.cu csrc/cuda/set_attention_*.cu -o "${TMPDIR:-/tmp}/jedi_sa_check" >"$OUT/harness.log" 2>&1 \
-    && timeout "$(lim 60)" "${TMPDIR:-/tmp}/jedi_sa_check" >>"$OUT/harness.log" 2>&1
-  echo "harness rc=$?" | tee -a "$LOG"
-  grep -v '^PASS' "$OUT/harness.log" | tail -30 | tee -a "$LOG"
-  if command -v compute-sanitizer >/dev/null; then
-    timeout "$(lim 60)" compute-sanitizer --tool memcheck "${TMPDIR:-/tmp}/jedi_sa_check" --quick >"$OUT/memcheck.log" 2>&1
-    echo "memcheck rc=$?" | tee -a "$LOG"; tail -3 "$OUT/memcheck.log" | tee -a "$LOG"
-  fi
-fi
-
 step "pytest -m gpu tests/kernels (attention, input prep, API; the fused norm/GEGLU tests run after the sweep)"
-timeout "$(lim ${JEDI_GPU_TEST_TIMEOUT:-150})" $PY -m pytest tests/kernels -m gpu -q --maxfail=20 -p no:cacheprovider \
-  --ignore=tests/kernels/test_group_norm.py --ignore=tests/kernels/test_geglu.py \
+timeout -s INT -k 20 "$(lim ${JEDI_GPU_TEST_TIMEOUT:-150})" $PY -m pytest tests/kernels -m gpu -q --maxfail=20 \
+  -p no:cacheprovider "${XDIST[@]}" --ignore=tests/kernels/test_group_norm.py --ignore=tests/kernels/test_geglu.py \
   --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -25 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
 step "attention sweep"
-timeout "$(lim ${JEDI_SWEEP_TIMEOUT:-120})" $PY benchmarks/attention_sweep.py --out "$OUT/attention.json" --quick \
-  >"$OUT/sweep.log" 2>&1
+timeout -s INT -k 10 "$(lim ${JEDI_SWEEP_TIMEOUT:-120})" $PY benchmarks/attention_sweep.py --out "$OUT/attention.json" \
+  --quick >"$OUT/sweep.log" 2>&1
 echo "sweep rc=$?" | tee -a "$LOG"
 tail -40 "$OUT/sweep.log" | tee -a "$LOG"
 step "dispatch table the sweep justifies (commit with: make_dispatch_table.py attention.json --write)"
 [ -f "$OUT/attention.json" ] && $PY benchmarks/make_dispatch_table.py "$OUT/attention.json" 2>&1 | tee -a "$LOG"
+
+step "CUDA set-attention harness (torch-free, + compute-sanitizer memcheck on the quick cases)"
+if [ -n "$harness_pid" ]; then
+  wait "$harness_pid"; hrc=$?
+  if [ "$hrc" = 0 ] && [ "$build_status" = full ]; then
+    timeout "$(lim ${JEDI_HARNESS_TIMEOUT:-60})" "$HARNESS_BIN" >>"$OUT/harness.log" 2>&1
+    hrc=$?
+  fi
+  echo "harness rc=$hrc" | tee -a "$LOG"
+  grep -v '^PASS' "$OUT/harness.log" | tail -30 | tee -a "$LOG"
+  if [ "$hrc" = 0 ] && [ "${JEDI_MEMCHECK_TIMEOUT:-45}" -gt 0 ] && command -v compute-sanitizer >/dev/null; then
+    timeout "$(lim ${JEDI_MEMCHECK_TIMEOUT:-45})" compute-sanitizer --tool memcheck "$HARNESS_BIN" --quick \
+      >"$OUT/memcheck.log" 2>&1
+    echo "memcheck rc=$?" | tee -a "$LOG"; tail -3 "$OUT/memcheck.log" | tee -a "$LOG"
+  fi
+else
+  echo "harness: no nvcc" | tee -a "$LOG"
+fi
+
 step "pytest -m gpu: fused GroupNorm and GEGLU"
-timeout "$(lim 90)" $PY -m pytest tests/kernels/test_group_norm.py tests/kernels/test_geglu.py -m gpu -q --maxfail=20 \
-  -p no:cacheprovider --junitxml="$OUT/pytest_gpu_fused.xml" >"$OUT/pytest_gpu_fused.log" 2>&1
+timeout -s INT -k 20 "$(lim ${JEDI_FUSED_TEST_TIMEOUT:-90})" $PY -m pytest tests/kernels/test_group_norm.py tests/kernels/test_geglu.py -m gpu -q \
+  --maxfail=20 -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest_gpu_fused.xml" >"$OUT/pytest_gpu_fused.log" 2>&1
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -10 "$OUT/pytest_gpu_fused.log" | tee -a "$LOG"
 step "kernel benchmarks"
+if [ "${JEDI_BENCH_TIMEOUT:-180}" -gt 0 ]; then
 sel=()
 if [ -n "$QUICK" ]; then sel=(-k "not ng8"); fi
 timeout "$(lim ${JEDI_BENCH_TIMEOUT:-180})" $PY -m pytest benchmarks/bench_prepare_inputs.py benchmarks/bench_geglu.py \
@@ -113,35 +140,42 @@ timeout "$(lim ${JEDI_BENCH_TIMEOUT:-180})" $PY -m pytest benchmarks/bench_prepa
   --benchmark-json="$OUT/bench.json" "${sel[@]}" >"$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$LOG"
 tail -8 "$OUT/bench.log" | tee -a "$LOG"
+else
+  echo "kernel benchmarks skipped (JEDI_BENCH_TIMEOUT=0)" | tee -a "$LOG"
+fi
 
 fi
 
 if want model; then
 step "pytest -m gpu tests/jedi"
-timeout "$(lim 120)" $PY -m pytest tests/jedi -m gpu -q --maxfail=20 -p no:cacheprovider \
+timeout -s INT -k 20 "$(lim ${JEDI_MODEL_TEST_TIMEOUT:-120})" $PY -m pytest tests/jedi -m gpu -q --maxfail=20 -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu_model.xml" >"$OUT/pytest_gpu_model.log" 2>&1
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -15 "$OUT/pytest_gpu_model.log" | tee -a "$LOG"
 
 step "step levers (issue 9)"
-sl=$(lim 300)
+sl=$(lim ${JEDI_LEVERS_TIMEOUT:-300})
 timeout $(( sl + 30 )) $PY benchmarks/step_levers.py $QUICK --budget-s "$sl" --out "$OUT/step.json" >"$OUT/step.log" 2>&1
 echo "step_levers rc=$?" | tee -a "$LOG"; grep '^\[step_levers\]' "$OUT/step.log" | tee -a "$LOG"
 
-step "profile (eager baseline, then channels-last + fused ops)"
-timeout "$(lim 60)" $PY benchmarks/profile_step.py --steps 3 --out "$OUT/profile_eager.json" >"$OUT/profile.log" 2>&1
-timeout "$(lim 60)" $PY benchmarks/profile_step.py --steps 3 --channels-last --fused --out "$OUT/profile_fused.json" \
-  >>"$OUT/profile.log" 2>&1
-echo "profile rc=$?" | tee -a "$LOG"; cat "$OUT/profile_fused.md" 2>/dev/null | tee -a "$LOG"
-
 step "table6 (JeDi Table 6, quick)"
-t6=$(( $(lim 240) - 40 ))
+t6=$(( $(lim ${JEDI_TABLE6_TIMEOUT:-240}) - 40 ))
 if [ "$t6" -ge 60 ]; then
   timeout $(( t6 + 40 )) $PY benchmarks/table6.py --quick --budget-s $t6 --out "$OUT/table6.json" >"$OUT/table6.log" 2>&1
   echo "table6 rc=$?" | tee -a "$LOG"; tail -30 "$OUT/table6.log" | tee -a "$LOG"
 else
   echo "table6 skipped: ${t6}s left of the budget" | tee -a "$LOG"
 fi
+step "profile (eager baseline, then channels-last + fused ops)"
+if [ "$(lim 60)" -ge 30 ]; then
+timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --steps 3 --out "$OUT/profile_eager.json" >"$OUT/profile.log" 2>&1
+timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --steps 3 --channels-last --fused --out "$OUT/profile_fused.json" \
+  >>"$OUT/profile.log" 2>&1
+echo "profile rc=$?" | tee -a "$LOG"; cat "$OUT/profile_fused.md" 2>/dev/null | tee -a "$LOG"
+else
+  echo "profile skipped: $(lim 60)s left of the budget" | tee -a "$LOG"
+fi
+
 fi
 
 step "collect"
