@@ -138,7 +138,8 @@ def prep_bwd(grad: torch.Tensor, m: torch.Tensor, C: int) -> tuple[torch.Tensor,
 def _torch_bwd(grad: torch.Tensor, m: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     fmt = _fmt(grad)
     keep = (1 - m).view(-1, 1, 1, 1)
-    return (grad[:, :C].contiguous(memory_format=fmt), (grad[:, C : 2 * C] * keep).contiguous(memory_format=fmt))
+    # clone, not contiguous: with batch 1 the slice is already contiguous, and a custom op may not return its input
+    return (grad[:, :C].clone(memory_format=fmt), (grad[:, C : 2 * C] * keep).contiguous(memory_format=fmt))
 
 
 @torch.library.custom_op("jedi::prepare_inputs", mutates_args=())

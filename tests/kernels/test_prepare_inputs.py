@@ -76,11 +76,12 @@ def test_strided_inputs(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_backward_exact(backend, channels_last):
-    x_t, x0, m = _inputs((4, 3, 5, 6), torch.float64, channels_last=channels_last)
+@pytest.mark.parametrize("n", [4, 1])  # batch 1: grad[:, :C] is itself contiguous, and must still not alias grad
+def test_backward_exact(backend, channels_last, n):
+    x_t, x0, m = _inputs((n, 3, 5, 6), torch.float64, channels_last=channels_last)
     x_t.requires_grad_(True)
     x0.requires_grad_(True)
-    g = torch.randn(4, 7, 5, 6, dtype=torch.float64)
+    g = torch.randn(n, 7, 5, 6, dtype=torch.float64)
     out = jk.prepare_inputs(x_t, x0, m, backend=backend)
     gx, g0 = torch.autograd.grad(out, (x_t, x0), g)
     rx, r0 = torch.autograd.grad(prepare_inputs_reference(x_t, x0, m), (x_t, x0), g)
