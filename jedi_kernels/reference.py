@@ -126,7 +126,16 @@ def group_norm_reference(
     math_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     w = weight.to(math_dtype) if weight is not None else None
     b = bias.to(math_dtype) if bias is not None else None
-    y = F.group_norm(x.to(math_dtype), num_groups, w, b, eps)
+    xm = x.to(math_dtype)
+    if x.numel() == x.shape[0] * num_groups:
+        # one element per group: F.group_norm refuses it ("Expected more than 1 value per channel"), the formula
+        # gives (x - mean) / sqrt(0 + eps) = 0, then the affine
+        y = (xm - xm).reshape(xm.shape)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = y * w.view(shape) if w is not None else y
+        y = y + b.view(shape) if b is not None else y
+    else:
+        y = F.group_norm(xm, num_groups, w, b, eps)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)

@@ -20,6 +20,7 @@ SHAPES = [
     ((2, 1, 3, 3), 1),
     ((2, 640, 4, 4), 32),
     ((1, 1280, 2, 3), 32),
+    ((1, 32, 1, 1), 32),  # one element per group: y = bias (F.group_norm refuses it; the reference does not)
     ((2, 9, 13, 11), 3),
 ]
 
