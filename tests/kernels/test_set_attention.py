@@ -666,7 +666,8 @@ def test_set_attention_gpu_fp32():
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_cuda_graph_capture_replay(backend):
     """Forward and backward launches capture into a CUDA graph (no host syncs, no data-dependent allocation); a replay
-    on new inputs equals an eager run bit for bit."""
+    on new inputs equals an eager run bit for bit, except dq: both backends add it up with float32 atomics, whose order
+    varies from run to run (H100, 2026-11-27: one fp16 ulp apart), so dq must agree to two fp16 ulps."""
     device = torch.device("cuda")
     B, G, L, H, D = 2, 2, 256, 2, 80
     mask = _jedi_mask(G, 1).to(device)
@@ -693,4 +694,7 @@ def test_cuda_graph_capture_replay(backend):
     torch.cuda.synchronize()
     eager = step()
     for name, c, e in zip(("out", "lse", "dq", "dk", "dv"), captured, eager):
-        assert torch.equal(c, e), f"{name}: graph replay differs from eager"
+        if name == "dq":
+            torch.testing.assert_close(c, e, rtol=2**-9, atol=2**-20, msg=lambda m: f"dq: graph replay vs eager: {m}")
+        else:
+            assert torch.equal(c, e), f"{name}: graph replay differs from eager"
