@@ -49,7 +49,8 @@ class CUDAGraphRunner:
         for k, v in example_inputs.items():
             if isinstance(v, torch.Tensor):
                 if v.device != self.device:
-                    raise ValueError(f"example_inputs[{k!r}] is on {v.device}, the UNet on {self.device}")
+                    raise ValueError(f"example_inputs[{k!r}] is on device {v.device}, the UNet on device "
+                                     f"{self.device}: move it there")
                 self.static[k] = v.detach().clone()  # keeps v's strides (channels-last stays channels-last)
             else:
                 self.static[k] = v
