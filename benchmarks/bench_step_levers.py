@@ -27,7 +27,8 @@ def test_step_levers_script_cpu_rehearsal(benchmark, tmp_path, one_thread):
         assert rows[("jedi_ng2", entry)]["ms"] > 0, rows[("jedi_ng2", entry)]
     assert rows[("jedi_ng2", "+cudnn_benchmark")]["config"]["cudnn_benchmark"] is True
     assert torch.backends.cudnn.benchmark is cudnn_before  # the script restores the process-wide switch
-    assert "CUDA graphs need a CUDA device" in rows[("jedi_ng2", "cuda_graph[attn=auto]")]["error"]
+    assert "CUDA graphs need a CUDA device" in rows[("jedi_ng2", "every rung (cuda_graph)")]["error"]
+    assert rows[("jedi_ng2", "cuda_graph[attn=triton]")]["error"].startswith("skipped")
     assert rows[("jedi_ng2", "precision fp16 best vs fp32")]["rel_err"] is not None
     assert {"jedi_ng4", "blipd"} <= {r["workload"] for r in result["rows"]}
     assert set(result["summary"]["best_ms"]) == {"jedi_ng2", "jedi_ng4", "blipd"}

@@ -16,7 +16,9 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +cudnn_benchmark    torch.backends.cudnn.benchmark: cuDNN times its conv algorithms once per shape instead of
                         taking its heuristic's pick (process-wide: the rungs after it and the peers run with it too)
     +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each on +cudnn_benchmark)
-    cuda_graph[attn]    the best eager configuration replayed as one CUDA graph, for each attention backend
+    (cuda_graph)        on a GPU, every rung above also replayed as one CUDA graph: its device time, which picks
+                        the best levers (eager wall times are launch-bound and rank nothing)
+    cuda_graph[attn]    each attention backend on the best levers, where no rung measured that already
     compile+cuda_graph  torch.compile (inductor, default mode) of it, replayed as a CUDA graph
     diffusers eager / compile(reduce-overhead, channels-last)   the peers
 
@@ -151,33 +153,58 @@ class Run:
         return self.graph_step(compiled, inp) if graph else (lambda: compiled(**inp))
 
     def ladder(self) -> dict | None:
-        """jedi_ng2 rungs and peers; returns the best configuration found (with its mode)."""
+        """jedi_ng2 rungs and peers; returns the best configuration found (with its mode).
+
+        On a GPU every rung is timed eagerly and replayed as a CUDA graph, and the graph times pick the best: eager
+        wall times of this UNet are bound by Python launch overhead (H100, 2026-11-27: 29-48 ms eager against
+        12.9-21.2 ms of device time, the order of the rungs shuffled from run to run), so they cannot rank levers
+        that only change device time."""
         name = "jedi_ng2"
         unet, inp0 = build_ours(WORKLOADS[name], self.device, self.dtype, tiny=self.args.tiny)
-        eager_ms = {}
+        cuda = self.device.type == "cuda"
+        eager_ms, rung_graph_ms = {}, {}
+        if not cuda:
+            self.add(workload=name, entry="every rung (cuda_graph)", config={},
+                     error="skipped: CUDA graphs need a CUDA device")
         for entry, cfg in LADDER:
             why = attn_available(cfg["attn"])
             if why:
                 self.add(workload=name, entry=entry, config=cfg, error=f"skipped: {why}")
                 continue
             inp = configure(unet, inp0, cfg)
-            row = self.measure(name, entry, cfg, lambda: (lambda: unet(**inp)))
+            row = self.measure(name, entry, cfg, lambda: (lambda: unet(**inp)), mode="eager")
             if row["ms"]:
                 eager_ms[entry] = row["ms"]
+            if cuda:
+                row = self.measure(name, f"{entry} (cuda_graph)", cfg, lambda: self.graph_step(unet, inp),
+                                   mode="cuda_graph")
+                _free()
+                if row["ms"]:
+                    rung_graph_ms[entry] = row["ms"]
         if not eager_ms:
             return None
-        # the best non-attention levers (by eager time), then each attention backend under a CUDA graph
-        base_entry = min((e for e in eager_ms if not e.startswith("+attn")), key=eager_ms.get)
+        # the best non-attention levers (by graph time where there is one), then each attention backend on them
+        rank = rung_graph_ms or eager_ms
+        base_entry = min((e for e in rank if not e.startswith("+attn")), key=rank.get, default=None)
+        if base_entry is None:
+            return None
         base_cfg = dict(dict(LADDER)[base_entry], attn="auto")
         graph_ms = {}
-        for attn in ("auto", "triton", "cuda"):
+        if base_entry in rung_graph_ms:
+            graph_ms["auto"] = rung_graph_ms[base_entry]
+        for attn in ("triton", "cuda"):
             cfg = dict(base_cfg, attn=attn)
-            why = attn_available(attn) or (None if self.device.type == "cuda" else "CUDA graphs need a CUDA device")
+            rung = f"+attn={attn}"
+            if rung in rung_graph_ms and dict(LADDER)[rung] == cfg:  # that rung was timed on these levers already
+                graph_ms[attn] = rung_graph_ms[rung]
+                continue
+            why = attn_available(attn) or (None if cuda else "CUDA graphs need a CUDA device")
             if why:
                 self.add(workload=name, entry=f"cuda_graph[attn={attn}]", config=cfg, error=f"skipped: {why}")
                 continue
             inp = configure(unet, inp0, cfg)
-            row = self.measure(name, f"cuda_graph[attn={attn}]", cfg, lambda: self.graph_step(unet, inp))
+            row = self.measure(name, f"cuda_graph[attn={attn}]", cfg, lambda: self.graph_step(unet, inp),
+                               mode="cuda_graph")
             _free()
             if row["ms"]:
                 graph_ms[attn] = row["ms"]
