@@ -320,15 +320,25 @@ class Session:
     memory pools); ``close()`` frees everything and resets dynamo.
     """
 
-    def __init__(self, w: Workload, device="cuda", *, tiny: bool = False, compile_backend: str = "inductor"):
+    def __init__(self, w: Workload, device="cuda", *, tiny: bool = False, compile_backend: str = "inductor",
+                 plain: bool = False):
         self.w, self.device, self.compile_backend = w, torch.device(device), compile_backend
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.unet, self.inp = build_ours(w, device, self.dtype, tiny=tiny)
+        # ours runs as JeDiPipeline.optimize() sets it up (channels-last, fused GroupNorm/GEGLU, fused q/k/v) unless
+        # ``plain``; diffusers gets the NCHW inputs, as a diffusers user runs it
+        self.inp_ours = self.inp
+        if not plain:
+            self.unet.to(memory_format=torch.channels_last)
+            self.unet.set_fused_ops(True)
+            self.unet.set_fuse_qkv(True)
+            self.inp_ours = {k: (v.contiguous(memory_format=torch.channels_last)
+                                 if isinstance(v, torch.Tensor) and v.dim() == 4 else v) for k, v in self.inp.items()}
         self.compiled = self.dm = self.dm_step = self.check = None
         self.runners: list = []
 
     def prepare(self, impl: str, mode: str):
-        unet, inp = self.unet, self.inp
+        unet, inp = self.unet, self.inp_ours
         unet.set_attn_backend("auto")
         if impl == "ours" and mode == "eager":
             return (lambda: unet(**inp)), {"attn_backend": "auto"}
@@ -355,7 +365,7 @@ class Session:
             return (lambda: runner(**inp)), info
         if impl == "diffusers" and mode in ("eager", "compile"):
             if self.dm is None:
-                self.dm, self.dm_step = build_diffusers(self.w, unet, inp)
+                self.dm, self.dm_step = build_diffusers(self.w, unet, self.inp)
                 ref, out = self.dm_step().float(), unet(**inp).float()
                 self.check = {"max_abs_diff_vs_ours": float((out - ref).abs().max()),
                               "max_abs_ours": float(out.abs().max())}
@@ -395,12 +405,12 @@ def time_step(step, device, rep_ms: int = 500) -> float:
 
 def run_workload(name: str, entries, *, deadline: float | None = None, rep_ms: int = 500, emit=None,
                  device="cuda", tiny: bool = False, compile_backend: str = "inductor",
-                 compile_est_s: float = COMPILE_EST_S) -> list[dict]:
+                 compile_est_s: float = COMPILE_EST_S, plain: bool = False) -> list[dict]:
     """Measure the (impl, mode) ``entries`` of one workload; one dict per entry, errors recorded as strings.
 
     ``deadline`` (time.time() seconds): a compile entry that would not finish by then is skipped (estimated from the
     last measured compile, else ``compile_est_s``). ``emit(row)`` is called after each entry (incremental output).
-    device/tiny/compile_backend: see :class:`Session` (the defaults are the real measurement).
+    device/tiny/compile_backend/plain: see :class:`Session` (the defaults are the real measurement).
     """
     w = WORKLOADS[name]
     cuda = torch.device(device).type == "cuda"
@@ -416,7 +426,7 @@ def run_workload(name: str, entries, *, deadline: float | None = None, rep_ms: i
         return row
 
     try:
-        session = Session(w, device, tiny=tiny, compile_backend=compile_backend)
+        session = Session(w, device, tiny=tiny, compile_backend=compile_backend, plain=plain)
     except Exception as e:
         for impl, mode in entries:
             row_for(impl, mode, error=f"building the model failed: {type(e).__name__}: {e}"[:2000])
@@ -487,7 +497,7 @@ def _worker_main(args) -> None:
 
 
 def _session_kw(args) -> dict:
-    return dict(device=args.device, tiny=args.tiny, compile_backend=args.compile_backend)
+    return dict(device=args.device, tiny=args.tiny, compile_backend=args.compile_backend, plain=args.plain)
 
 
 def _run_isolated(name, entries, deadline, args, compile_est_s) -> list[dict]:
@@ -498,6 +508,7 @@ def _run_isolated(name, entries, deadline, args, compile_est_s) -> list[dict]:
            "--result-file", path, "--deadline", str(deadline), "--rep-ms", str(args.rep_ms),
            "--device", args.device, "--compile-backend", args.compile_backend, "--compile-est", str(compile_est_s)]
     cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--plain"] if args.plain else []
     note = None
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30.0, deadline - time.time() + 30))
@@ -529,6 +540,8 @@ def run(args) -> dict:
         "date": datetime.date.today().isoformat(),
         "env": _device_info(),
         "quick": args.quick,
+        "ours_config": "plain (NCHW, unfused)" if args.plain else "JeDiPipeline.optimize(): channels-last, fused "
+                                                                 "GroupNorm/GEGLU, fused q/k/v",
         "argv": sys.argv[1:],
         "budget_s": budget,
         "paper": {"device": "A100", "seconds": PAPER_A100_S,
@@ -585,7 +598,8 @@ def markdown(result: dict) -> str:
     ms = {(r["workload"], r["impl"], r["mode"]): r for r in result["results"]}
     head = (f"{env.get('device')} ({env.get('capability', '')}), torch {env.get('torch')}, triton {env.get('triton')}, "
             f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, diffusers {env.get('diffusers')}; "
-            f"{result['date']}{', quick mode' if result.get('quick') else ''}")
+            f"{result['date']}{', quick mode' if result.get('quick') else ''}; "
+            f"ours: {result.get('ours_config', 'plain (NCHW, unfused)')}")
     lines = [f"Measured on {head}.", "",
              "| workload | UNet batch | TFLOP/step | " + " | ".join(f"{i} {m}" for i, m in cols)
              + " | paper A100 |",
@@ -704,6 +718,8 @@ def main(argv=None) -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="also time CUDA graphs with the self-attention forced to our Triton / CUDA kernels (JeDi)")
     ap.add_argument("--no-diffusers-compile", action="store_true", help="skip torch.compile of diffusers")
+    ap.add_argument("--plain", action="store_true", help="our UNet as built (NCHW, unfused ops), not as "
+                                                         "JeDiPipeline.optimize() runs it")
     ap.add_argument("--budget-s", type=float, help="wall-clock budget of the whole run (default 300 quick, 900 full): "
                                                    "compile entries that would not fit are skipped")
     ap.add_argument("--rep-ms", type=int, default=500, help="do_bench measuring time per entry")
