@@ -68,9 +68,9 @@ VARIANTS = {
                                "fwd_default_row_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_ROW_BLOCKS)"),
     "cuda_bwd_keys_per_warp": (("ms_16keys", "ms_32keys"), "ms_32keys",
                                "bwd_default_key_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_BWD_KEY_BLOCKS)"),
-    "rowsum_dot_vs_fadd": (("ms_dot", "ms_fadd"), "ms_dot",
+    "rowsum_dot_vs_fadd": (("ms_dot", "ms_fadd"), "ms_fadd",
                            "_rowsum_dot in jedi_kernels/ops/set_attention.py (JEDI_ATTN_ROWSUM)"),
-    "triton_bwd_dq_atomic_vs_kernel": (("ms_atomic", "ms_kernel"), "ms_atomic",
+    "triton_bwd_dq_atomic_vs_kernel": (("ms_atomic", "ms_kernel"), "ms_kernel",
                                        "_fused_dq in jedi_kernels/ops/set_attention.py (JEDI_TRITON_BWD_DQ)"),
 }
 

@@ -17,7 +17,9 @@ tiles are never loaded), so a block-diagonal mask costs 1/G of full joint attent
 Head dims that are not powers of two are split into two power-of-two chunks with one ``tl.dot`` per chunk instead of
 padding to the next power of two: D = D0 + D1 with D0 the largest power of two <= D and D1 = next_pow2(D - D0)
 (>= 16, the smallest ``tl.dot`` K); SD's 40 / 80 / 160 become 32+16 / 64+16 / 128+32 (padding would cost 64 / 128 /
-256). ``_CHUNK_HEAD_DIM = False`` (or ``chunk_head_dim=False``) selects plain padding, for the benchmark.
+256). ``_CHUNK_HEAD_DIM = False`` (or ``chunk_head_dim=False``) selects plain padding, for the benchmark. The forward
+pads head dims up to ``_FWD_PAD_UP_TO`` (64) instead: on the H100 (2026-11-27, bf16, ng 2) d 40 ran 0.752 ms padded to
+64 against 0.789 ms as 32+16, while d 80 ran 1.09x faster chunked (64+16) than padded to 128.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ __all__ = [
 MAX_HEAD_DIM = 256
 # Split non-power-of-two head dims into two power-of-two chunks (True) or pad to the next power of two (False).
 _CHUNK_HEAD_DIM = True
+# The forward pads head dims up to this many columns rather than chunking them (measured, see the module docstring).
+_FWD_PAD_UP_TO = 64
 # JEDI_TRITON_AUTOTUNE=0 skips autotuning on GPU and runs the first (default) config of each list.
 _AUTOTUNE = os.environ.get("JEDI_TRITON_AUTOTUNE", "1") != "0"
 # The interpreter runs one fixed config: small tiles keep CPU tests fast and exercise multi-tile images.
@@ -508,30 +512,30 @@ def _cfg(bm, bn, w, s):
 
 
 def _rowsum_dot(width: int, dtype: torch.dtype) -> bool:
-    """Forward row sums on the tensor cores (``ROWSUM_DOT``): where the per-element FADDs cost more issue slots than
-    a 16-column P·1 product costs tensor time, i.e. narrow heads (the exp/issue-bound d <= 64 class) in half
-    precision. ``JEDI_ATTN_ROWSUM=dot|fadd`` forces one way (benchmarks compare both)."""
+    """Forward row sums on the tensor cores (``ROWSUM_DOT``, a 16-column P·1 product) instead of per-element FADDs.
+    Off by default: static SASS had favoured it for narrow heads in half precision, but on the H100 (2026-11-27,
+    L 4096, d 40, ng 2, bf16) the FADD kernel ran 1.03x faster (0.777 against 0.801 ms). ``JEDI_ATTN_ROWSUM=dot|fadd``
+    forces one way (benchmarks compare both)."""
     force = os.environ.get("JEDI_ATTN_ROWSUM", "")
     if force in ("dot", "fadd"):
         return force == "dot"
-    return width <= 64 and dtype in (torch.float16, torch.bfloat16)
+    return False
 
 
 def _fused_dq(D0: int, D1: int) -> bool:
     """dQ inside the dK/dV kernel (``FUSED_DQ``: atomics into a float32 accumulator) instead of a second kernel that
-    recomputes S, P and dP. Static SASS per 1024 scores, sm_90 bf16 (tools/sass_loop_mix.py --bwd): d 40 763 -> 583
-    instructions, d 80 859 -> 663; at 128 columns and wider the fused kernel issues more than the two (d 160 needs
-    narrower tiles to fit and then takes 2104 instead of 1610), so those keep the dQ kernel. ``JEDI_TRITON_BWD_DQ=
-    atomic|kernel`` forces one way (benchmarks compare both); deterministic mode
-    (``torch.use_deterministic_algorithms``) takes the kernel, whose dQ does not depend on atomic ordering."""
+    recomputes S, P and dP. Off by default: static SASS per 1024 scores (sm_90 bf16, tools/sass_loop_mix.py --bwd)
+    predicted d 40 763 -> 583 instructions and d 80 859 -> 663, but on the H100 (2026-11-27, ng 2, bf16) the two
+    kernels were faster: d 40 2.08 against 2.35 ms, d 80 0.203 against 0.221 ms (the atomics' L2 traffic and the
+    zeroed float32 accumulator cost more than the recomputation saves). ``JEDI_TRITON_BWD_DQ=atomic|kernel`` forces
+    one way (benchmarks compare both); deterministic mode (``torch.use_deterministic_algorithms``) always takes the
+    kernel, whose dQ does not depend on atomic ordering."""
     force = os.environ.get("JEDI_TRITON_BWD_DQ", "")
     if force not in ("", "atomic", "kernel"):
         raise ValueError(f"JEDI_TRITON_BWD_DQ must be 'atomic' or 'kernel', got {force!r}")
     if torch.are_deterministic_algorithms_enabled():
         return False
-    if force:
-        return force == "atomic"
-    return D0 + D1 <= 96
+    return force == "atomic"
 
 
 def _dclass(D0: int, D1: int, dtype: torch.dtype) -> str:
@@ -693,7 +697,8 @@ def set_attn_fwd(
         scale: softmax scale (e.g. D**-0.5).
         set_mask: optional bool (G, G) on q's device; ``set_mask[i, j]`` = queries of image i attend keys of image j.
             Forbidden key tiles are skipped. Every row must allow an image (rows that allow none give O = 0).
-        chunk_head_dim: split D into power-of-two chunks (default ``_CHUNK_HEAD_DIM``) or pad to a power of two.
+        chunk_head_dim: split D into power-of-two chunks or pad to a power of two; default: pad when D <= 64
+            (``_FWD_PAD_UP_TO``), else ``_CHUNK_HEAD_DIM``.
         config: fixed launch config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
         tile_counter: optional int32 tensor of >= G*cdiv(L, BLOCK_M)*B*H elements; receives, per program, the number of
             key tiles it visited (instrumentation for tests; compiled in only when given).
@@ -708,6 +713,8 @@ def set_attn_fwd(
     B, G, L, H, D = _check_launch(q, set_size, heads)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     N = B * G
+    if chunk_head_dim is None and D <= _FWD_PAD_UP_TO:
+        chunk_head_dim = False
     D0, D1 = head_dim_chunks(D, chunk_head_dim)
     out = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     lse = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
@@ -758,8 +765,8 @@ def set_attn_bwd(
 
     Returns:
         dq, dk, dv: (N, L, H*D) contiguous, q's dtype. Key images that no query image may attend get dk = dv = 0.
-        Up to 96 padded head-dim columns dq is summed by float32 atomics (see ``_fused_dq``), so it may differ in the
-        last bits from run to run; ``torch.use_deterministic_algorithms(True)`` takes the deterministic dQ kernel.
+        With ``JEDI_TRITON_BWD_DQ=atomic`` dq is summed by float32 atomics (see ``_fused_dq``), so it may differ in
+        the last bits from run to run; the default dQ kernel (and deterministic mode) does not.
 
     Raises:
         TypeError / ValueError: as :func:`set_attn_fwd`.

@@ -239,8 +239,9 @@ def test_autotuned_launch_path(monkeypatch):
     monkeypatch.setattr(sa, "_DQ_CONFIGS", {"f32": [sa._cfg(32, 16, 4, 1), sa._cfg(16, 16, 4, 1)]})
     sa._tuned.cache_clear()
     try:
-        # dQ by atomics (D 24's default): every timed config adds into DQacc, so a result that survives autotuning
-        # shows the accumulator is zeroed before the real run
+        # dQ by atomics: every timed config adds into DQacc, so a result that survives autotuning shows the
+        # accumulator is zeroed before the real run
+        monkeypatch.setenv("JEDI_TRITON_BWD_DQ", "atomic")
         for L in (32, 20):  # EVEN and uneven tails
             _check_case(1, 2, L, 1, 24, mask="oneway", launcher_kwargs={})
         monkeypatch.setenv("JEDI_TRITON_BWD_DQ", "kernel")
@@ -434,15 +435,15 @@ def test_non_positive_and_tiny_scales(scale):
 @pytest.mark.parametrize("mode", ["", "atomic", "kernel"])
 @pytest.mark.parametrize("D, mask", [(40, "jedi"), (72, "oneway"), (160, "full")])
 def test_backward_dq_by_atomics_or_kernel(monkeypatch, mode, D, mask):
-    """dQ from the dK/dV programs by atomics (the default up to 96 padded columns) or by its own kernel (the default
-    above, and in deterministic mode): both pass the flash rule, and the switch picks the path it names."""
+    """dQ from the dK/dV programs by atomics (``JEDI_TRITON_BWD_DQ=atomic``) or by its own kernel (the default, and
+    deterministic mode): both pass the flash rule, and the switch picks the path it names."""
     launched = []
     launch = sa._launch
     monkeypatch.setattr(sa, "_launch", lambda kind, *a: (launched.append(kind), launch(kind, *a))[1])
     monkeypatch.setenv("JEDI_TRITON_BWD_DQ", mode)
     device = _device()
     _check_case(1, 2, 33, 2, D, dtype=torch.float32 if device.type == "cpu" else torch.float16, mask=mask)
-    atomic = mode == "atomic" or (mode == "" and D <= 96)
+    atomic = mode == "atomic"
     assert launched[1:] == (["dkdv_dq"] if atomic else ["dkdv", "dq"]), launched
 
 
