@@ -97,8 +97,32 @@ step "pytest -m gpu tests/kernels (attention, input prep, API; the fused norm/GE
 timeout -s INT -k 20 "$(lim ${JEDI_GPU_TEST_TIMEOUT:-150})" $PY -m pytest tests/kernels -m gpu -q --maxfail=20 \
   -p no:cacheprovider "${XDIST[@]}" --ignore=tests/kernels/test_group_norm.py --ignore=tests/kernels/test_geglu.py \
   --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
-echo "pytest rc=$?" | tee -a "$LOG"
+prc=$?
+echo "pytest rc=$prc" | tee -a "$LOG"
 tail -25 "$OUT/pytest_gpu.log" | tee -a "$LOG"
+if [ "$prc" = 1 ] && [ -f "$OUT/pytest_gpu.xml" ]; then
+  # failures under parallel workers (a crashed worker takes its test with it) rerun one by one in this process, so the
+  # log tells a real failure from an interaction and shows a crash's own traceback
+  mapfile -t failed < <($PY - "$OUT/pytest_gpu.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+ids = {"failure": [], "error": []}  # errors (a crashed worker's test among them) last: a crash ends the rerun
+for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    for kind in ids:
+        if case.find(kind) is not None:
+            cls, name = case.get("classname", ""), case.get("name", "")
+            ids[kind].append(cls.replace(".", "/") + ".py" + ("::" + name if name and not name.endswith(".py") else ""))
+for node in ids["failure"] + ids["error"]:
+    print(node)
+PY
+)
+  if [ "${#failed[@]}" -gt 0 ] && [ "${#failed[@]}" -le 30 ]; then
+    step "rerun of the ${#failed[@]} failed tests, serially"
+    timeout -s INT -k 10 "$(lim 60)" $PY -X faulthandler -m pytest -m gpu -q -p no:cacheprovider -p no:xdist \
+      "${failed[@]}" >"$OUT/pytest_gpu_rerun.log" 2>&1
+    echo "rerun rc=$?" | tee -a "$LOG"
+    tail -15 "$OUT/pytest_gpu_rerun.log" | tee -a "$LOG"
+  fi
+fi
 
 step "attention sweep"
 timeout -s INT -k 10 "$(lim ${JEDI_SWEEP_TIMEOUT:-120})" $PY benchmarks/attention_sweep.py --out "$OUT/attention.json" \
