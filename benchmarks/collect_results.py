@@ -3,10 +3,9 @@
     python benchmarks/collect_results.py OUTDIR [--build full]
 
 Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml, pytest_gpu_fused.xml and
-pytest_gpu_model.xml (junit),
-attention.json (attention_sweep.py), step.json (step_levers.py), profile_eager.json / profile_fused.json
-(profile_step.py) and table6.json (table6.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png;
-a second part of the same day gets a ``-model`` suffix).
+pytest_gpu_model.xml (junit), attention.json (attention_sweep.py), step.json (step_levers.py), profile_eager.json /
+profile_fused.json (profile_step.py), table6.json (table6.py) and ncu_attention.json (ncu_attention.py). Commit the
+result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a ``-model`` suffix).
 """
 from __future__ import annotations
 
@@ -102,7 +101,8 @@ def main() -> None:
         "machine_info": {k: machine.get(k) for k in ("node", "processor", "cpu") if k in machine},
     }
     for key, name in (("attention_sweep", "attention.json"), ("table6", "table6.json"), ("step_levers", "step.json"),
-                      ("profile_eager", "profile_eager.json"), ("profile_fused", "profile_fused.json")):
+                      ("profile_eager", "profile_eager.json"), ("profile_fused", "profile_fused.json"),
+                      ("ncu_attention", "ncu_attention.json")):
         path = os.path.join(args.outdir, name)
         if os.path.exists(path):
             result[key] = json.load(open(path))

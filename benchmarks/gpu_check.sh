@@ -13,7 +13,8 @@
 #            what is left of the budget.
 # Each step's cap can be set (seconds; 0 skips the benchmarks / memcheck): JEDI_GPU_TEST_TIMEOUT, JEDI_SWEEP_TIMEOUT,
 # JEDI_HARNESS_TIMEOUT, JEDI_MEMCHECK_TIMEOUT, JEDI_FUSED_TEST_TIMEOUT, JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT,
-# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT, JEDI_PROFILE_TIMEOUT; JEDI_TEST_WORKERS (xdist processes, default 8).
+# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT, JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips ncu); JEDI_TEST_WORKERS
+# (xdist processes, default 8).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
 # budget (JEDI_CHECK_BUDGET_S, default 540 s) so a part stays under the 10-minute command limit.
@@ -149,6 +150,13 @@ if [ -n "$harness_pid" ]; then
 else
   echo "harness: no nvcc" | tee -a "$LOG"
 fi
+if [ "${JEDI_NCU_TIMEOUT:-60}" -gt 0 ] && command -v ncu >/dev/null; then
+  step "ncu: hardware counters of each backend's attention kernels (L 4096, d 40, ng 2, forward)"
+  nl=$(lim ${JEDI_NCU_TIMEOUT:-60})
+  timeout $(( nl + 10 )) $PY benchmarks/ncu_attention.py --out "$OUT/ncu_attention.json" --timeout "$nl" \
+    >"$OUT/ncu.log" 2>&1
+  echo "ncu rc=$?" | tee -a "$LOG"; tail -8 "$OUT/ncu.log" | tee -a "$LOG"
+fi
 
 step "pytest -m gpu: fused GroupNorm and GEGLU"
 timeout -s INT -k 20 "$(lim ${JEDI_FUSED_TEST_TIMEOUT:-90})" $PY -m pytest tests/kernels/test_group_norm.py tests/kernels/test_geglu.py -m gpu -q \
@@ -207,5 +215,5 @@ $PY benchmarks/collect_results.py "$OUT" --build "$build_status" --part "$PART" 
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 # the device tool returns at most 8 files: raw outputs (embedded in results.json anyway) and logs go in one archive
 (cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml *.md bench.json attention.json table6.json step.json \
-  profile_*.json 2>/dev/null | grep -v '^gpu_check.log$'))
+  profile_*.json ncu_attention.json 2>/dev/null | grep -v '^gpu_check.log$'))
 ls -la "$OUT"

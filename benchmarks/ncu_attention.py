@@ -1,0 +1,183 @@
+"""Hardware counters of the set-attention kernels on one shape, through Nsight Compute (issues 3 and 4 ask what bounds
+each kernel: tensor pipes, the exponential unit, memory, occupancy, stalls).
+
+    python benchmarks/ncu_attention.py --out OUT.json [--L 4096 --D 40 --ng 2] [--bwd]   # runs ncu; OUT.json + OUT.md
+    python benchmarks/ncu_attention.py --run [...]                                       # the profiled program alone
+
+``--run`` warms every backend up (Triton compiles and autotunes, cuDNN plans) and then brackets exactly one forward of
+each backend (cuDNN SDPA, Triton, CUDA when built; with ``--bwd`` also one backward each) between
+``cudaProfilerStart``/``Stop``, so ``ncu --profile-from-start off`` profiles those kernels and nothing else. The
+parent mode runs ncu on it with the SpeedOfLight, ComputeWorkloadAnalysis, Occupancy, LaunchStats and WarpStateStats
+sections plus the pipe-utilization metrics this ncu knows (``ncu --query-metrics``: mma.sync's ``hmma``, wgmma's
+``gmma``, the XU unit that runs exp2, FMA), and writes every metric per kernel (JSON) and a table of the key ones
+(markdown). Needs a CUDA GPU and ncu; skips with a message otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
+# base metric -> short name; each is added (as .avg.pct_of_peak_sustained_active) only if this ncu lists it
+PIPE_METRICS = {
+    "sm__pipe_tensor_op_hmma_cycles_active": "tensor mma.sync %",
+    "sm__pipe_tensor_op_gmma_cycles_active": "tensor wgmma %",
+    "sm__inst_executed_pipe_xu": "XU (exp2) %",
+    "sm__pipe_fma_cycles_active": "FMA %",
+    "sm__pipe_alu_cycles_active": "ALU %",
+}
+# (column, substring of ncu's "Metric Name") for the markdown table, first match wins
+KEY_METRICS = [
+    ("duration", "Duration"),
+    ("SM throughput %", "Compute (SM) Throughput"),
+    ("memory throughput %", "Memory Throughput"),
+    ("registers/thread", "Registers Per Thread"),
+    ("achieved occupancy %", "Achieved Occupancy"),
+    ("issue slots busy %", "Issue Slots Busy"),
+    ("cycles per issued instr", "Warp Cycles Per Issued Instruction"),
+] + [(short, base) for base, short in PIPE_METRICS.items()]
+
+
+def run_program(args) -> None:
+    """The profiled program: warm up, then one call per backend inside the profiler range."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from attention_sweep import HEADS, SETS, build_fn, make_inputs
+
+    import jedi_kernels as jk
+
+    backends = ["sdpa-cudnn", "triton"] + (["cuda"] if jk.available_backends()["cuda_attention"] else [])
+    mode = "fwd+bwd" if args.bwd else "fwd"
+    qkv, q, k, v = make_inputs(SETS, args.ng, args.L, HEADS, args.D, torch.bfloat16, requires_grad=args.bwd)
+    do = torch.randn_like(q) if args.bwd else None
+    fns = {}
+    for b in backends:
+        fn, _ = build_fn(b, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do)
+        for _ in range(3):
+            fn()
+        fns[b] = fn
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for b in backends:
+        torch.cuda.nvtx.range_push(b)
+        fns[b]()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.cudart().cudaProfilerStop()
+    print("profiled", backends, mode, flush=True)
+
+
+def available_metrics(ncu: str) -> list[str]:
+    """The PIPE_METRICS this ncu knows on this GPU (query output lists base names)."""
+    try:
+        out = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [m for m in PIPE_METRICS if m in out]
+
+
+def parse_details_csv(text: str) -> list[dict]:
+    """ncu ``--csv --page details`` -> one dict per profiled kernel launch: name, nvtx range (when given), and
+    ``metrics[name] = (value, unit)``; kernels appear in launch order."""
+    start = text.find('"ID"')
+    if start < 0:
+        return []
+    kernels: dict[str, dict] = {}
+    for row in csv.DictReader(io.StringIO(text[start:])):
+        kid = row.get("ID")
+        if kid is None:
+            continue
+        k = kernels.setdefault(kid, {"id": int(kid), "kernel": row.get("Kernel Name", ""),
+                                     "block": row.get("Block Size"), "grid": row.get("Grid Size"), "metrics": {}})
+        name = row.get("Metric Name")
+        if name:
+            k["metrics"][name] = (row.get("Metric Value"), row.get("Metric Unit"))
+    return sorted(kernels.values(), key=lambda k: k["id"])
+
+
+def key_table(kernels: list[dict], min_us: float = 5.0) -> str:
+    """Markdown: one row per kernel that ran at least ``min_us`` (the attention kernels, not SDPA's helpers)."""
+    lines = ["| kernel | " + " | ".join(c for c, _ in KEY_METRICS) + " |",
+             "| --- | " + " | ".join("---" for _ in KEY_METRICS) + " |"]
+    for k in kernels:
+        dur = k["metrics"].get("Duration")
+        if dur and dur[1] in ("nsecond", "ns"):
+            us = float(dur[0].replace(",", "")) / 1e3
+        elif dur and dur[1] in ("usecond", "us"):
+            us = float(dur[0].replace(",", ""))
+        elif dur and dur[1] in ("msecond", "ms"):
+            us = float(dur[0].replace(",", "")) * 1e3
+        else:
+            us = None
+        if us is not None and us < min_us:
+            continue
+        cells = []
+        for _, sub in KEY_METRICS:
+            hit = next((v for n, v in k["metrics"].items() if sub in n), None)
+            cells.append("" if hit is None else f"{hit[0]} {hit[1] or ''}".strip())
+        lines.append(f"| `{k['kernel'][:60]}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="JSON to write (with .md beside it)")
+    ap.add_argument("--run", action="store_true", help="be the profiled program")
+    ap.add_argument("--L", type=int, default=4096)
+    ap.add_argument("--D", type=int, default=40)
+    ap.add_argument("--ng", type=int, default=2)
+    ap.add_argument("--bwd", action="store_true", help="profile forward+backward instead of the forward")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole ncu run")
+    args = ap.parse_args(argv)
+    if args.run:
+        run_program(args)
+        return 0
+    if not args.out:
+        ap.error("--out is required (or --run)")
+    import torch
+
+    ncu = shutil.which("ncu")
+    if not torch.cuda.is_available() or ncu is None:
+        print(f"ncu_attention.py needs a CUDA GPU and ncu (cuda: {torch.cuda.is_available()}, ncu: {ncu})")
+        return 2
+    metrics = available_metrics(ncu)
+    cmd = [ncu, "--profile-from-start", "off", "--csv", "--page", "details"]
+    for s in SECTIONS:
+        cmd += ["--section", s]
+    if metrics:
+        cmd += ["--metrics", ",".join(m + ".avg.pct_of_peak_sustained_active" for m in metrics)]
+    cmd += [sys.executable, os.path.abspath(__file__), "--run", "--L", str(args.L), "--D", str(args.D),
+            "--ng", str(args.ng)] + (["--bwd"] if args.bwd else [])
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:  # keep what ncu printed before the limit
+        p = subprocess.CompletedProcess(cmd, 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes)
+                                        else (e.stdout or ""), f"timed out after {args.timeout:.0f} s")
+    kernels = parse_details_csv(p.stdout)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"shape": {"B": 2, "H": 8, "L": args.L, "D": args.D, "ng": args.ng, "dtype": "bfloat16",
+                        "mode": "fwd+bwd" if args.bwd else "fwd"},
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "ncu_rc": p.returncode,
+              "metrics_requested": metrics, "kernels": kernels, "stderr_tail": p.stderr[-3000:]}
+    out.write_text(json.dumps(result, indent=1))
+    md = (f"ncu on {result['device']}, L {args.L}, d {args.D}, ng {args.ng}, bf16, {result['shape']['mode']}\n\n"
+          + key_table(kernels) + "\n")
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"ncu rc={p.returncode}, {len(kernels)} kernels profiled -> {out}")
+    return 0 if p.returncode == 0 and kernels else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
