@@ -1,7 +1,7 @@
 """Hardware counters of the set-attention kernels on one shape, through Nsight Compute (issues 3 and 4 ask what bounds
 each kernel: tensor pipes, the exponential unit, memory, occupancy, stalls).
 
-    python benchmarks/ncu_attention.py --out OUT.json [--L 4096 --D 40 --ng 2] [--bwd]   # runs ncu; OUT.json + OUT.md
+    python benchmarks/ncu_attention.py --out OUT.json [--L 4096 --D 40 --ng 2] [--bwd] [--mask blockdiag]  # OUT.json/.md
     python benchmarks/ncu_attention.py --run [...]                                       # the profiled program alone
 
 ``--run`` warms every backend up (Triton compiles and autotunes, cuDNN plans) and then brackets exactly one forward of
@@ -59,9 +59,10 @@ def run_program(args) -> None:
     mode = "fwd+bwd" if args.bwd else "fwd"
     qkv, q, k, v = make_inputs(SETS, args.ng, args.L, HEADS, args.D, torch.bfloat16, requires_grad=args.bwd)
     do = torch.randn_like(q) if args.bwd else None
+    set_mask = torch.eye(args.ng, dtype=torch.bool, device="cuda") if args.mask == "blockdiag" else None
     fns = {}
     for b in backends:
-        fn, _ = build_fn(b, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do)
+        fn, _ = build_fn(b, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do, set_mask=set_mask)
         for _ in range(3):
             fn()
         fns[b] = fn
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--D", type=int, default=40)
     ap.add_argument("--ng", type=int, default=2)
     ap.add_argument("--bwd", action="store_true", help="profile forward+backward instead of the forward")
+    ap.add_argument("--mask", choices=("none", "blockdiag"), default="none",
+                    help="blockdiag: each image attends only itself (our kernels skip the other tiles; SDPA gets it "
+                         "as a dense mask)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole ncu run")
     args = ap.parse_args(argv)
     if args.run:
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
     if metrics:
         cmd += ["--metrics", ",".join(m + ".avg.pct_of_peak_sustained_active" for m in metrics)]
     cmd += [sys.executable, os.path.abspath(__file__), "--run", "--L", str(args.L), "--D", str(args.D),
-            "--ng", str(args.ng)] + (["--bwd"] if args.bwd else [])
+            "--ng", str(args.ng), "--mask", args.mask] + (["--bwd"] if args.bwd else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:  # keep what ncu printed before the limit
@@ -167,11 +171,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"shape": {"B": 2, "H": 8, "L": args.L, "D": args.D, "ng": args.ng, "dtype": "bfloat16",
-                        "mode": "fwd+bwd" if args.bwd else "fwd"},
+                        "mode": "fwd+bwd" if args.bwd else "fwd", "mask": args.mask},
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "ncu_rc": p.returncode,
               "metrics_requested": metrics, "kernels": kernels, "stderr_tail": p.stderr[-3000:]}
     out.write_text(json.dumps(result, indent=1))
-    md = (f"ncu on {result['device']}, L {args.L}, d {args.D}, ng {args.ng}, bf16, {result['shape']['mode']}\n\n"
+    md = (f"ncu on {result['device']}, L {args.L}, d {args.D}, ng {args.ng}, bf16, {result['shape']['mode']}, "
+          f"mask {args.mask}\n\n"
           + key_table(kernels) + "\n")
     out.with_suffix(".md").write_text(md)
     print(md)
