@@ -3,6 +3,7 @@
     python benchmarks/table6.py --out OUT.json [--quick] [--budget-s 240]   # GPU: writes OUT.json, OUT.png, OUT.md
     python benchmarks/table6.py --flops                                      # per-step FLOP counts (CPU, meta tensors)
     python benchmarks/table6.py --plot OUT.json                              # redraw OUT.png / OUT.md from a JSON
+    python benchmarks/table6.py --merge A.json B.json --out OUT.json         # one table from --workloads subsets
 
 The paper (one A100) reports BLIP-Diffusion 0.0492 s, ELITE 0.0719 s, JeDi 0.0564 s per step. Each method's per-step
 workload is defined from its architecture, all on the SD v1 UNet at 512 px (64x64 latents), fp16, classifier-free
@@ -690,6 +691,34 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """One Table 6 from runs of disjoint workload subsets (``--workloads``; e.g. one per device session, whose time
+    does not fit the full run). They must come from the same card and software; the first part's header is kept, a
+    workload measured twice keeps its last run, and the ratios to blipd are recomputed across parts."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    keys = ("device", "torch", "triton", "cuda", "cudnn", "diffusers")
+    first = parts[0]
+    for p in parts[1:]:
+        diff = [k for k in keys if p["env"].get(k) != first["env"].get(k)]
+        if diff:
+            raise ValueError(f"cannot merge runs from different cards or software: {diff} differ "
+                             f"({[p['env'].get(k) for k in diff]} vs {[first['env'].get(k) for k in diff]})")
+        if p.get("ours_config") != first.get("ours_config"):
+            raise ValueError(f"cannot merge runs of different UNet configurations: {p.get('ours_config')!r} vs "
+                             f"{first.get('ours_config')!r}")
+    merged = dict(first, workloads={}, results=[], merged_from=[p.get("argv") for p in parts],
+                  quick=any(p.get("quick") for p in parts), total_s=sum(p.get("total_s") or 0 for p in parts))
+    for p in parts:
+        names = set(p["workloads"])
+        merged["results"] = [r for r in merged["results"] if r["workload"] not in names] + list(p["results"])
+        merged["workloads"].update(p["workloads"])
+    order = list(WORKLOADS)  # the table's usual row order, whatever order the parts ran in
+    merged["workloads"] = dict(sorted(merged["workloads"].items(), key=lambda kv: order.index(kv[0])))
+    _add_ratios(merged)
+    return merged
+
+
 def write_report(result: dict, out: Path) -> None:
     md = markdown(result)
     out.with_suffix(".md").write_text(md)
@@ -726,6 +755,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-isolate", action="store_true", help="run workloads in this process (no worker processes)")
     ap.add_argument("--flops", action="store_true", help="print the per-step FLOP table and exit (CPU)")
     ap.add_argument("--plot", metavar="JSON", help="redraw the PNG and markdown of a result JSON and exit")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge runs of different --workloads (same card and "
+                                                               "software) into --out, with its PNG and markdown")
     ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a rehearsal of the script)")
     ap.add_argument("--tiny", action="store_true", help="UNetConfig.tiny-sized models (rehearsal)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: fast rehearsal)")
@@ -741,6 +772,14 @@ def main(argv=None) -> None:
     if args.plot:
         p = Path(args.plot)
         write_report(json.loads(p.read_text()), p)
+        return
+    if args.merge:
+        if not args.out:
+            ap.error("--merge needs --out")
+        merged = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
+        out = Path(args.out)
+        out.write_text(json.dumps(merged, indent=1, default=str))
+        write_report(merged, out)
         return
     if args.worker:
         _worker_main(args)
