@@ -200,8 +200,8 @@ else
 fi
 step "profile (eager baseline, then channels-last + fused ops)"
 if [ "$(lim 60)" -ge 30 ]; then
-timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --steps 3 --out "$OUT/profile_eager.json" >"$OUT/profile.log" 2>&1
-timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --steps 3 --channels-last --fused --out "$OUT/profile_fused.json" \
+timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --out "$OUT/profile_eager.json" >"$OUT/profile.log" 2>&1
+timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --channels-last --fused --out "$OUT/profile_fused.json" \
   >>"$OUT/profile.log" 2>&1
 echo "profile rc=$?" | tee -a "$LOG"; cat "$OUT/profile_fused.md" 2>/dev/null | tee -a "$LOG"
 else
