@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (DESIGN §7), for an offline GPU machine with torch+CUDA, triton, pytest, pytest-benchmark installed:
-#   benchmarks/gpu_check.sh OUTDIR [--quick] [--part all|kernels|model]
+#   benchmarks/gpu_check.sh OUTDIR [--quick] [--part all|kernels|model] [--session]
 # Parts (a device session has ~13 usable minutes and 10 per command: run `kernels` first, `model` in a second call
 # on the same warm machine; `all` runs both in one call with the quick settings):
 #   kernels: build + install (pip install -e . --no-build-isolation --no-deps; without the CUDA set-attention
@@ -14,19 +14,31 @@
 # Each step's cap can be set (seconds; 0 skips the benchmarks / memcheck): JEDI_GPU_TEST_TIMEOUT, JEDI_SWEEP_TIMEOUT,
 # JEDI_HARNESS_TIMEOUT, JEDI_MEMCHECK_TIMEOUT, JEDI_FUSED_TEST_TIMEOUT, JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT,
 # JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT, JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips ncu); JEDI_TEST_WORKERS
-# (xdist processes, default 8).
+# (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
 # budget (JEDI_CHECK_BUDGET_S, default 540 s) so a part stays under the 10-minute command limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [--quick] [--part all|kernels|model]}
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [--quick] [--part all|kernels|model] [--session]}
 shift
 QUICK=""; PART=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=--quick ;;
     --part) PART=${2:?--part needs all|kernels|model}; shift ;;
+    --session)
+      # both parts in one 10-minute call of a 15-minute device session (caps as the H100 run of 2026-11-27 measured
+      # the steps: 497 s in all); an env var set by the caller still wins
+      PART=all
+      : "${JEDI_CHECK_BUDGET_S:=540}" "${JEDI_GPU_TEST_TIMEOUT:=110}" "${JEDI_TEST_WORKERS:=10}" \
+        "${JEDI_SWEEP_TIMEOUT:=110}" "${JEDI_HARNESS_TIMEOUT:=30}" "${JEDI_MEMCHECK_TIMEOUT:=0}" \
+        "${JEDI_NCU_TIMEOUT:=45}" "${JEDI_FUSED_TEST_TIMEOUT:=45}" "${JEDI_BENCH_TIMEOUT:=0}" \
+        "${JEDI_MODEL_TEST_TIMEOUT:=40}" "${JEDI_LEVERS_TIMEOUT:=130}"
+      export JEDI_CHECK_BUDGET_S JEDI_GPU_TEST_TIMEOUT JEDI_TEST_WORKERS JEDI_SWEEP_TIMEOUT JEDI_HARNESS_TIMEOUT \
+        JEDI_MEMCHECK_TIMEOUT JEDI_NCU_TIMEOUT JEDI_FUSED_TEST_TIMEOUT JEDI_BENCH_TIMEOUT JEDI_MODEL_TEST_TIMEOUT \
+        JEDI_LEVERS_TIMEOUT
+      ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -45,6 +57,7 @@ BUDGET=${JEDI_CHECK_BUDGET_S:-540}
 lim() { local left=$(( BUDGET - ($(date +%s) - t0) - 20 )); [ "$left" -lt "$1" ] && echo $(( left > 10 ? left : 10 )) || echo "$1"; }
 want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 echo "part=$PART quick=${QUICK:-no} budget=${BUDGET}s" | tee -a "$LOG"
+env | grep -E '^JEDI_[A-Z_]*(TIMEOUT|WORKERS|BUDGET_S)=' | sort | tr '\n' ' ' | tee -a "$LOG"; echo | tee -a "$LOG"
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
