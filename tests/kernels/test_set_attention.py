@@ -254,12 +254,14 @@ def test_autotuned_launch_path(monkeypatch):
         sa._tuned.cache_clear()
 
 
-@pytest.mark.parametrize("D", [40, 80])
-def test_padded_head_dim_variant(D):
-    """The plain-padding variant (40 -> 64, 80 -> 128) kept for the chunked-vs-padded benchmark is correct too."""
+@pytest.mark.parametrize("D, chunk", [(40, False), (80, False), (40, True), (24, True)])
+def test_non_default_head_dim_variant(D, chunk):
+    """The variants the chunked-vs-padded benchmark times besides each default are correct too: padding at d 80
+    (-> 128), chunks at d <= 64 (40 -> 32+16, 24 -> 16+16; the forward's default pads those), and the explicit
+    padding at d 40 that the forward's default now takes."""
     if _device().type != "cpu":
         pytest.skip("GPU: benchmarked, not tested")
-    _check_case(1, 2, 33, 2, D, mask="oneway", launcher_kwargs={"chunk_head_dim": False})
+    _check_case(1, 2, 33, 2, D, mask="oneway", launcher_kwargs={"chunk_head_dim": chunk})
 
 
 def test_ng1_equals_per_image_attention():
