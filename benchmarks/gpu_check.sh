@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (DESIGN §7), for an offline GPU machine with torch+CUDA, triton, pytest, pytest-benchmark installed:
 #   benchmarks/gpu_check.sh OUTDIR [--quick] [--part all|kernels|model] [--session]
-# Parts (a device session has ~13 usable minutes and 10 per command: run `kernels` first, `model` in a second call
-# on the same warm machine; `all` runs both in one call with the quick settings):
+# Parts (a device session has ~13 usable minutes and 10 per command, and a machine stays warm only 30 s between calls:
+# `--session` runs both parts in one call with caps measured on the H100; `all` runs both with the quick settings):
 #   kernels: build + install (pip install -e . --no-build-isolation --no-deps; without the CUDA set-attention
 #            sources if they fail to build; the torch-free harness compiles beside it), `pytest -m gpu tests/kernels`
 #            (in parallel processes with pytest-xdist), the attention sweep (+ the dispatch table it justifies), the
