@@ -105,21 +105,17 @@ def parse_details_csv(text: str) -> list[dict]:
     return sorted(kernels.values(), key=lambda k: k["id"])
 
 
+_US_PER_UNIT = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+
+
 def key_table(kernels: list[dict], min_us: float = 5.0) -> str:
     """Markdown: one row per kernel that ran at least ``min_us`` (the attention kernels, not SDPA's helpers)."""
     lines = ["| kernel | " + " | ".join(c for c, _ in KEY_METRICS) + " |",
              "| --- | " + " | ".join("---" for _ in KEY_METRICS) + " |"]
     for k in kernels:
-        dur = k["metrics"].get("Duration")
-        if dur and dur[1] in ("nsecond", "ns"):
-            us = float(dur[0].replace(",", "")) / 1e3
-        elif dur and dur[1] in ("usecond", "us"):
-            us = float(dur[0].replace(",", ""))
-        elif dur and dur[1] in ("msecond", "ms"):
-            us = float(dur[0].replace(",", "")) * 1e3
-        else:
-            us = None
-        if us is not None and us < min_us:
+        value, unit = k["metrics"].get("Duration", (None, None))
+        scale = _US_PER_UNIT.get(unit)
+        if scale is not None and float(value.replace(",", "")) * scale < min_us:
             continue
         cells = []
         for _, sub in KEY_METRICS:

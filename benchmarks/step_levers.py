@@ -42,7 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import table6  # noqa: E402
-from table6 import WORKLOADS, _device_info, _free, build_diffusers, build_ours, time_step  # noqa: E402
+from table6 import (WORKLOADS, _device_info, _free, build_diffusers, build_ours, inputs_in_format,  # noqa: E402
+                    time_step)
 
 from jedi import CUDAGraphRunner  # noqa: E402
 from jedi_kernels import available_backends  # noqa: E402
@@ -72,8 +73,7 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
     unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_attn_backend(cfg["attn"])
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))
-    return {k: (v.contiguous(memory_format=fmt) if isinstance(v, torch.Tensor) and v.dim() == 4 else v)
-            for k, v in inp.items()}
+    return inputs_in_format(inp, fmt)
 
 
 def attn_available(backend: str) -> str | None:

@@ -308,6 +308,12 @@ def plan(workload: str, *, quick: bool, kernels: bool, diffusers_compile: bool) 
     return entries
 
 
+def inputs_in_format(inp: dict, fmt: torch.memory_format) -> dict:
+    """The step inputs with every 4-D tensor (latents, x0) in memory format ``fmt``; other values as they are."""
+    return {k: (v.contiguous(memory_format=fmt) if isinstance(v, torch.Tensor) and v.dim() == 4 else v)
+            for k, v in inp.items()}
+
+
 class Session:
     """One workload's models and inputs, and the step function of each (impl, mode).
 
@@ -333,8 +339,7 @@ class Session:
             self.unet.to(memory_format=torch.channels_last)
             self.unet.set_fused_ops(True)
             self.unet.set_fuse_qkv(True)
-            self.inp_ours = {k: (v.contiguous(memory_format=torch.channels_last)
-                                 if isinstance(v, torch.Tensor) and v.dim() == 4 else v) for k, v in self.inp.items()}
+            self.inp_ours = inputs_in_format(self.inp, torch.channels_last)
         self.compiled = self.dm = self.dm_step = self.check = None
         self.runners: list = []
 
