@@ -1,6 +1,6 @@
 """Table 6 of the JeDi paper: inference time of one diffusion step, reproduced with our code.
 
-    python benchmarks/table6.py --out OUT.json [--quick] [--budget-s 240]   # GPU: writes OUT.json, OUT.png, OUT.md
+    python benchmarks/table6.py --out OUT.json [--quick] [--budget-s 240] [--jobs 4]  # GPU: OUT.json, .png, .md
     python benchmarks/table6.py --flops                                      # per-step FLOP counts (CPU, meta tensors)
     python benchmarks/table6.py --plot OUT.json                              # redraw OUT.png / OUT.md from a JSON
     python benchmarks/table6.py --merge A.json B.json --out OUT.json         # one table from --workloads subsets
@@ -21,18 +21,29 @@ guidance, one prompt (see benchmarks/README.md, "Table 6"):
 Our UNet (``jedi.JeDiUNet``; the two peers are configurations of it) is timed in every execution mode we support:
 eager, CUDA graph (``jedi.CUDAGraphRunner``), ``torch.compile`` (default mode; compile time recorded) and compile +
 CUDA graph; with ``--kernels`` also CUDA graphs with the self-attention forced to our Triton / CUDA kernels.
-diffusers' ``UNet2DConditionModel`` runs the same three workloads with the same weights (ELITE-like via an attention
-processor with extra key/value projections, JeDi via a joint-attention processor and a 9-ch conv_in), eager and
-(full mode) compiled. Times are medians of CUDA-event timings (``common.gpu_time_ms``: triton's do_bench).
+diffusers' ``UNet2DConditionModel`` runs the same workloads with the same weights (ELITE-like via an attention
+processor with extra key/value projections, JeDi via a joint-attention processor and a 9-ch conv_in): eager (NCHW, as
+a diffusers user starts) and, in full mode, compiled the way diffusers' docs advise (channels-last weights and inputs,
+``torch.compile``) and that compiled step in a CUDA graph (``GraphedStep``). Times are medians of CUDA-event timings
+(``common.gpu_time_ms``: triton's do_bench).
 
 Robustness: each workload runs in its own worker process (a CUDA error or a hung compile costs that workload only, and
 ``--budget-s`` bounds the whole run: compile entries that would not fit are skipped and say so); every entry is
-measured in try/except and an error is recorded as a string; the JSON is rewritten after every workload.
+measured in try/except and an error is recorded as a string; the JSON is rewritten after every workload (wave).
+
+``--jobs N``: N workloads' workers run at once. They build, compile and capture side by side (the compiles are
+CPU-bound and take most of a full run: ~60 s per UNet per implementation), wait at a barrier, then measure one at a
+time under a file lock while the others idle (``measure_gate``). compile_s is then a time under contention; a row
+measured while another worker was still preparing (the barrier timed out) says so.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
+import fcntl
+import functools
 import gc
 import json
 import os
@@ -59,7 +70,7 @@ from jedi.testing import randomize_weights_
 PAPER_A100_S = {"blipd": 0.0492, "elite": 0.0719, "jedi_ng2": 0.0564}  # JeDi paper, Table 6 (one A100)
 OUR_MODES = ("eager", "cuda_graph", "compile", "compile+cuda_graph")
 KERNEL_MODES = ("cuda_graph/attn=triton", "cuda_graph/attn=cuda")  # --kernels: our attention kernels forced
-DIFFUSERS_MODES = ("eager", "compile")
+DIFFUSERS_MODES = ("eager", "compile", "compile+cuda_graph")
 COMPILE_EST_S = 90.0  # first guess of one cold torch.compile of the SD UNet on an H100 (updated once measured)
 
 
@@ -199,7 +210,8 @@ class JointAttnProcessor:
 
 def build_diffusers(w: Workload, ours: JeDiUNet, inp: dict):
     """diffusers UNet2DConditionModel equivalent of workload ``w`` with ``ours``' weights, and its step function
-    ``step() -> eps`` on the same inputs (JeDi's 9-ch input is built with torch ops inside the step)."""
+    ``step(model=dm, inp=inp) -> eps`` (by default on the same inputs; JeDi's 9-ch input is built with torch ops inside
+    the step)."""
     import diffusers
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -227,10 +239,9 @@ def build_diffusers(w: Workload, ours: JeDiUNet, inp: dict):
         else:
             procs[name] = AttnProcessor2_0()
     dm.set_attn_processor(procs)
-    x_t, t, ctx = inp["x_t"], inp["timesteps"], inp["context"]
-    kw = {"cross_attention_kwargs": {"extra_context": inp["extra_context"]}} if "extra_context" in inp else {}
-
-    def step(model=dm):
+    def step(model=dm, inp=inp):
+        x_t, t, ctx = inp["x_t"], inp["timesteps"], inp["context"]
+        kw = {"cross_attention_kwargs": {"extra_context": inp["extra_context"]}} if "extra_context" in inp else {}
         x = x_t
         if "x0" in inp:
             N, _, h, wd = x_t.shape
@@ -304,7 +315,7 @@ def plan(workload: str, *, quick: bool, kernels: bool, diffusers_compile: bool) 
         entries += [("ours", m) for m in KERNEL_MODES]
     entries += [("ours", "compile"), ("ours", "compile+cuda_graph")]
     if diffusers_compile and not quick:
-        entries.append(("diffusers", "compile"))
+        entries += [("diffusers", "compile"), ("diffusers", "compile+cuda_graph")]
     return entries
 
 
@@ -340,7 +351,7 @@ class Session:
             self.unet.set_fused_ops(True)
             self.unet.set_fuse_qkv(True)
             self.inp_ours = inputs_in_format(self.inp, torch.channels_last)
-        self.compiled = self.dm = self.dm_step = self.check = None
+        self.compiled = self.dm = self.dm_step = self.dm_compiled = self.check = None
         self.runners: list = []
 
     def prepare(self, impl: str, mode: str):
@@ -369,7 +380,7 @@ class Session:
             runner = CUDAGraphRunner(self.compiled, inp)
             self.runners.append(runner)
             return (lambda: runner(**inp)), info
-        if impl == "diffusers" and mode in ("eager", "compile"):
+        if impl == "diffusers" and mode in DIFFUSERS_MODES:
             if self.dm is None:
                 self.dm, self.dm_step = build_diffusers(self.w, unet, self.inp)
                 ref, out = self.dm_step().float(), unet(**inp).float()
@@ -378,12 +389,26 @@ class Session:
             step = self.dm_step
             if mode == "eager":
                 return step, dict(self.check)
+            if mode == "compile+cuda_graph":
+                info = {}
+                if self.dm_compiled is None:  # normally the "compile" entry ran just before
+                    _, info = self.prepare("diffusers", "compile")
+                compiled, inp_cl = self.dm_compiled
+                graph = GraphedStep(lambda: step(compiled, inp_cl))
+                self.runners.append(graph)
+                return graph, info
+            # compiled as diffusers' docs advise: channels-last weights and inputs (on a copy: the eager entry keeps
+            # the NCHW model a diffusers user starts from)
             t0 = time.perf_counter()
-            compiled = torch.compile(self.dm, backend=self.compile_backend)
-            step(compiled)
+            dm_cl = copy.deepcopy(self.dm).to(memory_format=torch.channels_last)
+            inp_cl = inputs_in_format(self.inp, torch.channels_last)
+            compiled = torch.compile(dm_cl, backend=self.compile_backend)
+            step(compiled, inp_cl)
             self._sync()
-            return (lambda: step(compiled)), {"compile_s": round(time.perf_counter() - t0, 1),
-                                              "compile_backend": self.compile_backend, **self.check}
+            self.dm_compiled = (compiled, inp_cl)
+            return (lambda: step(compiled, inp_cl)), {"compile_s": round(time.perf_counter() - t0, 1),
+                                                      "compile_backend": self.compile_backend,
+                                                      "memory_format": "channels_last", **self.check}
         raise ValueError(f"unknown entry {impl!r} {mode!r}")
 
     def _sync(self) -> None:
@@ -397,9 +422,32 @@ class Session:
 
     def close(self) -> None:
         self.release()
-        self.unet = self.inp = self.compiled = self.dm = self.dm_step = None
+        self.unet = self.inp = self.compiled = self.dm = self.dm_step = self.dm_compiled = None
         torch._dynamo.reset()
         _free()
+
+
+class GraphedStep:
+    """``fn()`` (no inputs: it reads fixed tensors) captured into a CUDA graph after 3 warm-up calls on a side stream;
+    calling replays it and returns the static output. For diffusers' compiled step, the counterpart of
+    :class:`jedi.CUDAGraphRunner` (which also copies new inputs in: a few KB, not measurable per step)."""
+
+    def __init__(self, fn, warmup: int = 3):
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedStep needs CUDA")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn()
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
 
 
 def time_step(step, device, rep_ms: int = 500) -> float:
@@ -411,12 +459,17 @@ def time_step(step, device, rep_ms: int = 500) -> float:
 
 def run_workload(name: str, entries, *, deadline: float | None = None, rep_ms: int = 500, emit=None,
                  device="cuda", tiny: bool = False, compile_backend: str = "inductor",
-                 compile_est_s: float = COMPILE_EST_S, plain: bool = False) -> list[dict]:
+                 compile_est_s: float = COMPILE_EST_S, plain: bool = False, gate=None) -> list[dict]:
     """Measure the (impl, mode) ``entries`` of one workload; one dict per entry, errors recorded as strings.
 
     ``deadline`` (time.time() seconds): a compile entry that would not finish by then is skipped (estimated from the
     last measured compile, else ``compile_est_s``). ``emit(row)`` is called after each entry (incremental output).
     device/tiny/compile_backend/plain: see :class:`Session` (the defaults are the real measurement).
+    ``gate``: None (each entry is prepared and measured in turn; CUDA graphs are freed after their entry), or a
+    context-manager factory: every entry is prepared first (compiles, graph captures; ``deadline`` then bounds this
+    phase) and all are measured inside ``with gate() as extra:`` (``extra``, a dict, is added to each row). The
+    parallel mode (``--jobs``) passes a barrier + file lock, so workloads compile side by side but only one measures
+    at a time while the others wait idle.
     """
     w = WORKLOADS[name]
     cuda = torch.device(device).type == "cuda"
@@ -437,14 +490,16 @@ def run_workload(name: str, entries, *, deadline: float | None = None, rep_ms: i
         for impl, mode in entries:
             row_for(impl, mode, error=f"building the model failed: {type(e).__name__}: {e}"[:2000])
         return rows
-    for impl, mode in entries:
+
+    def prepare(impl, mode):
+        """(step or None, info): the entry built (or why not) and what it cost."""
+        nonlocal est_compile
         if mode == "compile" and deadline is not None and time.time() + est_compile > deadline:
-            row_for(impl, mode, error=f"skipped: time budget (a compile takes ~{est_compile:.0f} s, "
-                                      f"{max(0.0, deadline - time.time()):.0f} s left)")
-            continue
-        if mode == "compile+cuda_graph" and session.compiled is None:
-            row_for(impl, mode, error="skipped: the compile entry did not succeed")
-            continue
+            return None, {"error": f"skipped: time budget (a compile takes ~{est_compile:.0f} s, "
+                                   f"{max(0.0, deadline - time.time()):.0f} s left)"}
+        compiled = session.compiled if impl == "ours" else session.dm_compiled
+        if mode == "compile+cuda_graph" and compiled is None:
+            return None, {"error": "skipped: the compile entry did not succeed"}
         info: dict = {}
         try:
             if cuda:
@@ -452,18 +507,52 @@ def run_workload(name: str, entries, *, deadline: float | None = None, rep_ms: i
             t0 = time.perf_counter()
             with torch.no_grad():
                 step, info = session.prepare(impl, mode)
-                info["ms"] = round(time_step(step, device, rep_ms), 3)
-            info["measure_s"] = round(time.perf_counter() - t0, 1)
+            info["prepare_s"] = round(time.perf_counter() - t0, 1)
             if cuda:
                 info["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         except Exception as e:
+            step = None
             info.update(error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:])
-        step = None
         if info.get("compile_s"):
             est_compile = info["compile_s"] * 1.2
-        if mode.startswith("cuda_graph") or mode.endswith("cuda_graph"):
-            session.release()
-        row_for(impl, mode, **info)
+        return step, info
+
+    def measure(step, info):
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                info["ms"] = round(time_step(step, device, rep_ms), 3)
+            info["measure_s"] = round(time.perf_counter() - t0, 1)
+            if cuda:
+                peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if gate is None:
+                    info["peak_mem_gb"] = max(peak, info.get("peak_mem_gb", 0.0))
+                else:  # every entry's graphs and models are alive: the process's, not this entry's
+                    info["peak_mem_gb_process"] = peak
+        except Exception as e:
+            info.update(error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:])
+
+    if gate is None:
+        for impl, mode in entries:
+            step, info = prepare(impl, mode)
+            if step is not None:
+                measure(step, info)
+            step = None
+            if "cuda_graph" in mode:
+                session.release()
+            row_for(impl, mode, **info)
+    else:
+        prepared = [(impl, mode, *prepare(impl, mode)) for impl, mode in entries]
+        session.unet.set_attn_backend("auto")  # what the eager entry runs (a forced-kernel graph set it otherwise)
+        with gate() as extra:
+            for impl, mode, step, info in prepared:
+                if step is not None:
+                    measure(step, info)
+                    info.update(extra)
+                row_for(impl, mode, **info)
+        prepared = None
     session.close()
     return rows
 
@@ -490,6 +579,31 @@ def _add_ratios(result: dict) -> None:
         r["tflops_per_s"] = round(gf / (r["ms"] * 1e-3), 1) if (gf and r["ms"]) else None
 
 
+MEASURE_EST_S = 2.0  # one entry's do_bench (100 ms warm-up + 500 ms) with margin: the parallel mode's reserve
+
+
+@contextlib.contextmanager
+def measure_gate(gate_dir: str, n_workers: int, barrier_deadline: float, name: str, poll_s: float = 0.2):
+    """The parallel mode's measuring turn: mark this worker ready, wait until all ``n_workers`` are ready (or exited,
+    which the parent marks) or ``barrier_deadline`` passes, then hold an exclusive file lock while measuring, so one
+    workload measures at a time and nothing else compiles or launches meanwhile. Yields the dict added to each row:
+    ``measured_while_others_prepared`` when the barrier timed out and another worker was still preparing."""
+    d = Path(gate_dir)
+    (d / f"{name}.ready").touch()
+
+    def done() -> int:
+        return sum(1 for p in d.iterdir() if p.suffix in (".ready", ".exited"))
+
+    while done() < n_workers and time.time() < barrier_deadline:
+        time.sleep(poll_s)
+    with open(d / "measure.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield {"measured_while_others_prepared": True} if done() < n_workers else {}
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _worker_main(args) -> None:
     """One workload in this process; rows as JSON lines on args.result_file."""
     entries = [tuple(e.split(":", 1)) for e in args.entries.split(",")]
@@ -498,30 +612,28 @@ def _worker_main(args) -> None:
         with open(args.result_file, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
 
+    gate = None
+    if args.gate_dir:
+        gate = functools.partial(measure_gate, args.gate_dir, args.gate_n, args.gate_barrier, args.worker)
     run_workload(args.worker, entries, deadline=args.deadline, rep_ms=args.rep_ms, emit=emit,
-                 compile_est_s=args.compile_est, **_session_kw(args))
+                 compile_est_s=args.compile_est, gate=gate, **_session_kw(args))
 
 
 def _session_kw(args) -> dict:
     return dict(device=args.device, tiny=args.tiny, compile_backend=args.compile_backend, plain=args.plain)
 
 
-def _run_isolated(name, entries, deadline, args, compile_est_s) -> list[dict]:
-    """run_workload in a worker process (a CUDA error or a hung compile costs this workload only)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as f:
-        path = f.name
+def _worker_cmd(name, entries, deadline, args, compile_est_s, result_file) -> list[str]:
     cmd = [sys.executable, __file__, "--worker", name, "--entries", ",".join(f"{i}:{m}" for i, m in entries),
-           "--result-file", path, "--deadline", str(deadline), "--rep-ms", str(args.rep_ms),
+           "--result-file", result_file, "--deadline", str(deadline), "--rep-ms", str(args.rep_ms),
            "--device", args.device, "--compile-backend", args.compile_backend, "--compile-est", str(compile_est_s)]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--plain"] if args.plain else []
-    note = None
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30.0, deadline - time.time() + 30))
-        if p.returncode:
-            note = f"worker exited rc={p.returncode}: {p.stderr[-1500:]}"
-    except subprocess.TimeoutExpired:
-        note = "worker killed: past the time budget"
+    return cmd
+
+
+def _collect_rows(name, entries, path, note) -> list[dict]:
+    """The rows a worker wrote, plus one per entry it did not reach (with ``note``, why)."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
     os.unlink(path)
     done = {(r["impl"], r["mode"]) for r in rows}
@@ -531,6 +643,64 @@ def _run_isolated(name, entries, deadline, args, compile_est_s) -> list[dict]:
             rows.append(dict(workload=name, impl=impl, mode=mode, unet_batch=w.batch, set_size=w.set_size, ms=None,
                              error=note or "not run"))
     return rows
+
+
+def _tmp_jsonl() -> str:
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as f:
+        return f.name
+
+
+def _run_isolated(name, entries, deadline, args, compile_est_s) -> list[dict]:
+    """run_workload in a worker process (a CUDA error or a hung compile costs this workload only)."""
+    path = _tmp_jsonl()
+    note = None
+    try:
+        p = subprocess.run(_worker_cmd(name, entries, deadline, args, compile_est_s, path), capture_output=True,
+                           text=True, timeout=max(30.0, deadline - time.time() + 30))
+        if p.returncode:
+            note = f"worker exited rc={p.returncode}: {p.stderr[-1500:]}"
+    except subprocess.TimeoutExpired:
+        note = "worker killed: past the time budget"
+    return _collect_rows(name, entries, path, note)
+
+
+def _run_parallel(plans: dict, deadline: float, args, compile_est_s: float) -> dict[str, list[dict]]:
+    """Every workload of ``plans`` (name -> entries) in its own worker, all at once: they build, compile and capture
+    side by side (CPU-bound: the compiles dominate), then measure one at a time (:func:`measure_gate`). The prepare
+    phase ends early enough to leave ``MEASURE_EST_S`` per entry before ``deadline``: the barrier gives up waiting
+    then, and a worker starts no compile that would not end before its own measuring must begin (a compile may run past
+    the barrier: the rows measured meanwhile say so)."""
+    gate_dir = tempfile.mkdtemp(prefix="table6_gate_")
+    reserve = MEASURE_EST_S * sum(len(e) for e in plans.values()) + 10.0
+    barrier = max(time.time() + 30.0, deadline - reserve)
+    procs = {}
+    for name, entries in plans.items():
+        path = _tmp_jsonl()
+        err = tempfile.TemporaryFile("w+")
+        own = deadline - MEASURE_EST_S * len(entries) - 10.0  # the last moment a compile may end
+        cmd = _worker_cmd(name, entries, max(barrier, own), args, compile_est_s, path)
+        cmd += ["--gate-dir", gate_dir, "--gate-n", str(len(plans)), "--gate-barrier", str(barrier)]
+        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True), path, err)
+    notes: dict[str, str | None] = {}
+    while len(notes) < len(procs):
+        for name, (p, _, err) in procs.items():
+            if name in notes:
+                continue
+            if p.poll() is None and time.time() > deadline + 30:
+                p.kill()
+                p.wait()
+                notes[name] = "worker killed: past the time budget"
+            elif p.poll() is not None:
+                err.seek(0)
+                notes[name] = f"worker exited rc={p.returncode}: {err.read()[-1500:]}" if p.returncode else None
+            if name in notes:
+                Path(gate_dir, f"{name}.exited").touch()  # a worker that died before its turn must not hold the rest
+        time.sleep(0.5)
+    out = {}
+    for name, (_, path, err) in procs.items():
+        err.close()
+        out[name] = _collect_rows(name, plans[name], path, notes[name])
+    return out
 
 
 def run(args) -> dict:
@@ -568,20 +738,31 @@ def run(args) -> dict:
         result["workloads"][n] = info
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        entries = plan(n, quick=args.quick, kernels=args.kernels, diffusers_compile=not args.no_diffusers_compile)
-        print(f"[table6] {n}: {len(entries)} entries, {deadline - time.time():.0f} s of budget left", flush=True)
+    jobs = 1 if args.no_isolate else max(1, args.jobs)
+    if jobs > 1:
+        result["parallel"] = {"jobs": jobs, "how": "workloads build, compile and capture side by side in worker "
+                              "processes, then measure one at a time (the others idle); compile_s is under that "
+                              "contention"}
+    for wave in [names[i:i + jobs] for i in range(0, len(names), jobs)]:
+        plans = {n: plan(n, quick=args.quick, kernels=args.kernels, diffusers_compile=not args.no_diffusers_compile)
+                 for n in wave}
+        print(f"[table6] {', '.join(wave)}: {sum(map(len, plans.values()))} entries, "
+              f"{deadline - time.time():.0f} s of budget left", flush=True)
         compiled = [r["compile_s"] for r in result["results"] if r.get("compile_s")]
         est = 1.2 * compiled[-1] if compiled else COMPILE_EST_S  # a cold compile of the last workload, with margin
         if args.no_isolate:
-            rows = run_workload(n, entries, deadline=deadline, rep_ms=args.rep_ms, compile_est_s=est,
-                                **_session_kw(args))
+            rows_by = {n: run_workload(n, plans[n], deadline=deadline, rep_ms=args.rep_ms, compile_est_s=est,
+                                       **_session_kw(args)) for n in wave}
+        elif jobs == 1:
+            rows_by = {n: _run_isolated(n, plans[n], deadline, args, est) for n in wave}
         else:
-            rows = _run_isolated(n, entries, deadline, args, est)
-        for r in rows:
-            res = f"{r['ms']:8.2f} ms" if r["ms"] else f"-- {r['error']}"[:160]
-            print(f"  {r['impl']:9s} {r['mode']:24s} {res}", flush=True)
-        result["results"] += rows
+            rows_by = _run_parallel(plans, deadline, args, est)
+        for n in wave:
+            print(f"[table6] {n}", flush=True)
+            for r in rows_by[n]:
+                res = f"{r['ms']:8.2f} ms" if r["ms"] else f"-- {r['error']}"[:160]
+                print(f"  {r['impl']:9s} {r['mode']:24s} {res}", flush=True)
+            result["results"] += rows_by[n]
         result["total_s"] = round(time.time() - t_start, 1)
         _add_ratios(result)
         out.write_text(json.dumps(result, indent=1, default=str))
@@ -758,6 +939,8 @@ def main(argv=None) -> None:
                                                    "compile entries that would not fit are skipped")
     ap.add_argument("--rep-ms", type=int, default=500, help="do_bench measuring time per entry")
     ap.add_argument("--no-isolate", action="store_true", help="run workloads in this process (no worker processes)")
+    ap.add_argument("--jobs", type=int, default=1, help="workloads prepared (built, compiled, captured) in parallel "
+                                                        "worker processes, then measured one at a time")
     ap.add_argument("--flops", action="store_true", help="print the per-step FLOP table and exit (CPU)")
     ap.add_argument("--plot", metavar="JSON", help="redraw the PNG and markdown of a result JSON and exit")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge runs of different --workloads (same card and "
@@ -770,6 +953,9 @@ def main(argv=None) -> None:
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--compile-est", type=float, default=COMPILE_EST_S, help=argparse.SUPPRESS)
+    ap.add_argument("--gate-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--gate-n", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--gate-barrier", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.flops:
         print(flops_table())
