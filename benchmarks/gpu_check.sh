@@ -13,7 +13,8 @@
 #            what is left of the budget.
 # Each step's cap can be set (seconds; 0 skips the benchmarks / memcheck): JEDI_GPU_TEST_TIMEOUT, JEDI_SWEEP_TIMEOUT,
 # JEDI_HARNESS_TIMEOUT, JEDI_MEMCHECK_TIMEOUT, JEDI_FUSED_TEST_TIMEOUT, JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT,
-# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT, JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips ncu); JEDI_TEST_WORKERS
+# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT, JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips ncu), JEDI_PROBE_TIMEOUT
+# (0 skips the extension's error-path probe); JEDI_TEST_WORKERS
 # (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
@@ -105,6 +106,11 @@ elif ! timeout "$(lim 300)" $PY "${INSTALL[@]}" >"$OUT/build.log" 2>&1; then
 fi
 echo "build: $build_status ($(( $(date +%s) - t0 )) s so far)" | tee -a "$LOG"
 $PY -c "import jedi_kernels as jk; print(jk.available_backends())" 2>&1 | tee -a "$LOG"
+if [ "${JEDI_PROBE_TIMEOUT:-40}" -gt 0 ] && [ "$build_status" != failed ]; then
+  # does a TORCH_CHECK in the extension raise, or crash the process? (it segfaulted on the H100 of 2026-11-27)
+  step "extension error-path probe (tools/ext_throw_probe.py)"
+  timeout "$(lim ${JEDI_PROBE_TIMEOUT:-40})" $PY tools/ext_throw_probe.py 2>&1 | tee -a "$LOG" >"$OUT/probe.log"
+fi
 
 if want kernels; then
 step "pytest -m gpu tests/kernels (attention, input prep, API; the fused norm/GEGLU tests run after the sweep)"
@@ -133,8 +139,18 @@ PY
     step "rerun of the ${#failed[@]} failed tests, serially"
     timeout -s INT -k 10 "$(lim 60)" $PY -X faulthandler -m pytest -m gpu -q -p no:cacheprovider -p no:xdist \
       "${failed[@]}" >"$OUT/pytest_gpu_rerun.log" 2>&1
-    echo "rerun rc=$?" | tee -a "$LOG"
+    rrc=$?
+    echo "rerun rc=$rrc" | tee -a "$LOG"
     tail -15 "$OUT/pytest_gpu_rerun.log" | tee -a "$LOG"
+    crashed=$(grep -B2 -m1 "Fatal Python error" -A200 "$OUT/pytest_gpu_rerun.log" | grep -o 'File "[^"]*tests/[^"]*", line [0-9]* in test_[A-Za-z0-9_]*' | head -1)
+    if [ "$rrc" -ge 128 ] && command -v gdb >/dev/null && [ -n "$crashed" ]; then
+      # the native stack of the crash: which frame of which library
+      node="$(echo "$crashed" | sed -E 's#File "([^"]*tests/[^"]*)", line [0-9]* in (test_[A-Za-z0-9_]*)#\1::\2#')"
+      step "gdb backtrace of the crash in $node"
+      timeout "$(lim 60)" gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -m pytest -q -p no:cacheprovider \
+        -p no:xdist "$node" >"$OUT/gdb_crash.log" 2>&1
+      grep -E "^#[0-9]+" "$OUT/gdb_crash.log" | head -25 | tee -a "$LOG"
+    fi
   fi
 fi
 

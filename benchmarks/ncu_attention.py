@@ -8,8 +8,8 @@ each kernel: tensor pipes, the exponential unit, memory, occupancy, stalls).
 each backend (cuDNN SDPA, Triton, CUDA when built; with ``--bwd`` also one backward each) between
 ``cudaProfilerStart``/``Stop``, so ``ncu --profile-from-start off`` profiles those kernels and nothing else. The
 parent mode runs ncu on it with the SpeedOfLight, ComputeWorkloadAnalysis, Occupancy, LaunchStats and WarpStateStats
-sections plus the pipe-utilization metrics this ncu knows (``ncu --query-metrics``: mma.sync's ``hmma``, wgmma's
-``gmma``, the XU unit that runs exp2, FMA), and writes every metric per kernel (JSON) and a table of the key ones
+sections plus the pipe-utilization metrics this ncu knows (``ncu --query-metrics``: the tensor pipe's ``hmma``, which
+counts wgmma too on the H100, wgmma's ``gmma`` where listed, the XU unit that runs exp2, FMA), and writes every metric per kernel (JSON) and a table of the key ones
 (markdown). Needs a CUDA GPU and ncu; skips with a message otherwise.
 """
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
 # base metric -> short name; each is added (as .avg.pct_of_peak_sustained_active) only if this ncu lists it
 PIPE_METRICS = {
-    "sm__pipe_tensor_op_hmma_cycles_active": "tensor mma.sync %",
+    # on the H100 with ncu 2025.x the hmma pipe metric counts wgmma too (cuDNN's wgmma kernel reads 52 %) and the gmma
+    # one is not listed: the column is the tensor pipe's activity whatever the instruction
+    "sm__pipe_tensor_op_hmma_cycles_active": "tensor pipe % (hmma)",
     "sm__pipe_tensor_op_gmma_cycles_active": "tensor wgmma %",
     "sm__inst_executed_pipe_xu": "XU (exp2) %",
     "sm__pipe_fma_cycles_active": "FMA %",

@@ -149,8 +149,8 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             "triton", "cuda" or "torch" (torch SDPA). Kernel variants from the environment:
             ``JEDI_TRITON_AUTOTUNE=0`` (read at import: Triton runs its default configs only), and, read per call,
             ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums), ``JEDI_TRITON_BWD_DQ=atomic|kernel`` (Triton
-            backward: dQ by float32 atomics from the dK/dV kernel, the default up to 96 padded head-dim columns, or
-            by a second kernel; deterministic mode always takes the kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA
+            backward: dQ by a second kernel, the default since the H100 measured it faster, or by float32 atomics
+            from the dK/dV kernel; deterministic mode always takes the kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA
             forward: 16 or 32 query rows per warp) and ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32
             keys per warp).
 
@@ -161,7 +161,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
     Raises:
         TypeError: non-tensor inputs, non-float or mismatched dtypes, non-bool set_mask.
         ValueError: wrong ranks/shapes, N not divisible by set_size, heads not dividing the last dim, empty inputs,
-            mismatched devices, bad set_mask shape or a set_mask row allowing nothing, unknown or unavailable backend.
+            mismatched devices, bad set_mask shape or a set_mask row allowing nothing, unknown or unavailable backend,
+            a head_dim the backend does not support.
+    (TypeError also for backend="cuda" with float32/float64 inputs: the CUDA kernels are fp16/bf16 only.)
     """
     B, G, L, H, D = _check_qkv(q, k, v, set_size, heads)
     if scale is None:
@@ -182,6 +184,12 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
         raise ValueError(
             f"backend='triton' cannot run on {q.device}: {available_backends()['reasons'].get('triton', 'needs a CUDA device')}"
         )
+    if backend == "cuda":  # what the C++ glue would reject, named here (its TORCH_CHECKs are the second line)
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"backend='cuda' needs q, k, v in float16 or bfloat16, got {q.dtype}")
+        if D % 8 or not 8 <= D <= 256:
+            raise ValueError(f"backend='cuda' supports head_dim = q.shape[-1] / heads a multiple of 8 in [8, 256], "
+                             f"got {D}")
     if backend == "cuda" and not cuda_ok(q.device, attention=True):
         reasons = available_backends()["reasons"]
         reason = reasons.get("cuda", reasons.get("cuda_attention", "q is not on a CUDA device"))

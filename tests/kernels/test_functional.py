@@ -116,7 +116,9 @@ BAD = [
     (dict(set_mask=[[True]]), TypeError, "set_mask must be a bool tensor"),
     (dict(scale="big"), TypeError, "scale must be a float"),
     (dict(backend="flash"), ValueError, "backend must be one of"),
-    (dict(backend="cuda"), ValueError, "backend='cuda' is unavailable"),
+    (dict(backend="cuda"), TypeError, "backend='cuda' needs q, k, v in float16 or bfloat16, got torch.float32"),
+    (dict(backend="cuda", **{n: torch.randn(4, 9, 16).half() for n in "qkv"}), ValueError,
+     "backend='cuda' is unavailable"),
 ]
 
 

@@ -557,11 +557,25 @@ def test_bad_shapes_rejected():
         jk.set_attention(q[0], k[0], v[0], 1, 2, backend="triton")
 
 
+@pytest.mark.parametrize("dtype, shape, heads, exc, match", [
+    (torch.float32, (4, 8, 32), 2, TypeError, "backend='cuda' needs q, k, v in float16 or bfloat16"),
+    (torch.float64, (4, 8, 32), 2, TypeError, "backend='cuda' needs q, k, v in float16 or bfloat16"),
+    (torch.float16, (4, 8, 40), 2, ValueError, "multiple of 8 in \\[8, 256\\], got 20"),
+    (torch.float16, (4, 8, 264), 1, ValueError, "multiple of 8 in \\[8, 256\\], got 264"),
+])
+def test_cuda_backend_rejects_in_python_what_its_glue_would(dtype, shape, heads, exc, match):
+    """What the C++ glue's TORCH_CHECKs reject is rejected in Python first, on any machine: on the H100 of 2026-11-27
+    a TORCH_CHECK of the device build segfaulted instead of raising (tools/ext_throw_probe.py)."""
+    q, k, v = (torch.randn(*shape, device=_device()).to(dtype) for _ in range(3))
+    with pytest.raises(exc, match=match):
+        jk.set_attention(q, k, v, 2, heads, backend="cuda")
+
+
 def test_cuda_backend_unavailable_is_rejected():
     if jk.available_backends()["cuda"] and _device().type == "cuda":
         pytest.skip("the CUDA extension is built here")
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="cuda"):
+    q, k, v = _qkv(dtype=torch.float16)  # a dtype the CUDA kernels take: the refusal is about availability
+    with pytest.raises(ValueError, match="backend='cuda' is unavailable"):
         jk.set_attention(q, k, v, 2, 2, backend="cuda")
 
 
