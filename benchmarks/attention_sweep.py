@@ -255,6 +255,16 @@ def rowsum_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def triton_fwd_ws_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """Triton forward: the pointer kernel (default) vs the TMA + warp-specialized one (``JEDI_TRITON_FWD_WS=1``;
+    head dims <= 64 on sm_90). The ncu counters of 2026-11-27 put the default at 40 % tensor-pipe and 45 % exp-unit
+    activity against cuDNN's 52 % / 54 % with a producer warpgroup: the WS kernel has that structure."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_TRITON_FWD_WS", {"pointer": "0", "ws": "1"},
+                       "triton_fwd_ws")
+    row["speedup_ws_vs_default"] = row["ms_pointer"] / row["ms_ws"]
+    return row
+
+
 def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA forward with 16 vs 32 query rows per warp (``JEDI_CUDA_FWD_ROW_BLOCKS`` 1 / 2; head dims <= 80 have
     both). Static SASS per 1024 scores of a full key tile, sm_90: d 40 484 vs 383 instructions, d 80 614 vs 501
@@ -325,6 +335,10 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     add(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
     if "triton" in available_ours():
+        for ng in (1, 2):  # the TMA + warp-specialized forward first: the variant most likely to change a default
+            add(triton_fwd_ws_row(4096, 40, ng=ng, rep_ms=rep_ms))
+            print(f"Triton forward, warp-specialized TMA vs default, L=4096 D=40 ng={ng}: "
+                  f"x{rows[-1]['speedup_ws_vs_default']:.2f}", flush=True)
         for L, D in SHAPES[: 2 if quick else 3]:
             add(chunking_row(L, D, rep_ms=rep_ms))
             print(f"chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)

@@ -72,6 +72,8 @@ VARIANTS = {
                            "_rowsum_dot in jedi_kernels/ops/set_attention.py (JEDI_ATTN_ROWSUM)"),
     "triton_bwd_dq_atomic_vs_kernel": (("ms_atomic", "ms_kernel"), "ms_kernel",
                                        "_fused_dq in jedi_kernels/ops/set_attention.py (JEDI_TRITON_BWD_DQ)"),
+    "triton_fwd_ws": (("ms_pointer", "ms_ws"), "ms_pointer",
+                      "_fwd_ws_requested in jedi_kernels/ops/set_attention.py (JEDI_TRITON_FWD_WS, opt-in)"),
 }
 
 

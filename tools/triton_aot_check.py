@@ -45,6 +45,8 @@ def _record(out_path: str) -> None:
     launches = []
     real_run = interpreter.InterpretedFunction.run
 
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     def run(self, *args, **kwargs):
         fn = self.fn
         names = list(self.arg_names)
@@ -55,6 +57,8 @@ def _record(out_path: str) -> None:
             v = values.get(name)
             if isinstance(v, torch.Tensor):
                 rec[name] = {"ptr": _DTYPES[str(v.dtype).replace("torch.", "")]}
+            elif isinstance(v, TensorDescriptor):
+                rec[name] = {"desc": _DTYPES[str(v.base.dtype).replace("torch.", "")], "block": list(v.block_shape)}
             elif isinstance(v, bool) or v is None or isinstance(v, str):
                 rec[name] = {"value": v}
             elif isinstance(v, int):
@@ -101,6 +105,14 @@ def _record(out_path: str) -> None:
             mask = torch.tensor([[True, False], [True, True]]) if masked else None
             jk.set_attention(q, k, v, 2, 2, set_mask=mask, backend="triton").float().sum().backward()
     os.environ.pop("JEDI_TRITON_BWD_DQ")
+    # the TMA + warp-specialized forward (JEDI_TRITON_FWD_WS=1; sm_90 only, head dims <= 64)
+    os.environ["JEDI_TRITON_FWD_WS"] = "1"
+    for D, dtype, masked in ((40, torch.bfloat16, False), (40, torch.float16, True), (64, torch.bfloat16, False),
+                             (24, torch.bfloat16, False)):
+        q, k, v = (torch.randn(4, 17, 2 * D, dtype=dtype) for _ in range(3))
+        mask = torch.tensor([[True, False], [True, True]]) if masked else None
+        jk.set_attention(q, k, v, 2, 2, set_mask=mask, backend="triton")
+    os.environ.pop("JEDI_TRITON_FWD_WS")
     interpreter.InterpretedFunction.run = real_run
     Path(out_path).write_text(json.dumps(launches))
 
@@ -129,6 +141,17 @@ def _variants(rec: dict, all_configs: bool) -> list[dict]:
     from jedi_kernels.ops import set_attention as sa
 
     args = _gpu_values(rec)
+    if rec["name"] == "_set_attn_fwd_ws_kernel":  # one fixed config, sm_90+, fp16/bf16 only (sa._fwd_ws_ok)
+        if args["Out"]["ptr"] not in ("fp16", "bf16"):
+            return []
+        cfg, a = sa._WS_CONFIG, dict(args)
+        dp = _val(a["DP"])
+        for k in ("BLOCK_M", "BLOCK_N"):
+            a[k] = {"value": cfg[k]}
+        a["EVEN_N"], a["WARP_SPEC"] = {"value": True}, {"value": True}
+        for name, rows in (("DescQ", cfg["BLOCK_M"]), ("DescK", cfg["BLOCK_N"]), ("DescV", cfg["BLOCK_N"])):
+            a[name] = dict(a[name], block=[rows, dp])
+        return [dict(rec, args=a, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], min_arch=90)]
     lists = {"_set_attn_fwd_kernel": sa._FWD_CONFIGS, "_set_attn_bwd_dkdv_kernel": sa._DKDV_CONFIGS,
              "_set_attn_bwd_dq_kernel": sa._DQ_CONFIGS}
     if rec["name"] not in lists:
@@ -191,6 +214,8 @@ def _compile(rec: dict, arch: int) -> dict:
             constexprs[p.name] = _val(a)
         elif "ptr" in a:
             signature[p.name] = "*" + a["ptr"]
+        elif "desc" in a:
+            signature[p.name] = f"tensordesc<{a['desc']}[{','.join(map(str, a['block']))}]>"
         elif "int" in a:
             signature[p.name] = "i32" if -2**31 <= a["int"] < 2**31 else "i64"
         elif "float" in a:
@@ -238,6 +263,8 @@ def main(argv=None) -> int:
     report, failed, spilled = [], 0, 0
     for arch in args.arch or [90]:
         for rec in todo.values():
+            if rec.get("min_arch", 0) > arch:
+                continue
             consts = {k: _val(a) for k, a in rec["args"].items()
                       if k.isupper() and k not in ("H", "G", "L", "C", "HW", "R", "F", "P")}
             row = {"arch": arch, "kernel": rec["name"], "num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
@@ -255,7 +282,8 @@ def main(argv=None) -> int:
             status = row.get("error", "").splitlines()[-1][:150] if "error" in row else (
                 f"regs {row.get('regs')} spills {row.get('spills')} smem {row['shared']} ({row['compile_s']} s)")
             short = {k: v for k, v in consts.items() if k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_C",
-                                                               "BLOCK_R", "BLOCK_F", "HAS_MASK", "SILU", "WIDE")}
+                                                               "BLOCK_R", "BLOCK_F", "HAS_MASK", "SILU", "WIDE",
+                                                               "WARP_SPEC")}
             print(f"sm_{arch} {rec['name']:28s} {row['dtype']} w{rec['num_warps']} s{rec['num_stages']} {short}: "
                   f"{status}", flush=True)
     if args.json:

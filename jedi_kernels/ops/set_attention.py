@@ -241,6 +241,84 @@ def _set_attn_fwd_kernel(
                  visited, mask=tl.arange(0, BLOCK_M) < 1)
 
 
+@triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _set_attn_fwd_ws_kernel(
+    DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
+    qk_scale_log2,
+    H, G, L,
+    HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    """The forward of ``_set_attn_fwd_kernel`` (same online softmax, scale > 0 folded as SCALE_POS, FADD row sums)
+    for head dims <= 64, with q/k/v read by TMA through 2-D tensor descriptors over the (N·L, H·D) rows, and the key
+    loop warp-specialized by Triton's Hopper pass (``WARP_SPEC``: a producer warp group issues the TMA loads, the
+    consumer warp groups run the matmuls and the softmax): the structure cuDNN's sm90 kernel has and ours lacked
+    (benchmarks/README.md, the ncu table). Opt-in (``JEDI_TRITON_FWD_WS=1``) until a GPU run times it.
+
+    A descriptor box is DP (the power of two >= HEAD_DIM) columns wide from column h·HEAD_DIM, so it also reads the
+    next head's first DP − HEAD_DIM columns (zero past the last head): q's are zeroed, which makes k's irrelevant, and
+    v's only reach output columns that are never stored. A key tile that runs past its image's last row reads the
+    next image's rows: their scores are set to −inf before the row max, as in the pointer kernel.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_mt = tl.cdiv(L, BLOCK_M)
+    n_nt = tl.cdiv(L, BLOCK_N)
+    i = pid_m // n_mt
+    mt = pid_m % n_mt
+    b = pid_bh // H
+    h = pid_bh % H
+    col0 = h * HEAD_DIM
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, DP)
+    m_ok = offs_m < L
+
+    q = DescQ.load([(b * G + i) * L + mt * BLOCK_M, col0])
+    q = tl.where((cols < HEAD_DIM)[None, :], q, tl.zeros_like(q))  # the next head's columns contribute nothing
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    if HAS_MASK:
+        n_img = tl.load(ImgCount + i)
+    else:
+        n_img = G
+    for it in tl.range(0, n_img * n_nt, warp_specialize=WARP_SPEC):
+        jj = it // n_nt
+        nt = it - jj * n_nt
+        if HAS_MASK:
+            j = tl.load(ImgList + i * G + jj)
+        else:
+            j = jj
+        row = (b * G + j) * L + nt * BLOCK_N
+        k = DescK.load([row, col0])
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if not EVEN_N:
+            s = tl.where((nt * BLOCK_N + offs_n < L)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+        p = tl.math.exp2(s * qk_scale_log2 - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = DescV.load([row, col0])
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc * (1.0 / l_safe)[:, None]
+    o_rows = Out + ((b * G + i).to(tl.int64) * L + offs_m) * (H * HEAD_DIM) + col0
+    tl.store(o_rows[:, None] + cols[None, :], o.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Lse + (pid_bh * G + i).to(tl.int64) * L + offs_m, lse, mask=m_ok)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _set_attn_bwd_preprocess_kernel(
     Out, DO, Delta,
@@ -674,6 +752,72 @@ def _prec(dtype: torch.dtype) -> tuple[bool, str]:
     return interp, ("ieee" if (interp or dtype == torch.float32) else "tf32")
 
 
+# The TMA + warp-specialized forward (``_set_attn_fwd_ws_kernel``, ``JEDI_TRITON_FWD_WS=1``): 128 queries per program
+# and 64-key tiles on 4 consumer warps; Triton's Hopper pass adds the producer warps (12 in all on sm_90).
+_WS_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_WS_MAX_HEAD_DIM = 64
+
+
+def _fwd_ws_requested() -> bool:
+    """``JEDI_TRITON_FWD_WS``: "1" takes the TMA + warp-specialized forward where it applies; unset/"0": not."""
+    v = os.environ.get("JEDI_TRITON_FWD_WS", "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"JEDI_TRITON_FWD_WS must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def _rows_stride(t: torch.Tensor) -> Optional[int]:
+    """The stride between consecutive rows of ``t`` (N, L, H*D) seen as (N*L, H*D), or None when rows of different
+    images are not evenly spaced (no 2-D descriptor covers them)."""
+    N, L, _ = t.shape
+    if L > 1:
+        return t.stride(1) if (N == 1 or t.stride(0) == L * t.stride(1)) else None
+    return t.stride(0) if N > 1 else t.shape[2]
+
+
+def _fwd_ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, D: int) -> bool:
+    """The TMA forward's preconditions: head dim <= 64; an sm_90+ GPU with fp16/bf16 (any dtype under the
+    interpreter, which runs the tests); each of q, k, v evenly spaced rows with unit last stride, a 16-byte aligned
+    base and 16-byte aligned row stride (views of a fused qkv projection qualify)."""
+    if D > _WS_MAX_HEAD_DIM:
+        return False
+    if not triton_interpreting():
+        if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+            return False
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return False
+    for t in (q, k, v):
+        rs = _rows_stride(t)
+        if t.stride(2) != 1 or rs is None or (rs * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N = B * G
+    DP = max(16, _next_pow2(D))
+    cfg = dict(config or (_INTERPRETER_CONFIG if triton_interpreting() else _WS_CONFIG))
+    out = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
+    lse = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
+    has_mask = set_mask is not None
+    lst, cnt = _mask_lists(set_mask, G) if has_mask else (lse, lse)
+    dot_f32, prec = _prec(q.dtype)
+
+    def desc(t, rows):
+        return TensorDescriptor(t, [N * L, H * D], [_rows_stride(t), 1], [rows, DP])
+
+    grid = (G * triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    _set_attn_fwd_ws_kernel[grid](
+        desc(q, cfg["BLOCK_M"]), desc(k, cfg["BLOCK_N"]), desc(v, cfg["BLOCK_N"]), out, lse, lst, cnt,
+        float(scale) * _LOG2E, H, G, L,
+        HEAD_DIM=D, DP=DP, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec, WARP_SPEC=not triton_interpreting(),
+        **cfg,
+    )
+    return out, lse
+
+
 def set_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -700,6 +844,9 @@ def set_attn_fwd(
         chunk_head_dim: split D into power-of-two chunks or pad to a power of two; default: pad when D <= 64
             (``_FWD_PAD_UP_TO``), else ``_CHUNK_HEAD_DIM``.
         config: fixed launch config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+            ``JEDI_TRITON_FWD_WS=1`` (read per call) runs ``_set_attn_fwd_ws_kernel`` instead where it applies
+            (``_fwd_ws_ok``: head dim <= 64, sm_90+, evenly spaced 16-byte aligned rows; not with tile_counter),
+            with ``config`` or ``_WS_CONFIG``.
         tile_counter: optional int32 tensor of >= G*cdiv(L, BLOCK_M)*B*H elements; receives, per program, the number of
             key tiles it visited (instrumentation for tests; compiled in only when given).
 
@@ -712,6 +859,8 @@ def set_attn_fwd(
     """
     B, G, L, H, D = _check_launch(q, set_size, heads)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if _fwd_ws_requested() and tile_counter is None and scale > 0 and _fwd_ws_ok(q, k, v, D):
+        return _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config)
     N = B * G
     if chunk_head_dim is None and D <= _FWD_PAD_UP_TO:
         chunk_head_dim = False

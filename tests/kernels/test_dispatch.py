@@ -99,9 +99,12 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "cuda_bwd_keys_per_warp", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_16keys": 2.00,
              "ms_32keys": 1.60},
             {"kind": "triton_bwd_dq_atomic_vs_kernel", "L": 1024, "D": 80, "ng": 2, "dtype": "bfloat16",
-             "ms_atomic": 0.40, "ms_kernel": 0.50}]
+             "ms_atomic": 0.40, "ms_kernel": 0.50},
+            {"kind": "triton_fwd_ws", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_pointer": 0.72,
+             "ms_ws": 0.60}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 6
+    assert len(advice) == 7
+    assert "ws x1.20 faster than the default pointer" in advice[6] and "JEDI_TRITON_FWD_WS" in advice[6]
     assert "D=40" in advice[0] and advice[0].endswith("keep")
     assert "16rows x1.25 faster than the default 32rows" in advice[1] and "set_attention_plan.h" in advice[1]
     assert advice[2].endswith("keep")  # within the margin
@@ -145,10 +148,10 @@ def test_sweep_saves_after_every_row(monkeypatch):
     def fake_row(*args, **kwargs):
         return {"ms": {}, "errors": {}, "dtype": "bfloat16", "kind": "fake", "speedup_chunked_vs_padded": 1.0,
                 "speedup_dot_vs_fadd": 1.0, "speedup_atomic_vs_kernel": 1.0, "speedup_32_vs_16rows": 1.0,
-                "speedup_32_vs_16keys": 1.0}
+                "speedup_32_vs_16keys": 1.0, "speedup_ws_vs_default": 1.0}
 
     for name in ("measure_row", "chunking_row", "rowsum_row", "triton_bwd_dq_row", "cuda_row_blocks_row",
-                 "cuda_bwd_key_blocks_row", "peak_memory_row"):
+                 "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})

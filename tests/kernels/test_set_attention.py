@@ -187,6 +187,57 @@ def test_half_dtypes_cpu(dtype):
     _check_case(1, 2, 33, 2, 40, dtype=dtype, mask="jedi")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# the TMA + warp-specialized forward (JEDI_TRITON_FWD_WS=1; the interpreter runs its descriptors on the CPU)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _spy_ws(monkeypatch) -> list:
+    """Record every run of the TMA forward (so a test fails if the launcher silently falls back)."""
+    calls, real = [], sa._set_attn_fwd_ws
+    monkeypatch.setattr(sa, "_set_attn_fwd_ws", lambda *a, **kw: calls.append(a[3:8]) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (1, 2, 17, 2, 40, "full", False),  # a key tile past the image's last row: the next image's rows are masked
+    (2, 3, 33, 1, 24, "blockdiag", False),
+    (1, 2, 64, 2, 64, "oneway", True),  # views of one qkv projection: row stride 3*H*D
+    (1, 4, 40, 3, 40, "jedi", True),  # the last head's box runs past H*D: zero-filled
+    (1, 1, 1, 3, 8, "full", False),
+    (3, 5, 7, 2, 16, "random", False),
+])
+def test_ws_forward(monkeypatch, B, G, L, H, D, mask, fused):
+    """Forward (and the pointer backward on its lse) by the flash rule, with the TMA forward really taken."""
+    if _device().type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward needs sm_90")
+    monkeypatch.setenv("JEDI_TRITON_FWD_WS", "1")
+    calls = _spy_ws(monkeypatch)
+    dtype = torch.float32 if _device().type == "cpu" else torch.bfloat16
+    _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused)
+    assert calls == [(B, G, L, H, D)]
+
+
+def test_ws_forward_falls_back_where_it_cannot_run(monkeypatch):
+    """Head dims over 64 and rows a 2-D descriptor cannot cover (unevenly spaced images, a misaligned base) take the
+    pointer kernel, with the same result; a bad switch value is an error naming the variable."""
+    monkeypatch.setenv("JEDI_TRITON_FWD_WS", "1")
+    calls = _spy_ws(monkeypatch)
+    dev = _device()
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    _check_case(1, 2, 9, 1, 72, dtype=dtype)  # head dim 72
+    wide = torch.randn(4, 9, 2 * 40 + 8, device=dev, dtype=dtype)
+    for q in (torch.randn(4, 12, 80, device=dev, dtype=dtype)[:, :9],  # images 12 rows apart, L = 9
+              wide[..., 1:81]):  # base 1 element off the 16-byte alignment
+        out, lse = sa.set_attn_fwd(q, q, q, 2, 2, 40**-0.5)
+        ref = reference.set_attention_reference(*(q.double(),) * 3, 2, 2, 40**-0.5)
+        torch.testing.assert_close(out.double(), ref, atol=5e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+    assert calls == []
+    monkeypatch.setenv("JEDI_TRITON_FWD_WS", "yes")
+    with pytest.raises(ValueError, match="JEDI_TRITON_FWD_WS must be 0 or 1, got 'yes'"):
+        jk.set_attention(*(torch.randn(2, 4, 16, device=dev, dtype=dtype),) * 3, 2, 2, backend="triton")
+
+
 @pytest.mark.parametrize("mask", ["full", "oneway"])
 @pytest.mark.parametrize("D, G, L", [(40, 2, 17), (72, 3, 33)])
 def test_fused_qkv_strided_views(D, G, L, mask):
@@ -657,6 +708,25 @@ def test_cuda_backward_instances(monkeypatch, key_blocks, B, G, L, H, D, mask, f
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (2, 2, 1024, 2, 40, "full", True),  # SD's 64x64 level, as views of one qkv projection
+    (1, 3, 97, 2, 40, "oneway", False),
+    (1, 2, 256, 2, 64, "blockdiag", False),
+    (2, 2, 65, 2, 24, "jedi", True),
+])
+def test_ws_forward_gpu(monkeypatch, B, G, L, H, D, mask, fused, dtype):
+    """The TMA + warp-specialized forward on sm_90 (JEDI_TRITON_FWD_WS=1): out, lse and the grads of the pointer
+    backward on its lse, by the flash rule; the TMA kernel really ran."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA forward needs sm_90")
+    monkeypatch.setenv("JEDI_TRITON_FWD_WS", "1")
+    calls = _spy_ws(monkeypatch)
+    _check_case(B, G, L, H, D, dtype=dtype, device=torch.device("cuda"), mask=mask, fused=fused)
+    assert calls == [(B, G, L, H, D)]
+
+
 @pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_BWD_KEY_BLOCKS"])
 def test_cuda_instance_switch_bad_value(monkeypatch, switch):
     """A bad value of a CUDA instance switch is an error naming the variable, from the pass that reads it."""
