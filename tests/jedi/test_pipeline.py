@@ -198,6 +198,55 @@ def test_optimize_keeps_the_images_and_undoes(pipe, tmp_path):
     assert rc == 0 and (tmp_path / "out" / "00_00.png").is_file()
 
 
+def test_optimize_compile_routes_every_step_through_the_compiled_unet(pipe, monkeypatch):
+    """optimize(compile=True): the denoising steps call torch.compile's module (a counting stand-in here: inductor on
+    the CPU takes minutes), the images are unchanged, and optimize() without it drops the compiled module."""
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a, **kw):
+            calls.append(1)
+            return self.m(*a, **kw)
+
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: Counting(m))
+    kw = dict(num_images=1, steps=2, seed=3, progress=False, return_latents=True)
+    _, want = pipe(refs(1), "a dog", **kw)
+    try:
+        pipe.optimize(compile=True)
+        assert isinstance(pipe.compiled, Counting) and pipe.step_unet is pipe.compiled and pipe.graphed is None
+        _, got = pipe(refs(1), "a dog", **kw)
+        assert len(calls) >= 2  # every step (guidance branches may share a call)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        pipe.optimize()
+        assert pipe.compiled is None and pipe.step_unet is pipe.unet
+    finally:
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+
+
+@pytest.mark.gpu
+def test_optimize_compile_on_cuda_matches(pipe):
+    """On a GPU: torch.compile inside the CUDA graph gives the plain pipeline's images."""
+    kw = dict(num_images=2, steps=2, seed=9, progress=False, return_latents=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        pipe.to("cuda")
+        _, want = pipe(refs(2), "a dog", **kw)
+        pipe.optimize(compile=True)
+        assert pipe.graphed is not None and pipe.graphed.unet is pipe.compiled
+        _, got = pipe(refs(2), "a dog", **kw)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+        pipe.to("cpu")
+        torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_optimize_on_cuda_replays_graphs_and_matches(pipe):
     """On a GPU: optimize() turns on the CUDA graph by default; the images match the plain fp32 pipeline's."""
