@@ -9,12 +9,12 @@
 #            CUDA attention harness (+ memcheck), the fused GroupNorm/GEGLU tests, the kernel benchmarks
 #            (prepare_inputs, geglu, group_norm, set_attention: whatever the budget leaves);
 #   model:   (re)build only if the extension is missing, `pytest -m gpu tests/jedi`, step_levers.py (issue 9's
-#            ladder, quick = no compiles), the Table 6 reproduction (quick), profile_step.py (eager and fused) in
-#            what is left of the budget.
+#            ladder, quick = no compiles), the full Table 6 reproduction (workloads compiled side by side,
+#            JEDI_TABLE6_JOBS=5; 1 = the quick serial run), profile_step.py (eager and fused) in what is left.
 # Each step's cap can be set (seconds; 0 skips the benchmarks / memcheck): JEDI_GPU_TEST_TIMEOUT, JEDI_SWEEP_TIMEOUT,
 # JEDI_HARNESS_TIMEOUT, JEDI_MEMCHECK_TIMEOUT, JEDI_FUSED_TEST_TIMEOUT, JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT,
-# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT, JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips ncu), JEDI_PROBE_TIMEOUT
-# (0 skips the extension's error-path probe); JEDI_TEST_WORKERS
+# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT (JEDI_TABLE6_JOBS), JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips
+# ncu), JEDI_PROBE_TIMEOUT (0 skips the extension's error-path probe); JEDI_TEST_WORKERS
 # (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
@@ -219,10 +219,14 @@ sl=$(lim ${JEDI_LEVERS_TIMEOUT:-300})
 timeout $(( sl + 30 )) $PY benchmarks/step_levers.py $QUICK --budget-s "$sl" --out "$OUT/step.json" >"$OUT/step.log" 2>&1
 echo "step_levers rc=$?" | tee -a "$LOG"; grep '^\[step_levers\]' "$OUT/step.log" | tee -a "$LOG"
 
-step "table6 (JeDi Table 6, quick)"
+# the full table (5 workloads, ours and diffusers compiled) with the compiles side by side (--jobs): 156 s for four
+# workloads on the H100, where the quick serial run took 220 s; JEDI_TABLE6_JOBS=1 runs the quick serial one
+T6ARGS=(--jobs "${JEDI_TABLE6_JOBS:-5}")
+[ "${JEDI_TABLE6_JOBS:-5}" = 1 ] && T6ARGS=(--quick)
+step "table6 (JeDi Table 6, ${T6ARGS[*]})"
 t6=$(( $(lim ${JEDI_TABLE6_TIMEOUT:-240}) - 40 ))
 if [ "$t6" -ge 60 ]; then
-  timeout $(( t6 + 40 )) $PY benchmarks/table6.py --quick --budget-s $t6 --out "$OUT/table6.json" >"$OUT/table6.log" 2>&1
+  timeout $(( t6 + 40 )) $PY benchmarks/table6.py "${T6ARGS[@]}" --budget-s $t6 --out "$OUT/table6.json" >"$OUT/table6.log" 2>&1
   echo "table6 rc=$?" | tee -a "$LOG"; tail -30 "$OUT/table6.log" | tee -a "$LOG"
 else
   echo "table6 skipped: ${t6}s left of the budget" | tee -a "$LOG"

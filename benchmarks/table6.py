@@ -579,7 +579,7 @@ def _add_ratios(result: dict) -> None:
         r["tflops_per_s"] = round(gf / (r["ms"] * 1e-3), 1) if (gf and r["ms"]) else None
 
 
-MEASURE_EST_S = 2.0  # one entry's do_bench (100 ms warm-up + 500 ms) with margin: the parallel mode's reserve
+MEASURE_EST_S = 1.2  # one entry's do_bench (100 ms warm-up + 500 ms; 0.6-0.8 s on the H100) with margin
 
 
 @contextlib.contextmanager
