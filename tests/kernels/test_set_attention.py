@@ -218,6 +218,40 @@ def test_ws_forward(monkeypatch, B, G, L, H, D, mask, fused):
     assert calls == [(B, G, L, H, D)]
 
 
+@pytest.mark.parametrize("mask", ["full", "oneway"])
+def test_eager_path_equals_the_custom_op(mask, monkeypatch):
+    """Eager calls go through _SetAttentionEager (no custom-op dispatch): the same kernels, so the same out and
+    grads, bit for bit, as jedi::set_attention_fwd/bwd; tensor subclasses (here a tracer's fake tensors are stood in
+    for by a subclass) keep the custom op."""
+    B, G, L, H, D = 1, 2, 17, 2, 40
+    dev = _device()
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    set_mask = _masks(mask, G)
+    set_mask = None if set_mask is None else set_mask.to(dev)
+    _, qkv = _inputs(B, G, L, H, D, dtype, dev)
+    do = torch.randn_like(qkv[0])
+    a = [t.clone().requires_grad_() for t in qkv]
+    b = [t.clone().requires_grad_() for t in qkv]
+    out_a = jk.set_attention(*a, G, H, set_mask=set_mask, backend="triton")
+    assert type(out_a.grad_fn).__name__ == "_SetAttentionEagerBackward"
+    out_a.backward(do)
+    out_b = torch.ops.jedi.set_attention_fwd(*b, G, H, D**-0.5, set_mask, "triton")[0]
+    out_b.backward(do)
+    assert torch.equal(out_a, out_b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.grad, y.grad)
+
+    class Sub(torch.Tensor):
+        pass
+
+    def refuse(*args):
+        raise AssertionError("a tensor subclass took the eager path")
+
+    monkeypatch.setattr(sa._SetAttentionEager, "apply", refuse)
+    out_c = jk.set_attention(*(t.detach().as_subclass(Sub) for t in qkv), G, H, set_mask=set_mask, backend="triton")
+    assert torch.equal(out_c.as_subclass(torch.Tensor), out_a.detach())
+
+
 def test_ws_forward_falls_back_where_it_cannot_run(monkeypatch):
     """Head dims over 64 and rows a 2-D descriptor cannot cover (unevenly spaced images, a misaligned base) take the
     pointer kernel, with the same result; a bad switch value is an error naming the variable."""
