@@ -102,6 +102,28 @@ def _store_chunk(base, rows, row_ok, stride_row, val, COL0: tl.constexpr, WIDTH:
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _query_tile(L, H, BLOCK_M: tl.constexpr):
+    """(i, mt, b, h, pid_bh) of a query-tile program on the grid (G·⌈L/BLOCK_M⌉, B·H): query image i within its set,
+    query tile mt within the image, set b, head h, and the (b, h) program index."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_mt = tl.cdiv(L, BLOCK_M)
+    return pid_m // n_mt, pid_m % n_mt, pid_bh // H, pid_bh % H, pid_bh
+
+
+@triton.jit
+def _key_tile(it, n_nt, ImgList, i, G, HAS_MASK: tl.constexpr):
+    """(key image j, key tile nt) of step ``it`` of the flat loop over (allowed image, tile): the ``it // n_nt``-th
+    image query image i may attend (ImgList row i with a mask, else image it // n_nt itself)."""
+    jj = it // n_nt
+    if HAS_MASK:
+        j = tl.load(ImgList + i * G + jj)
+    else:
+        j = jj
+    return j, it - jj * n_nt
+
+
 @triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _set_attn_fwd_kernel(
@@ -131,14 +153,8 @@ def _set_attn_fwd_kernel(
     instead of one FADD per element plus shuffles (the sum is then of P as rounded for the P v product, so the
     normalization matches the numerator).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    n_mt = tl.cdiv(L, BLOCK_M)
+    i, mt, b, h, pid_bh = _query_tile(L, H, BLOCK_M)
     n_nt = tl.cdiv(L, BLOCK_N)
-    i = pid_m // n_mt  # query image within the set
-    mt = pid_m % n_mt  # query tile within the image
-    b = pid_bh // H
-    h = pid_bh % H
 
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -169,12 +185,7 @@ def _set_attn_fwd_kernel(
         n_img = G
     # one flat loop over (allowed image, key tile within it): the pipeliner sees a single loop of n_img·n_nt steps
     for it in range(0, n_img * n_nt):
-        jj = it // n_nt
-        nt = it - jj * n_nt
-        if HAS_MASK:
-            j = tl.load(ImgList + i * G + jj)
-        else:
-            j = jj
+        j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
         offs_kv = nt * BLOCK_N + offs_n
         n_ok = offs_kv < L
         k_base = K + (b * G + j).to(tl.int64) * stride_kn + h * HEAD_DIM
@@ -237,7 +248,7 @@ def _set_attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=m_ok)
     if COUNT_TILES:
         # one counter per program: the number of key tiles its loop really loaded and computed
-        tl.store(TileCount + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m + tl.arange(0, BLOCK_M),
+        tl.store(TileCount + pid_bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0) + tl.arange(0, BLOCK_M),
                  visited, mask=tl.arange(0, BLOCK_M) < 1)
 
 
@@ -261,14 +272,8 @@ def _set_attn_fwd_ws_kernel(
     v's only reach output columns that are never stored. A key tile that runs past its image's last row reads the
     next image's rows: their scores are set to −inf before the row max, as in the pointer kernel.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    n_mt = tl.cdiv(L, BLOCK_M)
+    i, mt, b, h, pid_bh = _query_tile(L, H, BLOCK_M)
     n_nt = tl.cdiv(L, BLOCK_N)
-    i = pid_m // n_mt
-    mt = pid_m % n_mt
-    b = pid_bh // H
-    h = pid_bh % H
     col0 = h * HEAD_DIM
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -287,12 +292,7 @@ def _set_attn_fwd_ws_kernel(
     else:
         n_img = G
     for it in tl.range(0, n_img * n_nt, warp_specialize=WARP_SPEC):
-        jj = it // n_nt
-        nt = it - jj * n_nt
-        if HAS_MASK:
-            j = tl.load(ImgList + i * G + jj)
-        else:
-            j = jj
+        j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
         row = (b * G + j) * L + nt * BLOCK_N
         k = DescK.load([row, col0])
         if DOT_F32:
@@ -327,13 +327,7 @@ def _set_attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta = rowsum(dO ∘ O) per query row (fp32), the softmax-Jacobian term dS = P ∘ (dP − Delta) needs."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    n_mt = tl.cdiv(L, BLOCK_M)
-    i = pid_m // n_mt
-    mt = pid_m % n_mt
-    b = pid_bh // H
-    h = pid_bh % H
+    i, mt, b, h, pid_bh = _query_tile(L, H, BLOCK_M)
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
     o = _load_chunk(Out + (b * G + i).to(tl.int64) * stride_on + h * HEAD_DIM, offs_m, m_ok, stride_ol,
@@ -481,14 +475,8 @@ def _set_attn_bwd_dq_kernel(
 
         P = 2^(s·log2e·q kᵀ − lse·log2e),  dP = dO Vᵀ,  dS = P ∘ (dP − Delta),  dQ = scale · dS K
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    n_mt = tl.cdiv(L, BLOCK_M)
+    i, mt, b, h, pid_bh = _query_tile(L, H, BLOCK_M)
     n_nt = tl.cdiv(L, BLOCK_N)
-    i = pid_m // n_mt
-    mt = pid_m % n_mt
-    b = pid_bh // H
-    h = pid_bh % H
 
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -518,12 +506,7 @@ def _set_attn_bwd_dq_kernel(
     else:
         n_img = G
     for it in range(0, n_img * n_nt):
-        jj = it // n_nt
-        nt = it - jj * n_nt
-        if HAS_MASK:
-            j = tl.load(ImgList + i * G + jj)
-        else:
-            j = jj
+        j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
         offs_kv = nt * BLOCK_N + offs_n
         n_ok = offs_kv < L
         k_base = K + (b * G + j).to(tl.int64) * stride_kn + h * HEAD_DIM
