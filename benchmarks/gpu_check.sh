@@ -10,7 +10,8 @@
 #            (prepare_inputs, geglu, group_norm, set_attention: whatever the budget leaves);
 #   model:   (re)build only if the extension is missing, `pytest -m gpu tests/jedi`, step_levers.py (issue 9's
 #            ladder, quick = no compiles), the full Table 6 reproduction (workloads compiled side by side,
-#            JEDI_TABLE6_JOBS=5; 1 = the quick serial run), profile_step.py (eager and fused) in what is left.
+#            JEDI_TABLE6_JOBS=5; 1 = the quick serial run), its pytest form on blipd without compiles
+#            (JEDI_T6PYTEST_TIMEOUT), profile_step.py (eager and fused) in what is left.
 # Each step's cap can be set (seconds; 0 skips the benchmarks / memcheck): JEDI_GPU_TEST_TIMEOUT, JEDI_SWEEP_TIMEOUT,
 # JEDI_HARNESS_TIMEOUT, JEDI_MEMCHECK_TIMEOUT, JEDI_FUSED_TEST_TIMEOUT, JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT,
 # JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT (JEDI_TABLE6_JOBS), JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips
@@ -232,6 +233,15 @@ if [ "$t6" -ge 60 ]; then
 else
   echo "table6 skipped: ${t6}s left of the budget" | tee -a "$LOG"
 fi
+step "Table 6 as pytest-benchmark (bench_table6.py, blipd without compiles: the pytest form's GPU path)"
+if [ "$(lim 60)" -ge 30 ]; then
+  JEDI_TABLE6_QUICK=1 timeout -s INT -k 10 "$(lim ${JEDI_T6PYTEST_TIMEOUT:-60})" $PY -m pytest benchmarks/bench_table6.py \
+    -m gpu --benchmark-only -q -p no:cacheprovider -k "table6 and blipd and not compile" \
+    --benchmark-json="$OUT/bench_table6.json" >"$OUT/bench_table6.log" 2>&1
+  echo "pytest rc=$?" | tee -a "$LOG"; tail -3 "$OUT/bench_table6.log" | tee -a "$LOG"
+else
+  echo "skipped: $(lim 60)s left of the budget" | tee -a "$LOG"
+fi
 step "profile (eager baseline, then channels-last + fused ops)"
 if [ "$(lim 60)" -ge 30 ]; then
 timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --out "$OUT/profile_eager.json" >"$OUT/profile.log" 2>&1
@@ -248,6 +258,6 @@ step "collect"
 $PY benchmarks/collect_results.py "$OUT" --build "$build_status" --part "$PART" 2>&1 | tee -a "$LOG"
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 # the device tool returns at most 8 files: raw outputs (embedded in results.json anyway) and logs go in one archive
-(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml *.md bench.json attention.json table6.json step.json \
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml *.md bench.json bench_table6.json attention.json table6.json step.json \
   profile_*.json ncu_attention.json 2>/dev/null | grep -v '^gpu_check.log$'))
 ls -la "$OUT"
