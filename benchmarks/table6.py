@@ -591,8 +591,8 @@ def measure_gate(gate_dir: str, n_workers: int, barrier_deadline: float, name: s
     d = Path(gate_dir)
     (d / f"{name}.ready").touch()
 
-    def done() -> int:
-        return sum(1 for p in d.iterdir() if p.suffix in (".ready", ".exited"))
+    def done() -> int:  # workers ready or gone (one that measured and exited has both marks: count it once)
+        return len({p.stem for p in d.iterdir() if p.suffix in (".ready", ".exited")})
 
     while done() < n_workers and time.time() < barrier_deadline:
         time.sleep(poll_s)

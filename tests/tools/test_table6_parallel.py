@@ -49,6 +49,18 @@ def test_gate_waits_for_every_worker_then_measures_one_at_a_time(tmp_path):
     assert "measured_while_others_prepared" not in log.read_text()
 
 
+def test_gate_counts_a_worker_once_when_it_is_both_ready_and_gone(tmp_path):
+    """A worker that measured and exited leaves both marks; it must not stand in for one still compiling."""
+    gate, log = tmp_path / "gate", tmp_path / "log"
+    gate.mkdir()
+    (gate / "w1.ready").touch()
+    (gate / "w1.exited").touch()  # w1 done; w2 (never comes) is still preparing
+    t0 = time.time()
+    _hold_turn(str(gate), 3, t0 + 0.3, "w0", str(log), 0.0)
+    assert time.time() - t0 >= 0.3  # waited for the barrier: 2 of 3 workers, not 3
+    assert '"measured_while_others_prepared": true' in log.read_text()
+
+
 def test_gate_gives_up_at_the_barrier_and_says_so(tmp_path):
     gate, log = tmp_path / "gate", tmp_path / "log"
     gate.mkdir()
