@@ -776,16 +776,23 @@ def _fwd_ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, D: int) -> boo
     return True
 
 
+def _fwd_buffers(q, B, G, L, H, D, set_mask):
+    """The forward's outputs, out (N, L, H*D) in q's dtype and lse (B, H, G*L) float32, and the mask's image lists
+    and counts (:func:`_mask_lists`; without a mask, dummies the kernels never read)."""
+    out = _empty((B * G, L, H * D), device=q.device, dtype=q.dtype)
+    lse = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
+    lst, cnt = _mask_lists(set_mask, G) if set_mask is not None else (lse, lse)
+    return out, lse, lst, cnt
+
+
 def _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     N = B * G
     DP = max(16, _next_pow2(D))
     cfg = dict(config or (_INTERPRETER_CONFIG if triton_interpreting() else _WS_CONFIG))
-    out = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
-    lse = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
+    out, lse, lst, cnt = _fwd_buffers(q, B, G, L, H, D, set_mask)
     has_mask = set_mask is not None
-    lst, cnt = _mask_lists(set_mask, G) if has_mask else (lse, lse)
     dot_f32, prec = _prec(q.dtype)
 
     def desc(t, rows):
@@ -844,14 +851,11 @@ def set_attn_fwd(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if _fwd_ws_requested() and tile_counter is None and scale > 0 and _fwd_ws_ok(q, k, v, D):
         return _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config)
-    N = B * G
     if chunk_head_dim is None and D <= _FWD_PAD_UP_TO:
         chunk_head_dim = False
     D0, D1 = head_dim_chunks(D, chunk_head_dim)
-    out = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
-    lse = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
+    out, lse, lst, cnt = _fwd_buffers(q, B, G, L, H, D, set_mask)
     has_mask = set_mask is not None
-    lst, cnt = _mask_lists(set_mask, G) if has_mask else (lse, lse)  # dummies: never read without a mask
     dot_f32, prec = _prec(q.dtype)
     count = tile_counter is not None
     args = (
