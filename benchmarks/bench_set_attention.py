@@ -133,11 +133,13 @@ def test_head_dim_chunked_vs_padded(benchmark, L, D, chunked):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask", ["full", "blockdiag"])
+@pytest.mark.parametrize("mask", ["full", "blockdiag", "oneway"])
 def test_block_diagonal_mask_cost(benchmark, mask):
-    """A block-diagonal mask over ng = 4 images skips 3/4 of the key tiles: it should cost ~1/4 of full attention."""
+    """A block-diagonal mask over ng = 4 images (run as per-image attention) and a one-way mask (every image attends
+    image 0 only: the kernel skips the other images' key tiles, walking its image lists) both have 1/4 of full
+    attention's work: each should cost ~1/4 of it."""
     ng = 4
-    set_mask = torch.eye(ng, dtype=torch.bool, device=sw.DEVICE) if mask == "blockdiag" else None
+    set_mask = sw.set_mask_of(mask, ng)
     benchmark.group = "set_mask cost fwd bf16 L=1024 D=80 ng=4"
     _bench_gpu(benchmark, "triton", 1024, 80, ng, torch.bfloat16, "fwd", compare=False, set_mask=set_mask)
 

@@ -1,7 +1,7 @@
 """Hardware counters of the set-attention kernels on one shape, through Nsight Compute (issues 3 and 4 ask what bounds
 each kernel: tensor pipes, the exponential unit, memory, occupancy, stalls).
 
-    python benchmarks/ncu_attention.py --out OUT.json [--L 4096 --D 40 --ng 2] [--bwd] [--mask blockdiag]  # OUT.json/.md
+    python benchmarks/ncu_attention.py --out OUT.json [--L 4096 --D 40 --ng 2] [--bwd] [--mask blockdiag|oneway]  # OUT.json/.md
     python benchmarks/ncu_attention.py --run [...]                                       # the profiled program alone
 
 ``--run`` warms every backend up (Triton compiles and autotunes, cuDNN plans) and then brackets exactly one forward of
@@ -53,7 +53,7 @@ def run_program(args) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from attention_sweep import HEADS, SETS, build_fn, make_inputs
+    from attention_sweep import HEADS, SETS, build_fn, make_inputs, set_mask_of
 
     import jedi_kernels as jk
 
@@ -61,7 +61,7 @@ def run_program(args) -> None:
     mode = "fwd+bwd" if args.bwd else "fwd"
     qkv, q, k, v = make_inputs(SETS, args.ng, args.L, HEADS, args.D, torch.bfloat16, requires_grad=args.bwd)
     do = torch.randn_like(q) if args.bwd else None
-    set_mask = torch.eye(args.ng, dtype=torch.bool, device="cuda") if args.mask == "blockdiag" else None
+    set_mask = None if args.mask == "none" else set_mask_of(args.mask, args.ng)
     fns = {}
     for b in backends:
         fn, _ = build_fn(b, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do, set_mask=set_mask)
@@ -136,9 +136,10 @@ def main(argv=None) -> int:
     ap.add_argument("--D", type=int, default=40)
     ap.add_argument("--ng", type=int, default=2)
     ap.add_argument("--bwd", action="store_true", help="profile forward+backward instead of the forward")
-    ap.add_argument("--mask", choices=("none", "blockdiag"), default="none",
-                    help="blockdiag: each image attends only itself (our kernels skip the other tiles; SDPA gets it "
-                         "as a dense mask)")
+    ap.add_argument("--mask", choices=("none", "blockdiag", "oneway"), default="none",
+                    help="blockdiag: each image attends only itself (ours run it as per-image attention); oneway: "
+                         "every image attends image 0 (our kernels walk their image lists and skip the other tiles). "
+                         "SDPA gets either as a dense mask")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole ncu run")
     args = ap.parse_args(argv)
     if args.run:

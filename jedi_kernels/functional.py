@@ -31,20 +31,21 @@ _MASK_CACHE_SIZE = 8
 
 
 def _mask_facts(set_mask: torch.Tensor) -> dict | None:
-    """{"empty_rows": [...], "identity": bool} of a (G, G) bool mask, cached; None where a sync is not allowed and
-    always while compiling (no Python-state lookups for dynamo to guard on)."""
-    if torch.compiler.is_compiling():
+    """{"empty_rows": [...], "identity": bool, "full": bool} of a (G, G) bool mask, cached; None where a sync is not
+    allowed: always while compiling (no Python-state lookups for dynamo to guard on) and while capturing a CUDA graph,
+    even for a cached mask (a graph replays whatever a fact selected, but the mask may change in place between
+    replays: CUDAGraphRunner's static buffers do)."""
+    if not _can_sync(set_mask):
         return None
     for ref, version, facts in _MASK_CACHE:
         if ref() is set_mask and version == set_mask._version:
             return facts
-    if not _can_sync(set_mask):
-        return None
     host = set_mask.detach().cpu()  # G*G bools: one small copy, the only sync
     G = host.shape[0]
     facts = {
         "empty_rows": (~host.any(dim=1)).nonzero().flatten().tolist(),
         "identity": bool(torch.equal(host, torch.eye(G, dtype=torch.bool))),
+        "full": bool(host.all()),
         "moved": {},  # device -> copy of the mask there
     }
     _MASK_CACHE[:] = [e for e in _MASK_CACHE if e[0]() is not None][-(_MASK_CACHE_SIZE - 1):]
@@ -107,15 +108,12 @@ def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
     return N // set_size, set_size, L, heads, HD // heads
 
 
-def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask, facts=None):
-    """Backend "torch": torch SDPA on a (B, H, G*L, D) view; a block-diagonal mask runs as per-image attention."""
+def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask):
+    """Backend "torch": torch SDPA on a (B, H, G*L, D) view, a set_mask as a dense (G*L, G*L) token mask."""
     N, L, HD = q.shape
     G, H = set_size, heads
     D = HD // H
-    if set_mask is not None and facts is not None and facts["identity"]:
-        B, G, set_mask = N, 1, None  # each image attends only itself: plain per-image attention
-    else:
-        B = N // G
+    B = N // G
 
     def heads_first(x):
         # (N, L, H*D) -> (B, G*L, H, D) -> (B, H, G*L, D)
@@ -173,6 +171,13 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
         raise TypeError(f"scale must be a float or None, got {type(scale)}")
     scale = float(scale)
     set_mask, facts = _check_set_mask(set_mask, G, q.device)
+    if set_mask is not None and facts is not None:
+        # exact rewrites of two common masks (known from the cached facts, i.e. eagerly, never inside a graph):
+        # all True is full joint attention; the identity (block-diagonal) is per-image attention, sets of one image
+        if facts["full"]:
+            set_mask = None
+        elif facts["identity"]:
+            G, set_mask = 1, None
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -180,7 +185,7 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
     if backend == "auto":
         backend = dispatch.choose_set_attention_backend(q, heads, set_mask is not None)
     if backend == "torch":
-        return _sdpa_set_attention(q, k, v, G, H, scale, set_mask, facts)
+        return _sdpa_set_attention(q, k, v, G, H, scale, set_mask)
     if backend == "triton" and not triton_ok(q.device):
         raise ValueError(
             f"backend='triton' cannot run on {q.device}: {available_backends()['reasons'].get('triton', 'needs a CUDA device')}"

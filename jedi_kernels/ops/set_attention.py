@@ -542,6 +542,26 @@ def _set_attn_bwd_dq_kernel(
         _store_chunk(dq_base, offs_m, m_ok, row_stride, dq1 * scale, D0, D1, HEAD_DIM)
 
 
+@triton.jit
+def _mask_lists_kernel(Mask, Lst, Cnt, stride_r, stride_c, G, BLOCK_G: tl.constexpr):
+    """Image lists of a (G, G) mask for the kernels above: program (r, t) handles row r of the mask (t = 0) or its
+    column r (t = 1, the transposed lists). Lst[t, r] gets the allowed images in ascending order, then the forbidden
+    ones (a permutation of 0..G-1); Cnt[t, r] the number allowed. One launch instead of a dozen small torch ops."""
+    r = tl.program_id(0)
+    t = tl.program_id(1)
+    s_major = tl.where(t == 0, stride_r, stride_c)
+    s_minor = tl.where(t == 0, stride_c, stride_r)
+    idx = tl.arange(0, BLOCK_G)
+    ok = idx < G
+    m = tl.load(Mask + r * s_major + idx * s_minor, mask=ok, other=0)
+    a = ((m != 0) & ok).to(tl.int32)
+    cnt = tl.sum(a, 0)
+    # inclusive prefix counts; the padding (idx >= G) comes after every real image, so it shifts no real rank
+    pos = tl.where(a != 0, tl.cumsum(a, 0) - 1, tl.cumsum(1 - a, 0) - 1 + cnt)
+    tl.store(Lst + (t * G + r) * G + pos, idx, mask=ok)
+    tl.store(Cnt + t * G + r, cnt)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs (GPU autotuning; the interpreter runs _INTERPRETER_CONFIG)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -709,23 +729,20 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _mask_lists(set_mask: Optional[torch.Tensor], G: int, transpose: bool = False):
-    """Compact (G, G) int32 image lists + (G,) counts from a bool (G, G) mask, on its device with no host sync and no
-    data-dependent allocation (CUDA-graph safe): cumsum ranks + one scatter.
+def _mask_lists(set_mask: torch.Tensor, G: int, both: bool = False):
+    """Compact int32 image lists + counts of a bool (G, G) mask, on its device, in one launch (no host sync, no
+    data-dependent allocation: CUDA-graph safe; :func:`_mask_lists_kernel`).
 
-    Row i of the list holds the images j with mask[i, j] (ascending), then the forbidden ones; the kernels read only
-    the first count[i]. ``transpose`` lists, per key image j, the query images i with mask[i, j].
+    Returns (lst, cnt): lst (G, G), row i holding the images j with mask[i, j] (ascending), then the forbidden ones
+    (the kernels read only the first cnt[i]); cnt (G,). With ``both``, lst is (2, G, G) and cnt (2, G): index 0 as
+    above, index 1 the transposed lists (per key image j, the query images i with mask[i, j]) the backward needs.
     """
-    m = set_mask.to(torch.int32)
-    if transpose:
-        m = m.t()
-    cnt = m.sum(dim=1, dtype=torch.int32)
-    allowed_rank = m.cumsum(dim=1) - 1  # rank of an allowed image among the allowed ones
-    forbidden_rank = (1 - m).cumsum(dim=1) - 1 + cnt[:, None].long()  # forbidden images go after them
-    pos = torch.where(m.bool(), allowed_rank, forbidden_rank)  # (G, G) int64, a permutation per row
-    images = torch.arange(G, device=m.device, dtype=torch.int32).expand(G, G)
-    lst = torch.empty((G, G), device=m.device, dtype=torch.int32).scatter_(1, pos, images)
-    return lst, cnt.contiguous()
+    m = set_mask.view(torch.uint8) if set_mask.dtype == torch.bool else set_mask
+    n = 2 if both else 1
+    lst = _empty((n, G, G), device=m.device, dtype=torch.int32)
+    cnt = _empty((n, G), device=m.device, dtype=torch.int32)
+    _mask_lists_kernel[(G, n)](m, lst, cnt, m.stride(0), m.stride(1), G, BLOCK_G=max(2, _next_pow2(G)))
+    return (lst, cnt) if both else (lst[0], cnt[0])
 
 
 def _prec(dtype: torch.dtype) -> tuple[bool, str]:
@@ -928,8 +945,8 @@ def set_attn_bwd(
     dv = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     has_mask = set_mask is not None
     if has_mask:
-        rows, rcnt = _mask_lists(set_mask, G)
-        cols, ccnt = _mask_lists(set_mask, G, transpose=True)
+        lists, counts = _mask_lists(set_mask, G, both=True)
+        rows, cols, rcnt, ccnt = lists[0], lists[1], counts[0], counts[1]
     else:
         rows = rcnt = cols = ccnt = delta  # dummies: never read without a mask
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))

@@ -206,3 +206,31 @@ def test_set_mask_checks_run_once_per_mask_and_again_after_an_inplace_edit(monke
     assert_close_verbose(jk.set_attention(q, k, v, 2, 2, set_mask=eye, backend="torch"),
                          set_attention_reference(q, k, v, 1, 2), atol=1e-5, name="identity mask")
     assert functional._mask_facts(eye)["identity"] and len(functional._MASK_CACHE) <= functional._MASK_CACHE_SIZE
+
+
+@pytest.mark.parametrize("kind", ["full", "identity", "oneway"])
+def test_full_and_identity_masks_run_unmasked(monkeypatch, kind):
+    """Exact rewrites from the cached mask facts: an all-True mask is full joint attention (no mask), the identity
+    (block-diagonal) is per-image attention (sets of one); any other mask reaches the kernel as is. Inside a CUDA graph
+    capture or a compile (no facts, stood in for by ``_can_sync`` = False) nothing is rewritten, even for a mask whose
+    facts are cached: a replay must follow in-place edits of the mask."""
+    from jedi_kernels import functional
+
+    G = 3
+    mask = {"full": torch.ones(G, G, dtype=torch.bool), "identity": torch.eye(G, dtype=torch.bool),
+            "oneway": torch.zeros(G, G, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True)}[kind]
+    q, k, v = (torch.randn(2 * G, 9, 16) for _ in range(3))
+    calls = []
+    real = functional._sdpa_set_attention
+    monkeypatch.setattr(functional, "_sdpa_set_attention",
+                        lambda q, k, v, g, h, s, m: calls.append((g, m)) or real(q, k, v, g, h, s, m))
+    out = jk.set_attention(q, k, v, G, 2, set_mask=mask, backend="torch")
+    assert_close_verbose(out, set_attention_reference(q, k, v, G, 2, set_mask=mask), atol=1e-5, name=kind)
+    g, m = calls[-1]
+    expected = {"full": (G, None), "identity": (1, None), "oneway": (G, mask)}[kind]
+    assert g == expected[0] and (m is None) == (expected[1] is None)
+    monkeypatch.setattr(functional, "_can_sync", lambda t: False)
+    assert functional._mask_facts(mask) is None
+    out = jk.set_attention(q, k, v, G, 2, set_mask=mask, backend="torch")
+    assert calls[-1][0] == G and calls[-1][1] is mask
+    assert_close_verbose(out, set_attention_reference(q, k, v, G, 2, set_mask=mask), atol=1e-5, name=kind + " graph")

@@ -401,6 +401,30 @@ def test_block_diagonal_mask_skips_tiles():
     assert visited["oneway"] * G == visited["full"]
 
 
+@pytest.mark.parametrize("G", [1, 2, 3, 5, 8, 17])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_mask_lists_match_a_python_loop(G, layout):
+    """The image lists the kernels walk (one launch of ``_mask_lists_kernel``): per row, the allowed images ascending,
+    then the forbidden ones; per column the same for the transposed mask; counts = allowed per row/column. Random
+    masks, read through strides (a transposed view, a strided slice of a larger mask)."""
+    device = _device()
+    g = torch.Generator().manual_seed(1000 + G)
+    dense = torch.rand(2 * G, 2 * G, generator=g) < 0.5
+    mask = {"contiguous": dense[:G, :G].contiguous(), "transposed": dense[:G, :G].t(),
+            "sliced": dense[::2, 1::2]}[layout].to(device)
+    assert mask.shape == (G, G)
+    host = mask.cpu()
+    lists, counts = sa._mask_lists(mask, G, both=True)
+    for t, m in enumerate((host, host.t())):
+        for r in range(G):
+            allowed = [j for j in range(G) if m[r, j]]
+            forbidden = [j for j in range(G) if not m[r, j]]
+            assert lists[t, r].tolist() == allowed + forbidden, (t, r)
+            assert int(counts[t, r]) == len(allowed), (t, r)
+    lst, cnt = sa._mask_lists(mask, G)
+    assert torch.equal(lst, lists[0]) and torch.equal(cnt, counts[0])
+
+
 def test_forbidden_images_are_never_read():
     """K/V of images no query may attend are NaN: nothing leaks into the outputs (their tiles are never loaded)."""
     device = _device()
@@ -421,12 +445,15 @@ def test_forbidden_images_are_never_read():
 
 @pytest.mark.parametrize("mask", ["full", "oneway"])
 def test_poisoned_outputs_are_fully_written(monkeypatch, mask):
-    """Every output (and scratch) buffer is allocated NaN-filled: all of out, lse, dq, dk, dv must be overwritten —
-    including dk = dv = 0 for an image nobody attends, and the tails of images whose L is not a tile multiple."""
+    """Every output (and scratch) buffer is allocated poisoned (NaN; integer ones, the mask's image lists and counts,
+    -12345): all of out, lse, dq, dk, dv must be overwritten — including dk = dv = 0 for an image nobody attends, and
+    the tails of images whose L is not a tile multiple — and a list entry left unwritten would send a kernel to a
+    wild image index."""
     real_empty = torch.empty
 
     def poisoned(*args, **kwargs):
-        return real_empty(*args, **kwargs).fill_(float("nan"))
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -12345)
 
     monkeypatch.setattr(sa, "_empty", poisoned)
     out, lse, grads = _check_case(2, 3, 17, 2, 40, mask=mask)
@@ -788,7 +815,8 @@ def test_set_attention_gpu_fp32():
 def test_cuda_graph_capture_replay(backend):
     """Forward and backward launches capture into a CUDA graph (no host syncs, no data-dependent allocation); a replay
     on new inputs equals an eager run bit for bit, except dq: both backends add it up with float32 atomics, whose order
-    varies from run to run (H100, 2026-11-27: one fp16 ulp apart), so dq must agree to two fp16 ulps."""
+    varies from run to run (H100, 2026-11-27: one fp16 ulp apart), so dq must agree to two fp16 ulps. The mask is
+    changed in place before the replay too: its image lists are computed inside the graph, not frozen at capture."""
     device = torch.device("cuda")
     B, G, L, H, D = 2, 2, 256, 2, 80
     mask = _jedi_mask(G, 1).to(device)
@@ -811,6 +839,7 @@ def test_cuda_graph_capture_replay(backend):
         captured = step()
     for t in static:
         t.copy_(torch.randn_like(t))
+    mask.copy_(_one_way(G, 1).to(device))  # a different pattern: the lists must follow it
     graph.replay()
     torch.cuda.synchronize()
     eager = step()
