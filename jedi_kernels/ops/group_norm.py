@@ -9,9 +9,12 @@ batch of 4) but 132 SMs on an H100, each group spanning up to 64*64*80 elements 
 GPU mostly idle. Here the statistics are split three ways:
 
   1. ``_gn_partial_kernel``, grid (N, channel blocks, pixel splits): per-channel partial (mean, M2) of a slice of the
-     pixels, merged tile by tile with Chan's parallel-variance formula (no E[x^2] - E[x]^2 cancellation). Each
-     program reads a (BLOCK_P pixels x BLOCK_C channels) tile through strides: contiguous along C for NHWC, along
-     the pixels for NCHW, so both layouts read coalesced.
+     pixels (no E[x^2] - E[x]^2 cancellation). Each program streams (BLOCK_P pixels x BLOCK_C channels) tiles through
+     strides, contiguous along C for NHWC and along the pixels for NCHW, so both layouts read coalesced; every
+     element of the tile keeps its own Welford (mean, M2), and the tile's rows merge with Chan's parallel-variance
+     formula once, after the loop (the loop itself has no cross-thread reduction: until 2026-11-27 it reduced each
+     tile across threads, and the H100 profile had this kernel at 0.6 TB/s, 10 us a call, where the apply kernel,
+     which moves twice the bytes, took 5.6 us).
   2. ``_gn_stats_kernel``, grid (N * num_groups,): merges the splits x C/num_groups channels of a group into its
      mean and rstd.
   3. ``_gn_apply_kernel``, grid (N, channel blocks, pixel tiles): normalizes, applies the affine and SiLU, and writes
@@ -58,9 +61,11 @@ if triton is not None:
     ):
         """Per-channel (mean, M2) of pixels [s*TILES_PER_SPLIT*BLOCK_P, ...) of image n, channels of block cb.
 
-        Tiles merge with Chan et al.: for running (n_a, mean_a, M2_a) and a tile (n_b, mean_b, M2_b),
-        delta = mean_b - mean_a, mean = mean_a + delta * n_b / n, M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-        Every channel of a split sees the same pixel count, so the counts are scalars.
+        Every element of the (BLOCK_P x BLOCK_C) tile keeps its own running (mean, M2) over the tiles of the split
+        (Welford: d = x - mean, mean += d / n, M2 += d * (x - mean)), so the loop has no cross-thread reduction (no
+        shuffles, no barriers: it only streams x); the tile's rows, whose counts ``cnt`` differ only where the last
+        tile of the image is cut short, merge once at the end with Chan et al.: mean = sum(n_p * mean_p) / n,
+        M2 = sum(M2_p + n_p * (mean_p - mean)^2). No E[x^2] - E[x]^2 cancellation anywhere.
         """
         n = tl.program_id(0).to(tl.int64)
         cb = tl.program_id(1)
@@ -68,26 +73,27 @@ if triton is not None:
         acc_t = tl.float64 if WIDE else tl.float32
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
-        mean = tl.zeros([BLOCK_C], dtype=acc_t)
-        m2 = tl.zeros([BLOCK_C], dtype=acc_t)
-        cnt = tl.sum(mean, axis=0)  # 0 of type acc_t: a loop-carried value must keep its type (fp64 when WIDE)
+        mean_e = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+        m2_e = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+        cnt = tl.zeros([BLOCK_P], dtype=acc_t)  # pixels seen by each row of the tile
         x_img = x_ptr + n * s_xn  # int64 image base; offsets inside an image are int32
         t0 = s * TILES_PER_SPLIT
         t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(HW, BLOCK_P))
-        for t in range(t0, t1):
+        # cp.async prefetch of the next two tiles (num_stages=3): the loop only streams, so keep loads in flight
+        for t in tl.range(t0, t1, num_stages=3):
             p = tl.arange(0, BLOCK_P) + t * BLOCK_P
             pm = p < HW
-            msk = pm[:, None] & cm[None, :]
-            x = tl.load(x_img + p[:, None] * s_xp + c[None, :] * s_xc, mask=msk, other=0.0).to(acc_t)
-            nb = tl.minimum(HW - t * BLOCK_P, BLOCK_P).to(acc_t)
-            mean_b = tl.sum(x, axis=0) / nb
-            d = tl.where(msk, x - mean_b[None, :], 0.0)
-            m2_b = tl.sum(d * d, axis=0)
-            tot = cnt + nb
-            delta = mean_b - mean
-            mean = mean + delta * (nb / tot)
-            m2 = m2 + m2_b + delta * delta * (cnt * nb / tot)
-            cnt = tot
+            x = tl.load(x_img + p[:, None] * s_xp + c[None, :] * s_xc, mask=pm[:, None] & cm[None, :],
+                        other=0.0).to(acc_t)
+            cnt = cnt + pm.to(acc_t)
+            inv = tl.where(pm, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # 0: a row past HW keeps its (mean, M2)
+            d = x - mean_e
+            mean_e = mean_e + d * inv[:, None]
+            m2_e = m2_e + tl.where(pm[:, None], d * (x - mean_e), 0.0)
+        total = tl.sum(cnt, axis=0)  # >= 1: every split holds at least one pixel
+        mean = tl.sum(mean_e * cnt[:, None], axis=0) / total
+        dm = mean_e - mean[None, :]
+        m2 = tl.sum(m2_e + dm * dm * cnt[:, None], axis=0)
         dst = n * s_pn + s * s_ps + c
         tl.store(pmean_ptr + dst, mean, mask=cm)
         tl.store(pm2_ptr + dst, m2, mask=cm)
@@ -195,7 +201,8 @@ if triton is not None:
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
     ):
         """Per-channel sums over a pixel slice of image n: sum dxhat, sum dxhat * xhat (for dx), sum dy * xhat and
-        sum dy (for dweight, dbias)."""
+        sum dy (for dweight, dbias). Accumulated per element of the tile and reduced over its rows once at the end
+        (the loop has no cross-thread reduction), with the next tiles prefetched as in the forward."""
         n = tl.program_id(0).to(tl.int64)
         cb = tl.program_id(1)
         s = tl.program_id(2)
@@ -203,15 +210,15 @@ if triton is not None:
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
         mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG, HAS_W, HAS_B, WIDE)
-        sa = tl.zeros([BLOCK_C], dtype=acc_t)
-        sb = tl.zeros([BLOCK_C], dtype=acc_t)
-        sdw = tl.zeros([BLOCK_C], dtype=acc_t)
-        sdb = tl.zeros([BLOCK_C], dtype=acc_t)
+        sa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+        sb = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+        sdw = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+        sdb = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
         t0 = s * TILES_PER_SPLIT
         t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(HW, BLOCK_P))
         x_img = x_ptr + n * s_xn  # int64 image bases; offsets inside an image are int32
         dz_img = dz_ptr + n * s_xn
-        for t in range(t0, t1):
+        for t in tl.range(t0, t1, num_stages=3):
             p = tl.arange(0, BLOCK_P) + t * BLOCK_P
             msk = (p < HW)[:, None] & cm[None, :]
             off = p[:, None] * s_xp + c[None, :] * s_xc
@@ -219,15 +226,15 @@ if triton is not None:
             dz = tl.load(dz_img + off, mask=msk, other=0.0).to(acc_t)
             xhat, dy, dxhat = _gn_bwd_terms(x, dz, mean, rstd, w, b, HAS_W, HAS_B, SILU)
             xhat = tl.where(msk, xhat, 0.0)  # masked pixels: x = 0 gives xhat != 0, and dz = 0 keeps dy = 0
-            sa += tl.sum(dxhat, axis=0)
-            sb += tl.sum(dxhat * xhat, axis=0)
-            sdw += tl.sum(dy * xhat, axis=0)
-            sdb += tl.sum(dy, axis=0)
+            sa += dxhat
+            sb += dxhat * xhat
+            sdw += dy * xhat
+            sdb += dy
         dst = n * s_pn + s * s_ps + c
-        tl.store(pa_ptr + dst, sa, mask=cm)
-        tl.store(pb_ptr + dst, sb, mask=cm)
-        tl.store(pdw_ptr + dst, sdw, mask=cm)
-        tl.store(pdb_ptr + dst, sdb, mask=cm)
+        tl.store(pa_ptr + dst, tl.sum(sa, axis=0), mask=cm)
+        tl.store(pb_ptr + dst, tl.sum(sb, axis=0), mask=cm)
+        tl.store(pdw_ptr + dst, tl.sum(sdw, axis=0), mask=cm)
+        tl.store(pdb_ptr + dst, tl.sum(sdb, axis=0), mask=cm)
 
     @triton.jit
     def _gn_bwd_apply_kernel(

@@ -128,6 +128,30 @@ def test_many_splits_merge_exactly(monkeypatch, shape):
 
 
 @needs_triton
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_short_last_tile_after_full_tiles_of_its_split(monkeypatch, grad):
+    """A split whose last tile is cut short by the image's end, after full tiles of the same split: the rows past
+    the end must leave their running (mean, M2) and sums untouched (with one tile per split, as above, they only
+    ever hold zeros). Pretend to have 8 SMs: 1023 pixels in 32 tiles of 32, 2 tiles per split."""
+    monkeypatch.setattr(gn_ops, "_num_sms", lambda device: 8)
+    shape = (2, 40, 33, 31)
+    plan = gn_ops.split_plan(2, 40, 33 * 31, 8)
+    assert plan["tiles_per_split"] > 1 and (33 * 31) % plan["BLOCK_P"] and plan["split"] > 1
+    x = _x(shape, torch.float64, "nhwc", offset=3.0).requires_grad_(grad)
+    w, b = _affine(40, True)
+    w, b = w.double().requires_grad_(grad), b.double().requires_grad_(grad)
+    y = jk.group_norm(x, 4, w, b, 1e-5, silu=True, backend="triton")
+    ref = group_norm_reference(x, 4, w, b, 1e-5, True)
+    assert_close_verbose(y, ref, atol=1e-12, name="short last tile")
+    if grad:
+        gy = torch.randn(shape, dtype=torch.float64)
+        ours = torch.autograd.grad(y, (x, w, b), gy)
+        refs = torch.autograd.grad(ref, (x, w, b), gy)
+        for name, o, r in zip(("dx", "dweight", "dbias"), ours, refs):
+            assert_close_verbose(o, r, atol=1e-11 * max(1.0, float(r.abs().max())), name=f"{name} short last tile")
+
+
+@needs_triton
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 def test_backward_many_splits_exact_fp64(monkeypatch, affine):
     """The Triton backward's per-channel partial sums merged across several splits (H100-sized plan), uneven tail."""
