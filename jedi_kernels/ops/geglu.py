@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from jedi_kernels.ops import eager_call
 from jedi_kernels.reference import geglu_reference
 
 try:
@@ -220,11 +221,23 @@ def _torch_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.cat([gr * g * cdf, gr * a * (cdf + g * pdf)], dim=-1).to(h.dtype)
 
 
-@torch.library.custom_op("jedi::geglu", mutates_args=())
-def _geglu(h: torch.Tensor, backend: str) -> torch.Tensor:
+def _fwd_body(h: torch.Tensor, backend: str) -> torch.Tensor:
+    """What ``jedi::geglu`` runs (and the eager paths)."""
     if backend == "triton":
         return geglu_fwd(h)
     return geglu_reference(h).contiguous()
+
+
+def _bwd_body(grad: torch.Tensor, h: torch.Tensor, backend: str) -> torch.Tensor:
+    """What ``jedi::geglu_backward`` runs (and the eager path's backward)."""
+    if backend == "triton":
+        return geglu_bwd(grad, h)
+    return _torch_bwd(grad, h)
+
+
+@torch.library.custom_op("jedi::geglu", mutates_args=())
+def _geglu(h: torch.Tensor, backend: str) -> torch.Tensor:
+    return _fwd_body(h, backend)
 
 
 @_geglu.register_fake
@@ -234,9 +247,7 @@ def _(h, backend):
 
 @torch.library.custom_op("jedi::geglu_backward", mutates_args=())
 def _geglu_backward(grad: torch.Tensor, h: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return geglu_bwd(grad, h)
-    return _torch_bwd(grad, h)
+    return _bwd_body(grad, h, backend)
 
 
 @_geglu_backward.register_fake
@@ -258,6 +269,23 @@ def _backward(ctx, grad):
 _geglu.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _GegluEager(torch.autograd.Function):
+    """Eager calls that record autograd: ``jedi::geglu``'s forward, saved tensor and backward without the custom
+    op's dispatch layers (see :func:`jedi_kernels.ops.eager_call`)."""
+
+    @staticmethod
+    def forward(ctx, h, backend):
+        ctx.save_for_backward(h)
+        ctx.backend = backend
+        return _fwd_body(h, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return _bwd_body(grad, h, ctx.backend), None
+
+
 def geglu_op(h: torch.Tensor, backend: str) -> torch.Tensor:
     """The differentiable op behind ``jedi_kernels.geglu``.
 
@@ -266,6 +294,14 @@ def geglu_op(h: torch.Tensor, backend: str) -> torch.Tensor:
         backend: "triton" or "torch" (already resolved from "auto").
 
     Returns:
-        (..., F) contiguous in h's dtype; gradients flow to h through ``jedi::geglu_backward``.
+        (..., F) contiguous in h's dtype; gradients flow to h through ``jedi::geglu_backward``'s kernels.
+
+    The custom op ``jedi::geglu`` runs while compiling and for tensor subclasses; eager calls take the same kernels
+    without its dispatch layers (:func:`jedi_kernels.ops.eager_call`).
     """
+    how = eager_call(h)
+    if how == "direct":
+        return _fwd_body(h, backend)
+    if how == "function":
+        return _GegluEager.apply(h, backend)
     return torch.ops.jedi.geglu(h, backend)

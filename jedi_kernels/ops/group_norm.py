@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from jedi_kernels.ops import eager_call
 from jedi_kernels.reference import group_norm_reference
 
 try:
@@ -430,9 +431,7 @@ def _group_norm(
     silu: bool,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
-        return group_norm_fwd(x, num_groups, weight, bias, eps, silu)
-    return _torch_fwd(x, num_groups, weight, bias, eps, silu)
+    return _fwd_body(x, num_groups, weight, bias, eps, silu, backend)
 
 
 @_group_norm.register_fake
@@ -517,6 +516,40 @@ def _backward(ctx, grad):
 _group_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fwd_body(x, num_groups, weight, bias, eps, silu, backend):
+    """What ``jedi::group_norm`` runs (and the eager paths)."""
+    if backend == "triton":
+        return group_norm_fwd(x, num_groups, weight, bias, eps, silu)
+    return _torch_fwd(x, num_groups, weight, bias, eps, silu)
+
+
+class _GroupNormEager(torch.autograd.Function):
+    """Eager calls that record autograd: ``jedi::group_norm``'s forward, saved tensors and backward without the
+    custom op's dispatch layers (see :func:`jedi_kernels.ops.eager_call`)."""
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, silu, backend):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.num_groups, ctx.eps, ctx.silu, ctx.backend = num_groups, eps, silu, backend
+        return _fwd_body(x, num_groups, weight, bias, eps, silu, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        fn = group_norm_bwd if ctx.backend == "triton" else _torch_bwd
+        dx, dw, db = fn(grad, x, ctx.num_groups, weight, bias, ctx.eps, ctx.silu)
+        return (dx if ctx.needs_input_grad[0] else None, None,
+                dw if ctx.needs_input_grad[2] else None, db if ctx.needs_input_grad[3] else None, None, None, None)
+
+
 def group_norm_op(x, num_groups, weight, bias, eps, silu, backend) -> torch.Tensor:
-    """The differentiable op behind ``jedi_kernels.group_norm`` (inputs validated, backend resolved)."""
+    """The differentiable op behind ``jedi_kernels.group_norm`` (inputs validated, backend resolved): the custom op
+    ``jedi::group_norm`` while compiling and for tensor subclasses, the same kernels without its dispatch layers on
+    eager calls (:func:`jedi_kernels.ops.eager_call`)."""
+    how = eager_call(x, weight, bias)
+    if how == "direct":
+        return _fwd_body(x, num_groups, weight, bias, eps, silu, backend)
+    if how == "function":
+        return _GroupNormEager.apply(x, num_groups, weight, bias, eps, silu, backend)
     return torch.ops.jedi.group_norm(x, num_groups, weight, bias, eps, silu, backend)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from jedi_kernels.backends import triton_interpreting
+from jedi_kernels.ops import eager_call
 
 __all__ = [
     "set_attn_fwd",
@@ -1059,10 +1060,11 @@ set_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _SetAttentionEager(torch.autograd.Function):
-    """Eager calls of :func:`set_attention_op`: the same kernels and saved tensors as ``jedi::set_attention_fwd`` /
-    ``_bwd``, without the custom op's Python dispatch layers (on the CI machine's CPU ≈ 26 µs of a forward and ≈ 50
-    µs of a forward+backward, measured on a no-op stand-in), which is what an eager call at small shapes costs. Under
-    torch.compile, and for tensor subclasses (fake or functional tensors of a tracer), the custom op runs instead."""
+    """Eager calls of :func:`set_attention_op` that record autograd: the same kernels and saved tensors as
+    ``jedi::set_attention_fwd`` / ``_bwd``, without the custom op's Python dispatch layers (on the CI machine's CPU
+    ≈ 26 µs of a forward and ≈ 50 µs of a forward+backward, measured on a no-op stand-in), which is what an eager
+    call at small shapes costs. Without autograd the kernels are called directly; under torch.compile, and for
+    tensor subclasses (fake or functional tensors of a tracer), the custom op runs (:func:`jedi_kernels.ops.eager_call`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, set_size, heads, scale, set_mask, backend):
@@ -1078,9 +1080,6 @@ class _SetAttentionEager(torch.autograd.Function):
         set_size, heads, scale, backend = ctx.args
         dq, dk, dv = _bwd_body(grad_out, q, k, v, out, lse, set_size, heads, scale, ctx.set_mask, backend)
         return dq, dk, dv, None, None, None, None, None
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def set_attention_op(
@@ -1111,6 +1110,9 @@ def set_attention_op(
     """
     if backend == "triton":
         _check_launch(q, set_size, heads)  # raise here, before the op, with the argument named
-    if not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in (q, k, v)):
+    how = eager_call(q, k, v)
+    if how == "direct":
+        return _fwd_body(q, k, v, set_size, heads, float(scale), set_mask, backend)[0]
+    if how == "function":
         return _SetAttentionEager.apply(q, k, v, set_size, heads, float(scale), set_mask, backend)
     return torch.ops.jedi.set_attention_fwd(q, k, v, set_size, heads, float(scale), set_mask, backend)[0]
