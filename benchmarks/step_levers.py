@@ -9,7 +9,10 @@ reduce-overhead, channels-last: 12.26 ms, measured again here when diffusers is 
 
 The ladder is cumulative; every rung is timed on the same inputs (CUDA-event medians, ``common.gpu_time_ms``):
 
-    eager               NCHW, torch SDPA ("auto" attention), GroupNorm/SiLU/GEGLU as torch ops
+    eager, float32 GN   the default model before 2026-11-27 (third session): LDM's GroupNorm32 round trip through
+                        float32 (casts of x, weight, bias and back) around torch's GroupNorm
+    eager               NCHW, torch SDPA ("auto" attention), GroupNorm/SiLU/GEGLU as torch ops (half GroupNorm as
+                        torch's own kernel, which accumulates in float32)
     +channels_last      model and inputs channels-last
     +fused_ops          GroupNorm(+SiLU) and GEGLU through jedi_kernels (JeDiUNet.set_fused_ops)
     +fuse_qkv           q/k/v of every self-attention as one GEMM
@@ -46,15 +49,17 @@ from table6 import (WORKLOADS, _device_info, _free, build_diffusers, build_ours,
                     time_step)
 
 from jedi import CUDAGraphRunner  # noqa: E402
+from jedi.unet import GroupNorm32  # noqa: E402
 from jedi_kernels import available_backends  # noqa: E402
 
 TARGET_MS = {"jedi_ng2": 8.0, "blipd": 4.5}
 TARGET_NG4_OVER_NG2 = 2.1
 ANCHOR_PEER_MS = {"jedi_ng2": 12.26, "blipd": 6.54}  # diffusers compile reduce-overhead channels-last, H100 2026-11-26
 
-BASE = dict(channels_last=False, fused_ops=False, fuse_qkv=False, cudnn_benchmark=False, attn="auto")
+BASE = dict(gn_fp32=False, channels_last=False, fused_ops=False, fuse_qkv=False, cudnn_benchmark=False, attn="auto")
 _ALL = dict(channels_last=True, fused_ops=True, fuse_qkv=True, cudnn_benchmark=True)
 LADDER = [
+    ("eager, float32 GN", dict(BASE, gn_fp32=True)),
     ("eager", dict(BASE)),
     ("+channels_last", dict(BASE, channels_last=True)),
     ("+fused_ops", dict(BASE, channels_last=True, fused_ops=True)),
@@ -69,6 +74,9 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
     """Apply one ladder configuration to ``unet`` in place; returns the inputs in the matching memory format."""
     fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     unet.to(memory_format=fmt)
+    for m in unet.modules():
+        if isinstance(m, GroupNorm32):
+            m.fp32_round_trip = bool(cfg.get("gn_fp32", False))
     unet.set_fused_ops(cfg["fused_ops"])
     unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_attn_backend(cfg["attn"])

@@ -89,6 +89,7 @@ class GroupNorm32(nn.GroupNorm):
     fused: bool = False
     silu: bool = False
     backend: str = "auto"
+    fp32_round_trip: bool = False  # LDM's explicit float32 round trip for half inputs too (benchmarks time both)
 
     def _run_fused(self, x: torch.Tensor) -> bool:
         if not self.fused:
@@ -101,7 +102,7 @@ class GroupNorm32(nn.GroupNorm):
         if self._run_fused(x):
             return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu,
                                  backend=self.backend)
-        if not self.silu and x.dtype in (torch.float16, torch.bfloat16) and all(
+        if not (self.silu or self.fp32_round_trip) and x.dtype in (torch.float16, torch.bfloat16) and all(
                 p is None or p.dtype == x.dtype for p in (self.weight, self.bias)):
             # torch's GroupNorm kernels (CUDA and CPU) already compute in float32 for half inputs and round once:
             # LDM's float32 round trip (casts of x, weight and bias, then back) gives the same values with four more
