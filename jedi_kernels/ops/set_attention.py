@@ -550,8 +550,8 @@ def _mask_lists_kernel(Mask, Lst, Cnt, stride_r, stride_c, G, BLOCK_G: tl.conste
     ones (a permutation of 0..G-1); Cnt[t, r] the number allowed. One launch instead of a dozen small torch ops."""
     r = tl.program_id(0)
     t = tl.program_id(1)
-    s_major = tl.where(t == 0, stride_r, stride_c)
-    s_minor = tl.where(t == 0, stride_c, stride_r)
+    s_major = stride_r + (stride_c - stride_r) * t  # t = 0: walk row r; t = 1: walk column r
+    s_minor = stride_c + (stride_r - stride_c) * t
     idx = tl.arange(0, BLOCK_G)
     ok = idx < G
     m = tl.load(Mask + r * s_major + idx * s_minor, mask=ok, other=0)
