@@ -99,6 +99,20 @@ def test_large_mean_is_stable(backend):
 
 
 @needs_triton
+def test_large_mean_is_stable_with_several_tiles_per_split(monkeypatch):
+    """The same offset-100 group when each split streams several tiles (every element's running Welford mean moves
+    over a few tiles before the rows merge): pretend to have one SM, so the plan puts 2 tiles in each split."""
+    monkeypatch.setattr(gn_ops, "_num_sms", lambda device: 1)
+    plan = gn_ops.split_plan(2, 32, 32 * 32, 1)
+    assert plan["tiles_per_split"] > 1
+    x = (torch.randn(2, 32, 32, 32) * 1e-2 + 100.0).to(memory_format=torch.channels_last)
+    y = jk.group_norm(x, 8, None, None, 1e-8, backend="triton")
+    ref = group_norm_reference(x.double(), 8, None, None, 1e-8)
+    same = F.group_norm(x, 8, eps=1e-8)
+    assert_flash_rule(y, same, ref, "group_norm[triton] offset 100, several tiles per split")
+
+
+@needs_triton
 def test_split_plan_covers_every_pixel_once():
     for N, C, HW, sms in [(4, 320, 4096, 132), (1, 32, 1, 132), (8, 2560, 64, 132), (2, 9, 143, 4), (1, 64, 1023, 132),
                           (16, 1280, 256, 108)]:
