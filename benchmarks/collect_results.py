@@ -4,7 +4,7 @@
 
 Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml, pytest_gpu_fused.xml and
 pytest_gpu_model.xml (junit), attention.json (attention_sweep.py), step.json (step_levers.py), profile_eager.json /
-profile_fused.json (profile_step.py), table6.json (table6.py) and ncu_attention.json (ncu_attention.py). Commit the
+profile_fused.json / profile_compiled.json (profile_step.py), table6.json (table6.py) and ncu_attention.json (ncu_attention.py). Commit the
 result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a ``-model`` suffix).
 """
 from __future__ import annotations
@@ -102,6 +102,7 @@ def main() -> None:
     }
     for key, name in (("attention_sweep", "attention.json"), ("table6", "table6.json"), ("step_levers", "step.json"),
                       ("profile_eager", "profile_eager.json"), ("profile_fused", "profile_fused.json"),
+                      ("profile_compiled", "profile_compiled.json"),
                       ("ncu_attention", "ncu_attention.json")):
         path = os.path.join(args.outdir, name)
         if os.path.exists(path):

@@ -11,10 +11,11 @@
 #   model:   (re)build only if the extension is missing, `pytest -m gpu tests/jedi`, step_levers.py (issue 9's
 #            ladder, quick = no compiles), the full Table 6 reproduction (workloads compiled side by side,
 #            JEDI_TABLE6_JOBS=5; 1 = the quick serial run), its pytest form on blipd without compiles
-#            (JEDI_T6PYTEST_TIMEOUT), profile_step.py (eager and fused) in what is left.
+#            (JEDI_T6PYTEST_TIMEOUT), profile_step.py (fused eager, then fused compiled) in what is left.
 # Each step's cap can be set (seconds; 0 skips the benchmarks / memcheck): JEDI_GPU_TEST_TIMEOUT, JEDI_SWEEP_TIMEOUT,
 # JEDI_HARNESS_TIMEOUT, JEDI_MEMCHECK_TIMEOUT, JEDI_FUSED_TEST_TIMEOUT, JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT,
-# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT (JEDI_TABLE6_JOBS), JEDI_PROFILE_TIMEOUT, JEDI_NCU_TIMEOUT (0 skips
+# JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT (JEDI_TABLE6_JOBS), JEDI_PROFILE_TIMEOUT, JEDI_PROFILE_COMPILE_TIMEOUT
+# (JEDI_PROFILE_BASELINE=1 adds the unfused eager profile), JEDI_NCU_TIMEOUT (0 skips
 # ncu), JEDI_PROBE_TIMEOUT (0 skips the extension's error-path probe); JEDI_TEST_WORKERS
 # (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
@@ -242,12 +243,26 @@ if [ "$(lim 60)" -ge 30 ]; then
 else
   echo "skipped: $(lim 60)s left of the budget" | tee -a "$LOG"
 fi
-step "profile (eager baseline, then channels-last + fused ops)"
+# the levers' kernel time (eager: one profiled step shows every kernel), then, with time left, the best configuration
+# itself: the same levers compiled (inductor fuses LayerNorm, adds and casts around our ops; ~60 s to compile). The
+# unfused eager baseline is in both runs of 2026-11-27 (results/h100-2026-11-27*.json) and runs only on request
+# (JEDI_PROFILE_BASELINE=1).
+step "profile (channels-last + fused ops, eager; then compiled)"
 if [ "$(lim 60)" -ge 30 ]; then
-timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --out "$OUT/profile_eager.json" >"$OUT/profile.log" 2>&1
+: >"$OUT/profile.log"
+if [ "${JEDI_PROFILE_BASELINE:-0}" = 1 ]; then
+  timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --out "$OUT/profile_eager.json" >>"$OUT/profile.log" 2>&1
+fi
 timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --channels-last --fused --out "$OUT/profile_fused.json" \
   >>"$OUT/profile.log" 2>&1
 echo "profile rc=$?" | tee -a "$LOG"; cat "$OUT/profile_fused.md" 2>/dev/null | tee -a "$LOG"
+if [ "$(lim 120)" -ge 100 ]; then
+  timeout "$(lim ${JEDI_PROFILE_COMPILE_TIMEOUT:-120})" $PY benchmarks/profile_step.py --device cuda --steps 3 --channels-last --fused \
+    --mode compile --out "$OUT/profile_compiled.json" >>"$OUT/profile.log" 2>&1
+  echo "profile (compiled) rc=$?" | tee -a "$LOG"; cat "$OUT/profile_compiled.md" 2>/dev/null | tee -a "$LOG"
+else
+  echo "compiled profile skipped: $(lim 120)s left of the budget" | tee -a "$LOG"
+fi
 else
   echo "profile skipped: $(lim 60)s left of the budget" | tee -a "$LOG"
 fi
