@@ -343,8 +343,8 @@ class Session:
         self.w, self.device, self.compile_backend = w, torch.device(device), compile_backend
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.unet, self.inp = build_ours(w, device, self.dtype, tiny=tiny)
-        # ours runs as JeDiPipeline.optimize() sets it up (channels-last, fused GroupNorm/GEGLU, fused q/k/v) unless
-        # ``plain``; diffusers gets the NCHW inputs, as a diffusers user runs it
+        # ours runs as JeDiPipeline.optimize() sets it up (channels-last, fused GroupNorm/GEGLU/add+LayerNorm, fused
+        # q/k/v) unless ``plain``; diffusers gets the NCHW inputs, as a diffusers user runs it
         self.inp_ours = self.inp
         if not plain:
             self.unet.to(memory_format=torch.channels_last)
@@ -717,7 +717,7 @@ def run(args) -> dict:
         "env": _device_info(),
         "quick": args.quick,
         "ours_config": "plain (NCHW, unfused)" if args.plain else "JeDiPipeline.optimize(): channels-last, fused "
-                                                                 "GroupNorm/GEGLU, fused q/k/v",
+                                                                 "GroupNorm/GEGLU/add+LayerNorm, fused q/k/v",
         "argv": sys.argv[1:],
         "budget_s": budget,
         "paper": {"device": "A100", "seconds": PAPER_A100_S,

@@ -270,7 +270,8 @@ class JeDiPipeline:
 
         Args:
             channels_last: store the UNet's conv weights channels-last (NHWC convolutions, no layout transforms).
-            fused_ops: GroupNorm(+SiLU) and GEGLU through jedi_kernels' fused kernels (``JeDiUNet.set_fused_ops``).
+            fused_ops: GroupNorm(+SiLU), GEGLU and the transformer blocks' residual add + LayerNorm through
+                jedi_kernels' fused kernels (``JeDiUNet.set_fused_ops``).
             fuse_qkv: every self-attention's q/k/v projections as one GEMM.
             cuda_graph: replay each denoising step as a CUDA graph (:class:`jedi.runtime.GraphedUNet`; captured at
                 the first step of each new batch shape). Default: on when the pipeline is on a CUDA device.
@@ -552,8 +553,8 @@ def build_sample_parser(prog: str = "jedi sample") -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="UNet/text encoder dtype (default fp16 on CUDA, else fp32; the VAE stays fp32)")
     p.add_argument("--fast", action="store_true",
-                   help="fast inference configuration (JeDiPipeline.optimize): channels-last, fused GroupNorm/GEGLU "
-                        "and QKV kernels, and on CUDA one CUDA graph replay per step")
+                   help="fast inference configuration (JeDiPipeline.optimize): channels-last, fused GroupNorm/GEGLU/"
+                        "add+LayerNorm and QKV kernels, and on CUDA one CUDA graph replay per step")
     p.add_argument("--no-progress", action="store_true")
     return p
 

@@ -268,7 +268,23 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    fused_ln: bool = False  # residual adds + LayerNorms through jedi_kernels.add_layer_norm (set_fused_ops)
+    ln_backend: str = "auto"
+
+    def _run_fused_ln(self, x: torch.Tensor) -> bool:
+        """The fused add + LayerNorm path: inference only (training keeps torch's native LayerNorm backward) and not
+        while compiling (inductor fuses the adds into its own LayerNorm kernels)."""
+        if not self.fused_ln or torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
     def forward(self, x, context, set_size: int, set_mask=None, extra_context=None):
+        if self._run_fused_ln(x):
+            n1, n2, n3, be = self.norm1, self.norm2, self.norm3, self.ln_backend
+            _, h = jk.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps, backend=be)
+            x, h = jk.add_layer_norm(x, self.attn1(h, set_size, set_mask), n2.weight, n2.bias, n2.eps, backend=be)
+            x, h = jk.add_layer_norm(x, self.attn2(h, context, extra_context), n3.weight, n3.bias, n3.eps, backend=be)
+            return x + self.ff(h)
         x = x + self.attn1(self.norm1(x), set_size, set_mask)
         x = x + self.attn2(self.norm2(x), context, extra_context)
         return x + self.ff(self.norm3(x))
@@ -402,7 +418,9 @@ class JeDiUNet(nn.Module):
 
     def set_fused_ops(self, enabled: bool = True, backend: str = "auto") -> None:
         """Run every GroupNorm (+ the SiLU after it) and every GEGLU through the fused kernels
-        (``jedi_kernels.group_norm`` / ``jedi_kernels.geglu``), or back through torch ops (``enabled=False``).
+        (``jedi_kernels.group_norm`` / ``jedi_kernels.geglu``) and, in inference outside torch.compile, each
+        transformer block's residual adds + LayerNorms through ``jedi_kernels.add_layer_norm``; or back through torch
+        ops (``enabled=False``).
 
         Args:
             enabled: fuse (True) or restore the unfused torch modules (False).
@@ -422,6 +440,8 @@ class JeDiUNet(nn.Module):
                 m[1] = nn.Identity() if enabled else nn.SiLU()
             if isinstance(m, (GroupNorm32, GEGLU)):
                 m.fused, m.backend = enabled, backend
+            if isinstance(m, TransformerBlock):
+                m.fused_ln, m.ln_backend = enabled, backend
         self.config.fused_ops = enabled
 
     def set_fuse_qkv(self, enabled: bool = True) -> None:

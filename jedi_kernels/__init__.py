@@ -5,12 +5,15 @@
     x_in = jk.prepare_inputs(x_t, x0, ng_mask)              # cat(x_t, x0 * (1 - m), m)
     y = jk.group_norm(x, 32, w, b, 1e-5, silu=True)         # GroupNorm(+SiLU), NHWC-friendly, two passes
     a = jk.geglu(h)                                         # h[..., :F] * gelu(h[..., F:]), one pass
+    s, n = jk.add_layer_norm(x, r, w, b)                    # s = x + r, n = layer_norm(s), one pass
 """
 from jedi_kernels import _ext  # noqa: F401  (imports torch, then _C)
 from jedi_kernels.backends import available_backends
-from jedi_kernels.functional import geglu, group_norm, prepare_inputs, sample_ng_mask, set_attention
+from jedi_kernels.functional import (add_layer_norm, geglu, group_norm, prepare_inputs, sample_ng_mask,
+                                     set_attention)
 from jedi_kernels.modules import SetAttention
 from jedi_kernels.reference import (
+    add_layer_norm_reference,
     geglu_reference,
     group_norm_reference,
     prepare_inputs_reference,
@@ -25,10 +28,12 @@ __all__ = [
     "sample_ng_mask",
     "group_norm",
     "geglu",
+    "add_layer_norm",
     "SetAttention",
     "available_backends",
     "set_attention_reference",
     "prepare_inputs_reference",
     "group_norm_reference",
     "geglu_reference",
+    "add_layer_norm_reference",
 ]

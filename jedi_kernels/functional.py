@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from jedi_kernels import dispatch
 from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
 
-__all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu"]
+__all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu", "add_layer_norm"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -369,6 +369,68 @@ def geglu(h, *, backend="auto"):
     from jedi_kernels.ops import geglu as ops
 
     return ops.geglu_op(h, backend)  # eager calls skip the custom op's dispatch layers, as group_norm
+
+
+def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, backend="auto"):
+    """A residual add and the LayerNorm of its result in one pass: ``s = x + residual; n = layer_norm(s)``.
+
+    SD's transformer blocks add each sub-layer's output to the tokens and normalize the sum for the next sub-layer;
+    unfused that is an add (read two, write one) and a norm (read the sum again, write one).
+
+    Args:
+        x: (..., C) float16/bfloat16/float32/float64 tokens (any leading strides, unit last-dim stride preferred).
+        residual: x's shape, dtype and device, or None: then a plain LayerNorm of x (s is x itself).
+        weight, bias: optional (C,) LayerNorm affine parameters, x's dtype and device.
+        eps: variance epsilon (>= 0).
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"
+            (``reference.add_layer_norm_reference``: the add and ``F.layer_norm``).
+
+    Returns:
+        (s, n), each x's shape and dtype, contiguous. s rounds the sum to x's dtype as torch's add does; n is computed
+        from that s in float32 (float64 for float64 inputs) and rounded once, as torch's LayerNorm. Differentiable
+        w.r.t. x, residual, weight and bias.
+
+    Raises:
+        TypeError: non-tensor or non-float inputs, mismatched dtypes.
+        ValueError: x without dims, an empty last dim or one over 16384 on backend "triton", mismatched shapes or
+            devices, a negative eps, bad backend.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (..., C), got {type(x)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., C) with C > 0, got {tuple(x.shape)}")
+    C = x.shape[-1]
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual)}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype:
+            raise TypeError(f"{name} must be a tensor of x's dtype {x.dtype} or None, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t)}")
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    backend = _elementwise_backend(backend, x)
+    from jedi_kernels.ops import layer_norm as ops
+
+    if backend == "triton" and C > ops.MAX_C:
+        raise ValueError(f"backend='triton' normalizes rows of at most {ops.MAX_C} elements, got C = {C}; use "
+                         f"backend='torch'")
+    s, n = ops.add_layer_norm_op(x, residual, weight, bias, float(eps), backend)
+    return (x if residual is None else s), n
 
 
 def sample_ng_mask(n: int, set_size: int, generator: torch.Generator | None = None, *, p: float = 0.5,

@@ -14,6 +14,7 @@ __all__ = [
     "set_mask_to_dense",
     "group_norm_reference",
     "geglu_reference",
+    "add_layer_norm_reference",
 ]
 
 
@@ -154,3 +155,25 @@ def geglu_reference(h: torch.Tensor) -> torch.Tensor:
     """
     a, g = h.chunk(2, dim=-1)
     return a * F.gelu(g)
+
+
+def add_layer_norm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the LayerNorm that reads its result, as SD's transformer blocks compute them unfused.
+
+    Args:
+        x: (..., C) any float dtype. residual: x's shape and dtype, or None (no add).
+        weight, bias: optional (C,) affine parameters of the LayerNorm, x's dtype.
+        eps: variance epsilon.
+
+    Returns:
+        (s, n): s = x + residual in x's dtype (x itself when residual is None); n = layer_norm(s) over the last dim in
+        x's dtype (torch's LayerNorm: float32 math for half inputs, one rounding).
+    """
+    s = x if residual is None else x + residual
+    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)

@@ -91,6 +91,10 @@ def _record(out_path: str) -> None:
             jk.group_norm(xg, 32, w, w, 1e-5, silu=silu, backend="triton").float().sum().backward()
         h = torch.randn(16, 2 * 256, dtype=dtype, requires_grad=True)  # 16 x 256 tiles, as at SD sizes
         jk.geglu(h, backend="triton").sum().backward()
+        for C in (320, 1280, 40):  # SD's narrowest and widest token rows, and a non-power of two
+            t, r, w = torch.randn(8, C, dtype=dtype), torch.randn(8, C, dtype=dtype), torch.randn(C, dtype=dtype)
+            jk.add_layer_norm(t, r, w, w, backend="triton")
+            jk.add_layer_norm(t, None, None, None, backend="triton")
     cases = [(40, torch.bfloat16, False), (40, torch.float16, False), (80, torch.bfloat16, False),
              (80, torch.bfloat16, True), (160, torch.float16, False), (64, torch.bfloat16, False),
              (24, torch.bfloat16, False), (40, torch.float32, False),

@@ -112,6 +112,34 @@ def test_fused_norm_under_autograd_only_with_triton(monkeypatch):
     assert calls["group_norm"] == 0 and calls["geglu"] == _count(fused, GEGLU)
 
 
+def test_fused_add_layer_norm_in_inference_only(monkeypatch):
+    """Each transformer block's three LayerNorms (two of them with the residual add before) go through
+    jk.add_layer_norm in inference; under autograd and while compiling the block keeps torch's LayerNorms."""
+    import jedi.unet as unet_mod
+    from jedi.unet import TransformerBlock
+
+    calls = []
+    real = jk.add_layer_norm
+    monkeypatch.setattr(unet_mod.jk, "add_layer_norm", lambda *a, **kw: calls.append(a[1] is None) or real(*a, **kw))
+    base, fused = _pair(UNetConfig.tiny(channel_mult=(1, 2), attention_resolutions=(1,)))
+    fused.set_fused_ops(True, backend="torch")
+    inp = _inputs(base.config, N=2)
+    with torch.no_grad():
+        out, ref = fused(**inp, set_size=2), base(**inp, set_size=2)
+    n_blocks = _count(fused, TransformerBlock)
+    assert n_blocks > 0 and len(calls) == 3 * n_blocks and sum(calls) == n_blocks  # one plain norm per block
+    assert_close_verbose(out, ref, atol=2e-5 * float(ref.abs().max()), name="fused add + LayerNorm")
+    calls.clear()
+    fused(**inp, set_size=2).sum().backward()
+    assert calls == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        fused(**inp, set_size=2)
+    assert calls == []
+    fused.set_fused_ops(False)
+    assert not any(m.fused_ln for m in fused.modules() if isinstance(m, TransformerBlock))
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_fused_gradients_match_unfused(backend):
     """Training through the fused ops (Triton: GroupNorm and GEGLU backward kernels) gives the unfused grads."""

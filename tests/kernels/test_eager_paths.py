@@ -11,6 +11,7 @@ import jedi_kernels as jk
 from jedi_kernels.ops import eager_call
 from jedi_kernels.ops import geglu as geglu_ops
 from jedi_kernels.ops import group_norm as gn_ops
+from jedi_kernels.ops import layer_norm as ln_ops
 from jedi_kernels.ops import set_attention as sa
 
 BACKENDS = ["torch"] + (["triton"] if jk.available_backends()["triton"] else [])
@@ -59,6 +60,14 @@ def _geglu_case(backend):
             geglu_ops._GegluEager, (geglu_ops, "_fwd_body"), "jedi.geglu")
 
 
+def _ln_case(backend):
+    x, r = (torch.randn(2, 7, 48, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    w, b = (torch.randn(48, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    return ((x, r, w, b), lambda x, r, w, b: jk.add_layer_norm(x, r, w, b, backend=backend)[1],
+            lambda x, r, w, b: torch.ops.jedi.add_layer_norm(x, r, w, b, 1e-5, backend)[1],
+            ln_ops._AddLayerNormEager, (ln_ops, "_fwd_body"), "jedi.add_layer_norm")
+
+
 def _attn_case(backend):
     q, k, v = (torch.randn(4, 9, 2 * 16, device=DEVICE, dtype=DTYPE) for _ in range(3))
     return ((q, k, v), lambda q, k, v: jk.set_attention(q, k, v, 2, 2, backend=backend),
@@ -66,7 +75,7 @@ def _attn_case(backend):
             sa._SetAttentionEager, (sa, "_fwd_body"), "jedi.set_attention_fwd")
 
 
-CASES = [(_gn_case, b) for b in BACKENDS] + [(_geglu_case, b) for b in BACKENDS] + \
+CASES = [(_gn_case, b) for b in BACKENDS] + [(_geglu_case, b) for b in BACKENDS] + [(_ln_case, b) for b in BACKENDS] + \
     ([(_attn_case, "triton")] if "triton" in BACKENDS else [])
 
 

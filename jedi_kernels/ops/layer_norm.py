@@ -1,0 +1,210 @@
+"""Fused residual add + LayerNorm, as SD's transformer blocks use them: ``s = x + residual; n = layer_norm(s)``.
+
+In a block ``x = x + attn1(norm1(x)); x = x + attn2(norm2(x)); x = x + ff(norm3(x))`` two of the three adds feed the
+next LayerNorm. Unfused, each pair is two kernels: the add reads x and the residual and writes s, then the norm reads
+s again and writes n. Here one kernel reads x and the residual once and writes s and n: four moves of the (rows, C)
+tokens instead of five, one launch instead of two. ``residual=None`` is a plain LayerNorm (the block's first norm).
+
+Numerics match the unfused ops: s is rounded to x's dtype as torch's add rounds it, and the norm is computed from
+that rounded s in float32 (float64 for float64 inputs) and rounded once, as torch's LayerNorm does (biased
+variance, ``eps`` inside the square root).
+
+One program normalizes BLOCK_R whole rows (BLOCK_C = the power of two >= C columns, masked): SD's C is 320, 640 or
+1280, so a row fits a program and the statistics need no split. The backward is torch's own LayerNorm backward
+(``aten.native_layer_norm_backward`` after recomputing the row statistics from the saved s) plus the residual's
+gradient, which is the same as x's: exact, and two native kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from jedi_kernels.ops import eager_call
+from jedi_kernels.reference import add_layer_norm_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the torch backend still works
+    triton = None
+
+__all__ = ["add_layer_norm_op", "add_layer_norm_fwd", "MAX_C"]
+
+MAX_C = 16384  # one row per program at most: BLOCK_C = next_pow2(C) elements live in registers
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_ln_fwd_kernel(
+        x_ptr, r_ptr, w_ptr, b_ptr, s_ptr, n_ptr,
+        R, C, s_xr, s_rr, s_sr, s_nr, eps,
+        HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, WIDE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Rows [pid * BLOCK_R, ...): s = x + r rounded to x's dtype (stored when HAS_RES), then
+        n = (s - mean) * rstd * w + b with mean and the biased variance of each row of s, math in fp32 (fp64 when
+        WIDE), rounded once."""
+        acc_t = tl.float64 if WIDE else tl.float32
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        cm = cols < C
+        m = (rows < R)[:, None] & cm[None, :]
+        x = tl.load(x_ptr + (rows * s_xr)[:, None] + cols[None, :], mask=m, other=0.0)
+        if HAS_RES:
+            r = tl.load(r_ptr + (rows * s_rr)[:, None] + cols[None, :], mask=m, other=0.0)
+            s = (x.to(acc_t) + r.to(acc_t)).to(s_ptr.dtype.element_ty)  # rounded as torch's add rounds it
+            tl.store(s_ptr + (rows * s_sr)[:, None] + cols[None, :], s, mask=m)
+            sf = s.to(acc_t)
+        else:
+            sf = x.to(acc_t)
+        mean = tl.sum(sf, axis=1) / C
+        d = tl.where(m, sf - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
+        n = d * rstd[:, None]
+        if HAS_W:
+            n = n * tl.load(w_ptr + cols, mask=cm, other=0.0).to(acc_t)[None, :]
+        if HAS_B:
+            n = n + tl.load(b_ptr + cols, mask=cm, other=0.0).to(acc_t)[None, :]
+        tl.store(n_ptr + (rows * s_nr)[:, None] + cols[None, :], n.to(n_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., C) as an (R, C) view with unit column stride, copied only when no such view exists."""
+    C = t.shape[-1]
+    if t.stride(-1) == 1 or C == 1:
+        try:
+            return t.view(-1, C)  # (..., C) -> (R, C) whenever the leading dims flatten into one row stride
+        except RuntimeError:
+            pass
+    return t.contiguous().view(-1, C)
+
+
+def _config(C: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps): whole rows per program, ~4K elements per program (16-32 per thread)."""
+    block_c = max(16, triton.next_power_of_2(C))
+    block_r = max(1, 4096 // block_c)
+    return block_r, block_c, 4 if block_c * block_r <= 4096 else 8
+
+
+def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher.
+
+    Args:
+        x, residual: (..., C) with C <= MAX_C, same shape and dtype, on a device Triton runs on; any leading strides.
+        weight, bias: optional (C,). eps: variance epsilon.
+
+    Returns:
+        (s, n), each (..., C) contiguous in x's dtype; s is an empty (0,) tensor when residual is None.
+    """
+    C = x.shape[-1]
+    x2 = _rows(x)
+    R = x2.shape[0]
+    n = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    s = torch.empty(x.shape if residual is not None else (0,), device=x.device, dtype=x.dtype)
+    if n.numel() == 0:
+        return s, n
+    r2 = _rows(residual) if residual is not None else x2
+    s2 = s.view(-1, C) if residual is not None else n.view(-1, C)  # a dummy when there is no residual: not written
+    n2 = n.view(-1, C)
+    block_r, block_c, warps = _config(C)
+    _add_ln_fwd_kernel[(triton.cdiv(R, block_r),)](
+        x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, s2, n2,
+        R, C, x2.stride(0), r2.stride(0), s2.stride(0), n2.stride(0), eps,
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        WIDE=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )
+    return s, n
+
+
+def _torch_fwd(x, residual, weight, bias, eps):
+    s, n = add_layer_norm_reference(x, residual, weight, bias, eps)
+    return (s.contiguous() if residual is not None else x.new_empty((0,))), n.contiguous()
+
+
+def _fwd_body(x, residual, weight, bias, eps, backend):
+    """What ``jedi::add_layer_norm`` runs (and the eager paths)."""
+    if backend == "triton":
+        return add_layer_norm_fwd(x, residual, weight, bias, eps)
+    return _torch_fwd(x, residual, weight, bias, eps)
+
+
+@torch.library.custom_op("jedi::add_layer_norm", mutates_args=())
+def _add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, n): s = x + residual ((0,) when residual is None), n = layer_norm(s), both contiguous in x's dtype."""
+    return _fwd_body(x, residual, weight, bias, eps, backend)
+
+
+@_add_layer_norm.register_fake
+def _(x, residual, weight, bias, eps, backend):
+    s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty((0,))
+    return s, torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _backward_body(grad_s, grad_n, s, weight, bias, eps, has_res):
+    """(dx, dresidual, dweight, dbias) from the saved s: torch's LayerNorm backward on statistics recomputed from s,
+    plus s's own gradient; x and the residual both receive the sum (ds/dx = ds/dresidual = 1)."""
+    C = s.shape[-1]
+    _, mean, rstd = torch.ops.aten.native_layer_norm(s, [C], weight, bias, eps)
+    if grad_n is None:
+        grad_n = torch.zeros_like(s)
+    ds, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad_n.contiguous(), s, [C], mean, rstd, weight, bias,
+        [True, weight is not None, bias is not None])
+    if has_res and grad_s is not None:
+        ds = ds + grad_s
+    return ds, (ds if has_res else None), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, backend = inputs
+    s, _ = output
+    ctx.save_for_backward(s if residual is not None else x, weight, bias)
+    ctx.eps, ctx.has_res = eps, residual is not None
+
+
+def _backward(ctx, grad_s, grad_n):
+    s, weight, bias = ctx.saved_tensors
+    dx, dres, dw, db = _backward_body(grad_s, grad_n, s, weight, bias, ctx.eps, ctx.has_res)
+    return dx, dres, dw, db, None, None
+
+
+_add_layer_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AddLayerNormEager(torch.autograd.Function):
+    """Eager calls that record autograd: ``jedi::add_layer_norm``'s forward, saved tensors and backward without the
+    custom op's dispatch layers (see :func:`jedi_kernels.ops.eager_call`)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, backend):
+        s, n = _fwd_body(x, residual, weight, bias, eps, backend)
+        ctx.save_for_backward(s if residual is not None else x, weight, bias)
+        ctx.eps, ctx.has_res = eps, residual is not None
+        return s, n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_s, grad_n):
+        s, weight, bias = ctx.saved_tensors
+        dx, dres, dw, db = _backward_body(grad_s, grad_n, s, weight, bias, ctx.eps, ctx.has_res)
+        return dx, dres, dw, db, None, None
+
+
+def add_layer_norm_op(x, residual, weight, bias, eps, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """The differentiable op behind ``jedi_kernels.add_layer_norm`` (inputs validated, backend resolved): the custom
+    op while compiling and for tensor subclasses, the same kernels without its dispatch layers on eager calls.
+
+    Returns:
+        (s, n) as ``jedi::add_layer_norm`` (s is (0,) when residual is None).
+    """
+    how = eager_call(x, residual, weight, bias)
+    if how == "direct":
+        return _fwd_body(x, residual, weight, bias, eps, backend)
+    if how == "function":
+        return _AddLayerNormEager.apply(x, residual, weight, bias, eps, backend)
+    return torch.ops.jedi.add_layer_norm(x, residual, weight, bias, eps, backend)
