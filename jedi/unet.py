@@ -272,9 +272,12 @@ class TransformerBlock(nn.Module):
     ln_backend: str = "auto"
 
     def _run_fused_ln(self, x: torch.Tensor) -> bool:
-        """The fused add + LayerNorm path: inference only (training keeps torch's native LayerNorm backward) and not
-        while compiling (inductor fuses the adds into its own LayerNorm kernels)."""
-        if not self.fused_ln or torch.compiler.is_compiling():
+        """The fused add + LayerNorm path: inference only (training keeps torch's native LayerNorm backward), not
+        while compiling (inductor fuses the adds into its own LayerNorm kernels), and with the norms' parameters in
+        x's dtype outside autocast (the op takes one dtype; autocast may hand the adds mixed ones)."""
+        if not self.fused_ln or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+            return False
+        if any(n.weight is not None and n.weight.dtype != x.dtype for n in (self.norm1, self.norm2, self.norm3)):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 

@@ -114,7 +114,7 @@ def test_fused_norm_under_autograd_only_with_triton(monkeypatch):
 
 def test_fused_add_layer_norm_in_inference_only(monkeypatch):
     """Each transformer block's three LayerNorms (two of them with the residual add before) go through
-    jk.add_layer_norm in inference; under autograd and while compiling the block keeps torch's LayerNorms."""
+    jk.add_layer_norm in inference; under autograd, autocast and while compiling the block keeps torch's LayerNorms."""
     import jedi.unet as unet_mod
     from jedi.unet import TransformerBlock
 
@@ -132,6 +132,14 @@ def test_fused_add_layer_norm_in_inference_only(monkeypatch):
     calls.clear()
     fused(**inp, set_size=2).sum().backward()
     assert calls == []
+    # autocast may hand the adds sub-layer outputs in another dtype than the residual stream: torch's ops then, even
+    # where the norms' parameters are in x's dtype; so are parameters in another dtype
+    block = next(m for m in fused.modules() if isinstance(m, TransformerBlock))
+    x = torch.randn(2, 4, block.norm1.normalized_shape[0])
+    with torch.no_grad():
+        assert block._run_fused_ln(x) and not block._run_fused_ln(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not block._run_fused_ln(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with torch.no_grad():
         fused(**inp, set_size=2)
