@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import jedi_kernels as jk
-from common import bench_gpu, copy_bandwidth_gbps, cpu_time_ms, env_info
+from common import bench_cpu, bench_gpu, copy_bandwidth_gbps, cpu_time_ms
 from jedi_kernels.reference import geglu_reference
 
 # (tokens R, 2F) of SD v1's GEGLU at the JeDi step, N = 4 images per UNet call
@@ -46,13 +46,8 @@ def test_geglu_cpu(benchmark, impl):
         pytest.skip("Triton on CPU runs in the interpreter: its timing means nothing")
     h = torch.randn(CPU_SHAPE)
     fn = _impl(impl, h)
-    benchmark(fn)
-    nbytes = _bytes(CPU_SHAPE, torch.float32)
-    benchmark.extra_info.update(env_info("cpu"))
-    benchmark.extra_info.update(
-        shape=list(CPU_SHAPE), dtype="float32", impl=impl, bytes=nbytes, ms_median=cpu_time_ms(fn),
-        GBps=nbytes / (benchmark.stats.stats.median * 1e9),
-    )
+    bench_cpu(benchmark, fn, _bytes(CPU_SHAPE, torch.float32), shape=list(CPU_SHAPE), dtype="float32", impl=impl,
+              ms_median=cpu_time_ms(fn))
 
 
 @pytest.mark.gpu

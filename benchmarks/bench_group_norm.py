@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import jedi_kernels as jk
-from common import bench_gpu, copy_bandwidth_gbps, cpu_time_ms, env_info
+from common import bench_cpu, bench_gpu, copy_bandwidth_gbps, cpu_time_ms
 
 GROUPS, EPS = 32, 1e-5
 # (N, C, H, W) of SD v1's GroupNorms at the JeDi step (N = 4 images per UNet call)
@@ -91,14 +91,8 @@ def _impl(impl, x, w, b):
 def test_group_norm_cpu(benchmark):
     x, w, b = _inputs(CPU_SHAPE, torch.float32, "cpu", "nchw")
     fn = _impl("torch_eager", x, w, b)
-    benchmark(fn)
-    nbytes = _bytes(CPU_SHAPE, torch.float32)
-    benchmark.extra_info.update(env_info("cpu"))
-    benchmark.extra_info.update(
-        shape=list(CPU_SHAPE), dtype="float32", layout="nchw", impl="torch_eager", bytes=nbytes,
-        bytes_min=_bytes(CPU_SHAPE, torch.float32, reads=1), ms_median=cpu_time_ms(fn),
-        GBps=nbytes / (benchmark.stats.stats.median * 1e9),
-    )
+    bench_cpu(benchmark, fn, _bytes(CPU_SHAPE, torch.float32), shape=list(CPU_SHAPE), dtype="float32", layout="nchw",
+              impl="torch_eager", bytes_min=_bytes(CPU_SHAPE, torch.float32, reads=1), ms_median=cpu_time_ms(fn))
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import jedi_kernels as jk
-from common import bench_gpu, copy_bandwidth_gbps, cpu_time_ms, env_info
+from common import bench_cpu, bench_gpu, copy_bandwidth_gbps, cpu_time_ms
 from jedi_kernels.reference import add_layer_norm_reference
 
 # (tokens R, C) of SD v1's transformer blocks at the JeDi step, N = 4 images per UNet call
@@ -51,13 +51,8 @@ def test_add_layer_norm_cpu(benchmark, impl):
     if impl == "triton":
         pytest.skip("Triton on CPU runs in the interpreter: its timing means nothing")
     fn = _impl(impl, *_inputs(CPU_SHAPE, "cpu", torch.float32))
-    benchmark(fn)
-    nbytes = _bytes(CPU_SHAPE, torch.float32)
-    benchmark.extra_info.update(env_info("cpu"))
-    benchmark.extra_info.update(
-        shape=list(CPU_SHAPE), dtype="float32", impl=impl, bytes=nbytes, ms_median=cpu_time_ms(fn),
-        GBps=nbytes / (benchmark.stats.stats.median * 1e9),
-    )
+    bench_cpu(benchmark, fn, _bytes(CPU_SHAPE, torch.float32), shape=list(CPU_SHAPE), dtype="float32", impl=impl,
+              ms_median=cpu_time_ms(fn))
 
 
 @pytest.mark.gpu

@@ -73,6 +73,14 @@ def bench_gpu(benchmark, fn, rounds: int = 20, **extra) -> float:
     return ms
 
 
+def bench_cpu(benchmark, fn, nbytes: int, **extra) -> None:
+    """Run ``fn`` under pytest-benchmark on the CPU and record the environment, ``extra``, the bytes it moves and
+    the GB/s of the benchmark's median (a smoke entry: this shared 2-core machine's absolute times are noise)."""
+    benchmark(fn)
+    benchmark.extra_info.update(env_info("cpu"))
+    benchmark.extra_info.update(extra, bytes=nbytes, GBps=nbytes / (benchmark.stats.stats.median * 1e9))
+
+
 def copy_bandwidth_gbps(nbytes: int, device="cuda") -> float:
     """Device copy bandwidth in GB/s (bytes read + written per second) of a copy that moves ``nbytes`` in total:
     the memory-bound ceiling for a kernel with the same traffic."""

@@ -79,6 +79,16 @@ def _check_set_mask(set_mask, set_size: int, device: torch.device) -> tuple[torc
     return moved, facts
 
 
+def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` must have ``ref``'s shape, dtype and device (ValueError, TypeError, ValueError naming both)."""
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
 def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -88,12 +98,7 @@ def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        _check_like(name, t, "q", q)
     if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
         raise ValueError(f"set_size must be a positive int, got {set_size!r}")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
@@ -274,6 +279,23 @@ def prepare_inputs(x_t, x0, ng_mask, *, backend="auto"):
     return prepare_inputs_op(x_t, x0, m, backend)
 
 
+def _check_affine_eps(x: torch.Tensor, C: int, weight, bias, eps, *, same_dtype: bool) -> None:
+    """The norms' shared checks: weight and bias None or (C,) float tensors on x's device (in x's dtype when
+    ``same_dtype``), eps a non-negative number."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or (same_dtype and t.dtype != x.dtype):
+            want = f"a tensor of x's dtype {x.dtype}" if same_dtype else f"a float tensor of shape (C,) = ({C},)"
+            raise TypeError(f"{name} must be {want} or None, got {t.dtype if isinstance(t, torch.Tensor) else type(t)}")
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
 def _elementwise_backend(backend: str, x: torch.Tensor) -> str:
     """Resolve the backend of the fused elementwise/normalization ops (group_norm, geglu)."""
     choices = ("auto", "triton", "torch")
@@ -321,18 +343,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, b
     C = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing C = {C}, got {num_groups!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a float tensor of shape (C,) = ({C},) or None, got "
-                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t)}")
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    _check_affine_eps(x, C, weight, bias, eps, same_dtype=False)
     backend = _elementwise_backend(backend, x)
     from jedi_kernels.ops import group_norm as ops
 
@@ -405,24 +416,8 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, backen
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual)}")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype:
-            raise TypeError(f"{name} must be a tensor of x's dtype {x.dtype} or None, got "
-                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t)}")
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+        _check_like("residual", residual, "x", x)
+    _check_affine_eps(x, C, weight, bias, eps, same_dtype=True)
     backend = _elementwise_backend(backend, x)
     from jedi_kernels.ops import layer_norm as ops
 
