@@ -95,8 +95,9 @@ def choose_prepare_backend(x: torch.Tensor) -> str:
 
 
 def choose_fused_backend(x: torch.Tensor) -> str:
-    """Resolve ``backend="auto"`` of the fused norm/activation ops (group_norm, geglu): Triton on CUDA (the fused
-    kernel moves strictly fewer bytes than torch's separate norm, activation and cast passes), torch elsewhere."""
+    """Resolve ``backend="auto"`` of the fused norm/activation ops (group_norm, geglu, add_layer_norm): Triton on CUDA
+    (the fused kernel moves strictly fewer bytes than torch's separate norm, add, activation and cast passes), torch
+    elsewhere."""
     if x.device.type == "cuda" and triton_ok(x.device):
         return "triton"
     return "torch"

@@ -287,7 +287,8 @@ def _check_affine_eps(x: torch.Tensor, C: int, weight, bias, eps, *, same_dtype:
             continue
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or (same_dtype and t.dtype != x.dtype):
             want = f"a tensor of x's dtype {x.dtype}" if same_dtype else f"a float tensor of shape (C,) = ({C},)"
-            raise TypeError(f"{name} must be {want} or None, got {t.dtype if isinstance(t, torch.Tensor) else type(t)}")
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t)
+            raise TypeError(f"{name} must be {want} or None, got {got}")
         if tuple(t.shape) != (C,):
             raise ValueError(f"{name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
         if t.device != x.device:
@@ -297,7 +298,7 @@ def _check_affine_eps(x: torch.Tensor, C: int, weight, bias, eps, *, same_dtype:
 
 
 def _elementwise_backend(backend: str, x: torch.Tensor) -> str:
-    """Resolve the backend of the fused elementwise/normalization ops (group_norm, geglu)."""
+    """Resolve the backend of the fused elementwise/normalization ops (group_norm, geglu, add_layer_norm)."""
     choices = ("auto", "triton", "torch")
     if backend not in choices:
         raise ValueError(f"backend must be one of {choices}, got {backend!r}")
