@@ -25,3 +25,15 @@ def eager_call(*tensors) -> str | None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in live):
         return "function"
     return "direct"
+
+
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """t (..., W) as an (R, W) view with unit last-dim stride, for the row-wise kernels (GEGLU, add + LayerNorm);
+    copied only when the leading dims have no single row stride (e.g. a transposed view) or the last dim is strided."""
+    W = t.shape[-1]
+    if t.stride(-1) == 1 or W == 1:
+        try:
+            return t.view(-1, W)  # (..., W) -> (R, W) whenever the leading dims flatten into one row stride
+        except RuntimeError:
+            pass
+    return t.contiguous().view(-1, W)

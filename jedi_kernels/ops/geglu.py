@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from jedi_kernels.ops import eager_call
+from jedi_kernels.ops import eager_call, rows_view
 from jedi_kernels.reference import geglu_reference
 
 try:
@@ -127,20 +127,6 @@ if triton is not None:
         tl.store(dh_ptr + dst + F, _to_out(dg, dh_ptr, BF16_RNE), mask=m)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t (..., W) as a (R, W) view with unit feature stride; copies only when the leading dims have no single row
-    stride (e.g. a transposed view) or the last dim is strided."""
-    W = t.shape[-1]
-    if t.stride(-1) == 1 or W == 1:
-        try:
-            # (..., W) -> (R, W): a view whenever the leading dims flatten into one stride
-            return t.view(-1, W)
-        except RuntimeError:
-            pass
-    # (..., W) -> (R, W) contiguous
-    return t.contiguous().view(-1, W)
-
-
 def _bf16_rne(h: torch.Tensor) -> bool:
     """Round bf16 outputs by hand only where Triton is interpreted (see ``_to_out``); GPUs use the native cast."""
     interpreted = type(_geglu_fwd_kernel).__name__ == "InterpretedFunction"
@@ -171,7 +157,7 @@ def geglu_fwd(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*h.shape[:-1], F), device=h.device, dtype=h.dtype)
     if out.numel() == 0:
         return out
-    h2 = _rows(h)  # (R, 2F)
+    h2 = rows_view(h)  # (R, 2F)
     out2 = out.view(-1, F)  # (R, F)
     R = h2.shape[0]
     block_r, block_f, warps = _config(R, F)
@@ -197,8 +183,8 @@ def geglu_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
     if dh.numel() == 0:
         return dh
-    h2 = _rows(h)  # (R, 2F)
-    g2 = _rows(grad.to(h.dtype))  # (R, F)
+    h2 = rows_view(h)  # (R, 2F)
+    g2 = rows_view(grad.to(h.dtype))  # (R, F)
     d2 = dh.view(-1, 2 * F)  # (R, 2F)
     R = h2.shape[0]
     block_r, block_f, warps = _config(R, F)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from jedi_kernels.ops import eager_call
+from jedi_kernels.ops import eager_call, rows_view
 from jedi_kernels.reference import add_layer_norm_reference
 
 try:
@@ -71,17 +71,6 @@ if triton is not None:
         tl.store(n_ptr + (rows * s_nr)[:, None] + cols[None, :], n.to(n_ptr.dtype.element_ty), mask=m)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t (..., C) as an (R, C) view with unit column stride, copied only when no such view exists."""
-    C = t.shape[-1]
-    if t.stride(-1) == 1 or C == 1:
-        try:
-            return t.view(-1, C)  # (..., C) -> (R, C) whenever the leading dims flatten into one row stride
-        except RuntimeError:
-            pass
-    return t.contiguous().view(-1, C)
-
-
 def _config(C: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps): whole rows per program, ~4K elements per program (16-32 per thread)."""
     block_c = max(16, triton.next_power_of_2(C))
@@ -101,13 +90,13 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
         (s, n), each (..., C) contiguous in x's dtype; s is an empty (0,) tensor when residual is None.
     """
     C = x.shape[-1]
-    x2 = _rows(x)
+    x2 = rows_view(x)
     R = x2.shape[0]
     n = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     s = torch.empty(x.shape if residual is not None else (0,), device=x.device, dtype=x.dtype)
     if n.numel() == 0:
         return s, n
-    r2 = _rows(residual) if residual is not None else x2
+    r2 = rows_view(residual) if residual is not None else x2
     s2 = s.view(-1, C) if residual is not None else n.view(-1, C)  # a dummy when there is no residual: not written
     n2 = n.view(-1, C)
     block_r, block_c, warps = _config(C)
@@ -160,11 +149,15 @@ def _backward_body(grad_s, grad_n, s, weight, bias, eps, has_res):
     return ds, (ds if has_res else None), dw, db
 
 
-def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, backend = inputs
-    s, _ = output
+def _save(ctx, x, residual, s, weight, bias, eps) -> None:
+    """What the backward needs: the normalized input (the sum s, or x without a residual), the affine, eps."""
     ctx.save_for_backward(s if residual is not None else x, weight, bias)
     ctx.eps, ctx.has_res = eps, residual is not None
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, backend = inputs
+    _save(ctx, x, residual, output[0], weight, bias, eps)
 
 
 def _backward(ctx, grad_s, grad_n):
@@ -183,8 +176,7 @@ class _AddLayerNormEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, backend):
         s, n = _fwd_body(x, residual, weight, bias, eps, backend)
-        ctx.save_for_backward(s if residual is not None else x, weight, bias)
-        ctx.eps, ctx.has_res = eps, residual is not None
+        _save(ctx, x, residual, s, weight, bias, eps)
         return s, n
 
     @staticmethod

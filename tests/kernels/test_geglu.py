@@ -107,8 +107,8 @@ def test_column_slice_is_read_in_place():
     """A column slice of a wider tensor flattens to one row stride: the launcher must not copy it."""
     big = torch.randn(3, 5, 55)
     h = big[..., 3:51]
-    assert geglu_mod._rows(h).data_ptr() == h.data_ptr()
-    assert geglu_mod._rows(h).shape == (15, 48)
+    assert geglu_mod.rows_view(h).data_ptr() == h.data_ptr()
+    assert geglu_mod.rows_view(h).shape == (15, 48)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
