@@ -22,7 +22,7 @@ What is counted:
 
 Each name goes to one category by :func:`categorize` (attention, gemm, conv, norm, elementwise, other). The JSON
 (``--out``) holds env, workload, mode, flags, ``step_ms``, ``device_total_ms`` and per category ``ms_per_step``,
-``share`` of the device total and the top 5 kernels ``(name, ms_per_step, calls_per_step)``; ``OUT.md`` has the
+``share`` of the device total and the top 10 kernels ``(name, ms_per_step, calls_per_step)``; ``OUT.md`` has the
 table. At full SD size the table also shows each category's floor from :func:`floors` (an estimate, see below).
 
 ``--floors``: an analytic estimate, no timing. FLOPs per category (conv, linear, attention) come from
@@ -60,7 +60,7 @@ PEAK_TFLOPS = 724.0  # H100 SXM, fp16/bf16 dense matmul, measured (benchmarks/RE
 PEAK_TBPS = 3.0  # H100 SXM copy bandwidth, measured (read + write bytes per second)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MODES = ("eager", "cuda_graph", "compile")
-TOP_K = 5
+TOP_K = 10
 
 # ---- categories -----------------------------------------------------------------------------------------------------
 _INDUCTOR_FUSED = re.compile(r"^triton_(poi|red|per)_")

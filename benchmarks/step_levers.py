@@ -15,8 +15,10 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
                         torch's own kernel, which accumulates in float32)
     +channels_last      model and inputs channels-last
     +fused_ops          GroupNorm(+SiLU) and GEGLU through jedi_kernels (JeDiUNet.set_fused_ops, without the next)
-    +fused_ln           each transformer block's residual adds + LayerNorms as jedi_kernels.add_layer_norm (the rest
-                        of set_fused_ops: inference outside torch.compile only)
+    +fused_ln           each transformer block's residual adds + LayerNorms as jedi_kernels.add_layer_norm (part of
+                        set_fused_ops: inference outside torch.compile only)
+    +fold_bias          conv biases folded into the adds / GEMMs after the convs, the 1x1 convs as GEMMs with the bias
+                        in the epilogue (the rest of set_fused_ops; torch adds a cuDNN conv's bias in its own pass)
     +fuse_qkv           q/k/v of every self-attention as one GEMM
     +cudnn_benchmark    torch.backends.cudnn.benchmark: cuDNN times its conv algorithms once per shape instead of
                         taking its heuristic's pick (process-wide: the rungs after it and the peers run with it too)
@@ -51,23 +53,25 @@ from table6 import (WORKLOADS, _device_info, _free, build_diffusers, build_ours,
                     time_step)
 
 from jedi import CUDAGraphRunner  # noqa: E402
-from jedi.unet import GroupNorm32, TransformerBlock  # noqa: E402
+from jedi.unet import GroupNorm32, ResBlock, SpatialTransformer, TransformerBlock  # noqa: E402
 from jedi_kernels import available_backends  # noqa: E402
 
 TARGET_MS = {"jedi_ng2": 8.0, "blipd": 4.5}
 TARGET_NG4_OVER_NG2 = 2.1
 ANCHOR_PEER_MS = {"jedi_ng2": 12.26, "blipd": 6.54}  # diffusers compile reduce-overhead channels-last, H100 2026-11-26
 
-BASE = dict(gn_fp32=False, channels_last=False, fused_ops=False, fused_ln=False, fuse_qkv=False, cudnn_benchmark=False,
-            attn="auto")
-_ALL = dict(channels_last=True, fused_ops=True, fused_ln=True, fuse_qkv=True, cudnn_benchmark=True)
+BASE = dict(gn_fp32=False, channels_last=False, fused_ops=False, fused_ln=False, fold_bias=False, fuse_qkv=False,
+            cudnn_benchmark=False, attn="auto")
+_FUSED = dict(channels_last=True, fused_ops=True, fused_ln=True, fold_bias=True)
+_ALL = dict(_FUSED, fuse_qkv=True, cudnn_benchmark=True)
 LADDER = [
     ("eager, float32 GN", dict(BASE, gn_fp32=True)),
     ("eager", dict(BASE)),
     ("+channels_last", dict(BASE, channels_last=True)),
     ("+fused_ops", dict(BASE, channels_last=True, fused_ops=True)),
     ("+fused_ln", dict(BASE, channels_last=True, fused_ops=True, fused_ln=True)),
-    ("+fuse_qkv", dict(BASE, channels_last=True, fused_ops=True, fused_ln=True, fuse_qkv=True)),
+    ("+fold_bias", dict(BASE, **_FUSED)),
+    ("+fuse_qkv", dict(BASE, **_FUSED, fuse_qkv=True)),
     ("+cudnn_benchmark", dict(BASE, **_ALL)),
     ("+attn=triton", dict(BASE, **_ALL, attn="triton")),
     ("+attn=cuda", dict(BASE, **_ALL, attn="cuda")),
@@ -82,9 +86,11 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
         if isinstance(m, GroupNorm32):
             m.fp32_round_trip = bool(cfg.get("gn_fp32", False))
     unet.set_fused_ops(cfg["fused_ops"])
-    for m in unet.modules():  # set_fused_ops turns the fused add + LayerNorm on with the rest; a rung may not
-        if isinstance(m, TransformerBlock):
+    for m in unet.modules():  # set_fused_ops turns the fused add + LayerNorm and fold_bias on with the rest; a rung
+        if isinstance(m, TransformerBlock):  # may not
             m.fused_ln = bool(cfg["fused_ops"] and cfg.get("fused_ln", True))
+        if isinstance(m, (ResBlock, SpatialTransformer)):
+            m.fold_bias = bool(cfg["fused_ops"] and cfg.get("fold_bias", True))
     unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_attn_backend(cfg["attn"])
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))

@@ -271,7 +271,8 @@ class JeDiPipeline:
         Args:
             channels_last: store the UNet's conv weights channels-last (NHWC convolutions, no layout transforms).
             fused_ops: GroupNorm(+SiLU), GEGLU and the transformer blocks' residual add + LayerNorm through
-                jedi_kernels' fused kernels (``JeDiUNet.set_fused_ops``).
+                jedi_kernels' fused kernels, and the convs' biases folded into the adds and GEMMs after them
+                (``JeDiUNet.set_fused_ops``).
             fuse_qkv: every self-attention's q/k/v projections as one GEMM.
             cuda_graph: replay each denoising step as a CUDA graph (:class:`jedi.runtime.GraphedUNet`; captured at
                 the first step of each new batch shape). Default: on when the pipeline is on a CUDA device.

@@ -73,6 +73,32 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+
+def _foldable(conv: nn.Module) -> bool:
+    """``conv`` is a plain zero-padded ``nn.Conv2d`` with a bias, which ``fold_bias`` may apply elsewhere (a subclass
+    or a wrapper, e.g. a LoRA layer, keeps its own forward)."""
+    return type(conv) is nn.Conv2d and conv.bias is not None and conv.padding_mode == "zeros"
+
+
+def _conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+
+
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv`` applied to x with ``bias`` in place of ``conv.bias``. A 1x1 conv of a channels-last x runs as a GEMM
+    over its (N, h, w, C) view, whose epilogue adds the bias: torch adds a cuDNN convolution's bias in a separate
+    broadcast pass over the output (cuDNN convolutions take no bias), the slow strided kind of elementwise kernel.
+    The result is channels-last then too."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and _is_pointwise(conv):
+        w = conv.weight.reshape(conv.out_channels, conv.in_channels)
+        return F.linear(x.permute(0, 2, 3, 1), w, bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back to the input dtype (LDM's GroupNorm32). For float16/bfloat16
     inputs with parameters of the same dtype that is torch's own GroupNorm, which accumulates in float32 and rounds
@@ -147,10 +173,25 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.out_layers[3].bias)
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
+    fold_bias: bool = False  # the convs' biases applied in the adds / GEMMs that follow them (set_fused_ops)
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
-        return self.skip_connection(x) + self.out_layers(h)
+        conv1, conv2, skip = self.in_layers[2], self.out_layers[3], self.skip_connection
+        if not (self.fold_bias and _foldable(conv1) and _foldable(conv2)
+                and (isinstance(skip, nn.Identity) or _foldable(skip))):
+            h = self.in_layers(x)
+            h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
+            return self.skip_connection(x) + self.out_layers(h)
+        # fold_bias: the same sums with fewer passes over the activations. conv1's bias joins the time embedding's
+        # broadcast add ((N, C) + (C,) is tiny); conv2's joins the 1x1 skip conv's, which a channels-last x runs as
+        # a GEMM with the bias in its epilogue. Only a block without a skip conv keeps conv2's bias pass.
+        h = _conv_without_bias(conv1, self.in_layers[1](self.in_layers[0](x)))
+        shift = self.emb_layers(emb).to(h.dtype) + conv1.bias.to(h.dtype)
+        h = h + shift[:, :, None, None]
+        h = self.out_layers[2](self.out_layers[1](self.out_layers[0](h)))
+        if isinstance(skip, nn.Identity):
+            return x + conv2(h)
+        return _pointwise(skip, x, skip.bias + conv2.bias) + _conv_without_bias(conv2, h)
 
 
 class Downsample(nn.Module):
@@ -318,10 +359,20 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
+    fold_bias: bool = False  # channels-last: proj_in/proj_out as GEMMs with the bias in the epilogue (set_fused_ops)
+
     def forward(self, x, context, set_size: int, set_mask=None, extra_context=None):
         N, _, h, w = x.shape
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         t = self.norm(x)
+        if (self.fold_bias and channels_last and not self.linear and _foldable(self.proj_in)
+                and _foldable(self.proj_out) and _is_pointwise(self.proj_out)):
+            # the 1x1 convs as GEMMs over the tokens, biases in their epilogues (see _pointwise)
+            t = _pointwise(self.proj_in, t, self.proj_in.bias).permute(0, 2, 3, 1).reshape(N, h * w, -1)
+            for block in self.transformer_blocks:
+                t = block(t, context, set_size, set_mask, extra_context)
+            w_out = self.proj_out.weight.reshape(self.proj_out.out_channels, -1)
+            return x + F.linear(t, w_out, self.proj_out.bias).view(N, h, w, -1).permute(0, 3, 1, 2)
         if not self.linear:
             t = self.proj_in(t)
         t = t.permute(0, 2, 3, 1).reshape(N, h * w, -1)  # (N, C, h, w) -> (N, L, C); free when channels-last
@@ -423,7 +474,11 @@ class JeDiUNet(nn.Module):
         """Run every GroupNorm (+ the SiLU after it) and every GEGLU through the fused kernels
         (``jedi_kernels.group_norm`` / ``jedi_kernels.geglu``) and, in inference outside torch.compile, each
         transformer block's residual adds + LayerNorms through ``jedi_kernels.add_layer_norm``; or back through torch
-        ops (``enabled=False``).
+        ops (``enabled=False``). It also folds conv biases into the adds and GEMMs that follow them (``fold_bias`` of
+        ResBlock and SpatialTransformer; torch adds a cuDNN conv's bias in a pass of its own): a ResBlock's first
+        conv bias joins the time-embedding add, its second joins the 1x1 skip conv's bias, and on channels-last
+        activations the 1x1 convs (skip, proj_in, proj_out) run as GEMMs with the bias in the epilogue. Same sums,
+        rounded in another order.
 
         Args:
             enabled: fuse (True) or restore the unfused torch modules (False).
@@ -445,6 +500,8 @@ class JeDiUNet(nn.Module):
                 m.fused, m.backend = enabled, backend
             if isinstance(m, TransformerBlock):
                 m.fused_ln, m.ln_backend = enabled, backend
+            if isinstance(m, (ResBlock, SpatialTransformer)):
+                m.fold_bias = enabled
         self.config.fused_ops = enabled
 
     def set_fuse_qkv(self, enabled: bool = True) -> None:

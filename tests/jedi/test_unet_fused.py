@@ -250,3 +250,129 @@ def test_half_group_norm32_is_one_native_op_as_precise_as_the_fp32_round_trip(dt
     with Ops() as ops:
         y_trip = norm(x)
     assert len([n for n in ops.names if "detach" not in n]) > 1 and torch.equal(y_trip, trip)
+
+
+# ---- fold_bias: conv biases applied in the adds / GEMMs after the convs (part of set_fused_ops) ----------------------
+def _fold_only(unet, enabled=True):
+    """Turn on fold_bias alone (set_fused_ops turns it on with the fused kernels)."""
+    from jedi.unet import ResBlock, SpatialTransformer
+
+    for m in unet.modules():
+        if isinstance(m, (ResBlock, SpatialTransformer)):
+            m.fold_bias = enabled
+    return unet
+
+
+def _fold_pair(channels_last):
+    base, folded = _pair()  # UNetConfig.tiny: 1x1 skip convs, identity skips, 1x1 proj_in/proj_out, up/down convs
+    base, folded = base.double(), _fold_only(folded.double())
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    if channels_last:
+        base, folded = (m.to(memory_format=torch.channels_last) for m in (base, folded))
+        inp = dict(inp, x_t=inp["x_t"].to(memory_format=torch.channels_last),
+                   x0=inp["x0"].to(memory_format=torch.channels_last))
+    return base, folded, inp
+
+
+def test_set_fused_ops_switches_fold_bias():
+    from jedi.unet import ResBlock, SpatialTransformer
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    assert blocks and not any(m.fold_bias for m in blocks)
+    unet.set_fused_ops(True, backend="torch")
+    assert all(m.fold_bias for m in blocks)
+    unet.set_fused_ops(False)
+    assert not any(m.fold_bias for m in blocks)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fold_bias_same_sums_and_grads_float64(channels_last):
+    """Folding the biases reorders sums only: float64 outputs and every parameter's gradient agree to rounding."""
+    base, folded, inp = _fold_pair(channels_last)
+    w = torch.linspace(-1, 1, inp["x_t"].numel(), dtype=torch.float64).view(inp["x_t"].shape)
+    outs = []
+    for m in (base, folded):
+        m.train()
+        out = m(**inp, set_size=2)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+    assert outs[0].abs().max() > 0.1
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="folded output")
+    if channels_last:
+        assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    gb = dict(base.named_parameters())
+    for name, p in folded.named_parameters():
+        ref = gb[name].grad
+        assert p.grad is not None, name
+        assert_close_verbose(p.grad, ref, atol=1e-11 * max(1.0, float(ref.abs().max())), name=f"grad {name}")
+
+
+def _conv_calls(unet, inp):
+    """(kernel size, has bias) of every aten.convolution and the number of addmm calls, in one no-grad forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    convs, addmm = [], [0]
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                convs.append((tuple(args[1].shape[2:]), args[2] is not None))
+            elif func is torch.ops.aten.addmm.default:
+                addmm[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        unet(**inp, set_size=2)
+    return convs, addmm[0]
+
+
+def test_fold_bias_moves_biases_out_of_convolutions():
+    """Channels-last, with fold_bias: no 1x1 convolution is left (skip, proj_in, proj_out run as addmm with the
+    bias), conv1 of every ResBlock and conv2 of every ResBlock with a skip conv run without bias; only conv_in,
+    the down/up-sampling convs, conv_out and conv2 of identity-skip ResBlocks keep theirs. NCHW: the same, except
+    that the 1x1 convs stay convolutions (skip convs with the folded bias)."""
+    from jedi.unet import ResBlock, SpatialTransformer
+
+    base, folded, inp = _fold_pair(channels_last=True)
+    res = [m for m in folded.modules() if isinstance(m, ResBlock)]
+    n_skip = sum(isinstance(m.skip_connection, nn.Conv2d) for m in res)
+    n_st = _count(folded, SpatialTransformer)
+    assert 0 < n_skip < len(res) and n_st > 0
+    convs_ref, addmm_ref = _conv_calls(base, inp)
+    convs, addmm = _conv_calls(folded, inp)
+    n_1x1 = sum(k == (1, 1) for k, _ in convs_ref)
+    assert n_1x1 == n_skip + 2 * n_st and all(b for _, b in convs_ref)
+    assert all(k == (3, 3) for k, _ in convs)
+    assert len(convs) == len(convs_ref) - n_1x1 and addmm == addmm_ref + n_1x1
+    assert sum(not b for _, b in convs) == len(res) + n_skip  # conv1 everywhere, conv2 beside a skip conv
+    with torch.no_grad():
+        assert_close_verbose(folded(**inp, set_size=2), base(**inp, set_size=2), atol=1e-12, name="folded")
+    base, folded, inp = _fold_pair(channels_last=False)
+    convs, addmm = _conv_calls(folded, inp)
+    assert len(convs) == len(convs_ref) and addmm == addmm_ref
+    assert sum(not b for _, b in convs) == len(res) + n_skip
+
+
+def test_fold_bias_leaves_wrapped_convs_alone():
+    """A conv that is not a plain nn.Conv2d (a subclass, e.g. a LoRA wrapper) keeps its own forward, bias and all:
+    its block takes the unfolded path."""
+    from jedi.unet import ResBlock
+
+    class Spy(nn.Conv2d):
+        calls = 0
+
+        def forward(self, x):
+            Spy.calls += 1
+            return super().forward(x)
+
+    base, folded, inp = _fold_pair(channels_last=True)
+    block = next(m for m in folded.modules() if isinstance(m, ResBlock))
+    old = block.in_layers[2]
+    spy = Spy(old.in_channels, old.out_channels, 3, padding=1).double()
+    spy.load_state_dict(old.state_dict())
+    block.in_layers[2] = spy
+    with torch.no_grad():
+        out, ref = folded(**inp, set_size=2), base(**inp, set_size=2)
+    assert Spy.calls == 1
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="with a wrapped conv")
