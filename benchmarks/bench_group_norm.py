@@ -23,6 +23,9 @@ the passes would move only ``bytes_min = 2 * numel * 2`` (one read, one write); 
 ``fraction_of_copy_min`` judge the time against that stricter floor.
 
 CPU: one smoke entry times ``torch_eager`` at (2, 64, 16, 16) fp32 (the Triton interpreter's timing is meaningless).
+
+``test_group_norm_shift_gpu``: the norm with a per-(image, channel) shift (a ResBlock's time embedding) folded into the
+kernel, against the add as its own pass before it.
 """
 import pytest
 import torch
@@ -132,3 +135,27 @@ def test_group_norm_fwd_bwd_gpu(benchmark, impl, shape):
     ms = bench_gpu(benchmark, fn, shape=list(shape), dtype="float16", layout="nhwc", impl=impl, mode="fwd+bwd",
                    bytes_triton_pair=nbytes)
     benchmark.extra_info.update(GBps_triton_pair_traffic=nbytes / ms / 1e6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton_shift", "add_then_triton", "add_then_torch_native_half"])
+@pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 1280, 16, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_group_norm_shift_gpu(benchmark, impl, shape):
+    """A ResBlock's second norm, ``silu(group_norm(h + temb[:, :, None, None]))`` (channels-last fp16): the shift
+    inside the Triton kernel (``jk.group_norm(..., shift=temb)``: x read twice, y written once) against the
+    broadcast add as its own pass before the Triton norm (the model without ``fold_bias``) or torch's half norm."""
+    x, w, b = _inputs(shape, torch.float16, "cuda", "nhwc")
+    sh = torch.randn(shape[:2], device="cuda", dtype=torch.float16)
+    if impl == "triton_shift":
+        def fn():
+            return jk.group_norm(x, GROUPS, w, b, EPS, silu=True, shift=sh, backend="triton")
+    elif impl == "add_then_triton":
+        def fn():
+            return jk.group_norm(x + sh[:, :, None, None], GROUPS, w, b, EPS, silu=True, backend="triton")
+    else:
+        def fn():
+            return torch_native_half(x + sh[:, :, None, None], w, b)
+    nbytes = _bytes(shape, torch.float16)
+    ms = bench_gpu(benchmark, fn, shape=list(shape), dtype="float16", layout="nhwc", impl=impl, bytes=nbytes,
+                   groups=GROUPS, eps=EPS, silu=True, shift=True)
+    benchmark.extra_info.update(GBps=nbytes / ms / 1e6)

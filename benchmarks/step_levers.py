@@ -18,7 +18,8 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +fused_ln           each transformer block's residual adds + LayerNorms as jedi_kernels.add_layer_norm (part of
                         set_fused_ops: inference outside torch.compile only)
     +fold_bias          conv biases folded into the adds / GEMMs after the convs, the 1x1 convs as GEMMs with the bias
-                        in the epilogue (the rest of set_fused_ops; torch adds a cuDNN conv's bias in its own pass)
+                        in the epilogue, each ResBlock's time embedding inside its second GroupNorm (the rest of
+                        set_fused_ops; torch adds a cuDNN conv's bias in a pass of its own)
     +fuse_qkv           q/k/v of every self-attention as one GEMM
     +cudnn_benchmark    torch.backends.cudnn.benchmark: cuDNN times its conv algorithms once per shape instead of
                         taking its heuristic's pick (process-wide: the rungs after it and the peers run with it too)

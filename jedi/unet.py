@@ -117,17 +117,23 @@ class GroupNorm32(nn.GroupNorm):
     backend: str = "auto"
     fp32_round_trip: bool = False  # LDM's explicit float32 round trip for half inputs too (benchmarks time both)
 
-    def _run_fused(self, x: torch.Tensor) -> bool:
+    def _run_fused(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> bool:
         if not self.fused:
             return False
-        if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+        grad = x.requires_grad or (shift is not None and shift.requires_grad)
+        if not (torch.is_grad_enabled() and (grad or any(p.requires_grad for p in self.parameters()))):
             return True
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._run_fused(x):
-            return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu,
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, H, W) -> x's shape, dtype and memory format. ``shift`` (N, C), optional: normalize
+        ``x + shift[:, :, None, None]`` instead (a ResBlock's time embedding): inside the fused kernel, which then
+        needs no pass for the sum; otherwise added in x's dtype first, as the unfused model does."""
+        if self._run_fused(x, shift):
+            return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, shift=shift,
                                  backend=self.backend)
+        if shift is not None:
+            x = x + shift.to(x.dtype)[:, :, None, None]
         if not (self.silu or self.fp32_round_trip) and x.dtype in (torch.float16, torch.bfloat16) and all(
                 p is None or p.dtype == x.dtype for p in (self.weight, self.bias)):
             # torch's GroupNorm kernels (CUDA and CPU) already compute in float32 for half inputs and round once:
@@ -182,13 +188,16 @@ class ResBlock(nn.Module):
             h = self.in_layers(x)
             h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
             return self.skip_connection(x) + self.out_layers(h)
-        # fold_bias: the same sums with fewer passes over the activations. conv1's bias joins the time embedding's
-        # broadcast add ((N, C) + (C,) is tiny); conv2's joins the 1x1 skip conv's, which a channels-last x runs as
-        # a GEMM with the bias in its epilogue. Only a block without a skip conv keeps conv2's bias pass.
+        # fold_bias: the same sums with fewer passes over the activations. conv1's bias joins the time embedding
+        # ((N, C) + (C,) is tiny), and the sum goes into the second norm as its shift: the fused GroupNorm adds it
+        # inside (no pass over h at all), torch's adds it first. conv2's bias joins the 1x1 skip conv's, which a
+        # channels-last x runs as a GEMM with the bias in its epilogue. Only a block without a skip conv keeps
+        # conv2's bias pass.
         h = _conv_without_bias(conv1, self.in_layers[1](self.in_layers[0](x)))
         shift = self.emb_layers(emb).to(h.dtype) + conv1.bias.to(h.dtype)
-        h = h + shift[:, :, None, None]
-        h = self.out_layers[2](self.out_layers[1](self.out_layers[0](h)))
+        norm2 = self.out_layers[0]
+        h = norm2(h, shift) if isinstance(norm2, GroupNorm32) else norm2(h + shift[:, :, None, None])
+        h = self.out_layers[2](self.out_layers[1](h))
         if isinstance(skip, nn.Identity):
             return x + conv2(h)
         return _pointwise(skip, x, skip.bias + conv2.bias) + _conv_without_bias(conv2, h)
@@ -476,9 +485,9 @@ class JeDiUNet(nn.Module):
         transformer block's residual adds + LayerNorms through ``jedi_kernels.add_layer_norm``; or back through torch
         ops (``enabled=False``). It also folds conv biases into the adds and GEMMs that follow them (``fold_bias`` of
         ResBlock and SpatialTransformer; torch adds a cuDNN conv's bias in a pass of its own): a ResBlock's first
-        conv bias joins the time-embedding add, its second joins the 1x1 skip conv's bias, and on channels-last
-        activations the 1x1 convs (skip, proj_in, proj_out) run as GEMMs with the bias in the epilogue. Same sums,
-        rounded in another order.
+        conv bias joins its time embedding, which its second GroupNorm adds inside the kernel (``shift``); its second
+        conv bias joins the 1x1 skip conv's bias; and on channels-last activations the 1x1 convs (skip, proj_in,
+        proj_out) run as GEMMs with the bias in the epilogue. Same sums, rounded in another order.
 
         Args:
             enabled: fuse (True) or restore the unfused torch modules (False).

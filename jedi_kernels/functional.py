@@ -310,7 +310,7 @@ def _elementwise_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, backend="auto"):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, shift=None, backend="auto"):
     """GroupNorm, optionally fused with the SiLU that follows it in SD's ResBlocks, in two passes over x.
 
     Normalization math is float32 for half inputs (LDM's GroupNorm32) and the result is rounded once; a channels-last
@@ -323,14 +323,18 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, b
         weight, bias: optional (C,) float tensors on x's device (any float dtype; used in float32).
         eps: variance epsilon (SD: 1e-5 in ResBlocks, 1e-6 in SpatialTransformer).
         silu: apply ``y * sigmoid(y)`` to the normalized, affine output.
+        shift: optional (N, C) float tensor on x's device, added to x before the norm (broadcast over H, W; in the
+            math dtype, unrounded): ``group_norm(x + shift[:, :, None, None])`` without materializing the sum. A
+            ResBlock's time embedding (+ its first conv's bias) goes here. No extra pass and no per-element work
+            (it moves each channel's mean).
         backend: "auto" (Triton on CUDA, see ``dispatch.choose_fused_backend``; torch elsewhere), "triton" or
             "torch" (``reference.group_norm_reference``).
 
     Returns:
-        (N, C, H, W) in x's dtype and memory format. Differentiable w.r.t. x, weight and bias.
+        (N, C, H, W) in x's dtype and memory format. Differentiable w.r.t. x, weight, bias and shift.
 
     Raises:
-        TypeError: non-tensor or non-float x / weight / bias.
+        TypeError: non-tensor or non-float x / weight / bias / shift.
         ValueError: wrong shapes, C not divisible by num_groups, mismatched devices, empty x, bad backend.
     """
     if not isinstance(x, torch.Tensor):
@@ -345,11 +349,19 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, b
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing C = {C}, got {num_groups!r}")
     _check_affine_eps(x, C, weight, bias, eps, same_dtype=False)
+    if shift is not None:
+        if not isinstance(shift, torch.Tensor) or shift.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"shift must be a float tensor of shape (N, C), got "
+                            f"{shift.dtype if isinstance(shift, torch.Tensor) else type(shift)}")
+        if tuple(shift.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"shift must have shape (N, C) = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
+        if shift.device != x.device:
+            raise ValueError(f"shift is on {shift.device}, x on {x.device}")
     backend = _elementwise_backend(backend, x)
     from jedi_kernels.ops import group_norm as ops
 
     # eager calls skip the custom op's dispatch layers (~15-50 us a call, x 61 norms per UNet step): group_norm_op
-    return ops.group_norm_op(x, num_groups, weight, bias, float(eps), bool(silu), backend)
+    return ops.group_norm_op(x, num_groups, weight, bias, float(eps), bool(silu), backend, shift)
 
 
 def geglu(h, *, backend="auto"):

@@ -110,6 +110,7 @@ def group_norm_reference(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     silu: bool = False,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm (optionally followed by SiLU) as Stable Diffusion's ``GroupNorm32`` computes it.
 
@@ -119,6 +120,8 @@ def group_norm_reference(
         weight, bias: optional (C,) affine parameters.
         eps: variance epsilon.
         silu: apply ``y * sigmoid(y)`` after the affine.
+        shift: optional (N, C), added to x (broadcast over the spatial dims) before the norm, in the math dtype:
+            a ResBlock's time embedding (+ conv bias) folded into its second norm.
 
     Returns:
         x's shape and dtype. Half-precision inputs are normalized in float32 (LDM's GroupNorm32) and rounded once;
@@ -128,6 +131,8 @@ def group_norm_reference(
     w = weight.to(math_dtype) if weight is not None else None
     b = bias.to(math_dtype) if bias is not None else None
     xm = x.to(math_dtype)
+    if shift is not None:
+        xm = xm + shift.to(math_dtype).view(x.shape[:2] + (1,) * (x.dim() - 2))
     if x.numel() == x.shape[0] * num_groups:
         # one element per group: F.group_norm refuses it ("Expected more than 1 value per channel"), the formula
         # gives (x - mean) / sqrt(0 + eps) = 0, then the affine

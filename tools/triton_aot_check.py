@@ -89,6 +89,9 @@ def _record(out_path: str) -> None:
             w = torch.randn(64, requires_grad=True) if affine else None
             xg = x.detach().requires_grad_()
             jk.group_norm(xg, 32, w, w, 1e-5, silu=silu, backend="triton").float().sum().backward()
+        sh = torch.randn(1, 64, dtype=dtype, requires_grad=True)  # a ResBlock's second norm: time embedding folded in
+        jk.group_norm(x.detach().requires_grad_(), 32, None, None, 1e-5, silu=True, shift=sh,
+                      backend="triton").float().sum().backward()
         h = torch.randn(16, 2 * 256, dtype=dtype, requires_grad=True)  # 16 x 256 tiles, as at SD sizes
         jk.geglu(h, backend="triton").sum().backward()
         for C in (320, 1280, 40):  # SD's narrowest and widest token rows, and a non-power of two

@@ -1,8 +1,11 @@
 """GroupNorm (+ the SiLU that follows it in SD's ResBlocks) for NCHW and NHWC activations, with split reductions.
 
-    y = silu?((x - mean_g) * rstd_g * w_c + b_c),  rstd_g = 1 / sqrt(var_g + eps)
+    y = silu?((x' - mean_g) * rstd_g * w_c + b_c),  rstd_g = 1 / sqrt(var_g + eps),  x' = x + shift[n, c]
 
-over each (image n, group g) of C / num_groups channels x H*W pixels (biased variance, as torch's GroupNorm).
+over each (image n, group g) of C / num_groups channels x H*W pixels (biased variance, as torch's GroupNorm). The
+optional per-(image, channel) ``shift`` (a ResBlock's time embedding + conv bias, added before its second norm) costs
+no pass of its own and no per-element work: it moves each channel's mean (the partial means get it added, the
+per-channel mean vectors of the apply and backward kernels get it subtracted) and leaves every M2 unchanged.
 
 Why not one program per group (the textbook launch): SD's UNet has N * 32 groups per norm (128 at the JeDi step's
 batch of 4) but 132 SMs on an H100, each group spanning up to 64*64*80 elements — a few long programs that leave the
@@ -54,11 +57,12 @@ if triton is not None:
 
     @triton.jit
     def _gn_partial_kernel(
-        x_ptr, pmean_ptr, pm2_ptr,
+        x_ptr, pmean_ptr, pm2_ptr, sh_ptr,
         C, HW, TILES_PER_SPLIT,
         s_xn, s_xc, s_xp,  # x strides: image, channel, pixel (h*W + w)
         s_pn, s_ps,  # partial buffers (N, SPLIT, C), channel stride 1
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+        s_shn,  # shift (N, C), channel stride 1
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ):
         """Per-channel (mean, M2) of pixels [s*TILES_PER_SPLIT*BLOCK_P, ...) of image n, channels of block cb.
 
@@ -66,7 +70,8 @@ if triton is not None:
         (Welford: d = x - mean, mean += d / n, M2 += d * (x - mean)), so the loop has no cross-thread reduction (no
         shuffles, no barriers: it only streams x); the tile's rows, whose counts ``cnt`` differ only where the last
         tile of the image is cut short, merge once at the end with Chan et al.: mean = sum(n_p * mean_p) / n,
-        M2 = sum(M2_p + n_p * (mean_p - mean)^2). No E[x^2] - E[x]^2 cancellation anywhere.
+        M2 = sum(M2_p + n_p * (mean_p - mean)^2). No E[x^2] - E[x]^2 cancellation anywhere. With HAS_SHIFT the
+        statistics are those of x + shift[n, c]: the same M2, the mean moved by the channel's shift.
         """
         n = tl.program_id(0).to(tl.int64)
         cb = tl.program_id(1)
@@ -95,6 +100,8 @@ if triton is not None:
         mean = tl.sum(mean_e * cnt[:, None], axis=0) / total
         dm = mean_e - mean[None, :]
         m2 = tl.sum(m2_e + dm * dm * cnt[:, None], axis=0)
+        if HAS_SHIFT:
+            mean = mean + tl.load(sh_ptr + n * s_shn + c, mask=cm, other=0.0).to(acc_t)
         dst = n * s_pn + s * s_ps + c
         tl.store(pmean_ptr + dst, mean, mask=cm)
         tl.store(pm2_ptr + dst, m2, mask=cm)
@@ -131,27 +138,32 @@ if triton is not None:
         tl.store(rstd_ptr + pid, rstd)
 
     @triton.jit
-    def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG,
-                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, WIDE: tl.constexpr):
+    def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, sh_ptr, s_shn, n, c, cm, G, CG,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, WIDE: tl.constexpr, HAS_SHIFT: tl.constexpr):
         """Per-channel (mean, rstd, w, b) of image n for channels c: the group statistics gathered by c // CG and
-        the affine parameters in the math dtype (w, b = mean as placeholders when absent: never used then)."""
+        the affine parameters in the math dtype (w, b = mean as placeholders when absent: never used then). With
+        HAS_SHIFT the mean comes back minus the channel's shift: x - (mean - shift) = (x + shift) - mean."""
         acc_t = tl.float64 if WIDE else tl.float32
         grp = n * G + c // CG
         mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
         rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+        if HAS_SHIFT:
+            mean = mean - tl.load(sh_ptr + n * s_shn + c, mask=cm, other=0.0).to(acc_t)
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_W else mean
         b = tl.load(b_ptr + c, mask=cm, other=0.0).to(acc_t) if HAS_B else mean
         return mean, rstd, w, b
 
     @triton.jit
     def _gn_apply_kernel(
-        x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
+        x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sh_ptr,
         C, HW, G, CG,
         s_xn, s_xc, s_xp,  # x strides (y has the same layout)
+        s_shn,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ):
-        """y = silu?((x - mean[n, c // CG]) * rstd[n, c // CG] * w[c] + b[c]) for one (pixel tile, channel block)."""
+        """y = silu?((x + shift[n, c] - mean[n, c // CG]) * rstd[n, c // CG] * w[c] + b[c]) for one (pixel tile,
+        channel block)."""
         n = tl.program_id(0).to(tl.int64)
         cb = tl.program_id(1)
         t = tl.program_id(2)
@@ -160,7 +172,8 @@ if triton is not None:
         cm = c < C
         p = tl.arange(0, BLOCK_P) + t * BLOCK_P
         msk = (p < HW)[:, None] & cm[None, :]
-        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG, HAS_W, HAS_B, WIDE)
+        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, sh_ptr, s_shn, n, c, cm, G, CG,
+                                            HAS_W, HAS_B, WIDE, HAS_SHIFT)
         scale = rstd * w if HAS_W else rstd
         shift = -mean * scale
         if HAS_B:
@@ -194,12 +207,13 @@ if triton is not None:
 
     @triton.jit
     def _gn_bwd_partial_kernel(
-        x_ptr, dz_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pa_ptr, pb_ptr, pdw_ptr, pdb_ptr,
+        x_ptr, dz_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sh_ptr, pa_ptr, pb_ptr, pdw_ptr, pdb_ptr,
         C, HW, G, CG, TILES_PER_SPLIT,
         s_xn, s_xc, s_xp,  # x and dz strides (same layout)
         s_pn, s_ps,  # partial buffers (N, SPLIT, C), channel stride 1
+        s_shn,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ):
         """Per-channel sums over a pixel slice of image n: sum dxhat, sum dxhat * xhat (for dx), sum dy * xhat and
         sum dy (for dweight, dbias). Accumulated per element of the tile and reduced over its rows once at the end
@@ -210,7 +224,8 @@ if triton is not None:
         acc_t = tl.float64 if WIDE else tl.float32
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
-        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG, HAS_W, HAS_B, WIDE)
+        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, sh_ptr, s_shn, n, c, cm, G, CG,
+                                            HAS_W, HAS_B, WIDE, HAS_SHIFT)
         sa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
         sb = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
         sdw = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
@@ -239,11 +254,12 @@ if triton is not None:
 
     @triton.jit
     def _gn_bwd_apply_kernel(
-        x_ptr, dz_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr,
+        x_ptr, dz_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sh_ptr, c1_ptr, c2_ptr,
         C, HW, G, CG,
         s_xn, s_xc, s_xp,  # x, dz and dx strides (same layout)
+        s_shn,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ):
         """dx = rstd * (dxhat - c1[n, g] - xhat * c2[n, g]), c1 = mean_g(dxhat), c2 = mean_g(dxhat * xhat)."""
         n = tl.program_id(0).to(tl.int64)
@@ -252,7 +268,8 @@ if triton is not None:
         acc_t = tl.float64 if WIDE else tl.float32
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
-        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, cm, G, CG, HAS_W, HAS_B, WIDE)
+        mean, rstd, w, b = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, sh_ptr, s_shn, n, c, cm, G, CG,
+                                            HAS_W, HAS_B, WIDE, HAS_SHIFT)
         grp = n * G + c // CG
         c1 = tl.load(c1_ptr + grp, mask=cm, other=0.0)
         c2 = tl.load(c2_ptr + grp, mask=cm, other=0.0)
@@ -312,8 +329,17 @@ def _check_int32(x: torch.Tensor) -> None:
                          f"with int32 (< 2**31 elements); use backend='torch'")
 
 
-def _stats(x: torch.Tensor, G: int, eps: float, plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, rstd), each (N, G) in the math dtype, of x (N, C, H, W) laid out NCHW or NHWC."""
+def _shift_args(shift: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer tensor, image stride) of an (N, C) shift with unit channel stride; a never-read dummy without one."""
+    if shift is None:
+        return dummy, 0
+    return shift, shift.stride(0)
+
+
+def _stats(x: torch.Tensor, G: int, eps: float, plan: dict, shift: Optional[torch.Tensor] = None,
+           channel_means: bool = False):
+    """(mean, rstd), each (N, G) in the math dtype, of x (N, C, H, W) laid out NCHW or NHWC, plus x + shift[n, c].
+    With ``channel_means`` also each channel's mean (N, C) (the backward's gradient of the shift needs it)."""
     N, C, H, W = x.shape
     HW, CG = H * W, C // G
     wide = x.dtype == torch.float64
@@ -321,10 +347,11 @@ def _stats(x: torch.Tensor, G: int, eps: float, plan: dict) -> tuple[torch.Tenso
     S = plan["split"]
     pmean = torch.empty((N, S, C), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
+    sh, s_shn = _shift_args(shift, pmean)
     _gn_partial_kernel[(N, plan["n_cblk"], S)](
-        x, pmean, pm2, C, HW, plan["tiles_per_split"],
-        x.stride(0), x.stride(1), x.stride(3), pmean.stride(0), pmean.stride(1),
-        BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], WIDE=wide,
+        x, pmean, pm2, sh, C, HW, plan["tiles_per_split"],
+        x.stride(0), x.stride(1), x.stride(3), pmean.stride(0), pmean.stride(1), s_shn,
+        BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], WIDE=wide, HAS_SHIFT=shift is not None,
     )
     mean = torch.empty((N, G), device=x.device, dtype=acc)
     rstd = torch.empty_like(mean)
@@ -333,7 +360,12 @@ def _stats(x: torch.Tensor, G: int, eps: float, plan: dict) -> tuple[torch.Tenso
         pmean.stride(0), pmean.stride(1),
         BLOCK_S=triton.next_power_of_2(S), BLOCK_G=triton.next_power_of_2(CG), WIDE=wide,
     )
-    return mean, rstd
+    if not channel_means:
+        return mean, rstd
+    split_pixels = plan["tiles_per_split"] * plan["BLOCK_P"]
+    ns = torch.full((S,), float(split_pixels), device=x.device, dtype=acc)
+    ns[-1] = HW - (S - 1) * split_pixels
+    return mean, rstd, (pmean * ns[:, None]).sum(1) / HW
 
 
 def group_norm_fwd(
@@ -343,23 +375,27 @@ def group_norm_fwd(
     bias: Optional[torch.Tensor],
     eps: float,
     silu: bool,
+    shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Triton launcher. x: (N, C, H, W), NCHW or NHWC (other strides are copied once). Returns y like x."""
+    """Triton launcher. x: (N, C, H, W), NCHW or NHWC (other strides are copied once); shift: None or (N, C), added
+    to x before the norm. Returns y like x."""
     x = x.contiguous(memory_format=_fmt(x))
     N, C, H, W = x.shape
     HW, G = H * W, num_groups
     CG = C // G
     wide = x.dtype == torch.float64
     _check_int32(x)
+    shift = shift.contiguous() if shift is not None else None
     plan = split_plan(N, C, HW, _num_sms(x.device))  # cached dict: read, never modified
-    mean, rstd = _stats(x, G, eps, plan)
+    mean, rstd = _stats(x, G, eps, plan, shift)
     y = torch.empty_like(x)
-    dummy = mean  # never read when HAS_W / HAS_B is False
+    dummy = mean  # never read when HAS_W / HAS_B / HAS_SHIFT is False
+    sh, s_shn = _shift_args(shift, dummy)
     _gn_apply_kernel[(N, plan["n_cblk"], plan["n_ptiles"])](
-        x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd,
-        C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3),
+        x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd, sh,
+        C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), s_shn,
         BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"],
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WIDE=wide,
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WIDE=wide, HAS_SHIFT=shift is not None,
     )
     return y
 
@@ -372,14 +408,18 @@ def group_norm_bwd(
     bias: Optional[torch.Tensor],
     eps: float,
     silu: bool,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    shift: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Triton launcher of the backward (statistics recomputed from x: one more read of x instead of saving them).
 
     Args:
-        grad: (N, C, H, W) gradient of the output. x, num_groups, weight, bias, eps, silu: the forward's.
+        grad: (N, C, H, W) gradient of the output. x, num_groups, weight, bias, eps, silu, shift: the forward's.
 
     Returns:
-        (dx like x, dweight (C,) or None, dbias (C,) or None); dweight/dbias in the parameters' dtypes.
+        (dx like x, dweight (C,) or None, dbias (C,) or None, dshift (N, C) or None); dweight/dbias/dshift in the
+        dtypes of their inputs. dshift[n, c] = sum over the pixels of dx[n, c], from per-channel sums the kernels
+        already make (no pass over dx): rstd_g * (sum dxhat_c - HW * c1_g - c2_g * sum xhat_c), with
+        sum xhat_c = rstd_g * HW * (mean of channel c of x + shift - mean_g).
     """
     fmt = _fmt(x)
     x = x.contiguous(memory_format=fmt)
@@ -392,33 +432,44 @@ def group_norm_bwd(
     wide = x.dtype == torch.float64
     acc = torch.float64 if wide else torch.float32
     _check_int32(x)
-    mean, rstd = _stats(x, G, eps, split_plan(N, C, HW, _num_sms(x.device)))
+    shift = shift.contiguous() if shift is not None else None
+    stats = _stats(x, G, eps, split_plan(N, C, HW, _num_sms(x.device)), shift, channel_means=shift is not None)
+    mean, rstd = stats[:2]
     plan = split_plan(N, C, HW, _num_sms(x.device), tile=1024)
     S = plan["split"]
     parts = torch.empty((4, N, S, C), device=x.device, dtype=acc)  # sum dxhat, sum dxhat*xhat, dweight, dbias
     dummy = mean
+    sh, s_shn = _shift_args(shift, dummy)
     common = dict(BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], HAS_W=weight is not None,
-                  HAS_B=bias is not None, SILU=silu, WIDE=wide)
+                  HAS_B=bias is not None, SILU=silu, WIDE=wide, HAS_SHIFT=shift is not None)
     wb = (weight if weight is not None else dummy, bias if bias is not None else dummy)
     _gn_bwd_partial_kernel[(N, plan["n_cblk"], S)](
-        x, grad, *wb, mean, rstd, parts[0], parts[1], parts[2], parts[3],
+        x, grad, *wb, mean, rstd, sh, parts[0], parts[1], parts[2], parts[3],
         C, HW, G, CG, plan["tiles_per_split"], x.stride(0), x.stride(1), x.stride(3),
-        parts.stride(1), parts.stride(2), **common,
+        parts.stride(1), parts.stride(2), s_shn, **common,
     )
     # (4, N, S, C) -> per (n, group) means of dxhat and dxhat * xhat: a few hundred KB, torch reduces it
-    sums = parts[:2].sum(2).view(2, N, G, CG).sum(-1) / (CG * HW)  # (2, N, G)
+    ch_sums = parts[:2].sum(2)  # (2, N, C)
+    sums = ch_sums.view(2, N, G, CG).sum(-1) / (CG * HW)  # (2, N, G)
     c1, c2 = sums[0].contiguous(), sums[1].contiguous()
     dx = torch.empty_like(x)
     _gn_bwd_apply_kernel[(N, plan["n_cblk"], plan["n_ptiles"])](
-        x, grad, dx, *wb, mean, rstd, c1, c2, C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), **common,
+        x, grad, dx, *wb, mean, rstd, sh, c1, c2, C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), s_shn,
+        **common,
     )
     dw = parts[2].sum((0, 1)).to(weight.dtype) if weight is not None else None
     db = parts[3].sum((0, 1)).to(bias.dtype) if bias is not None else None
-    return dx, dw, db
+    dsh = None
+    if shift is not None:
+        r, m = rstd[:, :, None], mean[:, :, None]  # (N, G, 1) against (N, G, CG) per-channel sums
+        sum_xhat = r * HW * (stats[2].view(N, G, CG) - m)
+        dsh = r * (ch_sums[0].view(N, G, CG) - HW * c1[:, :, None] - c2[:, :, None] * sum_xhat)
+        dsh = dsh.reshape(N, C).to(shift.dtype)
+    return dx, dw, db, dsh
 
 
-def _torch_fwd(x, num_groups, weight, bias, eps, silu):
-    return group_norm_reference(x, num_groups, weight, bias, eps, silu).contiguous(memory_format=_fmt(x))
+def _torch_fwd(x, num_groups, weight, bias, eps, silu, shift=None):
+    return group_norm_reference(x, num_groups, weight, bias, eps, silu, shift).contiguous(memory_format=_fmt(x))
 
 
 @torch.library.custom_op("jedi::group_norm", mutates_args=())
@@ -430,26 +481,30 @@ def _group_norm(
     eps: float,
     silu: bool,
     backend: str,
+    shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _fwd_body(x, num_groups, weight, bias, eps, silu, backend)
+    return _fwd_body(x, num_groups, weight, bias, eps, silu, backend, shift)
 
 
 @_group_norm.register_fake
-def _(x, num_groups, weight, bias, eps, silu, backend):
+def _(x, num_groups, weight, bias, eps, silu, backend, shift=None):
     return torch.empty_like(x, memory_format=_fmt(x))
 
 
-def _torch_bwd(grad, x, num_groups, weight, bias, eps, silu):
-    """The backward as torch ops, math in fp32 (fp64 for fp64), statistics recomputed from x:
+def _torch_bwd(grad, x, num_groups, weight, bias, eps, silu, shift=None):
+    """The backward as torch ops, math in fp32 (fp64 for fp64), statistics recomputed from x (+ shift):
 
         y = xhat * w + b, z = silu(y): dy = dz * sig(y) * (1 + y * (1 - sig(y)))
         dw = sum_{n,p} dy * xhat, db = sum_{n,p} dy
-        dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dy * w
+        dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dy * w; dshift = sum_p dx
     """
     G = num_groups
     md = torch.float64 if x.dtype == torch.float64 else torch.float32
     N, C = x.shape[:2]
-    xg = x.to(md).reshape(N, G, -1)  # (N, C, H, W) -> (N, G, C/G * H*W)
+    xm = x.to(md)
+    if shift is not None:
+        xm = xm + shift.to(md).view(N, C, 1, 1)
+    xg = xm.reshape(N, G, -1)  # (N, C, H, W) -> (N, G, C/G * H*W)
     mean = xg.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xg.var(-1, unbiased=False, keepdim=True) + eps)
     xhat = ((xg - mean) * rstd).reshape(x.shape)
@@ -466,8 +521,9 @@ def _torch_bwd(grad, x, num_groups, weight, bias, eps, silu):
     dxh = (dy * w if w is not None else dy).reshape(N, G, -1)
     xh = xhat.reshape(N, G, -1)
     dxg = rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))
+    dsh = dxg.reshape(N, C, -1).sum(-1).to(shift.dtype) if shift is not None else None
     dx = dxg.reshape(x.shape).to(x.dtype).contiguous(memory_format=_fmt(x))
-    return dx, dw, db
+    return dx, dw, db, dsh
 
 
 @torch.library.custom_op("jedi::group_norm_backward", mutates_args=())
@@ -480,47 +536,51 @@ def _group_norm_backward(
     eps: float,
     silu: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias); dweight / dbias are empty (0,) tensors when weight / bias is None."""
+    shift: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dshift); each of the last three is an empty (0,) tensor when its input is None."""
     fn = group_norm_bwd if backend == "triton" else _torch_bwd
-    dx, dw, db = fn(grad, x, num_groups, weight, bias, eps, silu)
-    empty = x.new_empty((0,))
-    return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+    dx, dw, db, dsh = fn(grad, x, num_groups, weight, bias, eps, silu, shift)
+    return dx, *(t if t is not None else x.new_empty((0,)) for t in (dw, db, dsh))
 
 
 @_group_norm_backward.register_fake
-def _(grad, x, num_groups, weight, bias, eps, silu, backend):
+def _(grad, x, num_groups, weight, bias, eps, silu, backend, shift=None):
     dx = torch.empty_like(x, memory_format=_fmt(x))
-    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
-    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
-    return dx, dw, db
+    return dx, *(torch.empty_like(t) if t is not None else x.new_empty((0,)) for t in (weight, bias, shift))
 
 
 def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, silu, backend = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, num_groups, weight, bias, eps, silu, backend, shift = inputs
+    ctx.save_for_backward(x, weight, bias, shift)
     ctx.num_groups, ctx.eps, ctx.silu, ctx.backend = num_groups, eps, silu, backend
+
+
+def _grads(ctx, dx, dw, db, dsh):
+    """The gradients of (x, num_groups, weight, bias, eps, silu, backend[, shift]) from the backward's outputs: a
+    call of the custom op without its trailing default ``shift`` has 7 inputs to answer for."""
+    need = ctx.needs_input_grad
+    grads = (dx if need[0] else None, None, dw if need[2] else None, db if need[3] else None, None, None, None,
+             dsh if len(need) > 7 and need[7] else None)
+    return grads[:len(need)]
 
 
 def _backward(ctx, grad):
     """jedi::group_norm_backward (Triton: statistics recomputed, per-channel partial sums split like the forward's,
     then one pass writing dx; torch: :func:`_torch_bwd`)."""
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = torch.ops.jedi.group_norm_backward(grad, x, ctx.num_groups, weight, bias, ctx.eps, ctx.silu,
-                                                    ctx.backend)
-    return (dx if ctx.needs_input_grad[0] else None, None,
-            dw if weight is not None and ctx.needs_input_grad[2] else None,
-            db if bias is not None and ctx.needs_input_grad[3] else None, None, None, None)
+    x, weight, bias, shift = ctx.saved_tensors
+    return _grads(ctx, *torch.ops.jedi.group_norm_backward(grad, x, ctx.num_groups, weight, bias, ctx.eps, ctx.silu,
+                                                           ctx.backend, shift))
 
 
 _group_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fwd_body(x, num_groups, weight, bias, eps, silu, backend):
+def _fwd_body(x, num_groups, weight, bias, eps, silu, backend, shift=None):
     """What ``jedi::group_norm`` runs (and the eager paths)."""
     if backend == "triton":
-        return group_norm_fwd(x, num_groups, weight, bias, eps, silu)
-    return _torch_fwd(x, num_groups, weight, bias, eps, silu)
+        return group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)
+    return _torch_fwd(x, num_groups, weight, bias, eps, silu, shift)
 
 
 class _GroupNormEager(torch.autograd.Function):
@@ -528,28 +588,26 @@ class _GroupNormEager(torch.autograd.Function):
     custom op's dispatch layers (see :func:`jedi_kernels.ops.eager_call`)."""
 
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, silu, backend):
-        ctx.save_for_backward(x, weight, bias)
+    def forward(ctx, x, num_groups, weight, bias, eps, silu, backend, shift):
+        ctx.save_for_backward(x, weight, bias, shift)
         ctx.num_groups, ctx.eps, ctx.silu, ctx.backend = num_groups, eps, silu, backend
-        return _fwd_body(x, num_groups, weight, bias, eps, silu, backend)
+        return _fwd_body(x, num_groups, weight, bias, eps, silu, backend, shift)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, shift = ctx.saved_tensors
         fn = group_norm_bwd if ctx.backend == "triton" else _torch_bwd
-        dx, dw, db = fn(grad, x, ctx.num_groups, weight, bias, ctx.eps, ctx.silu)
-        return (dx if ctx.needs_input_grad[0] else None, None,
-                dw if ctx.needs_input_grad[2] else None, db if ctx.needs_input_grad[3] else None, None, None, None)
+        return _grads(ctx, *fn(grad, x, ctx.num_groups, weight, bias, ctx.eps, ctx.silu, shift))
 
 
-def group_norm_op(x, num_groups, weight, bias, eps, silu, backend) -> torch.Tensor:
+def group_norm_op(x, num_groups, weight, bias, eps, silu, backend, shift=None) -> torch.Tensor:
     """The differentiable op behind ``jedi_kernels.group_norm`` (inputs validated, backend resolved): the custom op
     ``jedi::group_norm`` while compiling and for tensor subclasses, the same kernels without its dispatch layers on
     eager calls (:func:`jedi_kernels.ops.eager_call`)."""
-    how = eager_call(x, weight, bias)
+    how = eager_call(x, weight, bias, shift)
     if how == "direct":
-        return _fwd_body(x, num_groups, weight, bias, eps, silu, backend)
+        return _fwd_body(x, num_groups, weight, bias, eps, silu, backend, shift)
     if how == "function":
-        return _GroupNormEager.apply(x, num_groups, weight, bias, eps, silu, backend)
-    return torch.ops.jedi.group_norm(x, num_groups, weight, bias, eps, silu, backend)
+        return _GroupNormEager.apply(x, num_groups, weight, bias, eps, silu, backend, shift)
+    return torch.ops.jedi.group_norm(x, num_groups, weight, bias, eps, silu, backend, shift)

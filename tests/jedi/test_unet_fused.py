@@ -376,3 +376,22 @@ def test_fold_bias_leaves_wrapped_convs_alone():
         out, ref = folded(**inp, set_size=2), base(**inp, set_size=2)
     assert Spy.calls == 1
     assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="with a wrapped conv")
+
+
+def test_fold_bias_time_embedding_enters_the_fused_norm(monkeypatch):
+    """With the fused ops, every ResBlock's second norm gets its time embedding + conv1 bias as the kernel's shift
+    (no pass over h for the sum); the output equals the unfused model's."""
+    import jedi.unet as unet_mod
+    from jedi.unet import ResBlock
+
+    shifts = []
+    real = jk.group_norm
+    monkeypatch.setattr(unet_mod.jk, "group_norm",
+                        lambda *a, **kw: shifts.append(kw.get("shift") is not None) or real(*a, **kw))
+    base, fused = _pair()
+    fused.set_fused_ops(True, backend="torch")
+    inp = _inputs(base.config, N=2)
+    with torch.no_grad():
+        out, ref = fused(**inp, set_size=2), base(**inp, set_size=2)
+    assert sum(shifts) == _count(fused, ResBlock) and len(shifts) == _count(fused, GroupNorm32)
+    assert_close_verbose(out, ref, atol=2e-5 * float(ref.abs().max()), name="shift in the fused norm")

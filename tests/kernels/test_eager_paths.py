@@ -54,6 +54,16 @@ def _gn_case(backend):
             gn_ops._GroupNormEager, (gn_ops, "_fwd_body"), "jedi.group_norm")
 
 
+def _gn_shift_case(backend):
+    x = torch.randn(2, 8, 5, 6, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
+    w, b = (torch.randn(8, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    sh = torch.randn(2, 8, device=DEVICE, dtype=DTYPE)
+    return ((x, w, b, sh),
+            lambda x, w, b, sh: jk.group_norm(x, 4, w, b, 1e-5, silu=True, shift=sh, backend=backend),
+            lambda x, w, b, sh: torch.ops.jedi.group_norm(x, 4, w, b, 1e-5, True, backend, sh),
+            gn_ops._GroupNormEager, (gn_ops, "_fwd_body"), "jedi.group_norm")
+
+
 def _geglu_case(backend):
     h = torch.randn(2, 7, 48, device=DEVICE, dtype=DTYPE)
     return ((h,), lambda h: jk.geglu(h, backend=backend), lambda h: torch.ops.jedi.geglu(h, backend),
@@ -75,7 +85,8 @@ def _attn_case(backend):
             sa._SetAttentionEager, (sa, "_fwd_body"), "jedi.set_attention_fwd")
 
 
-CASES = [(_gn_case, b) for b in BACKENDS] + [(_geglu_case, b) for b in BACKENDS] + [(_ln_case, b) for b in BACKENDS] + \
+CASES = [(_gn_case, b) for b in BACKENDS] + [(_gn_shift_case, b) for b in BACKENDS] + \
+    [(_geglu_case, b) for b in BACKENDS] + [(_ln_case, b) for b in BACKENDS] + \
     ([(_attn_case, "triton")] if "triton" in BACKENDS else [])
 
 

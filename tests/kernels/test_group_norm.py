@@ -269,6 +269,136 @@ def test_bad_inputs(call, exc, match):
         call(torch.randn(2, 8, 3, 3))
 
 
+# ---- shift: group_norm(x + shift[:, :, None, None]) without the sum (a ResBlock's time embedding) -------------------
+def _shift(shape, dtype=torch.float64, scale=3.0):
+    """Per-(image, channel) shifts that differ across the channels of a group (so they change its variance)."""
+    return torch.randn(shape[:2], dtype=torch.float64).mul(scale).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,G", [SHAPES[1], SHAPES[2], SHAPES[6], SHAPES[7]], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+def test_shift_forward_fp64(backend, shape, G, layout):
+    x = _x(shape, torch.float64, layout, offset=1.0)
+    w, b = (t.double() for t in _affine(shape[1], True))
+    sh = _shift(shape)
+    y = jk.group_norm(x, G, w, b, 1e-5, silu=True, shift=sh, backend=backend)
+    ref = group_norm_reference(x + sh[:, :, None, None], G, w, b, 1e-5, True)
+    assert _is_layout(y, x)
+    assert_close_verbose(y, ref, atol=1e-12, name=f"group_norm[{backend}] shift fp64")
+    assert_close_verbose(group_norm_reference(x, G, w, b, 1e-5, True, sh), ref, atol=1e-12, name="reference shift")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_shift_2x_rule(backend, dtype):
+    """Against the float64 reference; the same-dtype torch answer adds the shift in x's dtype first (what the model
+    computes unfused), the fused op adds it unrounded."""
+    shape, G = (2, 40, 5, 6), 4
+    x = _x(shape, dtype, "nhwc")
+    w, b = _affine(40, True)
+    sh = _shift(shape, dtype)
+    y = jk.group_norm(x, G, w, b, 1e-5, silu=True, shift=sh, backend=backend)
+    ref64 = group_norm_reference(x.double(), G, w.double(), b.double(), 1e-5, True, sh.double())
+    same = _same_dtype(backend, x + sh[:, :, None, None], G, w, b, 1e-5, True)
+    assert y.dtype == dtype
+    assert_flash_rule(y, same, ref64, f"group_norm[{backend}] shift {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_shift_gradients_fp64(backend, affine):
+    """dx, dweight, dbias and dshift against autograd through the reference (x + shift materialized)."""
+    shape = (2, 40, 5, 7)
+    x = _x(shape, torch.float64, "nhwc", offset=0.5).requires_grad_()
+    sh = _shift(shape).requires_grad_()
+    w, b = (torch.randn(40, dtype=torch.float64, requires_grad=True) for _ in range(2)) if affine else (None, None)
+    gy = torch.randn(shape, dtype=torch.float64)
+    leaves = [t for t in (x, w, b, sh) if t is not None]
+    ours = torch.autograd.grad(jk.group_norm(x, 4, w, b, 1e-5, silu=True, shift=sh, backend=backend), leaves, gy)
+    ref = torch.autograd.grad(group_norm_reference(x + sh[:, :, None, None], 4, w, b, 1e-5, True), leaves, gy)
+    for o, r in zip(ours, ref):
+        assert_close_verbose(o, r, atol=1e-11 * max(1.0, float(r.abs().max())), name=f"grad shift[{backend}]")
+    assert ours[-1].shape == sh.shape
+    # a shift that needs no gradient: only x's (and the parameters') come back
+    gx = torch.autograd.grad(jk.group_norm(x, 4, w, b, 1e-5, shift=sh.detach(), backend=backend).sum(), x)[0]
+    assert torch.isfinite(gx).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_shift_many_splits_exact_fp64(monkeypatch, grad):
+    """The shift through the multi-split path (H100-sized plan, uneven last split): the partial means it moves and
+    the per-channel means the backward's dshift reads are merged across splits."""
+    monkeypatch.setattr(gn_ops, "_num_sms", lambda device: 132)
+    shape = (2, 40, 33, 31)
+    assert gn_ops.split_plan(2, 40, 33 * 31, 132)["split"] > 1
+    x = _x(shape, torch.float64, "nhwc", offset=-1.0).requires_grad_(grad)
+    sh = _shift(shape, scale=20.0).requires_grad_(grad)
+    w, b = (torch.randn(40, dtype=torch.float64, requires_grad=grad) for _ in range(2))
+    y = jk.group_norm(x, 4, w, b, 1e-5, silu=True, shift=sh, backend="triton")
+    ref = group_norm_reference(x + sh[:, :, None, None], 4, w, b, 1e-5, True)
+    assert_close_verbose(y, ref, atol=1e-12, name="shift, many splits")
+    if grad:
+        gy = torch.randn(shape, dtype=torch.float64)
+        ours = torch.autograd.grad(y, (x, w, b, sh), gy)
+        refs = torch.autograd.grad(ref, (x, w, b, sh), gy)
+        for name, o, r in zip(("dx", "dweight", "dbias", "dshift"), ours, refs):
+            assert_close_verbose(o, r, atol=1e-11 * max(1.0, float(r.abs().max())), name=f"{name} many splits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shift_gradcheck_and_opcheck(backend):
+    x = _x((2, 8, 3, 4), torch.float64, "nhwc").requires_grad_()
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    sh = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: jk.group_norm(a, 4, c, None, 1e-5, silu=True, shift=d, backend=backend), (x, w, sh))
+    x32, w32, sh32 = (t.detach().float() for t in (x, w, sh))
+    torch.library.opcheck(torch.ops.jedi.group_norm.default, (x32, 4, w32, None, 1e-5, True, backend, sh32))
+    g = torch.randn(2, 8, 3, 4).to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.jedi.group_norm_backward.default,
+                          (g, x32, 4, w32, None, 1e-5, True, backend, sh32))
+
+
+@pytest.mark.parametrize(
+    "shift,exc,match",
+    [
+        (torch.zeros(2, 7), ValueError, r"shift must have shape \(N, C\) = \(2, 8\)"),
+        (torch.zeros(2, 8, 1, 1), ValueError, r"shift must have shape \(N, C\)"),
+        (torch.zeros(2, 8, dtype=torch.int64), TypeError, "shift must be a float tensor"),
+        ([0.0] * 16, TypeError, "shift must be a float tensor"),
+    ],
+    ids=["short", "4d", "int", "list"],
+)
+def test_shift_bad_inputs(shift, exc, match):
+    with pytest.raises(exc, match=match):
+        jk.group_norm(torch.randn(2, 8, 3, 3), 4, shift=shift)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 1280, 16, 16), (4, 1280, 8, 8)], ids=str)
+def test_gpu_shift_sd_shapes(dtype, shape):
+    """The ResBlock's second norm with its time embedding folded in: forward and all four grads, 2x rule."""
+    x = _x(shape, dtype, "nhwc", offset=0.5).cuda()
+    w, b = (t.cuda() for t in _affine(shape[1], True))
+    sh = _shift(shape, dtype).cuda()
+    gy = torch.randn(shape, device="cuda").to(dtype)
+
+    def run(fn, xx, ww, bb, ss):
+        xx, ww, bb, ss = (t.detach().clone().requires_grad_() for t in (xx, ww, bb, ss))
+        y = fn(xx, ww, bb, ss)
+        return (y.detach(),) + torch.autograd.grad(y, (xx, ww, bb, ss), gy.to(xx.dtype))
+
+    ours = run(lambda a, c, d, e: jk.group_norm(a, 32, c, d, 1e-5, silu=True, shift=e, backend="triton"), x, w, b, sh)
+    ref = run(lambda a, c, d, e: group_norm_reference(a + e[:, :, None, None], 32, c, d, 1e-5, True),
+              x.double(), w.double(), b.double(), sh.double())
+    same = run(lambda a, c, d, e: group_norm_reference(a + e[:, :, None, None], 32, c, d, 1e-5, True), x, w, b, sh)
+    for name, o, r, sm in zip(("y", "dx", "dweight", "dbias", "dshift"), ours, ref, same):
+        assert_flash_rule(o, sm, r, f"group_norm gpu shift {name} {shape} {dtype}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 640, 32, 32), (4, 2560, 16, 16), (8, 1280, 8, 8),
