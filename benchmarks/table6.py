@@ -343,13 +343,15 @@ class Session:
         self.w, self.device, self.compile_backend = w, torch.device(device), compile_backend
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.unet, self.inp = build_ours(w, device, self.dtype, tiny=tiny)
-        # ours runs as JeDiPipeline.optimize() sets it up (channels-last, fused GroupNorm/GEGLU/add+LayerNorm, fused
-        # q/k/v) unless ``plain``; diffusers gets the NCHW inputs, as a diffusers user runs it
+        # ours runs as JeDiPipeline.optimize() sets it up (channels-last, fused GroupNorm/GEGLU/add+LayerNorm, folded
+        # biases, fused q/k/v and context k/v) unless ``plain``; diffusers gets the NCHW inputs, as a diffusers user
+        # runs it
         self.inp_ours = self.inp
         if not plain:
             self.unet.to(memory_format=torch.channels_last)
             self.unet.set_fused_ops(True)
             self.unet.set_fuse_qkv(True)
+            self.unet.set_fuse_context_kv(True)
             self.inp_ours = inputs_in_format(self.inp, torch.channels_last)
         self.compiled = self.dm = self.dm_step = self.dm_compiled = self.check = None
         self.runners: list = []

@@ -55,6 +55,8 @@ class UNetConfig:
         attn_backend: ``jedi_kernels.set_attention`` backend of every self-attention ("auto", "triton", "cuda",
             "torch").
         fuse_qkv: run each self-attention's q/k/v projections as one GEMM (same parameter names).
+        fuse_context_kv: project the context to every cross-attention's keys and values in one GEMM (same parameter
+            names); see :meth:`jedi.JeDiUNet.set_fuse_context_kv`.
         fused_ops: run every GroupNorm (with the SiLU that follows it in ResBlocks and the output head) and every
             GEGLU through the fused kernels ``jedi_kernels.group_norm`` / ``jedi_kernels.geglu`` (Triton on CUDA,
             torch ops elsewhere). Same parameters and names; see :meth:`jedi.JeDiUNet.set_fused_ops`.
@@ -81,6 +83,7 @@ class UNetConfig:
     use_checkpoint: bool = False
     attn_backend: str = "auto"
     fuse_qkv: bool = False
+    fuse_context_kv: bool = False
     fused_ops: bool = False
     extra_context_dim: int | None = None
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # ignored yaml keys, for the record

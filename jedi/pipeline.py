@@ -265,7 +265,8 @@ class JeDiPipeline:
         return self
 
     def optimize(self, *, channels_last: bool = True, fused_ops: bool = True, fuse_qkv: bool = True,
-                 cuda_graph: bool | None = None, compile: bool = False) -> "JeDiPipeline":
+                 fuse_context_kv: bool = True, cuda_graph: bool | None = None,
+                 compile: bool = False) -> "JeDiPipeline":
         """Switch the UNet to the fast inference configuration (issue 9's levers); the weights stay the same.
 
         Args:
@@ -274,6 +275,8 @@ class JeDiPipeline:
                 jedi_kernels' fused kernels, and the convs' biases folded into the adds and GEMMs after them
                 (``JeDiUNet.set_fused_ops``).
             fuse_qkv: every self-attention's q/k/v projections as one GEMM.
+            fuse_context_kv: every cross-attention's keys and values of the text context in one GEMM for the whole
+                UNet (``JeDiUNet.set_fuse_context_kv``).
             cuda_graph: replay each denoising step as a CUDA graph (:class:`jedi.runtime.GraphedUNet`; captured at
                 the first step of each new batch shape). Default: on when the pipeline is on a CUDA device.
             compile: run the UNet through ``torch.compile`` (default mode; inside the CUDA graph when there is one).
@@ -282,7 +285,8 @@ class JeDiPipeline:
                 Worth it for many sampling calls in one process, not for one.
 
         Returns:
-            self. ``optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)`` undoes it.
+            self. ``optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False,
+            cuda_graph=False)`` undoes it.
 
         Raises:
             ValueError: ``cuda_graph=True`` while the pipeline is not on a CUDA device.
@@ -294,6 +298,7 @@ class JeDiPipeline:
         self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.unet.set_fused_ops(fused_ops)
         self.unet.set_fuse_qkv(fuse_qkv)
+        self.unet.set_fuse_context_kv(fuse_context_kv)
         self.compiled = torch.compile(self.unet) if compile else None
         from jedi.runtime import GraphedUNet
 

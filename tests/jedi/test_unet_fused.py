@@ -395,3 +395,112 @@ def test_fold_bias_time_embedding_enters_the_fused_norm(monkeypatch):
         out, ref = fused(**inp, set_size=2), base(**inp, set_size=2)
     assert sum(shifts) == _count(fused, ResBlock) and len(shifts) == _count(fused, GroupNorm32)
     assert_close_verbose(out, ref, atol=2e-5 * float(ref.abs().max()), name="shift in the fused norm")
+
+
+# ---- fuse_context_kv: every cross-attention's keys and values of the context in one GEMM ----------------------------
+def _kv_pair(**cfg_overrides):
+    base, fused = _pair(UNetConfig.tiny(**cfg_overrides))
+    base, fused = base.double(), fused.double()
+    fused.set_fuse_context_kv(True)
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    return base, fused, inp
+
+
+def test_fuse_context_kv_same_outputs_and_grads_one_gemm():
+    from jedi.unet import CrossAttention
+
+    base, fused, inp = _kv_pair()
+    assert fused.config.fuse_context_kv and list(fused.state_dict()) == list(base.state_dict())
+    attns = [m for m in fused.modules() if isinstance(m, CrossAttention)]
+    assert len(attns) > 1 and sorted(m.kv_index for m in attns) == list(range(len(attns)))
+    calls = []
+    hooks = [lin.register_forward_hook(lambda *a: calls.append(1)) for m in attns for lin in (m.to_k, m.to_v)]
+    w = torch.linspace(-1, 1, inp["x_t"].numel(), dtype=torch.float64).view(inp["x_t"].shape)
+    outs = []
+    for m in (base, fused):
+        m.train()
+        out = m(**inp, set_size=2)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+    with torch.no_grad():
+        fused(**inp, set_size=2)
+    assert calls == []  # the fused model's to_k/to_v modules never run, with autograd or without
+    for h in hooks:
+        h.remove()
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="fused context kv")
+    gb = dict(base.named_parameters())
+    for name, p in fused.named_parameters():
+        assert_close_verbose(p.grad, gb[name].grad, atol=1e-11 * max(1.0, float(gb[name].grad.abs().max())),
+                             name=f"grad {name}")
+    fused.set_fuse_context_kv(False)
+    assert not fused.config.fuse_context_kv
+    with torch.no_grad():
+        assert torch.equal(fused(**inp, set_size=2), base(**inp, set_size=2))
+
+
+def test_fuse_context_kv_one_matmul_on_the_context():
+    """Dispatch count: with the switch on, the context enters one matmul (of all blocks' weights) instead of two per
+    cross-attention."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jedi.unet import CrossAttention
+
+    base, fused, inp = _kv_pair()
+    n_attn = _count(fused, CrossAttention)
+
+    def context_mms(unet):
+        ctx = inp["context"]
+        n = [0]
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                    a = args[1] if func is torch.ops.aten.addmm.default else args[0]
+                    if a.shape[0] == ctx.shape[0] * ctx.shape[1] and a.shape[-1] == ctx.shape[-1]:
+                        n[0] += 1
+                return func(*args, **(kwargs or {}))
+
+        with torch.no_grad(), Spy():
+            unet(**inp, set_size=2)
+        return n[0]
+
+    assert context_mms(base) == 2 * n_attn and context_mms(fused) == 1
+
+
+def test_fuse_context_kv_with_extra_context_and_wrapped_projection():
+    """The ELITE-like extra projections stay per block; a block whose to_k is wrapped projects for itself."""
+    from jedi.unet import CrossAttention
+
+    base, fused, inp = _kv_pair(extra_context_dim=8)
+    extra = torch.randn(2, 3, 8, dtype=torch.float64)
+    attn = next(m for m in fused.modules() if isinstance(m, CrossAttention))
+
+    class Wrapped(nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Wrapped.calls += 1
+            return super().forward(x)
+
+    wrapped = Wrapped(attn.to_k.in_features, attn.to_k.out_features, bias=False).double()
+    wrapped.load_state_dict(attn.to_k.state_dict())
+    attn.to_k = wrapped
+    with torch.no_grad():
+        out, ref = fused(**inp, set_size=2, extra_context=extra), base(**inp, set_size=2, extra_context=extra)
+    assert Wrapped.calls == 1
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="fused kv, extra context, wrapped")
+
+
+def test_fuse_context_kv_compiles_fullgraph():
+    torch._dynamo.reset()
+    base, fused = _pair(UNetConfig.tiny(channel_mult=(1, 2), attention_resolutions=(1, 2)))
+    fused.set_fuse_context_kv(True)
+    inp = _inputs(base.config)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close_verbose(compiled(**inp, set_size=2), base(**inp, set_size=2), atol=1e-5, name="compiled kv")
+
+
+def test_config_flag_builds_fused_context_kv():
+    unet = JeDiUNet(UNetConfig.tiny(fuse_context_kv=True))
+    assert unet.config.fuse_context_kv and len(unet._kv_attns) > 1
