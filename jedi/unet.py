@@ -74,7 +74,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-
 def _foldable(conv: nn.Module) -> bool:
     """``conv`` is a plain zero-padded ``nn.Conv2d`` with a bias, which ``fold_bias`` may apply elsewhere (a subclass
     or a wrapper, e.g. a LoRA layer, keeps its own forward)."""
