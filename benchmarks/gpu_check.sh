@@ -253,12 +253,13 @@ if [ "$(lim 60)" -ge 30 ]; then
 if [ "${JEDI_PROFILE_BASELINE:-0}" = 1 ]; then
   timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --out "$OUT/profile_eager.json" >>"$OUT/profile.log" 2>&1
 fi
-timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --channels-last --fused --out "$OUT/profile_fused.json" \
+timeout "$(lim ${JEDI_PROFILE_TIMEOUT:-60})" $PY benchmarks/profile_step.py --device cuda --steps 3 --channels-last --fused \
+  --fuse-projections --out "$OUT/profile_fused.json" \
   >>"$OUT/profile.log" 2>&1
 echo "profile rc=$?" | tee -a "$LOG"; cat "$OUT/profile_fused.md" 2>/dev/null | tee -a "$LOG"
 if [ "$(lim 120)" -ge 100 ]; then
   timeout "$(lim ${JEDI_PROFILE_COMPILE_TIMEOUT:-120})" $PY benchmarks/profile_step.py --device cuda --steps 3 --channels-last --fused \
-    --mode compile --out "$OUT/profile_compiled.json" >>"$OUT/profile.log" 2>&1
+    --fuse-projections --mode compile --out "$OUT/profile_compiled.json" >>"$OUT/profile.log" 2>&1
   echo "profile (compiled) rc=$?" | tee -a "$LOG"; cat "$OUT/profile_compiled.md" 2>/dev/null | tee -a "$LOG"
 else
   echo "compiled profile skipped: $(lim 120)s left of the budget" | tee -a "$LOG"

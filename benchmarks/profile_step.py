@@ -1,7 +1,7 @@
 """Where the time of one UNet step goes: device time per kernel category under ``torch.profiler``, and the floors.
 
     python benchmarks/profile_step.py --out OUT.json [--workload jedi_ng2] [--mode eager|cuda_graph|compile]
-        [--fused] [--channels-last] [--attn-backend auto] [--steps 5] [--trace OUT.trace.json]   # GPU: OUT.json, OUT.md
+        [--fused] [--fuse-projections] [--channels-last] [--attn-backend auto] [--steps 5] [--trace T.json]  # GPU
     python benchmarks/profile_step.py --tiny --device cpu --steps 1 --out /tmp/prof.json      # CPU smoke run
     python benchmarks/profile_step.py --floors [--workload jedi_ng2] [--out FLOORS.json]     # analytic estimate
 
@@ -142,7 +142,7 @@ def set_fused_ops(unet: nn.Module, enabled: bool) -> None:
 
 def build_step(workload: str, *, device="cuda", dtype=torch.float16, tiny: bool = False, mode: str = "eager",
                attn_backend: str = "auto", fused: bool = False, channels_last: bool = False,
-               compile_backend: str = "inductor"):
+               compile_backend: str = "inductor", fuse_projections: bool = False):
     """(step, info): a no-argument function running one UNet step of ``workload`` in ``mode``, and facts for the
     record. The model and inputs are table6's (``build_ours``). Call it under ``torch.no_grad()``.
 
@@ -162,6 +162,11 @@ def build_step(workload: str, *, device="cuda", dtype=torch.float16, tiny: bool 
     unet.set_attn_backend(attn_backend)
     if fused:
         set_fused_ops(unet, True)
+    if fuse_projections:  # q/k/v of each self-attention and the context's k/v of all cross-attentions (optimize())
+        for name in ("set_fuse_qkv", "set_fuse_context_kv"):
+            if getattr(unet, name, None) is None:
+                raise ValueError(f"--fuse-projections: this JeDiUNet has no {name}")
+            getattr(unet, name)(True)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
         inp = {k: (v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4
@@ -236,7 +241,7 @@ def breakdown(times: dict[str, list], steps: int) -> tuple[float, dict]:
 def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: bool = False, mode: str = "eager",
                  attn_backend: str = "auto", fused: bool = False, channels_last: bool = False, steps: int = 5,
                  warmup: int = 3, trace: str | None = None, compile_backend: str = "inductor",
-                 with_floors: bool | None = None) -> dict:
+                 with_floors: bool | None = None, fuse_projections: bool = False) -> dict:
     """Profile ``steps`` UNet steps of ``workload`` and return the result dict (see the module docstring).
 
     device: "cuda" (default when available) or "cpu". dtype: default float16 on CUDA, float32 on the CPU.
@@ -253,7 +258,7 @@ def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: b
     with torch.no_grad():
         step, info = build_step(workload, device=device, dtype=dtype, tiny=tiny, mode=mode,
                                 attn_backend=attn_backend, fused=fused, channels_last=channels_last,
-                                compile_backend=compile_backend)
+                                compile_backend=compile_backend, fuse_projections=fuse_projections)
         for _ in range(max(warmup, 1)):  # at least one: cuDNN/cuBLAS heuristics, Triton compiles
             step()
         _sync(device)
@@ -283,7 +288,8 @@ def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: b
         "workload": workload,
         "mode": mode,
         "flags": {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "tiny": tiny,
-                  "attn_backend": attn_backend, "fused": fused, "channels_last": channels_last, "steps": steps,
+                  "attn_backend": attn_backend, "fused": fused, "channels_last": channels_last,
+                  "fuse_projections": fuse_projections, "steps": steps,
                   "warmup": warmup, **({"compile_backend": compile_backend} if mode == "compile" else {})},
         **info,
         "step_ms": round(statistics.median(walls), 4),
@@ -311,7 +317,7 @@ def markdown(result: dict) -> str:
     """The per-category table of a :func:`profile_step` result."""
     env, f = result["env"], result["flags"]
     has_floor = any("floor_ms" in v for v in result["categories"].values())
-    flags = ", ".join(k for k in ("fused", "channels_last", "tiny") if f.get(k))
+    flags = ", ".join(k for k in ("fused", "fuse_projections", "channels_last", "tiny") if f.get(k))
     lines = [f"{result['workload']} (UNet batch {result.get('unet_batch')}), mode {result['mode']}, "
              f"{f['dtype']}, attention {f['attn_backend']}{', ' + flags if flags else ''}; "
              f"{env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}"
@@ -480,6 +486,8 @@ def main(argv=None) -> dict:
                     help="JeDiUNet.set_attn_backend for every joint self-attention")
     ap.add_argument("--fused", action="store_true", help="JeDiUNet.set_fused_ops(True): fused GroupNorm+SiLU, GEGLU")
     ap.add_argument("--channels-last", action="store_true", help="model and latents in channels-last")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="JeDiUNet.set_fuse_qkv(True) and set_fuse_context_kv(True), as JeDiPipeline.optimize()")
     ap.add_argument("--mode", default="eager", choices=MODES, help="cuda_graph (jedi.CUDAGraphRunner) and compile "
                                                                   "(torch.compile(unet)) need CUDA")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --mode compile")
@@ -513,7 +521,8 @@ def main(argv=None) -> dict:
         result = profile_step(args.workload, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
                               tiny=args.tiny, mode=args.mode, attn_backend=args.attn_backend, fused=args.fused,
                               channels_last=args.channels_last, steps=args.steps, warmup=args.warmup,
-                              trace=args.trace, compile_backend=args.compile_backend)
+                              trace=args.trace, compile_backend=args.compile_backend,
+                              fuse_projections=args.fuse_projections)
         md = markdown(result)
     print(md)
     _write(args.out, result, md)

@@ -130,6 +130,18 @@ def test_profile_tiny_cpu_end_to_end(tmp_path, one_thread):
     assert "| category | ms/step | share |" in md and "| conv |" in md
 
 
+def test_profile_optimized_configuration_cpu(tmp_path, one_thread):
+    """--fused --fuse-projections --channels-last: optimize()'s configuration (fused ops, folded biases, q/k/v and
+    context k/v projections fused) profiles, and the flags are on the record."""
+    out = tmp_path / "prof.json"
+    ps.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--fused", "--fuse-projections",
+             "--channels-last", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["flags"]["fused"] and r["flags"]["fuse_projections"] and r["flags"]["channels_last"]
+    assert r["categories"]["gemm"]["ms_per_step"] > 0
+    assert "fuse_projections" in out.with_suffix(".md").read_text()
+
+
 def test_floor_column_in_report(one_thread):
     """The full-size report path (per-category floors beside the measured times), here on a tiny CPU profile."""
     r = ps.profile_step("blipd", device="cpu", tiny=True, steps=1, warmup=1, with_floors=True)
