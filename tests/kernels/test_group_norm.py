@@ -306,6 +306,22 @@ def test_shift_2x_rule(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_shift_in_another_dtype(backend):
+    """A float32 shift on float16 activations (autocast hands the model such pairs): used in the math dtype, its
+    gradient comes back in its own dtype."""
+    shape = (2, 40, 5, 6)
+    x = _x(shape, torch.float16, "nhwc")
+    sh = _shift(shape, torch.float32).requires_grad_()
+    y = jk.group_norm(x, 4, None, None, 1e-5, shift=sh, backend=backend)
+    ref64 = group_norm_reference(x.double(), 4, None, None, 1e-5, False, sh.detach().double())
+    same = group_norm_reference(x, 4, None, None, 1e-5, False, sh.detach())
+    assert y.dtype == torch.float16
+    assert_flash_rule(y, same, ref64, f"group_norm[{backend}] fp32 shift on fp16 x")
+    (g,) = torch.autograd.grad(y.float().sum(), sh)
+    assert g.dtype == torch.float32 and g.shape == sh.shape and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 def test_shift_gradients_fp64(backend, affine):
     """dx, dweight, dbias and dshift against autograd through the reference (x + shift materialized)."""
