@@ -100,9 +100,10 @@ def _pointwise(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> t
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype (LDM's GroupNorm32). For float16/bfloat16
-    inputs with parameters of the same dtype that is torch's own GroupNorm, which accumulates in float32 and rounds
-    once; other mixes (e.g. float32 parameters, or the folded SiLU below) take the explicit round trip.
+    """GroupNorm computed in float32 (float64 inputs: in float64) and cast back to the input dtype (LDM's
+    GroupNorm32). For float16/bfloat16 inputs with parameters of the same dtype that is torch's own GroupNorm, which
+    accumulates in float32 and rounds once; other mixes (e.g. float32 parameters, or the folded SiLU below) take the
+    explicit round trip.
 
     Two switches, set by :meth:`JeDiUNet.set_fused_ops` (parameters and names never change):
     ``fused`` runs it as ``jedi_kernels.group_norm`` (two passes over x, NCHW or NHWC, one rounding), and ``silu``
@@ -141,9 +142,12 @@ class GroupNorm32(nn.GroupNorm):
             # kernels and ~4x the memory traffic per norm (61 norms per SD step). (With the SiLU folded in, the
             # round trip stays: it rounds once after the SiLU.)
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        y = F.group_norm(x.float(), self.num_groups, w, b, self.eps)
+        # float32 math for half inputs (LDM's GroupNorm32); float64 stays float64 (LDM's .float() would round it to
+        # float32, which capped every float64 comparison of the model at ~1e-7)
+        md = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        w = self.weight.to(md) if self.weight is not None else None
+        b = self.bias.to(md) if self.bias is not None else None
+        y = F.group_norm(x.to(md), self.num_groups, w, b, self.eps)
         return (F.silu(y) if self.silu else y).to(x.dtype)
 
 
