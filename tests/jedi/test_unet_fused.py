@@ -540,3 +540,54 @@ def test_every_switch_in_float64_equals_the_plain_model():
     for name, p in fast.named_parameters():
         ref = gb[name].grad
         assert_close_verbose(p.grad, ref, atol=1e-11 * max(1.0, float(ref.abs().max())), name=f"grad {name}")
+
+
+def test_time_embedding_shifts_in_one_gemm():
+    """With the fused ops on, every ResBlock's second-norm shift (Linear(SiLU(emb)) + the emb_layers and conv1
+    biases) comes from one GEMM of the UNet (TimeEmb): the blocks' emb_layers never run, the embedding enters 2
+    matmuls (time_embed.2 and the shared one) instead of one per block + 1, the output equals the plain model's, and a
+    block whose emb Linear is wrapped computes its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jedi.unet import ResBlock
+
+    base, fast = _pair()
+    base, fast = base.double(), fast.double()
+    fast.set_fused_ops(True, backend="torch")
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    res = [m for m in fast.modules() if isinstance(m, ResBlock)]
+    E = res[0].emb_layers[1].in_features
+    calls = []
+    hooks = [m.emb_layers.register_forward_hook(lambda *a: calls.append(1)) for m in res]
+
+    def emb_matmuls(unet):
+        n = [0]
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.addmm.default and tuple(args[1].shape) == (2, E):
+                    n[0] += 1
+                return func(*args, **(kwargs or {}))
+
+        with torch.no_grad(), Spy():
+            out = unet(**inp, set_size=2)
+        return n[0], out
+
+    n_fast, out = emb_matmuls(fast)
+    assert calls == [] and n_fast == 2
+    n_base, ref = emb_matmuls(base)
+    assert n_base == len(res) + 1
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="time-embedding shifts in one GEMM")
+    for h in hooks:
+        h.remove()
+
+    class Wrapped(nn.Linear):
+        pass
+
+    lin = res[0].emb_layers[1]
+    wrapped = Wrapped(lin.in_features, lin.out_features).double()
+    wrapped.load_state_dict(lin.state_dict())
+    res[0].emb_layers[1] = wrapped
+    with torch.no_grad():
+        assert_close_verbose(fast(**inp, set_size=2), ref, atol=1e-12 * float(ref.abs().max()), name="one wrapped")
+    assert emb_matmuls(fast)[0] == 3  # the wrapped block's own Linear beside the shared GEMM
