@@ -329,6 +329,14 @@ def _check_int32(x: torch.Tensor) -> None:
                          f"with int32 (< 2**31 elements); use backend='torch'")
 
 
+def _shift_rows(shift: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels read shift[n, c] at n * stride(0) + c: any row stride (e.g. a column slice of the UNet's one
+    time-embedding GEMM, jedi.unet.TimeEmb) but unit channel stride; copied only without it."""
+    if shift is None or shift.stride(1) == 1 or shift.shape[1] == 1:
+        return shift
+    return shift.contiguous()
+
+
 def _shift_args(shift: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(pointer tensor, image stride) of an (N, C) shift with unit channel stride; a never-read dummy without one."""
     if shift is None:
@@ -385,7 +393,7 @@ def group_norm_fwd(
     CG = C // G
     wide = x.dtype == torch.float64
     _check_int32(x)
-    shift = shift.contiguous() if shift is not None else None
+    shift = _shift_rows(shift)
     plan = split_plan(N, C, HW, _num_sms(x.device))  # cached dict: read, never modified
     mean, rstd = _stats(x, G, eps, plan, shift)
     y = torch.empty_like(x)
@@ -432,7 +440,7 @@ def group_norm_bwd(
     wide = x.dtype == torch.float64
     acc = torch.float64 if wide else torch.float32
     _check_int32(x)
-    shift = shift.contiguous() if shift is not None else None
+    shift = _shift_rows(shift)
     stats = _stats(x, G, eps, split_plan(N, C, HW, _num_sms(x.device)), shift, channel_means=shift is not None)
     mean, rstd = stats[:2]
     plan = split_plan(N, C, HW, _num_sms(x.device), tile=1024)

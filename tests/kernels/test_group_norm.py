@@ -305,6 +305,35 @@ def test_shift_2x_rule(backend, dtype):
     assert_flash_rule(y, same, ref64, f"group_norm[{backend}] shift {dtype}")
 
 
+@needs_triton
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_shift_strided_rows_read_in_place(monkeypatch, grad):
+    """A shift that is a column slice of a wider (N, S) tensor (as jedi.unet.TimeEmb hands every ResBlock its slice
+    of one GEMM) is read through its row stride, not copied; results as for a contiguous one."""
+    shape = (2, 40, 5, 7)
+    x = _x(shape, torch.float64, "nhwc").requires_grad_(grad)
+    wide = torch.randn(2, 100, dtype=torch.float64)
+    sh = wide[:, 30:70].requires_grad_(False)
+    if grad:
+        wide.requires_grad_()
+        sh = wide[:, 30:70]
+    assert not sh.is_contiguous() and sh.stride(1) == 1
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or real(t, *a, **k))
+    y = jk.group_norm(x, 4, None, None, 1e-5, silu=True, shift=sh, backend="triton")
+    monkeypatch.setattr(torch.Tensor, "contiguous", real)
+    assert tuple(sh.shape) not in copies
+    ref = group_norm_reference(x + sh[:, :, None, None], 4, None, None, 1e-5, True)
+    assert_close_verbose(y, ref, atol=1e-12, name="strided shift")
+    if grad:
+        gy = torch.randn(shape, dtype=torch.float64)
+        ours = torch.autograd.grad(y, (x, wide), gy)
+        refs = torch.autograd.grad(ref, (x, wide), gy)
+        for o, r in zip(ours, refs):
+            assert_close_verbose(o, r, atol=1e-11 * max(1.0, float(r.abs().max())), name="strided shift grad")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shift_in_another_dtype(backend):
     """A float32 shift on float16 activations (autocast hands the model such pairs): used in the math dtype, its
