@@ -168,13 +168,15 @@ def test_folder_roundtrip_and_sample_cli(pipe, tmp_path, capsys):
 def _unet_state(pipe):
     fused = {m.fused for m in pipe.unet.modules() if hasattr(m, "fused")}
     qkv = {m.fuse_qkv for m in pipe.unet.modules() if hasattr(m, "fuse_qkv") and hasattr(m, "to_q")}
+    qkv.add(pipe.unet.config.fuse_context_kv)  # the context k/v of all cross-attentions in one GEMM
     w = pipe.unet.input_blocks[0][0].weight
     return fused, qkv, w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
 def test_optimize_keeps_the_images_and_undoes(pipe, tmp_path):
-    """optimize() on the CPU (channels-last, fused ops through their torch path, fused QKV; no CUDA graph) generates
-    the same images; cuda_graph=True off the GPU is refused; optimize(all False) restores the plain model."""
+    """optimize() on the CPU (channels-last, fused ops through their torch path with folded biases, fused q/k/v and
+    context k/v; no CUDA graph) generates the same images; cuda_graph=True off the GPU is refused; optimize(all
+    False) restores the plain model."""
     kw = dict(num_images=2, steps=2, seed=7, progress=False, return_latents=True)
     _, want = pipe(refs(2), "a dog", **kw)
     try:
@@ -185,7 +187,7 @@ def test_optimize_keeps_the_images_and_undoes(pipe, tmp_path):
         with pytest.raises(ValueError, match="CUDA device"):
             pipe.optimize(cuda_graph=True)
     finally:
-        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False, cuda_graph=False)
     assert _unet_state(pipe) == ({False}, {False}, False)
     _, again = pipe(refs(2), "a dog", **kw)
     assert torch.equal(again, want)
@@ -224,7 +226,7 @@ def test_optimize_compile_routes_every_step_through_the_compiled_unet(pipe, monk
         pipe.optimize()
         assert pipe.compiled is None and pipe.step_unet is pipe.unet
     finally:
-        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False, cuda_graph=False)
 
 
 @pytest.mark.gpu
@@ -242,7 +244,7 @@ def test_optimize_compile_on_cuda_matches(pipe):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False, cuda_graph=False)
         pipe.to("cpu")
         torch._dynamo.reset()
 
@@ -265,7 +267,7 @@ def test_optimize_on_cuda_replays_graphs_and_matches(pipe):
         assert pipe.graphed is None
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, cuda_graph=False)
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False, cuda_graph=False)
         pipe.to("cpu")
 
 
