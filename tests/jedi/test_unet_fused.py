@@ -44,6 +44,26 @@ def _count(unet, kind):
     return sum(isinstance(m, kind) for m in unet.modules())
 
 
+def _train_each(models, inp, weight=None):
+    """Each model in training mode: one forward and the backward of ``(out * weight).sum()`` (``out.square().sum()``
+    without a weight); returns the detached outputs."""
+    outs = []
+    for m in models:
+        m.train()
+        out = m(**inp, set_size=2)
+        (out * weight if weight is not None else out.square()).sum().backward()
+        outs.append(out.detach())
+    return outs
+
+
+def _assert_same_grads(base, other, rel):
+    """Every parameter's gradient of ``other`` equals ``base``'s within ``rel`` of its size (at least 1)."""
+    gb = dict(base.named_parameters())
+    for name, p in other.named_parameters():
+        ref = gb[name].grad
+        assert_close_verbose(p.grad, ref, atol=rel * max(1.0, float(ref.abs().max())), name=f"grad {name}")
+
+
 def test_switch_keeps_state_dict_and_swaps_only_silus():
     base, fused = _pair()
     n_silu = _count(base, nn.SiLU)
@@ -154,14 +174,8 @@ def test_fused_gradients_match_unfused(backend):
     base, fused = _pair(UNetConfig.tiny(channel_mult=(1, 2), attention_resolutions=(1,)))
     fused.set_fused_ops(True, backend=backend)
     inp = _inputs(base.config, N=2)
-    w = torch.linspace(-1, 1, inp["x_t"].numel()).view_as(inp["x_t"])
-    for m in (base, fused):
-        m.train()
-        (m(**inp, set_size=2) * w).sum().backward()
-    gb = dict(base.named_parameters())
-    for name, p in fused.named_parameters():
-        ref = gb[name].grad
-        assert_close_verbose(p.grad, ref, atol=1e-5 * max(1.0, float(ref.abs().max())), name=f"grad {name}")
+    _train_each((base, fused), inp, torch.linspace(-1, 1, inp["x_t"].numel()).view_as(inp["x_t"]))
+    _assert_same_grads(base, fused, 1e-5)
 
 
 def test_fused_compile_fullgraph():
@@ -302,21 +316,13 @@ def test_fold_bias_same_sums_and_grads_float64(channels_last):
     """Folding the biases reorders sums only: float64 outputs and every parameter's gradient agree to rounding."""
     base, folded, inp = _fold_pair(channels_last)
     w = torch.linspace(-1, 1, inp["x_t"].numel(), dtype=torch.float64).view(inp["x_t"].shape)
-    outs = []
-    for m in (base, folded):
-        m.train()
-        out = m(**inp, set_size=2)
-        (out * w).sum().backward()
-        outs.append(out.detach())
+    outs = _train_each((base, folded), inp, w)
     assert outs[0].abs().max() > 0.1
     assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="folded output")
     if channels_last:
         assert outs[1].is_contiguous(memory_format=torch.channels_last)
-    gb = dict(base.named_parameters())
-    for name, p in folded.named_parameters():
-        ref = gb[name].grad
-        assert p.grad is not None, name
-        assert_close_verbose(p.grad, ref, atol=1e-11 * max(1.0, float(ref.abs().max())), name=f"grad {name}")
+    assert all(p.grad is not None for p in folded.parameters())
+    _assert_same_grads(base, folded, 1e-11)
 
 
 def _conv_calls(unet, inp):
@@ -426,23 +432,15 @@ def test_fuse_context_kv_same_outputs_and_grads_one_gemm():
     assert len(attns) > 1 and sorted(m.kv_index for m in attns) == list(range(len(attns)))
     calls = []
     hooks = [lin.register_forward_hook(lambda *a: calls.append(1)) for m in attns for lin in (m.to_k, m.to_v)]
-    w = torch.linspace(-1, 1, inp["x_t"].numel(), dtype=torch.float64).view(inp["x_t"].shape)
-    outs = []
-    for m in (base, fused):
-        m.train()
-        out = m(**inp, set_size=2)
-        (out * w).sum().backward()
-        outs.append(out.detach())
+    outs = _train_each((base, fused), inp,
+                       torch.linspace(-1, 1, inp["x_t"].numel(), dtype=torch.float64).view(inp["x_t"].shape))
     with torch.no_grad():
         fused(**inp, set_size=2)
     assert calls == []  # the fused model's to_k/to_v modules never run, with autograd or without
     for h in hooks:
         h.remove()
     assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="fused context kv")
-    gb = dict(base.named_parameters())
-    for name, p in fused.named_parameters():
-        assert_close_verbose(p.grad, gb[name].grad, atol=1e-11 * max(1.0, float(gb[name].grad.abs().max())),
-                             name=f"grad {name}")
+    _assert_same_grads(base, fused, 1e-11)
     fused.set_fuse_context_kv(False)
     assert not fused.config.fuse_context_kv
     with torch.no_grad():
@@ -529,17 +527,9 @@ def test_every_switch_in_float64_equals_the_plain_model():
     fast.set_fuse_context_kv(True)
     fast.enable_gradient_checkpointing()
     inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2, hw=16).items()}
-    outs = []
-    for m in (base, fast):
-        m.train()
-        out = m(**inp, set_size=2)
-        out.square().sum().backward()
-        outs.append(out.detach())
+    outs = _train_each((base, fast), inp)
     assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="every switch, float64")
-    gb = dict(base.named_parameters())
-    for name, p in fast.named_parameters():
-        ref = gb[name].grad
-        assert_close_verbose(p.grad, ref, atol=1e-11 * max(1.0, float(ref.abs().max())), name=f"grad {name}")
+    _assert_same_grads(base, fast, 1e-11)
 
 
 def test_time_embedding_shifts_in_one_gemm():
