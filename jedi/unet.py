@@ -76,6 +76,15 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def _by_index(indices: list[int], parts) -> tuple:
+    """``parts[i]`` at position ``indices[i]`` of a tuple (None where no part goes): the per-module slots of
+    :class:`ContextKV` and :class:`TimeEmb`, for the modules that took part in the shared GEMM."""
+    slots = [None] * (max(indices) + 1)
+    for i, t in zip(indices, parts):
+        slots[i] = t
+    return tuple(slots)
+
+
 def _foldable(conv: nn.Module) -> bool:
     """``conv`` is a plain zero-padded ``nn.Conv2d`` with a bias, which ``fold_bias`` may apply elsewhere (a subclass
     or a wrapper, e.g. a LoRA layer, keeps its own forward)."""
@@ -608,10 +617,7 @@ class JeDiUNet(nn.Module):
             return context
         w = torch.cat([t for m in attns for t in (m.to_k.weight, m.to_v.weight)], dim=0)  # (sum 2*H*D, C_ctx)
         kv = F.linear(context, w).split([m.to_k.out_features + m.to_v.out_features for m in attns], dim=-1)
-        slots = [None] * (max(m.kv_index for m in attns) + 1)
-        for m, t in zip(attns, kv):
-            slots[m.kv_index] = t
-        return ContextKV(context, tuple(slots))
+        return ContextKV(context, _by_index([m.kv_index for m in attns], kv))
 
     def _time_emb(self, emb: torch.Tensor):
         """``emb`` as a :class:`TimeEmb` (every folding ResBlock's second-norm shift from one GEMM), or unchanged when
@@ -623,10 +629,7 @@ class JeDiUNet(nn.Module):
         w = torch.cat([lin.weight for lin in lins], dim=0)  # (sum C, E)
         b = torch.cat(torch._foreach_add([lin.bias for lin in lins], [m.in_layers[2].bias for m in blocks]))
         shifts = F.linear(F.silu(emb), w, b).split([lin.out_features for lin in lins], dim=-1)
-        slots = [None] * (max(m.emb_index for m in blocks) + 1)
-        for m, t in zip(blocks, shifts):
-            slots[m.emb_index] = t
-        return TimeEmb(emb, tuple(slots))
+        return TimeEmb(emb, _by_index([m.emb_index for m in blocks], shifts))
 
     def set_attn_backend(self, backend: str) -> None:
         """Route every joint self-attention to ``backend`` ("auto", "triton", "cuda", "torch"); see
