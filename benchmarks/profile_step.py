@@ -22,8 +22,9 @@ What is counted:
 
 Each name goes to one category by :func:`categorize` (attention, gemm, conv, norm, elementwise, other). The JSON
 (``--out``) holds env, workload, mode, flags, ``step_ms``, ``device_total_ms`` and per category ``ms_per_step``,
-``share`` of the device total and the top 10 kernels ``(name, ms_per_step, calls_per_step)``; ``OUT.md`` has the
-table. At full SD size the table also shows each category's floor from :func:`floors` (an estimate, see below).
+``share`` of the device total and the top 10 kernels ``(name, ms_per_step, calls_per_step)``, and ``gemm_shapes``:
+the step's matmuls by shape with their time and fraction of roofline (:func:`gemm_shapes`; eager and compiled
+steps, not CUDA-graph replays); ``OUT.md`` has the tables. At full SD size the table also shows each category's floor from :func:`floors` (an estimate, see below).
 
 ``--floors``: an analytic estimate, no timing. FLOPs per category (conv, linear, attention) come from
 ``table6.count_flops`` (``torch.utils.flop_counter`` on meta tensors, the numbers of ``table6.py --flops``), each
@@ -238,6 +239,50 @@ def breakdown(times: dict[str, list], steps: int) -> tuple[float, dict]:
     return total, cats
 
 
+# leaf matmul ops -> (M, K, N, batch) from their input shapes; nested ops (aten::linear, aten::matmul) are skipped so
+# that no kernel is counted twice
+_GEMM_OPS = {
+    "aten::mm": lambda s: (s[0][0], s[0][1], s[1][1], 1),
+    "aten::addmm": lambda s: (s[1][0], s[1][1], s[2][1], 1),
+    "aten::_addmm_activation": lambda s: (s[1][0], s[1][1], s[2][1], 1),
+    "aten::bmm": lambda s: (s[0][1], s[0][2], s[1][2], s[0][0]),
+    "aten::baddbmm": lambda s: (s[1][1], s[1][2], s[2][2], s[1][0]),
+}
+GEMM_TOP = 20
+
+
+def gemm_shapes(prof, steps: int, device: torch.device, dtype: torch.dtype, *, peak_tflops: float = PEAK_TFLOPS,
+                peak_tbps: float = PEAK_TBPS, top: int = GEMM_TOP) -> list[dict]:
+    """The step's matmuls by shape (a profile recorded with ``record_shapes=True``), most time first: op, M x K x N
+    (and batch), calls and ms per step, µs per call, TFLOP/s, and the fraction of each call's roofline it reached,
+    the larger of its FLOPs at ``peak_tflops`` and its bytes (A, B and C once, in ``dtype``) at ``peak_tbps``. Time
+    is the device time of the op's kernels on a GPU, its self CPU time on the CPU. Ops run inside a CUDA graph
+    replay are not seen (no operator events): profile eager or compiled steps for this table."""
+    rows = []
+    size = torch.empty((), dtype=dtype).element_size()
+    for evt in prof.key_averages(group_by_input_shape=True):
+        shape_of = _GEMM_OPS.get(evt.key)
+        if shape_of is None:
+            continue
+        try:
+            M, K, N, batch = (int(x) for x in shape_of(evt.input_shapes))
+        except (IndexError, TypeError, ValueError):
+            continue  # shapes not recorded
+        us = evt.device_time_total if device.type == "cuda" else evt.self_cpu_time_total
+        calls = evt.count / steps
+        flop = 2.0 * batch * M * K * N
+        nbytes = size * batch * (M * K + K * N + M * N)
+        roof_us = max(flop / (peak_tflops * 1e6), nbytes / (peak_tbps * 1e6))
+        us_call = us / evt.count if evt.count else 0.0
+        rows.append({"op": evt.key, "M": M, "K": K, "N": N, "batch": batch, "calls_per_step": round(calls, 2),
+                     "ms_per_step": round(us / 1e3 / steps, 4), "us_per_call": round(us_call, 2),
+                     "tflops": round(flop / (us_call * 1e6), 1) if us_call > 0 else None,
+                     "roofline_us": round(roof_us, 2),
+                     "fraction_of_roofline": round(roof_us / us_call, 3) if us_call > 0 else None})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]
+
+
 def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: bool = False, mode: str = "eager",
                  attn_backend: str = "auto", fused: bool = False, channels_last: bool = False, steps: int = 5,
                  warmup: int = 3, trace: str | None = None, compile_backend: str = "inductor",
@@ -269,7 +314,7 @@ def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: b
             _sync(device)
             walls.append((time.perf_counter() - t0) * 1e3)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
@@ -299,6 +344,7 @@ def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: b
         "time_source": ("CUDA device events (kernels, memcpy, memset) by duration" if device.type == "cuda"
                         else "CPU operator events by self CPU time"),
         "categories": cats,
+        "gemm_shapes": gemm_shapes(prof, steps, device, dtype),
         "notes": [],
     }
     if total <= 0:
@@ -337,6 +383,17 @@ def markdown(result: dict) -> str:
         lines.append(f"| {c} | {v['ms_per_step']:.3f} | {100 * v['share']:.1f}% |{floor} {top_s} |")
     lines.append(f"| total | {result['device_total_ms']:.3f} | 100% |"
                  + (f" {result['floors']['floor_ms_total']:.3f} |" if has_floor else "") + " |")
+    gemms = result.get("gemm_shapes") or []
+    if gemms:
+        lines += ["", f"Matmuls by shape (top {len(gemms)} by time; roofline: FLOPs at {PEAK_TFLOPS:g} TFLOP/s or "
+                      f"bytes at {PEAK_TBPS:g} TB/s, whichever is larger):", "",
+                  "| op | M x K x N (batch) | calls/step | ms/step | µs/call | TFLOP/s | of roofline |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for g in gemms:
+            b = f" ({g['batch']})" if g["batch"] != 1 else ""
+            frac = f"{100 * g['fraction_of_roofline']:.0f} %" if g["fraction_of_roofline"] is not None else "—"
+            lines.append(f"| {g['op']} | {g['M']} x {g['K']} x {g['N']}{b} | {g['calls_per_step']:g} | "
+                         f"{g['ms_per_step']:.3f} | {g['us_per_call']:.1f} | {g['tflops'] or 0:.0f} | {frac} |")
     if result.get("notes"):
         lines += [""] + [f"Note: {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"

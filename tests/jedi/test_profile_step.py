@@ -114,6 +114,40 @@ def test_gpu_event_path_on_synthetic_events():
     assert cats["gemm"]["ms_per_step"] == 0 and cats["gemm"]["top_kernels"] == []
 
 
+def _avg(key, shapes, count, device_us, cpu_us=0.0):
+    return SimpleNamespace(key=key, input_shapes=shapes, count=count, device_time_total=device_us,
+                           self_cpu_time_total=cpu_us)
+
+
+def test_gemm_shapes_on_synthetic_averages():
+    """gemm_shapes reads M, K, N (and batch) from each leaf matmul op's recorded input shapes, skips nested and
+    shapeless ops, and rates each shape against its own roofline (FLOPs or bytes, whichever bounds it)."""
+    prof = SimpleNamespace(key_averages=lambda group_by_input_shape: [
+        _avg("aten::addmm", [[1280], [4096, 320], [320, 1280], [], []], 10, 1000.0),  # bias, A, B, beta, alpha
+        _avg("aten::mm", [[308, 768], [768, 20480]], 2, 200.0),
+        _avg("aten::bmm", [[8, 64, 40], [8, 40, 64]], 4, 40.0),
+        _avg("aten::baddbmm", [[8, 64, 64], [8, 64, 40], [8, 40, 64], [], []], 2, 10.0),
+        _avg("aten::linear", [[4096, 320], [1280, 320], [1280]], 10, 1000.0),  # nested: its addmm is counted
+        _avg("aten::mm", [], 1, 5.0),  # shapes not recorded
+        _avg("aten::add", [[4, 4], [4, 4]], 1, 99.0),
+    ])
+    rows = ps.gemm_shapes(prof, 2, torch.device("cuda"), torch.float16)
+    assert [(r["op"], r["M"], r["K"], r["N"], r["batch"]) for r in rows] == [
+        ("aten::addmm", 4096, 320, 1280, 1), ("aten::mm", 308, 768, 20480, 1), ("aten::bmm", 64, 40, 64, 8),
+        ("aten::baddbmm", 64, 40, 64, 8)]
+    a = rows[0]
+    assert a["calls_per_step"] == 5 and a["ms_per_step"] == pytest.approx(0.5) and a["us_per_call"] == 100
+    flop = 2 * 4096 * 320 * 1280
+    assert a["tflops"] == pytest.approx(flop / 100e-6 / 1e12, abs=0.1)
+    # 3.36 GFLOP at 724 TFLOP/s = 4.6 µs; 2 * (4096*320 + 320*1280 + 4096*1280) bytes at 3 TB/s = 4.6 µs as well
+    roof = max(flop / 724e12, 2 * (4096 * 320 + 320 * 1280 + 4096 * 1280) / 3e12) * 1e6
+    assert a["roofline_us"] == pytest.approx(roof, abs=0.01)
+    assert a["fraction_of_roofline"] == pytest.approx(roof / 100, abs=1e-3)
+    cpu = ps.gemm_shapes(prof, 2, torch.device("cpu"), torch.float32)  # the CPU rehearsal: self CPU time
+    assert all(r["ms_per_step"] == 0 and r["tflops"] is None for r in cpu)
+    assert len(ps.gemm_shapes(prof, 2, torch.device("cuda"), torch.float16, top=2)) == 2
+
+
 def test_profile_tiny_cpu_end_to_end(tmp_path, one_thread):
     out = tmp_path / "prof.json"
     ps.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--out", str(out)])
@@ -139,7 +173,14 @@ def test_profile_optimized_configuration_cpu(tmp_path, one_thread):
     r = json.loads(out.read_text())
     assert r["flags"]["fused"] and r["flags"]["fuse_projections"] and r["flags"]["channels_last"]
     assert r["categories"]["gemm"]["ms_per_step"] > 0
-    assert "fuse_projections" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "fuse_projections" in md and "Matmuls by shape" in md
+    # the step's matmuls by shape, among them the one GEMM of every cross-attention's context keys/values (M = UNet
+    # batch x context tokens), once a step
+    gemms = r["gemm_shapes"]
+    assert gemms and all(g["M"] > 0 and g["K"] > 0 and g["N"] > 0 and g["calls_per_step"] > 0 for g in gemms)
+    ctx = [g for g in gemms if g["M"] == r["unet_batch"] * r["context_tokens"]]
+    assert len(ctx) == 1 and ctx[0]["calls_per_step"] == 1, ctx
 
 
 def test_floor_column_in_report(one_thread):
