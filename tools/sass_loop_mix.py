@@ -56,7 +56,7 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", **switc
         fn = fn.fn
     values = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=False, COUNT_TILES=False,
                   DOT_F32=False, PREC="tf32", EVEN_N=True, EVEN_M=True, SCALE_POS=True, ROWSUM_DOT=False,
-                  FUSED_DQ=False,
+                  FUSED_DQ=False, KV_LINEAR=True, Q_LINEAR=True,  # contiguous / fused-qkv inputs: one base per set
                   **cfg.kwargs)
     values.update(switches)
     sig, const = {}, {}

@@ -39,6 +39,7 @@ __all__ = [
     "set_attn_bwd",
     "set_attention_op",
     "head_dim_chunks",
+    "autotune_log",
     "MAX_HEAD_DIM",
 ]
 
@@ -135,7 +136,7 @@ def _set_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     HAS_MASK: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-    SCALE_POS: tl.constexpr = True, ROWSUM_DOT: tl.constexpr = False,
+    SCALE_POS: tl.constexpr = True, ROWSUM_DOT: tl.constexpr = False, KV_LINEAR: tl.constexpr = False,
 ):
     """Flash-attention forward for one (query tile of image i, set b, head h).
 
@@ -184,20 +185,32 @@ def _set_attn_fwd_kernel(
         n_img = tl.load(ImgCount + i)
     else:
         n_img = G
-    # one flat loop over (allowed image, key tile within it): the pipeliner sees a single loop of n_img·n_nt steps
+    k_set = K + (b * G).to(tl.int64) * stride_kn + h * HEAD_DIM
+    v_set = V + (b * G).to(tl.int64) * stride_vn + h * HEAD_DIM
+    # one flat loop over (allowed image, key tile within it): the pipeliner sees a single loop of n_img·n_nt steps.
+    # The tile's first row is a scalar offset and the rows within it (offs_n) are loop-invariant, so the per-element
+    # addresses are hoisted and each step adds one scalar to them
     for it in range(0, n_img * n_nt):
-        j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
-        offs_kv = nt * BLOCK_N + offs_n
-        n_ok = offs_kv < L
-        k_base = K + (b * G + j).to(tl.int64) * stride_kn + h * HEAD_DIM
-        v_base = V + (b * G + j).to(tl.int64) * stride_vn + h * HEAD_DIM
+        if EVEN_N and not HAS_MASK and KV_LINEAR:
+            # the set's images are consecutive L-row blocks (image stride = L rows) cut into whole tiles: key tile it
+            # starts at row it·BLOCK_N of the set, no (image, tile) division
+            row0 = tl.cast(it, tl.int64) * BLOCK_N
+            k_base = k_set + row0 * stride_kl
+            v_base = v_set + row0 * stride_vl
+            n_ok = offs_n < BLOCK_N
+        else:
+            j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
+            n_ok = nt * BLOCK_N + offs_n < L
+            j64, row0 = tl.cast(j, tl.int64), tl.cast(nt, tl.int64) * BLOCK_N
+            k_base = k_set + j64 * stride_kn + row0 * stride_kl
+            v_base = v_set + j64 * stride_vn + row0 * stride_vl
 
-        k0 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
+        k0 = _load_chunk(k_base, offs_n, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
         if DOT_F32:
             k0 = k0.to(tl.float32)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if HAS_D1:
-            k1 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, D0, D1, HEAD_DIM, EVEN_N)
+            k1 = _load_chunk(k_base, offs_n, n_ok, stride_kl, D0, D1, HEAD_DIM, EVEN_N)
             if DOT_F32:
                 k1 = k1.to(tl.float32)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
@@ -221,12 +234,12 @@ def _set_attn_fwd_kernel(
         else:
             l_i = l_i * alpha + tl.sum(p, 1)
 
-        v0 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
+        v0 = _load_chunk(v_base, offs_n, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
         if DOT_F32:
             v0 = v0.to(tl.float32)
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=PREC)
         if HAS_D1:
-            v1 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, D0, D1, HEAD_DIM, EVEN_N)
+            v1 = _load_chunk(v_base, offs_n, n_ok, stride_vl, D0, D1, HEAD_DIM, EVEN_N)
             if DOT_F32:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PREC)
@@ -348,7 +361,7 @@ def _set_attn_bwd_dkdv_kernel(
     H, G, L,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, Q_LINEAR: tl.constexpr = False,
 ):
     """dK, dV for one (key tile of image j, set b, head h), looping over the query tiles that attend image j.
 
@@ -396,35 +409,48 @@ def _set_attn_bwd_dkdv_kernel(
         n_img = tl.load(ImgCount + j)
     else:
         n_img = G
+    q_set = Q + (b * G).to(tl.int64) * stride_qn + h * HEAD_DIM
+    do_set = DO + (b * G).to(tl.int64) * stride_don + h * HEAD_DIM
+    lse_set = (pid_bh * G).to(tl.int64) * L  # Lse and Delta rows: (B, H, G·L) contiguous, always linear
+    # as in the forward: each query tile's first row is a scalar offset from the set's base, the rows within it
+    # (offs_m) loop-invariant; Q_LINEAR (q and dO images consecutive L-row blocks) with whole tiles and no mask
+    # needs no (image, tile) division either
     for it in range(0, n_img * n_mt):
-        ii = it // n_mt
-        mt = it - ii * n_mt
-        if HAS_MASK:
-            i = tl.load(ImgList + j * G + ii)
+        if EVEN_M and not HAS_MASK and Q_LINEAR:
+            row0 = tl.cast(it, tl.int64) * BLOCK_M
+            q_base = q_set + row0 * stride_ql
+            do_base = do_set + row0 * stride_dol
+            lse_row0 = lse_set + row0
+            m_ok = offs_m < BLOCK_M
         else:
-            i = ii
-        offs_q = mt * BLOCK_M + offs_m
-        m_ok = offs_q < L
-        q_base = Q + (b * G + i).to(tl.int64) * stride_qn + h * HEAD_DIM
-        do_base = DO + (b * G + i).to(tl.int64) * stride_don + h * HEAD_DIM
-        row = (pid_bh * G + i).to(tl.int64) * L + offs_q
+            ii = it // n_mt
+            mt = it - ii * n_mt
+            if HAS_MASK:
+                i = tl.load(ImgList + j * G + ii)
+            else:
+                i = ii
+            m_ok = mt * BLOCK_M + offs_m < L
+            i64, row_in = tl.cast(i, tl.int64), tl.cast(mt, tl.int64) * BLOCK_M
+            q_base = q_set + i64 * stride_qn + row_in * stride_ql
+            do_base = do_set + i64 * stride_don + row_in * stride_dol
+            lse_row0 = lse_set + i64 * L + row_in
         if EVEN_M:
-            lse2 = tl.load(Lse + row) * 1.4426950408889634
-            delta = tl.load(Delta + row)
+            lse2 = tl.load(Lse + lse_row0 + offs_m) * 1.4426950408889634
+            delta = tl.load(Delta + lse_row0 + offs_m)
         else:
             # rows past the image's end: lse = +inf makes their P column exactly 0
-            lse2 = tl.load(Lse + row, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(Delta + row, mask=m_ok, other=0.0)
+            lse2 = tl.load(Lse + lse_row0 + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(Delta + lse_row0 + offs_m, mask=m_ok, other=0.0)
 
-        q0 = _load_chunk(q_base, offs_q, m_ok, stride_ql, 0, D0, HEAD_DIM, EVEN_M)
-        do0 = _load_chunk(do_base, offs_q, m_ok, stride_dol, 0, D0, HEAD_DIM, EVEN_M)
+        q0 = _load_chunk(q_base, offs_m, m_ok, stride_ql, 0, D0, HEAD_DIM, EVEN_M)
+        do0 = _load_chunk(do_base, offs_m, m_ok, stride_dol, 0, D0, HEAD_DIM, EVEN_M)
         if DOT_F32:
             q0 = q0.to(tl.float32)
             do0 = do0.to(tl.float32)
         st = tl.dot(k0, tl.trans(q0), input_precision=PREC)  # (BLOCK_N, BLOCK_M) = (k qᵀ)
         if HAS_D1:
-            q1 = _load_chunk(q_base, offs_q, m_ok, stride_ql, D0, D1, HEAD_DIM, EVEN_M)
-            do1 = _load_chunk(do_base, offs_q, m_ok, stride_dol, D0, D1, HEAD_DIM, EVEN_M)
+            q1 = _load_chunk(q_base, offs_m, m_ok, stride_ql, D0, D1, HEAD_DIM, EVEN_M)
+            do1 = _load_chunk(do_base, offs_m, m_ok, stride_dol, D0, D1, HEAD_DIM, EVEN_M)
             if DOT_F32:
                 q1 = q1.to(tl.float32)
                 do1 = do1.to(tl.float32)
@@ -441,8 +467,8 @@ def _set_attn_bwd_dkdv_kernel(
             dk1 = tl.dot(dst.to(q1.dtype), q1, dk1, input_precision=PREC)
         if FUSED_DQ:
             ds = tl.trans(dst.to(k0.dtype))
-            dq_rows = DQacc + (b * G + i).to(tl.int64) * L * (H * HEAD_DIM) + h * HEAD_DIM + \
-                offs_q[:, None] * (H * HEAD_DIM)
+            dq_rows = DQacc + (b * G).to(tl.int64) * L * (H * HEAD_DIM) + h * HEAD_DIM + \
+                (lse_row0 - lse_set) * (H * HEAD_DIM) + offs_m[:, None] * (H * HEAD_DIM)
             cols0 = tl.arange(0, D0)
             tl.atomic_add(dq_rows + cols0[None, :], tl.dot(ds, k0, input_precision=PREC) * scale,
                           mask=m_ok[:, None] & (cols0[None, :] < HEAD_DIM), sem="relaxed")
@@ -470,7 +496,7 @@ def _set_attn_bwd_dq_kernel(
     H, G, L,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, KV_LINEAR: tl.constexpr = False,
 ):
     """dQ for one (query tile of image i, set b, head h), looping over the allowed key tiles as the forward does:
 
@@ -506,22 +532,30 @@ def _set_attn_bwd_dq_kernel(
         n_img = tl.load(ImgCount + i)
     else:
         n_img = G
-    for it in range(0, n_img * n_nt):
-        j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
-        offs_kv = nt * BLOCK_N + offs_n
-        n_ok = offs_kv < L
-        k_base = K + (b * G + j).to(tl.int64) * stride_kn + h * HEAD_DIM
-        v_base = V + (b * G + j).to(tl.int64) * stride_vn + h * HEAD_DIM
-        k0 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
-        v0 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
+    k_set = K + (b * G).to(tl.int64) * stride_kn + h * HEAD_DIM
+    v_set = V + (b * G).to(tl.int64) * stride_vn + h * HEAD_DIM
+    for it in range(0, n_img * n_nt):  # key tiles addressed as in the forward (KV_LINEAR: no division)
+        if EVEN_N and not HAS_MASK and KV_LINEAR:
+            row0 = tl.cast(it, tl.int64) * BLOCK_N
+            k_base = k_set + row0 * stride_kl
+            v_base = v_set + row0 * stride_vl
+            n_ok = offs_n < BLOCK_N
+        else:
+            j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
+            n_ok = nt * BLOCK_N + offs_n < L
+            j64, row0 = tl.cast(j, tl.int64), tl.cast(nt, tl.int64) * BLOCK_N
+            k_base = k_set + j64 * stride_kn + row0 * stride_kl
+            v_base = v_set + j64 * stride_vn + row0 * stride_vl
+        k0 = _load_chunk(k_base, offs_n, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
+        v0 = _load_chunk(v_base, offs_n, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
         if DOT_F32:
             k0 = k0.to(tl.float32)
             v0 = v0.to(tl.float32)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
         if HAS_D1:
-            k1 = _load_chunk(k_base, offs_kv, n_ok, stride_kl, D0, D1, HEAD_DIM, EVEN_N)
-            v1 = _load_chunk(v_base, offs_kv, n_ok, stride_vl, D0, D1, HEAD_DIM, EVEN_N)
+            k1 = _load_chunk(k_base, offs_n, n_ok, stride_kl, D0, D1, HEAD_DIM, EVEN_N)
+            v1 = _load_chunk(v_base, offs_n, n_ok, stride_vl, D0, D1, HEAD_DIM, EVEN_N)
             if DOT_F32:
                 k1 = k1.to(tl.float32)
                 v1 = v1.to(tl.float32)
@@ -635,10 +669,15 @@ def _dclass(D0: int, D1: int, dtype: torch.dtype) -> str:
 # First config of each list = the default when autotuning is off (JEDI_TRITON_AUTOTUNE=0). Tiles: H100, wgmma
 # wants BLOCK_M = 64·k per warpgroup; the key tile and stage count trade shared memory (K and V tiles per stage).
 # Every default compiles for sm_90 without register spills and fits sm_80's shared memory at the widest head dim of
-# its class (tools/triton_aot_check.py, in CI); three per list keeps first-call compile + autotune time of a whole
+# its class (tools/triton_aot_check.py, in CI); three per list (five for the d 40 forward) keeps first-call compile + autotune time of a whole
 # benchmark sweep within a couple of minutes.
 _FWD_CONFIGS = {
-    "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
+    # d 40 (padded to 64): the default holds 8 warps per SM (211 registers: 2 CTAs), and ncu found the H100 kernel
+    # latency-bound there (46 % issue slots busy, no pipe above 45 %). The last two raise occupancy at a modest
+    # instruction cost (sm_90 bf16, SASS loop instructions per 1024 scores / warps per SM): 128x64 w4 299 / 8,
+    # 128x128 w8 273 / 8, 64x64 w4 380 / 16, 128x64 w8 351 / 16 (122 registers), 64x128 w4 s2 307 / 12 (154
+    # registers, 72 KB); the autotuner times them (autotune_log)
+    "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 2)],
     # d 80: 8 warps over 128 x 128 issue 302 instead of 330 instructions per 1024 scores (the loop is issue-bound
     # there) at 197 registers; 4 warps take 240 on sm_90 and spill 80 B on sm_80
     "d96": [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3)],
@@ -658,7 +697,10 @@ _FWD_CONFIGS = {
 _DKDV_CONFIGS = {
     "d64": [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3)],
     "d96": [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 128, 8, 2)],
-    "d128": [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 128, 8, 2)],
+    # d 128: 64 x 128 sat at 255 registers and spills 64 B since the query-tile addresses are hoisted out of the loop
+    # (2026-11-27, fifth session), so the default is 32 x 128 (214 registers; 510 instead of 395 loop instructions
+    # per 1024 scores); the autotuner still times the wider tile
+    "d128": [_cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3)],
     "d192": [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2)],
     "d256": [_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
     "f32": [_cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2)],
@@ -672,7 +714,7 @@ _DQ_CONFIGS = {
     "d256": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2)],
     "f32": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
 }
-_TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK", "ROWSUM_DOT"]  # names a kernel lacks are skipped
+_TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK", "ROWSUM_DOT", "KV_LINEAR", "Q_LINEAR"]  # names a kernel lacks are skipped
 
 
 _KERNELS = {"fwd": _set_attn_fwd_kernel, "dkdv": _set_attn_bwd_dkdv_kernel,
@@ -691,8 +733,43 @@ def _tuned(kind: str, dclass: str, autotune: bool):
                            reset_to_zero=["DQacc"] if kind == "dkdv_dq" else None)(_KERNELS[kind])
 
 
+# What the autotuner measured, one entry per tuning (appended by _launch when a wrapper's cache grows): benchmarks
+# record it next to their timings, so a GPU run says which config won each shape and by how much.
+_TUNE_LOG: list[dict] = []
+
+
+def _config_name(cfg) -> str:
+    """A tuning config as one short string: ``BLOCK_MxBLOCK_N wW sS``."""
+    kw = cfg.kwargs
+    return f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _note_tuning(kind: str, dclass: str, tuner, n_before: int, timings_before) -> None:
+    """Log the tuning an autotuned launch just ran: the keys added to ``tuner.cache`` after its first ``n_before``
+    (a dict keeps insertion order), each with the winning config and the median ms of every config
+    (``tuner.configs_timings``, the latest tuning's; none if it is still ``timings_before``, as when Triton's disk
+    cache of tunings answered)."""
+    timings = getattr(tuner, "configs_timings", None)
+    if timings is timings_before or not isinstance(timings, dict):
+        timings = {}
+    for key in list(tuner.cache)[n_before:]:
+        ms = {_config_name(c): float(t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+        _TUNE_LOG.append({"kernel": kind, "class": dclass, "key": [str(x) for x in key],
+                          "best": _config_name(tuner.cache[key]), "default": _config_name(tuner.configs[0]),
+                          "ms": ms})
+
+
+def autotune_log() -> list[dict]:
+    """Every tuning the set-attention autotuner ran in this process, oldest first: kernel ("fwd", "dkdv", "dkdv_dq",
+    "dq"), head-dim class, tuning key (``_TUNE_KEY`` values and the argument dtypes), the winning config, the
+    class's default (first) config and the median ms of each config tried. Empty under the interpreter or with
+    ``JEDI_TRITON_AUTOTUNE=0`` (nothing is tuned)."""
+    return [dict(e, ms=dict(e["ms"])) for e in _TUNE_LOG]
+
+
 def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Optional[dict]):
-    """Run a kernel: a fixed config under the interpreter or when given one, else the autotuned wrapper."""
+    """Run a kernel: a fixed config under the interpreter or when given one, else the autotuned wrapper (whose new
+    tunings go to :func:`autotune_log`)."""
     kernel = _KERNELS[kind]
     if config is None and triton_interpreting():
         config = _INTERPRETER_CONFIG
@@ -700,7 +777,11 @@ def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Op
         cfg = dict(config)
         kernel[grid_fn(cfg)](*args, **meta, **cfg)
     else:
-        _tuned(kind, dclass, _AUTOTUNE)[grid_fn](*args, **meta)
+        tuner = _tuned(kind, dclass, _AUTOTUNE)
+        n, timings = len(tuner.cache), getattr(tuner, "configs_timings", None)
+        tuner[grid_fn](*args, **meta)
+        if len(tuner.cache) > n:
+            _note_tuning(kind, dclass, tuner, n, timings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -765,6 +846,13 @@ def _fwd_ws_requested() -> bool:
     if v not in ("", "0", "1"):
         raise ValueError(f"JEDI_TRITON_FWD_WS must be 0 or 1, got {v!r}")
     return v == "1"
+
+
+def _rows_linear(t: torch.Tensor, L: int) -> bool:
+    """The images of ``t`` (N, L, ·) are consecutive blocks of L rows: stride(0) == L·stride(1), so row r of image n
+    is row n·L + r of one (N·L)-row matrix (contiguous tensors and views of a fused qkv projection). The kernels then
+    address a set's key tiles from one base without splitting the tile index into (image, tile)."""
+    return t.stride(0) == L * t.stride(1)
 
 
 def _rows_stride(t: torch.Tensor) -> Optional[int]:
@@ -883,7 +971,8 @@ def set_attn_fwd(
         H, G, L,
     )
     meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, COUNT_TILES=count,
-                DOT_F32=dot_f32, PREC=prec, SCALE_POS=scale > 0, ROWSUM_DOT=_rowsum_dot(D0 + D1, q.dtype))
+                DOT_F32=dot_f32, PREC=prec, SCALE_POS=scale > 0, ROWSUM_DOT=_rowsum_dot(D0 + D1, q.dtype),
+                KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L))
 
     def grid(c):
         return (G * triton.cdiv(L, c["BLOCK_M"]), B * H)
@@ -957,13 +1046,14 @@ def set_attn_bwd(
     # dQ: scale * dS K summed over every key tile, by atomics from the dK/dV programs or by its own kernel
     dq_acc = torch.zeros((N, L, H * D), device=q.device, dtype=torch.float32) if fused else dk  # dk: unread dummy
     _launch("dkdv_dq" if fused else "dkdv", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_N"]), B * H),
-            (q, k, v, do, lse, delta, dk, dv, dq_acc, cols, ccnt, *strides, *scalars), dict(meta, FUSED_DQ=fused),
-            config)
+            (q, k, v, do, lse, delta, dk, dv, dq_acc, cols, ccnt, *strides, *scalars),
+            dict(meta, FUSED_DQ=fused, Q_LINEAR=_rows_linear(q, L) and _rows_linear(do, L)), config)
     if fused:
         return dq_acc.to(q.dtype), dk, dv
     dq = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     _launch("dq", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_M"]), B * H),
-            (q, k, v, do, lse, delta, dq, rows, rcnt, *strides, *scalars), meta, config)
+            (q, k, v, do, lse, delta, dq, rows, rcnt, *strides, *scalars),
+            dict(meta, KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L)), config)
     return dq, dk, dv
 
 

@@ -281,6 +281,40 @@ def test_fused_qkv_strided_views(D, G, L, mask):
     _check_case(2, G, L, 2, D, mask=mask, fused=True)
 
 
+@pytest.mark.parametrize("layout", ["padded_images", "padded_k_only", "fused"])
+def test_image_row_layouts(layout):
+    """The kernels address a set's tiles from one base when its images are consecutive L-row blocks (stride(0) ==
+    L·stride(1): contiguous tensors, fused-qkv views) and per image otherwise. Whole tiles (L = 64 under the
+    interpreter's 32-row tiles) and no mask, where the one-base path would apply, with each layout: images that are
+    not consecutive row blocks (row slices of taller tensors: q, k, v and dO, or only k), and fused-qkv views (one
+    base)."""
+    if _device().type != "cpu":
+        pytest.skip("the interpreter's tile size makes L = 64 whole tiles; GPU cases are below")
+    B, G, L, H, D = 1, 3, 64, 2, 24
+    N, HD, scale = B * G, H * D, D**-0.5
+
+    def rows_of_taller(t):  # (N, L, HD) values in an (N, L + 8, HD) buffer: stride(0) = (L + 8)·HD
+        buf = torch.randn(N, L + 8, HD, dtype=t.dtype)
+        buf[:, :L] = t
+        return buf[:, :L]
+
+    qkv, (q, k, v) = _inputs(B, G, L, H, D, torch.float32, "cpu", fused=layout == "fused")
+    do = torch.randn(N, L, HD)
+    if layout == "padded_images":
+        q, k, v, do = (rows_of_taller(t) for t in (q, k, v, do))
+    elif layout == "padded_k_only":
+        k = rows_of_taller(k)
+    linear = {name: sa._rows_linear(t, L) for name, t in zip("qkvd", (q, k, v, do))}
+    assert linear == {"padded_images": dict.fromkeys("qkvd", False), "fused": dict.fromkeys("qkvd", True),
+                      "padded_k_only": {"q": True, "k": False, "v": True, "d": True}}[layout]
+    out, lse = sa.set_attn_fwd(q, k, v, G, H, scale)
+    grads = sa.set_attn_bwd(do, q, k, v, out, lse, G, H, scale)
+    ref64 = _ref_fwd_bwd(q, k, v, do, G, H, scale, None, torch.float64)
+    same = _ref_fwd_bwd(q, k, v, do, G, H, scale, None, torch.float32)
+    for name, ours, r_same, r64 in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), same, ref64):
+        assert_flash_rule(ours, r_same, r64, f"{name} [{layout}]")
+
+
 def _gpu_tile_shapes():
     """Every distinct (BLOCK_M, BLOCK_N) of the GPU autotune lists (fwd, dK/dV, dQ; all head-dim classes)."""
     shapes = set()
@@ -323,6 +357,7 @@ def test_autotuned_launch_path(monkeypatch):
     monkeypatch.setattr(sa, "_DKDV_CONFIGS", {"f32": [sa._cfg(16, 32, 4, 1), sa._cfg(32, 16, 4, 1)]})
     monkeypatch.setattr(sa, "_DQ_CONFIGS", {"f32": [sa._cfg(32, 16, 4, 1), sa._cfg(16, 16, 4, 1)]})
     sa._tuned.cache_clear()
+    n_logged = len(sa.autotune_log())
     try:
         # dQ by atomics: every timed config adds into DQacc, so a result that survives autotuning shows the
         # accumulator is zeroed before the real run
@@ -335,6 +370,18 @@ def test_autotuned_launch_path(monkeypatch):
         for kind in ("fwd", "dkdv_dq", "dkdv", "dq"):
             tuner = sa._tuned(kind, "f32", True)
             assert len(tuner.cache) == 2, f"{kind}: expected one tuned config per L, got {tuner.cache}"
+        # every tuning is logged once, with the winner, the class default and each config's time
+        log = sa.autotune_log()[n_logged:]
+        assert sorted((e["kernel"], e["key"][2]) for e in log) == sorted(
+            (kind, str(L)) for kind in ("fwd", "dkdv_dq", "dkdv", "dq") for L in (32, 20))
+        names = {"fwd": {"32x32 w4 s1", "16x32 w4 s1"}, "dq": {"32x16 w4 s1", "16x16 w4 s1"}}
+        for e in log:
+            assert e["class"] == "f32" and set(e["ms"]) == names.get(e["kernel"], {"16x32 w4 s1", "32x16 w4 s1"})
+            assert e["best"] in e["ms"] and e["ms"][e["best"]] == min(e["ms"].values())
+            assert e["default"] == {"fwd": "32x32 w4 s1", "dq": "32x16 w4 s1"}.get(e["kernel"], "16x32 w4 s1")
+        # a second launch of a tuned shape logs nothing
+        _check_case(1, 2, 32, 1, 24, mask="oneway", launcher_kwargs={})
+        assert len(sa.autotune_log()) == n_logged + len(log)
     finally:
         sa._tuned.cache_clear()
 
