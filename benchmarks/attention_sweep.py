@@ -3,7 +3,8 @@
     python benchmarks/attention_sweep.py --out benchmarks/results/h100-2026-11-27-attention.json [--quick]
 
 Writes one JSON list of rows (shape, dtype, pass, ms per backend, TFLOP/s, ratio to the best SDPA backend, max abs
-difference to SDPA's output). Shapes are Stable Diffusion v1's self-attention layers: (L, D) in (4096, 40), (1024, 80),
+difference to SDPA's output; where the Triton autotuner first met the shape, ``triton_autotune``: every config's time
+and the winner). Shapes are Stable Diffusion v1's self-attention layers: (L, D) in (4096, 40), (1024, 80),
 (256, 160), (64, 160) with H = 8 heads, B = 2 sets of ng images (joint attention over ng·L tokens). ``--quick`` runs
 the essential set (forward bf16 at every shape and ng, forward+backward and fp16 at ng = 2, chunked vs padded head
 dims at d 40/80, peak memory at ng 16) in <= 120 s on an H100 (estimated), Triton compilation and autotuning included.
@@ -146,6 +147,13 @@ def build_fn(backend: str, q, k, v, ng, H, mode: str, qkv=None, do=None, set_mas
     return run, run()
 
 
+def autotune_log() -> list[dict]:
+    """The Triton set-attention autotuner's tunings so far (``jedi_kernels.ops.set_attention.autotune_log``)."""
+    from jedi_kernels.ops.set_attention import autotune_log as log
+
+    return log()
+
+
 def available_ours() -> list[str]:
     import jedi_kernels as jk
 
@@ -163,6 +171,7 @@ def measure_row(L, D, ng, dtype, mode, *, B=SETS, H=HEADS, rep_ms=60, set_mask=N
            "max_abs_diff_vs_sdpa": {}, "errors": {}}
     outs = {}
     names = [f"sdpa-{b}" for b in SDPA_BACKENDS if b != "math" or ng * L <= MATH_MAX_TOKENS] + available_ours()
+    n_tuned = len(autotune_log())
     for name in names:
         try:
             fn, out = build_fn(name, q, k, v, ng, H, mode, qkv=qkv, do=do, set_mask=set_mask)
@@ -175,6 +184,9 @@ def measure_row(L, D, ng, dtype, mode, *, B=SETS, H=HEADS, rep_ms=60, set_mask=N
         row["ms"][name] = ms
         row["tflops"][name] = fl / ms * 1e-9
         outs[name] = out.detach()
+    tuned = autotune_log()[n_tuned:]
+    if tuned:  # the Triton autotuner's first sight of these shapes: every config's time and the winner
+        row["triton_autotune"] = tuned
     sdpa = {n: t for n, t in row["ms"].items() if n.startswith("sdpa-")}
     if sdpa:
         best = min(sdpa, key=sdpa.get)

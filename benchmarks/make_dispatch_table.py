@@ -12,7 +12,8 @@ runs a block-diagonal mask as per-image attention, so that comparison would flat
 Prints the derived entries (and the near misses); ``--write`` replaces ``jedi_kernels/dispatch_table.json``. Also
 prints what the sweep's kernel-variant rows say about the compiled-in defaults (``variant_advice``): the CUDA
 forward's rows per warp, the CUDA backward's keys per warp, the Triton forward's row sums and the Triton backward's
-dQ by atomics or by kernel; those defaults live in code, so changing one is a commit.
+dQ by atomics or by kernel; those defaults live in code, so changing one is a commit. ``autotune:`` lines
+(``autotune_advice``) say which Triton config the autotuner picked for each shape, against the class's default.
 """
 from __future__ import annotations
 
@@ -99,6 +100,31 @@ def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
     return out
 
 
+_CONFIG_LISTS = {"fwd": "_FWD_CONFIGS", "dkdv": "_DKDV_CONFIGS", "dkdv_dq": "_DKDV_CONFIGS", "dq": "_DQ_CONFIGS"}
+
+
+def autotune_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
+    """One line per Triton tuning recorded in the sweep (a row's ``triton_autotune``): the winning config against the
+    class's default (the first of its list, what runs with ``JEDI_TRITON_AUTOTUNE=0``), and whether the default
+    should change (only when the winner is at least ``margin`` times faster)."""
+    out = []
+    for r in rows:
+        shape = f"L={r.get('L')} D={r.get('D')} ng={r.get('ng')} {r.get('dtype', '')} {r.get('mode', '')}"
+        for t in r.get("triton_autotune", []):
+            ms, best, default = t.get("ms", {}), t.get("best"), t.get("default")
+            head = f"{t.get('kernel')} {t.get('class')} {shape}"
+            if best not in ms or default not in ms:
+                out.append(f"{head}: best {best} (no timings recorded)")
+                continue
+            ranked = ", ".join(f"{c} {v:.3f}" for c, v in sorted(ms.items(), key=lambda kv: kv[1]))
+            ratio = ms[default] / ms[best] if ms[best] > 0 else float("nan")
+            verdict = (f"the default is x{ratio:.2f} slower: consider {best} first in "
+                       f"{_CONFIG_LISTS.get(t.get('kernel'), '?')}[{t.get('class')!r}]" if ratio >= margin
+                       else "default kept")
+            out.append(f"{head}: {verdict} (ms: {ranked})")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="attention_sweep.py JSON files (or results.json with attention_sweep)")
@@ -117,6 +143,8 @@ def main(argv=None) -> int:
         print("  " + n)
     for line in variant_advice(rows, args.margin):
         print("variant: " + line)
+    for line in autotune_advice(rows, args.margin):
+        print("autotune: " + line)
     if args.write:
         doc = json.loads(TABLE.read_text())
         doc["set_attention"] = entries

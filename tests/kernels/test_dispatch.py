@@ -114,6 +114,25 @@ def test_variant_advice_flags_a_faster_non_default():
     assert "atomic x1.25 faster than the default kernel" in advice[5] and "JEDI_TRITON_BWD_DQ" in advice[5]
 
 
+def test_autotune_advice_names_a_faster_non_default_config():
+    tuned = [{"kernel": "fwd", "class": "d64", "key": ["40", "64", "4096", "2"], "best": "128x64 w8 s3",
+              "default": "128x64 w4 s3", "ms": {"128x64 w4 s3": 0.72, "128x64 w8 s3": 0.60, "64x64 w4 s3": 0.80}},
+             {"kernel": "dq", "class": "d64", "key": [], "best": "128x64 w8 s2", "default": "128x64 w8 s2",
+              "ms": {"128x64 w8 s2": 0.50, "64x64 w4 s3": 0.51}},
+             {"kernel": "dkdv", "class": "d64", "key": [], "best": "64x64 w4 s3", "default": "64x128 w8 s2",
+              "ms": {}}]  # a tuning answered by Triton's disk cache: no timings
+    rows = [{"L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "mode": "fwd", "triton_autotune": tuned[:1]},
+            {"L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "mode": "fwd+bwd", "triton_autotune": tuned[1:]},
+            {"L": 64, "D": 160, "ng": 1, "dtype": "bfloat16", "mode": "fwd"}]  # nothing tuned: no line
+    advice = mdt.autotune_advice(rows)
+    assert len(advice) == 3
+    assert advice[0].startswith("fwd d64 L=4096 D=40 ng=2 bfloat16 fwd: the default is x1.20 slower")
+    assert "128x64 w8 s3 first in _FWD_CONFIGS['d64']" in advice[0]
+    assert "ms: 128x64 w8 s3 0.600, 128x64 w4 s3 0.720, 64x64 w4 s3 0.800" in advice[0]
+    assert "dq d64" in advice[1] and "default kept" in advice[1]
+    assert advice[2].endswith("best 64x64 w4 s3 (no timings recorded)")
+
+
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter's
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
 def test_sweep_variant_row_times_each_switch_value(monkeypatch, mode):
