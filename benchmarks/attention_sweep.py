@@ -237,6 +237,26 @@ def chunking_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def bwd_chunking_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """Triton backward alone (dK/dV + dQ kernels, on one forward's out and lse) with the head dim in power-of-two
+    chunks (the default at every head dim) vs padded to the next power of two. Only the forward was ever timed both
+    ways (padding won at d 40, chunks at d 80); static SASS at d 40 says padding issues ~10 % fewer instructions per
+    score but gives the tensor cores 4/3 of the work, which the backward's five matmuls per score may feel."""
+    from jedi_kernels.ops.set_attention import head_dim_chunks, set_attn_bwd, set_attn_fwd
+
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    scale = D**-0.5
+    out, lse = set_attn_fwd(q, k, v, ng, HEADS, scale)
+    do = torch.randn_like(out)
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "bwd",
+           "kind": "head_dim_chunking_bwd", "chunks": head_dim_chunks(D, True), "padded_to": head_dim_chunks(D, False)[0]}
+    for label, chunked in (("chunked", True), ("padded", False)):
+        fn = functools.partial(set_attn_bwd, do, q, k, v, out, lse, ng, HEADS, scale, chunk_head_dim=chunked)
+        row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
+    row["speedup_chunked_vs_padded"] = row["ms_padded"] / row["ms_chunked"]
+    return row
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str):
     """Set environment variable ``name`` for the block (the kernels read their variant switches per call)."""
@@ -371,6 +391,9 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
         for L, D in SHAPES[: 2 if quick else 3]:
             add(chunking_row(L, D, rep_ms=rep_ms))
             print(f"chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)
+        for L, D in SHAPES[: 2 if quick else 3]:
+            add(bwd_chunking_row(L, D, rep_ms=rep_ms))
+            print(f"backward chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)
         add(rowsum_row(4096, 40, rep_ms=rep_ms))
         print(f"rowsum on tensor cores vs FADD, L=4096 D=40: x{rows[-1]['speedup_dot_vs_fadd']:.2f}", flush=True)
         for L, D in ((4096, 40), (1024, 80)):

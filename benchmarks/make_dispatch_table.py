@@ -73,6 +73,8 @@ VARIANTS = {
                            "_rowsum_dot in jedi_kernels/ops/set_attention.py (JEDI_ATTN_ROWSUM)"),
     "triton_bwd_dq_atomic_vs_kernel": (("ms_atomic", "ms_kernel"), "ms_kernel",
                                        "_fused_dq in jedi_kernels/ops/set_attention.py (JEDI_TRITON_BWD_DQ)"),
+    "head_dim_chunking_bwd": (("ms_chunked", "ms_padded"), "ms_chunked",
+                              "head_dim_chunks in set_attn_bwd, jedi_kernels/ops/set_attention.py (chunk_head_dim)"),
     "triton_fwd_ws": (("ms_pointer", "ms_ws"), "ms_pointer",
                       "_fwd_ws_requested in jedi_kernels/ops/set_attention.py (JEDI_TRITON_FWD_WS, opt-in)"),
 }

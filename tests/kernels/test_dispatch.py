@@ -101,9 +101,12 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "triton_bwd_dq_atomic_vs_kernel", "L": 1024, "D": 80, "ng": 2, "dtype": "bfloat16",
              "ms_atomic": 0.40, "ms_kernel": 0.50},
             {"kind": "triton_fwd_ws", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_pointer": 0.72,
-             "ms_ws": 0.60}]
+             "ms_ws": 0.60},
+            {"kind": "head_dim_chunking_bwd", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_chunked": 2.0,
+             "ms_padded": 1.8}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 7
+    assert len(advice) == 8
+    assert "padded x1.11 faster than the default chunked" in advice[7] and "set_attn_bwd" in advice[7]
     assert "ws x1.20 faster than the default pointer" in advice[6] and "JEDI_TRITON_FWD_WS" in advice[6]
     assert "D=40" in advice[0] and advice[0].endswith("keep")
     assert "16rows x1.25 faster than the default 32rows" in advice[1] and "set_attention_plan.h" in advice[1]
@@ -159,6 +162,27 @@ def test_sweep_variant_row_times_each_switch_value(monkeypatch, mode):
         assert len(outs) == (3 if mode == "bwd" else 1) and all(t.shape == shape for t in outs)
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter's
+def test_bwd_chunking_row_times_both_layouts(monkeypatch):
+    """The backward chunking row times the backward alone, chunked and padded, on the same forward's out and lse:
+    here with a stand-in timer that runs each callable once and checks the two layouts' gradients agree."""
+    results = []
+
+    def fake_time_ms(fn, rep_ms=60):
+        results.append(fn())
+        return float(len(results))
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "time_ms", fake_time_ms)
+    row = sw.bwd_chunking_row(16, 24, ng=2, dtype=torch.float32, rep_ms=1)
+    assert row["kind"] == "head_dim_chunking_bwd" and row["mode"] == "bwd"
+    assert (row["ms_chunked"], row["ms_padded"], row["speedup_chunked_vs_padded"]) == (1.0, 2.0, 2.0)
+    assert row["chunks"] == (16, 16) and row["padded_to"] == 32
+    for a, b in zip(*results):  # dq, dk, dv of both layouts
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_sweep_saves_after_every_row(monkeypatch):
     """gpu_check.sh gives the sweep a fixed time: every row is written as soon as it is measured, so a run cut short
     keeps its rows (stand-in measurements; the order puts the dispatch-deciding rows first)."""
@@ -169,8 +193,8 @@ def test_sweep_saves_after_every_row(monkeypatch):
                 "speedup_dot_vs_fadd": 1.0, "speedup_atomic_vs_kernel": 1.0, "speedup_32_vs_16rows": 1.0,
                 "speedup_32_vs_16keys": 1.0, "speedup_ws_vs_default": 1.0}
 
-    for name in ("measure_row", "chunking_row", "rowsum_row", "triton_bwd_dq_row", "cuda_row_blocks_row",
-                 "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row"):
+    for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
+                 "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})
