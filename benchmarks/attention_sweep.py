@@ -249,7 +249,8 @@ def bwd_chunking_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     out, lse = set_attn_fwd(q, k, v, ng, HEADS, scale)
     do = torch.randn_like(out)
     row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": "bwd",
-           "kind": "head_dim_chunking_bwd", "chunks": head_dim_chunks(D, True), "padded_to": head_dim_chunks(D, False)[0]}
+           "kind": "head_dim_chunking_bwd", "chunks": head_dim_chunks(D, True),
+           "padded_to": head_dim_chunks(D, False)[0]}
     for label, chunked in (("chunked", True), ("padded", False)):
         fn = functools.partial(set_attn_bwd, do, q, k, v, out, lse, ng, HEADS, scale, chunk_head_dim=chunked)
         row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)

@@ -24,7 +24,8 @@ Each name goes to one category by :func:`categorize` (attention, gemm, conv, nor
 (``--out``) holds env, workload, mode, flags, ``step_ms``, ``device_total_ms`` and per category ``ms_per_step``,
 ``share`` of the device total and the top 10 kernels ``(name, ms_per_step, calls_per_step)``, and ``gemm_shapes``:
 the step's matmuls by shape with their time and fraction of roofline (:func:`gemm_shapes`; eager and compiled
-steps, not CUDA-graph replays); ``OUT.md`` has the tables. At full SD size the table also shows each category's floor from :func:`floors` (an estimate, see below).
+steps, not CUDA-graph replays); ``OUT.md`` has the tables. At full SD size the table also shows each category's
+floor from :func:`floors` (an estimate, see below).
 
 ``--floors``: an analytic estimate, no timing. FLOPs per category (conv, linear, attention) come from
 ``table6.count_flops`` (``torch.utils.flop_counter`` on meta tensors, the numbers of ``table6.py --flops``), each

@@ -669,14 +669,14 @@ def _dclass(D0: int, D1: int, dtype: torch.dtype) -> str:
 # First config of each list = the default when autotuning is off (JEDI_TRITON_AUTOTUNE=0). Tiles: H100, wgmma
 # wants BLOCK_M = 64·k per warpgroup; the key tile and stage count trade shared memory (K and V tiles per stage).
 # Every default compiles for sm_90 without register spills and fits sm_80's shared memory at the widest head dim of
-# its class (tools/triton_aot_check.py, in CI); three per list (five for the d 40 forward) keeps first-call compile + autotune time of a whole
-# benchmark sweep within a couple of minutes.
+# its class (tools/triton_aot_check.py, in CI); three per list (five for the d <= 64 forward) keeps first-call compile
+# + autotune time of a whole benchmark sweep within a couple of minutes.
 _FWD_CONFIGS = {
-    # d 40 (padded to 64): the default holds 8 warps per SM (211 registers: 2 CTAs), and ncu found the H100 kernel
+    # d 40 (padded to 64): the default holds 8 warps per SM (254 registers: 2 CTAs), and ncu found the H100 kernel
     # latency-bound there (46 % issue slots busy, no pipe above 45 %). The last two raise occupancy at a modest
-    # instruction cost (sm_90 bf16, SASS loop instructions per 1024 scores / warps per SM): 128x64 w4 299 / 8,
-    # 128x128 w8 273 / 8, 64x64 w4 380 / 16, 128x64 w8 351 / 16 (122 registers), 64x128 w4 s2 307 / 12 (154
-    # registers, 72 KB); the autotuner times them (autotune_log)
+    # instruction cost (sm_90 bf16, SASS loop instructions per 1024 scores / warps per SM): 128x64 w4 258 / 8,
+    # 128x128 w8 232 / 8, 64x64 w4 298 / 16, 128x64 w8 299 / 16 (128 registers), 64x128 w4 s2 233 / 12 (164
+    # registers, 72 KB); the autotuner times them (autotune_log; benchmarks/README.md, "Address arithmetic")
     "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 2)],
     # d 80: 8 warps over 128 x 128 issue 302 instead of 330 instructions per 1024 scores (the loop is issue-bound
     # there) at 197 registers; 4 warps take 240 on sm_90 and spill 80 B on sm_80
@@ -714,7 +714,8 @@ _DQ_CONFIGS = {
     "d256": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2)],
     "f32": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
 }
-_TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK", "ROWSUM_DOT", "KV_LINEAR", "Q_LINEAR"]  # names a kernel lacks are skipped
+# names a kernel lacks are skipped
+_TUNE_KEY = ["HEAD_DIM", "D0", "L", "G", "HAS_MASK", "ROWSUM_DOT", "KV_LINEAR", "Q_LINEAR"]
 
 
 _KERNELS = {"fwd": _set_attn_fwd_kernel, "dkdv": _set_attn_bwd_dkdv_kernel,
