@@ -181,11 +181,13 @@ class TimeEmb(NamedTuple):
     """The time embedding with every folding ResBlock's second-norm shift already computed (``fold_bias``): one GEMM
     for all of them, ``Linear(SiLU(emb))`` with each block's ``emb_layers`` weights and its emb_layers + conv1 biases
     summed, instead of a SiLU, a 4-row GEMM and a bias add per block (66 small kernels for SD v1). ``shifts[i]`` is an
-    (N, C) view for the ResBlock with ``emb_index == i``; JeDiUNet builds it inside its forward and the blocks hand it
-    to their ResBlocks in place of the embedding tensor."""
+    (N, C) view for the ResBlock with ``emb_index == i``, ``skip_biases[i]`` its 1x1 skip conv's bias + its second
+    conv's (one ``_foreach_add`` for all blocks; None or absent for a block without a skip conv); JeDiUNet builds it
+    inside its forward and the blocks hand it to their ResBlocks in place of the embedding tensor."""
 
     emb: torch.Tensor
     shifts: tuple
+    skip_biases: tuple = ()  # skip conv bias + conv2 bias per block with a 1x1 skip conv, all from one _foreach_add
 
 
 class ResBlock(nn.Module):
@@ -222,9 +224,12 @@ class ResBlock(nn.Module):
         """x (N, C_in, h, w), emb (N, E) or a :class:`TimeEmb` -> (N, C_out, h, w)."""
         conv1, conv2, skip = self.in_layers[2], self.out_layers[3], self.skip_connection
         shift = None
+        skip_bias = None
         if isinstance(emb, TimeEmb):
             if 0 <= self.emb_index < len(emb.shifts):
                 shift = emb.shifts[self.emb_index]
+            if 0 <= self.emb_index < len(emb.skip_biases):
+                skip_bias = emb.skip_biases[self.emb_index]
             emb = emb.emb
         if not self._folds():
             h = self.in_layers(x)
@@ -245,7 +250,9 @@ class ResBlock(nn.Module):
         h = self.out_layers[2](self.out_layers[1](h))
         if isinstance(skip, nn.Identity):
             return x + conv2(h)
-        return _pointwise(skip, x, skip.bias + conv2.bias) + _conv_without_bias(conv2, h)
+        if skip_bias is None:
+            skip_bias = skip.bias + conv2.bias
+        return _pointwise(skip, x, skip_bias) + _conv_without_bias(conv2, h)
 
 
 class Downsample(nn.Module):
@@ -629,7 +636,11 @@ class JeDiUNet(nn.Module):
         w = torch.cat([lin.weight for lin in lins], dim=0)  # (sum C, E)
         b = torch.cat(torch._foreach_add([lin.bias for lin in lins], [m.in_layers[2].bias for m in blocks]))
         shifts = F.linear(F.silu(emb), w, b).split([lin.out_features for lin in lins], dim=-1)
-        return TimeEmb(emb, _by_index([m.emb_index for m in blocks], shifts))
+        # and the blocks' skip-path biases (1x1 skip conv + conv2) in one _foreach_add instead of a tiny add each
+        skips = [m for m in blocks if not isinstance(m.skip_connection, nn.Identity)]
+        skip_biases = _by_index([m.emb_index for m in skips], torch._foreach_add(
+            [m.skip_connection.bias for m in skips], [m.out_layers[3].bias for m in skips])) if skips else ()
+        return TimeEmb(emb, _by_index([m.emb_index for m in blocks], shifts), skip_biases)
 
     def set_attn_backend(self, backend: str) -> None:
         """Route every joint self-attention to ``backend`` ("auto", "triton", "cuda", "torch"); see

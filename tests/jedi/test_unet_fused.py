@@ -581,3 +581,42 @@ def test_time_embedding_shifts_in_one_gemm():
     with torch.no_grad():
         assert_close_verbose(fast(**inp, set_size=2), ref, atol=1e-12 * float(ref.abs().max()), name="one wrapped")
     assert emb_matmuls(fast)[0] == 3  # the wrapped block's own Linear beside the shared GEMM
+
+
+def test_skip_biases_in_one_foreach_add():
+    """With the fused ops on, the skip-path bias of every ResBlock with a 1x1 skip conv (its bias + conv2's) comes
+    from one _foreach_add in the UNet (TimeEmb.skip_biases) instead of one tiny add per block; outputs and all
+    gradients equal the plain model's in float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jedi.unet import ResBlock
+
+    base, fast = _pair()
+    base, fast = base.double(), fast.double()
+    fast.set_fused_ops(True, backend="torch")
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    n_skip = sum(isinstance(m, ResBlock) and not isinstance(m.skip_connection, nn.Identity) for m in fast.modules())
+    assert n_skip >= 2
+
+    def bias_adds(unet):
+        seen = {"add": 0, "foreach": []}
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.add.Tensor and all(
+                        isinstance(a, torch.Tensor) and a.dim() == 1 for a in args[:2]):
+                    seen["add"] += 1
+                if func is torch.ops.aten._foreach_add.List:
+                    seen["foreach"].append(len(args[0]))
+                return func(*args, **(kwargs or {}))
+
+        with torch.no_grad(), Spy():
+            unet(**inp, set_size=2)
+        return seen
+
+    seen = bias_adds(fast)
+    assert seen["add"] == 0 and n_skip in seen["foreach"], seen
+    assert bias_adds(base)["add"] == 0  # the plain model adds no biases by hand
+    outs = _train_each((base, fast), inp)
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="skip biases, float64")
+    _assert_same_grads(base, fast, 1e-11)
