@@ -5,17 +5,19 @@
     x_in = jk.prepare_inputs(x_t, x0, ng_mask)              # cat(x_t, x0 * (1 - m), m)
     y = jk.group_norm(x, 32, w, b, 1e-5, silu=True)         # GroupNorm(+SiLU), NHWC-friendly, two passes
     a = jk.geglu(h)                                         # h[..., :F] * gelu(h[..., F:]), one pass
+    a = jk.linear_geglu(x, w, b)                            # geglu(x wᵀ + b), the projection never stored
     s, n = jk.add_layer_norm(x, r, w, b)                    # s = x + r, n = layer_norm(s), one pass
 """
 from jedi_kernels import _ext  # noqa: F401  (imports torch, then _C)
 from jedi_kernels.backends import available_backends
-from jedi_kernels.functional import (add_layer_norm, geglu, group_norm, prepare_inputs, sample_ng_mask,
-                                     set_attention)
+from jedi_kernels.functional import (add_layer_norm, geglu, group_norm, linear_geglu, prepare_inputs,
+                                     sample_ng_mask, set_attention)
 from jedi_kernels.modules import SetAttention
 from jedi_kernels.reference import (
     add_layer_norm_reference,
     geglu_reference,
     group_norm_reference,
+    linear_geglu_reference,
     prepare_inputs_reference,
     set_attention_reference,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "sample_ng_mask",
     "group_norm",
     "geglu",
+    "linear_geglu",
     "add_layer_norm",
     "SetAttention",
     "available_backends",
@@ -35,5 +38,6 @@ __all__ = [
     "prepare_inputs_reference",
     "group_norm_reference",
     "geglu_reference",
+    "linear_geglu_reference",
     "add_layer_norm_reference",
 ]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from jedi_kernels import dispatch
 from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
 
-__all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu", "add_layer_norm"]
+__all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu", "linear_geglu",
+           "add_layer_norm"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -393,6 +394,67 @@ def geglu(h, *, backend="auto"):
     from jedi_kernels.ops import geglu as ops
 
     return ops.geglu_op(h, backend)  # eager calls skip the custom op's dispatch layers, as group_norm
+
+
+def linear_geglu(x, weight, bias=None, *, backend="auto"):
+    """SD's feed-forward input projection and GEGLU in one kernel: ``a * gelu(g)`` with ``[a, g] = x Wᵀ + b``.
+
+    ``geglu(F.linear(x, weight, bias))`` without the (…, 2F) projection ever reaching memory: the Triton kernel keeps
+    the value and gate tiles in its float32 accumulators, adds the bias, applies the exact (erf) gelu and writes the
+    (…, F) output once. For inference: a call that records autograd (grad mode on and an input requiring grad) runs
+    ``F.linear`` and :func:`geglu` instead, which are differentiable.
+
+    Args:
+        x: (..., K) float16/bfloat16/float32 tokens (any leading strides; unit last-dim stride avoids a copy).
+        weight: (2F, K) in x's dtype and on its device: the ``proj`` weight of SD's GEGLU (values first, then gates).
+        bias: (2F,) in x's dtype and on its device, or None.
+        backend: "auto" (today always "torch": the fused kernel becomes the default where a GPU run measures it faster
+            than cuBLAS + :func:`geglu`; see benchmarks/README.md), "triton" or "torch"
+            (``reference.linear_geglu_reference``).
+
+    Returns:
+        (..., F) contiguous in x's dtype. Triton: float32 accumulation and math, rounded once. torch: the projection
+        rounded to x's dtype, then the activation in x's dtype (as an unfused model computes it).
+
+    Raises:
+        TypeError: non-tensor inputs, a dtype other than float16/bfloat16/float32/float64 (float64 without autograd
+            on backend "torch" only), mismatched dtypes.
+        ValueError: bad shapes, devices or backend.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"x and weight must be torch.Tensors, got {type(x)} and {type(weight)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., K) with K > 0, got {tuple(x.shape)}")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K or weight.shape[0] == 0 or weight.shape[0] % 2:
+        raise ValueError(f"weight must have shape (2F, K) = (2F, {K}) with an even, non-zero 2F, got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
+        _check_like("bias", bias, "weight's rows", weight[:, 0])
+    choices = ("auto", "triton", "torch")
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    if backend == "auto":
+        backend = "torch"
+    if backend == "triton" and not triton_ok(x.device):
+        reason = available_backends()["reasons"].get("triton", "needs a CUDA device")
+        raise ValueError(f"backend='triton' cannot run on {x.device}: {reason}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return geglu(F.linear(x, weight, bias), backend=backend)
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError("backend='triton' of linear_geglu takes float16, bfloat16 or float32 (float64 runs on "
+                        "backend='torch')")
+    from jedi_kernels.ops import linear_geglu as ops
+
+    return ops.linear_geglu_op(x, weight, bias, backend)
 
 
 def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, backend="auto"):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "linear_geglu_reference",
     "set_attention_reference",
     "prepare_inputs_reference",
     "set_mask_to_dense",
@@ -160,6 +161,18 @@ def geglu_reference(h: torch.Tensor) -> torch.Tensor:
     """
     a, g = h.chunk(2, dim=-1)
     return a * F.gelu(g)
+
+
+def linear_geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SD's feed-forward input projection and its GEGLU, unfused: ``geglu_reference(F.linear(x, weight, bias))``.
+
+    Args:
+        x: (..., K) any float dtype. weight: (2F, K) (an ``nn.Linear(K, 2F)`` weight), x's dtype. bias: (2F,) or None.
+
+    Returns:
+        (..., F) in x's dtype: the projection rounded to x's dtype, then ``a * gelu(g)`` in x's dtype.
+    """
+    return geglu_reference(F.linear(x, weight, bias))
 
 
 def add_layer_norm_reference(

@@ -120,6 +120,12 @@ def _record(out_path: str) -> None:
         mask = torch.tensor([[True, False], [True, True]]) if masked else None
         jk.set_attention(q, k, v, 2, 2, set_mask=mask, backend="triton")
     os.environ.pop("JEDI_TRITON_FWD_WS")
+    # the feed-forward projection + GEGLU kernel: SD's K (multiples of 64) and a K tail, with and without a bias
+    for dtype in (*halves, torch.float32):
+        for K, bias in ((64, True), (40, False)):
+            x = torch.randn(8, K, dtype=dtype)
+            w = torch.randn(2 * 24, K, dtype=dtype)
+            jk.linear_geglu(x, w, torch.randn(48, dtype=dtype) if bias else None, backend="triton")
     interpreter.InterpretedFunction.run = real_run
     Path(out_path).write_text(json.dumps(launches))
 
@@ -159,6 +165,21 @@ def _variants(rec: dict, all_configs: bool) -> list[dict]:
         for name, rows in (("DescQ", cfg["BLOCK_M"]), ("DescK", cfg["BLOCK_N"]), ("DescV", cfg["BLOCK_N"])):
             a[name] = dict(a[name], block=[rows, dp])
         return [dict(rec, args=a, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], min_arch=90)]
+    if rec["name"] == "_linear_geglu_kernel":  # its autotune list (the first config when autotuning is off)
+        from jedi_kernels.ops import linear_geglu as lg
+
+        out = []
+        if args["X"]["ptr"] == "fp32":  # float32 (tests) runs one fixed config on GPUs
+            f32 = dict(lg._F32_CONFIG)
+            cfgs = [(f32.pop("num_warps"), f32.pop("num_stages"), f32)]
+        else:
+            cfgs = [(c.num_warps, c.num_stages, c.kwargs) for c in lg._CONFIGS[: None if all_configs else 1]]
+        for warps, stages, kw in cfgs:
+            a = dict(args, **{k: {"value": v} for k, v in kw.items()})
+            if _val(a["EVEN_K"]):  # recorded with the interpreter's 32-wide K step: keep K's own divisibility
+                a["EVEN_K"] = {"value": _val(a["K"]) % kw["BLOCK_K"] == 0}
+            out.append(dict(rec, args=a, num_warps=warps, num_stages=stages))
+        return out
     lists = {"_set_attn_fwd_kernel": sa._FWD_CONFIGS, "_set_attn_bwd_dkdv_kernel": sa._DKDV_CONFIGS,
              "_set_attn_bwd_dq_kernel": sa._DQ_CONFIGS}
     if rec["name"] not in lists:
@@ -273,7 +294,7 @@ def main(argv=None) -> int:
             if rec.get("min_arch", 0) > arch:
                 continue
             consts = {k: _val(a) for k, a in rec["args"].items()
-                      if k.isupper() and k not in ("H", "G", "L", "C", "HW", "R", "F", "P")}
+                      if k.isupper() and k not in ("H", "G", "L", "C", "HW", "R", "F", "P", "M", "K")}
             row = {"arch": arch, "kernel": rec["name"], "num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
                    "dtype": next((a["ptr"] for a in rec["args"].values() if "ptr" in a), None), "constexprs": consts}
             try:
