@@ -24,6 +24,8 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +fuse_context_kv    the keys and values of the text context for every cross-attention in one GEMM
     +cudnn_benchmark    torch.backends.cudnn.benchmark: cuDNN times its conv algorithms once per shape instead of
                         taking its heuristic's pick (process-wide: the rungs after it and the peers run with it too)
+    +fuse_ff            each feed-forward's projection + GEGLU as one Triton kernel (jedi_kernels.linear_geglu; opt-in
+                        in optimize() until this rung measures it; on +cudnn_benchmark)
     +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each on +cudnn_benchmark)
     (cuda_graph)        on a GPU, every rung above also replayed as one CUDA graph: its device time, which picks
                         the best levers (eager wall times are launch-bound and rank nothing)
@@ -63,7 +65,7 @@ TARGET_NG4_OVER_NG2 = 2.1
 ANCHOR_PEER_MS = {"jedi_ng2": 12.26, "blipd": 6.54}  # diffusers compile reduce-overhead channels-last, H100 2026-11-26
 
 BASE = dict(gn_fp32=False, channels_last=False, fused_ops=False, fused_ln=False, fold_bias=False, fuse_qkv=False,
-            fuse_context_kv=False, cudnn_benchmark=False, attn="auto")
+            fuse_context_kv=False, cudnn_benchmark=False, fuse_ff=False, attn="auto")
 _FUSED = dict(channels_last=True, fused_ops=True, fused_ln=True, fold_bias=True)
 _ALL = dict(_FUSED, fuse_qkv=True, fuse_context_kv=True, cudnn_benchmark=True)
 LADDER = [
@@ -76,6 +78,7 @@ LADDER = [
     ("+fuse_qkv", dict(BASE, **_FUSED, fuse_qkv=True)),
     ("+fuse_context_kv", dict(BASE, **_FUSED, fuse_qkv=True, fuse_context_kv=True)),
     ("+cudnn_benchmark", dict(BASE, **_ALL)),
+    ("+fuse_ff", dict(BASE, **_ALL, fuse_ff=True)),
     ("+attn=triton", dict(BASE, **_ALL, attn="triton")),
     ("+attn=cuda", dict(BASE, **_ALL, attn="cuda")),
 ]
@@ -96,6 +99,7 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
             m.fold_bias = bool(cfg["fused_ops"] and cfg.get("fold_bias", True))
     unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_fuse_context_kv(cfg.get("fuse_context_kv", False))
+    unet.set_fuse_ff(cfg.get("fuse_ff", False))
     unet.set_attn_backend(cfg["attn"])
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))
     return inputs_in_format(inp, fmt)

@@ -57,6 +57,9 @@ class UNetConfig:
         fuse_qkv: run each self-attention's q/k/v projections as one GEMM (same parameter names).
         fuse_context_kv: project the context to every cross-attention's keys and values in one GEMM (same parameter
             names); see :meth:`jedi.JeDiUNet.set_fuse_context_kv`.
+        fuse_ff: run each feed-forward's input projection and its GEGLU as one kernel (``jedi_kernels.linear_geglu``;
+            inference on CUDA, the unfused path elsewhere); see :meth:`jedi.JeDiUNet.set_fuse_ff`. Opt-in until a GPU
+            run measures it faster than cuBLAS + the fused GEGLU.
         fused_ops: run every GroupNorm (with the SiLU that follows it in ResBlocks and the output head) and every
             GEGLU through the fused kernels ``jedi_kernels.group_norm`` / ``jedi_kernels.geglu`` (Triton on CUDA,
             torch ops elsewhere). Same parameters and names; see :meth:`jedi.JeDiUNet.set_fused_ops`.
@@ -84,6 +87,7 @@ class UNetConfig:
     attn_backend: str = "auto"
     fuse_qkv: bool = False
     fuse_context_kv: bool = False
+    fuse_ff: bool = False
     fused_ops: bool = False
     extra_context_dim: int | None = None
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # ignored yaml keys, for the record

@@ -265,7 +265,7 @@ class JeDiPipeline:
         return self
 
     def optimize(self, *, channels_last: bool = True, fused_ops: bool = True, fuse_qkv: bool = True,
-                 fuse_context_kv: bool = True, cuda_graph: bool | None = None,
+                 fuse_context_kv: bool = True, fuse_ff: bool = False, cuda_graph: bool | None = None,
                  compile: bool = False) -> "JeDiPipeline":
         """Switch the UNet to the fast inference configuration (issue 9's levers); the weights stay the same.
 
@@ -277,6 +277,8 @@ class JeDiPipeline:
             fuse_qkv: every self-attention's q/k/v projections as one GEMM.
             fuse_context_kv: every cross-attention's keys and values of the text context in one GEMM for the whole
                 UNet (``JeDiUNet.set_fuse_context_kv``).
+            fuse_ff: every feed-forward's input projection and GEGLU as one kernel (``JeDiUNet.set_fuse_ff``; CUDA).
+                Off by default until a GPU run measures it faster than cuBLAS + the fused GEGLU.
             cuda_graph: replay each denoising step as a CUDA graph (:class:`jedi.runtime.GraphedUNet`; captured at
                 the first step of each new batch shape). Default: on when the pipeline is on a CUDA device.
             compile: run the UNet through ``torch.compile`` (default mode; inside the CUDA graph when there is one).
@@ -299,6 +301,7 @@ class JeDiPipeline:
         self.unet.set_fused_ops(fused_ops)
         self.unet.set_fuse_qkv(fuse_qkv)
         self.unet.set_fuse_context_kv(fuse_context_kv)
+        self.unet.set_fuse_ff(fuse_ff)
         self.compiled = torch.compile(self.unet) if compile else None
         from jedi.runtime import GraphedUNet
 

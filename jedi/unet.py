@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import jedi_kernels as jk
+from jedi_kernels.backends import triton_ok
 from jedi.config import UNetConfig
 
 __all__ = [
@@ -279,16 +280,30 @@ class Upsample(nn.Module):
 
 class GEGLU(nn.Module):
     """``a * gelu(g)`` with ``[a, g] = proj(x)``: (..., C) -> (..., C_out). With ``fused`` (set by
-    :meth:`JeDiUNet.set_fused_ops`) the activation is one ``jedi_kernels.geglu`` pass over the projection."""
+    :meth:`JeDiUNet.set_fused_ops`) the activation is one ``jedi_kernels.geglu`` pass over the projection; with
+    ``fuse_linear`` (:meth:`JeDiUNet.set_fuse_ff`) the projection and the activation are one
+    ``jedi_kernels.linear_geglu`` kernel on CUDA (a wrapped ``proj`` keeps its own forward)."""
 
     fused: bool = False
     backend: str = "auto"
+    fuse_linear: bool = False
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
+    def _linear_backend(self, x: torch.Tensor) -> str | None:
+        """The ``linear_geglu`` backend for ``x``, or None to run the projection and the activation apart."""
+        if not self.fuse_linear or type(self.proj) is not nn.Linear or x.dtype == torch.float64:
+            return None
+        if self.backend in ("triton", "torch"):
+            return self.backend
+        return "triton" if x.is_cuda and triton_ok(x.device) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = self._linear_backend(x)
+        if backend is not None:
+            return jk.linear_geglu(x, self.proj.weight, self.proj.bias, backend=backend)
         if self.fused:
             return jk.geglu(self.proj(x), backend=self.backend)
         a, gate = self.proj(x).chunk(2, dim=-1)
@@ -554,6 +569,8 @@ class JeDiUNet(nn.Module):
             self.set_fused_ops(True)
         if cfg.fuse_context_kv:
             self.set_fuse_context_kv(True)
+        if cfg.fuse_ff:
+            self.set_fuse_ff(True)
 
     def set_fused_ops(self, enabled: bool = True, backend: str = "auto") -> None:
         """Run every GroupNorm (+ the SiLU after it) and every GEGLU through the fused kernels
@@ -602,6 +619,18 @@ class JeDiUNet(nn.Module):
             if isinstance(m, TransformerBlock):
                 m.attn1.fuse_qkv = enabled
         self.config.fuse_qkv = enabled
+
+    def set_fuse_ff(self, enabled: bool = True) -> None:
+        """Run every feed-forward's input projection and GEGLU as one kernel (``jedi_kernels.linear_geglu``: the
+        (tokens, 2F) projection never reaches memory) for inference on CUDA; training, CPUs and float64 keep the
+        projection and the activation apart (so do blocks whose ``proj`` is wrapped). Parameter names and the state
+        dict are unchanged. Opt-in: not yet measured faster on a GPU than cuBLAS + the fused GEGLU
+        (benchmarks/README.md). ``config.fuse_ff`` records the state."""
+        enabled = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, GEGLU):
+                m.fuse_linear = enabled
+        self.config.fuse_ff = enabled
 
     def set_fuse_context_kv(self, enabled: bool = True) -> None:
         """Project the context to the keys and values of every cross-attention (``attn2``) of the UNet at once: one

@@ -186,9 +186,14 @@ def test_optimize_keeps_the_images_and_undoes(pipe, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="CUDA device"):
             pipe.optimize(cuda_graph=True)
+        assert not pipe.unet.config.fuse_ff  # opt-in
+        pipe.optimize(fuse_ff=True)
+        assert pipe.unet.config.fuse_ff and all(m.fuse_linear for m in pipe.unet.modules() if hasattr(m, "fuse_linear"))
+        _, got = pipe(refs(2), "a dog", **kw)  # on the CPU the feed-forward stays unfused: same images
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     finally:
         pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False, cuda_graph=False)
-    assert _unet_state(pipe) == ({False}, {False}, False)
+    assert _unet_state(pipe) == ({False}, {False}, False) and not pipe.unet.config.fuse_ff
     _, again = pipe(refs(2), "a dog", **kw)
     assert torch.equal(again, want)
 

@@ -620,3 +620,62 @@ def test_skip_biases_in_one_foreach_add():
     outs = _train_each((base, fast), inp)
     assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="skip biases, float64")
     _assert_same_grads(base, fast, 1e-11)
+
+
+# ---- fuse_ff: each feed-forward's projection + GEGLU as one kernel (jedi_kernels.linear_geglu) ----------------------
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fuse_ff_one_kernel_same_outputs(monkeypatch, backend):
+    """set_fuse_ff: every GEGLU's projection and activation go through one linear_geglu call (the proj Linear never
+    runs on its own) in inference, with the plain model's outputs; the state dict and config record it; off again,
+    the calls stop. Backend "triton" runs the kernel under the interpreter on CPU."""
+    base, fast = _pair()
+    fast.set_fused_ops(True, backend=backend)
+    fast.set_fuse_ff(True)
+    assert fast.config.fuse_ff and list(fast.state_dict()) == list(base.state_dict())
+    n_ff = _count(fast, GEGLU)
+    calls, proj_runs = [], []
+    real = jk.linear_geglu
+    monkeypatch.setattr(jk, "linear_geglu", lambda *a, **k: calls.append(k.get("backend")) or real(*a, **k))
+    hooks = [m.proj.register_forward_hook(lambda *a: proj_runs.append(1)) for m in fast.modules()
+             if isinstance(m, GEGLU)]
+    inp = _inputs(base.config)
+    with torch.no_grad():
+        ref = base(**inp, set_size=2)
+        out = fast(**inp, set_size=2)
+    assert calls == [backend] * n_ff and proj_runs == []
+    assert_close_verbose(out, ref, atol=2e-5 * float(ref.abs().max()), name=f"fuse_ff[{backend}]")
+    fast.set_fuse_ff(False)
+    calls.clear()
+    with torch.no_grad():
+        fast(**inp, set_size=2)
+    assert calls == [] and len(proj_runs) == n_ff and not fast.config.fuse_ff
+    for h in hooks:
+        h.remove()
+
+
+def test_fuse_ff_training_and_wrapped_proj_take_the_unfused_path():
+    """With fuse_ff on, training (autograd recording) gets the plain model's gradients in float64, and a GEGLU whose
+    proj is wrapped (e.g. LoRA) keeps its own forward; the default backend on CPU is the unfused path."""
+    base, fast = _pair()
+    base, fast = base.double(), fast.double()
+    fast.set_fuse_ff(True)
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    outs = _train_each((base, fast), inp)
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="fuse_ff training")
+    _assert_same_grads(base, fast, 1e-11)
+    geglu = next(m for m in fast.modules() if isinstance(m, GEGLU))
+    assert geglu._linear_backend(torch.zeros(1, dtype=torch.float32)) is None  # CPU, backend auto: unfused
+
+    class Wrapped(nn.Linear):
+        pass
+
+    wrapped = Wrapped(geglu.proj.in_features, geglu.proj.out_features)
+    geglu.proj = wrapped
+    geglu.backend = "triton"
+    assert geglu._linear_backend(torch.zeros(1)) is None
+
+
+def test_fuse_ff_from_config():
+    cfg = dataclasses.replace(UNetConfig.tiny(), fuse_ff=True)
+    unet = JeDiUNet(cfg)
+    assert all(m.fuse_linear for m in unet.modules() if isinstance(m, GEGLU))
