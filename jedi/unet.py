@@ -298,7 +298,9 @@ class GEGLU(nn.Module):
             return None
         if self.backend in ("triton", "torch"):
             return self.backend
-        return "triton" if x.is_cuda and triton_ok(x.device) else None
+        # auto: half precision on CUDA (float32 IEEE dots in Triton are far slower than cuBLAS)
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        return "triton" if half and x.is_cuda and triton_ok(x.device) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._linear_backend(x)
@@ -622,8 +624,8 @@ class JeDiUNet(nn.Module):
 
     def set_fuse_ff(self, enabled: bool = True) -> None:
         """Run every feed-forward's input projection and GEGLU as one kernel (``jedi_kernels.linear_geglu``: the
-        (tokens, 2F) projection never reaches memory) for inference on CUDA; training, CPUs and float64 keep the
-        projection and the activation apart (so do blocks whose ``proj`` is wrapped). Parameter names and the state
+        (tokens, 2F) projection never reaches memory) for half-precision inference on CUDA; training, CPUs, float32
+        and float64 keep the projection and the activation apart (so do blocks whose ``proj`` is wrapped). Parameter names and the state
         dict are unchanged. Opt-in: not yet measured faster on a GPU than cuBLAS + the fused GEGLU
         (benchmarks/README.md). ``config.fuse_ff`` records the state."""
         enabled = bool(enabled)
