@@ -405,7 +405,8 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
     ``F.linear`` and :func:`geglu` instead, which are differentiable.
 
     Args:
-        x: (..., K) float16/bfloat16/float32 tokens (any leading strides; unit last-dim stride avoids a copy).
+        x: (..., K) float16/bfloat16/float32 tokens (float64 too on backend "torch" or when recording autograd; any
+            leading strides, unit last-dim stride avoids a copy).
         weight: (2F, K) in x's dtype and on its device: the ``proj`` weight of SD's GEGLU (values first, then gates).
         bias: (2F,) in x's dtype and on its device, or None.
         backend: "auto" (today always "torch": the fused kernel becomes the default where a GPU run measures it faster
@@ -438,7 +439,12 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
-        _check_like("bias", bias, "weight's rows", weight[:, 0])
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape (2F,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
     choices = ("auto", "triton", "torch")
     if backend not in choices:
         raise ValueError(f"backend must be one of {choices}, got {backend!r}")

@@ -154,14 +154,16 @@ def test_autograd_calls_take_the_unfused_path(backend):
         ((torch.randn(2, 8), torch.randn(6, 7)), {}, ValueError, r"weight must have shape \(2F, K\) = \(2F, 8\)"),
         ((torch.randn(2, 8), torch.randn(5, 8)), {}, ValueError, "even, non-zero 2F"),
         ((torch.randn(2, 8), torch.randn(6, 8).double()), {}, TypeError, "weight must have x's dtype"),
-        ((torch.randn(2, 8), torch.randn(6, 8), torch.randn(4)), {}, ValueError, "bias must have"),
+        ((torch.randn(2, 8), torch.randn(6, 8), torch.randn(4)), {}, ValueError,
+         r"bias must have shape \(2F,\) = \(6,\)"),
+        ((torch.randn(2, 8), torch.randn(6, 8), torch.randn(6).double()), {}, TypeError, "bias must have x's dtype"),
         ((torch.ones(2, 8, dtype=torch.int32), torch.ones(6, 8, dtype=torch.int32)), {}, TypeError,
          "x must be float16, bfloat16, float32 or float64"),
         (([[1.0]], torch.randn(2, 1)), {}, TypeError, "x and weight must be torch.Tensors"),
         ((torch.randn(2, 0), torch.randn(2, 0)), {}, ValueError, r"x must have shape \(\.\.\., K\)"),
         ((torch.randn(2, 8), torch.randn(6, 8)), {"backend": "cuda"}, ValueError, "backend must be one of"),
     ],
-    ids=["wrong_K", "odd_2F", "weight_dtype", "bias_shape", "int", "list", "zero_K", "bad_backend"],
+    ids=["wrong_K", "odd_2F", "weight_dtype", "bias_shape", "bias_dtype", "int", "list", "zero_K", "bad_backend"],
 )
 def test_bad_inputs(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
