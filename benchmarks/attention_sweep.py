@@ -241,7 +241,8 @@ def bwd_chunking_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """Triton backward alone (dK/dV + dQ kernels, on one forward's out and lse) with the head dim in power-of-two
     chunks (the default at every head dim) vs padded to the next power of two. Only the forward was ever timed both
     ways (padding won at d 40, chunks at d 80); static SASS at d 40 says padding issues ~10 % fewer instructions per
-    score but gives the tensor cores 4/3 of the work, which the backward's five matmuls per score may feel."""
+    score but gives the tensor cores 4/3 of the work, which the backward's matmuls (four per score in the dK/dV
+    kernel, three in the dQ kernel) may feel."""
     from jedi_kernels.ops.set_attention import head_dim_chunks, set_attn_bwd, set_attn_fwd
 
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
