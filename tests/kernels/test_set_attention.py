@@ -281,25 +281,19 @@ def test_fused_qkv_strided_views(D, G, L, mask):
     _check_case(2, G, L, 2, D, mask=mask, fused=True)
 
 
-@pytest.mark.parametrize("layout", ["padded_images", "padded_k_only", "fused"])
-def test_image_row_layouts(layout):
-    """The kernels address a set's tiles from one base when its images are consecutive L-row blocks (stride(0) ==
-    L·stride(1): contiguous tensors, fused-qkv views) and per image otherwise. Whole tiles (L = 64 under the
-    interpreter's 32-row tiles) and no mask, where the one-base path would apply, with each layout: images that are
-    not consecutive row blocks (row slices of taller tensors: q, k, v and dO, or only k), and fused-qkv views (one
-    base)."""
-    if _device().type != "cpu":
-        pytest.skip("the interpreter's tile size makes L = 64 whole tiles; GPU cases are below")
-    B, G, L, H, D = 1, 3, 64, 2, 24
+def _check_row_layout(layout, device, dtype, L):
+    """Forward + backward (Triton) of one image-row layout against the float64 reference (flash rule): images that
+    are not consecutive row blocks (row slices of taller tensors: q, k, v and dO, or only k), or fused-qkv views."""
+    B, G, H, D = 1, 3, 2, 24
     N, HD, scale = B * G, H * D, D**-0.5
 
     def rows_of_taller(t):  # (N, L, HD) values in an (N, L + 8, HD) buffer: stride(0) = (L + 8)·HD
-        buf = torch.randn(N, L + 8, HD, dtype=t.dtype)
+        buf = torch.randn(N, L + 8, HD, device=device).to(dtype)
         buf[:, :L] = t
         return buf[:, :L]
 
-    qkv, (q, k, v) = _inputs(B, G, L, H, D, torch.float32, "cpu", fused=layout == "fused")
-    do = torch.randn(N, L, HD)
+    qkv, (q, k, v) = _inputs(B, G, L, H, D, dtype, device, fused=layout == "fused")
+    do = torch.randn(N, L, HD, device=device).to(dtype)
     if layout == "padded_images":
         q, k, v, do = (rows_of_taller(t) for t in (q, k, v, do))
     elif layout == "padded_k_only":
@@ -310,9 +304,20 @@ def test_image_row_layouts(layout):
     out, lse = sa.set_attn_fwd(q, k, v, G, H, scale)
     grads = sa.set_attn_bwd(do, q, k, v, out, lse, G, H, scale)
     ref64 = _ref_fwd_bwd(q, k, v, do, G, H, scale, None, torch.float64)
-    same = _ref_fwd_bwd(q, k, v, do, G, H, scale, None, torch.float32)
+    same = _ref_fwd_bwd(q, k, v, do, G, H, scale, None, dtype)
     for name, ours, r_same, r64 in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), same, ref64):
-        assert_flash_rule(ours, r_same, r64, f"{name} [{layout}]")
+        assert_flash_rule(ours, r_same, r64, f"{name} [{layout} {dtype} L={L}]")
+
+
+@pytest.mark.parametrize("layout", ["padded_images", "padded_k_only", "fused"])
+def test_image_row_layouts(layout):
+    """The kernels address a set's tiles from one base when its images are consecutive L-row blocks (stride(0) ==
+    L·stride(1): contiguous tensors, fused-qkv views) and per image otherwise. Here at whole tiles and no mask, where
+    the one-base path would apply: L = 64 under the interpreter's 32-row tiles (test_image_row_layouts_gpu: L = 256
+    for the GPU tiles)."""
+    if _device().type != "cpu":
+        pytest.skip("the interpreter's tile size makes L = 64 whole tiles; the GPU case is test_image_row_layouts_gpu")
+    _check_row_layout(layout, "cpu", torch.float32, 64)
 
 
 def _gpu_tile_shapes():
@@ -771,6 +776,15 @@ GPU_CASES = [
     (3, 5, 17, 1, 8, "full", False),
     (1, 2, 64, 3, 256, "jedi", False),
 ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded_images", "padded_k_only", "fused"])
+def test_image_row_layouts_gpu(layout):
+    """test_image_row_layouts on the GPU's autotuned tiles (L = 256: whole tiles for every config), fp16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _check_row_layout(layout, "cuda", torch.float16, 256)
 
 
 @pytest.mark.gpu
