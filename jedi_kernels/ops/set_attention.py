@@ -126,6 +126,22 @@ def _key_tile(it, n_nt, ImgList, i, G, HAS_MASK: tl.constexpr):
     return j, it - jj * n_nt
 
 
+@triton.jit
+def _kv_tile(it, n_nt, ImgList, i, G, L, k_set, v_set, stride_kn, stride_kl, stride_vn, stride_vl, offs_n,
+             BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, ONE_BASE: tl.constexpr):
+    """(k_base, v_base, n_ok) of step ``it`` of a key loop: the K and V addresses of the tile's first row (one scalar
+    offset from the set's bases k_set / v_set; the rows within the tile, offs_n, stay loop-invariant so their
+    addresses are hoisted) and which of its rows lie inside the image. ONE_BASE (whole tiles, no mask, the set's
+    images consecutive L-row blocks): tile it starts at row it·BLOCK_N of the set, no (image, tile) division."""
+    if ONE_BASE:
+        row0 = tl.cast(it, tl.int64) * BLOCK_N
+        return k_set + row0 * stride_kl, v_set + row0 * stride_vl, offs_n < BLOCK_N
+    j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
+    j64, row0 = tl.cast(j, tl.int64), tl.cast(nt, tl.int64) * BLOCK_N
+    return (k_set + j64 * stride_kn + row0 * stride_kl, v_set + j64 * stride_vn + row0 * stride_vl,
+            nt * BLOCK_N + offs_n < L)
+
+
 @triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _set_attn_fwd_kernel(
@@ -191,19 +207,8 @@ def _set_attn_fwd_kernel(
     # The tile's first row is a scalar offset and the rows within it (offs_n) are loop-invariant, so the per-element
     # addresses are hoisted and each step adds one scalar to them
     for it in range(0, n_img * n_nt):
-        if EVEN_N and not HAS_MASK and KV_LINEAR:
-            # the set's images are consecutive L-row blocks (image stride = L rows) cut into whole tiles: key tile it
-            # starts at row it·BLOCK_N of the set, no (image, tile) division
-            row0 = tl.cast(it, tl.int64) * BLOCK_N
-            k_base = k_set + row0 * stride_kl
-            v_base = v_set + row0 * stride_vl
-            n_ok = offs_n < BLOCK_N
-        else:
-            j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
-            n_ok = nt * BLOCK_N + offs_n < L
-            j64, row0 = tl.cast(j, tl.int64), tl.cast(nt, tl.int64) * BLOCK_N
-            k_base = k_set + j64 * stride_kn + row0 * stride_kl
-            v_base = v_set + j64 * stride_vn + row0 * stride_vl
+        k_base, v_base, n_ok = _kv_tile(it, n_nt, ImgList, i, G, L, k_set, v_set, stride_kn, stride_kl, stride_vn,
+                                        stride_vl, offs_n, BLOCK_N, HAS_MASK, EVEN_N and not HAS_MASK and KV_LINEAR)
 
         k0 = _load_chunk(k_base, offs_n, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
         if DOT_F32:
@@ -534,18 +539,9 @@ def _set_attn_bwd_dq_kernel(
         n_img = G
     k_set = K + (b * G).to(tl.int64) * stride_kn + h * HEAD_DIM
     v_set = V + (b * G).to(tl.int64) * stride_vn + h * HEAD_DIM
-    for it in range(0, n_img * n_nt):  # key tiles addressed as in the forward (KV_LINEAR: no division)
-        if EVEN_N and not HAS_MASK and KV_LINEAR:
-            row0 = tl.cast(it, tl.int64) * BLOCK_N
-            k_base = k_set + row0 * stride_kl
-            v_base = v_set + row0 * stride_vl
-            n_ok = offs_n < BLOCK_N
-        else:
-            j, nt = _key_tile(it, n_nt, ImgList, i, G, HAS_MASK)
-            n_ok = nt * BLOCK_N + offs_n < L
-            j64, row0 = tl.cast(j, tl.int64), tl.cast(nt, tl.int64) * BLOCK_N
-            k_base = k_set + j64 * stride_kn + row0 * stride_kl
-            v_base = v_set + j64 * stride_vn + row0 * stride_vl
+    for it in range(0, n_img * n_nt):  # key tiles addressed as in the forward
+        k_base, v_base, n_ok = _kv_tile(it, n_nt, ImgList, i, G, L, k_set, v_set, stride_kn, stride_kl, stride_vn,
+                                        stride_vl, offs_n, BLOCK_N, HAS_MASK, EVEN_N and not HAS_MASK and KV_LINEAR)
         k0 = _load_chunk(k_base, offs_n, n_ok, stride_kl, 0, D0, HEAD_DIM, EVEN_N)
         v0 = _load_chunk(v_base, offs_n, n_ok, stride_vl, 0, D0, HEAD_DIM, EVEN_N)
         if DOT_F32:
