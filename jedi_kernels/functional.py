@@ -445,14 +445,8 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
         if bias.device != x.device:
             raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
-    choices = ("auto", "triton", "torch")
-    if backend not in choices:
-        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
-    if backend == "auto":
-        backend = "torch"
-    if backend == "triton" and not triton_ok(x.device):
-        reason = available_backends()["reasons"].get("triton", "needs a CUDA device")
-        raise ValueError(f"backend='triton' cannot run on {x.device}: {reason}")
+    # the fused ops' backend checks; "auto" is "torch" here until a GPU run measures the kernel faster
+    backend = _elementwise_backend("torch" if backend == "auto" else backend, x)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return geglu(F.linear(x, weight, bias), backend=backend)
     if backend == "triton" and x.dtype == torch.float64:
