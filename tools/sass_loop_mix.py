@@ -105,20 +105,22 @@ def _nvcc_sass(src: Path, arch: int) -> str:
         return _sass(out.read_bytes())
 
 
-def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1) -> str:
+def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1, stages: int = 1) -> str:
     """SASS of the CUDA C++ forward instance serving head dim D (csrc/cuda/set_attention_fwd_hdim<D>.cu), compiled
     with nvcc as torch's extension build compiles it; only the ``dtype`` instantiation's function with ``row_blocks``
-    m16 row blocks per warp."""
+    m16 row blocks per warp and the one-stage (``set_attn_fwd_kernel``) or two-stage (``set_attn_fwd_pipe_kernel``,
+    whose main loop spans two key tiles: it is unrolled by two) loop."""
     src = ROOT / "csrc" / "cuda" / f"set_attention_fwd_hdim{D}.cu"
     sass = _nvcc_sass(src, arch)
     want = ("13__nv_bfloat16" if dtype == "bf16" else "6__half") + "Li"
+    kernel = "set_attn_fwd_pipe_kernel" if stages == 2 else "set_attn_fwd_kernel"
     blocks = re.split(r"\n\s*Function : ", sass)
     for blk in blocks[1:]:
         name = blk.split("\n", 1)[0]
-        args = re.search(r"set_attn_fwd_kernelI(\w+?)Li(\d+)ELi(\d+)E", name)
-        if args and name.split("I", 1)[-1].startswith(want) and int(args.group(3)) == row_blocks:
+        args = re.search(kernel + r"I(\w+?)Li(\d+)ELi(\d+)E", name)
+        if args and name.split(kernel + "I", 1)[-1].startswith(want) and int(args.group(3)) == row_blocks:
             return blk
-    raise LookupError(f"no forward kernel for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
+    raise LookupError(f"no {kernel} for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
 
 
 def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16", key_blocks: int = 1) -> str:
@@ -322,13 +324,17 @@ def main(argv=None) -> int:
             per_warp = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / cfg.num_warps
             tri = loop_mix(compile_fwd(D, args.arch, SCALE_POS=True, ROWSUM_DOT=D <= 64))
             rows = [("triton", *tri, tri[1], tri[1], per_warp)]
-            for rb in (1, 2):
-                try:
-                    sass = cuda_fwd_sass(D, args.arch, row_blocks=rb)
-                except LookupError:  # no such instance (fwd_has_row_blocks)
-                    continue
-                rows.append((f"cuda {16 * rb}r", *sass_loop_mix(sass), full_tile_count(sass),
-                             full_tile_count(sass, skip_rescale=True), 16 * rb * 64))
+            for stages in (1, 2):
+                for rb in (1, 2):
+                    try:
+                        sass = cuda_fwd_sass(D, args.arch, row_blocks=rb, stages=stages)
+                    except LookupError:  # no such instance (fwd_has_row_blocks, fwd_has_stages)
+                        continue
+                    # keys per loop trip: 64-key tiles, except the two-stage loop's two tiles (32 keys each at 32
+                    # rows per warp)
+                    keys = 64 if stages == 1 else 2 * (32 if rb == 2 else 64)
+                    rows.append((f"cuda {16 * rb}r{' 2st' if stages == 2 else ''}", *sass_loop_mix(sass),
+                                 full_tile_count(sass), full_tile_count(sass, skip_rescale=True), 16 * rb * keys))
             for name, ops, n, full, steady, elems in rows:
                 k = 1024 / elems
                 fp32 = sum(ops[o] for o in FP32_PIPE)

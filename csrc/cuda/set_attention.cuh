@@ -41,6 +41,9 @@ struct SetAttnParams {
   // Forward instance: m16 row blocks per warp (1: 16 query rows per warp; 2: 32, FlashAttention-2's layout, compiled
   // for padded head dims <= 80, set_attn::fwd_has_row_blocks); 0 = the head dim's default.
   int fwd_row_blocks;
+  // Forward loop: 1 = FlashAttention-2's, 2 = software-pipelined (the next key tile's scores computed while this
+  // tile's exponentials run; compiled for padded head dims <= 80, set_attn::fwd_has_stages); 0 = the default.
+  int fwd_stages;
 };
 
 struct SetAttnBwdParams {

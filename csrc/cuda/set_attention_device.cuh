@@ -37,6 +37,14 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
 }
+// The same copy with src-size = full ? 16 : 0: when !full the 16 bytes are zero-filled and nothing is read, so gmem
+// may then point past the tensor (CUTLASS's zfill copies rely on the same). One instruction instead of a branch
+// between the copy and a shared-memory store of zeros, and no select of a safe address (which cost the backward's
+// 32-keys-per-warp instance 8 bytes of spills).
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool full) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(full ? 16 : 0)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 

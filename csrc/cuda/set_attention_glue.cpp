@@ -95,8 +95,8 @@ void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::
   p.scale = static_cast<float>(scale);
 }
 
-// A kernel-instance switch from the environment variable `name`: 1 or 2 m16 blocks per warp; unset, empty or 0: 0
-// (the head dim's default). Read per call, so a process can switch (benchmarks time both instances).
+// A kernel-instance switch from the environment variable `name`: 1 or 2 (m16 blocks per warp, or loop stages); unset,
+// empty or 0: 0 (the head dim's default). Read per call, so a process can switch (benchmarks time both instances).
 int blocks_from_env(const char* name, const char* op) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return 0;
@@ -111,6 +111,16 @@ int blocks_from_env(const char* name, const char* op) {
 int fwd_row_blocks_from_env(int64_t D, const char* op) {
   const int rb = blocks_from_env("JEDI_CUDA_FWD_ROW_BLOCKS", op);
   return set_attn::fwd_has_row_blocks(set_attn::padded_head_dim(D), rb) ? rb : 0;
+}
+
+// JEDI_CUDA_FWD_STAGES=1|2 picks the forward loop: 1 FlashAttention-2's, 2 software-pipelined (the next key tile's
+// scores computed while this tile's exponentials run); 0: the default (set_attn::fwd_default_stages). 2 applies where
+// it is compiled (padded head dims <= 80, with either row-block count); other head dims keep their one loop.
+int fwd_stages_from_env(int64_t D, int row_blocks, const char* op) {
+  const int stages = blocks_from_env("JEDI_CUDA_FWD_STAGES", op);
+  const int kD = set_attn::padded_head_dim(D);
+  const int rb = row_blocks == 0 ? set_attn::fwd_default_row_blocks(kD) : row_blocks;
+  return set_attn::fwd_has_stages(kD, rb, stages) ? stages : 0;
 }
 
 // JEDI_CUDA_BWD_KEY_BLOCKS=1|2 picks the backward instance with 16 or 32 keys per warp; 0: the head dim's default
@@ -145,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.fwd_row_blocks = fwd_row_blocks_from_env(s.D, op);
+  p.fwd_stages = fwd_stages_from_env(s.D, p.fwd_row_blocks, op);
   const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};

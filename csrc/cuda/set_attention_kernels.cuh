@@ -17,6 +17,8 @@
 //                [n][k] (K in Q K^T, ...), or with .trans an A fragment of a tile stored transposed [k][m] (dS^T)
 #pragma once
 
+#include <type_traits>
+
 #include "set_attention.cuh"
 #include "set_attention_device.cuh"
 #if !defined(JEDI_SET_ATTN_EMULATE)
@@ -40,25 +42,23 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], c
 // Load rows [row0, row0 + kRows) x columns [0, kD) of one head of one image into a shared tile with row pitch
 // smem_pitch(kD). `g` points at (image row of the tensor, column h*D); rows >= L and columns >= D (the padding up to
 // the instance's head dim: the next head's data lives there) are zero-filled, so padded keys/values contribute
-// exact zeros and never NaN.
+// exact zeros and never NaN. row0 < L. The tile's first row is one 64-bit offset; a thread's chunks (row r, column
+// chunk c) are the same for every tile, so each costs an add, a compare and one zero-filling cp.async.
 template <typename T, int kRows, int kD, int kThreads>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride_l, int64_t row0, int64_t L, int D,
                                           int tid) {
   constexpr int kChunks = kD / 8;  // 16-byte chunks per row
   constexpr int kTotal = kRows * kChunks;
   constexpr int kPitch = smem_pitch(kD);
+  const T* gt = g + row0 * stride_l;
+  const int rows_in = L - row0 < kRows ? static_cast<int>(L - row0) : kRows;  // rows of the tile inside the image
 #pragma unroll
   for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
     const int i = it * kThreads + tid;
     if (kTotal % kThreads == 0 || i < kTotal) {
       const int r = i / kChunks, c = i % kChunks;
-      T* dst = s + r * kPitch + c * 8;
-      const int64_t row = row0 + r;
-      if (row < L && c * 8 < D) {
-        cp_async16(dst, g + row * stride_l + c * 8);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
+      const bool full = r < rows_in && c * 8 < D;
+      cp_async16_zfill(s + r * kPitch + c * 8, gt + r * stride_l + c * 8, full);
     }
   }
 }
@@ -66,9 +66,10 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride_l, in
 // =================================================================================================================
 // Forward
 // =================================================================================================================
-template <typename T, int kD, int kRB>
+template <typename T, int kD, int kRB, int kStages = 1>
 struct FwdTraits {
-  static constexpr FwdConfig kCfg = fwd_config(kD, kRB);
+  using Elem = T;
+  static constexpr FwdConfig kCfg = fwd_config(kD, kRB, kStages);
   static constexpr int kBlockM = kCfg.block_m;
   static constexpr int kBlockN = kCfg.block_n;
   static constexpr int kWarps = kCfg.num_warps;
@@ -77,13 +78,235 @@ struct FwdTraits {
   static constexpr bool kQInRegs = kCfg.q_in_regs;
   static constexpr int kMinBlocks = kCfg.min_blocks;
   static constexpr int kPitch = smem_pitch(kD);
-  static constexpr int kSmemBytes = static_cast<int>(fwd_smem_bytes(kD, sizeof(T), kRB));
+  static constexpr int kSmemBytes = static_cast<int>(fwd_smem_bytes(kD, sizeof(T), kRB, kStages));
+  static constexpr int kNT = kBlockN / 8;  // score n8 tiles per warp row block
+  static constexpr int kDT = kD / 8;       // output n8 tiles
+  static constexpr int kKS = kD / 16;      // k16 steps of Q K^T
+  static constexpr uint32_t kRowBlockBytes = 16 * kPitch * sizeof(T);
   // Softmax row sums as P . 1 on the tensor cores (one m16n8k16 per k16 step and row block) instead of one FADD per
   // score: at small head dims the loop is issue-bound and the tensor cores have room; from 80 on they are the bound.
   static constexpr bool kRowSumMma = kD <= 64;
-  static_assert(kRowBlocks == kRB, "fwd config");
+  static_assert(kRowBlocks == kRB && kCfg.stages == kStages, "fwd config");
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBlockM == 16 * kRowBlocks * kWarps, "tile shapes");
+
+  using Scores = float[kRB][kNT][4];  // a warp's 16 kRB x kBlockN scores (then probabilities), C fragments
+  using OAcc = float[kRB][kDT][4];    // its 16 kRB x kD output accumulators
+  using QFrag = uint32_t[kQInRegs ? kRB : 1][kQInRegs ? kKS : 1][4];
+  // running max (log2 units) of rows g, g + 8 of each row block; row sums: [0], [1] row g, [2], [3] row g + 8
+  // (kRowSumMma: P . 1 accumulators, all equal and whole-row; else this lane's partial sums in [0] and [2])
+  using RowMax = float[kRB][2];
+  using RowSum = float[kRB][4];
 };
+
+// ---- forward building blocks (one warp's share of one key tile) ----------------------------------------------------
+// Q's MMA fragments, loaded once when they stay in registers; a negative scale flips their signs (kSignBits).
+template <typename Tr>
+__device__ __forceinline__ void fwd_load_q(typename Tr::QFrag& q_frag, uint32_t sQ_a, uint32_t qsign) {
+#pragma unroll
+  for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
+#pragma unroll
+    for (int ks = 0; ks < Tr::kKS; ++ks) {
+      ldsm_x4(q_frag[rb][ks], sQ_a + rb * Tr::kRowBlockBytes + ks * 16 * sizeof(typename Tr::Elem));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) q_frag[rb][ks][i] ^= qsign;
+    }
+}
+
+// S = Q K^T of the key tile at sK_b (this lane's ldmatrix address): 16 x kBlockN per warp row block; each K fragment
+// serves every row block. Straight-line code (no branches): the pipelined loop relies on it.
+template <typename Tr>
+__device__ __forceinline__ void fwd_scores(typename Tr::Scores& acc_s, const typename Tr::QFrag& q_frag,
+                                           uint32_t sQ_a, uint32_t sK_b, uint32_t qsign) {
+  using T = typename Tr::Elem;
+  constexpr int kRB = Tr::kRowBlocks;
+#pragma unroll
+  for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+    for (int j = 0; j < Tr::kNT; ++j) acc_s[rb][j][0] = acc_s[rb][j][1] = acc_s[rb][j][2] = acc_s[rb][j][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < Tr::kKS; ++ks) {
+    uint32_t a[kRB][4];
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb) {
+      if constexpr (Tr::kQInRegs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[rb][i] = q_frag[rb][ks][i];
+      } else {
+        ldsm_x4(a[rb], sQ_a + rb * Tr::kRowBlockBytes + ks * 16 * sizeof(T));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[rb][i] ^= qsign;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < Tr::kNT / 2; ++j) {
+      uint32_t bk[4];
+      ldsm_x4(bk, sK_b + (j * 16 * Tr::kPitch + ks * 16) * sizeof(T));
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) {
+        mma16816<T>(acc_s[rb][2 * j], a[rb], bk[0], bk[1]);
+        mma16816<T>(acc_s[rb][2 * j + 1], a[rb], bk[2], bk[3]);
+      }
+    }
+  }
+}
+
+// Keys past the image's end (valid_keys < kBlockN: the last tile of an image only) get `value`: -inf before the row
+// max (they take no probability), 0 after the exponentials (exact zeros also when scale == 0, where 0 * -inf = NaN).
+template <typename Tr>
+__device__ __forceinline__ void fwd_mask_tail(typename Tr::Scores& acc_s, int64_t valid_keys, int lane, float value) {
+#pragma unroll
+  for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
+#pragma unroll
+    for (int j = 0; j < Tr::kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[rb][j][e] = value;
+}
+
+// Online softmax, first half: the tile's row maxima (a row's 4 owner lanes share theirs through two xor-shuffles)
+// move the running maxima lazily; m_prev keeps the old ones. True when some row of this lane moved.
+template <typename Tr>
+__device__ __forceinline__ bool fwd_row_max(const typename Tr::Scores& acc_s, typename Tr::RowMax& row_max,
+                                            typename Tr::RowMax& m_prev, float sl) {
+  bool moved = false;
+#pragma unroll
+  for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < Tr::kNT; ++j) mx = fmaxf(mx, fmaxf(acc_s[rb][j][2 * r], acc_s[rb][j][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mx2 = mx * sl;
+      m_prev[rb][r] = row_max[rb][r];
+      // -inf + threshold = -inf: the first finite tile max always moves it
+      if (mx2 > row_max[rb][r] + kLazyRescaleLog2) {
+        row_max[rb][r] = mx2;
+        moved = true;
+      }
+    }
+  return moved;
+}
+
+// Second half: P = 2^(c s - m), in place, one FFMA and one SFU exp2 per score. Branch-free.
+template <typename Tr>
+__device__ __forceinline__ void fwd_exp(typename Tr::Scores& acc_s, const typename Tr::RowMax& row_max, float sl) {
+#pragma unroll
+  for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_use = row_max[rb][r] == -INFINITY ? 0.f : row_max[rb][r];  // nothing allowed yet: exp2 finite
+#pragma unroll
+      for (int j = 0; j < Tr::kNT; ++j) {
+        acc_s[rb][j][2 * r] = fast_exp2(fmaf(acc_s[rb][j][2 * r], sl, -m_use));
+        acc_s[rb][j][2 * r + 1] = fast_exp2(fmaf(acc_s[rb][j][2 * r + 1], sl, -m_use));
+      }
+    }
+}
+
+// O and l follow a moved running max: multiplied by 2^(m_prev - m), exactly 1 for rows that did not move and 0 for a
+// row's first finite max (O and l are still 0 then). Called when some row of the warp moved (a warp-uniform branch).
+template <typename Tr>
+__device__ __forceinline__ void fwd_rescale(const typename Tr::RowMax& row_max, const typename Tr::RowMax& m_prev,
+                                            typename Tr::RowSum& row_sum, typename Tr::OAcc& acc_o) {
+#pragma unroll
+  for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_use = row_max[rb][r] == -INFINITY ? 0.f : row_max[rb][r];
+      const float corr = fast_exp2(m_prev[rb][r] - m_use);
+      row_sum[rb][2 * r] *= corr;
+      row_sum[rb][2 * r + 1] *= corr;
+#pragma unroll
+      for (int i = 0; i < Tr::kDT; ++i) {
+        acc_o[rb][i][2 * r] *= corr;
+        acc_o[rb][i][2 * r + 1] *= corr;
+      }
+    }
+}
+
+// Row sums by FADD (this lane's partial sums; the quad adds them once, at the end) where they are not P . 1 MMAs.
+template <typename Tr>
+__device__ __forceinline__ void fwd_row_sums(const typename Tr::Scores& acc_s, typename Tr::RowSum& row_sum) {
+  if constexpr (!Tr::kRowSumMma) {
+#pragma unroll
+    for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
+#pragma unroll
+      for (int j = 0; j < Tr::kNT; ++j) {
+        row_sum[rb][0] += acc_s[rb][j][0] + acc_s[rb][j][1];
+        row_sum[rb][2] += acc_s[rb][j][2] + acc_s[rb][j][3];
+      }
+  }
+}
+
+// O += P V of the value tile at sV_a (this lane's ldmatrix address): P's accumulator layout is the A fragment layout
+// (two n8 score tiles per k16 step); each V fragment serves every row block. kRowSumMma: l += P . 1 here too.
+template <typename Tr>
+__device__ __forceinline__ void fwd_pv(typename Tr::OAcc& acc_o, typename Tr::RowSum& row_sum,
+                                       const typename Tr::Scores& acc_s, uint32_t sV_a, uint32_t ones,
+                                       bool last_n8_live) {
+  using T = typename Tr::Elem;
+  constexpr int kRB = Tr::kRowBlocks;
+#pragma unroll
+  for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
+    uint32_t a[kRB][4];
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb) {
+      c_to_a<T>(a[rb], acc_s[rb][2 * kk], acc_s[rb][2 * kk + 1]);
+    }
+    if constexpr (Tr::kRowSumMma) {
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) mma16816<T>(row_sum[rb], a[rb], ones, ones);
+    }
+#pragma unroll
+    for (int d2 = 0; d2 < Tr::kDT / 2; ++d2) {
+      uint32_t bv[4];
+      ldsm_x4_trans(bv, sV_a + (kk * 16 * Tr::kPitch + d2 * 16) * sizeof(T));
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) {
+        mma16816<T>(acc_o[rb][2 * d2], a[rb], bv[0], bv[1]);
+        if (2 * d2 + 1 < Tr::kDT - 1 || last_n8_live) mma16816<T>(acc_o[rb][2 * d2 + 1], a[rb], bv[2], bv[3]);
+      }
+    }
+  }
+}
+
+// Normalize and write out rows < L (columns < D) and lse of this warp's rows.
+template <typename Tr>
+__device__ __forceinline__ void fwd_epilogue(const SetAttnParams& p, const typename Tr::OAcc& acc_o,
+                                             const typename Tr::RowMax& row_max, const typename Tr::RowSum& row_sum,
+                                             int64_t b, int64_t h, const TileCoord& qc, int warp, int lane) {
+  using T = typename Tr::Elem;
+  T* out = static_cast<T*>(p.out);
+  const int64_t G = p.G, L = p.L, H = p.H;
+  const int D = static_cast<int>(p.D);
+  const int64_t HD = H * D;
+#pragma unroll
+  for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[rb][2 * r];
+      if constexpr (!Tr::kRowSumMma) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float lse = sum > 0.f ? row_max[rb][r] * kLn2 + logf(sum) : -INFINITY;
+      const int64_t pos = qc.row0 + (warp * Tr::kRowBlocks + rb) * 16 + lane / 4 + 8 * r;
+      if (pos < L) {
+        T* orow = out + (tensor_row(b, G, qc.image) * L + pos) * HD + h * D;
+#pragma unroll
+        for (int i = 0; i < Tr::kDT; ++i) {
+          const int col = i * 8 + (lane % 4) * 2;
+          if (col < D)
+            *reinterpret_cast<uint32_t*>(orow + col) =
+                pack2<T>(acc_o[rb][i][2 * r] * inv, acc_o[rb][i][2 * r + 1] * inv);
+        }
+        if (lane % 4 == 0) p.lse[lse_index(b, h, qc.image, pos, H, G, L)] = lse;
+      }
+    }
+}
 
 // One CTA: query rows [m0, m0 + kBlockM) of image i of set b, head h. With s_j = q . k_j over the allowed keys j of
 // the set (in key-tile order) and c = |scale| * log2(e):
@@ -103,15 +326,12 @@ struct FwdTraits {
 // 2 * kD / 8 FMULs and the exp2 of the correction per row block. O and l stay relative to the same m, so the result
 // and lse are exact up to rounding.
 // Pipeline (one K and one V buffer, as FlashAttention-2): V_t streams in while S = Q K_t^T is computed, K_{t+1}
-// while softmax and O += P V_t run.
+// while softmax and O += P V_t run. (set_attn_fwd_pipe_kernel: the two-stage loop.)
 template <typename T, int kD, int kRB>
 __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, kD, kRB>::kMinBlocks)
     set_attn_fwd_kernel(const SetAttnParams p) {
   using Tr = FwdTraits<T, kD, kRB>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kPitch = Tr::kPitch;
-  constexpr int kNT = kBlockN / 8;  // score n8 tiles per warp row block
-  constexpr int kDT = kD / 8;       // output n8 tiles
-  constexpr int kKS = kD / 16;      // k16 steps of Q K^T
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -119,7 +339,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   T* sV = sK + kBlockN * kPitch;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t G = p.G, L = p.L, H = p.H;
+  const int64_t G = p.G, L = p.L;
   const int D = static_cast<int>(p.D);
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int64_t m_tiles = ceil_div(L, kBlockM), n_tiles = ceil_div(L, kBlockN);
@@ -147,16 +367,14 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   const uint32_t sQ_a = smem_u32(sQ + (warp * 16 * kRB + a_row) * kPitch + a_col);
   const uint32_t sK_b = smem_u32(sK + b_row * kPitch + b_col);
   const uint32_t sV_a = smem_u32(sV + a_row * kPitch + a_col);
-  constexpr uint32_t kRowBlockBytes = 16 * kPitch * sizeof(T);
 
-  float acc_o[kRB][kDT][4];
+  typename Tr::OAcc acc_o;
 #pragma unroll
   for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-    for (int i = 0; i < kDT; ++i) acc_o[rb][i][0] = acc_o[rb][i][1] = acc_o[rb][i][2] = acc_o[rb][i][3] = 0.f;
-  // running max (log2 units); row sums: [0], [1] row g, [2], [3] row g + 8 (kRowSumMma: P . 1 accumulators, all
-  // equal and whole-row; else this lane's partial sums in [0] and [2])
-  float row_max[kRB][2], row_sum[kRB][4];
+    for (int i = 0; i < Tr::kDT; ++i) acc_o[rb][i][0] = acc_o[rb][i][1] = acc_o[rb][i][2] = acc_o[rb][i][3] = 0.f;
+  typename Tr::RowMax row_max;
+  typename Tr::RowSum row_sum;
 #pragma unroll
   for (int rb = 0; rb < kRB; ++rb) {
     row_max[rb][0] = row_max[rb][1] = -INFINITY;
@@ -164,8 +382,8 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   }
   const uint32_t ones = pack2<T>(1.f, 1.f);
   // the last output n8 tile holds only padding when D <= kD - 8 (40 on the 48 instance, 72 on 80): skip its MMAs
-  const bool last_n8_live = 8 * (kDT - 1) < D;
-  uint32_t q_frag[Tr::kQInRegs ? kRB : 1][Tr::kQInRegs ? kKS : 1][4];
+  const bool last_n8_live = 8 * (Tr::kDT - 1) < D;
+  typename Tr::QFrag q_frag;
   bool q_loaded = false;
 
   while (!kw.done()) {
@@ -178,124 +396,23 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
 
     if constexpr (Tr::kQInRegs) {
       if (!q_loaded) {
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-          for (int ks = 0; ks < kKS; ++ks) {
-            ldsm_x4(q_frag[rb][ks], sQ_a + rb * kRowBlockBytes + ks * 16 * sizeof(T));
-#pragma unroll
-            for (int i = 0; i < 4; ++i) q_frag[rb][ks][i] ^= qsign;
-          }
+        fwd_load_q<Tr>(q_frag, sQ_a, qsign);
         q_loaded = true;
       }
     }
 
-    // S = Q K_t^T: 16 x kBlockN per warp row block; each K fragment serves every row block
-    float acc_s[kRB][kNT][4];
-#pragma unroll
-    for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) acc_s[rb][j][0] = acc_s[rb][j][1] = acc_s[rb][j][2] = acc_s[rb][j][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kKS; ++ks) {
-      uint32_t a[kRB][4];
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb) {
-        if constexpr (Tr::kQInRegs) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[rb][i] = q_frag[rb][ks][i];
-        } else {
-          ldsm_x4(a[rb], sQ_a + rb * kRowBlockBytes + ks * 16 * sizeof(T));
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[rb][i] ^= qsign;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kNT / 2; ++j) {
-        uint32_t bk[4];
-        ldsm_x4(bk, sK_b + (j * 16 * kPitch + ks * 16) * sizeof(T));
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) {
-          mma16816<T>(acc_s[rb][2 * j], a[rb], bk[0], bk[1]);
-          mma16816<T>(acc_s[rb][2 * j + 1], a[rb], bk[2], bk[3]);
-        }
-      }
-    }
-
-    // keys past the image's end (last tile of an image only) take no probability
+    typename Tr::Scores acc_s;
+    fwd_scores<Tr>(acc_s, q_frag, sQ_a, sK_b, qsign);
     const int64_t valid_keys = L - k_row0;  // > 0; >= kBlockN except in an image's last tile
     const bool tail = valid_keys < kBlockN;
-    if (tail) {
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int j = 0; j < kNT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[rb][j][e] = -INFINITY;
-    }
+    if (tail) fwd_mask_tail<Tr>(acc_s, valid_keys, lane, -INFINITY);
 
-    // online softmax, per row block rows g (e = 0, 1) and g + 8 (e = 2, 3)
-    float m_prev[kRB][2];
-    bool moved = false;
-#pragma unroll
-    for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(acc_s[rb][j][2 * r], acc_s[rb][j][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mx2 = mx * sl;
-        m_prev[rb][r] = row_max[rb][r];
-        // -inf + threshold = -inf: the first finite tile max always moves it
-        if (mx2 > row_max[rb][r] + kLazyRescaleLog2) {
-          row_max[rb][r] = mx2;
-          moved = true;
-        }
-        const float m_use = row_max[rb][r] == -INFINITY ? 0.f : row_max[rb][r];  // nothing allowed yet: exp2 finite
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          acc_s[rb][j][2 * r] = fast_exp2(fmaf(acc_s[rb][j][2 * r], sl, -m_use));
-          acc_s[rb][j][2 * r + 1] = fast_exp2(fmaf(acc_s[rb][j][2 * r + 1], sl, -m_use));
-        }
-      }
-    if (__any_sync(0xffffffffu, moved)) {
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          // exactly 1 for rows that did not move; 0 for a row's first finite max (O and l are still 0 then)
-          const float m_use = row_max[rb][r] == -INFINITY ? 0.f : row_max[rb][r];
-          const float corr = fast_exp2(m_prev[rb][r] - m_use);
-          row_sum[rb][2 * r] *= corr;
-          row_sum[rb][2 * r + 1] *= corr;
-#pragma unroll
-          for (int i = 0; i < kDT; ++i) {
-            acc_o[rb][i][2 * r] *= corr;
-            acc_o[rb][i][2 * r + 1] *= corr;
-          }
-        }
-    }
-    if (tail) {  // exact zeros also when scale == 0 (0 * -inf = NaN above)
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int j = 0; j < kNT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) acc_s[rb][j][e] = 0.f;
-    }
-    if constexpr (!Tr::kRowSumMma) {
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          row_sum[rb][0] += acc_s[rb][j][0] + acc_s[rb][j][1];
-          row_sum[rb][2] += acc_s[rb][j][2] + acc_s[rb][j][3];
-        }
-    }
+    typename Tr::RowMax m_prev;
+    const bool moved = fwd_row_max<Tr>(acc_s, row_max, m_prev, sl);
+    fwd_exp<Tr>(acc_s, row_max, sl);
+    if (__any_sync(0xffffffffu, moved)) fwd_rescale<Tr>(row_max, m_prev, row_sum, acc_o);
+    if (tail) fwd_mask_tail<Tr>(acc_s, valid_keys, lane, 0.f);
+    fwd_row_sums<Tr>(acc_s, row_sum);
 
     cp_async_wait_all();  // V_t landed
     __syncthreads();      // ... for every thread; and every warp is done reading K_t
@@ -306,69 +423,156 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
     }
     cp_async_commit();
 
-    // O += P V_t: P's accumulator layout is the A fragment layout (two n8 score tiles per k16 step); each V
-    // fragment serves every row block
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kRB][4];
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb) {
-        c_to_a<T>(a[rb], acc_s[rb][2 * kk], acc_s[rb][2 * kk + 1]);
-      }
-      if constexpr (Tr::kRowSumMma) {
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) mma16816<T>(row_sum[rb], a[rb], ones, ones);
-      }
-#pragma unroll
-      for (int d2 = 0; d2 < kD / 16; ++d2) {
-        uint32_t bv[4];
-        ldsm_x4_trans(bv, sV_a + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) {
-          mma16816<T>(acc_o[rb][2 * d2], a[rb], bv[0], bv[1]);
-          if (2 * d2 + 1 < kDT - 1 || last_n8_live) mma16816<T>(acc_o[rb][2 * d2 + 1], a[rb], bv[2], bv[3]);
-        }
-      }
-    }
+    fwd_pv<Tr>(acc_o, row_sum, acc_s, sV_a, ones, last_n8_live);
   }
   cp_async_wait_all();  // a CTA that visited no key tile still has its Q copy in flight
+  fwd_epilogue<Tr>(p, acc_o, row_max, row_sum, b, h, qc, warp, lane);
+}
 
-  // epilogue: normalize, write out rows < L (columns < D) and lse
-  T* out = static_cast<T*>(p.out);
-  const int64_t HD = H * D;
+// The two-stage forward (fwd_config(kD, kRB, 2); same math and results as set_attn_fwd_kernel). Iteration t holds
+// the scores S_t of key tile t, computed one iteration earlier, and
+//   1. waits for K_{t+1} and V_t, and (one barrier) for every warp to leave iteration t-1;
+//   2. starts the copies of K_{t+2} and V_{t+1} into the buffers iteration t-1 was done with (K, V double-buffered);
+//   3. takes S_t's row maxima and rescales O, l if a running max moved;
+//   4. computes S_{t+1} = Q K_{t+1}^T and P_t = 2^(c S_t - m) in one branch-free stretch of code: the MMAs do not
+//      depend on the exponentials, so ptxas interleaves them and the tensor pipe and the SFU run at the same time;
+//   5. O += P_t V_t.
+// After the last tile step 4 multiplies whatever the spare K buffer holds: those scores are never used. Two score
+// tiles live in registers (S_{t+1} and P_t), so the loop is unrolled by two with the roles swapped instead of copying.
+template <typename T, int kD, int kRB>
+__global__ void __launch_bounds__(FwdTraits<T, kD, kRB, 2>::kThreads, FwdTraits<T, kD, kRB, 2>::kMinBlocks)
+    set_attn_fwd_pipe_kernel(const SetAttnParams p) {
+  using Tr = FwdTraits<T, kD, kRB, 2>;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kPitch = Tr::kPitch;
+  constexpr uint32_t kTileBytes = kBlockN * kPitch * sizeof(T);  // one K or V buffer
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * kPitch;  // K buffers 0, 1
+  T* sV = sK + 2 * kBlockN * kPitch;  // V buffers 0, 1
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t G = p.G, L = p.L;
+  const int D = static_cast<int>(p.D);
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t m_tiles = ceil_div(L, kBlockM), n_tiles = ceil_div(L, kBlockN);
+  const TileCoord qc = tile_coord(blockIdx.x, m_tiles, kBlockM);
+
+  const T* q_tile = static_cast<const T*>(p.q) + tensor_row(b, G, qc.image) * p.q_stride_n + h * D;
+  const T* k_head = static_cast<const T*>(p.k) + h * D;
+  const T* v_head = static_cast<const T*>(p.v) + h * D;
+  const uint8_t* mask_row = p.set_mask != nullptr ? p.set_mask + qc.image * G : nullptr;
+  TileWalk kw = TileWalk::start(mask_row, 1, G, n_tiles);  // the tile whose scores the loop holds
+  // copies of K_t (buffer t % 2) and V_t (buffer t % 2) of the walk's tiles, in walk order
+  auto load_k = [&](const TileWalk& w, int buf) {
+    load_tile<T, kBlockN, kD, kThreads>(sK + buf * kBlockN * kPitch,
+                                        k_head + tensor_row(b, G, w.image) * p.k_stride_n, p.k_stride_l,
+                                        w.tile * kBlockN, L, D, tid);
+  };
+  auto load_v = [&](const TileWalk& w, int buf) {
+    load_tile<T, kBlockN, kD, kThreads>(sV + buf * kBlockN * kPitch,
+                                        v_head + tensor_row(b, G, w.image) * p.v_stride_n, p.v_stride_l,
+                                        w.tile * kBlockN, L, D, tid);
+  };
+
+  load_tile<T, kBlockM, kD, kThreads>(sQ, q_tile, p.q_stride_l, qc.row0, L, D, tid);
+  if (!kw.done()) load_k(kw, 0);
+  cp_async_commit();
+
+  const float sl = fabsf(p.scale) * kLog2e;
+  const uint32_t qsign = p.scale < 0.f ? kSignBits : 0u;
+
+  const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
+  const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+  const uint32_t sQ_a = smem_u32(sQ + (warp * 16 * kRB + a_row) * kPitch + a_col);
+  const uint32_t sK_b = smem_u32(sK + b_row * kPitch + b_col);  // buffer 1: + kTileBytes
+  const uint32_t sV_a = smem_u32(sV + a_row * kPitch + a_col);
+
+  typename Tr::OAcc acc_o;
 #pragma unroll
   for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[rb][2 * r];
-      if constexpr (!Tr::kRowSumMma) {
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      }
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      const float lse = sum > 0.f ? row_max[rb][r] * kLn2 + logf(sum) : -INFINITY;
-      const int64_t pos = qc.row0 + (warp * kRB + rb) * 16 + lane / 4 + 8 * r;
-      if (pos < L) {
-        T* orow = out + (tensor_row(b, G, qc.image) * L + pos) * HD + h * D;
+    for (int i = 0; i < Tr::kDT; ++i) acc_o[rb][i][0] = acc_o[rb][i][1] = acc_o[rb][i][2] = acc_o[rb][i][3] = 0.f;
+  typename Tr::RowMax row_max;
+  typename Tr::RowSum row_sum;
 #pragma unroll
-        for (int i = 0; i < kDT; ++i) {
-          const int col = i * 8 + (lane % 4) * 2;
-          if (col < D)
-            *reinterpret_cast<uint32_t*>(orow + col) =
-                pack2<T>(acc_o[rb][i][2 * r] * inv, acc_o[rb][i][2 * r + 1] * inv);
-        }
-        if (lane % 4 == 0) p.lse[lse_index(b, h, qc.image, pos, H, G, L)] = lse;
-      }
+  for (int rb = 0; rb < kRB; ++rb) {
+    row_max[rb][0] = row_max[rb][1] = -INFINITY;
+    row_sum[rb][0] = row_sum[rb][1] = row_sum[rb][2] = row_sum[rb][3] = 0.f;
+  }
+  const uint32_t ones = pack2<T>(1.f, 1.f);
+  const bool last_n8_live = 8 * (Tr::kDT - 1) < D;
+  typename Tr::QFrag q_frag;
+
+  if (!kw.done()) {
+    TileWalk kk = kw, kv = kw;  // the next K and the next V to copy
+    kk.advance();
+    cp_async_wait_all();  // Q, K_0
+    __syncthreads();
+    load_v(kv, 0);
+    kv.advance();
+    if (!kk.done()) {
+      load_k(kk, 1);
+      kk.advance();
     }
+    cp_async_commit();
+    if constexpr (Tr::kQInRegs) fwd_load_q<Tr>(q_frag, sQ_a, qsign);
+
+    typename Tr::Scores s_a, s_b;  // S_t of even / odd t
+    fwd_scores<Tr>(s_a, q_frag, sQ_a, sK_b, qsign);
+    if (L - kw.tile * kBlockN < kBlockN) fwd_mask_tail<Tr>(s_a, L - kw.tile * kBlockN, lane, -INFINITY);
+
+    // one iteration (buffers of parity P = t % 2); true when tile t was the last
+    auto step = [&](typename Tr::Scores& s_cur, typename Tr::Scores& s_next, auto parity) -> bool {
+      constexpr int P = decltype(parity)::value;
+      cp_async_wait_all();  // K_{t+1}, V_t landed
+      __syncthreads();      // ... for every thread; and every warp is done with K_t and V_{t-1}
+      if (!kk.done()) {
+        load_k(kk, P);  // K_{t+2} where K_t was
+        kk.advance();
+      }
+      if (!kv.done()) {
+        load_v(kv, 1 - P);  // V_{t+1} where V_{t-1} was
+        kv.advance();
+      }
+      cp_async_commit();
+
+      typename Tr::RowMax m_prev;
+      const bool moved = fwd_row_max<Tr>(s_cur, row_max, m_prev, sl);
+      if (__any_sync(0xffffffffu, moved)) fwd_rescale<Tr>(row_max, m_prev, row_sum, acc_o);
+      fwd_scores<Tr>(s_next, q_frag, sQ_a, sK_b + (1 - P) * kTileBytes, qsign);  // tensor cores: S_{t+1}
+      fwd_exp<Tr>(s_cur, row_max, sl);                                             // SFU: P_t
+      const int64_t valid_keys = L - kw.tile * kBlockN;
+      if (valid_keys < kBlockN) fwd_mask_tail<Tr>(s_cur, valid_keys, lane, 0.f);
+      fwd_row_sums<Tr>(s_cur, row_sum);
+      fwd_pv<Tr>(acc_o, row_sum, s_cur, sV_a + P * kTileBytes, ones, last_n8_live);
+
+      kw.advance();
+      if (kw.done()) return true;
+      const int64_t next_valid = L - kw.tile * kBlockN;
+      if (next_valid < kBlockN) fwd_mask_tail<Tr>(s_next, next_valid, lane, -INFINITY);
+      return false;
+    };
+    while (!step(s_a, s_b, std::integral_constant<int, 0>{}) && !step(s_b, s_a, std::integral_constant<int, 1>{})) {
+    }
+  }
+  cp_async_wait_all();  // a CTA that visited no key tile still has its Q copy in flight
+  fwd_epilogue<Tr>(p, acc_o, row_max, row_sum, b, h, qc, warp, lane);
 }
 
 #if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
-template <typename T, int kD, int kRB>
-cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<T, kD, kRB>;
+template <typename T, int kD, int kRB, int kStages>
+cudaError_t run_fwd_instance(const SetAttnParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kD, kRB, kStages>;
   const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_fwd_kernel<T, kD, kRB>;
+  auto kernel = [] {  // only the launched instance is compiled
+    if constexpr (kStages == 2) {
+      return set_attn_fwd_pipe_kernel<T, kD, kRB>;
+    } else {
+      return set_attn_fwd_kernel<T, kD, kRB>;
+    }
+  }();
   if (Tr::kSmemBytes > 48 * 1024) {
     // > 48 KB of dynamic shared memory needs an explicit opt-in (per kernel; cheap, and legal during graph capture)
     const cudaError_t e =
@@ -378,6 +582,16 @@ cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
   kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
            Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int kD, int kRB>
+cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
+  const int stages = p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages;
+  if constexpr (fwd_has_stages(kD, kRB, 2)) {
+    if (stages == 2) return run_fwd_instance<T, kD, kRB, 2>(p, stream);
+  }
+  if (stages == 1) return run_fwd_instance<T, kD, kRB, 1>(p, stream);
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, int kD>

@@ -76,6 +76,11 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
   if (p.B < 0 || p.G < 1 || p.L < 0 || p.H < 1) return cudaErrorInvalidValue;
   if (p.fwd_row_blocks != 0 && !fwd_has_row_blocks(padded_head_dim(p.D), p.fwd_row_blocks))
     return cudaErrorInvalidValue;
+  if (p.fwd_stages != 0 &&
+      !fwd_has_stages(padded_head_dim(p.D),
+                      p.fwd_row_blocks == 0 ? fwd_default_row_blocks(padded_head_dim(p.D)) : p.fwd_row_blocks,
+                      p.fwd_stages))
+    return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0) return cudaSuccess;  // nothing to compute
   // 16-byte vector/cp.async access of every row chunk
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||

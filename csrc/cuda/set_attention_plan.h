@@ -58,6 +58,7 @@ struct FwdConfig {
   int row_blocks;  // m16 row blocks per warp: 1 or 2
   bool q_in_regs;  // keep Q's MMA fragments in registers (small D) or re-read them from shared memory (large D)
   int min_blocks;  // __launch_bounds__ occupancy hint
+  int stages = 1;  // 1: FlashAttention-2's loop; 2: software-pipelined (fwd_has_stages)
 };
 // Row blocks per warp compiled for a kernel head dim: 1 always; 2 up to 80 (sm_90 ptxas: 189-255 registers, no
 // spills; 96 took 255 and 128 spilled).
@@ -70,10 +71,24 @@ JEDI_HD constexpr bool fwd_has_row_blocks(int kD, int row_blocks) {
 // ~220/240 registers instead of 128/175 (8 resident warps per SM instead of 16 / 8). Not yet timed on a GPU: the
 // benchmarks time both (JEDI_CUDA_FWD_ROW_BLOCKS).
 JEDI_HD constexpr int fwd_default_row_blocks(int kD) { return fwd_has_row_blocks(kD, 2) ? 2 : 1; }
-JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks) {
-  // Registers per thread ~ row_blocks * (kD/2 (O accumulator) + block_n/2 (scores) [+ kD/4 Q fragments]): 192/256
-  // take a narrower key tile so they fit without spills.
-  return row_blocks == 2 ? (kD <= 64 ? FwdConfig{128, 64, 4, 2, true, 2} : FwdConfig{128, 64, 4, 2, false, 1})
+// Software-pipelined forward (stages = 2): a warp computes the scores of key tile t+1 on the tensor cores in the same
+// straight-line code as the exponentials of tile t, so ptxas interleaves the two and the tensor pipe and the SFU work
+// at the same time (FlashAttention-3's intra-warpgroup overlap, done with mma.sync); the one-stage loop issues them
+// in turn, and its two barriers per tile keep a CTA's warps in the same phase. K and V are double-buffered (one
+// barrier per tile). Compiled for padded head dims <= 80, where the exponentials weigh as much as the matmuls; two
+// score tiles live in registers, so the two-row-block instance takes 32 keys per tile.
+JEDI_HD constexpr bool fwd_has_stages(int kD, int row_blocks, int stages) {
+  return fwd_has_row_blocks(kD, row_blocks) && (stages == 1 || (stages == 2 && kD <= 80));
+}
+// The forward's default stage count (SetAttnParams::fwd_stages == 0): 1 until a GPU run times the pipelined loop
+// (JEDI_CUDA_FWD_STAGES; benchmarks time both).
+JEDI_HD constexpr int fwd_default_stages(int) { return 1; }
+JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks, int stages = 1) {
+  // Registers per thread ~ row_blocks * (kD/2 (O accumulator) + stages * block_n/2 (scores) [+ kD/4 Q fragments]):
+  // 192/256 take a narrower key tile so they fit without spills.
+  return stages == 2
+             ? (row_blocks == 2 ? FwdConfig{128, 32, 4, 2, kD <= 64, 2, 2} : FwdConfig{128, 64, 8, 1, kD <= 64, 1, 2})
+       : row_blocks == 2 ? (kD <= 64 ? FwdConfig{128, 64, 4, 2, true, 2} : FwdConfig{128, 64, 4, 2, false, 1})
        : kD <= 64        ? FwdConfig{128, 64, 8, 1, true, 2}
        : kD <= 128       ? FwdConfig{128, 64, 8, 1, true, 1}
        : kD <= 160       ? FwdConfig{128, 64, 8, 1, false, 1}
@@ -136,8 +151,10 @@ JEDI_HD constexpr int bwd_dq_groups(int kD, int key_blocks) {
 // ldmatrix phase hit 8 distinct 16-byte bank groups: pitch/8 = kD/8 + 1 is odd because kD % 16 == 0.
 JEDI_HD constexpr int smem_pitch(int cols) { return cols + 8; }
 
-JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes, int row_blocks) {
-  return static_cast<int64_t>(fwd_config(kD, row_blocks).block_m + 2 * fwd_config(kD, row_blocks).block_n) *
+JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes, int row_blocks, int stages = 1) {
+  // Q, and one K and one V tile per stage
+  return static_cast<int64_t>(fwd_config(kD, row_blocks, stages).block_m +
+                              2 * stages * fwd_config(kD, row_blocks, stages).block_n) *
          smem_pitch(kD) * elem_bytes;
 }
 JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes) {

@@ -271,6 +271,18 @@ inline void cp_async16(void* smem, const void* gmem) {
   else
     std::memcpy(smem, gmem, 16);
 }
+// src-size 0 (!full): 16 zero bytes land like a copy would (at issue or at the wait); gmem is neither read nor
+// checked (on hardware it may point past the tensor).
+inline void cp_async16_zfill(void* smem, const void* gmem, bool full) {
+  if (full) return cp_async16(smem, gmem);
+  static const unsigned char kZeros[16] = {};
+  const auto off = static_cast<unsigned char*>(smem) - smem_raw;
+  if (off < 0 || off + 16 > jedi_emu::g_smem_limit || off % 16) jedi_emu::fail("cp.async destination", off);
+  if (jedi_emu::g_cp_async_at_wait)
+    jedi_emu::pending().emplace_back(smem, kZeros);
+  else
+    std::memset(smem, 0, 16);
+}
 inline void cp_async_commit() {}
 inline float fast_exp2(float x) { return exp2f(x); }
 inline void cp_async_wait_all() {

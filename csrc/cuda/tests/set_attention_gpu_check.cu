@@ -52,6 +52,7 @@ struct Case {
   bool explicit_scale;
   int row_blocks = 0;  // forward instance (SetAttnParams::fwd_row_blocks): 0 = the head dim's default
   int key_blocks = 0;  // backward instance (SetAttnBwdParams::bwd_key_blocks): 0 = the head dim's default
+  int stages = 0;      // forward loop (SetAttnParams::fwd_stages): 0 = the default
 };
 
 uint16_t to_bits(float x, int dtype) {
@@ -163,6 +164,7 @@ bool run_case(const Case& c, bool use_graph) {
   fp.B = B; fp.G = G; fp.L = L; fp.H = H; fp.D = D;
   fp.scale = (float)scale;
   fp.fwd_row_blocks = c.row_blocks;
+  fp.fwd_stages = c.stages;
   SetAttnBwdParams bp{};
   bp.q = fp.q; bp.k = fp.k; bp.v = fp.v; bp.out = d.out; bp.dout = d.dout;
   bp.q_stride_n = bp.k_stride_n = bp.v_stride_n = sn;
@@ -240,9 +242,9 @@ bool run_case(const Case& c, bool use_graph) {
     }
   }
   std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d "
-              "bwd_key_blocks=%d%s:%s\n",
+              "fwd_stages=%d bwd_key_blocks=%d%s:%s\n",
               ok ? "PASS" : "FAIL", (long long)B, (long long)G, (long long)L, (long long)H, (long long)D,
-              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.key_blocks,
+              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.key_blocks,
               use_graph ? " graph" : "", msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
@@ -322,6 +324,18 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
     alt += buf;
   }
   fp.fwd_row_blocks = 0;
+  // the two-stage (software-pipelined) forward where compiled, with each row-block count
+  for (int rb = 1; rb <= 2; ++rb) {
+    if (!jedi::set_attn::fwd_has_stages(kD, rb, 2) || jedi::set_attn::fwd_default_stages(kD) == 2) continue;
+    fp.fwd_row_blocks = rb;
+    fp.fwd_stages = 2;
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "  fwd[2 stages, %d rows/warp] %.3f ms", 16 * rb,
+                  median_ms([&] { return jedi::set_attention_fwd_launch(fp, dtype, 0); }));
+    alt += buf;
+  }
+  fp.fwd_row_blocks = 0;
+  fp.fwd_stages = 0;
   // both backward instances where the head dim has two (16 and 32 keys per warp)
   for (int kb = 1; kb <= 2; ++kb) {
     if (!jedi::set_attn::bwd_has_key_blocks(kD, kb) || !jedi::set_attn::bwd_has_key_blocks(kD, 3 - kb)) continue;
@@ -365,6 +379,11 @@ int main(int argc, char** argv) {
       for (int kb = 1; kb <= 2; ++kb)
         if (kb != jedi::set_attn::bwd_default_key_blocks(kD) && jedi::set_attn::bwd_has_key_blocks(kD, kb))
           cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, kb});
+      // the other forward loop (two stages unless that is the default) with each row-block count
+      const int other = jedi::set_attn::fwd_default_stages(kD) == 2 ? 1 : 2;
+      for (int rb = 1; rb <= 2; ++rb)
+        if (jedi::set_attn::fwd_has_stages(kD, rb, other))
+          cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, rb, 0, other});
     }
   };
   if (quick) {

@@ -72,6 +72,19 @@ static void test_instances() {
       CHECK(f.row_blocks == rb && f.block_m == 16 * rb * f.num_warps && f.block_n % 16 == 0 && kD % 16 == 0,
             "fwd config kD=%d rb=%d", kD, rb);
       CHECK(fwd_smem_bytes(kD, 2, rb) <= 163 * 1024, "fwd smem kD=%d rb=%d", kD, rb);
+      // the two-stage loop: compiled up to 80, same rows per CTA; K and V double-buffered
+      CHECK(fwd_has_stages(kD, rb, 1) && !fwd_has_stages(kD, rb, 0) && !fwd_has_stages(kD, rb, 3) &&
+                fwd_has_stages(kD, rb, 2) == (kD <= 80) && fwd_has_stages(kD, rb, fwd_default_stages(kD)),
+            "fwd stages kD=%d rb=%d", kD, rb);
+      if (fwd_has_stages(kD, rb, 2)) {
+        const FwdConfig f2 = fwd_config(kD, rb, 2);
+        CHECK(f2.stages == 2 && f2.row_blocks == rb && f2.block_m == 16 * rb * f2.num_warps &&
+                  f2.block_n % 16 == 0 && f2.q_in_regs == (kD <= 64),
+              "fwd 2-stage config kD=%d rb=%d", kD, rb);
+        CHECK(fwd_smem_bytes(kD, 2, rb, 2) == (f2.block_m + 4 * f2.block_n) * smem_pitch(kD) * 2 &&
+                  fwd_smem_bytes(kD, 2, rb, 2) <= 163 * 1024,
+              "fwd 2-stage smem kD=%d rb=%d", kD, rb);
+      }
     }
     CHECK(fwd_config(kD).row_blocks == fwd_default_row_blocks(kD), "fwd default kD=%d", kD);
     CHECK(bwd_has_key_blocks(kD, 1) && bwd_has_key_blocks(kD, bwd_default_key_blocks(kD)) &&
