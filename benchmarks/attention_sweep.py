@@ -323,6 +323,21 @@ def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def cuda_fwd_stages_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """CUDA forward: FlashAttention-2's loop (1 stage, the default) vs the software-pipelined one (``JEDI_CUDA_FWD_STAGES``
+    1 / 2; padded head dims <= 80), both at the default 32 query rows per warp, plus the pipelined loop at 16 rows per
+    warp (``ms_2stage_16rows``). The H100's ncu counters (2026-11-27) had the one-stage kernel at 44 % tensor-pipe and
+    36 % exp-unit activity, latency-bound: the two-stage loop computes the next tile's scores while this tile's
+    exponentials run (the MMAs and MUFUs interleave in its SASS), at ~40 % more instructions per score (32-key tiles)."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_STAGES", {"1stage": "1", "2stage": "2"},
+                       "cuda_fwd_stages")
+    with _env("JEDI_CUDA_FWD_ROW_BLOCKS", "1"):
+        row["ms_2stage_16rows"] = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_STAGES", {"x": "2"},
+                                               "cuda_fwd_stages")["ms_x"]
+    row["speedup_2_vs_1stage"] = row["ms_1stage"] / row["ms_2stage"]
+    return row
+
+
 def cuda_bwd_key_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA backward with 16 vs 32 keys per warp (``JEDI_CUDA_BWD_KEY_BLOCKS`` 1 / 2; padded head dims <= 48 have
     both): two key blocks share every Q and dO fragment a warp loads, and a CTA's 128 keys halve the dQ atomics."""
@@ -385,8 +400,16 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     # kernel-variant rows after it come last: they compile the non-default variants, and a cut-short run loses them)
     add(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
+    import jedi_kernels as jk
+
+    if jk.available_backends()["cuda_attention"]:
+        # the pipelined CUDA forward first: the variant most likely to change a default (untimed before)
+        for L, D in ((4096, 40), (1024, 80)):
+            add(cuda_fwd_stages_row(L, D, rep_ms=rep_ms))
+            print(f"CUDA forward 2 vs 1 stages, L={L} D={D}: x{rows[-1]['speedup_2_vs_1stage']:.2f} "
+                  f"(2 stages at 16 rows/warp: {rows[-1]['ms_2stage_16rows']:.3f} ms)", flush=True)
     if "triton" in available_ours():
-        for ng in (1, 2):  # the TMA + warp-specialized forward first: the variant most likely to change a default
+        for ng in (1, 2):  # then the TMA + warp-specialized forward
             add(triton_fwd_ws_row(4096, 40, ng=ng, rep_ms=rep_ms))
             print(f"Triton forward, warp-specialized TMA vs default, L=4096 D=40 ng={ng}: "
                   f"x{rows[-1]['speedup_ws_vs_default']:.2f}", flush=True)
@@ -402,8 +425,6 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
             add(triton_bwd_dq_row(L, D, rep_ms=rep_ms))
             print(f"Triton backward, dQ by atomics vs kernel, L={L} D={D}: "
                   f"x{rows[-1]['speedup_atomic_vs_kernel']:.2f}", flush=True)
-    import jedi_kernels as jk
-
     if jk.available_backends()["cuda_attention"]:
         for L, D in ((4096, 40), (1024, 80)):
             add(cuda_row_blocks_row(L, D, rep_ms=rep_ms))

@@ -67,6 +67,8 @@ def derive(rows: list[dict], margin: float = 1.03, sources: list[str] | None = N
 VARIANTS = {
     "cuda_fwd_rows_per_warp": (("ms_16rows", "ms_32rows"), "ms_32rows",
                                "fwd_default_row_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_ROW_BLOCKS)"),
+    "cuda_fwd_stages": (("ms_1stage", "ms_2stage"), "ms_1stage",
+                        "fwd_default_stages in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_STAGES)"),
     "cuda_bwd_keys_per_warp": (("ms_16keys", "ms_32keys"), "ms_32keys",
                                "bwd_default_key_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_BWD_KEY_BLOCKS)"),
     "rowsum_dot_vs_fadd": (("ms_dot", "ms_fadd"), "ms_fadd",

@@ -156,7 +156,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             ``JEDI_TRITON_FWD_WS=1`` (Triton forward at head dims <= 64 on sm_90: TMA loads, warp-specialized; opt-in),
             ``JEDI_TRITON_BWD_DQ=atomic|kernel`` (Triton backward: dQ by a second kernel, the default since the H100
             measured it faster, or by float32 atomics from the dK/dV kernel; deterministic mode always takes the
-            kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp) and
+            kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp),
+            ``JEDI_CUDA_FWD_STAGES=1|2`` (CUDA forward at head dims <= 80: FlashAttention-2's loop, the default, or
+            the software-pipelined one that computes the next key tile's scores during this tile's softmax) and
             ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32 keys per warp).
 
     Returns:

@@ -804,12 +804,22 @@ def test_set_attention_gpu(B, G, L, H, D, mask, fused, dtype, backend):
     (1, 2, 130, 1, 64, "oneway", False),
     (3, 5, 17, 1, 8, "full", False),
 ])
-def test_cuda_forward_instances(monkeypatch, row_blocks, B, G, L, H, D, mask, fused):
-    """Both CUDA forward instances (16 or 32 query rows per warp, JEDI_CUDA_FWD_ROW_BLOCKS; head dims <= 80 have
-    both) pass the 2x rule, forward and backward."""
+@pytest.mark.parametrize("stages", ["1", "2"], ids=["1stage", "2stages"])
+def test_cuda_forward_instances(monkeypatch, row_blocks, stages, B, G, L, H, D, mask, fused):
+    """Every CUDA forward instance (16 or 32 query rows per warp, JEDI_CUDA_FWD_ROW_BLOCKS; FlashAttention-2's loop
+    or the software-pipelined one, JEDI_CUDA_FWD_STAGES; head dims <= 80 have all four, others fall back to their
+    one) passes the 2x rule, forward and backward."""
     _require_cuda_attention()
     monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", row_blocks)
+    monkeypatch.setenv("JEDI_CUDA_FWD_STAGES", stages)
     _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
+    # the switch really picks the loop (every head dim here is <= 80, so both are compiled)
+    _, (q, k, v) = _inputs(1, G, L, H, D, torch.bfloat16, torch.device("cuda"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        jk.set_attention(q, k, v, G, H, backend="cuda")
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "set_attn_fwd" in e.name}
+    assert names and all(("pipe_kernel" in n) == (stages == "2") for n in names), names
 
 
 @pytest.mark.gpu
@@ -849,7 +859,7 @@ def test_ws_forward_gpu(monkeypatch, B, G, L, H, D, mask, fused, dtype):
     assert calls == [(B, G, L, H, D)]
 
 
-@pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_BWD_KEY_BLOCKS"])
+@pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_FWD_STAGES", "JEDI_CUDA_BWD_KEY_BLOCKS"])
 def test_cuda_instance_switch_bad_value(monkeypatch, switch):
     """A bad value of a CUDA instance switch is an error naming the variable, from the pass that reads it."""
     _require_cuda_attention()
@@ -857,7 +867,7 @@ def test_cuda_instance_switch_bad_value(monkeypatch, switch):
     q.requires_grad_()
     monkeypatch.setenv(switch, "4")
     bad = pytest.raises(RuntimeError, match=f"{switch} must be 0, 1 or 2")
-    if switch == "JEDI_CUDA_FWD_ROW_BLOCKS":
+    if switch.startswith("JEDI_CUDA_FWD"):
         with bad:
             jk.set_attention(q, k, v, 2, 1, backend="cuda")
     else:
