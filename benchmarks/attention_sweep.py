@@ -325,10 +325,11 @@ def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 
 def cuda_fwd_stages_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA forward: FlashAttention-2's loop (1 stage, the default) vs the software-pipelined one (``JEDI_CUDA_FWD_STAGES``
-    1 / 2; padded head dims <= 80), both at the default 32 query rows per warp, plus the pipelined loop at 16 rows per
-    warp (``ms_2stage_16rows``). The H100's ncu counters (2026-11-27) had the one-stage kernel at 44 % tensor-pipe and
-    36 % exp-unit activity, latency-bound: the two-stage loop computes the next tile's scores while this tile's
-    exponentials run (the MMAs and MUFUs interleave in its SASS), at ~40 % more instructions per score (32-key tiles)."""
+    1 / 2; padded head dims <= 80) at the default rows per warp (32; for two stages at padded 65-80, 16: the only
+    two-stage instance there), plus the pipelined loop at 16 rows per warp (``ms_2stage_16rows``). The H100's ncu
+    counters (2026-11-27) had the one-stage kernel at 44 % tensor-pipe and 36 % exp-unit activity, latency-bound: the
+    two-stage loop computes the next tile's scores while this tile's exponentials run (the MMAs and MUFUs interleave
+    in its SASS), at 12-20 % more instructions per score."""
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_STAGES", {"1stage": "1", "2stage": "2"},
                        "cuda_fwd_stages")
     with _env("JEDI_CUDA_FWD_ROW_BLOCKS", "1"):

@@ -42,7 +42,9 @@ struct SetAttnParams {
   // for padded head dims <= 80, set_attn::fwd_has_row_blocks); 0 = the head dim's default.
   int fwd_row_blocks;
   // Forward loop: 1 = FlashAttention-2's, 2 = software-pipelined (the next key tile's scores computed while this
-  // tile's exponentials run; compiled for padded head dims <= 80, set_attn::fwd_has_stages); 0 = the default.
+  // tile's exponentials run; compiled for padded head dims <= 80, with 32 rows per warp up to 64,
+  // set_attn::fwd_has_stages; with fwd_row_blocks == 0 a two-stage launch at 65-80 takes 16 rows per warp,
+  // set_attn::fwd_launch_row_blocks); 0 = the default.
   int fwd_stages;
 };
 

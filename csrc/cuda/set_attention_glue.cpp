@@ -115,12 +115,12 @@ int fwd_row_blocks_from_env(int64_t D, const char* op) {
 
 // JEDI_CUDA_FWD_STAGES=1|2 picks the forward loop: 1 FlashAttention-2's, 2 software-pipelined (the next key tile's
 // scores computed while this tile's exponentials run); 0: the default (set_attn::fwd_default_stages). 2 applies where
-// it is compiled (padded head dims <= 80, with either row-block count); other head dims keep their one loop.
+// it is compiled (padded head dims <= 80; 16 rows per warp at 65-80 unless JEDI_CUDA_FWD_ROW_BLOCKS asks for 32,
+// set_attn::fwd_launch_row_blocks); other head dims keep their one loop.
 int fwd_stages_from_env(int64_t D, int row_blocks, const char* op) {
   const int stages = blocks_from_env("JEDI_CUDA_FWD_STAGES", op);
   const int kD = set_attn::padded_head_dim(D);
-  const int rb = row_blocks == 0 ? set_attn::fwd_default_row_blocks(kD) : row_blocks;
-  return set_attn::fwd_has_stages(kD, rb, stages) ? stages : 0;
+  return set_attn::fwd_has_stages(kD, set_attn::fwd_launch_row_blocks(kD, row_blocks, stages), stages) ? stages : 0;
 }
 
 // JEDI_CUDA_BWD_KEY_BLOCKS=1|2 picks the backward instance with 16 or 32 keys per warp; 0: the head dim's default

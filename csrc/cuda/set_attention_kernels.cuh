@@ -86,7 +86,7 @@ struct FwdTraits {
   // Softmax row sums as P . 1 on the tensor cores (one m16n8k16 per k16 step and row block) instead of one FADD per
   // score: at small head dims the loop is issue-bound and the tensor cores have room; from 80 on they are the bound.
   static constexpr bool kRowSumMma = kD <= 64;
-  static_assert(kRowBlocks == kRB && kCfg.stages == kStages, "fwd config");
+  static_assert(kRowBlocks == kRB && kCfg.stages == kStages && fwd_has_stages(kD, kRB, kStages), "fwd config");
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBlockM == 16 * kRowBlocks * kWarps, "tile shapes");
 
   using Scores = float[kRB][kNT][4];  // a warp's 16 kRB x kBlockN scores (then probabilities), C fragments
@@ -505,16 +505,16 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB, 2>::kThreads, FwdTraits<
   typename Tr::QFrag q_frag;
 
   if (!kw.done()) {
-    TileWalk kk = kw, kv = kw;  // the next K and the next V to copy
-    kk.advance();
+    // the walk's next two tiles (image, tile; image == G: past the end), advanced as a ring: one mask-aware step per
+    // iteration instead of one per stream (K two tiles ahead, V one)
+    TileWalk w1 = kw;
+    w1.advance();
+    TileWalk w2 = w1;
+    if (!w2.done()) w2.advance();
     cp_async_wait_all();  // Q, K_0
     __syncthreads();
-    load_v(kv, 0);
-    kv.advance();
-    if (!kk.done()) {
-      load_k(kk, 1);
-      kk.advance();
-    }
+    load_v(kw, 0);
+    if (!w1.done()) load_k(w1, 1);
     cp_async_commit();
     if constexpr (Tr::kQInRegs) fwd_load_q<Tr>(q_frag, sQ_a, qsign);
 
@@ -527,14 +527,8 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB, 2>::kThreads, FwdTraits<
       constexpr int P = decltype(parity)::value;
       cp_async_wait_all();  // K_{t+1}, V_t landed
       __syncthreads();      // ... for every thread; and every warp is done with K_t and V_{t-1}
-      if (!kk.done()) {
-        load_k(kk, P);  // K_{t+2} where K_t was
-        kk.advance();
-      }
-      if (!kv.done()) {
-        load_v(kv, 1 - P);  // V_{t+1} where V_{t-1} was
-        kv.advance();
-      }
+      if (!w2.done()) load_k(w2, P);      // K_{t+2} where K_t was
+      if (!w1.done()) load_v(w1, 1 - P);  // V_{t+1} where V_{t-1} was
       cp_async_commit();
 
       typename Tr::RowMax m_prev;
@@ -547,8 +541,12 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB, 2>::kThreads, FwdTraits<
       fwd_row_sums<Tr>(s_cur, row_sum);
       fwd_pv<Tr>(acc_o, row_sum, s_cur, sV_a + P * kTileBytes, ones, last_n8_live);
 
-      kw.advance();
-      if (kw.done()) return true;
+      if (w1.done()) return true;
+      kw.image = w1.image;
+      kw.tile = w1.tile;
+      w1.image = w2.image;
+      w1.tile = w2.tile;
+      if (!w2.done()) w2.advance();
       const int64_t next_valid = L - kw.tile * kBlockN;
       if (next_valid < kBlockN) fwd_mask_tail<Tr>(s_next, next_valid, lane, -INFINITY);
       return false;
@@ -596,7 +594,7 @@ cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
 
 template <typename T, int kD>
 cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
-  const int rb = p.fwd_row_blocks == 0 ? fwd_default_row_blocks(kD) : p.fwd_row_blocks;
+  const int rb = fwd_launch_row_blocks(kD, p.fwd_row_blocks, p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages);
   if (rb == 1) return run_fwd_rb<T, kD, 1>(p, stream);
   if constexpr (fwd_has_row_blocks(kD, 2)) {
     if (rb == 2) return run_fwd_rb<T, kD, 2>(p, stream);

@@ -77,8 +77,7 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
   if (p.fwd_row_blocks != 0 && !fwd_has_row_blocks(padded_head_dim(p.D), p.fwd_row_blocks))
     return cudaErrorInvalidValue;
   if (p.fwd_stages != 0 &&
-      !fwd_has_stages(padded_head_dim(p.D),
-                      p.fwd_row_blocks == 0 ? fwd_default_row_blocks(padded_head_dim(p.D)) : p.fwd_row_blocks,
+      !fwd_has_stages(padded_head_dim(p.D), fwd_launch_row_blocks(padded_head_dim(p.D), p.fwd_row_blocks, p.fwd_stages),
                       p.fwd_stages))
     return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0) return cudaSuccess;  // nothing to compute

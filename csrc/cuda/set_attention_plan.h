@@ -76,13 +76,24 @@ JEDI_HD constexpr int fwd_default_row_blocks(int kD) { return fwd_has_row_blocks
 // at the same time (FlashAttention-3's intra-warpgroup overlap, done with mma.sync); the one-stage loop issues them
 // in turn, and its two barriers per tile keep a CTA's warps in the same phase. K and V are double-buffered (one
 // barrier per tile). Compiled for padded head dims <= 80, where the exponentials weigh as much as the matmuls; two
-// score tiles live in registers, so the two-row-block instance takes 32 keys per tile.
+// score tiles live in registers, so the two-row-block instance takes 32 keys per tile, and exists up to 64 only (at 80
+// it needed 250-255 registers and spilled on sm_80, for more instructions per score than the 16-row one).
 JEDI_HD constexpr bool fwd_has_stages(int kD, int row_blocks, int stages) {
-  return fwd_has_row_blocks(kD, row_blocks) && (stages == 1 || (stages == 2 && kD <= 80));
+  return fwd_has_row_blocks(kD, row_blocks) &&
+         (stages == 1 || (stages == 2 && kD <= (row_blocks == 2 ? 64 : 80)));
 }
 // The forward's default stage count (SetAttnParams::fwd_stages == 0): 1 until a GPU run times the pipelined loop
 // (JEDI_CUDA_FWD_STAGES; benchmarks time both).
 JEDI_HD constexpr int fwd_default_stages(int) { return 1; }
+// Row blocks per warp of a launch: the requested count (SetAttnParams::fwd_row_blocks), or when none is requested the
+// head dim's default, except that a two-stage launch takes 16 rows per warp where only that instance has two stages
+// (padded head dims 65-80), so one stage switch serves a whole model.
+JEDI_HD constexpr int fwd_launch_row_blocks(int kD, int requested, int stages) {
+  return requested != 0 ? requested
+       : (stages == 2 && !fwd_has_stages(kD, fwd_default_row_blocks(kD), 2) && fwd_has_stages(kD, 1, 2))
+           ? 1
+           : fwd_default_row_blocks(kD);
+}
 JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks, int stages = 1) {
   // Registers per thread ~ row_blocks * (kD/2 (O accumulator) + stages * block_n/2 (scores) [+ kD/4 Q fragments]):
   // 192/256 take a narrower key tile so they fit without spills.

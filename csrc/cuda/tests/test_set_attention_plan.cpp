@@ -72,10 +72,15 @@ static void test_instances() {
       CHECK(f.row_blocks == rb && f.block_m == 16 * rb * f.num_warps && f.block_n % 16 == 0 && kD % 16 == 0,
             "fwd config kD=%d rb=%d", kD, rb);
       CHECK(fwd_smem_bytes(kD, 2, rb) <= 163 * 1024, "fwd smem kD=%d rb=%d", kD, rb);
-      // the two-stage loop: compiled up to 80, same rows per CTA; K and V double-buffered
+      // the two-stage loop: compiled up to 80 (32 rows per warp: up to 64), same rows per CTA; K and V
+      // double-buffered
       CHECK(fwd_has_stages(kD, rb, 1) && !fwd_has_stages(kD, rb, 0) && !fwd_has_stages(kD, rb, 3) &&
-                fwd_has_stages(kD, rb, 2) == (kD <= 80) && fwd_has_stages(kD, rb, fwd_default_stages(kD)),
+                fwd_has_stages(kD, rb, 2) == (kD <= (rb == 2 ? 64 : 80)) &&
+                fwd_has_stages(kD, rb, fwd_default_stages(kD)),
             "fwd stages kD=%d rb=%d", kD, rb);
+      // an explicit row-block request wins; stages never change it
+      CHECK(fwd_launch_row_blocks(kD, rb, 1) == rb && fwd_launch_row_blocks(kD, rb, 2) == rb,
+            "fwd launch row blocks kD=%d rb=%d", kD, rb);
       if (fwd_has_stages(kD, rb, 2)) {
         const FwdConfig f2 = fwd_config(kD, rb, 2);
         CHECK(f2.stages == 2 && f2.row_blocks == rb && f2.block_m == 16 * rb * f2.num_warps &&
@@ -87,6 +92,12 @@ static void test_instances() {
       }
     }
     CHECK(fwd_config(kD).row_blocks == fwd_default_row_blocks(kD), "fwd default kD=%d", kD);
+    // without a request: the default row blocks, except a two-stage launch at 65-80 takes 16 rows per warp; the
+    // instance a launch picks always has the stage count asked for where any instance has it
+    CHECK(fwd_launch_row_blocks(kD, 0, 1) == fwd_default_row_blocks(kD) &&
+              fwd_launch_row_blocks(kD, 0, 2) == (kD > 64 && kD <= 80 ? 1 : fwd_default_row_blocks(kD)),
+          "fwd launch row blocks kD=%d", kD);
+    CHECK(fwd_has_stages(kD, fwd_launch_row_blocks(kD, 0, 2), 2) == (kD <= 80), "two stages kD=%d", kD);
     CHECK(bwd_has_key_blocks(kD, 1) && bwd_has_key_blocks(kD, bwd_default_key_blocks(kD)) &&
               !bwd_has_key_blocks(kD, 0) && !bwd_has_key_blocks(kD, 3),
           "bwd instances kD=%d", kD);
