@@ -339,6 +339,17 @@ def cuda_fwd_stages_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """CUDA backward with 4 vs 8 warps per CTA (``JEDI_CUDA_BWD_WARPS`` 4 / 8; padded head dim 80 has both): 64 or 128
+    keys per CTA, FlashAttention-2's d 80 shape being the latter. The wider CTA loads each query tile once for twice
+    the keys and halves the dQ atomics (84 M -> 42 M float adds at L 1024, ng 2); on the H100 (2026-11-27) the CUDA
+    forward+backward at d 80 ran 0.88x FA2's."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_BWD_WARPS", {"4warps": "4", "8warps": "8"},
+                       "cuda_bwd_warps", mode="bwd")
+    row["speedup_8_vs_4warps"] = row["ms_4warps"] / row["ms_8warps"]
+    return row
+
+
 def cuda_bwd_key_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA backward with 16 vs 32 keys per warp (``JEDI_CUDA_BWD_KEY_BLOCKS`` 1 / 2; padded head dims <= 48 have
     both): two key blocks share every Q and dO fragment a warp loads, and a CTA's 128 keys halve the dQ atomics."""
@@ -409,6 +420,8 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
             add(cuda_fwd_stages_row(L, D, rep_ms=rep_ms))
             print(f"CUDA forward 2 vs 1 stages, L={L} D={D}: x{rows[-1]['speedup_2_vs_1stage']:.2f} "
                   f"(2 stages at 16 rows/warp: {rows[-1]['ms_2stage_16rows']:.3f} ms)", flush=True)
+        add(cuda_bwd_warps_row(1024, 80, rep_ms=rep_ms))
+        print(f"CUDA backward 8 vs 4 warps, L=1024 D=80: x{rows[-1]['speedup_8_vs_4warps']:.2f}", flush=True)
     if "triton" in available_ours():
         for ng in (1, 2):  # then the TMA + warp-specialized forward
             add(triton_fwd_ws_row(4096, 40, ng=ng, rep_ms=rep_ms))

@@ -123,23 +123,24 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1, s
     raise LookupError(f"no {kernel} for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
 
 
-def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16", key_blocks: int = 1) -> str:
+def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16", key_blocks: int = 1, warps: int = 4) -> str:
     """SASS of the CUDA C++ backward main kernel serving head dim D (csrc/cuda/set_attention_bwd_hdim<D>.cu), the
-    ``dtype`` instantiation with ``key_blocks`` m16 key blocks per warp."""
+    ``dtype`` instantiation with ``key_blocks`` m16 key blocks per warp and ``warps`` warps per CTA."""
     sass = _nvcc_sass(ROOT / "csrc" / "cuda" / f"set_attention_bwd_hdim{D}.cu", arch)
     want = "set_attn_bwd_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half")
     for blk in re.split(r"\n\s*Function : ", sass)[1:]:
         name = blk.split("\n", 1)[0]
-        args = re.search(r"set_attn_bwd_kernelI\w+?Li(\d+)ELi(\d+)E", name)
-        if want in name and args and int(args.group(2)) == key_blocks:
+        args = re.search(r"set_attn_bwd_kernelI\w+?Li(\d+)ELi(\d+)ELi(\d+)E", name)
+        if want in name and args and int(args.group(2)) == key_blocks and int(args.group(3)) == warps:
             return blk
-    raise LookupError(f"no backward kernel for D={D} {dtype} key_blocks={key_blocks}")
+    raise LookupError(f"no backward kernel for D={D} {dtype} key_blocks={key_blocks} warps={warps}")
 
 
-def cuda_bwd_configs() -> dict[tuple[int, int], dict[str, int]]:
-    """{(padded head dim, key blocks): backward tile shape} as csrc/cuda/set_attention_plan.h computes it (compiled
-    and run on the host, so the counts below scale by the kernel's real tiles): block_n, block_m, num_warps, chunk,
-    sub_m, dq_groups, for SD's padded head dims 48 / 80 / 160 and every key-block count compiled for them."""
+def cuda_bwd_configs() -> dict[tuple[int, int, int], dict[str, int]]:
+    """{(padded head dim, key blocks, warps): backward tile shape} as csrc/cuda/set_attention_plan.h computes it
+    (compiled and run on the host, so the counts below scale by the kernel's real tiles): block_n, block_m, num_warps,
+    chunk, sub_m, dq_groups, for SD's padded head dims 48 / 80 / 160 and every key-block and warp count compiled for
+    them."""
     src = """#include <cstdio>
 #include <initializer_list>
 #include "set_attention_plan.h"
@@ -147,11 +148,12 @@ using namespace jedi::set_attn;
 int main() {
   for (int kD : {48, 80, 160})
     for (int kb : {1, 2})
-      if (bwd_has_key_blocks(kD, kb)) {
-        const BwdConfig c = bwd_config(kD, kb);
-        std::printf("%d %d %d %d %d %d %d %d\\n", kD, kb, c.block_n, c.block_m, c.num_warps, c.chunk, c.sub_m,
-                    bwd_dq_groups(kD, kb));
-      }
+      for (int w : {4, 8})
+        if (bwd_has_warps(kD, kb, w)) {
+          const BwdConfig c = bwd_config(kD, kb, w);
+          std::printf("%d %d %d %d %d %d %d %d %d\\n", kD, kb, w, c.block_n, c.block_m, c.num_warps, c.chunk,
+                      c.sub_m, bwd_dq_groups(kD, kb, w));
+        }
 }
 """
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +163,7 @@ int main() {
         out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     keys = ("block_n", "block_m", "num_warps", "chunk", "sub_m", "dq_groups")
     rows = [list(map(int, line.split())) for line in out.splitlines()]
-    return {(r[0], r[1]): dict(zip(keys, r[2:])) for r in rows}
+    return {(r[0], r[1], r[2]): dict(zip(keys, r[3:])) for r in rows}
 
 
 def dynamic_loop_mix(sass: str, mma_loop_trips) -> tuple[collections.Counter, float]:
@@ -262,8 +264,8 @@ def bwd_report(arch: int) -> None:
             default = sa._fused_dq(*sa.head_dim_chunks(D, True)) == (label == "triton")
             rows.append((label + (" *" if default else ""), total, n_total))
         kD = {40: 48, 80: 80, 160: 160}[D]
-        for kb in (1, 2):
-            c = cfgs.get((kD, kb))
+        for kb, warps in ((1, 4), (2, 4), (1, 8)):
+            c = cfgs.get((kD, kb, warps))
             if c is None:
                 continue
             # inner loops with MMAs in address order: the register passes over a query tile (a loop only when a
@@ -271,12 +273,12 @@ def bwd_report(arch: int) -> None:
             units = (c["block_m"] // 16) * (c["chunk"] // 16 // c["dq_groups"])
             passes = c["block_m"] // c["sub_m"]
             trips = ([passes] if passes > 1 else []) + [units / c["num_warps"]]
-            ops, n = dynamic_loop_mix(cuda_bwd_sass(D, arch, key_blocks=kb), trips)
+            ops, n = dynamic_loop_mix(cuda_bwd_sass(D, arch, key_blocks=kb, warps=warps), trips)
             # a warp's share of one query tile: 16 kb keys x block_m queries, once per column chunk (each chunk's
             # CTA recomputes S and dP)
             per_1024 = 1024 / (16 * kb * c["block_m"]) * (kD // c["chunk"])
-            rows.append((f"cuda {16 * kb}k", collections.Counter({o: v * per_1024 for o, v in ops.items()}),
-                         n * per_1024))
+            rows.append((f"cuda {16 * kb}k" + (" 8w" if warps == 8 else ""),
+                         collections.Counter({o: v * per_1024 for o, v in ops.items()}), n * per_1024))
         for name, ops, n in rows:
             fp32 = sum(ops[o] for o in FP32_PIPE)
             mma = ops["HGMMA"] + ops["HMMA"]

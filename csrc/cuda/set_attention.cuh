@@ -71,6 +71,9 @@ struct SetAttnBwdParams {
   // Backward instance: m16 key blocks per warp (1: 16 keys per warp; 2: 32, compiled for padded head dims <= 48,
   // set_attn::bwd_has_key_blocks); 0 = the head dim's default.
   int bwd_key_blocks;
+  // Backward warps per CTA: 4, or 8 (128 keys per CTA; compiled for padded head dim 80 with 16 keys per warp,
+  // set_attn::bwd_has_warps); 0 = the default.
+  int bwd_warps;
 };
 
 // dtype: 0 = float16, 1 = bfloat16.

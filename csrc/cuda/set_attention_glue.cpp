@@ -131,6 +131,20 @@ int bwd_key_blocks_from_env(int64_t D, const char* op) {
   return set_attn::bwd_has_key_blocks(set_attn::padded_head_dim(D), kb) ? kb : 0;
 }
 
+// JEDI_CUDA_BWD_WARPS=4|8 picks the backward CTA: 4 warps, or 8 (128 keys per CTA) where compiled (padded head dim 80
+// with 16 keys per warp); unset, empty or 0: the default (set_attn::bwd_default_warps). Elsewhere 8 keeps the
+// head dim's one CTA shape, as for the other switches.
+int bwd_warps_from_env(int64_t D, int key_blocks, const char* op) {
+  const char* env = std::getenv("JEDI_CUDA_BWD_WARPS");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string v(env);
+  TORCH_CHECK(v == "0" || v == "4" || v == "8", op, ": JEDI_CUDA_BWD_WARPS must be 0, 4 or 8, got '", v, "'");
+  const int warps = std::stoi(v);
+  const int kD = set_attn::padded_head_dim(D);
+  const int kb = key_blocks == 0 ? set_attn::bwd_default_key_blocks(kD) : key_blocks;
+  return set_attn::bwd_has_warps(kD, kb, warps) ? warps : 0;
+}
+
 std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           const at::Tensor& v_in, int64_t set_size, int64_t heads,
                                                           double scale, const std::optional<at::Tensor>& set_mask) {
@@ -214,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
   p.dq_accum = dq_accum.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.bwd_key_blocks = bwd_key_blocks_from_env(s.D, op);
+  p.bwd_warps = bwd_warps_from_env(s.D, p.bwd_key_blocks, op);
   const cudaError_t err = set_attention_bwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {dq, dk, dv};

@@ -606,9 +606,9 @@ cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
 // =================================================================================================================
 // Backward
 // =================================================================================================================
-template <typename T, int kD, int kKB>
+template <typename T, int kD, int kKB, int kNW = 4>
 struct BwdTraits {
-  static constexpr BwdConfig kCfg = bwd_config(kD, kKB);
+  static constexpr BwdConfig kCfg = bwd_config(kD, kKB, kNW);
   static constexpr int kBlockN = kCfg.block_n;  // keys per CTA
   static constexpr int kBlockM = kCfg.block_m;  // queries per step
   static constexpr int kSubM = kCfg.sub_m;      // queries per register pass
@@ -616,11 +616,12 @@ struct BwdTraits {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kChunk = kCfg.chunk;
   static constexpr int kChunks = kD / kChunk;
-  static constexpr int kDqGroups = bwd_dq_groups(kD, kKB);
+  static constexpr int kDqGroups = bwd_dq_groups(kD, kKB, kNW);
   static constexpr int kPitch = smem_pitch(kD);
   static constexpr int kPitchS = smem_pitch(kBlockM);
-  static constexpr int kSmemBytes = static_cast<int>(bwd_smem_bytes(kD, sizeof(T), kKB));
-  static_assert(kCfg.key_blocks == kKB && bwd_has_key_blocks(kD, kKB), "a compiled key-block count");
+  static constexpr int kSmemBytes = static_cast<int>(bwd_smem_bytes(kD, sizeof(T), kKB, kNW));
+  static_assert(kCfg.key_blocks == kKB && kCfg.num_warps == kNW && bwd_has_warps(kD, kKB, kNW),
+                "a compiled key-block and warp count");
   static_assert(kD % 16 == 0 && kChunk % 16 == 0 && kD % kChunk == 0, "head-dim chunks");
   static_assert(kBlockN == 16 * kKB * kWarps && kBlockM % kSubM == 0 && kSubM % 16 == 0, "tile shapes");
   // keep this warp's K (and V) MMA fragments in registers across the query tiles instead of re-reading them from
@@ -642,9 +643,10 @@ struct BwdTraits {
 //   dQ += dS K                                (dS^T staged in shared memory; once per query tile, fp32 atomics into
 //                                              dq_accum, times scale in the convert kernel)
 // A warp's kKB key blocks share every Q and dO fragment it loads from shared memory.
-template <typename T, int kD, int kKB>
-__global__ void __launch_bounds__(BwdTraits<T, kD, kKB>::kThreads, 1) set_attn_bwd_kernel(const SetAttnBwdParams p) {
-  using Tr = BwdTraits<T, kD, kKB>;
+template <typename T, int kD, int kKB, int kNW = 4>
+__global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
+    set_attn_bwd_kernel(const SetAttnBwdParams p) {
+  using Tr = BwdTraits<T, kD, kKB, kNW>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kWarps = Tr::kWarps;
   constexpr int kPitch = Tr::kPitch, kPitchS = Tr::kPitchS, kChunk = Tr::kChunk, kSubM = Tr::kSubM;
   constexpr int kMT = kSubM / 8;   // n8 tiles over the queries of one pass of S^T / dP^T
@@ -988,12 +990,12 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB>::kThreads, 1) set_attn_b
 }
 
 #if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
-template <typename T, int kD, int kKB>
+template <typename T, int kD, int kKB, int kNW = 4>
 cudaError_t run_bwd_kb(const SetAttnBwdParams& p, cudaStream_t stream) {
-  using Tr = BwdTraits<T, kD, kKB>;
+  using Tr = BwdTraits<T, kD, kKB, kNW>;
   const Grid3 g = bwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockN, Tr::kChunks);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_bwd_kernel<T, kD, kKB>;
+  auto kernel = set_attn_bwd_kernel<T, kD, kKB, kNW>;
   if (Tr::kSmemBytes > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
@@ -1007,6 +1009,11 @@ cudaError_t run_bwd_kb(const SetAttnBwdParams& p, cudaStream_t stream) {
 template <typename T, int kD>
 cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
   const int kb = p.bwd_key_blocks == 0 ? bwd_default_key_blocks(kD) : p.bwd_key_blocks;
+  const int warps = p.bwd_warps == 0 ? bwd_default_warps(kD) : p.bwd_warps;
+  if constexpr (bwd_has_warps(kD, 1, 8)) {
+    if (kb == 1 && warps == 8) return run_bwd_kb<T, kD, 1, 8>(p, stream);
+  }
+  if (warps != 4) return cudaErrorInvalidValue;
   if (kb == 1) return run_bwd_kb<T, kD, 1>(p, stream);
   if constexpr (bwd_has_key_blocks(kD, 2)) {
     if (kb == 2) return run_bwd_kb<T, kD, 2>(p, stream);

@@ -95,6 +95,11 @@ cudaError_t set_attention_bwd_launch(const SetAttnBwdParams& p, int dtype, cudaS
   if (p.B < 0 || p.G < 1 || p.L < 0 || p.H < 1) return cudaErrorInvalidValue;
   if (p.bwd_key_blocks != 0 && !bwd_has_key_blocks(padded_head_dim(p.D), p.bwd_key_blocks))
     return cudaErrorInvalidValue;
+  if (p.bwd_warps != 0 &&
+      !bwd_has_warps(padded_head_dim(p.D),
+                     p.bwd_key_blocks == 0 ? bwd_default_key_blocks(padded_head_dim(p.D)) : p.bwd_key_blocks,
+                     p.bwd_warps))
+    return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0) return cudaSuccess;
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned16(p.dout) ||
       !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv) || !aligned16(p.dq_accum) ||

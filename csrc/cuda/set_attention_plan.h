@@ -132,6 +132,14 @@ JEDI_HD constexpr bool bwd_has_key_blocks(int kD, int key_blocks) {
 // The instance a launch uses when the caller does not ask for one (SetAttnBwdParams::bwd_key_blocks == 0): two key
 // blocks wherever compiled. Not yet timed on a GPU: the benchmarks time both (JEDI_CUDA_BWD_KEY_BLOCKS).
 JEDI_HD constexpr int bwd_default_key_blocks(int kD) { return bwd_has_key_blocks(kD, 2) ? 2 : 1; }
+// Warps per backward CTA: 4, or 8 for padded head dim 80 with 16 keys per warp (128 keys per CTA, FlashAttention-2's
+// d 80 backward shape): each query tile's Q, dO, lse and delta are loaded once for twice the keys, and the dQ
+// atomics into the float32 accumulator halve (at L 1024, ng 2, H 8, B 2: 84 M -> 42 M float adds). The warps' own
+// work and registers do not change. Not the default until a GPU run times it (JEDI_CUDA_BWD_WARPS).
+JEDI_HD constexpr bool bwd_has_warps(int kD, int key_blocks, int warps) {
+  return bwd_has_key_blocks(kD, key_blocks) && (warps == 4 || (warps == 8 && key_blocks == 1 && kD == 80));
+}
+JEDI_HD constexpr int bwd_default_warps(int) { return 4; }
 JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks) {
   // (sm_80 and sm_90 ptxas: no spills for every instance with these shapes.) 160 runs as one chunk: its 160
   // registers of dK/dV accumulators leave room for S and dP of 16 queries at a time and for dQ units of one group;
@@ -144,14 +152,17 @@ JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks) {
                          : BwdConfig{64, 32, 4, 64, 1, 32, 16};  // 256: four chunks
 }
 JEDI_HD constexpr BwdConfig bwd_config(int kD) { return bwd_config(kD, bwd_default_key_blocks(kD)); }
+JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks, int warps) {
+  return warps == 8 ? BwdConfig{128, 64, 8, kD, 1, 64, 16} : bwd_config(kD, key_blocks);
+}
 
 // dQ step of the backward: dQ[block_m x chunk] += dS[block_m x block_n] K[block_n x chunk] is split into units of
 // one 16-query slab x dq_groups(kD, kb) 16-column groups, handed to the warps round-robin. A warp loads a slab's dS
 // fragment once per 16 keys for all of its groups, so larger units save ldmatrix; the largest group count (up to
 // dq_groups_max) that divides the chunk's groups and gives every warp the same number of units is used (1 where none
 // does).
-JEDI_HD constexpr int bwd_dq_groups(int kD, int key_blocks) {
-  const BwdConfig c = bwd_config(kD, key_blocks);
+JEDI_HD constexpr int bwd_dq_groups(int kD, int key_blocks, int warps = 4) {
+  const BwdConfig c = bwd_config(kD, key_blocks, warps);
   const int groups = c.chunk / 16, slabs = c.block_m / 16;
   for (int g = groups < c.dq_groups_max ? groups : c.dq_groups_max; g > 1; --g)
     if (groups % g == 0 && (slabs * (groups / g)) % c.num_warps == 0) return g;
@@ -171,9 +182,9 @@ JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes, int row_blocks,
 JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes) {
   return fwd_smem_bytes(kD, elem_bytes, fwd_default_row_blocks(kD));
 }
-JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes, int key_blocks) {
+JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes, int key_blocks, int warps = 4) {
   // K, V (block_n x kD), Q, dO (block_m x kD), dS^T (block_n x block_m), lse and delta (block_m floats each)
-  const BwdConfig c = bwd_config(kD, key_blocks);
+  const BwdConfig c = bwd_config(kD, key_blocks, warps);
   return (static_cast<int64_t>(2 * c.block_n + 2 * c.block_m) * smem_pitch(kD) +
           static_cast<int64_t>(c.block_n) * smem_pitch(c.block_m)) *
              elem_bytes +

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -842,6 +843,33 @@ def test_cuda_backward_instances(monkeypatch, key_blocks, B, G, L, H, D, mask, f
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("warps", ["4", "8"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (1, 2, 1024, 2, 80, "full", True),
+    (2, 3, 97, 2, 72, "random", False),   # partial key tiles of 128, masked
+    (1, 4, 130, 1, 80, "oneway", True),
+    (1, 2, 64, 1, 40, "full", False),     # no 8-warp instance at 48: the switch falls back
+])
+def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
+    """Both CUDA backward CTA shapes at padded head dim 80 (4 or 8 warps of 16 keys, JEDI_CUDA_BWD_WARPS) pass the
+    2x rule for dq, dk, dv, in both dtypes; the profiler shows which instance ran."""
+    _require_cuda_attention()
+    monkeypatch.setenv("JEDI_CUDA_BWD_WARPS", warps)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused, backend="cuda")
+    _, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cuda"))
+    q.requires_grad_()
+    out = jk.set_attention(q, k, v, G, H, backend="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "set_attn_bwd_kernel" in e.name}
+    # the kernel's template arguments (T, kD, kKB, kNW) end its demangled name: "..., 80, 1, 8>" for the 8-warp CTA
+    wide = warps == "8" and D > 64
+    assert names and all(bool(re.search(r",\s*(\(int\))?1,\s*(\(int\))?8>", n)) == wide for n in names), names
+
+
+@pytest.mark.gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
@@ -861,14 +889,16 @@ def test_ws_forward_gpu(monkeypatch, B, G, L, H, D, mask, fused, dtype):
     assert calls == [(B, G, L, H, D)]
 
 
-@pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_FWD_STAGES", "JEDI_CUDA_BWD_KEY_BLOCKS"])
+@pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_FWD_STAGES", "JEDI_CUDA_BWD_KEY_BLOCKS",
+                                    "JEDI_CUDA_BWD_WARPS"])
 def test_cuda_instance_switch_bad_value(monkeypatch, switch):
     """A bad value of a CUDA instance switch is an error naming the variable, from the pass that reads it."""
     _require_cuda_attention()
     _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
     q.requires_grad_()
-    monkeypatch.setenv(switch, "4")
-    bad = pytest.raises(RuntimeError, match=f"{switch} must be 0, 1 or 2")
+    monkeypatch.setenv(switch, "3")
+    allowed = "0, 4 or 8" if switch == "JEDI_CUDA_BWD_WARPS" else "0, 1 or 2"
+    bad = pytest.raises(RuntimeError, match=f"{switch} must be {allowed}")
     if switch.startswith("JEDI_CUDA_FWD"):
         with bad:
             jk.set_attention(q, k, v, 2, 1, backend="cuda")

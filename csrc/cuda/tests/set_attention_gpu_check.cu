@@ -53,6 +53,7 @@ struct Case {
   int row_blocks = 0;  // forward instance (SetAttnParams::fwd_row_blocks): 0 = the head dim's default
   int key_blocks = 0;  // backward instance (SetAttnBwdParams::bwd_key_blocks): 0 = the head dim's default
   int stages = 0;      // forward loop (SetAttnParams::fwd_stages): 0 = the default
+  int bwd_warps = 0;   // backward CTA (SetAttnBwdParams::bwd_warps): 0 = the default
 };
 
 uint16_t to_bits(float x, int dtype) {
@@ -175,6 +176,7 @@ bool run_case(const Case& c, bool use_graph) {
   bp.dq_accum = d.dq_acc; bp.delta = d.delta;
   bp.B = B; bp.G = G; bp.L = L; bp.H = H; bp.D = D; bp.scale = (float)scale;
   bp.bwd_key_blocks = c.key_blocks;
+  bp.bwd_warps = c.bwd_warps;
 
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -242,9 +244,9 @@ bool run_case(const Case& c, bool use_graph) {
     }
   }
   std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d "
-              "fwd_stages=%d bwd_key_blocks=%d%s:%s\n",
+              "fwd_stages=%d bwd_key_blocks=%d bwd_warps=%d%s:%s\n",
               ok ? "PASS" : "FAIL", (long long)B, (long long)G, (long long)L, (long long)H, (long long)D,
-              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.key_blocks,
+              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.key_blocks, c.bwd_warps,
               use_graph ? " graph" : "", msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
@@ -346,6 +348,17 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
     alt += buf;
   }
   bp.bwd_key_blocks = 0;
+  // the 8-warp backward where compiled (128 keys per CTA)
+  if (jedi::set_attn::bwd_has_warps(kD, 1, 8) && jedi::set_attn::bwd_default_warps(kD) != 8) {
+    bp.bwd_key_blocks = 1;
+    bp.bwd_warps = 8;
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "  bwd[8 warps] %.3f ms",
+                  median_ms([&] { return jedi::set_attention_bwd_launch(bp, dtype, 0); }));
+    alt += buf;
+    bp.bwd_key_blocks = 0;
+    bp.bwd_warps = 0;
+  }
   // useful FLOPs (unpadded D, allowed key fraction of the mask)
   double frac = 1.0;
   if (mask_kind) frac = (double)std::count(mask.begin(), mask.end(), 1) / (double)(G * G);
@@ -384,6 +397,8 @@ int main(int argc, char** argv) {
       for (int rb = 1; rb <= 2; ++rb)
         if (jedi::set_attn::fwd_has_stages(kD, rb, other))
           cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, rb, 0, other});
+      if (jedi::set_attn::bwd_has_warps(kD, 1, 8) && jedi::set_attn::bwd_default_warps(kD) != 8)
+        cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 1, 0, 8});
     }
   };
   if (quick) {

@@ -71,7 +71,7 @@ struct Case {
 };
 
 template <typename T, int kD, int kRB = fwd_default_row_blocks(kD), int kKB = bwd_default_key_blocks(kD),
-          int kStages = 1>
+          int kStages = 1, int kBwdWarps = 4>
 void run_case(const Case& c) {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t B = c.B, G = c.G, L = c.L, H = c.H, D = c.D, HD = H * D, N = B * G, S = G * L;
@@ -193,10 +193,10 @@ void run_case(const Case& c) {
   const int64_t rows = N * L * H;
   jedi_emu::launch(EmuDim3{unsigned(ceil_div(rows, kPreWarps)), 1, 1}, 32 * kPreWarps, 0,
                    [&] { set_attn_bwd_preprocess_kernel<T>(bp); });
-  using BT = BwdTraits<T, kD, kKB>;
+  using BT = BwdTraits<T, kD, kKB, kBwdWarps>;
   const Grid3 gb = bwd_grid(B, G, L, H, BT::kBlockN, BT::kChunks);
   jedi_emu::launch(EmuDim3{unsigned(gb.x), unsigned(gb.y), unsigned(gb.z)}, BT::kThreads, BT::kSmemBytes,
-                   [&] { set_attn_bwd_kernel<T, kD, kKB>(bp); });
+                   [&] { set_attn_bwd_kernel<T, kD, kKB, kBwdWarps>(bp); });
   const int64_t n4 = rows * D / 4;
   jedi_emu::launch(EmuDim3{unsigned(std::min<int64_t>(ceil_div(n4, 256), 2)), 1, 1}, 256, 0,
                    [&] { set_attn_dq_convert_kernel<T>(dq_acc.data(), static_cast<T*>(bp.dq), n4, scale); });
@@ -248,8 +248,8 @@ void run_case(const Case& c) {
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%s kD=%d rows/warp=%d stages=%d keys/warp=%d %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
-              ok ? "PASS" : "FAIL", kD, 16 * kRB, kStages, 16 * kKB, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
+  std::printf("%s kD=%d rows/warp=%d stages=%d keys/warp=%d bwd warps=%d %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
+              ok ? "PASS" : "FAIL", kD, 16 * kRB, kStages, 16 * kKB, kBwdWarps, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
               (long long)D, c.mask, c.layout, scale, c.cp_late ? "late" : "early", secs, msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
@@ -277,7 +277,12 @@ int main(int argc, char** argv) {
   run_case<__half, 48, 2, 2, 2>({1, 2, 97, 2, 40, 0, 1, 0.f, true});
   run_case<__nv_bfloat16, 48, 1, 2, 2>({1, 3, 70, 1, 40, 0, 0, 3.f, false});
   run_case<__nv_bfloat16, 80, 1, 1, 2>({1, 2, 33, 1, 72, 3, 2, -0.4f, true});
+  // the 8-warp backward at padded head dim 80 (128 keys per CTA): partial key tiles, masks, negative scale
+  run_case<__half, 80, 2, 1, 1, 8>({1, 2, 97, 1, 72, 0, 1, 0.f, true});
+  run_case<__nv_bfloat16, 80, 2, 1, 1, 8>({1, 3, 70, 1, 80, 3, 2, -0.5f, false});
   if (!quick) {
+    run_case<__half, 80, 2, 1, 1, 8>({2, 2, 130, 1, 80, 2, 0, 0.f, true});  // several query tiles, one-way mask
+    run_case<__nv_bfloat16, 80, 1, 1, 1, 8>({1, 4, 33, 1, 64 + 8, 1, 1, 2.5f, true});  // block-diagonal, rescales
     run_case<__half, 48, 2, 2, 2>({1, 3, 64, 1, 48, 2, 2, 2.f, false});   // whole tiles only, one-way mask
     run_case<__half, 80, 1, 1, 2>({1, 2, 130, 1, 80, 1, 1, 0.f, true});   // block-diagonal
     run_case<__nv_bfloat16, 64, 2, 1, 2>({1, 3, 100, 1, 56, 3, 0, -2.5f, true});

@@ -116,6 +116,18 @@ static void test_instances() {
     }
     const BwdConfig b = bwd_config(kD);
     CHECK(b.key_blocks == bwd_default_key_blocks(kD), "bwd default kD=%d", kD);
+    // the 8-warp backward: 80 only, 16 keys per warp, 128 keys per CTA, the 4-warp shape otherwise
+    CHECK(bwd_has_warps(kD, 1, 4) && bwd_has_warps(kD, 1, 8) == (kD == 80) && !bwd_has_warps(kD, 2, 8) &&
+              !bwd_has_warps(kD, 1, 6) && bwd_has_warps(kD, bwd_default_key_blocks(kD), bwd_default_warps(kD)),
+          "bwd warps kD=%d", kD);
+    if (bwd_has_warps(kD, 1, 8)) {
+      const BwdConfig w = bwd_config(kD, 1, 8), n = bwd_config(kD, 1, 4);
+      CHECK(w.num_warps == 8 && w.block_n == 16 * 8 && w.key_blocks == 1 && w.block_m == n.block_m &&
+                w.sub_m == n.sub_m && w.chunk == n.chunk && bwd_smem_bytes(kD, 2, 1, 8) <= 163 * 1024,
+            "bwd 8-warp config kD=%d", kD);
+      const int g = bwd_dq_groups(kD, 1, 8), units = (w.block_m / 16) * (w.chunk / 16 / g);
+      CHECK(g >= 1 && (g == 1 || units % 8 == 0), "bwd 8-warp dq groups kD=%d: %d", kD, g);
+    }
     // A100 opt-in limit (163 KB) bounds both; H100 allows 227 KB
     CHECK(fwd_smem_bytes(kD, 2) <= 163 * 1024, "fwd smem kD=%d: %lld", kD, (long long)fwd_smem_bytes(kD, 2));
     CHECK(bwd_smem_bytes(kD, 2) <= 163 * 1024, "bwd smem kD=%d: %lld", kD, (long long)bwd_smem_bytes(kD, 2));
