@@ -5,7 +5,8 @@ each kernel: tensor pipes, the exponential unit, memory, occupancy, stalls).
     python benchmarks/ncu_attention.py --run [...]                                       # the profiled program alone
 
 ``--run`` warms every backend up (Triton compiles and autotunes, cuDNN plans) and then brackets exactly one forward of
-each backend (cuDNN SDPA, Triton, CUDA when built; with ``--bwd`` also one backward each) between
+each backend (cuDNN SDPA, Triton, CUDA when built, with its two-stage forward as ``cuda-2stage``; with ``--bwd`` also
+one backward each) between
 ``cudaProfilerStart``/``Stop``, so ``ncu --profile-from-start off`` profiles those kernels and nothing else. The
 parent mode runs ncu on it with the SpeedOfLight, ComputeWorkloadAnalysis, Occupancy, LaunchStats and WarpStateStats
 sections plus the pipe-utilization metrics this ncu knows (``ncu --query-metrics``: the tensor pipe's ``hmma``, which
@@ -68,6 +69,20 @@ def run_program(args) -> None:
         for _ in range(3):
             fn()
         fns[b] = fn
+    if "cuda" in fns:
+        # the CUDA forward's software-pipelined loop too (JEDI_CUDA_FWD_STAGES=2, read per call): does it overlap the
+        # tensor pipe and the exp unit?
+        def two_stage(fn=fns["cuda"]):
+            os.environ["JEDI_CUDA_FWD_STAGES"] = "2"
+            try:
+                fn()
+            finally:
+                os.environ.pop("JEDI_CUDA_FWD_STAGES", None)
+
+        for _ in range(3):
+            two_stage()
+        fns["cuda-2stage"] = two_stage
+        backends.append("cuda-2stage")
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     for b in backends:
