@@ -425,8 +425,14 @@ inline void run_cta(int n, const std::function<void(int)>& job) {
   std::vector<double> speed(warps);
   for (auto& v : speed) v = 0.2 + 0.8 * static_cast<double>(g_rng() % 1000) / 1000.0;
   int alive = n, stuck_rounds = 0;
+  // watchdog: the test's busiest CTA passes ~32 000 barriers (warp collectives included); a loop that never ends (a
+  // tile walk that stops advancing) would spin forever between barriers that do complete, which the deadlock check
+  // cannot see
+  constexpr uint64_t kMaxBarriersPerCta = 2'000'000;
+  const uint64_t start = g_progress;
   while (alive > 0) {
     const uint64_t before = g_progress;
+    if (before - start > kMaxBarriersPerCta) fail("watchdog: a CTA passed too many barriers (an endless loop?)", alive);
     bool ran = false;
     for (int w = 0; w < warps; ++w) {
       if (static_cast<double>(g_rng() % 1000) / 1000.0 >= speed[w]) continue;
