@@ -84,6 +84,11 @@ def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
     """``t`` must have ``ref``'s shape, dtype and device (ValueError, TypeError, ValueError naming both)."""
     if t.shape != ref.shape:
         raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+    _check_dtype_device(name, t, ref_name, ref)
+
+
+def _check_dtype_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` must have ``ref``'s dtype (TypeError) and device (ValueError), whatever its shape."""
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
     if t.device != ref.device:
@@ -435,19 +440,13 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
     if weight.dim() != 2 or weight.shape[1] != K or weight.shape[0] == 0 or weight.shape[0] % 2:
         raise ValueError(f"weight must have shape (2F, K) = (2F, {K}) with an even, non-zero 2F, got "
                          f"{tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    _check_dtype_device("weight", weight, "x", x)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape (2F,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
+        _check_dtype_device("bias", bias, "x", x)
     # the fused ops' backend checks; "auto" is "torch" here until a GPU run measures the kernel faster
     backend = _elementwise_backend("torch" if backend == "auto" else backend, x)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
