@@ -95,6 +95,16 @@ def _check_dtype_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
+def _check_rows(x: torch.Tensor, dim: str) -> int:
+    """``x`` (a tensor) must be float16/bfloat16/float32/float64 of shape (..., dim) with dim > 0 (TypeError,
+    ValueError); returns that last dim."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., {dim}) with {dim} > 0, got {tuple(x.shape)}")
+    return x.shape[-1]
+
+
 def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -432,11 +442,7 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"x and weight must be torch.Tensors, got {type(x)} and {type(weight)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have shape (..., K) with K > 0, got {tuple(x.shape)}")
-    K = x.shape[-1]
+    K = _check_rows(x, "K")
     if weight.dim() != 2 or weight.shape[1] != K or weight.shape[0] == 0 or weight.shape[0] % 2:
         raise ValueError(f"weight must have shape (2F, K) = (2F, {K}) with an even, non-zero 2F, got "
                          f"{tuple(weight.shape)}")
@@ -485,11 +491,7 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, backen
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (..., C), got {type(x)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have shape (..., C) with C > 0, got {tuple(x.shape)}")
-    C = x.shape[-1]
+    C = _check_rows(x, "C")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual)}")
