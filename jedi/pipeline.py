@@ -261,7 +261,7 @@ class JeDiPipeline:
         self.text_encoder.to(device=device, dtype=dtype)
         self.vae.to(device=device)
         if self.graphed is not None:  # captured graphs read the old parameter buffers
-            self.graphed = None if self.device.type != "cuda" else type(self.graphed)(self.compiled or self.unet)
+            self.graphed = None if self.device.type != "cuda" else type(self.graphed)(self._step_module())
         return self
 
     def optimize(self, *, channels_last: bool = True, fused_ops: bool = True, fuse_qkv: bool = True,
@@ -305,7 +305,7 @@ class JeDiPipeline:
         self.compiled = torch.compile(self.unet) if compile else None
         from jedi.runtime import GraphedUNet
 
-        self.graphed = GraphedUNet(self.compiled or self.unet) if cuda_graph else None
+        self.graphed = GraphedUNet(self._step_module()) if cuda_graph else None
         return self
 
     @property
@@ -313,6 +313,10 @@ class JeDiPipeline:
         """What a denoising step calls: the CUDA-graph replayer, else the compiled UNet, else the UNet."""
         if self.graphed is not None:
             return self.graphed
+        return self._step_module()
+
+    def _step_module(self):
+        # (not ``self.compiled or self.unet``: a compiled module's truth value asks the UNet for its len(), a TypeError)
         return self.compiled if self.compiled is not None else self.unet
 
     @property
