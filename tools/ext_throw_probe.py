@@ -3,16 +3,25 @@ RuntimeError, or crash the process? No GPU needed: the CUDA glue is called throu
 (``redispatch`` to the CUDA key), which its first check rejects.
 
     python tools/ext_throw_probe.py            # each probe in its own process; exit 1 if any crashed
+    python tools/ext_throw_probe.py --inline   # which message formatting crashes, in a tiny extension built here
 
 On the H100 of 2026-11-27 ``tests/kernels/test_set_attention_cuda.py::test_bad_inputs_name_the_argument`` segfaulted
 at the first rejected call, while the same build raised cleanly on the CPU machine. Each probe below runs in a fresh
 interpreter (faulthandler on), so the output says which kinds of throw survive on the machine at hand, with the
 compilers and torch's build settings printed for comparison.
+
+The third H100 session of 2026-11-27 found the cause with ``--inline`` (torch 2.11.0+cu130, Ubuntu g++ 13.3,
+libstdc++ 6.0.33): inserting any integer into a std::ostream inside an extension segfaults, a plain
+std::ostringstream included, so every TORCH_CHECK whose message held a number or a shape crashed; strings, dtype
+names, std::to_string and the throw itself work. Hence csrc/check.h's JEDI_CHECK. The same probe raises everywhere
+on the CPU machine (g++ 12.2, libstdc++ 6.0.30).
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 
 PROBES = {
     # a CPU kernel of the extension rejecting its input
@@ -39,8 +48,63 @@ def run_probe(name: str, stmt: str) -> str:
     return out
 
 
+# --inline: one TORCH_CHECK per kind of message part, registered as ops of a tiny extension compiled with the
+# machine's own compiler, plus a bare ostringstream (no throw involved) and a std::runtime_error.
+INLINE_SRC = r'''
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <sstream>
+#include <string>
+using at::Tensor;
+Tensor k_str(const Tensor& a) { TORCH_CHECK(false, "msg ", "literal"); return a; }
+Tensor k_dtype(const Tensor& a) { TORCH_CHECK(false, "msg ", a.scalar_type()); return a; }
+Tensor k_int(const Tensor& a) { TORCH_CHECK(false, "msg ", a.dim()); return a; }
+Tensor k_int32(const Tensor& a) { TORCH_CHECK(false, "msg ", static_cast<int>(a.dim())); return a; }
+Tensor k_sizes(const Tensor& a) { TORCH_CHECK(false, "msg ", a.sizes()); return a; }
+Tensor k_tostring(const Tensor& a) { TORCH_CHECK(false, std::string("msg ") + std::to_string(a.dim())); return a; }
+Tensor k_sstream(const Tensor& a) { std::ostringstream s; s << a.dim(); return a; }
+Tensor k_throw_std(const Tensor& a) { throw std::runtime_error("msg std"); }
+TORCH_LIBRARY(jedi_probe, m) {
+  for (const char* n : {"k_str", "k_dtype", "k_int", "k_int32", "k_sizes", "k_tostring", "k_sstream", "k_throw_std"})
+    m.def((std::string(n) + "(Tensor a) -> Tensor").c_str());
+}
+TORCH_LIBRARY_IMPL(jedi_probe, CPU, m) {
+  m.impl("k_str", &k_str); m.impl("k_dtype", &k_dtype); m.impl("k_int", &k_int); m.impl("k_int32", &k_int32);
+  m.impl("k_sizes", &k_sizes); m.impl("k_tostring", &k_tostring); m.impl("k_sstream", &k_sstream);
+  m.impl("k_throw_std", &k_throw_std);
+}
+'''
+INLINE_OPS = ["k_str", "k_dtype", "k_int", "k_int32", "k_sizes", "k_tostring", "k_sstream", "k_throw_std"]
+
+
+def inline_main() -> int:
+    """Build INLINE_SRC (-O3 -fopenmp, as setup.py builds csrc/) and call each op in a fresh interpreter."""
+    from torch.utils.cpp_extension import load_inline
+
+    build = tempfile.mkdtemp(prefix="jedi_probe_")
+    load_inline("jedi_probe_ext", cpp_sources=INLINE_SRC, extra_cflags=["-O3", "-fopenmp"], is_python_module=False,
+                build_directory=build, verbose=False)
+    so = next(os.path.join(build, f) for f in os.listdir(build) if f.endswith(".so"))
+    crashed = False
+    for name in INLINE_OPS:
+        code = ("import faulthandler; faulthandler.enable()\nimport torch\n"
+                f"torch.ops.load_library({so!r})\n"
+                f"try:\n    torch.ops.jedi_probe.{name}(torch.zeros(2))\n    print('NO ERROR')\n"
+                "except Exception as e:\n    print('RAISED', type(e).__name__, str(e).splitlines()[0])\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = (p.stdout.strip().splitlines() or [""])[-1]
+        crashed |= p.returncode != 0
+        print(f"inline {name}: " + (f"CRASHED rc={p.returncode}" if p.returncode else out))
+    with open("/proc/self/maps") as maps:
+        print("libstdc++ loaded:", sorted({w for w in maps.read().split() if "libstdc++" in w}))
+    return 1 if crashed else 0
+
+
 def main() -> int:
     import torch
+
+    if "--inline" in sys.argv[1:]:
+        return inline_main()
 
     print("torch", torch.__version__, "cxx11 abi", torch._C._GLIBCXX_USE_CXX11_ABI)
     print("\n".join(line for line in torch.__config__.show().splitlines() if "GCC" in line or "clang" in line

@@ -8,16 +8,18 @@
 #include <algorithm>
 #include <cstring>
 
+#include "check.h"
+
 namespace jedi {
 namespace {
 
 void check_inputs(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& m) {
-  TORCH_CHECK(x_t.dim() == 4, "prepare_inputs: x_t must be (N, C, H, W), got ", x_t.sizes());
-  TORCH_CHECK(x0.sizes() == x_t.sizes(), "prepare_inputs: x0 must have x_t's shape ", x_t.sizes(), ", got ",
-              x0.sizes());
-  TORCH_CHECK(x0.scalar_type() == x_t.scalar_type(), "prepare_inputs: x0 must have x_t's dtype");
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == x_t.size(0), "prepare_inputs: ng_mask must be (N,) with N = ",
-              x_t.size(0), ", got ", m.sizes());
+  JEDI_CHECK(x_t.dim() == 4, "prepare_inputs: x_t must be (N, C, H, W), got ", x_t.sizes());
+  JEDI_CHECK(x0.sizes() == x_t.sizes(), "prepare_inputs: x0 must have x_t's shape ", x_t.sizes(), ", got ",
+             x0.sizes());
+  JEDI_CHECK(x0.scalar_type() == x_t.scalar_type(), "prepare_inputs: x0 must have x_t's dtype");
+  JEDI_CHECK(m.dim() == 1 && m.size(0) == x_t.size(0), "prepare_inputs: ng_mask must be (N,) with N = ",
+             x_t.size(0), ", got ", m.sizes());
 }
 
 bool is_channels_last(const at::Tensor& t) {
@@ -81,9 +83,9 @@ at::Tensor prepare_inputs_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_in,
 
 std::tuple<at::Tensor, at::Tensor> prepare_inputs_backward_cpu(const at::Tensor& grad_in, const at::Tensor& mask_in,
                                                                int64_t channels) {
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(1) == 2 * channels + 1,
-              "prepare_inputs_backward: grad_out must be (N, 2*channels+1, H, W), got ", grad_in.sizes());
-  TORCH_CHECK(mask_in.dim() == 1 && mask_in.size(0) == grad_in.size(0), "prepare_inputs_backward: ng_mask must be (N,)");
+  JEDI_CHECK(grad_in.dim() == 4 && grad_in.size(1) == 2 * channels + 1,
+             "prepare_inputs_backward: grad_out must be (N, 2*channels+1, H, W), got ", grad_in.sizes());
+  JEDI_CHECK(mask_in.dim() == 1 && mask_in.size(0) == grad_in.size(0), "prepare_inputs_backward: ng_mask must be (N,)");
   const bool cl = is_channels_last(grad_in);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor g = grad_in.contiguous(fmt);

@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 
+#include "check.h"
 #include "set_attention.cuh"
 
 namespace jedi {
@@ -20,20 +21,20 @@ namespace {
 int dtype_code(const at::Tensor& q, const char* op) {
   if (q.scalar_type() == at::kHalf) return 0;
   if (q.scalar_type() == at::kBFloat16) return 1;
-  TORCH_CHECK(false, op, ": q must be float16 or bfloat16 for the cuda backend, got ", q.scalar_type());
+  JEDI_CHECK(false, op, ": q must be float16 or bfloat16 for the cuda backend, got ", q.scalar_type());
   return -1;
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must have shape (N, L, heads*head_dim), got ", t.sizes());
-  TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, op, ": ", name,
-              " must have unit stride in its last dim (heads*head_dim), got strides ", t.strides());
+  JEDI_CHECK(t.defined(), op, ": ", name, " is undefined");
+  JEDI_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  JEDI_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ", t.device());
+  JEDI_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(), ", got ",
+             t.scalar_type());
+  JEDI_CHECK(t.dim() == 3, op, ": ", name, " must have shape (N, L, heads*head_dim), got ", t.sizes());
+  JEDI_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
+  JEDI_CHECK(t.size(2) <= 1 || t.stride(2) == 1, op, ": ", name,
+             " must have unit stride in its last dim (heads*head_dim), got strides ", t.strides());
 }
 
 // The kernels read rows with 16-byte vectors: base 16-byte aligned and row strides multiples of 8 elements (true for
@@ -49,15 +50,15 @@ struct Shape {
 };
 
 Shape check_shape(const at::Tensor& q, int64_t set_size, int64_t heads, const char* op) {
-  TORCH_CHECK(set_size >= 1, op, ": set_size must be >= 1, got ", set_size);
-  TORCH_CHECK(heads >= 1, op, ": heads must be >= 1, got ", heads);
+  JEDI_CHECK(set_size >= 1, op, ": set_size must be >= 1, got ", set_size);
+  JEDI_CHECK(heads >= 1, op, ": heads must be >= 1, got ", heads);
   const int64_t N = q.size(0), L = q.size(1), HD = q.size(2);
-  TORCH_CHECK(N % set_size == 0, op, ": q.shape[0] = N = ", N, " must be a multiple of set_size = ", set_size);
-  TORCH_CHECK(HD % heads == 0, op, ": q.shape[2] = ", HD, " must be heads * head_dim with heads = ", heads);
+  JEDI_CHECK(N % set_size == 0, op, ": q.shape[0] = N = ", N, " must be a multiple of set_size = ", set_size);
+  JEDI_CHECK(HD % heads == 0, op, ": q.shape[2] = ", HD, " must be heads * head_dim with heads = ", heads);
   const int64_t D = HD / heads;
   const char* why = set_attention_supported(D, q.scalar_type() == at::kHalf ? 0 : 1);
-  TORCH_CHECK(why == nullptr, op, ": head_dim = q.shape[2] / heads = ", D, " is not supported by the cuda backend: ",
-              why ? why : "");
+  JEDI_CHECK(why == nullptr, op, ": head_dim = q.shape[2] / heads = ", D, " is not supported by the cuda backend: ",
+             why ? why : "");
   return Shape{N / set_size, set_size, L, heads, D};
 }
 
@@ -65,11 +66,11 @@ Shape check_shape(const at::Tensor& q, int64_t set_size, int64_t heads, const ch
 at::Tensor mask_u8(const std::optional<at::Tensor>& set_mask, const at::Tensor& q, int64_t G, const char* op) {
   if (!set_mask.has_value() || !set_mask->defined()) return at::Tensor();
   const at::Tensor& m = *set_mask;
-  TORCH_CHECK(m.device() == q.device(), op, ": set_mask must be on q's device ", q.device(), ", got ", m.device());
-  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, op,
-              ": set_mask must be a bool (or uint8) tensor, got ", m.scalar_type());
-  TORCH_CHECK(m.dim() == 2 && m.size(0) == G && m.size(1) == G, op,
-              ": set_mask must have shape (set_size, set_size) = (", G, ", ", G, "), got ", m.sizes());
+  JEDI_CHECK(m.device() == q.device(), op, ": set_mask must be on q's device ", q.device(), ", got ", m.device());
+  JEDI_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, op,
+             ": set_mask must be a bool (or uint8) tensor, got ", m.scalar_type());
+  JEDI_CHECK(m.dim() == 2 && m.size(0) == G && m.size(1) == G, op,
+             ": set_mask must have shape (set_size, set_size) = (", G, ", ", G, "), got ", m.sizes());
   return m.to(at::kByte).contiguous();
 }
 
@@ -101,7 +102,7 @@ int blocks_from_env(const char* name, const char* op) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return 0;
   const std::string v(env);
-  TORCH_CHECK(v == "0" || v == "1" || v == "2", op, ": ", name, " must be 0, 1 or 2, got '", v, "'");
+  JEDI_CHECK(v == "0" || v == "1" || v == "2", op, ": ", name, " must be 0, 1 or 2, got '", v, "'");
   return v[0] - '0';
 }
 
@@ -138,7 +139,7 @@ int bwd_warps_from_env(int64_t D, int key_blocks, const char* op) {
   const char* env = std::getenv("JEDI_CUDA_BWD_WARPS");
   if (env == nullptr || *env == '\0') return 0;
   const std::string v(env);
-  TORCH_CHECK(v == "0" || v == "4" || v == "8", op, ": JEDI_CUDA_BWD_WARPS must be 0, 4 or 8, got '", v, "'");
+  JEDI_CHECK(v == "0" || v == "4" || v == "8", op, ": JEDI_CUDA_BWD_WARPS must be 0, 4 or 8, got '", v, "'");
   const int warps = std::stoi(v);
   const int kD = set_attn::padded_head_dim(D);
   const int kb = key_blocks == 0 ? set_attn::bwd_default_key_blocks(kD) : key_blocks;
@@ -149,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
                                                           const at::Tensor& v_in, int64_t set_size, int64_t heads,
                                                           double scale, const std::optional<at::Tensor>& set_mask) {
   constexpr const char* op = "set_attention_fwd_ext";
-  TORCH_CHECK(q_in.defined() && q_in.is_cuda(), op, ": q must be a CUDA tensor");
+  JEDI_CHECK(q_in.defined() && q_in.is_cuda(), op, ": q must be a CUDA tensor");
   check_like(q_in, q_in, op, "q");
   check_like(k_in, q_in, op, "k");
   check_like(v_in, q_in, op, "v");
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
   p.fwd_row_blocks = fwd_row_blocks_from_env(s.D, op);
   p.fwd_stages = fwd_stages_from_env(s.D, p.fwd_row_blocks, op);
   const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  JEDI_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};
 }
 
@@ -180,24 +181,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t set_size, int64_t heads, double scale,
     const std::optional<at::Tensor>& set_mask) {
   constexpr const char* op = "set_attention_bwd_ext";
-  TORCH_CHECK(q_in.defined() && q_in.is_cuda(), op, ": q must be a CUDA tensor");
+  JEDI_CHECK(q_in.defined() && q_in.is_cuda(), op, ": q must be a CUDA tensor");
   check_like(q_in, q_in, op, "q");
   check_like(k_in, q_in, op, "k");
   check_like(v_in, q_in, op, "v");
   check_like(out_in, q_in, op, "out");
-  TORCH_CHECK(grad_out_in.defined() && grad_out_in.is_cuda() && grad_out_in.device() == q_in.device(), op,
-              ": grad_out must be a CUDA tensor on q's device ", q_in.device());
-  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type(), op, ": grad_out must have q's dtype ",
-              q_in.scalar_type(), ", got ", grad_out_in.scalar_type());
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), op, ": grad_out must have q's shape ", q_in.sizes(), ", got ",
-              grad_out_in.sizes());
+  JEDI_CHECK(grad_out_in.defined() && grad_out_in.is_cuda() && grad_out_in.device() == q_in.device(), op,
+             ": grad_out must be a CUDA tensor on q's device ", q_in.device());
+  JEDI_CHECK(grad_out_in.scalar_type() == q_in.scalar_type(), op, ": grad_out must have q's dtype ",
+             q_in.scalar_type(), ", got ", grad_out_in.scalar_type());
+  JEDI_CHECK(grad_out_in.sizes() == q_in.sizes(), op, ": grad_out must have q's shape ", q_in.sizes(), ", got ",
+             grad_out_in.sizes());
   const int dtype = dtype_code(q_in, op);
   const Shape s = check_shape(q_in, set_size, heads, op);
-  TORCH_CHECK(lse_in.defined() && lse_in.device() == q_in.device(), op, ": lse must be on q's device ", q_in.device());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H && lse_in.size(2) == s.G * s.L, op,
-              ": lse must have shape (B, heads, set_size*L) = (", s.B, ", ", s.H, ", ", s.G * s.L, "), got ",
-              lse_in.sizes());
+  JEDI_CHECK(lse_in.defined() && lse_in.device() == q_in.device(), op, ": lse must be on q's device ", q_in.device());
+  JEDI_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
+  JEDI_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H && lse_in.size(2) == s.G * s.L, op,
+             ": lse must have shape (B, heads, set_size*L) = (", s.B, ", ", s.H, ", ", s.G * s.L, "), got ",
+             lse_in.sizes());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor mask = mask_u8(set_mask, q_in, s.G, op);
 
@@ -230,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
   p.bwd_key_blocks = bwd_key_blocks_from_env(s.D, op);
   p.bwd_warps = bwd_warps_from_env(s.D, p.bwd_key_blocks, op);
   const cudaError_t err = set_attention_bwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  JEDI_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {dq, dk, dv};
 }
 
