@@ -82,8 +82,10 @@ JEDI_HD constexpr bool fwd_has_stages(int kD, int row_blocks, int stages) {
   return fwd_has_row_blocks(kD, row_blocks) &&
          (stages == 1 || (stages == 2 && kD <= (row_blocks == 2 ? 64 : 80)));
 }
-// The forward's default stage count (SetAttnParams::fwd_stages == 0): 1 until a GPU run times the pipelined loop
-// (JEDI_CUDA_FWD_STAGES; benchmarks time both).
+// The forward's default stage count (SetAttnParams::fwd_stages == 0): 1. The pipelined loop (JEDI_CUDA_FWD_STAGES=2)
+// lost on the H100 (2026-11-27, third session; bf16, ng 2): d 40 L 4096 0.869 vs 0.811 ms, d 80 L 1024 0.108 vs
+// 0.089. ncu at d 40: issue slots 50 % busy vs 41 %, but tensor pipe 41 % vs 45 % and exp unit 34 % vs 37 %: the
+// extra instructions of the interleaved loop cost more than the overlap won.
 JEDI_HD constexpr int fwd_default_stages(int) { return 1; }
 // Row blocks per warp of a launch: the requested count (SetAttnParams::fwd_row_blocks), or when none is requested the
 // head dim's default, except that a two-stage launch takes 16 rows per warp where only that instance has two stages
@@ -135,11 +137,13 @@ JEDI_HD constexpr int bwd_default_key_blocks(int kD) { return bwd_has_key_blocks
 // Warps per backward CTA: 4, or 8 for padded head dim 80 with 16 keys per warp (128 keys per CTA, FlashAttention-2's
 // d 80 backward shape): each query tile's Q, dO, lse and delta are loaded once for twice the keys, and the dQ
 // atomics into the float32 accumulator halve (at L 1024, ng 2, H 8, B 2: 84 M -> 42 M float adds). The warps' own
-// work and registers do not change. Not the default until a GPU run times it (JEDI_CUDA_BWD_WARPS).
+// work and registers do not change. The default wherever compiled: on the H100 (2026-11-27, third session) the
+// backward at L 1024, d 80, ng 2, bf16 took 0.326 ms with 8 warps against 0.482 with 4 (x1.48; harness: 0.331 vs
+// 0.488, and 1.214 vs 1.863 ms at ng 4). JEDI_CUDA_BWD_WARPS=4 still runs the 4-warp CTA.
 JEDI_HD constexpr bool bwd_has_warps(int kD, int key_blocks, int warps) {
   return bwd_has_key_blocks(kD, key_blocks) && (warps == 4 || (warps == 8 && key_blocks == 1 && kD == 80));
 }
-JEDI_HD constexpr int bwd_default_warps(int) { return 4; }
+JEDI_HD constexpr int bwd_default_warps(int kD) { return bwd_has_warps(kD, bwd_default_key_blocks(kD), 8) ? 8 : 4; }
 JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks) {
   // (sm_80 and sm_90 ptxas: no spills for every instance with these shapes.) 160 runs as one chunk: its 160
   // registers of dK/dV accumulators leave room for S and dP of 16 queries at a time and for dQ units of one group;

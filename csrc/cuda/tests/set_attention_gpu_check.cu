@@ -348,12 +348,13 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
     alt += buf;
   }
   bp.bwd_key_blocks = 0;
-  // the 8-warp backward where compiled (128 keys per CTA)
-  if (jedi::set_attn::bwd_has_warps(kD, 1, 8) && jedi::set_attn::bwd_default_warps(kD) != 8) {
+  // the backward CTA shape that is not the default where both are compiled (4 or 8 warps of 16 keys)
+  if (jedi::set_attn::bwd_has_warps(kD, 1, 8)) {
+    const int other = jedi::set_attn::bwd_default_warps(kD) == 8 ? 4 : 8;
     bp.bwd_key_blocks = 1;
-    bp.bwd_warps = 8;
+    bp.bwd_warps = other;
     char buf[64];
-    std::snprintf(buf, sizeof(buf), "  bwd[8 warps] %.3f ms",
+    std::snprintf(buf, sizeof(buf), "  bwd[%d warps] %.3f ms", other,
                   median_ms([&] { return jedi::set_attention_bwd_launch(bp, dtype, 0); }));
     alt += buf;
     bp.bwd_key_blocks = 0;
@@ -397,8 +398,9 @@ int main(int argc, char** argv) {
       for (int rb = 1; rb <= 2; ++rb)
         if (jedi::set_attn::fwd_has_stages(kD, rb, other))
           cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, rb, 0, other});
-      if (jedi::set_attn::bwd_has_warps(kD, 1, 8) && jedi::set_attn::bwd_default_warps(kD) != 8)
-        cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 1, 0, 8});
+      if (jedi::set_attn::bwd_has_warps(kD, 1, 8))  // the other backward CTA shape (4 or 8 warps)
+        cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 1, 0,
+                             jedi::set_attn::bwd_default_warps(kD) == 8 ? 4 : 8});
     }
   };
   if (quick) {

@@ -71,7 +71,7 @@ struct Case {
 };
 
 template <typename T, int kD, int kRB = fwd_default_row_blocks(kD), int kKB = bwd_default_key_blocks(kD),
-          int kStages = 1, int kBwdWarps = 4>
+          int kStages = 1, int kBwdWarps = bwd_default_warps(kD)>
 void run_case(const Case& c) {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t B = c.B, G = c.G, L = c.L, H = c.H, D = c.D, HD = H * D, N = B * G, S = G * L;
@@ -265,13 +265,13 @@ int main(int argc, char** argv) {
   run_case<__nv_bfloat16, 48, 1>({1, 2, 97, 1, 40, 2, 0, 0.f, false});
   run_case<__nv_bfloat16, 48, 2, 1>({1, 2, 97, 1, 40, 2, 0, 0.f, false});  // backward with 16 keys per warp
   run_case<__nv_bfloat16, 160>({1, 3, 17, 1, 160, 2, 2, -0.1f, true});
-  run_case<__half, 80, 1>({1, 2, 33, 1, 72, 1, 0, 0.f, true});
+  run_case<__half, 80, 1, 1, 1, 4>({1, 2, 33, 1, 72, 1, 0, 0.f, true});  // the 4-warp backward (not the default)
   run_case<__half, 80, 2>({1, 2, 33, 1, 72, 1, 0, 0.f, true});
   // a large scale spreads the scores over ~+-20 binary orders: later key tiles move the running max by more than
   // the lazy-rescale threshold, so O and l are rescaled mid-row (random scales keep the first tile's max)
   run_case<__half, 48>({1, 3, 70, 1, 40, 0, 0, 3.f, true});
   run_case<__nv_bfloat16, 48>({1, 2, 80, 1, 40, 1, 1, -0.3f, true});  // negative scale: K fragments kept in registers
-  run_case<__nv_bfloat16, 80, 1>({1, 3, 70, 1, 80, 0, 1, -2.5f, false});
+  run_case<__nv_bfloat16, 80, 1, 1, 1, 4>({1, 3, 70, 1, 80, 0, 1, -2.5f, false});
   // the two-stage (software-pipelined) forward, 16 and 32 rows per warp: odd and even key-tile counts (the loop is
   // unrolled by two), tails, a rescale mid-row, masks with a never-attended image, negative scale, cp.async early
   run_case<__half, 48, 2, 2, 2>({1, 2, 97, 2, 40, 0, 1, 0.f, true});
