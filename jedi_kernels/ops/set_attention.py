@@ -674,12 +674,16 @@ _FWD_CONFIGS = {
     # 128x128 w8 232 / 8, 64x64 w4 298 / 16, 128x64 w8 299 / 16 (128 registers), 64x128 w4 s2 233 / 12 (164
     # registers, 72 KB); the autotuner times them (autotune_log; benchmarks/README.md, "Address arithmetic")
     "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 2)],
-    # d 80: 8 warps over 128 x 128 issue 302 instead of 330 instructions per 1024 scores (the loop is issue-bound
-    # there) at 197 registers; 4 warps take 240 on sm_90 and spill 80 B on sm_80
-    "d96": [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3)],
+    # d 80: 8 warps over 128 x 128 issue 302 instead of 330 instructions per 1024 scores per warp at 197 registers,
+    # but 128 x 64 over 8 warps ran 1.21-1.27x faster on the H100 at ng 2-8 (2026-11-27, third run; a tie at ng 1),
+    # so it leads; 4 warps over 128 x 64 take 240 registers on sm_90 and spill 80 B on sm_80
+    "d96": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)],
     # at 128 columns 4 warps spill (255 registers, 272 B on sm_90)
     "d128": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)],
-    "d192": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
+    # d 160: 64 x 64 over 4 warps won 6 of the H100's 8 tunings (L 64 and 256, ng 1-8; x1.08-1.55), lost by 5 % at
+    # L 256 ng 8 (2026-11-27, third run): SD's short 160-wide sequences fill the GPU only with small query tiles
+    # (no spills on sm_90; 20 B on sm_80 in fp16)
+    "d192": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2)],
     "d256": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
     "f32": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
 }
@@ -689,10 +693,17 @@ _FWD_CONFIGS = {
 # d <= 64, dK/dV (64, 128, 8 warps) issues about as much as (32, 128, 4) at d 40 (447 vs 437) and 6 % less at 64,
 # where (32, 128, 4) spills (255 registers; 180-188 instead); dQ (128, 64, 8) issues 8 % less at d 40. Head dims
 # 200-256 keep tiles without spills that fit sm_80's 163 KB of shared memory at D = 256.
+# The H100 (2026-11-27, third run; fwd+bwd, ng 2, bf16) disagreed with the instruction counts wherever it tuned: the
+# smaller tiles won, by more than the instructions they add (more programs in flight; fewer registers each), so they
+# lead the lists now: dK/dV d 40 64 x 64 w4 1.070 ms vs 64 x 128 w8 1.743, d 80 0.104 vs 0.156; dQ d 40 128 x 32 w4
+# 0.710 vs 128 x 64 w8 0.767, d 80 64 x 64 w4 0.072 vs 0.115 (the d 80 dK/dV one spills 64 B on sm_80, none on
+# sm_90). At d 160 the winners (64 x 64 w8: dK/dV 0.036 vs 0.044 ms, dQ 0.030 vs 0.036 at L 256) stay second: on
+# sm_80 they spill 868 and 64 B (the lists' first: 232 and 0). (The autotuner picks the winners anyway; the lists'
+# order is what runs with JEDI_TRITON_AUTOTUNE=0.)
 # dK/dV: a program owns BLOCK_N keys and walks BLOCK_M queries.
 _DKDV_CONFIGS = {
-    "d64": [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3)],
-    "d96": [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 128, 8, 2)],
+    "d64": [_cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2)],
+    "d96": [_cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2)],
     # d 128: 64 x 128 sat at 255 registers and spills 64 B since the query-tile addresses are hoisted out of the loop
     # (2026-11-27, fifth session), so the default is 32 x 128 (214 registers; 510 instead of 395 loop instructions
     # per 1024 scores); the autotuner still times the wider tile
@@ -703,10 +714,10 @@ _DKDV_CONFIGS = {
 }
 # dQ: a program owns BLOCK_M queries and walks BLOCK_N keys.
 _DQ_CONFIGS = {
-    "d64": [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
-    "d96": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
+    "d64": [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+    "d96": [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2)],
     "d128": [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2)],
-    "d192": [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2)],
+    "d192": [_cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2)],
     "d256": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2)],
     "f32": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)],
 }
