@@ -234,6 +234,41 @@ def test_optimize_compile_routes_every_step_through_the_compiled_unet(pipe, monk
         pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False, cuda_graph=False)
 
 
+def test_optimize_compile_graphs_the_compiled_module(pipe, monkeypatch):
+    """optimize(compile=True) with a CUDA graph wraps the compiled module in the graph runner, and so does to() when
+    it re-captures, without asking the module for its truth value: torch.compile's module answers bool() with
+    len(), a TypeError for the UNet (it broke optimize on the H100 on 2026-11-27). CPU stand-ins for the compiled
+    module, the graph runner and the device."""
+    import jedi.runtime
+
+    class Compiled(torch.nn.Module):  # like torch's OptimizedModule: no truth value
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def __len__(self):
+            raise TypeError(f"{type(self.m).__name__} does not support len()")
+
+    wrapped = []
+
+    class Graphed:
+        def __init__(self, m):
+            wrapped.append(m)
+
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: Compiled(m))
+    monkeypatch.setattr(jedi.runtime, "GraphedUNet", Graphed)
+    monkeypatch.setattr(JeDiPipeline, "device", property(lambda self: torch.device("cuda")))
+    try:
+        pipe.optimize(compile=True)
+        assert isinstance(pipe.compiled, Compiled) and wrapped == [pipe.compiled]
+        assert isinstance(pipe.graphed, Graphed) and pipe.step_unet is pipe.graphed
+        pipe.to("cpu")  # captured graphs read the old buffers: a new runner over the same compiled module
+        assert wrapped == [pipe.compiled, pipe.compiled]
+    finally:
+        pipe.optimize(channels_last=False, fused_ops=False, fuse_qkv=False, fuse_context_kv=False, cuda_graph=False)
+    assert pipe.compiled is None and pipe.graphed is None
+
+
 @pytest.mark.gpu
 def test_optimize_compile_on_cuda_matches(pipe):
     """On a GPU: torch.compile inside the CUDA graph gives the plain pipeline's images."""
