@@ -167,6 +167,14 @@ echo "sweep rc=$?" | tee -a "$LOG"
 tail -40 "$OUT/sweep.log" | tee -a "$LOG"
 step "dispatch table the sweep justifies (commit with: make_dispatch_table.py attention.json --write)"
 [ -f "$OUT/attention.json" ] && $PY benchmarks/make_dispatch_table.py "$OUT/attention.json" 2>&1 | tee -a "$LOG"
+# small rows are host-bound and jitter 2-3x between runs (an entry one run proposed, earlier runs contradicted):
+# what this run and every committed H100 run justify together (the rule wants every row of every run)
+prior=(benchmarks/results/h100-*.json)
+if [ -f "$OUT/attention.json" ] && [ -f "${prior[0]}" ]; then
+  echo "together with ${#prior[@]} committed H100 result files:" | tee -a "$LOG"
+  $PY benchmarks/make_dispatch_table.py "$OUT/attention.json" "${prior[@]}" 2>&1 | grep -v "^autotune:\|^variant:" \
+    | tee -a "$LOG"
+fi
 
 step "CUDA set-attention harness (torch-free, + compute-sanitizer memcheck on the quick cases)"
 if [ -n "$harness_pid" ]; then
