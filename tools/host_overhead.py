@@ -106,6 +106,17 @@ def measure(reps: int = 2000) -> dict[str, float]:
             lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, mask), reps)
         rows["jk.set_attention (checks + set_attn_fwd)"] = _time_us(
             lambda: jk.set_attention(q, k, v, G, H, backend="triton"), reps)
+        out, lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None)
+        rows["set_attn_bwd (3 launches: delta, dK/dV, dQ)"] = _time_us(
+            lambda: sa.set_attn_bwd(out, q, k, v, out, lse, G, H, D**-0.5, None), reps)
+    # a training step's eager call: forward recording autograd, then the backward through the autograd engine
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd_bwd():
+        torch.autograd.grad(jk.set_attention(qg, kg, vg, G, H, backend="triton"), (qg, kg, vg), do)
+
+    rows["jk.set_attention forward + backward (autograd)"] = _time_us(fwd_bwd, max(1, reps // 4))
     return {k: round(v, 2) for k, v in rows.items()}
 
 
