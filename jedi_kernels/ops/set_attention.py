@@ -899,7 +899,10 @@ def _fwd_buffers(q, B, G, L, H, D, set_mask):
     return out, lse, lst, cnt
 
 
-def _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config):
+def _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config, compile_only=False):
+    """The TMA + warp-specialized forward (``_set_attn_fwd_ws_kernel``) on validated inputs; returns (out, lse).
+    ``compile_only``: compile the kernel for these arguments without launching it and return None (tools/ws_probe.py
+    times the compilation apart from the first run, to tell a slow compile from a kernel that does not finish)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     N = B * G
@@ -913,12 +916,14 @@ def _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config):
         return TensorDescriptor(t, [N * L, H * D], [_rows_stride(t), 1], [rows, DP])
 
     grid = (G * triton.cdiv(L, cfg["BLOCK_M"]), B * H)
-    _set_attn_fwd_ws_kernel[grid](
-        desc(q, cfg["BLOCK_M"]), desc(k, cfg["BLOCK_N"]), desc(v, cfg["BLOCK_N"]), out, lse, lst, cnt,
-        float(scale) * _LOG2E, H, G, L,
-        HEAD_DIM=D, DP=DP, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec, WARP_SPEC=not triton_interpreting(),
-        **cfg,
-    )
+    args = (desc(q, cfg["BLOCK_M"]), desc(k, cfg["BLOCK_N"]), desc(v, cfg["BLOCK_N"]), out, lse, lst, cnt,
+            float(scale) * _LOG2E, H, G, L)
+    meta = dict(HEAD_DIM=D, DP=DP, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec, WARP_SPEC=not triton_interpreting(),
+                **cfg)
+    if compile_only:
+        _set_attn_fwd_ws_kernel.warmup(*args, grid=grid, **meta)
+        return None
+    _set_attn_fwd_ws_kernel[grid](*args, **meta)
     return out, lse
 
 

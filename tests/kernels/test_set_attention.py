@@ -872,6 +872,7 @@ def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
 
 @pytest.mark.gpu
 @pytest.mark.gpu
+@pytest.mark.ws
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
     (2, 2, 1024, 2, 40, "full", True),  # SD's 64x64 level, as views of one qkv projection

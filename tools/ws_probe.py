@@ -1,0 +1,101 @@
+"""Does the TMA + warp-specialized Triton forward (``JEDI_TRITON_FWD_WS=1``) compile, finish and agree on this GPU?
+
+    python tools/ws_probe.py [--json OUT.json]        # exit 0: every step finished and agreed; 1: a mismatch;
+                                                       # 2: no sm_90 GPU (nothing to probe)
+
+In the third H100 run of 2026-11-27 none of the kernel's 8 GPU tests finished within the test step's time, and the
+attention sweep was killed while timing it: either its compilation (Triton 3.6's Hopper warp specialization) is very
+slow there, or the kernel never finishes. This probe separates the two, one line per step, flushed as it goes, so a
+run under ``timeout`` shows where it stopped: compile (``warmup``, no launch), the first launch + synchronize, the
+comparison with the default pointer-load kernel (out and lse), then a timing against it on SD's 64x64 shape.
+``benchmarks/gpu_check.sh`` runs it before the kernel tests and lets the ws tests and sweep rows run only if it
+finished: a hung kernel would otherwise take the whole test step and the sweep with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _say(report: dict, key: str, value) -> None:
+    report[key] = value
+    print(f"ws_probe {key}: {value}", flush=True)
+
+
+def _time_ms(fn, reps: int = 20) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def probe(report: dict) -> int:
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        _say(report, "skipped", "needs an sm_90+ CUDA GPU")
+        return 2
+    import os
+
+    from jedi_kernels.ops import set_attention as sa
+
+    os.environ.pop("JEDI_TRITON_FWD_WS", None)  # the reference below is the default pointer-load kernel
+    ok = True
+    # (B, G, L, H, D): a small case (one query tile per image, a key tail), then SD's 64x64 level at set size 2
+    for B, G, L, H, D in ((1, 2, 200, 2, 40), (2, 2, 4096, 8, 40)):
+        shape = f"B{B} G{G} L{L} H{H} D{D}"
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        qkv = torch.randn(B * G, L, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k, v = qkv.split(H * D, dim=-1)  # views of one fused projection, as the UNet passes them
+        if not sa._fwd_ws_ok(q, k, v, D):
+            _say(report, f"{shape} eligible", False)
+            return 1
+        args = (q, k, v, B, G, L, H, D, D**-0.5, None, None)
+        t = time.perf_counter()
+        sa._set_attn_fwd_ws(*args, compile_only=True)
+        _say(report, f"{shape} compile_s", round(time.perf_counter() - t, 2))
+        t = time.perf_counter()
+        out, lse = sa._set_attn_fwd_ws(*args)
+        torch.cuda.synchronize()
+        _say(report, f"{shape} first_run_s", round(time.perf_counter() - t, 3))
+        ref_out, ref_lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None, config={"BLOCK_M": 128, "BLOCK_N": 64,
+                                                                                   "num_warps": 4, "num_stages": 3})
+        torch.cuda.synchronize()
+        d_out = float((out.float() - ref_out.float()).abs().max())
+        d_lse = float((lse - ref_lse).abs().max())
+        agree = d_out <= 2e-2 and d_lse <= 1e-3  # two bf16 kernels of the same math; lse in float32
+        ok &= agree
+        _say(report, f"{shape} max_abs_diff", {"out": d_out, "lse": d_lse, "agree": agree})
+    ws_ms = _time_ms(lambda: sa._set_attn_fwd_ws(*args))
+    ptr_ms = _time_ms(lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None))
+    _say(report, f"{shape} ms", {"ws": round(ws_ms, 4), "pointer (autotuned)": round(ptr_ms, 4)})
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the report here too")
+    args = ap.parse_args(argv)
+    report: dict = {}
+    try:
+        rc = probe(report)
+    finally:
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
