@@ -168,7 +168,8 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             "triton", "cuda" or "torch" (torch SDPA). Kernel variants from the environment:
             ``JEDI_TRITON_AUTOTUNE=0`` (read at import: Triton runs its default configs only), and, read per call,
             ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums),
-            ``JEDI_TRITON_FWD_WS=1`` (Triton forward at head dims <= 64 on sm_90: TMA loads, warp-specialized; opt-in),
+            ``JEDI_TRITON_FWD_WS=1`` (Triton forward at head dims <= 64 on sm_90: TMA loads, warp-specialized;
+            experimental: its first GPU tests did not finish, see tools/ws_probe.py),
             ``JEDI_TRITON_BWD_DQ=atomic|kernel`` (Triton backward: dQ by a second kernel, the default since the H100
             measured it faster, or by float32 atomics from the dK/dV kernel; deterministic mode always takes the
             kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp),
