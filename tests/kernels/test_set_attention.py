@@ -871,7 +871,6 @@ def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
 @pytest.mark.ws
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
