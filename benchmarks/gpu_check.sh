@@ -178,8 +178,8 @@ fi
 
 if [ "$WS_OK" = 1 ]; then
   step "pytest -m ws: the TMA + warp-specialized forward's GPU tests"
-  timeout -s INT -k 10 "$(lim 60)" $PY -m pytest tests/kernels -m "gpu and ws" -q -p no:cacheprovider "${XDIST[@]}" \
-    --junitxml="$OUT/pytest_gpu_ws.xml" >"$OUT/pytest_gpu_ws.log" 2>&1
+  JEDI_TEST_WS=1 timeout -s INT -k 10 "$(lim 60)" $PY -m pytest tests/kernels -m "gpu and ws" -q -p no:cacheprovider \
+    "${XDIST[@]}" --junitxml="$OUT/pytest_gpu_ws.xml" >"$OUT/pytest_gpu_ws.log" 2>&1
   echo "pytest ws rc=$?" | tee -a "$LOG"
   tail -5 "$OUT/pytest_gpu_ws.log" | tee -a "$LOG"
 fi
