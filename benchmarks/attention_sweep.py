@@ -455,11 +455,10 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     if jk.available_backends()["cuda_attention"]:
         add(cuda_bwd_warps_row(1024, 80, rep_ms=rep_ms))
         print(f"CUDA backward 8 vs 4 warps, L=1024 D=80: x{rows[-1]['speedup_8_vs_4warps']:.2f}", flush=True)
-        for L, D in ((4096, 40), (1024, 80)):
+        for L, D in ((4096, 40), (1024, 80)):  # the forward's two instance switches per shape
             add(cuda_fwd_stages_row(L, D, rep_ms=rep_ms))
             print(f"CUDA forward 2 vs 1 stages, L={L} D={D}: x{rows[-1]['speedup_2_vs_1stage']:.2f} "
                   f"(2 stages at 16 rows/warp: {rows[-1]['ms_2stage_16rows']:.3f} ms)", flush=True)
-        for L, D in ((4096, 40), (1024, 80)):
             add(cuda_row_blocks_row(L, D, rep_ms=rep_ms))
             print(f"CUDA forward 32 vs 16 rows per warp, L={L} D={D}: x{rows[-1]['speedup_32_vs_16rows']:.2f}",
                   flush=True)

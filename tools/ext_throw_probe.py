@@ -36,8 +36,10 @@ PRELUDE = ("import faulthandler; faulthandler.enable()\nimport torch\nimport jed
            "q = torch.randn(4, 16, 80)\n")
 
 
-def run_probe(name: str, stmt: str) -> str:
-    code = PRELUDE + (f"if '{name}'.startswith('cuda_glue_float32') and not torch.cuda.is_available():\n"
+def run_probe(name: str, stmt: str, prelude: str = PRELUDE) -> str:
+    """Run ``stmt`` after ``prelude`` in a fresh interpreter; returns 'RAISED <type> <message>', 'NO ERROR' or
+    'CRASHED rc=...'."""
+    code = prelude + (f"if '{name}'.startswith('cuda_glue_float32') and not torch.cuda.is_available():\n"
                       "    print('SKIP no GPU'); raise SystemExit(0)\n") + \
         f"try:\n    {stmt}\n    print('NO ERROR')\nexcept Exception as e:\n" \
         "    print('RAISED', type(e).__name__, str(e).splitlines()[0])\n"
@@ -85,16 +87,12 @@ def inline_main() -> int:
     load_inline("jedi_probe_ext", cpp_sources=INLINE_SRC, extra_cflags=["-O3", "-fopenmp"], is_python_module=False,
                 build_directory=build, verbose=False)
     so = next(os.path.join(build, f) for f in os.listdir(build) if f.endswith(".so"))
+    prelude = f"import faulthandler; faulthandler.enable()\nimport torch\ntorch.ops.load_library({so!r})\n"
     crashed = False
     for name in INLINE_OPS:
-        code = ("import faulthandler; faulthandler.enable()\nimport torch\n"
-                f"torch.ops.load_library({so!r})\n"
-                f"try:\n    torch.ops.jedi_probe.{name}(torch.zeros(2))\n    print('NO ERROR')\n"
-                "except Exception as e:\n    print('RAISED', type(e).__name__, str(e).splitlines()[0])\n")
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        out = (p.stdout.strip().splitlines() or [""])[-1]
-        crashed |= p.returncode != 0
-        print(f"inline {name}: " + (f"CRASHED rc={p.returncode}" if p.returncode else out))
+        res = run_probe(name, f"torch.ops.jedi_probe.{name}(torch.zeros(2))", prelude)
+        crashed |= res.startswith("CRASHED")
+        print(f"inline {name}: {res}")
     with open("/proc/self/maps") as maps:
         print("libstdc++ loaded:", sorted({w for w in maps.read().split() if "libstdc++" in w}))
     return 1 if crashed else 0
