@@ -27,20 +27,6 @@ def _say(report: dict, key: str, value) -> None:
     print(f"ws_probe {key}: {value}", flush=True)
 
 
-def _time_ms(fn, reps: int = 20) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def probe(report: dict) -> int:
     import torch
 
@@ -78,8 +64,10 @@ def probe(report: dict) -> int:
         agree = d_out <= 2e-2 and d_lse <= 1e-3  # two bf16 kernels of the same math; lse in float32
         ok &= agree
         _say(report, f"{shape} max_abs_diff", {"out": d_out, "lse": d_lse, "agree": agree})
-    ws_ms = _time_ms(lambda: sa._set_attn_fwd_ws(*args))
-    ptr_ms = _time_ms(lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None))
+    from triton.testing import do_bench  # as attention_sweep.py times its rows (median, L2 flushed between runs)
+
+    ws_ms = do_bench(lambda: sa._set_attn_fwd_ws(*args), return_mode="median")
+    ptr_ms = do_bench(lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None), return_mode="median")
     _say(report, f"{shape} ms", {"ws": round(ws_ms, 4), "pointer (autotuned)": round(ptr_ms, 4)})
     return 0 if ok else 1
 
