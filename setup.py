@@ -62,6 +62,7 @@ def ext_modules_and_cmdclass():
                                          extra_compile_args={"cxx": cxx})
     else:
         archs = os.environ.get("JEDI_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        archs = _with_sm90a(archs)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension when it adds -gencode flags
         print(f"jedi-kernels: building CPU + CUDA extension for archs {archs}")
         cuda_sources = _rel("csrc/cuda/*.cpp") + _rel("csrc/cuda/*.cu")
@@ -71,9 +72,25 @@ def ext_modules_and_cmdclass():
             print(f"jedi-kernels: JEDI_CUDA_EXCLUDE={exclude}: leaving out CUDA sources matching it")
         sources += cuda_sources
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DJEDI_WITH_CUDA"]
+        if "9.0a" in archs.replace(" ", ";").split(";"):
+            nvcc.append("-DJEDI_SM90A")  # the Hopper (wgmma) attention forward is compiled: it may be launched
         ext = cpp_extension.CUDAExtension("jedi_kernels._C", sources, include_dirs=include_dirs + [
             os.path.join(ROOT, "csrc", "cuda")], extra_compile_args={"cxx": cxx + ["-DJEDI_WITH_CUDA"], "nvcc": nvcc})
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _with_sm90a(archs):
+    """The arch list with 9.0 as 9.0a (unless JEDI_NO_SM90A=1): the Hopper attention forward needs the
+    arch-specific wgmma instructions, and an sm_90a binary runs on every compute-capability-9.0 device (H100, H200)
+    as an sm_90 one does. Other entries, +PTX suffixes and separators are kept."""
+    if os.environ.get("JEDI_NO_SM90A") == "1":
+        return archs
+    parts = archs.replace(" ", ";").split(";")
+    out = []
+    for a in parts:
+        base, plus, ptx = a.partition("+")
+        out.append(("9.0a" if base == "9.0" else base) + plus + ptx)
+    return ";".join(dict.fromkeys(out))
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA sources on a machine without a GPU (and without a CUDA build of torch):
-#  1. every torch-free csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (objects only);
+#  1. every torch-free csrc/cuda/*.cu with nvcc for sm_80 and sm_90a (objects only; setup.py builds 9.0 as 9.0a);
 #  2. every CUDA glue csrc/cuda/*.cpp with g++ -fsyntax-only against the installed torch's headers, with a stand-in
 #     for the one header only a CUDA build of torch generates (tools/stub_include).
 # Usage: tools/check_cuda_sources.sh [--glue-only] [PYTHON]   (exit 0 = all compile; part 1 skipped without nvcc)
@@ -23,10 +23,10 @@ elif command -v nvcc >/dev/null; then
   # the flags torch's extension build passes to nvcc (no implicit half/bfloat16 conversions or operators)
   NVF=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join(c.COMMON_NVCC_FLAGS))" 2>/dev/null) \
     || NVF="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr"
-  echo "nvcc check: ${#cu[@]} files (sm_80, sm_90), $JOBS jobs, torch's flags: $NVF"
+  echo "nvcc check: ${#cu[@]} files (sm_80, sm_90a), $JOBS jobs, torch's flags: $NVF"
   printf '%s\n' "${cu[@]}" | xargs -P "$JOBS" -I{} sh -c \
-    'nvcc -std=c++17 -O3 $2 -Icsrc/cuda -c -gencode arch=compute_80,code=sm_80 \
-       -gencode arch=compute_90,code=sm_90 -o "$1/$(basename {}).o" {} && echo "  ok   {}" || { echo "  FAIL {}"; exit 255; }' _ "$OUT" "$NVF" \
+    'nvcc -std=c++17 -O3 $2 -DJEDI_SM90A -Icsrc/cuda -c -gencode arch=compute_80,code=sm_80 \
+       -gencode arch=compute_90a,code=sm_90a -o "$1/$(basename {}).o" {} && echo "  ok   {}" || { echo "  FAIL {}"; exit 255; }' _ "$OUT" "$NVF" \
     || status=1
 else
   echo "nvcc not found: skipping the .cu compile check"

@@ -46,6 +46,9 @@ struct SetAttnParams {
   // set_attn::fwd_has_stages; with fwd_row_blocks == 0 a two-stage launch at 65-80 takes 16 rows per warp,
   // set_attn::fwd_launch_row_blocks); 0 = the default.
   int fwd_stages;
+  // Hopper forward (set_attention_wgmma.cuh): 0 = off (the mma.sync kernels above), 1 = 64-key tiles, 2 = 128-key
+  // tiles; only where set_attention_wgmma_runnable(D) (an sm_90a build on a compute-capability-9.0 device, D = 40).
+  int fwd_wgmma;
 };
 
 struct SetAttnBwdParams {
@@ -81,6 +84,10 @@ struct SetAttnBwdParams {
 // (cudaGetLastError) otherwise.
 cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStream_t stream);
 cudaError_t set_attention_bwd_launch(const SetAttnBwdParams& p, int dtype, cudaStream_t stream);
+
+// Whether the Hopper (wgmma) forward can run head dim D on the current device: compiled for sm_90a (setup.py's
+// default for 9.0), a compute-capability-9.0 device, D = 40.
+bool set_attention_wgmma_runnable(int64_t D);
 
 // Workspace sizes (elements of float32) the caller allocates for the backward.
 inline int64_t set_attn_dq_accum_elems(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D) {

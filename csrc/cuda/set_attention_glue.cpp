@@ -124,6 +124,18 @@ int fwd_stages_from_env(int64_t D, int row_blocks, const char* op) {
   return set_attn::fwd_has_stages(kD, set_attn::fwd_launch_row_blocks(kD, row_blocks, stages), stages) ? stages : 0;
 }
 
+// JEDI_CUDA_FWD_WGMMA=1|2|3 runs the Hopper forward (warpgroup MMAs; variants: set_attn::wgmma_variant_block_n /
+// wgmma_variant_warpgroups) where it applies: an sm_90a build on a compute-capability-9.0 device, head dim 40 (the
+// launcher falls back to the mma.sync kernels elsewhere, so one setting serves a whole model); unset, empty or 0: off.
+int fwd_wgmma_from_env(const char* op) {
+  const char* env = std::getenv("JEDI_CUDA_FWD_WGMMA");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string v(env);
+  JEDI_CHECK(v == "0" || v == "1" || v == "2" || v == "3", op, ": JEDI_CUDA_FWD_WGMMA must be 0, 1, 2 or 3, got '", v,
+             "'");
+  return v[0] - '0';
+}
+
 // JEDI_CUDA_BWD_KEY_BLOCKS=1|2 picks the backward instance with 16 or 32 keys per warp; 0: the head dim's default
 // (set_attn::bwd_default_key_blocks). 2 applies where it is compiled (padded head dims <= 48); other head dims keep
 // their one instance, as for the forward.
@@ -171,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
   p.lse = lse.data_ptr<float>();
   p.fwd_row_blocks = fwd_row_blocks_from_env(s.D, op);
   p.fwd_stages = fwd_stages_from_env(s.D, p.fwd_row_blocks, op);
+  p.fwd_wgmma = fwd_wgmma_from_env(op);
   const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   JEDI_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};

@@ -10,6 +10,7 @@
 #include "set_attention.cuh"
 #include "set_attention_bwd_aux.cuh"
 #include "set_attention_dispatch.cuh"
+#include "set_attention_wgmma.cuh"
 
 namespace jedi {
 namespace set_attn {
@@ -80,12 +81,17 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
       !fwd_has_stages(padded_head_dim(p.D), fwd_launch_row_blocks(padded_head_dim(p.D), p.fwd_row_blocks, p.fwd_stages),
                       p.fwd_stages))
     return cudaErrorInvalidValue;
+  if (p.fwd_wgmma < 0 || p.fwd_wgmma > kWgmmaVariants) return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0) return cudaSuccess;  // nothing to compute
   // 16-byte vector/cp.async access of every row chunk
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
       !strides_ok(p.q_stride_n, p.q_stride_l) || !strides_ok(p.k_stride_n, p.k_stride_l) ||
       !strides_ok(p.v_stride_n, p.v_stride_l))
     return cudaErrorMisalignedAddress;
+  // the Hopper forward where it applies (an sm_90a build on a 9.0 device, head dim 40, row strides below ~11 M
+  // elements); elsewhere the request falls back to the mma.sync kernels, like the other instance switches
+  if (p.fwd_wgmma != 0 && set_attention_wgmma_runnable(p.D) && wgmma_fwd_strides_ok(p))
+    return run_fwd_wgmma(p, dtype, stream);
   return dtype == 0 ? dispatch_fwd<__half>(p, stream) : dispatch_fwd<__nv_bfloat16>(p, stream);
 }
 

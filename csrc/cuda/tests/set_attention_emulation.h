@@ -27,6 +27,7 @@
 #include <memory>
 #include <random>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll
@@ -187,17 +188,46 @@ struct Warp {
   float f[32][4];
 };
 
+// One wgmma.mma_async of a warpgroup, as issued: descriptors, and where each of the 128 threads keeps its A fragment
+// (register operand) and its accumulators. Executed at issue or at the wgmma.wait_group that retires its group.
+struct WgmmaOp {
+  bool a_regs;      // A from registers (else the shared-memory descriptor da)
+  bool b_mn_major;  // B MN-major (imm-trans-b = 1)
+  bool bf16;
+  int n;
+  uint64_t da, db;
+  int scale_d;
+  float* d[128];
+  const uint32_t* a[128];
+};
+
+// A warpgroup: 4 consecutive warps. wgmma instructions rendezvous its 128 threads (they are warpgroup-collective).
+struct WarpGroup {
+  Barrier bar{128};
+  uint64_t da[128], db[128];
+  int scale_d[128];
+  float* d[128];
+  const uint32_t* a[128];
+  std::vector<WgmmaOp> open;                   // issued since the last commit_group
+  std::vector<std::vector<WgmmaOp>> groups;    // committed, oldest first, not yet executed
+};
+
 struct Cta {
   explicit Cta(int threads) : bar(threads) {
     if (threads % 32 != 0) fail("CTA size must be whole warps", threads);
     for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Warp);
+    for (int w = 0; w < threads / 128; ++w) wgs.emplace_back(new WarpGroup);
   }
   Barrier bar;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<std::unique_ptr<WarpGroup>> wgs;
 };
 
 inline Cta* g_cta = nullptr;
 inline bool g_cp_async_at_wait = true;  // true: copies land at cp.async.wait_group; false: at issue
+// true: a wgmma reads its operands and writes its accumulators at the wgmma.wait_group that retires it (so a kernel
+// that touches them, or overwrites the shared tiles, before that wait gets wrong numbers); false: at issue
+inline bool g_wgmma_at_wait = true;
 constexpr int kMaxThreads = 1024;
 inline std::vector<std::pair<void*, const void*>> g_pending[kMaxThreads];  // per CUDA thread
 inline std::vector<std::pair<void*, const void*>>& pending() { return g_pending[threadIdx.x]; }
@@ -251,7 +281,7 @@ namespace jedi {
 namespace set_attn {
 
 // dynamic shared memory of the running CTA (the kernels' `extern __shared__ ... smem_raw[]` binds to it)
-alignas(16) inline unsigned char smem_raw[jedi_emu::kSmemCapacity];
+alignas(128) inline unsigned char smem_raw[jedi_emu::kSmemCapacity];
 
 inline uint32_t smem_u32(const void* p) {
   const auto off = static_cast<const unsigned char*>(p) - smem_raw;
@@ -368,6 +398,126 @@ inline void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
   w.bar.wait();
 }
 
+// ---- warpgroup MMA (sm_90a wgmma), shared-memory descriptors without swizzle --------------------------------------
+// The PTX ISA's canonical no-swizzle layouts, 16-bit elements, byte address of element (row r of M/N, column k of K)
+// from the descriptor's start address, leading (LBO) and stride (SBO) byte offsets:
+//   K-major:   start + (r / 8) SBO + (r % 8) 16 + (k / 8) LBO + (k % 8) 2    (8x8 core matrices of 8 rows x 16 B)
+//   MN-major:  start + (r / 8) SBO + (r % 8) 2  + (k / 8) LBO + (k % 8) 16
+inline uint32_t wgmma_desc_addr(uint64_t desc, int r, int k, bool mn_major) {
+  if ((desc >> 62) != 0) jedi_emu::fail("wgmma descriptor: only the no-swizzle layout is emulated");
+  if (((desc >> 49) & 7u) != 0) jedi_emu::fail("wgmma descriptor: base offset must be 0 without swizzle");
+  constexpr uint64_t kReserved = (3ull << 14) | (3ull << 30) | (7ull << 46) | (0x3FFull << 52);
+  if ((desc & kReserved) != 0) jedi_emu::fail("wgmma descriptor: reserved bits set");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFFu) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
+  return mn_major ? start + (r / 8) * sbo + (r % 8) * 2 + (k / 8) * lbo + (k % 8) * 16
+                  : start + (r / 8) * sbo + (r % 8) * 16 + (k / 8) * lbo + (k % 8) * 2;
+}
+
+inline float emu_b16(uint16_t bits, bool bf16) {
+  return bf16 ? jedi_emu::bf16_bits_to_float(bits) : jedi_emu::half_bits_to_float(bits);
+}
+
+// D (64 x n) = A (64 x 16) B (16 x n) + (scale_d ? D : 0). Register layouts (warp w of the warpgroup, g = lane / 4,
+// c = lane % 4): A register i holds row 16w + g + 8 (i % 2), columns 2c + 8 (i / 2) + {0, 1}; accumulator element
+// i holds row 16w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2c + (i % 2).
+inline void wgmma_execute(const jedi_emu::WgmmaOp& op) {
+  float A[64][16], B[16][256];
+  for (int m = 0; m < 64; ++m)
+    for (int k = 0; k < 16; ++k)
+      if (!op.a_regs) A[m][k] = emu_b16(smem_b16(wgmma_desc_addr(op.da, m, k, false)), op.bf16);
+  if (op.a_regs) {
+    for (int t = 0; t < 128; ++t) {
+      const int w = t / 32, g = (t % 32) / 4, c = t % 4;
+      for (int i = 0; i < 4; ++i)
+        for (int e = 0; e < 2; ++e)
+          A[16 * w + g + 8 * (i % 2)][2 * c + 8 * (i / 2) + e] =
+              emu_b16(static_cast<uint16_t>(op.a[t][i] >> (16 * e)), op.bf16);
+    }
+  }
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < op.n; ++n) B[k][n] = emu_b16(smem_b16(wgmma_desc_addr(op.db, n, k, op.b_mn_major)), op.bf16);
+  for (int t = 0; t < 128; ++t) {
+    const int w = t / 32, g = (t % 32) / 4, c = t % 4;
+    for (int i = 0; i < op.n / 2; ++i) {
+      const int row = 16 * w + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * c + (i % 2);
+      float acc = op.scale_d ? op.d[t][i] : 0.f;
+      for (int k = 0; k < 16; ++k) acc = std::fma(A[row][k], B[k][col], acc);
+      op.d[t][i] = acc;
+    }
+  }
+}
+
+inline jedi_emu::WarpGroup& warpgroup() {
+  if (static_cast<int>(threadIdx.x / 128) >= static_cast<int>(jedi_emu::g_cta->wgs.size()))
+    jedi_emu::fail("wgmma outside a whole warpgroup", threadIdx.x);
+  return *jedi_emu::g_cta->wgs[threadIdx.x / 128];
+}
+
+// Every thread of the warpgroup issues the instruction with its own registers; the descriptors and scale-d must
+// agree across the warpgroup.
+inline void wgmma_issue(bool a_regs, bool b_mn_major, bool bf16, int n, uint64_t da, const uint32_t* a, uint64_t db,
+                        float* d, int scale_d) {
+  jedi_emu::WarpGroup& wg = warpgroup();
+  const int t = static_cast<int>(threadIdx.x % 128);
+  wg.da[t] = da;
+  wg.db[t] = db;
+  wg.scale_d[t] = scale_d;
+  wg.d[t] = d;
+  wg.a[t] = a;
+  wg.bar.wait();
+  if (t == 0) {
+    jedi_emu::WgmmaOp op{a_regs, b_mn_major, bf16, n, da, db, scale_d != 0, {}, {}};
+    for (int i = 0; i < 128; ++i) {
+      if (wg.db[i] != db || (!a_regs && wg.da[i] != da) || (wg.scale_d[i] != 0) != (scale_d != 0))
+        jedi_emu::fail("wgmma operands differ across the warpgroup", i);
+      op.d[i] = wg.d[i];
+      op.a[i] = wg.a[i];
+    }
+    if (jedi_emu::g_wgmma_at_wait)
+      wg.open.push_back(op);
+    else
+      wgmma_execute(op);
+  }
+  wg.bar.wait();
+}
+
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+inline void wgmma_fence_operand(float&) {}
+inline void wgmma_fence_operand(uint32_t&) {}
+inline void wgmma_commit() {
+  jedi_emu::WarpGroup& wg = warpgroup();
+  wg.bar.wait();
+  if (threadIdx.x % 128 == 0) {
+    wg.groups.push_back(std::move(wg.open));
+    wg.open.clear();
+  }
+  wg.bar.wait();
+}
+template <int N>
+inline void wgmma_wait() {
+  jedi_emu::WarpGroup& wg = warpgroup();
+  wg.bar.wait();
+  if (threadIdx.x % 128 == 0) {
+    while (static_cast<int>(wg.groups.size()) > N) {
+      for (const auto& op : wg.groups.front()) wgmma_execute(op);
+      wg.groups.erase(wg.groups.begin());
+    }
+  }
+  wg.bar.wait();
+}
+
+template <typename T, int N>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+  wgmma_issue(false, false, std::is_same<T, __nv_bfloat16>::value, N, da, nullptr, db, d, scale_d);
+}
+template <typename T, int N>
+inline void wgmma_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  wgmma_issue(true, true, std::is_same<T, __nv_bfloat16>::value, N, 0, a, db, d, scale_d);
+}
+
 }  // namespace set_attn
 }  // namespace jedi
 
@@ -477,6 +627,8 @@ void launch(EmuDim3 grid, int threads, int64_t smem_bytes, F body) {
         Cta cta(threads);
         g_cta = &cta;
         run_cta(threads, job);
+        for (const auto& wg : cta.wgs)
+          if (!wg->open.empty() || !wg->groups.empty()) fail("kernel exited with wgmma operations in flight");
         g_cta = nullptr;
       }
 }
