@@ -1,6 +1,7 @@
 """Static instruction mix of the set-attention forward's main loop, compiled for sm_90 without a GPU.
 
     python tools/sass_loop_mix.py [--arch 90] [--cuda]
+    python tools/sass_loop_mix.py --wgmma     # the Hopper (sm_90a) CUDA forward's variants
 
 Compiles ``_set_attn_fwd_kernel`` (bf16, SD's head dims 40/80/160, the default GPU config of each class) with the
 variants of its per-element work (``SCALE_POS``: scale folded into one FFMA; ``ROWSUM_DOT``: row sums on the tensor
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import re
 import subprocess
@@ -96,13 +98,67 @@ def loop_mix(kernel) -> tuple[collections.Counter, int]:
     return sass_loop_mix(_sass(kernel.asm["cubin"]))
 
 
-def _nvcc_sass(src: Path, arch: int) -> str:
-    """SASS of one csrc/cuda source compiled to a cubin with nvcc as torch's extension build compiles it."""
+def _nvcc_sass(src: Path, arch: int | str, extra: tuple[str, ...] = (), ptxas_log: list | None = None) -> str:
+    """SASS of one csrc/cuda source compiled to a cubin with nvcc as torch's extension build compiles it (``arch``:
+    90, or "90a" for the arch-specific target); ``ptxas_log`` (a list) receives ptxas's -v output."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "k.cubin"
-        subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
-                        "-cubin", f"-arch=sm_{arch}", *NVCC_TORCH_FLAGS, "-o", str(out), str(src)], check=True)
+        verbose = ("-Xptxas=-v",) if ptxas_log is not None else ()
+        res = subprocess.run(["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'cuda'}",
+                              "-cubin", f"-arch=sm_{arch}", *NVCC_TORCH_FLAGS, *extra, *verbose, "-o", str(out),
+                              str(src)], check=True, capture_output=True, text=True)
+        if ptxas_log is not None:
+            ptxas_log.append(res.stdout + res.stderr)
         return _sass(out.read_bytes())
+
+
+# the Hopper forward's variants (csrc/cuda/set_attention_wgmma.cuh, wgmma_variant_*): keys per tile, warpgroups
+WGMMA_VARIANTS = {1: (64, 2), 2: (128, 2), 3: (128, 3)}
+
+
+@functools.lru_cache(maxsize=1)
+def _wgmma_build() -> tuple[str, str]:
+    """(SASS, ptxas -v log) of set_attention_fwd_wgmma_hdim40.cu for sm_90a, as setup.py builds it (one compile)."""
+    log: list = []
+    sass = _nvcc_sass(ROOT / "csrc" / "cuda" / "set_attention_fwd_wgmma_hdim40.cu", "90a", ("-DJEDI_SM90A",), log)
+    return sass, log[0]
+
+
+def cuda_wgmma_fwd_sass(variant: int, dtype: str = "bf16") -> tuple[str, dict]:
+    """(SASS, {"registers": ptxas's count, "warnings": its C75xx lines about the function}) of the Hopper forward's
+    ``variant`` (set_attention_fwd_wgmma_hdim40.cu, sm_90a) for ``dtype``."""
+    block_n, wg = WGMMA_VARIANTS[variant]
+    sass, log = _wgmma_build()
+    want = "set_attn_fwd_wgmma_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half") + \
+        f"Li48ELi40ELi{block_n}ELi{wg}E"
+    # ptxas -v: "Compiling entry function '<name>'" ... "Used N registers" for each function in turn
+    fn_log = re.findall(r"Compiling entry function '([^']+)'.*?\n(?:.*\n)*?.*?Used (\d+) registers", log)
+    regs = [int(n) for name, n in fn_log if want in name]
+    warnings = [line for line in log.splitlines() if want in line and re.search(r"\(C75\d\d\)", line)]
+    for blk in re.split(r"\n\s*Function : ", sass)[1:]:
+        if want in blk.split("\n", 1)[0]:
+            return blk, dict(registers=regs[0] if regs else None, warnings=warnings)
+    raise LookupError(f"no set_attn_fwd_wgmma_kernel variant {variant} {dtype}")
+
+
+def wgmma_overlap(sass: str) -> dict:
+    """What the Hopper forward's steady loop (its longest backward branch) does between issuing its warpgroup MMAs
+    and waiting for them: the HGMMAs issued before the first wait, the MUFU (exponentials) between the wait for S
+    (``WARPGROUP.DEPBAR.LE gsb0, 0x1``) and the wait for the P V product (``0x0``): the softmax that overlaps the
+    tensor cores, and the MUFU after that wait (the rescale's, or exponentials ptxas sank past it)."""
+    body = _loop_body(sass)
+    state, out = "issue", dict(hgmma=0, mufu_overlapped=0, mufu_after=0, waits=[])
+    for _, op, rest in body:
+        if op == "HGMMA" and state == "issue":
+            out["hgmma"] += 1
+        elif op == "WARPGROUP" and "DEPBAR" in rest:
+            out["waits"].append(re.search(r"gsb0,\s*(0x[0-9a-f]+)", rest).group(1))
+            state = "overlap" if state == "issue" else "after"
+        elif op == "MUFU" and state == "overlap":
+            out["mufu_overlapped"] += 1
+        elif op == "MUFU" and state == "after":
+            out["mufu_after"] += 1
+    return out
 
 
 def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1, stages: int = 1) -> str:
@@ -236,6 +292,23 @@ def full_tile_count(sass: str, *, skip_rescale: bool = False) -> int:
     return sum(a not in skipped for a, _, _ in body)
 
 
+def wgmma_report() -> None:
+    """Print the Hopper forward's static loop figures (``--wgmma``)."""
+    print("sm_90a, csrc/cuda/set_attention_fwd_wgmma_hdim40.cu, per 1024 score elements (one warp's 16 rows x 64 keys)")
+    for variant, (block_n, wg) in WGMMA_VARIANTS.items():
+        for dtype in ("fp16", "bf16"):
+            sass, info = cuda_wgmma_fwd_sass(variant, dtype)
+            ops, n = sass_loop_mix(sass)
+            k = 1024 / (16 * block_n)
+            ov = wgmma_overlap(sass)
+            steady = full_tile_count(sass, skip_rescale=True) * k
+            print(f"  variant {variant} ({block_n} keys x {wg} warpgroups) {dtype}: loop {n * k:4.0f}, full tile "
+                  f"{full_tile_count(sass) * k:4.0f}, without rescale {steady:4.0f}"
+                  f"  MUFU {ops['MUFU'] * k:3.0f}  HGMMA {ops['HGMMA'] * k:4.1f}  exponentials overlapping P V "
+                  f"{ov['mufu_overlapped'] * k:3.0f}  waits {'/'.join(ov['waits'])}  registers {info['registers']}"
+                  f"{'  PTXAS: ' + '; '.join(info['warnings']) if info['warnings'] else ''}")
+
+
 def bwd_report(arch: int) -> None:
     """Print the backward comparison (``--bwd``)."""
     # Triton: dK/dV kernel (BLOCK_N keys x BLOCK_M queries per iteration) + dQ kernel (BLOCK_M queries x BLOCK_N
@@ -295,11 +368,16 @@ def main(argv=None) -> int:
                     "element")
     ap.add_argument("--cuda", action="store_true", help="also the CUDA C++ forward instances (needs nvcc), per score "
                     "element next to the Triton kernel's best variant")
+    ap.add_argument("--wgmma", action="store_true", help="the Hopper (wgmma, sm_90a) forward's variants instead: "
+                    "instructions per 1024 scores and which exponentials overlap the P V product (needs nvcc)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
     if args.bwd:
         bwd_report(args.arch)
+        return 0
+    if args.wgmma:
+        wgmma_report()
         return 0
     variants = (("unfused scale, FADD row sums", dict(SCALE_POS=False, ROWSUM_DOT=False)),
                 ("FFMA scale, FADD row sums", dict(SCALE_POS=True, ROWSUM_DOT=False)),

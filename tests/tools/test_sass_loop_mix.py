@@ -72,3 +72,34 @@ def test_dynamic_mix_takes_one_trip_count_per_inner_mma_loop():
     assert ops["HMMA"] == 1 + 3 and ops["LDSM"] == 3 and ops["MUFU"] == 2  # the inner loop's opcodes, three times
     with pytest.raises(ValueError, match="1 inner loops with MMAs, 2 trip counts"):
         sass_loop_mix.dynamic_loop_mix(sass, [3, 2])
+
+
+def _can_compile_sm90a() -> bool:
+    import shutil
+    try:
+        import triton
+    except ImportError:
+        return False
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return shutil.which("nvcc") is not None and cuobjdump.exists()
+
+
+@pytest.mark.skipif(not _can_compile_sm90a(), reason="needs nvcc and Triton's cuobjdump")
+@pytest.mark.parametrize("variant", sorted(sass_loop_mix.WGMMA_VARIANTS))
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_wgmma_forward_schedule(variant, dtype):
+    """The Hopper forward's point, checked in its sm_90a SASS: in the steady loop every exponential of the tile runs
+    between the wait for S = Q K^T and the wait for the P V product (so the softmax overlaps the tensor cores), ptxas
+    neither serialized the warpgroup MMAs nor patched fences in (C7514/C7517/C7519), the registers fit the CTAs per
+    SM the variant is built for, and a full tile stays near the exp unit's 256 clocks per 1024 scores."""
+    block_n, wg = sass_loop_mix.WGMMA_VARIANTS[variant]
+    sass, info = sass_loop_mix.cuda_wgmma_fwd_sass(variant, dtype)
+    assert info["warnings"] == []
+    ov = sass_loop_mix.wgmma_overlap(sass)
+    assert ov["waits"] == ["0x1", "0x0"]
+    assert ov["hgmma"] == 3 + block_n // 16          # Q K^T (three k16 steps of 48 columns), then P V
+    assert ov["mufu_overlapped"] == block_n // 2      # each thread's exponentials of the tile (64 x block_n / 128)
+    # 2 CTAs of 256 threads per SM need <= 128 registers; one CTA of 3 warpgroups <= 168
+    assert info["registers"] <= (128 if (block_n, wg) == (64, 2) else 168 if wg == 3 else 255)
+    per_1024 = sass_loop_mix.full_tile_count(sass, skip_rescale=True) * 1024 / (16 * block_n)
+    assert per_1024 <= (400 if block_n == 64 else 300)
