@@ -339,6 +339,33 @@ def cuda_fwd_stages_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """CUDA forward: the mma.sync kernel (the default) vs the Hopper one (``JEDI_CUDA_FWD_WGMMA`` 1 / 2 / 3: 64 keys
+    x 2 warpgroups, 128 x 2, 128 x 3; warpgroup MMAs with the softmax overlapping the P V product; sm_90a, head dim
+    40 only: elsewhere every label times the mma.sync kernel), and cuDNN SDPA on the same inputs (``ms_cudnn``, the
+    number to beat: 0.603 ms at L 4096 D 40 ng 2 bf16 on the third H100 run). Static SASS per 1024 scores of a full
+    tile (tools/sass_loop_mix.py --wgmma): 361 / 265 / 246 instructions against 32 MUFU x 8 = 256 exp-unit clocks;
+    the mma.sync kernel's ~300 with the exponentials serialized against its MMAs."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_WGMMA",
+                       {"mmasync": "0", "wg64x2": "1", "wg128x2": "2", "wg128x3": "3"}, "cuda_fwd_wgmma")
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    row["ms_cudnn"] = time_ms(build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")[0], rep_ms=rep_ms)
+    with _env("JEDI_CUDA_FWD_WGMMA", "3"):  # the variant ran (the profiler's kernel names), and its output agrees
+        out = build_fn("cuda", q, k, v, ng, HEADS, "fwd")[1]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            build_fn("cuda", q, k, v, ng, HEADS, "fwd")[0]()
+            torch.cuda.synchronize()
+    row["wgmma_ran"] = any("wgmma" in e.name for e in prof.events())
+    ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")[1]
+    row["max_abs_diff_vs_cudnn"] = float((out.float() - ref.float()).abs().max())
+    best = min(("wg64x2", "wg128x2", "wg128x3"), key=lambda n: row[f"ms_{n}"])
+    row["best_wgmma"] = best
+    row["speedup_wgmma_vs_mmasync"] = row["ms_mmasync"] / row[f"ms_{best}"]
+    row["speedup_wgmma_vs_cudnn"] = row["ms_cudnn"] / row[f"ms_{best}"]
+    row["tflops_best_wgmma"] = flops(SETS, HEADS, ng, L, D, "fwd") / (row[f"ms_{best}"] * 1e-3) / 1e12
+    return row
+
+
 def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA backward with 4 vs 8 warps per CTA (``JEDI_CUDA_BWD_WARPS`` 4 / 8; padded head dim 80 has both): 64 or 128
     keys per CTA, FlashAttention-2's d 80 shape being the latter. The wider CTA loads each query tile once for twice
@@ -414,6 +441,19 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
         best_ms = f"{row['ms'][best]:.3f}ms" if best else "-"
         print(f"L={L:5d} D={D:3d} ng={ng} {row['dtype']:8s} {mode:8s} best SDPA {best} {best_ms} | ours {ours} "
               f"errors {list(row['errors'])} ({row['wall_s']:.1f}s)", flush=True)
+    import jedi_kernels as jk
+
+    if jk.available_backends()["cuda_attention"]:
+        # the Hopper CUDA forward (new since the third H100 run), right after the dispatch rows: a cut-short sweep must
+        # not lose it
+        for ng, dtype in ((2, torch.bfloat16), (2, torch.float16), (1, torch.bfloat16), (4, torch.bfloat16)):
+            add(cuda_wgmma_fwd_row(4096, 40, ng=ng, dtype=dtype, rep_ms=rep_ms))
+            r = rows[-1]
+            print(f"CUDA forward, Hopper wgmma vs mma.sync, L=4096 D=40 ng={ng} {r['dtype']}: "
+                  f"{ {k[3:]: round(v, 3) for k, v in r.items() if k.startswith('ms_')} } ran={r['wgmma_ran']} "
+                  f"best {r['best_wgmma']} x{r['speedup_wgmma_vs_mmasync']:.2f} vs mma.sync, "
+                  f"x{r['speedup_wgmma_vs_cudnn']:.2f} vs cuDNN, {r['tflops_best_wgmma']:.0f} TFLOP/s, "
+                  f"max|diff| {r['max_abs_diff_vs_cudnn']:.1e}", flush=True)
     # masks with 1/ng of the work; SDPA can only apply them densely. Our backends run the block-diagonal (identity)
     # mask as per-image attention; the one-way mask (every image attends image 0) goes through the kernels' image
     # lists, which skip the other images' key tiles
@@ -427,7 +467,6 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     # kernel-variant rows after it come last: they compile the non-default variants, and a cut-short run loses them)
     add(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
-    import jedi_kernels as jk
 
     if "triton" in available_ours():
         # the TMA + warp-specialized forward first: the one variant no GPU run has timed yet (the third H100 run's

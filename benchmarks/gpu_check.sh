@@ -89,8 +89,8 @@ harness_pid=""
 if want kernels && command -v nvcc >/dev/null; then
   hobj="${TMPDIR:-/tmp}/jedi_sa_objs"; rm -rf "$hobj"; mkdir -p "$hobj"
   ( ls csrc/cuda/tests/set_attention_gpu_check.cu csrc/cuda/set_attention_*.cu | xargs -P "$MAX_JOBS" -I{} sh -c \
-      'nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -Icsrc/cuda -c {} -o "$1/$(basename {}).o"' \
-      _ "$hobj" && nvcc -gencode arch=compute_90,code=sm_90 "$hobj"/*.o -o "$HARNESS_BIN" ) >"$OUT/harness.log" 2>&1 &
+      'nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -DJEDI_SM90A -Icsrc/cuda -c {} -o "$1/$(basename {}).o"' \
+      _ "$hobj" && nvcc -gencode arch=compute_90a,code=sm_90a "$hobj"/*.o -o "$HARNESS_BIN" ) >"$OUT/harness.log" 2>&1 &
   harness_pid=$!
 fi
 

@@ -81,6 +81,9 @@ VARIANTS = {
                               "head_dim_chunks in set_attn_bwd, jedi_kernels/ops/set_attention.py (chunk_head_dim)"),
     "triton_fwd_ws": (("ms_pointer", "ms_ws"), "ms_pointer",
                       "_fwd_ws_requested in jedi_kernels/ops/set_attention.py (JEDI_TRITON_FWD_WS, opt-in)"),
+    # the Hopper CUDA forward's widest variant (the row holds all three, and best_wgmma)
+    "cuda_fwd_wgmma": (("ms_mmasync", "ms_wg128x3"), "ms_mmasync",
+                       "fwd_wgmma_from_env in csrc/cuda/set_attention_glue.cpp (JEDI_CUDA_FWD_WGMMA, opt-in)"),
 }
 
 

@@ -192,11 +192,13 @@ def test_sweep_saves_after_every_row(monkeypatch):
         return {"ms": {}, "errors": {}, "dtype": "bfloat16", "kind": "fake", "speedup_chunked_vs_padded": 1.0,
                 "speedup_dot_vs_fadd": 1.0, "speedup_atomic_vs_kernel": 1.0, "speedup_32_vs_16rows": 1.0,
                 "speedup_32_vs_16keys": 1.0, "speedup_ws_vs_default": 1.0, "speedup_2_vs_1stage": 1.0,
-                "ms_2stage_16rows": 1.0, "speedup_8_vs_4warps": 1.0}
+                "ms_2stage_16rows": 1.0, "speedup_8_vs_4warps": 1.0, "wgmma_ran": True, "best_wgmma": "wg128x3",
+                "speedup_wgmma_vs_mmasync": 1.0, "speedup_wgmma_vs_cudnn": 1.0, "tflops_best_wgmma": 1.0,
+                "max_abs_diff_vs_cudnn": 0.0}
 
     for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
                  "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
-                 "cuda_fwd_stages_row", "cuda_bwd_warps_row"):
+                 "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})

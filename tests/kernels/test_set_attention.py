@@ -871,6 +871,37 @@ def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["1", "2", "3"], ids=["64x2", "128x2", "128x3"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (1, 2, 4096, 2, 40, "full", True),   # SD's 64x64 level, views of one qkv projection
+    (2, 3, 97, 2, 40, "random", False),  # partial query and key tiles, masked
+    (1, 2, 230, 1, 40, "oneway", True),  # two query tiles of 128, a 38-row tail; a 102-key tail tile
+    (2, 4, 64, 1, 40, "blockdiag", False),
+    (1, 1, 200, 2, 40, "full", False),   # set size 1
+    (1, 2, 97, 1, 80, "full", False),    # no Hopper instance at 80: the switch falls back to mma.sync
+])
+def test_cuda_wgmma_forward(monkeypatch, variant, B, G, L, H, D, mask, fused):
+    """The Hopper forward (JEDI_CUDA_FWD_WGMMA=1|2|3: warpgroup MMAs, the softmax overlapping the P V product) passes
+    the 2x rule for out and lse (and the backward on its lse) in both dtypes; the profiler shows it ran, with the
+    variant's tile shape, on a compute-capability-9.0 device at head dim 40, and that other devices and head dims
+    fell back to the mma.sync kernels."""
+    _require_cuda_attention()
+    monkeypatch.setenv("JEDI_CUDA_FWD_WGMMA", variant)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused, backend="cuda")
+    _, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cuda"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        jk.set_attention(q, k, v, G, H, backend="cuda")
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "set_attn_fwd" in e.name}
+    hopper = torch.cuda.get_device_capability() == (9, 0) and D == 40
+    assert names and all(("wgmma" in n) == hopper for n in names), names
+    if hopper:  # template arguments (T, kDk, kDv, kBlockN, kWG) end the demangled name: "..., 48, 40, 128, 3>"
+        block_n, wg = {"1": (64, 2), "2": (128, 2), "3": (128, 3)}[variant]
+        assert all(re.search(rf"48,\s*(\(int\))?40,\s*(\(int\))?{block_n},\s*(\(int\))?{wg}>", n) for n in names), names
+
+
+@pytest.mark.gpu
 @pytest.mark.ws
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
@@ -895,14 +926,14 @@ def test_ws_forward_gpu(monkeypatch, B, G, L, H, D, mask, fused, dtype):
 
 
 @pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_FWD_STAGES", "JEDI_CUDA_BWD_KEY_BLOCKS",
-                                    "JEDI_CUDA_BWD_WARPS"])
+                                    "JEDI_CUDA_BWD_WARPS", "JEDI_CUDA_FWD_WGMMA"])
 def test_cuda_instance_switch_bad_value(monkeypatch, switch):
     """A bad value of a CUDA instance switch is an error naming the variable, from the pass that reads it."""
     _require_cuda_attention()
     _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
     q.requires_grad_()
-    monkeypatch.setenv(switch, "3")
-    allowed = "0, 4 or 8" if switch == "JEDI_CUDA_BWD_WARPS" else "0, 1 or 2"
+    monkeypatch.setenv(switch, "4" if switch == "JEDI_CUDA_FWD_WGMMA" else "3")
+    allowed = {"JEDI_CUDA_BWD_WARPS": "0, 4 or 8", "JEDI_CUDA_FWD_WGMMA": "0, 1, 2 or 3"}.get(switch, "0, 1 or 2")
     bad = pytest.raises(RuntimeError, match=f"{switch} must be {allowed}")
     if switch.startswith("JEDI_CUDA_FWD"):
         with bad:

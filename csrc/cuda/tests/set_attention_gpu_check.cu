@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../set_attention.cuh"
+#include "../set_attention_wgmma.cuh"
 #include "set_attention_reference.h"
 
 #define CK(x)                                                                                         \
@@ -54,6 +55,7 @@ struct Case {
   int key_blocks = 0;  // backward instance (SetAttnBwdParams::bwd_key_blocks): 0 = the head dim's default
   int stages = 0;      // forward loop (SetAttnParams::fwd_stages): 0 = the default
   int bwd_warps = 0;   // backward CTA (SetAttnBwdParams::bwd_warps): 0 = the default
+  int wgmma = 0;       // Hopper forward variant (SetAttnParams::fwd_wgmma): 0 = off
 };
 
 uint16_t to_bits(float x, int dtype) {
@@ -166,6 +168,7 @@ bool run_case(const Case& c, bool use_graph) {
   fp.scale = (float)scale;
   fp.fwd_row_blocks = c.row_blocks;
   fp.fwd_stages = c.stages;
+  fp.fwd_wgmma = c.wgmma;
   SetAttnBwdParams bp{};
   bp.q = fp.q; bp.k = fp.k; bp.v = fp.v; bp.out = d.out; bp.dout = d.dout;
   bp.q_stride_n = bp.k_stride_n = bp.v_stride_n = sn;
@@ -244,10 +247,10 @@ bool run_case(const Case& c, bool use_graph) {
     }
   }
   std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d "
-              "fwd_stages=%d bwd_key_blocks=%d bwd_warps=%d%s:%s\n",
+              "fwd_stages=%d fwd_wgmma=%d bwd_key_blocks=%d bwd_warps=%d%s:%s\n",
               ok ? "PASS" : "FAIL", (long long)B, (long long)G, (long long)L, (long long)H, (long long)D,
-              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.key_blocks, c.bwd_warps,
-              use_graph ? " graph" : "", msg.c_str());
+              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.wgmma, c.key_blocks,
+              c.bwd_warps, use_graph ? " graph" : "", msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
   return ok;
@@ -338,6 +341,18 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
   }
   fp.fwd_row_blocks = 0;
   fp.fwd_stages = 0;
+  // the Hopper forward's variants where it runs
+  if (jedi::set_attention_wgmma_runnable(D)) {
+    for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v) {
+      fp.fwd_wgmma = v;
+      char buf[80];
+      std::snprintf(buf, sizeof(buf), "  fwd[wgmma %d keys x %d warpgroups] %.3f ms",
+                    jedi::set_attn::wgmma_variant_block_n(v), jedi::set_attn::wgmma_variant_warpgroups(v),
+                    median_ms([&] { return jedi::set_attention_fwd_launch(fp, dtype, 0); }));
+      alt += buf;
+    }
+    fp.fwd_wgmma = 0;
+  }
   // both backward instances where the head dim has two (16 and 32 keys per warp)
   for (int kb = 1; kb <= 2; ++kb) {
     if (!jedi::set_attn::bwd_has_key_blocks(kD, kb) || !jedi::set_attn::bwd_has_key_blocks(kD, 3 - kb)) continue;
@@ -401,6 +416,9 @@ int main(int argc, char** argv) {
       if (jedi::set_attn::bwd_has_warps(kD, 1, 8))  // the other backward CTA shape (4 or 8 warps)
         cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 1, 0,
                              jedi::set_attn::bwd_default_warps(kD) == 8 ? 4 : 8});
+      if (jedi::set_attention_wgmma_runnable(D))  // the Hopper forward's variants (sm_90a build, 9.0 device, D 40)
+        for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v)
+          cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 0, 0, 0, v});
     }
   };
   if (quick) {
@@ -440,6 +458,8 @@ int main(int argc, char** argv) {
     cases.push_back(Case{1, 2, 97, 2, 40, 0, 0, 1, -0.3f, true});
     cases.push_back(Case{1, 2, 97, 1, 160, 1, 2, 0, -0.1f, true});
     cases.push_back(Case{1, 2, 65, 1, 80, 1, 0, 0, 0.0f, true});
+    for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v)  // the Hopper forward at negative and zero scale
+      for (float sc : {-0.3f, 0.0f}) cases.push_back(Case{1, 2, 97, 2, 40, 1, 1, 0, sc, true, 0, 0, 0, 0, v});
   }
   for (const Case& c : cases) run_case(c, false);
   if (!perf_only) {
