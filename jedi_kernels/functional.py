@@ -175,6 +175,8 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp),
             ``JEDI_CUDA_FWD_STAGES=1|2`` (CUDA forward at head dims <= 80: FlashAttention-2's loop, the default, or
             the software-pipelined one that computes the next key tile's scores during this tile's softmax),
+            ``JEDI_CUDA_FWD_WGMMA=1|2|3`` (CUDA forward at head dim 40 on compute capability 9.0: the Hopper kernel,
+            warpgroup MMAs with the softmax overlapping the P V product; elsewhere the default; not yet GPU-timed),
             ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32 keys per warp) and ``JEDI_CUDA_BWD_WARPS=4|8``
             (CUDA backward at head dims 72-80: 64 or 128 keys per CTA; 128, the default, timed faster).
 
