@@ -27,6 +27,8 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +fuse_ff            each feed-forward's projection + GEGLU as one Triton kernel (jedi_kernels.linear_geglu; opt-in
                         in optimize() until this rung measures it; on +cudnn_benchmark)
     +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each on +cudnn_benchmark)
+    +attn=cuda_wgmma    the CUDA kernel with the Hopper forward (JEDI_CUDA_FWD_WGMMA, variant WGMMA_VARIANT) at the
+                        d 40 layers (compute capability 9.0 only)
     (cuda_graph)        on a GPU, every rung above also replayed as one CUDA graph: its device time, which picks
                         the best levers (eager wall times are launch-bound and rank nothing)
     cuda_graph[attn]    each attention backend on the best levers, where no rung measured that already
@@ -44,6 +46,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import sys
 import time
 import traceback
@@ -81,7 +84,12 @@ LADDER = [
     ("+fuse_ff", dict(BASE, **_ALL, fuse_ff=True)),
     ("+attn=triton", dict(BASE, **_ALL, attn="triton")),
     ("+attn=cuda", dict(BASE, **_ALL, attn="cuda")),
+    ("+attn=cuda_wgmma", dict(BASE, **_ALL, attn="cuda_wgmma")),
 ]
+ATTNS = ("triton", "cuda", "cuda_wgmma")  # our attention options, besides "auto"
+# the Hopper forward's variant the cuda_wgmma rung runs (benchmarks/attention_sweep.py times all three)
+WGMMA_VARIANT = os.environ.get("JEDI_STEP_WGMMA_VARIANT", "3")
+_USER_WGMMA = os.environ.get("JEDI_CUDA_FWD_WGMMA")  # what the other rungs run with (unset: the default kernel)
 
 
 def configure(unet, inp: dict, cfg: dict) -> dict:
@@ -100,7 +108,15 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
     unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_fuse_context_kv(cfg.get("fuse_context_kv", False))
     unet.set_fuse_ff(cfg.get("fuse_ff", False))
-    unet.set_attn_backend(cfg["attn"])
+    # attn="cuda_wgmma": the CUDA backend with the Hopper forward; the switch is read per call by the extension (at
+    # capture time for a CUDA graph), so every configuration sets it
+    if cfg["attn"] == "cuda_wgmma":
+        os.environ["JEDI_CUDA_FWD_WGMMA"] = WGMMA_VARIANT
+    elif _USER_WGMMA is None:
+        os.environ.pop("JEDI_CUDA_FWD_WGMMA", None)
+    else:
+        os.environ["JEDI_CUDA_FWD_WGMMA"] = _USER_WGMMA
+    unet.set_attn_backend("cuda" if cfg["attn"] == "cuda_wgmma" else cfg["attn"])
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))
     return inputs_in_format(inp, fmt)
 
@@ -108,7 +124,10 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
 def attn_available(backend: str) -> str | None:
     """None when ``backend`` can run here, else why not."""
     avail = available_backends()
-    key = {"triton": "triton", "cuda": "cuda_attention"}.get(backend)
+    key = {"triton": "triton", "cuda": "cuda_attention", "cuda_wgmma": "cuda_attention"}.get(backend)
+    if backend == "cuda_wgmma" and avail.get(key) and (
+            not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)):
+        return "the Hopper forward needs a compute-capability-9.0 GPU"
     if key is None or avail.get(key):
         return None
     return avail["reasons"].get(key) or avail["reasons"].get("cuda") or f"{backend} unavailable"
@@ -221,7 +240,7 @@ class Run:
         graph_ms = {}
         if base_entry in rung_graph_ms:
             graph_ms["auto"] = rung_graph_ms[base_entry]
-        for attn in ("triton", "cuda"):
+        for attn in ATTNS:
             cfg = dict(base_cfg, attn=attn)
             rung = f"+attn={attn}"
             if rung in rung_graph_ms and dict(LADDER)[rung] == cfg:  # that rung was timed on these levers already
@@ -238,7 +257,7 @@ class Run:
             if row["ms"]:
                 graph_ms[attn] = row["ms"]
         best_attn = min(graph_ms, key=graph_ms.get) if graph_ms else min(
-            ("auto", "triton", "cuda"), key=lambda a: eager_ms.get(f"+attn={a}", eager_ms[base_entry] if a == "auto"
+            ("auto", *ATTNS), key=lambda a: eager_ms.get(f"+attn={a}", eager_ms[base_entry] if a == "auto"
                                                                     else float("inf")))
         best = dict(base_cfg, attn=best_attn, mode="cuda_graph" if graph_ms else "eager")
         best_ms = graph_ms.get(best_attn) or eager_ms.get(base_entry)
