@@ -17,50 +17,15 @@
 
 #include "set_attention_bwd_aux.cuh"
 #include "set_attention_kernels.cuh"
+#include "tests/emulated_case.h"
 #include "tests/set_attention_reference.h"
 
 using namespace jedi::set_attn;
+using namespace jedi_emu_test;
 
 namespace {
 
 int g_pass = 0, g_fail = 0;
-
-template <typename T>
-uint16_t to_bits(float x);
-template <>
-uint16_t to_bits<__half>(float x) {
-  return jedi_emu::float_to_half_bits(x);
-}
-template <>
-uint16_t to_bits<__nv_bfloat16>(float x) {
-  return jedi_emu::float_to_bf16_bits(x);
-}
-template <typename T>
-float from_bits(uint16_t b) {
-  return emu_to_float<T>(b);
-}
-
-constexpr int kGuard = 64;  // canary elements on each side of every buffer
-constexpr uint16_t kCanary16 = 0x7E7E;
-
-// a device-like buffer of E elements with canaries around it
-template <typename E>
-struct Buf {
-  std::vector<E> mem;
-  int64_t n;
-  explicit Buf(int64_t n_, E poison, E canary) : mem(n_ + 2 * kGuard, canary), n(n_) {
-    std::fill(mem.begin() + kGuard, mem.begin() + kGuard + n, poison);
-  }
-  E* data() { return mem.data() + kGuard; }
-  bool canaries_ok(E canary) const {
-    for (int i = 0; i < kGuard; ++i)
-      if (std::memcmp(&mem[i], &canary, sizeof(E)) || std::memcmp(&mem[kGuard + n + i], &canary, sizeof(E)))
-        return false;
-    return true;
-  }
-};
-float nan_f() { return std::nanf(""); }
-float canary_f() { return 1234.5f; }
 
 struct Case {
   int64_t B, G, L, H, D;
@@ -84,41 +49,8 @@ void run_case(const Case& c) {
   std::mt19937 rng(static_cast<uint32_t>(B * 7 + G * 131 + L * 17 + D * 3 + c.mask * 11 + c.layout));
   std::normal_distribution<float> nd(0.f, 1.f);
 
-  int64_t sn, sl, off[3], total;
-  if (c.layout == 1) {  // fused (N, L, 3*HD)
-    sl = 3 * HD;
-    sn = L * sl;
-    off[0] = 0;
-    off[1] = HD;
-    off[2] = 2 * HD;
-    total = N * L * 3 * HD;
-  } else if (c.layout == 2) {  // rows of HD + 24, images of L + 3 rows
-    sl = HD + 24;
-    sn = (L + 3) * sl;
-    const int64_t per = N * sn;
-    off[0] = 0;
-    off[1] = per;
-    off[2] = 2 * per;
-    total = 3 * per;
-  } else {
-    sl = HD;
-    sn = L * HD;
-    const int64_t per = N * L * HD;
-    off[0] = 0;
-    off[1] = per;
-    off[2] = 2 * per;
-    total = 3 * per;
-  }
-  Buf<uint16_t> qkv(total, 0, kCanary16);
-  for (int64_t i = 0; i < total; ++i) qkv.data()[i] = to_bits<T>(nd(rng));  // padding holds finite noise
-  std::vector<float> qf(N * L * HD), kf(N * L * HD), vf(N * L * HD), dof(N * L * HD);
-  for (int w = 0; w < 3; ++w) {
-    std::vector<float>& dst = w == 0 ? qf : w == 1 ? kf : vf;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t l = 0; l < L; ++l)
-        for (int64_t e = 0; e < HD; ++e)
-          dst[(n * L + l) * HD + e] = from_bits<T>(qkv.data()[off[w] + n * sn + l * sl + e]);
-  }
+  Inputs<T> in(N, L, HD, c.layout, rng);
+  std::vector<float> dof(N * L * HD);
   Buf<uint16_t> dout(N * L * HD, 0, kCanary16);
   for (int64_t i = 0; i < N * L * HD; ++i) {
     dout.data()[i] = to_bits<T>(nd(rng));
@@ -132,27 +64,12 @@ void run_case(const Case& c) {
   Buf<float> lse(B * H * S, nan_f(), canary_f()), dq_acc(N * L * HD, nan_f(), canary_f()),
       delta(B * H * S, nan_f(), canary_f());
 
-  jedi_emu::g_inputs = {{reinterpret_cast<const unsigned char*>(qkv.data()),
-                         reinterpret_cast<const unsigned char*>(qkv.data() + total)},
+  jedi_emu::g_inputs = {{in.begin(), in.end()},
                         {reinterpret_cast<const unsigned char*>(dout.data()),
                          reinterpret_cast<const unsigned char*>(dout.data() + N * L * HD)}};
   jedi_emu::g_cp_async_at_wait = c.cp_late;
 
-  jedi::SetAttnParams fp{};
-  fp.q = qkv.data() + off[0];
-  fp.k = qkv.data() + off[1];
-  fp.v = qkv.data() + off[2];
-  fp.q_stride_n = fp.k_stride_n = fp.v_stride_n = sn;
-  fp.q_stride_l = fp.k_stride_l = fp.v_stride_l = sl;
-  fp.out = out.data();
-  fp.lse = lse.data();
-  fp.set_mask = mask.empty() ? nullptr : mask.data();
-  fp.B = B;
-  fp.G = G;
-  fp.L = L;
-  fp.H = H;
-  fp.D = D;
-  fp.scale = scale;
+  jedi::SetAttnParams fp = in.fwd_params(out.data(), lse.data(), mask, B, G, L, H, D, scale);
 
   using FT = FwdTraits<T, kD, kRB, kStages>;
   const Grid3 gf = fwd_grid(B, G, L, H, FT::kBlockM);
@@ -170,8 +87,8 @@ void run_case(const Case& c) {
   bp.v = fp.v;
   bp.out = out.data();
   bp.dout = dout.data();
-  bp.q_stride_n = bp.k_stride_n = bp.v_stride_n = sn;
-  bp.q_stride_l = bp.k_stride_l = bp.v_stride_l = sl;
+  bp.q_stride_n = bp.k_stride_n = bp.v_stride_n = in.sn;
+  bp.q_stride_l = bp.k_stride_l = bp.v_stride_l = in.sl;
   bp.o_stride_n = bp.do_stride_n = L * HD;
   bp.o_stride_l = bp.do_stride_l = HD;
   bp.lse = lse.data();
@@ -202,7 +119,7 @@ void run_case(const Case& c) {
                    [&] { set_attn_dq_convert_kernel<T>(dq_acc.data(), static_cast<T*>(bp.dq), n4, scale); });
 
   // compare
-  const jedi_test::AttnRef r = jedi_test::attention_reference(B, G, L, H, D, scale, qf, kf, vf, dof, mask);
+  const jedi_test::AttnRef r = jedi_test::attention_reference(B, G, L, H, D, scale, in.qf, in.kf, in.vf, dof, mask);
   auto as_double = [&](Buf<uint16_t>& b) {
     std::vector<double> x(b.n);
     for (int64_t i = 0; i < b.n; ++i) x[i] = from_bits<T>(b.data()[i]);
@@ -222,7 +139,7 @@ void run_case(const Case& c) {
                {"dv", jedi_test::compare(as_double(dv), r.dv), tol_g}};
   bool ok = out.canaries_ok(kCanary16) && dq.canaries_ok(kCanary16) && dk.canaries_ok(kCanary16) &&
             dv.canaries_ok(kCanary16) && lse.canaries_ok(canary_f()) && dq_acc.canaries_ok(canary_f()) &&
-            delta.canaries_ok(canary_f()) && qkv.canaries_ok(kCanary16) && dout.canaries_ok(kCanary16);
+            delta.canaries_ok(canary_f()) && in.qkv.canaries_ok(kCanary16) && dout.canaries_ok(kCanary16);
   std::string msg = ok ? "" : " CANARY OVERWRITTEN";
   // a key image nobody attends gets exact-zero dk, dv (either sign: a negative scale makes dk = scale * 0 = -0)
   if (c.mask == 3 && G > 1) {

@@ -15,41 +15,15 @@
 #include <string>
 
 #include "set_attention_wgmma.cuh"
+#include "tests/emulated_case.h"
 #include "tests/set_attention_reference.h"
 
 using namespace jedi::set_attn;
+using namespace jedi_emu_test;
 
 namespace {
 
 int g_pass = 0, g_fail = 0;
-
-template <typename T>
-uint16_t to_bits(float x) {
-  return std::is_same<T, __half>::value ? jedi_emu::float_to_half_bits(x) : jedi_emu::float_to_bf16_bits(x);
-}
-template <typename T>
-float from_bits(uint16_t b) {
-  return emu_to_float<T>(b);
-}
-
-constexpr int kGuard = 64;
-constexpr uint16_t kCanary16 = 0x7E7E;
-
-template <typename E>
-struct Buf {
-  std::vector<E> mem;
-  int64_t n;
-  Buf(int64_t n_, E poison, E canary) : mem(n_ + 2 * kGuard, canary), n(n_) {
-    std::fill(mem.begin() + kGuard, mem.begin() + kGuard + n, poison);
-  }
-  E* data() { return mem.data() + kGuard; }
-  bool canaries_ok(E canary) const {
-    for (int i = 0; i < kGuard; ++i)
-      if (std::memcmp(&mem[i], &canary, sizeof(E)) || std::memcmp(&mem[kGuard + n + i], &canary, sizeof(E)))
-        return false;
-    return true;
-  }
-};
 
 struct Case {
   int64_t B, G, L, H;
@@ -66,78 +40,29 @@ void run_case(const Case& c) {
   const int64_t B = c.B, G = c.G, L = c.L, H = c.H, HD = H * D, N = B * G, S = G * L;
   const float scale = c.scale != 0.f ? c.scale : 1.f / std::sqrt(static_cast<float>(D));
   std::mt19937 rng(static_cast<uint32_t>(B * 7 + G * 131 + L * 17 + c.mask * 11 + c.layout + kBlockN));
-  std::normal_distribution<float> nd(0.f, 1.f);
-
-  int64_t sn, sl, off[3], total;
-  if (c.layout == 1) {  // views of a fused (N, L, 3 HD) projection
-    sl = 3 * HD;
-    sn = L * sl;
-    off[0] = 0;
-    off[1] = HD;
-    off[2] = 2 * HD;
-    total = N * L * 3 * HD;
-  } else if (c.layout == 2) {  // rows of HD + 24, images of L + 3 rows
-    sl = HD + 24;
-    sn = (L + 3) * sl;
-    off[0] = 0;
-    off[1] = N * sn;
-    off[2] = 2 * N * sn;
-    total = 3 * N * sn;
-  } else {
-    sl = HD;
-    sn = L * HD;
-    off[0] = 0;
-    off[1] = N * L * HD;
-    off[2] = 2 * N * L * HD;
-    total = 3 * N * L * HD;
-  }
-  Buf<uint16_t> qkv(total, 0, kCanary16);
-  for (int64_t i = 0; i < total; ++i) qkv.data()[i] = to_bits<T>(nd(rng));  // the padding holds finite noise
-  std::vector<float> qf(N * L * HD), kf(N * L * HD), vf(N * L * HD), dof(N * L * HD, 0.f);
-  for (int w = 0; w < 3; ++w) {
-    std::vector<float>& dst = w == 0 ? qf : w == 1 ? kf : vf;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t l = 0; l < L; ++l)
-        for (int64_t e = 0; e < HD; ++e)
-          dst[(n * L + l) * HD + e] = from_bits<T>(qkv.data()[off[w] + n * sn + l * sl + e]);
-  }
+  Inputs<T> in(N, L, HD, c.layout, rng);
+  const std::vector<float> dof(N * L * HD, 0.f);
   const std::vector<uint8_t> mask = jedi_test::make_mask(G, c.mask);
   Buf<uint16_t> out(N * L * HD, 0xFFFF, kCanary16);
   Buf<float> lse(B * H * S, std::nanf(""), 1234.5f);
 
-  jedi_emu::g_inputs = {{reinterpret_cast<const unsigned char*>(qkv.data()),
-                         reinterpret_cast<const unsigned char*>(qkv.data() + total)}};
+  jedi_emu::g_inputs = {{in.begin(), in.end()}};
   jedi_emu::g_cp_async_at_wait = c.cp_late;
   jedi_emu::g_wgmma_at_wait = c.wgmma_late;
-
-  jedi::SetAttnParams p{};
-  p.q = qkv.data() + off[0];
-  p.k = qkv.data() + off[1];
-  p.v = qkv.data() + off[2];
-  p.q_stride_n = p.k_stride_n = p.v_stride_n = sn;
-  p.q_stride_l = p.k_stride_l = p.v_stride_l = sl;
-  p.out = out.data();
-  p.lse = lse.data();
-  p.set_mask = mask.empty() ? nullptr : mask.data();
-  p.B = B;
-  p.G = G;
-  p.L = L;
-  p.H = H;
-  p.D = D;
-  p.scale = scale;
+  const jedi::SetAttnParams p = in.fwd_params(out.data(), lse.data(), mask, B, G, L, H, D, scale);
 
   using Tr = WgFwdTraits<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>;
   const Grid3 g = fwd_grid(B, G, L, H, Tr::kBlockM);
   jedi_emu::launch(EmuDim3{unsigned(g.x), unsigned(g.y), unsigned(g.z)}, Tr::kThreads, Tr::kSmemBytes,
                    [&] { set_attn_fwd_wgmma_kernel<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>(p); });
 
-  const jedi_test::AttnRef r = jedi_test::attention_reference(B, G, L, H, D, scale, qf, kf, vf, dof, mask);
+  const jedi_test::AttnRef r = jedi_test::attention_reference(B, G, L, H, D, scale, in.qf, in.kf, in.vf, dof, mask);
   std::vector<double> out_d(out.n), lse_d(lse.data(), lse.data() + lse.n);
   for (int64_t i = 0; i < out.n; ++i) out_d[i] = from_bits<T>(out.data()[i]);
   const bool bf = std::is_same<T, __nv_bfloat16>::value;
   const jedi_test::Err eo = jedi_test::compare(out_d, r.out), el = jedi_test::compare(lse_d, r.lse);
   const double lim_o = (bf ? 2.5e-2 : 4e-3) * std::max(1.0, eo.max_ref), lim_l = 2e-3 * std::max(1.0, el.max_ref);
-  const bool canaries = out.canaries_ok(kCanary16) && lse.canaries_ok(1234.5f) && qkv.canaries_ok(kCanary16);
+  const bool canaries = out.canaries_ok(kCanary16) && lse.canaries_ok(1234.5f) && in.qkv.canaries_ok(kCanary16);
   const bool ok = canaries && eo.nonfinite == 0 && el.nonfinite == 0 && eo.max_err <= lim_o && el.max_err <= lim_l;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("%s wgmma fwd keys/tile=%d warpgroups=%d %s B=%lld G=%lld L=%lld H=%lld mask=%d layout=%d "
