@@ -415,7 +415,9 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
       wgmma_wait<1>();   // S_t done; the P V product may still run ...
       fence_s();
       const bool moved = softmax();  // ... during the softmax
-      fence_s();  // P_t computed before the wait below (ptxas would otherwise sink the exponentials past it)
+      // P_t before the wait below, in the PTX; in the SASS the tail-masking branch inside softmax() is what keeps
+      // ptxas from sinking the exponentials past the wait (tests/tools/test_sass_loop_mix.py checks the schedule)
+      fence_s();
       wgmma_wait<0>();
       fence_o();
       finish_tile(moved);
