@@ -1,7 +1,7 @@
 // Set-wise flash attention forward for Hopper (sm_90a): warpgroup MMAs (wgmma.mma_async) with the softmax of one key
 // tile overlapping the P V product of the previous one (FlashAttention-3's intra-warpgroup pipelining). Same
 // semantics, layouts, set structure, masks and outputs as set_attn_fwd_kernel (set_attention_kernels.cuh); opt-in
-// (JEDI_CUDA_FWD_WGMMA=1) until a GPU run has timed it.
+// (JEDI_CUDA_FWD_WGMMA=1|2|3, the tile shapes) until a GPU run has timed it.
 //
 // Why: the mma.sync forward cannot keep the tensor cores busy while its exponentials run (ptxas serializes the two
 // inside a warp; the H100 measured 0.811 ms at d 40 against cuDNN's 0.603), and Triton 3.6 waits for every wgmma
@@ -134,8 +134,8 @@ __device__ __forceinline__ void wgmma_rs_bt(float (&d)[N / 2], const uint32_t (&
 
 // ---- the kernel ---------------------------------------------------------------------------------------------------
 // Instances: head dim 40 (the 5 joint layers of SD at 64x64): Q K^T over 48 columns (three k16 steps; columns 40-47
-// zero-filled), P V over 40 (wgmma n40: no padded output columns). kBlockN keys per tile, kWG warpgroups of 64 query
-// rows each per CTA.
+// zero-filled), P V over 48 (wgmma n48: the 40 values, then the ones column that sums P's rows). kBlockN keys per
+// tile, kWG warpgroups of 64 query rows each per CTA.
 template <typename T, int kDk, int kDv, int kBlockN, int kWG>
 struct WgFwdTraits {
   using Elem = T;
@@ -168,7 +168,8 @@ constexpr int kWgmmaDk = 48, kWgmmaDv = 40;
 constexpr int kWgmmaVariants = 3;
 JEDI_HD constexpr int wgmma_variant_block_n(int variant) { return variant == 1 ? 64 : 128; }
 JEDI_HD constexpr int wgmma_variant_warpgroups(int variant) { return variant == 3 ? 3 : 2; }
-JEDI_HD constexpr int64_t wgmma_max_stride_l(int rows);
+// The largest row stride (elements) whose offsets inside a tile of `rows` rows fit 32 bits.
+JEDI_HD constexpr int64_t wgmma_max_stride_l(int rows) { return (int64_t{1} << 31) / (rows + 1) - 256; }
 // Row strides small enough for the kernel's 32-bit offsets inside a tile (any real layout: 3 H D elements at most).
 JEDI_HD bool wgmma_fwd_strides_ok(const SetAttnParams& p) {
   const int64_t lim = wgmma_max_stride_l(192);
@@ -197,9 +198,6 @@ __device__ __forceinline__ void wg_load_tile(unsigned char* s, const T* gt, int 
   }
 }
 
-// The largest row stride (elements) whose offsets inside a tile of kRows rows fit 32 bits.
-JEDI_HD constexpr int64_t wgmma_max_stride_l(int rows) { return (int64_t{1} << 31) / (rows + 1) - 256; }
-
 // One CTA: query rows [m0, m0 + 64 kWG) of image i of set b, head h; warpgroup w owns rows m0 + 64w ... + 63. The
 // online softmax is set_attn_fwd_kernel's (log2 units, lazy rescaling by kLazyRescaleLog2); the row sums l come
 // from the P V product itself, through a column of ones after V's values. Iteration t (key tile t of the walk):
@@ -207,8 +205,8 @@ JEDI_HD constexpr int64_t wgmma_max_stride_l(int rows) { return (int64_t{1} << 3
 //      t-1 was done with (K and V double-buffered);
 //   2. issues S_t = Q K_t^T (wgmma, shared x shared), then O += P_{t-1} V_{t-1} (wgmma, P from registers), and waits
 //      for S_t only;
-//   3. runs the softmax of S_t (row maxima, exponentials, row sums) while the P V product runs;
-//   4. waits for it, rescales O and l if a running max moved, and packs P_t into A fragments.
+//   3. runs the softmax of S_t (row maxima, exponentials) while the P V product runs;
+//   4. waits for it, rescales O (l with it) if a running max moved, and packs P_t into A fragments.
 // After the walk one more P V adds the last tile.
 template <typename T, int kDk, int kDv, int kBlockN, int kWG>
 __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThreads,
@@ -239,7 +237,8 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
 
   const int q_sl = static_cast<int>(p.q_stride_l), k_sl = static_cast<int>(p.k_stride_l),
             v_sl = static_cast<int>(p.v_stride_l);
-  // rows of the key tile at `row0` inside its image; its first row
+  // rows_in: how many rows of the key tile starting at `row0` lie inside its image; k_rows / v_rows: the first row of
+  // the walk's tile `w` in K / V
   auto rows_in = [&](int64_t row0) { return L - row0 < kBlockN ? static_cast<int>(L - row0) : kBlockN; };
   auto k_rows = [&](const TileWalk& w) {
     return k_head + tensor_row(b, G, w.image) * p.k_stride_n + w.tile * kBlockN * p.k_stride_l;
