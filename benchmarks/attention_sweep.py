@@ -344,7 +344,7 @@ def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     x 2 warpgroups, 128 x 2, 128 x 3; warpgroup MMAs with the softmax overlapping the P V product; sm_90a, head dim
     40 only: elsewhere every label times the mma.sync kernel), and cuDNN SDPA on the same inputs (``ms_cudnn``, the
     number to beat: 0.603 ms at L 4096 D 40 ng 2 bf16 on the third H100 run). Static SASS per 1024 scores of a full
-    tile (tools/sass_loop_mix.py --wgmma): 361 / 265 / 246 instructions against 32 MUFU x 8 = 256 exp-unit clocks;
+    tile (tools/sass_loop_mix.py --wgmma): 362 / 266 / 247 instructions against 32 MUFU x 8 = 256 exp-unit clocks;
     the mma.sync kernel's ~300 with the exponentials serialized against its MMAs."""
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_WGMMA",
                        {"mmasync": "0", "wg64x2": "1", "wg128x2": "2", "wg128x3": "3"}, "cuda_fwd_wgmma")

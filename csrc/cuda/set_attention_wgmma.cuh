@@ -163,7 +163,7 @@ JEDI_HD constexpr bool wgmma_fwd_head_dim(int64_t D) { return D == 40; }
 constexpr int kWgmmaDk = 48, kWgmmaDv = 40;
 // Forward variants (SetAttnParams::fwd_wgmma), keys per tile x warpgroups (64 query rows each) per CTA:
 //   1: 64 x 2 (two CTAs per SM: 120 registers), 2: 128 x 2 (one CTA per SM), 3: 128 x 3 (one CTA per SM).
-// Per 1024 scores the steady loop issues ~358 (1) and ~266 (2, 3) sm_90a instructions against 32 exponentials x 8
+// Per 1024 scores the steady loop issues ~362 (1), ~266 (2), ~247 (3) sm_90a instructions against 32 exponentials x 8
 // clocks = 256 clocks of the exp unit: wider tiles spread the per-tile work (loads, barrier, descriptors) thinner.
 constexpr int kWgmmaVariants = 3;
 JEDI_HD constexpr int wgmma_variant_block_n(int variant) { return variant == 1 ? 64 : 128; }
@@ -363,18 +363,19 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
     }
     return moved;
   };
-  // 4. O (with l in its ones column) follows a moved running max (2^(m_prev - m): 1 for rows that did not move);
-  //    P_t packed to 16 bits as the A fragments of its P V product.
-  auto finish_tile = [&](bool moved) {
-    if (__any_sync(0xffffffffu, moved)) {
+  // 4. O (with l in its ones column) follows a moved running max (2^(m_prev - m): 1 for rows that did not move; called
+  //    when some row of the warp moved, a warp-uniform vote); P_t packed to 16 bits as the A fragments of its P V
+  //    product.
+  auto rescale_o = [&] {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float corr = fast_exp2(m_prev[r] - m_use[r]);  // 0 for a row's first finite max (O, l still 0)
+    for (int r = 0; r < 2; ++r) {
+      const float corr = fast_exp2(m_prev[r] - m_use[r]);  // 0 for a row's first finite max (O, l still 0)
 #pragma unroll
-        for (int i = 0; i < kOAcc; ++i)
-          if ((i / 2) % 2 == r) acc_o[i] *= corr;
-      }
+      for (int i = 0; i < kOAcc; ++i)
+        if ((i / 2) % 2 == r) acc_o[i] *= corr;
     }
+  };
+  auto pack_p = [&] {
 #pragma unroll
     for (int kk = 0; kk < Tr::kPVSteps; ++kk) {
       p_frag[kk][0] = pack2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
@@ -384,8 +385,8 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
     }
   };
 
-  // The first tile (no P V product yet), then the steady loop with straight-line wgmma issue and waits (a branch
-  // between a wgmma and its wait makes ptxas serialize the pipeline), then the last tile's P V product.
+  // The first tile (no P V product yet), then the steady loop, whose wgmmas are all issued unconditionally (a P V
+  // product issued under `if (t > 0)` made ptxas serialize every wgmma, warning C7514), then the last tile's P V.
   if (!kw.done()) {
     TileWalk nx = kw;
     next_tile(0, nx);
@@ -400,7 +401,8 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
     issue_qk(0);
     wgmma_wait<0>();
     fence_s();
-    finish_tile(softmax());
+    if (__any_sync(0xffffffffu, softmax())) rescale_o();
+    pack_p();
     kw = nx;
     int64_t t = 1;
     while (!kw.done()) {
@@ -414,12 +416,19 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
       wgmma_wait<1>();   // S_t done; the P V product may still run ...
       fence_s();
       const bool moved = softmax();  // ... during the softmax
-      // P_t before the wait below, in the PTX; in the SASS the tail-masking branch inside softmax() is what keeps
-      // ptxas from sinking the exponentials past the wait (tests/tools/test_sass_loop_mix.py checks the schedule)
       fence_s();
-      wgmma_wait<0>();
-      fence_o();
-      finish_tile(moved);
+      // The wait for the P V product stands in both arms of the rescale branch: ptxas hoists a wait that follows
+      // straight-line code up to the previous one (and the exponentials would then run after it, serialized behind
+      // the tensor cores), but not above a branch (tests/tools/test_sass_loop_mix.py checks the schedule).
+      if (__any_sync(0xffffffffu, moved)) {
+        wgmma_wait<0>();
+        fence_o();
+        rescale_o();
+      } else {
+        wgmma_wait<0>();
+        fence_o();
+      }
+      pack_p();
       kw = nx;
       ++t;
     }
