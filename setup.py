@@ -72,7 +72,7 @@ def ext_modules_and_cmdclass():
             print(f"jedi-kernels: JEDI_CUDA_EXCLUDE={exclude}: leaving out CUDA sources matching it")
         sources += cuda_sources
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DJEDI_WITH_CUDA"]
-        if "9.0a" in archs.replace(" ", ";").split(";"):
+        if any(a.partition("+")[0] == "9.0a" for a in archs.split(";")):
             nvcc.append("-DJEDI_SM90A")  # the Hopper (wgmma) attention forward is compiled: it may be launched
         ext = cpp_extension.CUDAExtension("jedi_kernels._C", sources, include_dirs=include_dirs + [
             os.path.join(ROOT, "csrc", "cuda")], extra_compile_args={"cxx": cxx + ["-DJEDI_WITH_CUDA"], "nvcc": nvcc})
@@ -82,15 +82,12 @@ def ext_modules_and_cmdclass():
 def _with_sm90a(archs):
     """The arch list with 9.0 as 9.0a (unless JEDI_NO_SM90A=1): the Hopper attention forward needs the
     arch-specific wgmma instructions, and an sm_90a binary runs on every compute-capability-9.0 device (H100, H200)
-    as an sm_90 one does. Other entries, +PTX suffixes and separators are kept."""
+    as an sm_90 one does. Only a plain "9.0" changes: "9.0+PTX" asks for PTX that later GPUs can JIT, which
+    compute_90a PTX is not, so it stays (and that build runs the mma.sync forward)."""
     if os.environ.get("JEDI_NO_SM90A") == "1":
         return archs
-    parts = archs.replace(" ", ";").split(";")
-    out = []
-    for a in parts:
-        base, plus, ptx = a.partition("+")
-        out.append(("9.0a" if base == "9.0" else base) + plus + ptx)
-    return ";".join(dict.fromkeys(out))
+    parts = [a for a in archs.replace(" ", ";").split(";") if a]
+    return ";".join(dict.fromkeys("9.0a" if a == "9.0" else a for a in parts))
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()

@@ -46,8 +46,9 @@ struct SetAttnParams {
   // set_attn::fwd_has_stages; with fwd_row_blocks == 0 a two-stage launch at 65-80 takes 16 rows per warp,
   // set_attn::fwd_launch_row_blocks); 0 = the default.
   int fwd_stages;
-  // Hopper forward (set_attention_wgmma.cuh): 0 = off (the mma.sync kernels above), 1 = 64-key tiles, 2 = 128-key
-  // tiles; only where set_attention_wgmma_runnable(D) (an sm_90a build on a compute-capability-9.0 device, D = 40).
+  // Hopper forward (set_attention_wgmma.cuh): 0 = off (the mma.sync kernels above); 1, 2, 3 = 64 keys x 2
+  // warpgroups, 128 x 2, 128 x 3 per CTA; only where set_attention_wgmma_runnable(D) (an sm_90a build on a
+  // compute-capability-9.0 device, D = 40), else the mma.sync kernels run.
   int fwd_wgmma;
 };
 
