@@ -6,7 +6,9 @@
 // random relative speeds, so a missing __syncthreads lets one warp overtake another). Warp-collective instructions
 // (ldmatrix, mma.sync, shfl) rendezvous the 32 lanes of a warp at a barrier, exchange operands and compute each
 // lane's result from the PTX ISA's fragment layouts, so fragment/address bugs in the kernels show up as wrong
-// numbers; a collective in divergent code is reported as a deadlock. __syncthreads is a CTA-wide barrier. cp.async
+// numbers; a collective in divergent code is reported as a deadlock. Warpgroup MMAs (sm_90a wgmma) rendezvous the 128
+// threads of a warpgroup, decode their shared-memory descriptors (no-swizzle layouts) and run at issue or only at the
+// wgmma.wait_group that retires them (g_wgmma_at_wait); a kernel may not exit with one in flight. __syncthreads is a CTA-wide barrier. cp.async
 // copies are performed either at issue or only at cp.async.wait_group (both orders are legal on hardware), so a read
 // before the wait sees stale data. Shared memory is filled with NaN bytes before each CTA, so a read of an unwritten
 // location poisons the result; ldmatrix and cp.async check their shared-memory bounds, cp.async its global source
