@@ -349,14 +349,13 @@ def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_WGMMA",
                        {"mmasync": "0", "wg64x2": "1", "wg128x2": "2", "wg128x3": "3"}, "cuda_fwd_wgmma")
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
-    row["ms_cudnn"] = time_ms(build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")[0], rep_ms=rep_ms)
+    cudnn, ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")
+    row["ms_cudnn"] = time_ms(cudnn, rep_ms=rep_ms)
     with _env("JEDI_CUDA_FWD_WGMMA", "3"):  # the variant ran (the profiler's kernel names), and its output agrees
-        out = build_fn("cuda", q, k, v, ng, HEADS, "fwd")[1]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            build_fn("cuda", q, k, v, ng, HEADS, "fwd")[0]()
+            out = build_fn("cuda", q, k, v, ng, HEADS, "fwd")[1]
             torch.cuda.synchronize()
     row["wgmma_ran"] = any("wgmma" in e.name for e in prof.events())
-    ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")[1]
     row["max_abs_diff_vs_cudnn"] = float((out.float() - ref.float()).abs().max())
     best = min(("wg64x2", "wg128x2", "wg128x3"), key=lambda n: row[f"ms_{n}"])
     row["best_wgmma"] = best
