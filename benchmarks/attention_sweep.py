@@ -365,6 +365,43 @@ def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """Triton forward: the pointer kernel (the default) vs the Gluon Hopper one (``JEDI_TRITON_FWD_GLUON`` 1 / 2 /
+    3: 128 queries x 128 keys over 2 warpgroups, 128 x 64, 64 x 128 over 1; warpgroup MMAs with the softmax of S_t
+    running while P_{t-1} V_{t-1} is on the tensor cores, TMA loads into a ring of mbarrier-tracked buffers; sm_90,
+    head dims <= 64 padded to a power of two (40 -> 64)), and cuDNN SDPA on the same inputs (``ms_cudnn``; issue 3's
+    target at L 4096 D 40 ng 2 bf16 is 0.45 ms, cuDNN 0.603 on the third H100 run). Static SASS per 1024 scores of a
+    full tile, config 1: 238 instructions against 32 MUFU x 8 = 256 exp-unit clocks."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_TRITON_FWD_GLUON",
+                       {"pointer": "0", "gl128x128": "1", "gl128x64": "2", "gl64x128": "3"}, "triton_fwd_gluon")
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    cudnn, ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")
+    row["ms_cudnn"] = time_ms(cudnn, rep_ms=rep_ms)
+    from jedi_kernels.ops import set_attention as sa
+
+    calls, real = [], sa.set_attn_fwd_gluon
+
+    def spy(*a, **kw):
+        calls.append(a[-1])
+        return real(*a, **kw)
+
+    sa.set_attn_fwd_gluon = spy
+    try:
+        with _env("JEDI_TRITON_FWD_GLUON", "1"):  # the Gluon kernel ran, and its output agrees with cuDNN's
+            out = build_fn("triton", q, k, v, ng, HEADS, "fwd")[1]
+            torch.cuda.synchronize()
+    finally:
+        sa.set_attn_fwd_gluon = real
+    row["gluon_ran"] = bool(calls)
+    row["max_abs_diff_vs_cudnn"] = float((out.float() - ref.float()).abs().max())
+    best = min(("gl128x128", "gl128x64", "gl64x128"), key=lambda n: row[f"ms_{n}"])
+    row["best_gluon"] = best
+    row["speedup_gluon_vs_pointer"] = row["ms_pointer"] / row[f"ms_{best}"]
+    row["speedup_gluon_vs_cudnn"] = row["ms_cudnn"] / row[f"ms_{best}"]
+    row["tflops_best_gluon"] = flops(SETS, HEADS, ng, L, D, "fwd") / (row[f"ms_{best}"] * 1e-3) / 1e12
+    return row
+
+
 def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA backward with 4 vs 8 warps per CTA (``JEDI_CUDA_BWD_WARPS`` 4 / 8; padded head dim 80 has both): 64 or 128
     keys per CTA, FlashAttention-2's d 80 shape being the latter. The wider CTA loads each query tile once for twice
@@ -452,6 +489,17 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
                   f"{ {k[3:]: round(v, 3) for k, v in r.items() if k.startswith('ms_')} } ran={r['wgmma_ran']} "
                   f"best {r['best_wgmma']} x{r['speedup_wgmma_vs_mmasync']:.2f} vs mma.sync, "
                   f"x{r['speedup_wgmma_vs_cudnn']:.2f} vs cuDNN, {r['tflops_best_wgmma']:.0f} TFLOP/s, "
+                  f"max|diff| {r['max_abs_diff_vs_cudnn']:.1e}", flush=True)
+    if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON", "1") != "0":
+        # the Gluon Hopper forward (new, never timed), also early. JEDI_SWEEP_GLUON=0 (gpu_check.sh, when
+        # tools/ws_probe.py --kernel gluon did not finish) skips it
+        for ng, dtype in ((2, torch.bfloat16), (2, torch.float16), (1, torch.bfloat16), (4, torch.bfloat16)):
+            add(triton_gluon_fwd_row(4096, 40, ng=ng, dtype=dtype, rep_ms=rep_ms))
+            r = rows[-1]
+            print(f"Triton forward, Gluon Hopper vs pointer, L=4096 D=40 ng={ng} {r['dtype']}: "
+                  f"{ {k[3:]: round(v, 3) for k, v in r.items() if k.startswith('ms_')} } ran={r['gluon_ran']} "
+                  f"best {r['best_gluon']} x{r['speedup_gluon_vs_pointer']:.2f} vs pointer, "
+                  f"x{r['speedup_gluon_vs_cudnn']:.2f} vs cuDNN, {r['tflops_best_gluon']:.0f} TFLOP/s, "
                   f"max|diff| {r['max_abs_diff_vs_cudnn']:.1e}", flush=True)
     # masks with 1/ng of the work; SDPA can only apply them densely. Our backends run the block-diagonal (identity)
     # mask as per-image attention; the one-way mask (every image attends image 0) goes through the kernels' image

@@ -135,8 +135,20 @@ if [ "${JEDI_WS_PROBE_TIMEOUT:-60}" -gt 0 ] && [ "$build_status" != failed ]; th
   [ "$wrc" = 0 ] && WS_OK=1
 fi
 export JEDI_SWEEP_WS=$WS_OK
+# the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, new and never run on a GPU): the same guard, every config of it
+GLUON_OK=0
+if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
+  step "Gluon Hopper forward probe (tools/ws_probe.py --kernel gluon)"
+  timeout -k 10 "$(lim ${JEDI_GLUON_PROBE_TIMEOUT:-60})" $PY tools/ws_probe.py --kernel gluon \
+    --json "$OUT/gluon_probe.json" >"$OUT/gluon_probe.log" 2>&1
+  grc=$?
+  echo "gluon_probe rc=$grc (0 finished and agreed, 1 mismatch, 2 no sm_90 GPU, 124/137 timed out)" | tee -a "$LOG"
+  tail -12 "$OUT/gluon_probe.log" | tee -a "$LOG"
+  [ "$grc" = 0 ] && GLUON_OK=1
+fi
+export JEDI_SWEEP_GLUON=$GLUON_OK
 step "pytest -m gpu tests/kernels (attention, input prep, API; the fused norm/GEGLU tests run after the sweep)"
-timeout -s INT -k 20 "$(lim ${JEDI_GPU_TEST_TIMEOUT:-120})" $PY -m pytest tests/kernels -m "gpu and not ws" -q --maxfail=20 \
+timeout -s INT -k 20 "$(lim ${JEDI_GPU_TEST_TIMEOUT:-120})" $PY -m pytest tests/kernels -m "gpu and not ws and not gluon" -q --maxfail=20 \
   -p no:cacheprovider "${XDIST[@]}" --ignore=tests/kernels/test_group_norm.py --ignore=tests/kernels/test_geglu.py \
   --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 prc=$?
@@ -182,6 +194,14 @@ if [ "$WS_OK" = 1 ]; then
     "${XDIST[@]}" --junitxml="$OUT/pytest_gpu_ws.xml" >"$OUT/pytest_gpu_ws.log" 2>&1
   echo "pytest ws rc=$?" | tee -a "$LOG"
   tail -5 "$OUT/pytest_gpu_ws.log" | tee -a "$LOG"
+fi
+
+if [ "$GLUON_OK" = 1 ]; then
+  step "pytest -m gluon: the Gluon Hopper forward's GPU tests"
+  JEDI_TEST_GLUON=1 timeout -s INT -k 10 "$(lim 60)" $PY -m pytest tests/kernels -m "gpu and gluon" -q \
+    -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest_gpu_gluon.xml" >"$OUT/pytest_gpu_gluon.log" 2>&1
+  echo "pytest gluon rc=$?" | tee -a "$LOG"
+  tail -5 "$OUT/pytest_gpu_gluon.log" | tee -a "$LOG"
 fi
 
 step "attention sweep"

@@ -84,6 +84,9 @@ VARIANTS = {
     # the Hopper CUDA forward's widest variant (the row holds all three, and best_wgmma)
     "cuda_fwd_wgmma": (("ms_mmasync", "ms_wg128x3"), "ms_mmasync",
                        "fwd_wgmma_from_env in csrc/cuda/set_attention_glue.cpp (JEDI_CUDA_FWD_WGMMA, opt-in)"),
+    # the Gluon Hopper forward's first config (the row holds all three, and best_gluon)
+    "triton_fwd_gluon": (("ms_pointer", "ms_gl128x128"), "ms_pointer",
+                         "gluon_fwd_variant in jedi_kernels/ops/set_attention_gluon.py (JEDI_TRITON_FWD_GLUON, opt-in)"),
 }
 
 

@@ -1,6 +1,6 @@
 """Does the TMA + warp-specialized Triton forward (``JEDI_TRITON_FWD_WS=1``) compile, finish and agree on this GPU?
 
-    python tools/ws_probe.py [--json OUT.json]        # exit 0: every step finished and agreed; 1: a mismatch;
+    python tools/ws_probe.py [--kernel ws|gluon] [--json OUT.json]        # exit 0: every step finished and agreed; 1: a mismatch;
                                                        # 2: no sm_90 GPU (nothing to probe)
 
 In the third H100 run of 2026-11-27 none of the kernel's 8 GPU tests finished within the test step's time, and the
@@ -10,6 +10,10 @@ run under ``timeout`` shows where it stopped: compile (``warmup``, no launch), t
 comparison with the default pointer-load kernel (out and lse), then a timing against it on SD's 64x64 shape.
 ``benchmarks/gpu_check.sh`` runs it before the kernel tests and lets the ws tests and sweep rows run only if it
 finished: a hung kernel would otherwise take the whole test step and the sweep with it.
+
+``--kernel gluon`` probes the Gluon Hopper forward (``JEDI_TRITON_FWD_GLUON``, ``ops/set_attention_gluon.py``) the
+same way, every config of it: new and never run on a GPU before, it waits on mbarriers that a wrong phase or a lost
+TMA load would leave waiting forever.
 """
 from __future__ import annotations
 
@@ -25,6 +29,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def _say(report: dict, key: str, value) -> None:
     report[key] = value
     print(f"ws_probe {key}: {value}", flush=True)
+
+
+def probe_gluon(report: dict) -> int:
+    """Each config of the Gluon forward: compile, first run, agreement with the pointer kernel, time (SD's 64x64)."""
+    import os
+
+    import torch
+
+    from jedi_kernels.ops import set_attention as sa
+    from jedi_kernels.ops import set_attention_gluon as sg
+
+    if not sg.HAVE_GLUON or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        _say(report, "skipped", "needs Gluon and an sm_90 CUDA GPU")
+        return 2
+    from triton.testing import do_bench
+
+    os.environ.pop("JEDI_TRITON_FWD_GLUON", None)  # the reference below is the default pointer-load kernel
+    ok = True
+    for B, G, L, H, D in ((1, 2, 200, 2, 40), (2, 2, 4096, 8, 40)):
+        shape = f"B{B} G{G} L{L} H{H} D{D}"
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        qkv = torch.randn(B * G, L, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k, v = qkv.split(H * D, dim=-1)  # views of one fused projection, as the UNet passes them
+        if not sg.gluon_fwd_ok(q, k, v, D, D**-0.5):
+            _say(report, f"{shape} eligible", False)
+            return 1
+        ref_out, ref_lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None)
+        ms = {"pointer (autotuned)": round(do_bench(lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None),
+                                                    return_mode="median"), 4)}
+        for variant in sorted(sg.CONFIGS):
+            out, lse, lst, cnt = sa._fwd_buffers(q, B, G, L, H, D, None)
+            args = (q, k, v, B, G, L, H, D, D**-0.5, None, out, lse, lst, cnt, variant)
+            t = time.perf_counter()
+            sg.set_attn_fwd_gluon(*args, compile_only=True)
+            _say(report, f"{shape} config {variant} compile_s", round(time.perf_counter() - t, 2))
+            t = time.perf_counter()
+            sg.set_attn_fwd_gluon(*args)
+            torch.cuda.synchronize()
+            _say(report, f"{shape} config {variant} first_run_s", round(time.perf_counter() - t, 3))
+            d_out = float((out.float() - ref_out.float()).abs().max())
+            d_lse = float((lse - ref_lse).abs().max())
+            agree = d_out <= 2e-2 and d_lse <= 1e-3  # two bf16 kernels of the same math; lse in float32
+            ok &= agree
+            _say(report, f"{shape} config {variant} max_abs_diff", {"out": d_out, "lse": d_lse, "agree": agree})
+            ms[f"gluon {variant}"] = round(do_bench(lambda: sg.set_attn_fwd_gluon(*args), return_mode="median"), 4)
+        _say(report, f"{shape} ms", ms)
+    return 0 if ok else 1
 
 
 def probe(report: dict) -> int:
@@ -75,10 +126,12 @@ def probe(report: dict) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the report here too")
+    ap.add_argument("--kernel", choices=("ws", "gluon"), default="ws",
+                    help="ws: the TMA + warp-specialized forward (default); gluon: the Gluon Hopper forward")
     args = ap.parse_args(argv)
     report: dict = {}
     try:
-        rc = probe(report)
+        rc = probe_gluon(report) if args.kernel == "gluon" else probe(report)
     finally:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

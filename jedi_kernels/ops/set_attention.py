@@ -33,6 +33,7 @@ import triton.language as tl
 
 from jedi_kernels.backends import triton_interpreting
 from jedi_kernels.ops import eager_call
+from jedi_kernels.ops.set_attention_gluon import gluon_fwd_ok, gluon_fwd_variant, set_attn_fwd_gluon
 
 __all__ = [
     "set_attn_fwd",
@@ -955,7 +956,9 @@ def set_attn_fwd(
         config: fixed launch config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
             ``JEDI_TRITON_FWD_WS=1`` (read per call) runs ``_set_attn_fwd_ws_kernel`` instead where it applies
             (``_fwd_ws_ok``: head dim <= 64, sm_90+, evenly spaced 16-byte aligned rows; not with tile_counter),
-            with ``config`` or ``_WS_CONFIG``.
+            with ``config`` or ``_WS_CONFIG``. ``JEDI_TRITON_FWD_GLUON=<n>`` (read per call) runs the Gluon Hopper
+            forward with config n of ``set_attention_gluon.CONFIGS`` where it applies (``gluon_fwd_ok``: sm_90,
+            fp16/bf16, head dim <= 64, scale > 0, 16-byte aligned evenly spaced rows; not with tile_counter).
         tile_counter: optional int32 tensor of >= G*cdiv(L, BLOCK_M)*B*H elements; receives, per program, the number of
             key tiles it visited (instrumentation for tests; compiled in only when given).
 
@@ -968,6 +971,11 @@ def set_attn_fwd(
     """
     B, G, L, H, D = _check_launch(q, set_size, heads)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    gv = gluon_fwd_variant()
+    if gv and tile_counter is None and gluon_fwd_ok(q, k, v, D, scale):
+        out, lse, lst, cnt = _fwd_buffers(q, B, G, L, H, D, set_mask)
+        set_attn_fwd_gluon(q, k, v, B, G, L, H, D, scale, set_mask, out, lse, lst, cnt, gv)
+        return out, lse
     if _fwd_ws_requested() and tile_counter is None and scale > 0 and _fwd_ws_ok(q, k, v, D):
         return _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config)
     if chunk_head_dim is None and D <= _FWD_PAD_UP_TO:

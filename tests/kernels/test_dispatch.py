@@ -103,9 +103,12 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "triton_fwd_ws", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_pointer": 0.72,
              "ms_ws": 0.60},
             {"kind": "head_dim_chunking_bwd", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_chunked": 2.0,
-             "ms_padded": 1.8}]
+             "ms_padded": 1.8},
+            {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_pointer": 0.66,
+             "ms_gl128x128": 0.44}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 8
+    assert len(advice) == 9
+    assert "gl128x128 x1.50 faster than the default pointer" in advice[8] and "JEDI_TRITON_FWD_GLUON" in advice[8]
     assert "padded x1.11 faster than the default chunked" in advice[7] and "set_attn_bwd" in advice[7]
     assert "ws x1.20 faster than the default pointer" in advice[6] and "JEDI_TRITON_FWD_WS" in advice[6]
     assert "D=40" in advice[0] and advice[0].endswith("keep")
@@ -194,11 +197,12 @@ def test_sweep_saves_after_every_row(monkeypatch):
                 "speedup_32_vs_16keys": 1.0, "speedup_ws_vs_default": 1.0, "speedup_2_vs_1stage": 1.0,
                 "ms_2stage_16rows": 1.0, "speedup_8_vs_4warps": 1.0, "wgmma_ran": True, "best_wgmma": "wg128x3",
                 "speedup_wgmma_vs_mmasync": 1.0, "speedup_wgmma_vs_cudnn": 1.0, "tflops_best_wgmma": 1.0,
-                "max_abs_diff_vs_cudnn": 0.0}
+                "max_abs_diff_vs_cudnn": 0.0, "gluon_ran": True, "best_gluon": "gl128x128",
+                "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0}
 
     for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
                  "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
-                 "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row"):
+                 "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})

@@ -1,0 +1,319 @@
+"""A Hopper forward for the set attention in Gluon (Triton's explicit-layout dialect): warpgroup MMAs with the softmax of
+one key tile running while the P·V product of the previous one is still on the tensor cores.
+
+Why a second Triton forward: the ``tl.dot`` kernel (``set_attention._set_attn_fwd_kernel``) cannot overlap the two.
+Triton 3.6 lowers each ``tl.dot`` to wgmma and waits for it right after issuing it, so the exp unit and the tensor
+cores take turns (H100, d 40, L 4096, ng 2, bf16: 0.662 ms against cuDNN's 0.603; issue 3 asks for 0.45).
+Gluon exposes the instructions themselves. Each warpgroup here issues S_t = Q K_tᵀ and O += P_{t-1} V_{t-1}
+back to back (``warpgroup_mma(..., is_async=True)``) and waits for S_t alone (``warpgroup_mma_wait(1)``). It then
+runs S_t's softmax while the P·V product finishes: FlashAttention-3's intra-warpgroup pipelining, the same schedule
+as the CUDA extension's Hopper forward (csrc/cuda/set_attention_wgmma.cuh). Unlike that kernel, the shared-memory
+layouts, matrix descriptors and register fragments come from the compiler (``NVMMASharedLayout``,
+``NVMMADistributedLayout``), so the two do not share a layout mistake.
+
+Loads: q, k and v through 2-D TMA descriptors over the (N·L, H·D) rows (the WS kernel's scheme), a box DP columns wide
+from column h·D. DP is the head dim rounded up to a power of two >= 16 (Gluon block shapes are powers of two: 40 →
+64), so the box also covers the next head's first DP − D columns (zero past the last head). Q's are zeroed in shared
+memory once, which makes K's irrelevant; V's only reach output columns that are never stored. K/V tiles go through a
+ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine completes. At iteration t the buffer of tile
+t−2 is refilled with tile t−2+NUM_STAGES: every warpgroup finished its P·V product on it in iteration t−1, which a
+CTA barrier makes sure of before the copy is issued.
+
+Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head dims
+<= 64, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
+what the SASS must contain (tests/kernels/test_set_attention_gluon.py). The GPU tests check its outputs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.4 (experimental); without it this forward is unavailable, nothing else changes
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_attn_fwd_gluon"]
+
+# JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups; NUM_STAGES
+# >= 3 (the refill scheme keeps tiles t-1, t and t+1 resident while tile t's softmax runs).
+CONFIGS = {
+    1: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3},
+    2: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "NUM_STAGES": 4},
+    3: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3},
+}
+MAX_HEAD_DIM = 64
+_LOG2E = 1.4426950408889634
+
+
+def _dp(head_dim: int) -> int:
+    """Columns of a descriptor box: the head dim rounded up to a power of two >= 16 (Gluon block shapes are powers of
+    two; 40 -> 64)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def gluon_fwd_variant() -> int:
+    """``JEDI_TRITON_FWD_GLUON`` (read per call): 0 (unset) = off, else the config number of :data:`CONFIGS`."""
+    v = os.environ.get("JEDI_TRITON_FWD_GLUON", "") or "0"
+    if v != "0" and (not v.isdigit() or int(v) not in CONFIGS):
+        raise ValueError(f"JEDI_TRITON_FWD_GLUON must be 0 or one of {sorted(CONFIGS)}, got {v!r}")
+    return int(v)
+
+
+def _rows_stride(t: torch.Tensor) -> Optional[int]:
+    """Row stride of ``t`` (N, L, C) seen as (N·L, C), or None when the images' rows are not evenly spaced."""
+    N, L, _ = t.shape
+    if L > 1:
+        return t.stride(1) if (N == 1 or t.stride(0) == L * t.stride(1)) else None
+    return t.stride(0) if N > 1 else t.shape[2]
+
+
+def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float) -> bool:
+    """Whether :func:`set_attn_fwd_gluon` can run these inputs: Gluon present, an sm_90 CUDA device, fp16/bf16,
+    head dim <= 64, scale > 0 (the row max is taken on the raw scores), and each of q, k, v evenly spaced rows with
+    unit last stride, a 16-byte aligned base and row stride (what a TMA descriptor needs)."""
+    if not HAVE_GLUON or head_dim > MAX_HEAD_DIM or not scale > 0:
+        return False
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    for t in (q, k, v):
+        rs = _rows_stride(t)
+        if t.stride(2) != 1 or rs is None or (rs * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it, n_nt, ImgList, i, b, G, L, col0,
+                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
+        """Start the TMA loads of key tile ``it`` (its K and V rows) into ring buffer it % NUM_STAGES."""
+        jj = it // n_nt
+        if HAS_MASK:
+            j = gl.load(ImgList + i * G + jj)
+        else:
+            j = jj
+        row = (b * G + j) * L + (it - jj * n_nt) * BLOCK_N
+        st = it % NUM_STAGES
+        bar = kv_bar.index(st)
+        mbarrier.expect(bar, DescK.block_type.nbytes + DescV.block_type.nbytes)
+        tma.async_copy_global_to_shared(DescK, [row, col0], bar, k_smem.index(st))
+        tma.async_copy_global_to_shared(DescV, [row, col0], bar, v_smem.index(st))
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
+                      s_layout: gl.constexpr):
+        """Online-softmax update for key tile ``it`` (scale > 0: the row max on the raw scores, one FFMA per score):
+        returns P = 2^(c·s − m), the new running max and sum, and alpha = 2^(m_old − m) for the output."""
+        if not EVEN_N:
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            nt = it % n_nt
+            s = gl.where(gl.expand_dims(nt * BLOCK_N + cols < L, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale_log2)
+        p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _set_attn_fwd_gluon_kernel(
+        DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
+        qk_scale_log2,
+        H, G, L,
+        HEAD_DIM: gl.constexpr, DP: gl.constexpr, HAS_MASK: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EVEN_N: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """One program: BLOCK_M queries of image i of set b, head h (grid (G·⌈L/BLOCK_M⌉, B·H)), against every key
+        tile of the images it may attend; writes O (N, L, H·D) and lse (B, H, G·L), as ``_set_attn_fwd_kernel``."""
+        gl.static_assert(NUM_STAGES >= 3, "the ring must hold tiles t-1, t and t+1 while tile t-2's is refilled")
+        gl.static_assert(BLOCK_M == 16 * num_warps, "one m64 warpgroup MMA tile per 4 warps")
+        dtype: gl.constexpr = DescQ.dtype
+        # accumulators: one m64 wgmma tile per warpgroup, warps stacked along the rows
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, DP, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DP // 8), DP // 8], [num_warps, 1], [1, 0])
+
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        n_mt = gl.cdiv(L, BLOCK_M)
+        i = pid_m // n_mt
+        mt = pid_m % n_mt
+        b = pid_bh // H
+        h = pid_bh % H
+        n_nt = gl.cdiv(L, BLOCK_N)
+        col0 = h * HEAD_DIM
+        if HAS_MASK:
+            n_it = gl.load(ImgCount + i) * n_nt
+        else:
+            n_it = G * n_nt
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DP], DescQ.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescK.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescV.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for s0 in gl.static_range(NUM_STAGES):
+            mbarrier.init(kv_bar.index(s0), count=1)
+        fence_async_shared()
+
+        mbarrier.expect(q_bar, DescQ.block_type.nbytes)
+        tma.async_copy_global_to_shared(DescQ, [(b * G + i) * L + mt * BLOCK_M, col0], q_bar, q_smem)
+        for s0 in gl.static_range(NUM_STAGES):
+            if s0 < n_it:
+                _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, s0, n_nt, ImgList, i, b, G, L, col0,
+                          BLOCK_N, NUM_STAGES, HAS_MASK)
+        mbarrier.wait(q_bar, 0)
+        if HEAD_DIM < DP:  # the box's columns past the head belong to the next head: zero them in Q once
+            q = q_smem.load(q_blk)
+            qc = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
+            q = gl.where(gl.expand_dims(qc < HEAD_DIM, 0), q, gl.zeros_like(q))
+            gl.thread_barrier()
+            q_smem.store(q)
+            fence_async_shared()
+            gl.thread_barrier()
+
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_M, DP], gl.float32, o_layout)
+
+        # tile 0: its scores alone (n_it = 0 only for a set_mask row allowing nothing, which the public API rejects:
+        # no wait then, or the program would wait for a load never issued)
+        p = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        alpha = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        if n_it > 0:
+            mbarrier.wait(kv_bar.index(0), 0)
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
+        # FlashAttention-3's order: iteration t issues S_t = Q K_tᵀ, rescales O (not in flight), issues
+        # O += P_{t-1} V_{t-1}, waits for S_t alone, runs S_t's softmax while the P·V product is on the tensor
+        # cores, then waits for the product.
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for it in range(1, n_it):
+            st = it % NUM_STAGES
+            prev = (it - 1) % NUM_STAGES
+            mbarrier.wait(kv_bar.index(st), (it // NUM_STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
+            # The wait for the P·V product stands in both arms of a branch: ptxas schedules a wait that shares a
+            # basic block with the softmax into it (seen in the SASS: between the row-max instructions), which
+            # serializes the two again; it does not move instructions across blocks. The branch is the refill of
+            # tile t-2's buffer (every warpgroup waited for P_{t-2} V_{t-2} before this iteration's barrier) with
+            # tile t-2+NUM_STAGES.
+            if (it >= 2) & (it - 2 + NUM_STAGES < n_it):
+                gl.thread_barrier()
+                _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it - 2 + NUM_STAGES, n_nt, ImgList, i, b, G, L,
+                          col0, BLOCK_N, NUM_STAGES, HAS_MASK)
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            else:
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # the last tile's P V
+        if n_it > 0:
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index((n_it - 1) % NUM_STAGES), acc, is_async=True)
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+
+        mbarrier.invalidate(q_bar)
+        for s0 in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(kv_bar.index(s0))
+
+        # epilogue: O = acc / l, lse = ln 2 · (m + log2 l); a row with no allowed key gets O = 0, lse = -inf
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
+        o = (acc * gl.expand_dims(inv_l, 1)).to(Out.dtype.element_ty)
+        rows = mt * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, DP, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = (Out + gl.expand_dims(((b * G + i).to(gl.int64) * L + rows) * (H * HEAD_DIM) + col0, 1)
+                  + gl.expand_dims(cols, 0))
+        gl.store(o_ptrs, o, mask=gl.expand_dims(rows < L, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        lrows = mt * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        gl.store(Lse + (pid_bh * G + i).to(gl.int64) * L + lrows, lse, mask=lrows < L)
+
+
+def _descriptors(q, k, v, N: int, L: int, H: int, D: int, cfg: dict):
+    """TMA descriptors over q, k, v as (N·L, H·D) row matrices, boxes of (rows, DP) with the default swizzle."""
+    DP = _dp(D)
+    gdt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+
+    def desc(t, rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, DP], gdt)
+        return TensorDescriptor(t, [N * L, H * D], [_rows_stride(t), 1], [rows, DP], layout)
+
+    return desc(q, cfg["BLOCK_M"]), desc(k, cfg["BLOCK_N"]), desc(v, cfg["BLOCK_N"]), DP
+
+
+def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: float, set_mask, out, lse,
+                       img_list, img_count, variant: int, compile_only: bool = False):
+    """Run the Gluon forward on validated inputs (:func:`gluon_fwd_ok`) into ``out`` (N, L, H·D) and ``lse``
+    (B, H, G·L); ``img_list``/``img_count``: the mask's image lists (``set_attention._mask_lists``) or dummies.
+    ``compile_only``: compile for these arguments without launching (a probe that tells a slow compile from a
+    kernel that does not finish)."""
+    cfg = dict(CONFIGS[variant])
+    dq, dk, dv, DP = _descriptors(q, k, v, B * G, L, H, D, cfg)
+    grid = (G * triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    args = (dq, dk, dv, out, lse, img_list, img_count, float(scale) * _LOG2E, H, G, L)
+    meta = dict(HEAD_DIM=D, DP=DP, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                NUM_STAGES=cfg["NUM_STAGES"], EVEN_N=L % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"])
+    if compile_only:
+        _set_attn_fwd_gluon_kernel.warmup(*args, grid=grid, **meta)
+        return
+    _set_attn_fwd_gluon_kernel[grid](*args, **meta)
+
+
+def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.bfloat16, variant: int = 1,
+                has_mask: bool = False, even_n: bool = True):
+    """Compile the Gluon forward for ``cuda:<arch>`` without a GPU (``triton.compile`` on a GluonASTSource with the
+    signature a launch on SD-sized inputs produces) and return the CompiledKernel (``.asm["ptx"]``, ``["cubin"]``,
+    ``.metadata``). The CPU tests and tools/triton_aot_check.py use it: Gluon has no interpreter mode."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = CONFIGS[variant]
+    DP = _dp(head_dim)
+    gdt = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    ty = "fp16" if dtype == torch.float16 else "bf16"
+
+    def desc(rows):
+        return f"tensordesc<{ty}[{rows},{DP}],{gl.NVMMASharedLayout.get_default_for([rows, DP], gdt)!r}>"
+
+    fn = _set_attn_fwd_gluon_kernel
+    signature = {"DescQ": desc(cfg["BLOCK_M"]), "DescK": desc(cfg["BLOCK_N"]), "DescV": desc(cfg["BLOCK_N"]),
+                 "Out": "*" + ty, "Lse": "*fp32", "ImgList": "*i32", "ImgCount": "*i32", "qk_scale_log2": "fp32",
+                 "H": "i32", "G": "i32", "L": "i32"}
+    constexprs = {"HEAD_DIM": head_dim, "DP": DP, "HAS_MASK": has_mask, "BLOCK_M": cfg["BLOCK_M"],
+                  "BLOCK_N": cfg["BLOCK_N"], "NUM_STAGES": cfg["NUM_STAGES"], "EVEN_N": even_n,
+                  "num_warps": cfg["num_warps"]}
+    for name in constexprs:
+        signature[name] = "constexpr"
+    names = [p.name for p in fn.params]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Out", "Lse", "ImgList", "ImgCount")}
+    src = GluonASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg["num_warps"]})

@@ -1,0 +1,200 @@
+"""The Gluon Hopper forward of the set attention (``jedi_kernels/ops/set_attention_gluon.py``, opt-in
+``JEDI_TRITON_FWD_GLUON=<config>``).
+
+Gluon has no interpreter mode, so the CPU tests compile the kernel for sm_90 (Triton's own ptxas) and check what must
+hold before a GPU ever runs it: every config compiles for every head-dim class, dtype and masking path without
+register spills, within sm_90's shared memory, without ptxas serializing the warpgroup MMAs (warning C7514); and its
+main loop has the schedule it was written for (the softmax's exponentials between the wait for S_t and the wait for
+the P·V product). The GPU tests (``gpu`` + ``gluon``) judge out, lse and the grads of the backward on its lse by the
+flash rule against the float64 reference.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import jedi_kernels as jk
+from jedi_kernels.ops import set_attention as sa
+from jedi_kernels.ops import set_attention_gluon as sg
+
+needs_gluon = pytest.mark.skipif(not sg.HAVE_GLUON, reason="this Triton has no Gluon")
+
+
+def _bin(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _ptxas_report(ptx: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        return subprocess.run([str(_bin("ptxas")), "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True, check=True).stderr
+
+
+def _sass(cubin: bytes) -> list[tuple[int, str]]:
+    """The kernel's SASS instructions as (address, opcode and operands)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(_bin("cuobjdump")), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+
+
+def _loops(sass: list[tuple[int, str]]) -> list[list[str]]:
+    """For each backward branch, the instructions from its target to it (loop bodies, and the spans jumped back over
+    by out-of-line code)."""
+    out = []
+    for addr, ins in sass:
+        m = re.match(r"(@!?U?P\w+ )?BRA (0x[0-9a-f]+)", ins)
+        if m and int(m.group(2), 16) < addr:
+            out.append([s for a, s in sass if int(m.group(2), 16) <= a <= addr])
+    return out
+
+
+@needs_gluon
+@pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
+@pytest.mark.parametrize("head_dim", [8, 40, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("has_mask, even_n", [(False, True), (True, False)], ids=["full", "mask+tail"])
+def test_compiles_for_sm90_without_spills(variant, head_dim, dtype, has_mask, even_n):
+    """Every config, head-dim class (box widths 16, 64, 64), dtype, and the masked path with key tails compile for
+    sm_90: no spills, shared memory within one block's sm_90 limit, and no wgmma serialization (C7514)."""
+    k = sg.compile_for(90, head_dim, dtype, variant, has_mask, even_n)
+    report = _ptxas_report(k.asm["ptx"])
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and spills.groups() == ("0", "0"), report
+    assert regs <= 255 and k.metadata.shared <= 232448, (regs, k.metadata.shared)
+    assert "C7514" not in report, report
+
+
+@needs_gluon
+@pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
+def test_softmax_runs_while_the_pv_product_is_in_flight(variant):
+    """The main loop (SD's case: head dim 40, bf16, whole tiles) issues S_t = Q K_tᵀ (DP/16 = 4 MMAs of
+    64 x BLOCK_N) and O += P V (BLOCK_N/16 MMAs of 64 x 64), waits for S_t alone (DEPBAR.LE 1), computes the
+    BLOCK_N/2 exponentials of this thread's scores, and only then waits for the P·V product (DEPBAR.LE 0). ptxas
+    moved a wait placed after the softmax up into it when both shared a basic block; this pins the schedule."""
+    cfg = sg.CONFIGS[variant]
+    # S = Q Kᵀ reads both operands from shared memory; P V takes P from registers and V transposed (MN-major)
+    qk = re.compile(rf"HGMMA\.64x{cfg['BLOCK_N']}x16\.F32\.BF16 R\d+, gdesc")
+    pv = re.compile(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+, gdesc\[\w+\]\.tnspB")
+    loops = [b for b in _loops(_sass(sg.compile_for(90, 40, torch.bfloat16, variant).asm["cubin"]))
+             if any(qk.match(s) for s in b) and any(pv.match(s) for s in b)]
+    assert loops, "no loop holds both products"
+    # the main loop is the shortest such span (the others are jumps back from the out-of-line mbarrier retry loops)
+    body = min(loops, key=len)
+    text = [s.split()[0] + (" " + s.split()[-1] if "DEPBAR" in s else "") for s in body]
+    assert sum(bool(qk.match(s)) for s in body) == 4 and sum(bool(pv.match(s)) for s in body) == cfg["BLOCK_N"] // 16
+    last_pv = max(i for i, s in enumerate(body) if pv.match(s))
+    wait1 = next(i for i, s in enumerate(body) if "DEPBAR.LE gsb0, 0x1" in s)
+    assert wait1 > last_pv, text
+    wait0 = next(i for i in range(wait1, len(body)) if "DEPBAR.LE gsb0, 0x0" in body[i])
+    exps = sum(s.startswith("MUFU.EX2") for s in body[wait1:wait0])
+    assert exps >= cfg["BLOCK_N"] // 2, (exps, text[wait1:wait0 + 1])
+    # no other wait for everything before the softmax's end, and none between issue and the wait for S_t
+    assert not any("DEPBAR" in s for s in body[:wait1]), text
+
+
+def test_variant_switch(monkeypatch):
+    """JEDI_TRITON_FWD_GLUON: unset or 0 is off, a config number selects it, anything else is an error naming the
+    variable and the allowed values."""
+    monkeypatch.delenv("JEDI_TRITON_FWD_GLUON", raising=False)
+    assert sg.gluon_fwd_variant() == 0
+    for v in sg.CONFIGS:
+        monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", str(v))
+        assert sg.gluon_fwd_variant() == v
+    for bad in ("yes", "9", "-1"):
+        monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", bad)
+        with pytest.raises(ValueError, match=f"JEDI_TRITON_FWD_GLUON must be 0 or one of .*, got '{re.escape(bad)}'"):
+            sg.gluon_fwd_variant()
+
+
+def test_not_taken_where_it_cannot_run(monkeypatch):
+    """Off sm_90 (here: the CPU) the switch changes nothing: the pointer kernel runs and gives the reference's
+    result."""
+    from jedi_kernels import reference
+
+    monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", "1")
+    calls = []
+    monkeypatch.setattr(sa, "set_attn_fwd_gluon", lambda *a, **kw: calls.append(a))
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    q, k, v = (torch.randn(2, 9, 2 * 40, device=dev, dtype=dtype) for _ in range(3))
+    out, _ = sa.set_attn_fwd(q, k, v, 2, 2, -(40**-0.5))  # a negative scale: never the Gluon kernel
+    ref = reference.set_attention_reference(q.double(), k.double(), v.double(), 2, 2, -(40**-0.5))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=0)
+    assert calls == []
+    assert not sg.gluon_fwd_ok(q, k, v, 40, 40**-0.5) or dev.type == "cuda"
+    assert not sg.gluon_fwd_ok(q, k, v, 80, 80**-0.5)  # head dim > 64
+    assert not sg.gluon_fwd_ok(q, k, v, 40, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU (sm_90): correctness by the flash rule, as the other forwards
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _spy(monkeypatch) -> list:
+    calls, real = [], sa.set_attn_fwd_gluon
+    monkeypatch.setattr(sa, "set_attn_fwd_gluon", lambda *a, **kw: calls.append(a[3:8] + (a[-1],)) or real(*a, **kw))
+    return calls
+
+
+def _require_sm90():
+    if not sg.HAVE_GLUON or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon forward runs on sm_90 only")
+    if os.environ.get("JEDI_TEST_GLUON") != "1":
+        pytest.skip("experimental Gluon forward: JEDI_TEST_GLUON=1 runs it (gpu_check.sh sets it once "
+                    "tools/ws_probe.py --kernel gluon finished: a kernel that never ends must not take the test step)")
+
+
+@pytest.mark.gpu
+@pytest.mark.gluon
+@pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (2, 2, 1024, 2, 40, "full", True),  # SD's 64x64 level, as views of one qkv projection
+    (1, 3, 97, 2, 40, "oneway", False),  # key tails: the next image's rows are masked
+    (1, 2, 256, 2, 64, "blockdiag", False),
+    (2, 2, 65, 3, 24, "jedi", True),  # box 32 columns wide; the last head's box runs past H*D: zero-filled
+    (1, 1, 1, 2, 8, "full", False),  # one row: the box runs past the tensor's end
+    (1, 5, 200, 1, 40, "random", False),
+])
+def test_gluon_forward_gpu(monkeypatch, variant, B, G, L, H, D, mask, fused, dtype):
+    """out, lse, and the grads of the pointer backward on its lse, by the flash rule; the Gluon kernel really ran."""
+    from test_set_attention import _check_case  # pytest imports the test files by basename (no packages)
+
+    _require_sm90()
+    monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", str(variant))
+    calls = _spy(monkeypatch)
+    _check_case(B, G, L, H, D, dtype=dtype, device=torch.device("cuda"), mask=mask, fused=fused)
+    assert calls == [(B, G, L, H, D, variant)]
+
+
+@pytest.mark.gpu
+@pytest.mark.gluon
+def test_gluon_forward_cuda_graph(monkeypatch):
+    """Capturable: replays of a captured call give the eager result on new inputs copied into the same buffers."""
+    _require_sm90()
+    monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", "1")
+    q, k, v = (torch.randn(4, 256, 2 * 40, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    jk.set_attention(q, k, v, 2, 2, backend="triton")  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = jk.set_attention(q, k, v, 2, 2, backend="triton")
+    for t in (q, k, v):
+        t.copy_(torch.randn_like(t))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, jk.set_attention(q, k, v, 2, 2, backend="triton"))
