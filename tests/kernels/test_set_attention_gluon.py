@@ -10,9 +10,11 @@ flash rule against the float64 reference.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,26 +63,57 @@ def _loops(sass: list[tuple[int, str]]) -> list[list[str]]:
     return out
 
 
+# Gluon kernels compile only in a process without TRITON_INTERPRET (under it, Gluon's own helpers such as gl.max are
+# interpreter functions, which its compiler rejects), so one subprocess compiles every case for the module.
+_CASES = [(v, d, dt, m, e) for v in sorted(sg.CONFIGS) for d in (8, 40, 64) for dt in ("float16", "bfloat16")
+          for m, e in ((False, True), (True, False))]
+_COMPILE_ALL = """
+import json, sys, torch
+from pathlib import Path
+from jedi_kernels.ops import set_attention_gluon as sg
+out = Path(sys.argv[1])
+for n, (v, d, dt, m, e) in enumerate(json.loads(sys.argv[2])):
+    k = sg.compile_for(90, d, getattr(torch, dt), v, m, e)
+    (out / f"{n}.ptx").write_text(k.asm["ptx"])
+    (out / f"{n}.cubin").write_bytes(k.asm["cubin"])
+    (out / f"{n}.json").write_text(json.dumps({"shared": k.metadata.shared}))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{case: (ptx, cubin, shared bytes)} for every case of _CASES, compiled for sm_90 in a fresh Triton cache."""
+    if not sg.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    out = tmp_path_factory.mktemp("gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "cache")  # really compile (a warm cache would hide a compile error)
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", _COMPILE_ALL, str(out), json.dumps(_CASES)], capture_output=True,
+                       text=True, timeout=900, env=env, cwd=root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {case: ((out / f"{n}.ptx").read_text(), (out / f"{n}.cubin").read_bytes(),
+                   json.loads((out / f"{n}.json").read_text())["shared"]) for n, case in enumerate(_CASES)}
+
+
 @needs_gluon
-@pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
-@pytest.mark.parametrize("head_dim", [8, 40, 64])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("has_mask, even_n", [(False, True), (True, False)], ids=["full", "mask+tail"])
-def test_compiles_for_sm90_without_spills(variant, head_dim, dtype, has_mask, even_n):
+@pytest.mark.parametrize("case", _CASES, ids=[f"cfg{v}-d{d}-{dt}-{'mask+tail' if m else 'full'}"
+                                             for v, d, dt, m, e in _CASES])
+def test_compiles_for_sm90_without_spills(compiled, case):
     """Every config, head-dim class (box widths 16, 64, 64), dtype, and the masked path with key tails compile for
     sm_90: no spills, shared memory within one block's sm_90 limit, and no wgmma serialization (C7514)."""
-    k = sg.compile_for(90, head_dim, dtype, variant, has_mask, even_n)
-    report = _ptxas_report(k.asm["ptx"])
+    ptx, _, shared = compiled[case]
+    report = _ptxas_report(ptx)
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills and spills.groups() == ("0", "0"), report
-    assert regs <= 255 and k.metadata.shared <= 232448, (regs, k.metadata.shared)
+    assert regs <= 255 and shared <= 232448, (regs, shared)
     assert "C7514" not in report, report
 
 
 @needs_gluon
 @pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
-def test_softmax_runs_while_the_pv_product_is_in_flight(variant):
+def test_softmax_runs_while_the_pv_product_is_in_flight(compiled, variant):
     """The main loop (SD's case: head dim 40, bf16, whole tiles) issues S_t = Q K_tᵀ (DP/16 = 4 MMAs of
     64 x BLOCK_N) and O += P V (BLOCK_N/16 MMAs of 64 x 64), waits for S_t alone (DEPBAR.LE 1), computes the
     BLOCK_N/2 exponentials of this thread's scores, and only then waits for the P·V product (DEPBAR.LE 0). ptxas
@@ -89,7 +122,7 @@ def test_softmax_runs_while_the_pv_product_is_in_flight(variant):
     # S = Q Kᵀ reads both operands from shared memory; P V takes P from registers and V transposed (MN-major)
     qk = re.compile(rf"HGMMA\.64x{cfg['BLOCK_N']}x16\.F32\.BF16 R\d+, gdesc")
     pv = re.compile(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+, gdesc\[\w+\]\.tnspB")
-    loops = [b for b in _loops(_sass(sg.compile_for(90, 40, torch.bfloat16, variant).asm["cubin"]))
+    loops = [b for b in _loops(_sass(compiled[(variant, 40, "bfloat16", False, True)][1]))
              if any(qk.match(s) for s in b) and any(pv.match(s) for s in b)]
     assert loops, "no loop holds both products"
     # the main loop is the shortest such span (the others are jumps back from the out-of-line mbarrier retry loops)
