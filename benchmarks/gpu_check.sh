@@ -18,7 +18,8 @@
 # JEDI_T6PYTEST_TIMEOUT, JEDI_PROFILE_TIMEOUT, JEDI_PROFILE_COMPILE_TIMEOUT
 # (JEDI_PROFILE_BASELINE=1 adds the unfused eager profile), JEDI_NCU_TIMEOUT (0 skips
 # ncu), JEDI_PROBE_TIMEOUT (0 skips the extension's error-path probe), JEDI_WS_PROBE_TIMEOUT (0 skips the TMA
-# forward's probe, and with it its tests and sweep rows); JEDI_TEST_WORKERS
+# forward's probe, and with it its tests and sweep rows), JEDI_GLUON_PROBE_TIMEOUT (the same for the Gluon Hopper
+# forward; JEDI_GLUON_TEST_TIMEOUT caps its tests); JEDI_TEST_WORKERS
 # (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
@@ -42,11 +43,13 @@ while [ $# -gt 0 ]; do
       : "${JEDI_CHECK_BUDGET_S:=540}" "${JEDI_GPU_TEST_TIMEOUT:=120}" "${JEDI_TEST_WORKERS:=10}" \
         "${JEDI_SWEEP_TIMEOUT:=110}" "${JEDI_HARNESS_TIMEOUT:=30}" "${JEDI_MEMCHECK_TIMEOUT:=0}" \
         "${JEDI_NCU_TIMEOUT:=45}" "${JEDI_FUSED_TEST_TIMEOUT:=45}" "${JEDI_BENCH_TIMEOUT:=0}" \
-        "${JEDI_MODEL_TEST_TIMEOUT:=75}" "${JEDI_LEVERS_TIMEOUT:=130}" "${JEDI_T6PYTEST_TIMEOUT:=0}"
-      # (the pytest form of Table 6 passed on the H100 twice; its minute goes to the compiled profile instead)
+        "${JEDI_MODEL_TEST_TIMEOUT:=75}" "${JEDI_LEVERS_TIMEOUT:=130}" "${JEDI_T6PYTEST_TIMEOUT:=0}" \
+        "${JEDI_WS_PROBE_TIMEOUT:=30}" "${JEDI_GLUON_PROBE_TIMEOUT:=50}" "${JEDI_GLUON_TEST_TIMEOUT:=50}"
+      # (the pytest form of Table 6 passed on the H100 twice; its minute goes to the compiled profile instead; the
+      # WS probe's minute shrinks to 30 s for the Gluon forward's probe and tests, which no run has seen yet)
       export JEDI_CHECK_BUDGET_S JEDI_GPU_TEST_TIMEOUT JEDI_TEST_WORKERS JEDI_SWEEP_TIMEOUT JEDI_HARNESS_TIMEOUT \
         JEDI_MEMCHECK_TIMEOUT JEDI_NCU_TIMEOUT JEDI_FUSED_TEST_TIMEOUT JEDI_BENCH_TIMEOUT JEDI_MODEL_TEST_TIMEOUT \
-        JEDI_LEVERS_TIMEOUT JEDI_T6PYTEST_TIMEOUT
+        JEDI_LEVERS_TIMEOUT JEDI_T6PYTEST_TIMEOUT JEDI_WS_PROBE_TIMEOUT JEDI_GLUON_PROBE_TIMEOUT JEDI_GLUON_TEST_TIMEOUT
       ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -198,7 +201,8 @@ fi
 
 if [ "$GLUON_OK" = 1 ]; then
   step "pytest -m gluon: the Gluon Hopper forward's GPU tests"
-  JEDI_TEST_GLUON=1 timeout -s INT -k 10 "$(lim 60)" $PY -m pytest tests/kernels -m "gpu and gluon" -q \
+  JEDI_TEST_GLUON=1 timeout -s INT -k 10 "$(lim ${JEDI_GLUON_TEST_TIMEOUT:-60})" $PY -m pytest tests/kernels \
+    -m "gpu and gluon" -q \
     -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest_gpu_gluon.xml" >"$OUT/pytest_gpu_gluon.log" 2>&1
   echo "pytest gluon rc=$?" | tee -a "$LOG"
   tail -5 "$OUT/pytest_gpu_gluon.log" | tee -a "$LOG"

@@ -29,6 +29,8 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each on +cudnn_benchmark)
     +attn=cuda_wgmma    the CUDA kernel with the Hopper forward (JEDI_CUDA_FWD_WGMMA, variant WGMMA_VARIANT) at the
                         d 40 layers (compute capability 9.0 only)
+    +attn=triton_gluon  the Triton kernel with the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, config GLUON_VARIANT)
+                        at the d 40 layers (compute capability 9.0 only)
     (cuda_graph)        on a GPU, every rung above also replayed as one CUDA graph: its device time, which picks
                         the best levers (eager wall times are launch-bound and rank nothing)
     cuda_graph[attn]    each attention backend on the best levers, where no rung measured that already
@@ -85,11 +87,17 @@ LADDER = [
     ("+attn=triton", dict(BASE, **_ALL, attn="triton")),
     ("+attn=cuda", dict(BASE, **_ALL, attn="cuda")),
     ("+attn=cuda_wgmma", dict(BASE, **_ALL, attn="cuda_wgmma")),
+    ("+attn=triton_gluon", dict(BASE, **_ALL, attn="triton_gluon")),
 ]
-ATTNS = ("triton", "cuda", "cuda_wgmma")  # our attention options, besides "auto"
-# the Hopper forward's variant the cuda_wgmma rung runs (benchmarks/attention_sweep.py times all three)
+ATTNS = ("triton", "cuda", "cuda_wgmma", "triton_gluon")  # our attention options, besides "auto"
+# the Hopper forwards' variants the cuda_wgmma / triton_gluon rungs run (benchmarks/attention_sweep.py times all)
 WGMMA_VARIANT = os.environ.get("JEDI_STEP_WGMMA_VARIANT", "3")
-_USER_WGMMA = os.environ.get("JEDI_CUDA_FWD_WGMMA")  # what the other rungs run with (unset: the default kernel)
+GLUON_VARIANT = os.environ.get("JEDI_STEP_GLUON_VARIANT", "1")
+# attn option -> (backend, the per-call switch it sets, its value); the other rungs run with the user's value of each
+# switch (unset: the default kernel)
+_HOPPER = {"cuda_wgmma": ("cuda", "JEDI_CUDA_FWD_WGMMA", WGMMA_VARIANT),
+           "triton_gluon": ("triton", "JEDI_TRITON_FWD_GLUON", GLUON_VARIANT)}
+_USER_SWITCH = {env: os.environ.get(env) for _, env, _ in _HOPPER.values()}
 
 
 def configure(unet, inp: dict, cfg: dict) -> dict:
@@ -108,15 +116,15 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
     unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_fuse_context_kv(cfg.get("fuse_context_kv", False))
     unet.set_fuse_ff(cfg.get("fuse_ff", False))
-    # attn="cuda_wgmma": the CUDA backend with the Hopper forward; the switch is read per call by the extension (at
-    # capture time for a CUDA graph), so every configuration sets it
-    if cfg["attn"] == "cuda_wgmma":
-        os.environ["JEDI_CUDA_FWD_WGMMA"] = WGMMA_VARIANT
-    elif _USER_WGMMA is None:
-        os.environ.pop("JEDI_CUDA_FWD_WGMMA", None)
-    else:
-        os.environ["JEDI_CUDA_FWD_WGMMA"] = _USER_WGMMA
-    unet.set_attn_backend("cuda" if cfg["attn"] == "cuda_wgmma" else cfg["attn"])
+    # attn="cuda_wgmma" / "triton_gluon": a backend with its Hopper forward; the switches are read per call (at
+    # capture time for a CUDA graph), so every configuration sets both
+    for attn, (_, env, value) in _HOPPER.items():
+        value = value if cfg["attn"] == attn else _USER_SWITCH[env]
+        if value is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = value
+    unet.set_attn_backend(_HOPPER[cfg["attn"]][0] if cfg["attn"] in _HOPPER else cfg["attn"])
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", False))
     return inputs_in_format(inp, fmt)
 
@@ -124,10 +132,16 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
 def attn_available(backend: str) -> str | None:
     """None when ``backend`` can run here, else why not."""
     avail = available_backends()
-    key = {"triton": "triton", "cuda": "cuda_attention", "cuda_wgmma": "cuda_attention"}.get(backend)
-    if backend == "cuda_wgmma" and avail.get(key) and (
+    key = {"triton": "triton", "cuda": "cuda_attention", "cuda_wgmma": "cuda_attention",
+           "triton_gluon": "triton"}.get(backend)
+    if backend in _HOPPER and avail.get(key) and (
             not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)):
         return "the Hopper forward needs a compute-capability-9.0 GPU"
+    if backend == "triton_gluon":
+        from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON
+
+        if not HAVE_GLUON:
+            return "this Triton has no Gluon"
     if key is None or avail.get(key):
         return None
     return avail["reasons"].get(key) or avail["reasons"].get("cuda") or f"{backend} unavailable"
