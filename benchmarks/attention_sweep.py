@@ -339,6 +339,19 @@ def cuda_fwd_stages_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def _hopper_summary(row: dict, out, ref, labels: tuple, tag: str, base: str) -> dict:
+    """A Hopper-forward row's verdict: its output's max |diff| from cuDNN's, the fastest of ``labels``
+    (``best_<tag>``), its speedups over the row's ``base`` kernel and cuDNN, and its TFLOP/s."""
+    row["max_abs_diff_vs_cudnn"] = float((out.float() - ref.float()).abs().max())
+    best = min(labels, key=lambda n: row[f"ms_{n}"])
+    row[f"best_{tag}"] = best
+    row[f"speedup_{tag}_vs_{base}"] = row[f"ms_{base}"] / row[f"ms_{best}"]
+    row[f"speedup_{tag}_vs_cudnn"] = row["ms_cudnn"] / row[f"ms_{best}"]
+    work = flops(SETS, HEADS, row["ng"], row["L"], row["D"], "fwd")
+    row[f"tflops_best_{tag}"] = work / (row[f"ms_{best}"] * 1e-3) / 1e12
+    return row
+
+
 def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA forward: the mma.sync kernel (the default) vs the Hopper one (``JEDI_CUDA_FWD_WGMMA`` 1 / 2 / 3: 64 keys
     x 2 warpgroups, 128 x 2, 128 x 3; warpgroup MMAs with the softmax overlapping the P V product; sm_90a, head dim
@@ -356,13 +369,7 @@ def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
             out = build_fn("cuda", q, k, v, ng, HEADS, "fwd")[1]
             torch.cuda.synchronize()
     row["wgmma_ran"] = any("wgmma" in e.name for e in prof.events())
-    row["max_abs_diff_vs_cudnn"] = float((out.float() - ref.float()).abs().max())
-    best = min(("wg64x2", "wg128x2", "wg128x3"), key=lambda n: row[f"ms_{n}"])
-    row["best_wgmma"] = best
-    row["speedup_wgmma_vs_mmasync"] = row["ms_mmasync"] / row[f"ms_{best}"]
-    row["speedup_wgmma_vs_cudnn"] = row["ms_cudnn"] / row[f"ms_{best}"]
-    row["tflops_best_wgmma"] = flops(SETS, HEADS, ng, L, D, "fwd") / (row[f"ms_{best}"] * 1e-3) / 1e12
-    return row
+    return _hopper_summary(row, out, ref, ("wg64x2", "wg128x2", "wg128x3"), "wgmma", "mmasync")
 
 
 def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
@@ -393,13 +400,7 @@ def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     finally:
         sa.set_attn_fwd_gluon = real
     row["gluon_ran"] = bool(calls)
-    row["max_abs_diff_vs_cudnn"] = float((out.float() - ref.float()).abs().max())
-    best = min(("gl128x128", "gl128x64", "gl64x128"), key=lambda n: row[f"ms_{n}"])
-    row["best_gluon"] = best
-    row["speedup_gluon_vs_pointer"] = row["ms_pointer"] / row[f"ms_{best}"]
-    row["speedup_gluon_vs_cudnn"] = row["ms_cudnn"] / row[f"ms_{best}"]
-    row["tflops_best_gluon"] = flops(SETS, HEADS, ng, L, D, "fwd") / (row[f"ms_{best}"] * 1e-3) / 1e12
-    return row
+    return _hopper_summary(row, out, ref, ("gl128x128", "gl128x64", "gl64x128"), "gluon", "pointer")
 
 
 def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
@@ -479,27 +480,21 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
               f"errors {list(row['errors'])} ({row['wall_s']:.1f}s)", flush=True)
     import jedi_kernels as jk
 
+    # the two Hopper forwards (new, never timed) right after the dispatch rows: a cut-short sweep must not lose them.
+    # JEDI_SWEEP_GLUON=0 (gpu_check.sh, when tools/ws_probe.py --kernel gluon did not finish) skips the Gluon one
+    hopper = []
     if jk.available_backends()["cuda_attention"]:
-        # the Hopper CUDA forward (new since the third H100 run), right after the dispatch rows: a cut-short sweep must
-        # not lose it
-        for ng, dtype in ((2, torch.bfloat16), (2, torch.float16), (1, torch.bfloat16), (4, torch.bfloat16)):
-            add(cuda_wgmma_fwd_row(4096, 40, ng=ng, dtype=dtype, rep_ms=rep_ms))
-            r = rows[-1]
-            print(f"CUDA forward, Hopper wgmma vs mma.sync, L=4096 D=40 ng={ng} {r['dtype']}: "
-                  f"{ {k[3:]: round(v, 3) for k, v in r.items() if k.startswith('ms_')} } ran={r['wgmma_ran']} "
-                  f"best {r['best_wgmma']} x{r['speedup_wgmma_vs_mmasync']:.2f} vs mma.sync, "
-                  f"x{r['speedup_wgmma_vs_cudnn']:.2f} vs cuDNN, {r['tflops_best_wgmma']:.0f} TFLOP/s, "
-                  f"max|diff| {r['max_abs_diff_vs_cudnn']:.1e}", flush=True)
+        hopper.append((cuda_wgmma_fwd_row, "CUDA forward, Hopper wgmma vs mma.sync", "wgmma", "mmasync", "mma.sync"))
     if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON", "1") != "0":
-        # the Gluon Hopper forward (new, never timed), also early. JEDI_SWEEP_GLUON=0 (gpu_check.sh, when
-        # tools/ws_probe.py --kernel gluon did not finish) skips it
+        hopper.append((triton_gluon_fwd_row, "Triton forward, Gluon Hopper vs pointer", "gluon", "pointer", "pointer"))
+    for row_fn, title, tag, base, base_name in hopper:
         for ng, dtype in ((2, torch.bfloat16), (2, torch.float16), (1, torch.bfloat16), (4, torch.bfloat16)):
-            add(triton_gluon_fwd_row(4096, 40, ng=ng, dtype=dtype, rep_ms=rep_ms))
+            add(row_fn(4096, 40, ng=ng, dtype=dtype, rep_ms=rep_ms))
             r = rows[-1]
-            print(f"Triton forward, Gluon Hopper vs pointer, L=4096 D=40 ng={ng} {r['dtype']}: "
-                  f"{ {k[3:]: round(v, 3) for k, v in r.items() if k.startswith('ms_')} } ran={r['gluon_ran']} "
-                  f"best {r['best_gluon']} x{r['speedup_gluon_vs_pointer']:.2f} vs pointer, "
-                  f"x{r['speedup_gluon_vs_cudnn']:.2f} vs cuDNN, {r['tflops_best_gluon']:.0f} TFLOP/s, "
+            print(f"{title}, L=4096 D=40 ng={ng} {r['dtype']}: "
+                  f"{ {k[3:]: round(v, 3) for k, v in r.items() if k.startswith('ms_')} } ran={r[f'{tag}_ran']} "
+                  f"best {r[f'best_{tag}']} x{r[f'speedup_{tag}_vs_{base}']:.2f} vs {base_name}, "
+                  f"x{r[f'speedup_{tag}_vs_cudnn']:.2f} vs cuDNN, {r[f'tflops_best_{tag}']:.0f} TFLOP/s, "
                   f"max|diff| {r['max_abs_diff_vs_cudnn']:.1e}", flush=True)
     # masks with 1/ng of the work; SDPA can only apply them densely. Our backends run the block-diagonal (identity)
     # mask as per-image attention; the one-way mask (every image attends image 0) goes through the kernels' image

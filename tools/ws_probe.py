@@ -1,7 +1,7 @@
 """Does the TMA + warp-specialized Triton forward (``JEDI_TRITON_FWD_WS=1``) compile, finish and agree on this GPU?
 
-    python tools/ws_probe.py [--kernel ws|gluon] [--json OUT.json]        # exit 0: every step finished and agreed; 1: a mismatch;
-                                                       # 2: no sm_90 GPU (nothing to probe)
+    python tools/ws_probe.py [--kernel ws|gluon] [--json OUT.json]
+    # exit 0: every step finished and agreed; 1: a mismatch; 2: no sm_90 GPU (nothing to probe)
 
 In the third H100 run of 2026-11-27 none of the kernel's 8 GPU tests finished within the test step's time, and the
 attention sweep was killed while timing it: either its compilation (Triton 3.6's Hopper warp specialization) is very
@@ -31,6 +31,15 @@ def _say(report: dict, key: str, value) -> None:
     print(f"ws_probe {key}: {value}", flush=True)
 
 
+def _inputs(B: int, G: int, L: int, H: int, D: int):
+    """q, k, v (B·G, L, H·D) bf16 on the GPU as views of one fused projection, as the UNet passes them (seed 0)."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B * G, L, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return qkv.split(H * D, dim=-1)
+
+
 def probe_gluon(report: dict) -> int:
     """Each config of the Gluon forward: compile, first run, agreement with the pointer kernel, time (SD's 64x64)."""
     import os
@@ -49,9 +58,7 @@ def probe_gluon(report: dict) -> int:
     ok = True
     for B, G, L, H, D in ((1, 2, 200, 2, 40), (2, 2, 4096, 8, 40)):
         shape = f"B{B} G{G} L{L} H{H} D{D}"
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        qkv = torch.randn(B * G, L, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        q, k, v = qkv.split(H * D, dim=-1)  # views of one fused projection, as the UNet passes them
+        q, k, v = _inputs(B, G, L, H, D)
         if not sg.gluon_fwd_ok(q, k, v, D, D**-0.5):
             _say(report, f"{shape} eligible", False)
             return 1
@@ -93,9 +100,7 @@ def probe(report: dict) -> int:
     # (B, G, L, H, D): a small case (one query tile per image, a key tail), then SD's 64x64 level at set size 2
     for B, G, L, H, D in ((1, 2, 200, 2, 40), (2, 2, 4096, 8, 40)):
         shape = f"B{B} G{G} L{L} H{H} D{D}"
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        qkv = torch.randn(B * G, L, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        q, k, v = qkv.split(H * D, dim=-1)  # views of one fused projection, as the UNet passes them
+        q, k, v = _inputs(B, G, L, H, D)
         if not sa._fwd_ws_ok(q, k, v, D):
             _say(report, f"{shape} eligible", False)
             return 1

@@ -37,3 +37,23 @@ def rows_view(t: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             pass
     return t.contiguous().view(-1, W)
+
+
+def rows_stride(t: torch.Tensor) -> int | None:
+    """The stride between consecutive rows of ``t`` (N, L, C) seen as an (N·L, C) matrix, or None when the rows of
+    different images are not evenly spaced (no 2-D TMA descriptor covers them). Contiguous tensors and views of a
+    fused qkv projection qualify."""
+    N, L, _ = t.shape
+    if L > 1:
+        return t.stride(1) if (N == 1 or t.stride(0) == L * t.stride(1)) else None
+    return t.stride(0) if N > 1 else t.shape[2]
+
+
+def tma_rows_ok(*tensors: torch.Tensor) -> bool:
+    """Whether a 2-D TMA descriptor over the (N·L, C) rows can cover each tensor: evenly spaced rows
+    (:func:`rows_stride`), unit last stride, a 16-byte aligned base and a 16-byte aligned row stride."""
+    for t in tensors:
+        rs = rows_stride(t)
+        if t.stride(2) != 1 or rs is None or (rs * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True

@@ -33,6 +33,8 @@ import triton.language as tl
 
 from jedi_kernels.backends import triton_interpreting
 from jedi_kernels.ops import eager_call
+from jedi_kernels.ops import rows_stride as _rows_stride
+from jedi_kernels.ops import tma_rows_ok
 from jedi_kernels.ops.set_attention_gluon import gluon_fwd_ok, gluon_fwd_variant, set_attn_fwd_gluon
 
 __all__ = [
@@ -864,15 +866,6 @@ def _rows_linear(t: torch.Tensor, L: int) -> bool:
     return t.stride(0) == L * t.stride(1)
 
 
-def _rows_stride(t: torch.Tensor) -> Optional[int]:
-    """The stride between consecutive rows of ``t`` (N, L, H*D) seen as (N*L, H*D), or None when rows of different
-    images are not evenly spaced (no 2-D descriptor covers them)."""
-    N, L, _ = t.shape
-    if L > 1:
-        return t.stride(1) if (N == 1 or t.stride(0) == L * t.stride(1)) else None
-    return t.stride(0) if N > 1 else t.shape[2]
-
-
 def _fwd_ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, D: int) -> bool:
     """The TMA forward's preconditions: head dim <= 64; an sm_90+ GPU with fp16/bf16 (any dtype under the
     interpreter, which runs the tests); each of q, k, v evenly spaced rows with unit last stride, a 16-byte aligned
@@ -884,11 +877,7 @@ def _fwd_ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, D: int) -> boo
             return False
         if q.dtype not in (torch.float16, torch.bfloat16):
             return False
-    for t in (q, k, v):
-        rs = _rows_stride(t)
-        if t.stride(2) != 1 or rs is None or (rs * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    return True
+    return tma_rows_ok(q, k, v)
 
 
 def _fwd_buffers(q, B, G, L, H, D, set_mask):

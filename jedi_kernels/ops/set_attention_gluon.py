@@ -1,5 +1,5 @@
-"""A Hopper forward for the set attention in Gluon (Triton's explicit-layout dialect): warpgroup MMAs with the softmax of
-one key tile running while the P·V product of the previous one is still on the tensor cores.
+"""A Hopper forward for the set attention in Gluon (Triton's explicit-layout dialect): warpgroup MMAs with the softmax
+of one key tile running while the P·V product of the previous one is still on the tensor cores.
 
 Why a second Triton forward: the ``tl.dot`` kernel (``set_attention._set_attn_fwd_kernel``) cannot overlap the two.
 Triton 3.6 lowers each ``tl.dot`` to wgmma and waits for it right after issuing it, so the exp unit and the tensor
@@ -26,10 +26,12 @@ what the SASS must contain (tests/kernels/test_set_attention_gluon.py). The GPU 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
+
+from jedi_kernels.ops import rows_stride as _rows_stride
+from jedi_kernels.ops import tma_rows_ok
 
 try:  # Gluon ships with Triton >= 3.4 (experimental); without it this forward is unavailable, nothing else changes
     from triton.experimental import gluon
@@ -74,14 +76,6 @@ def gluon_fwd_variant() -> int:
     return int(v)
 
 
-def _rows_stride(t: torch.Tensor) -> Optional[int]:
-    """Row stride of ``t`` (N, L, C) seen as (N·L, C), or None when the images' rows are not evenly spaced."""
-    N, L, _ = t.shape
-    if L > 1:
-        return t.stride(1) if (N == 1 or t.stride(0) == L * t.stride(1)) else None
-    return t.stride(0) if N > 1 else t.shape[2]
-
-
 def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float) -> bool:
     """Whether :func:`set_attn_fwd_gluon` can run these inputs: Gluon present, an sm_90 CUDA device, fp16/bf16,
     head dim <= 64, scale > 0 (the row max is taken on the raw scores), and each of q, k, v evenly spaced rows with
@@ -92,11 +86,7 @@ def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: in
         return False
     if q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    for t in (q, k, v):
-        rs = _rows_stride(t)
-        if t.stride(2) != 1 or rs is None or (rs * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    return True
+    return tma_rows_ok(q, k, v)
 
 
 if HAVE_GLUON:

@@ -38,8 +38,8 @@ def _ptxas_report(ptx: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        return subprocess.run([str(_bin("ptxas")), "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                              capture_output=True, text=True, check=True).stderr
+        cmd = [str(_bin("ptxas")), "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
 
 
 def _sass(cubin: bytes) -> list[tuple[int, str]]:

@@ -24,6 +24,17 @@ def test_probe_says_it_has_nothing_to_probe(tmp_path):
     assert json.loads(out.read_text()) == {"skipped": "needs an sm_90+ CUDA GPU"}
 
 
+def _run_with_stand_in_driver(script: str) -> None:
+    """Run ``script`` in a fresh process without the interpreter (it installs the stand-in driver itself) and expect
+    it to print "compiled"; skip if this Triton's internals are not the ones the stand-in patches."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if p.returncode != 0 and "internals" in p.stderr:
+        pytest.skip(f"Triton internals differ from the ones the stand-in driver patches: {p.stderr[-300:]}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("compiled"), p.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the probe really runs")
 def test_gluon_probe_says_it_has_nothing_to_probe(tmp_path):
     out = tmp_path / "gluon.json"
@@ -68,13 +79,7 @@ def test_gluon_host_path_compiles_and_launches():
 
     if not sg.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", GLUON_HOST_PATH], capture_output=True, text=True, timeout=600, env=env,
-                       cwd=ROOT)
-    if p.returncode != 0 and "internals" in p.stderr:
-        pytest.skip(f"Triton internals differ from the ones the stand-in driver patches: {p.stderr[-300:]}")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith("compiled"), p.stdout
+    _run_with_stand_in_driver(GLUON_HOST_PATH)
 
 
 COMPILE_ONLY = """
@@ -102,10 +107,4 @@ def test_compile_only_compiles_without_launching():
     """The probe's first step: the warp-specialized kernel compiles for sm_90 (a stand-in driver, as
     tools/host_overhead.py uses) and nothing is launched."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", COMPILE_ONLY], capture_output=True, text=True, timeout=600, env=env,
-                       cwd=ROOT)
-    if p.returncode != 0 and "internals" in p.stderr:
-        pytest.skip(f"Triton internals differ from the ones the stand-in driver patches: {p.stderr[-300:]}")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith("compiled"), p.stdout
+    _run_with_stand_in_driver(COMPILE_ONLY)
