@@ -374,13 +374,16 @@ def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 
 def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """Triton forward: the pointer kernel (the default) vs the Gluon Hopper one (``JEDI_TRITON_FWD_GLUON`` 1 / 2 /
-    3: 128 queries x 128 keys over 2 warpgroups, 128 x 64, 64 x 128 over 1; warpgroup MMAs with the softmax of S_t
+    3 / 4: 128 queries x 128 keys over 2 warpgroups, 128 x 64, 64 x 128 over 1, and config 1 with its MMAs over the
+    whole padded box instead of 32 + 16 columns (``speedup_split_vs_padded``); warpgroup MMAs with the softmax of S_t
     running while P_{t-1} V_{t-1} is on the tensor cores, TMA loads into a ring of mbarrier-tracked buffers; sm_90,
-    head dims <= 64 padded to a power of two (40 -> 64)), and cuDNN SDPA on the same inputs (``ms_cudnn``; issue 3's
+    head dims <= 64 in a power-of-two box (40 -> 64)), and cuDNN SDPA on the same inputs (``ms_cudnn``; issue 3's
     target at L 4096 D 40 ng 2 bf16 is 0.45 ms, cuDNN 0.603 on the third H100 run). Static SASS per 1024 scores of a
-    full tile, config 1: 238 instructions against 32 MUFU x 8 = 256 exp-unit clocks."""
+    full tile, config 1: 276 instructions (padded: 266) against 32 MUFU x 8 = 256 exp-unit clocks and ~184 (padded
+    ~246) tensor clocks."""
     row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_TRITON_FWD_GLUON",
-                       {"pointer": "0", "gl128x128": "1", "gl128x64": "2", "gl64x128": "3"}, "triton_fwd_gluon")
+                       {"pointer": "0", "gl128x128": "1", "gl128x64": "2", "gl64x128": "3", "gl128x128pad": "4"},
+                       "triton_fwd_gluon")
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
     cudnn, ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")
     row["ms_cudnn"] = time_ms(cudnn, rep_ms=rep_ms)
@@ -400,7 +403,8 @@ def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     finally:
         sa.set_attn_fwd_gluon = real
     row["gluon_ran"] = bool(calls)
-    return _hopper_summary(row, out, ref, ("gl128x128", "gl128x64", "gl64x128"), "gluon", "pointer")
+    row["speedup_split_vs_padded"] = row["ms_gl128x128pad"] / row["ms_gl128x128"]  # issue 3: chunking vs padding
+    return _hopper_summary(row, out, ref, ("gl128x128", "gl128x64", "gl64x128", "gl128x128pad"), "gluon", "pointer")
 
 
 def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:

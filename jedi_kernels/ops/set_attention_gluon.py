@@ -14,12 +14,14 @@ layouts, matrix descriptors and register fragments come from the compiler (``NVM
 Loads: q, k and v through 2-D TMA descriptors over the (N·L, H·D) rows (the WS kernel's scheme), a box DP columns wide
 from column h·D. DP is the head dim rounded up to a power of two >= 16 (Gluon block shapes are powers of two: 40 →
 64), so the box also covers the next head's first DP − D columns (zero past the last head). Q's are zeroed in shared
-memory once, which makes K's irrelevant; V's only reach output columns that are never stored. K/V tiles go through a
+memory once, which makes K's irrelevant; V's only reach output columns that are never stored. The MMAs cover the
+first D0 + D1 columns (40 -> 32 + 16 of the 64: two MMAs per product over slices of the same shared tiles, a quarter
+less tensor work than all 64; config 4 runs the padded 64 for comparison). K/V tiles go through a
 ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine completes. At iteration t the buffer of tile
 t−2 is refilled with tile t−2+NUM_STAGES: every warpgroup finished its P·V product on it in iteration t−1, which a
 CTA barrier makes sure of before the copy is issued.
 
-Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head dims
+Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head dims
 <= 64, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
 what the SASS must contain (tests/kernels/test_set_attention_gluon.py). The GPU tests check its outputs.
 """
@@ -53,10 +55,13 @@ __all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_at
 
 # JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups; NUM_STAGES
 # >= 3 (the refill scheme keeps tiles t-1, t and t+1 resident while tile t's softmax runs).
+# SPLIT: the MMAs over two power-of-two column chunks of the box (:func:`_chunks`; 40 -> 32 + 16) instead of all DP
+# columns (40 -> 64); config 4 is config 1 padded, to measure what the split buys.
 CONFIGS = {
-    1: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3},
-    2: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "NUM_STAGES": 4},
-    3: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3},
+    1: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3, "SPLIT": True},
+    2: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "NUM_STAGES": 4, "SPLIT": True},
+    3: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3, "SPLIT": True},
+    4: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3, "SPLIT": False},
 }
 MAX_HEAD_DIM = 64
 _LOG2E = 1.4426950408889634
@@ -66,6 +71,18 @@ def _dp(head_dim: int) -> int:
     """Columns of a descriptor box: the head dim rounded up to a power of two >= 16 (Gluon block shapes are powers of
     two; 40 -> 64)."""
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _chunks(head_dim: int, split: bool = True) -> tuple[int, int]:
+    """(D0, D1): the MMAs' column chunks within the DP-wide box, D0 the largest power of two <= the head dim (>= 16)
+    and D1 = the next power of two >= the rest (>= 16), or (DP, 0) when two chunks would not be narrower than the box
+    (40 -> (32, 16) of 64; 24 -> (32, 0); 64 -> (64, 0); 56 -> (64, 0))."""
+    dp = _dp(head_dim)
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))
+    if d0 >= head_dim or not split:
+        return dp, 0
+    d1 = max(16, 1 << (head_dim - d0 - 1).bit_length())
+    return (d0, d1) if d0 + d1 < dp else (dp, 0)
 
 
 def gluon_fwd_variant() -> int:
@@ -123,16 +140,42 @@ if HAVE_GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
+    def _issue_qk(q_smem, k_tile, s_zero, D0: gl.constexpr, D1: gl.constexpr):
+        """Issue S = Q Kᵀ for one key tile (both operands in shared memory) over the columns [0, D0) and, when D1 > 0,
+        [D0, D0 + D1) as a second MMA accumulating into the first; returns its (in-flight) accumulator."""
+        s = warpgroup_mma(q_smem.slice(0, D0, 1), k_tile.slice(0, D0, 1).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        if D1 > 0:
+            s = warpgroup_mma(q_smem.slice(D0, D1, 1), k_tile.slice(D0, D1, 1).permute((1, 0)), s, is_async=True)
+        return s
+
+    @gluon.jit
+    def _store_out(Out, acc, l_safe, row0, mt, L, H, col0, C0: gl.constexpr, W: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+        """O[:, C0:C0+W] = acc / l for the tile's rows < L and columns < HEAD_DIM (the rest is the next head's)."""
+        inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, layout))
+        o = (acc * gl.expand_dims(inv_l, 1)).to(Out.dtype.element_ty)
+        rows = mt * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        cols = C0 + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
+        ptrs = Out + gl.expand_dims((row0 + rows) * (H * HEAD_DIM) + col0, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptrs, o, mask=gl.expand_dims(rows < L, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
+
+    @gluon.jit
     def _set_attn_fwd_gluon_kernel(
         DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
         qk_scale_log2,
         H, G, L,
-        HEAD_DIM: gl.constexpr, DP: gl.constexpr, HAS_MASK: gl.constexpr,
+        HEAD_DIM: gl.constexpr, DP: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, HAS_MASK: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EVEN_N: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One program: BLOCK_M queries of image i of set b, head h (grid (G·⌈L/BLOCK_M⌉, B·H)), against every key
-        tile of the images it may attend; writes O (N, L, H·D) and lse (B, H, G·L), as ``_set_attn_fwd_kernel``."""
+        tile of the images it may attend; writes O (N, L, H·D) and lse (B, H, G·L), as ``_set_attn_fwd_kernel``.
+
+        The MMAs cover the first D0 + D1 of the DP loaded columns (D1 = 0: one chunk of D0 = DP; else two
+        power-of-two chunks, 40 -> 32 + 16 of a 64-column box): S = Q[:, :D0] K[:, :D0]ᵀ + Q[:, D0:] K[:, D0:]ᵀ and
+        O = (P V[:, :D0], P V[:, D0:]) as slices of the same shared tiles, a quarter less tensor work at d 40."""
+        gl.static_assert(D0 + D1 <= DP and D0 + D1 >= HEAD_DIM, "the chunks cover the head within the box")
         gl.static_assert(NUM_STAGES >= 3, "the ring must hold tiles t-1, t and t+1 while tile t-2's is refilled")
         gl.static_assert(BLOCK_M == 16 * num_warps, "one m64 warpgroup MMA tile per 4 warps")
         dtype: gl.constexpr = DescQ.dtype
@@ -140,8 +183,16 @@ if HAVE_GLUON:
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, DP, 16])
+                                                           instr_shape=[16, D0, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        # the second chunk's accumulator (16 columns wide and unused when D1 = 0)
+        HAS_D1: gl.constexpr = D1 > 0
+        D1E: gl.constexpr = D1 if D1 > 0 else 16
+        o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, D1E, 16])
+        p1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
+        # groups committed per product (one per chunk): the wait for S_t leaves the P·V groups in flight
+        PV_GROUPS: gl.constexpr = 2 if D1 > 0 else 1
         q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DP // 8), DP // 8], [num_warps, 1], [1, 0])
 
         pid_m = gl.program_id(0)
@@ -187,7 +238,8 @@ if HAVE_GLUON:
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([BLOCK_M, DP], gl.float32, o_layout)
+        acc = gl.zeros([BLOCK_M, D0], gl.float32, o_layout)
+        acc1 = gl.zeros([BLOCK_M, D1E], gl.float32, o1_layout)
 
         # tile 0: its scores alone (n_it = 0 only for a set_mask row allowing nothing, which the public API rejects:
         # no wait then, or the program would wait for a load never issued)
@@ -195,7 +247,7 @@ if HAVE_GLUON:
         alpha = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         if n_it > 0:
             mbarrier.wait(kv_bar.index(0), 0)
-            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = _issue_qk(q_smem, k_smem.index(0), s_zero, D0, D1)
             s = warpgroup_mma_wait(0, deps=(s, ))
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
         # FlashAttention-3's order: iteration t issues S_t = Q K_tᵀ, rescales O (not in flight), issues
@@ -206,10 +258,14 @@ if HAVE_GLUON:
             st = it % NUM_STAGES
             prev = (it - 1) % NUM_STAGES
             mbarrier.wait(kv_bar.index(st), (it // NUM_STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s_tok = _issue_qk(q_smem, k_smem.index(st), s_zero, D0, D1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            o_tok = warpgroup_mma(p_op, v_smem.index(prev).slice(0, D0, 1), acc, is_async=True)
+            if HAS_D1:
+                acc1 = acc1 * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout)), 1)
+                p_op1 = gl.convert_layout(p_op, p1_layout)
+                o1_tok = warpgroup_mma(p_op1, v_smem.index(prev).slice(D0, D1E, 1), acc1, is_async=True)
+            s = warpgroup_mma_wait(PV_GROUPS, deps=(s_tok, ))
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
             # The wait for the P·V product stands in both arms of a branch: ptxas schedules a wait that shares a
             # basic block with the softmax into it (seen in the SASS: between the row-max instructions), which
@@ -220,15 +276,28 @@ if HAVE_GLUON:
                 gl.thread_barrier()
                 _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it - 2 + NUM_STAGES, n_nt, ImgList, i, b, G, L,
                           col0, BLOCK_N, NUM_STAGES, HAS_MASK)
-                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                if HAS_D1:
+                    acc, acc1, p_op, p_op1 = warpgroup_mma_wait(0, deps=(o_tok, o1_tok, p_op, p_op1))
+                else:
+                    acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
             else:
-                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                if HAS_D1:
+                    acc, acc1, p_op, p_op1 = warpgroup_mma_wait(0, deps=(o_tok, o1_tok, p_op, p_op1))
+                else:
+                    acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         # the last tile's P V
         if n_it > 0:
+            last = (n_it - 1) % NUM_STAGES
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index((n_it - 1) % NUM_STAGES), acc, is_async=True)
-            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            o_tok = warpgroup_mma(p_op, v_smem.index(last).slice(0, D0, 1), acc, is_async=True)
+            if HAS_D1:
+                acc1 = acc1 * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout)), 1)
+                p_op1 = gl.convert_layout(p_op, p1_layout)
+                o1_tok = warpgroup_mma(p_op1, v_smem.index(last).slice(D0, D1E, 1), acc1, is_async=True)
+                acc, acc1, p_op, p_op1 = warpgroup_mma_wait(0, deps=(o_tok, o1_tok, p_op, p_op1))
+            else:
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
 
         mbarrier.invalidate(q_bar)
         for s0 in gl.static_range(NUM_STAGES):
@@ -236,13 +305,10 @@ if HAVE_GLUON:
 
         # epilogue: O = acc / l, lse = ln 2 · (m + log2 l); a row with no allowed key gets O = 0, lse = -inf
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
-        o = (acc * gl.expand_dims(inv_l, 1)).to(Out.dtype.element_ty)
-        rows = mt * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, DP, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = (Out + gl.expand_dims(((b * G + i).to(gl.int64) * L + rows) * (H * HEAD_DIM) + col0, 1)
-                  + gl.expand_dims(cols, 0))
-        gl.store(o_ptrs, o, mask=gl.expand_dims(rows < L, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
+        row0 = (b * G + i).to(gl.int64) * L
+        _store_out(Out, acc, l_safe, row0, mt, L, H, col0, 0, D0, HEAD_DIM, BLOCK_M, o_layout)
+        if HAS_D1:
+            _store_out(Out, acc1, l_safe, row0, mt, L, H, col0, D0, D1E, HEAD_DIM, BLOCK_M, o1_layout)
         lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         lrows = mt * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         gl.store(Lse + (pid_bh * G + i).to(gl.int64) * L + lrows, lse, mask=lrows < L)
@@ -270,8 +336,10 @@ def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: f
     dq, dk, dv, DP = _descriptors(q, k, v, B * G, L, H, D, cfg)
     grid = (G * triton.cdiv(L, cfg["BLOCK_M"]), B * H)
     args = (dq, dk, dv, out, lse, img_list, img_count, float(scale) * _LOG2E, H, G, L)
-    meta = dict(HEAD_DIM=D, DP=DP, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                NUM_STAGES=cfg["NUM_STAGES"], EVEN_N=L % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"])
+    d0, d1 = _chunks(D, cfg["SPLIT"])
+    meta = dict(HEAD_DIM=D, DP=DP, D0=d0, D1=d1, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], EVEN_N=L % cfg["BLOCK_N"] == 0,
+                num_warps=cfg["num_warps"])
     if compile_only:
         _set_attn_fwd_gluon_kernel.warmup(*args, grid=grid, **meta)
         return
@@ -298,9 +366,10 @@ def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.b
     signature = {"DescQ": desc(cfg["BLOCK_M"]), "DescK": desc(cfg["BLOCK_N"]), "DescV": desc(cfg["BLOCK_N"]),
                  "Out": "*" + ty, "Lse": "*fp32", "ImgList": "*i32", "ImgCount": "*i32", "qk_scale_log2": "fp32",
                  "H": "i32", "G": "i32", "L": "i32"}
-    constexprs = {"HEAD_DIM": head_dim, "DP": DP, "HAS_MASK": has_mask, "BLOCK_M": cfg["BLOCK_M"],
-                  "BLOCK_N": cfg["BLOCK_N"], "NUM_STAGES": cfg["NUM_STAGES"], "EVEN_N": even_n,
-                  "num_warps": cfg["num_warps"]}
+    d0, d1 = _chunks(head_dim, cfg["SPLIT"])
+    constexprs = {"HEAD_DIM": head_dim, "DP": DP, "D0": d0, "D1": d1, "HAS_MASK": has_mask,
+                  "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "NUM_STAGES": cfg["NUM_STAGES"],
+                  "EVEN_N": even_n, "num_warps": cfg["num_warps"]}
     for name in constexprs:
         signature[name] = "constexpr"
     names = [p.name for p in fn.params]

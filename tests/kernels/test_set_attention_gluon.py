@@ -114,29 +114,43 @@ def test_compiles_for_sm90_without_spills(compiled, case):
 @needs_gluon
 @pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
 def test_softmax_runs_while_the_pv_product_is_in_flight(compiled, variant):
-    """The main loop (SD's case: head dim 40, bf16, whole tiles) issues S_t = Q K_tᵀ (DP/16 = 4 MMAs of
-    64 x BLOCK_N) and O += P V (BLOCK_N/16 MMAs of 64 x 64), waits for S_t alone (DEPBAR.LE 1), computes the
-    BLOCK_N/2 exponentials of this thread's scores, and only then waits for the P·V product (DEPBAR.LE 0). ptxas
-    moved a wait placed after the softmax up into it when both shared a basic block; this pins the schedule."""
+    """The main loop (SD's case: head dim 40, bf16, whole tiles) issues S_t = Q K_tᵀ (64 x BLOCK_N MMAs over 48
+    columns, 3 k-steps, or over the padded 64, 4) and O += P V (BLOCK_N/16 k-steps of 64 x 32 plus 64 x 16, or of
+    64 x 64 padded), waits for S_t alone (DEPBAR.LE: the P·V groups still in flight), computes the BLOCK_N/2
+    exponentials of this thread's scores, and only then waits for the P·V product (DEPBAR.LE 0). ptxas moved a wait
+    placed after the softmax up into it when both shared a basic block; this pins the schedule."""
     cfg = sg.CONFIGS[variant]
+    split = cfg["SPLIT"]
     # S = Q Kᵀ reads both operands from shared memory; P V takes P from registers and V transposed (MN-major)
     qk = re.compile(rf"HGMMA\.64x{cfg['BLOCK_N']}x16\.F32\.BF16 R\d+, gdesc")
-    pv = re.compile(r"HGMMA\.64x64x16\.F32\.BF16 R\d+, R\d+, gdesc\[\w+\]\.tnspB")
+    pv = re.compile(rf"HGMMA\.64x({'32|16' if split else '64'})x16\.F32\.BF16 R\d+, R\d+, gdesc\[\w+\]\.tnspB")
     loops = [b for b in _loops(_sass(compiled[(variant, 40, "bfloat16", False, True)][1]))
              if any(qk.match(s) for s in b) and any(pv.match(s) for s in b)]
     assert loops, "no loop holds both products"
     # the main loop is the shortest such span (the others are jumps back from the out-of-line mbarrier retry loops)
     body = min(loops, key=len)
     text = [s.split()[0] + (" " + s.split()[-1] if "DEPBAR" in s else "") for s in body]
-    assert sum(bool(qk.match(s)) for s in body) == 4 and sum(bool(pv.match(s)) for s in body) == cfg["BLOCK_N"] // 16
+    k_steps = 3 if split else 4
+    pv_mmas = (2 if split else 1) * cfg["BLOCK_N"] // 16
+    assert sum(bool(qk.match(s)) for s in body) == k_steps and sum(bool(pv.match(s)) for s in body) == pv_mmas
     last_pv = max(i for i, s in enumerate(body) if pv.match(s))
-    wait1 = next(i for i, s in enumerate(body) if "DEPBAR.LE gsb0, 0x1" in s)
-    assert wait1 > last_pv, text
-    wait0 = next(i for i in range(wait1, len(body)) if "DEPBAR.LE gsb0, 0x0" in body[i])
-    exps = sum(s.startswith("MUFU.EX2") for s in body[wait1:wait0])
-    assert exps >= cfg["BLOCK_N"] // 2, (exps, text[wait1:wait0 + 1])
-    # no other wait for everything before the softmax's end, and none between issue and the wait for S_t
-    assert not any("DEPBAR" in s for s in body[:wait1]), text
+    in_flight = f"DEPBAR.LE gsb0, 0x{2 if split else 1}"  # the P·V groups (one per column chunk) left running
+    wait_s = next(i for i, s in enumerate(body) if in_flight in s)
+    assert wait_s > last_pv, text
+    wait0 = next(i for i in range(wait_s, len(body)) if "DEPBAR.LE gsb0, 0x0" in body[i])
+    exps = sum(s.startswith("MUFU.EX2") for s in body[wait_s:wait0])
+    assert exps >= cfg["BLOCK_N"] // 2, (exps, text[wait_s:wait0 + 1])
+    # no wait before the one for S_t (the products issued back to back)
+    assert not any("DEPBAR" in s for s in body[:wait_s]), text
+
+
+def test_head_dim_chunks():
+    """The split: 40 -> 32 + 16 of a 64-column box; one chunk where two would not be narrower than the box, and
+    always one without SPLIT."""
+    assert sg._chunks(40) == (32, 16) and sg._chunks(48) == (32, 16)
+    assert sg._chunks(24) == (32, 0) and sg._chunks(56) == (64, 0) and sg._chunks(64) == (64, 0)
+    assert sg._chunks(8) == (16, 0) and sg._chunks(16) == (16, 0)
+    assert sg._chunks(40, split=False) == (64, 0)
 
 
 def test_variant_switch(monkeypatch):
