@@ -486,16 +486,21 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
 
     # the two Hopper forwards (new, never timed) right after the dispatch rows: a cut-short sweep must not lose them.
     # JEDI_SWEEP_GLUON=0 (gpu_check.sh, when tools/ws_probe.py --kernel gluon did not finish) skips the Gluon one
+    d40 = [(4096, 40, 2, torch.bfloat16), (4096, 40, 2, torch.float16), (4096, 40, 1, torch.bfloat16),
+           (4096, 40, 4, torch.bfloat16)]
     hopper = []
     if jk.available_backends()["cuda_attention"]:
-        hopper.append((cuda_wgmma_fwd_row, "CUDA forward, Hopper wgmma vs mma.sync", "wgmma", "mmasync", "mma.sync"))
+        hopper.append((cuda_wgmma_fwd_row, d40, "CUDA forward, Hopper wgmma vs mma.sync", "wgmma", "mmasync",
+                       "mma.sync"))
     if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON", "1") != "0":
-        hopper.append((triton_gluon_fwd_row, "Triton forward, Gluon Hopper vs pointer", "gluon", "pointer", "pointer"))
-    for row_fn, title, tag, base, base_name in hopper:
-        for ng, dtype in ((2, torch.bfloat16), (2, torch.float16), (1, torch.bfloat16), (4, torch.bfloat16)):
-            add(row_fn(4096, 40, ng=ng, dtype=dtype, rep_ms=rep_ms))
+        # the Gluon forward also covers d 80 (SD's 32x32 level: 64 + 16 columns of a 128-column box)
+        hopper.append((triton_gluon_fwd_row, d40 + [(1024, 80, 2, torch.bfloat16)],
+                       "Triton forward, Gluon Hopper vs pointer", "gluon", "pointer", "pointer"))
+    for row_fn, shapes, title, tag, base, base_name in hopper:
+        for L, D, ng, dtype in shapes:
+            add(row_fn(L, D, ng=ng, dtype=dtype, rep_ms=rep_ms))
             r = rows[-1]
-            print(f"{title}, L=4096 D=40 ng={ng} {r['dtype']}: "
+            print(f"{title}, L={L} D={D} ng={ng} {r['dtype']}: "
                   f"{ {k[3:]: round(v, 3) for k, v in r.items() if k.startswith('ms_')} } ran={r[f'{tag}_ran']} "
                   f"best {r[f'best_{tag}']} x{r[f'speedup_{tag}_vs_{base}']:.2f} vs {base_name}, "
                   f"x{r[f'speedup_{tag}_vs_cudnn']:.2f} vs cuDNN, {r[f'tflops_best_{tag}']:.0f} TFLOP/s, "

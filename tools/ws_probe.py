@@ -56,7 +56,7 @@ def probe_gluon(report: dict) -> int:
 
     os.environ.pop("JEDI_TRITON_FWD_GLUON", None)  # the reference below is the default pointer-load kernel
     ok = True
-    for B, G, L, H, D in ((1, 2, 200, 2, 40), (2, 2, 4096, 8, 40)):
+    for B, G, L, H, D in ((1, 2, 200, 2, 40), (1, 2, 200, 2, 80), (2, 2, 4096, 8, 40)):
         shape = f"B{B} G{G} L{L} H{H} D{D}"
         q, k, v = _inputs(B, G, L, H, D)
         if not sg.gluon_fwd_ok(q, k, v, D, D**-0.5):

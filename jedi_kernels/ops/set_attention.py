@@ -947,7 +947,7 @@ def set_attn_fwd(
             (``_fwd_ws_ok``: head dim <= 64, sm_90+, evenly spaced 16-byte aligned rows; not with tile_counter),
             with ``config`` or ``_WS_CONFIG``. ``JEDI_TRITON_FWD_GLUON=<n>`` (read per call) runs the Gluon Hopper
             forward with config n of ``set_attention_gluon.CONFIGS`` where it applies (``gluon_fwd_ok``: sm_90,
-            fp16/bf16, head dim <= 64, scale > 0, 16-byte aligned evenly spaced rows; not with tile_counter).
+            fp16/bf16, head dim <= 128, scale > 0, 16-byte aligned evenly spaced rows; not with tile_counter).
         tile_counter: optional int32 tensor of >= G*cdiv(L, BLOCK_M)*B*H elements; receives, per program, the number of
             key tiles it visited (instrumentation for tests; compiled in only when given).
 

@@ -21,8 +21,8 @@ ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine complete
 t−2 is refilled with tile t−2+NUM_STAGES: every warpgroup finished its P·V product on it in iteration t−1, which a
 CTA barrier makes sure of before the copy is issued.
 
-Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head dims
-<= 64, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
+Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head
+dims <= 128, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
 what the SASS must contain (tests/kernels/test_set_attention_gluon.py). The GPU tests check its outputs.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ CONFIGS = {
     3: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3, "SPLIT": True},
     4: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3, "SPLIT": False},
 }
-MAX_HEAD_DIM = 64
+MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 
 
@@ -73,10 +73,18 @@ def _dp(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def config(variant: int, head_dim: int) -> dict:
+    """Config ``variant`` of :data:`CONFIGS` for this head dim: key tiles of at most 8192 / DP keys (a 128-column box
+    halves them to 64, so the ring of K/V buffers stays within shared memory)."""
+    cfg = dict(CONFIGS[variant])
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 8192 // _dp(head_dim))
+    return cfg
+
+
 def _chunks(head_dim: int, split: bool = True) -> tuple[int, int]:
     """(D0, D1): the MMAs' column chunks within the DP-wide box, D0 the largest power of two <= the head dim (>= 16)
     and D1 = the next power of two >= the rest (>= 16), or (DP, 0) when two chunks would not be narrower than the box
-    (40 -> (32, 16) of 64; 24 -> (32, 0); 64 -> (64, 0); 56 -> (64, 0))."""
+    (40 -> (32, 16) of 64; 80 -> (64, 16) of 128; 24 -> (32, 0); 64 -> (64, 0); 56 -> (64, 0))."""
     dp = _dp(head_dim)
     d0 = max(16, 1 << (head_dim.bit_length() - 1))
     if d0 >= head_dim or not split:
@@ -95,7 +103,7 @@ def gluon_fwd_variant() -> int:
 
 def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float) -> bool:
     """Whether :func:`set_attn_fwd_gluon` can run these inputs: Gluon present, an sm_90 CUDA device, fp16/bf16,
-    head dim <= 64, scale > 0 (the row max is taken on the raw scores), and each of q, k, v evenly spaced rows with
+    head dim <= 128, scale > 0 (the row max is taken on the raw scores), and each of q, k, v evenly spaced rows with
     unit last stride, a 16-byte aligned base and row stride (what a TMA descriptor needs)."""
     if not HAVE_GLUON or head_dim > MAX_HEAD_DIM or not scale > 0:
         return False
@@ -332,7 +340,7 @@ def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: f
     (B, H, G·L); ``img_list``/``img_count``: the mask's image lists (``set_attention._mask_lists``) or dummies.
     ``compile_only``: compile for these arguments without launching (a probe that tells a slow compile from a
     kernel that does not finish)."""
-    cfg = dict(CONFIGS[variant])
+    cfg = config(variant, D)
     dq, dk, dv, DP = _descriptors(q, k, v, B * G, L, H, D, cfg)
     grid = (G * triton.cdiv(L, cfg["BLOCK_M"]), B * H)
     args = (dq, dk, dv, out, lse, img_list, img_count, float(scale) * _LOG2E, H, G, L)
@@ -354,7 +362,7 @@ def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.b
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = CONFIGS[variant]
+    cfg = config(variant, head_dim)
     DP = _dp(head_dim)
     gdt = gl.float16 if dtype == torch.float16 else gl.bfloat16
     ty = "fp16" if dtype == torch.float16 else "bf16"

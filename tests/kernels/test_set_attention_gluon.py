@@ -65,7 +65,7 @@ def _loops(sass: list[tuple[int, str]]) -> list[list[str]]:
 
 # Gluon kernels compile only in a process without TRITON_INTERPRET (under it, Gluon's own helpers such as gl.max are
 # interpreter functions, which its compiler rejects), so one subprocess compiles every case for the module.
-_CASES = [(v, d, dt, m, e) for v in sorted(sg.CONFIGS) for d in (8, 40, 64) for dt in ("float16", "bfloat16")
+_CASES = [(v, d, dt, m, e) for v in sorted(sg.CONFIGS) for d in (8, 40, 64, 80, 128) for dt in ("float16", "bfloat16")
           for m, e in ((False, True), (True, False))]
 _COMPILE_ALL = """
 import json, sys, torch
@@ -100,8 +100,9 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("case", _CASES, ids=[f"cfg{v}-d{d}-{dt}-{'mask+tail' if m else 'full'}"
                                              for v, d, dt, m, e in _CASES])
 def test_compiles_for_sm90_without_spills(compiled, case):
-    """Every config, head-dim class (box widths 16, 64, 64), dtype, and the masked path with key tails compile for
-    sm_90: no spills, shared memory within one block's sm_90 limit, and no wgmma serialization (C7514)."""
+    """Every config, head-dim class (boxes of 16, 64, 64, 128, 128 columns; MMAs over 16, 32 + 16, 64, 64 + 16, 128),
+    dtype, and the masked path with key tails compile for sm_90: no spills, shared memory within one block's sm_90
+    limit, and no wgmma serialization (C7514)."""
     ptx, _, shared = compiled[case]
     report = _ptxas_report(ptx)
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -112,30 +113,31 @@ def test_compiles_for_sm90_without_spills(compiled, case):
 
 
 @needs_gluon
+@pytest.mark.parametrize("head_dim", [40, 80])
 @pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
-def test_softmax_runs_while_the_pv_product_is_in_flight(compiled, variant):
-    """The main loop (SD's case: head dim 40, bf16, whole tiles) issues S_t = Q K_tᵀ (64 x BLOCK_N MMAs over 48
-    columns, 3 k-steps, or over the padded 64, 4) and O += P V (BLOCK_N/16 k-steps of 64 x 32 plus 64 x 16, or of
-    64 x 64 padded), waits for S_t alone (DEPBAR.LE: the P·V groups still in flight), computes the BLOCK_N/2
+def test_softmax_runs_while_the_pv_product_is_in_flight(compiled, variant, head_dim):
+    """The main loop (SD's cases: head dim 40 or 80, bf16, whole tiles) issues S_t = Q K_tᵀ (64 x BLOCK_N MMAs, one
+    k-step per 16 columns of the chunks: 32 + 16 or 64 + 16, or the padded box) and O += P V (BLOCK_N/16 k-steps of
+    64 x D0 plus 64 x D1), waits for S_t alone (DEPBAR.LE: the P·V groups still in flight), computes the BLOCK_N/2
     exponentials of this thread's scores, and only then waits for the P·V product (DEPBAR.LE 0). ptxas moved a wait
     placed after the softmax up into it when both shared a basic block; this pins the schedule."""
-    cfg = sg.CONFIGS[variant]
-    split = cfg["SPLIT"]
+    cfg = sg.config(variant, head_dim)
+    d0, d1 = sg._chunks(head_dim, cfg["SPLIT"])
     # S = Q Kᵀ reads both operands from shared memory; P V takes P from registers and V transposed (MN-major)
     qk = re.compile(rf"HGMMA\.64x{cfg['BLOCK_N']}x16\.F32\.BF16 R\d+, gdesc")
-    pv = re.compile(rf"HGMMA\.64x({'32|16' if split else '64'})x16\.F32\.BF16 R\d+, R\d+, gdesc\[\w+\]\.tnspB")
-    loops = [b for b in _loops(_sass(compiled[(variant, 40, "bfloat16", False, True)][1]))
+    widths = "|".join(str(w) for w in (d0, d1) if w)
+    pv = re.compile(rf"HGMMA\.64x({widths})x16\.F32\.BF16 R\d+, R\d+, gdesc\[\w+\]\.tnspB")
+    loops = [b for b in _loops(_sass(compiled[(variant, head_dim, "bfloat16", False, True)][1]))
              if any(qk.match(s) for s in b) and any(pv.match(s) for s in b)]
     assert loops, "no loop holds both products"
     # the main loop is the shortest such span (the others are jumps back from the out-of-line mbarrier retry loops)
     body = min(loops, key=len)
     text = [s.split()[0] + (" " + s.split()[-1] if "DEPBAR" in s else "") for s in body]
-    k_steps = 3 if split else 4
-    pv_mmas = (2 if split else 1) * cfg["BLOCK_N"] // 16
-    assert sum(bool(qk.match(s)) for s in body) == k_steps and sum(bool(pv.match(s)) for s in body) == pv_mmas
+    groups = 2 if d1 else 1  # one committed group per column chunk
+    assert sum(bool(qk.match(s)) for s in body) == (d0 + d1) // 16
+    assert sum(bool(pv.match(s)) for s in body) == groups * cfg["BLOCK_N"] // 16
     last_pv = max(i for i, s in enumerate(body) if pv.match(s))
-    in_flight = f"DEPBAR.LE gsb0, 0x{2 if split else 1}"  # the P·V groups (one per column chunk) left running
-    wait_s = next(i for i, s in enumerate(body) if in_flight in s)
+    wait_s = next(i for i, s in enumerate(body) if f"DEPBAR.LE gsb0, 0x{groups}" in s)
     assert wait_s > last_pv, text
     wait0 = next(i for i in range(wait_s, len(body)) if "DEPBAR.LE gsb0, 0x0" in body[i])
     exps = sum(s.startswith("MUFU.EX2") for s in body[wait_s:wait0])
@@ -150,7 +152,9 @@ def test_head_dim_chunks():
     assert sg._chunks(40) == (32, 16) and sg._chunks(48) == (32, 16)
     assert sg._chunks(24) == (32, 0) and sg._chunks(56) == (64, 0) and sg._chunks(64) == (64, 0)
     assert sg._chunks(8) == (16, 0) and sg._chunks(16) == (16, 0)
-    assert sg._chunks(40, split=False) == (64, 0)
+    assert sg._chunks(80) == (64, 16) and sg._chunks(96) == (64, 32) and sg._chunks(112) == (128, 0)
+    assert sg._chunks(40, split=False) == (64, 0) and sg._chunks(80, split=False) == (128, 0)
+    assert sg.config(1, 40)["BLOCK_N"] == 128 and sg.config(1, 80)["BLOCK_N"] == 64  # 128-column boxes: 64 keys
 
 
 def test_variant_switch(monkeypatch):
@@ -217,6 +221,9 @@ def _require_sm90():
     (2, 2, 65, 3, 24, "jedi", True),  # box 32 columns wide; the last head's box runs past H*D: zero-filled
     (1, 1, 1, 2, 8, "full", False),  # one row: the box runs past the tensor's end
     (1, 5, 200, 1, 40, "random", False),
+    (2, 2, 1024, 2, 80, "full", True),  # SD's 32x32 level: 64 + 16 columns of a 128-column box
+    (1, 3, 70, 2, 72, "oneway", False),
+    (1, 2, 64, 2, 128, "jedi", True),
 ])
 def test_gluon_forward_gpu(monkeypatch, variant, B, G, L, H, D, mask, fused, dtype):
     """out, lse, and the grads of the pointer backward on its lse, by the flash rule; the Gluon kernel really ran."""
