@@ -30,7 +30,7 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +attn=cuda_wgmma    the CUDA kernel with the Hopper forward (JEDI_CUDA_FWD_WGMMA, variant WGMMA_VARIANT) at the
                         d 40 layers (compute capability 9.0 only)
     +attn=triton_gluon  the Triton kernel with the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, config GLUON_VARIANT)
-                        at the d 40 layers (compute capability 9.0 only)
+                        at the d 40 and d 80 layers (compute capability 9.0 only)
     (cuda_graph)        on a GPU, every rung above also replayed as one CUDA graph: its device time, which picks
                         the best levers (eager wall times are launch-bound and rank nothing)
     cuda_graph[attn]    each attention backend on the best levers, where no rung measured that already
