@@ -26,9 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+_PREFIX = ["ws_probe"]  # the log lines' prefix: ws_probe or gluon_probe (--kernel)
+
+
 def _say(report: dict, key: str, value) -> None:
     report[key] = value
-    print(f"ws_probe {key}: {value}", flush=True)
+    print(f"{_PREFIX[0]} {key}: {value}", flush=True)
 
 
 def _inputs(B: int, G: int, L: int, H: int, D: int):
@@ -136,6 +139,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     report: dict = {}
     try:
+        _PREFIX[0] = f"{args.kernel}_probe"
         rc = probe_gluon(report) if args.kernel == "gluon" else probe(report)
     finally:
         if args.json:
