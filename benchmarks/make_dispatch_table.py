@@ -81,13 +81,14 @@ VARIANTS = {
                               "head_dim_chunks in set_attn_bwd, jedi_kernels/ops/set_attention.py (chunk_head_dim)"),
     "triton_fwd_ws": (("ms_pointer", "ms_ws"), "ms_pointer",
                       "_fwd_ws_requested in jedi_kernels/ops/set_attention.py (JEDI_TRITON_FWD_WS, opt-in)"),
-    # the Hopper CUDA forward's widest variant (the row holds all three, and best_wgmma)
+    # the Hopper forwards: the rows hold every variant and name the fastest (best_wgmma / best_gluon), which the
+    # advice compares with the default instead of the listed one
     "cuda_fwd_wgmma": (("ms_mmasync", "ms_wg128x3"), "ms_mmasync",
                        "fwd_wgmma_from_env in csrc/cuda/set_attention_glue.cpp (JEDI_CUDA_FWD_WGMMA, opt-in)"),
-    # the Gluon Hopper forward's first config (the row holds all three, and best_gluon)
     "triton_fwd_gluon": (("ms_pointer", "ms_gl128x128"), "ms_pointer",
                          "gluon_fwd_variant in jedi_kernels/ops/set_attention_gluon.py (JEDI_TRITON_FWD_GLUON, opt-in)"),
 }
+_BEST_OF = {"cuda_fwd_wgmma": "best_wgmma", "triton_fwd_gluon": "best_gluon"}
 
 
 def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
@@ -100,6 +101,9 @@ def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
             continue
         (a, b), default, where = spec
         other = b if default == a else a
+        best = r.get(_BEST_OF.get(r.get("kind")))
+        if best and f"ms_{best}" in r:
+            other = f"ms_{best}"
         ratio = r[default] / r[other]  # > 1: the other variant is faster
         label = lambda k: k[3:]  # noqa: E731  (ms_32rows -> 32rows)
         shape = f"{r.get('kind')} L={r.get('L')} D={r.get('D')} ng={r.get('ng')} {r.get('dtype', '')}"

@@ -105,10 +105,13 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "head_dim_chunking_bwd", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_chunked": 2.0,
              "ms_padded": 1.8},
             {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_pointer": 0.66,
-             "ms_gl128x128": 0.44}]
+             "ms_gl128x128": 0.44},
+            {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 1, "dtype": "bfloat16", "ms_pointer": 0.20,
+             "ms_gl128x128": 0.25, "ms_gl64x128": 0.16, "best_gluon": "gl64x128"}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 9
+    assert len(advice) == 10
     assert "gl128x128 x1.50 faster than the default pointer" in advice[8] and "JEDI_TRITON_FWD_GLUON" in advice[8]
+    assert "gl64x128 x1.25 faster than the default pointer" in advice[9]  # the row's fastest config, not config 1
     assert "padded x1.11 faster than the default chunked" in advice[7] and "set_attn_bwd" in advice[7]
     assert "ws x1.20 faster than the default pointer" in advice[6] and "JEDI_TRITON_FWD_WS" in advice[6]
     assert "D=40" in advice[0] and advice[0].endswith("keep")
