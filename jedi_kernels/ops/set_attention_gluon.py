@@ -158,6 +158,30 @@ if HAVE_GLUON:
         return s
 
     @gluon.jit
+    def _issue_pv(p_op, v_tile, acc, acc1, alpha, D0: gl.constexpr, D1: gl.constexpr, o_layout: gl.constexpr,
+                  o1_layout: gl.constexpr, p1_layout: gl.constexpr):
+        """O = O·α + P V for one key tile, per column chunk: [0, D0) into ``acc`` and, when D1 > 0, [D0, D0 + D1)
+        into ``acc1`` (one committed group each, P from registers for both); returns the two in-flight accumulators
+        (``acc1`` unchanged when D1 = 0)."""
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        o_tok = warpgroup_mma(p_op, v_tile.slice(0, D0, 1), acc, is_async=True)
+        if D1 > 0:
+            acc1 = acc1 * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout)), 1)
+            acc1 = warpgroup_mma(gl.convert_layout(p_op, p1_layout), v_tile.slice(D0, D1, 1), acc1, is_async=True)
+        return o_tok, acc1
+
+    @gluon.jit
+    def _wait_pv(o_tok, o1_tok, p_op, D1: gl.constexpr):
+        """Wait for every MMA group of this warpgroup (the P·V product of both chunks); P's registers stay live to
+        here. Returns (acc, acc1, p_op)."""
+        if D1 > 0:
+            acc, acc1, p_op = warpgroup_mma_wait(0, deps=(o_tok, o1_tok, p_op))
+        else:
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            acc1 = o1_tok
+        return acc, acc1, p_op
+
+    @gluon.jit
     def _store_out(Out, acc, l_safe, row0, mt, L, H, col0, C0: gl.constexpr, W: gl.constexpr,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, layout: gl.constexpr):
         """O[:, C0:C0+W] = acc / l for the tile's rows < L and columns < HEAD_DIM (the rest is the next head's)."""
@@ -267,12 +291,8 @@ if HAVE_GLUON:
             prev = (it - 1) % NUM_STAGES
             mbarrier.wait(kv_bar.index(st), (it // NUM_STAGES) & 1)
             s_tok = _issue_qk(q_smem, k_smem.index(st), s_zero, D0, D1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(prev).slice(0, D0, 1), acc, is_async=True)
-            if HAS_D1:
-                acc1 = acc1 * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout)), 1)
-                p_op1 = gl.convert_layout(p_op, p1_layout)
-                o1_tok = warpgroup_mma(p_op1, v_smem.index(prev).slice(D0, D1E, 1), acc1, is_async=True)
+            o_tok, o1_tok = _issue_pv(p_op, v_smem.index(prev), acc, acc1, alpha, D0, D1, o_layout, o1_layout,
+                                      p1_layout)
             s = warpgroup_mma_wait(PV_GROUPS, deps=(s_tok, ))
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
             # The wait for the P·V product stands in both arms of a branch: ptxas schedules a wait that shares a
@@ -284,28 +304,15 @@ if HAVE_GLUON:
                 gl.thread_barrier()
                 _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it - 2 + NUM_STAGES, n_nt, ImgList, i, b, G, L,
                           col0, BLOCK_N, NUM_STAGES, HAS_MASK)
-                if HAS_D1:
-                    acc, acc1, p_op, p_op1 = warpgroup_mma_wait(0, deps=(o_tok, o1_tok, p_op, p_op1))
-                else:
-                    acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
             else:
-                if HAS_D1:
-                    acc, acc1, p_op, p_op1 = warpgroup_mma_wait(0, deps=(o_tok, o1_tok, p_op, p_op1))
-                else:
-                    acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         # the last tile's P V
         if n_it > 0:
-            last = (n_it - 1) % NUM_STAGES
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(last).slice(0, D0, 1), acc, is_async=True)
-            if HAS_D1:
-                acc1 = acc1 * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout)), 1)
-                p_op1 = gl.convert_layout(p_op, p1_layout)
-                o1_tok = warpgroup_mma(p_op1, v_smem.index(last).slice(D0, D1E, 1), acc1, is_async=True)
-                acc, acc1, p_op, p_op1 = warpgroup_mma_wait(0, deps=(o_tok, o1_tok, p_op, p_op1))
-            else:
-                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            o_tok, o1_tok = _issue_pv(p_op, v_smem.index((n_it - 1) % NUM_STAGES), acc, acc1, alpha, D0, D1,
+                                      o_layout, o1_layout, p1_layout)
+            acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
 
         mbarrier.invalidate(q_bar)
         for s0 in gl.static_range(NUM_STAGES):
