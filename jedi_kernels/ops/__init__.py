@@ -27,6 +27,17 @@ def eager_call(*tensors) -> str | None:
     return "direct"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: ``triton.cdiv`` on the host, without its constexpr-function wrapper (≈ 1.5 µs a call
+    on the CI machine's CPU, several per launch)."""
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): ``triton.next_power_of_2`` on the host, without its wrapper."""
+    return 1 << (x - 1).bit_length() if x > 1 else 1
+
+
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """t (..., W) as an (R, W) view with unit last-dim stride, for the row-wise kernels (GEGLU, add + LayerNorm);
     copied only when the leading dims have no single row stride (e.g. a transposed view) or the last dim is strided."""

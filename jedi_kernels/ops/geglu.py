@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from jedi_kernels.ops import eager_call, rows_view
+from jedi_kernels.ops import cdiv, eager_call, next_pow2, rows_view
+from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import geglu_reference
 
 try:
@@ -137,8 +138,8 @@ def _config(R: int, F: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_F, num_warps). BLOCK_F <= 256 divides SD's F (1280, 2560, 5120) so no column tile is partly
     empty, and a 256-wide fp16 row segment is one warp of 16-byte accesses; ~4K outputs per program keeps the grid
     at thousands of programs for SD's shapes (and the interpreter's per-program overhead small on CPU)."""
-    block_f = min(256, max(16, triton.next_power_of_2(F)))
-    block_r = min(max(1, 4096 // block_f), triton.next_power_of_2(R))
+    block_f = min(256, max(16, next_pow2(F)))
+    block_r = min(max(1, 4096 // block_f), next_pow2(R))
     return block_r, block_f, 4
 
 
@@ -161,8 +162,9 @@ def geglu_fwd(h: torch.Tensor) -> torch.Tensor:
     out2 = out.view(-1, F)  # (R, F)
     R = h2.shape[0]
     block_r, block_f, warps = _config(R, F)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(F, block_f))
-    _geglu_fwd_kernel[grid](
+    grid = (cdiv(R, block_r), cdiv(F, block_f))
+    launch(
+        _geglu_fwd_kernel, grid,
         h2, out2, R, F, h2.stride(0), out2.stride(0),
         BLOCK_R=block_r, BLOCK_F=block_f, WIDE=h.dtype == torch.float64, BF16_RNE=_bf16_rne(h), num_warps=warps,
     )
@@ -188,8 +190,9 @@ def geglu_bwd(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     d2 = dh.view(-1, 2 * F)  # (R, 2F)
     R = h2.shape[0]
     block_r, block_f, warps = _config(R, F)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(F, block_f))
-    _geglu_bwd_kernel[grid](
+    grid = (cdiv(R, block_r), cdiv(F, block_f))
+    launch(
+        _geglu_bwd_kernel, grid,
         g2, h2, d2, R, F, g2.stride(0), h2.stride(0), d2.stride(0),
         BLOCK_R=block_r, BLOCK_F=block_f, WIDE=h.dtype == torch.float64, BF16_RNE=_bf16_rne(h), num_warps=warps,
     )

@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch
 
-from jedi_kernels.ops import eager_call
+from jedi_kernels.ops import cdiv, eager_call, next_pow2
+from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import group_norm_reference
 
 try:
@@ -309,14 +310,14 @@ def split_plan(N: int, C: int, HW: int, num_sms: int, tile: int = 2048) -> dict:
     merge kernel holds all of a group's partials in one tile); every split covers ``tiles_per_split`` whole tiles of
     BLOCK_P pixels except possibly the last.
     """
-    block_c = min(triton.next_power_of_2(C), 64)
-    block_p = max(16, min(tile // block_c, triton.next_power_of_2(HW)))
-    n_cblk = triton.cdiv(C, block_c)
-    n_ptiles = triton.cdiv(HW, block_p)
-    want = triton.cdiv(4 * num_sms, N * n_cblk)
+    block_c = min(next_pow2(C), 64)
+    block_p = max(16, min(tile // block_c, next_pow2(HW)))
+    n_cblk = cdiv(C, block_c)
+    n_ptiles = cdiv(HW, block_p)
+    want = cdiv(4 * num_sms, N * n_cblk)
     split = max(1, min(want, n_ptiles, 64))
-    tiles_per_split = triton.cdiv(n_ptiles, split)
-    split = triton.cdiv(n_ptiles, tiles_per_split)  # no empty split
+    tiles_per_split = cdiv(n_ptiles, split)
+    split = cdiv(n_ptiles, tiles_per_split)  # no empty split
     return dict(BLOCK_C=block_c, BLOCK_P=block_p, n_cblk=n_cblk, n_ptiles=n_ptiles,
                 tiles_per_split=tiles_per_split, split=split)
 
@@ -356,17 +357,19 @@ def _stats(x: torch.Tensor, G: int, eps: float, plan: dict, shift: Optional[torc
     pmean = torch.empty((N, S, C), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
     sh, s_shn = _shift_args(shift, pmean)
-    _gn_partial_kernel[(N, plan["n_cblk"], S)](
+    launch(
+        _gn_partial_kernel, (N, plan["n_cblk"], S),
         x, pmean, pm2, sh, C, HW, plan["tiles_per_split"],
         x.stride(0), x.stride(1), x.stride(3), pmean.stride(0), pmean.stride(1), s_shn,
         BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], WIDE=wide, HAS_SHIFT=shift is not None,
     )
     mean = torch.empty((N, G), device=x.device, dtype=acc)
     rstd = torch.empty_like(mean)
-    _gn_stats_kernel[(N * G,)](
+    launch(
+        _gn_stats_kernel, (N * G,),
         pmean, pm2, mean, rstd, G, CG, HW, S, plan["tiles_per_split"] * plan["BLOCK_P"], float(CG * HW), eps,
         pmean.stride(0), pmean.stride(1),
-        BLOCK_S=triton.next_power_of_2(S), BLOCK_G=triton.next_power_of_2(CG), WIDE=wide,
+        BLOCK_S=next_pow2(S), BLOCK_G=next_pow2(CG), WIDE=wide,
     )
     if not channel_means:
         return mean, rstd
@@ -399,7 +402,8 @@ def group_norm_fwd(
     y = torch.empty_like(x)
     dummy = mean  # never read when HAS_W / HAS_B / HAS_SHIFT is False
     sh, s_shn = _shift_args(shift, dummy)
-    _gn_apply_kernel[(N, plan["n_cblk"], plan["n_ptiles"])](
+    launch(
+        _gn_apply_kernel, (N, plan["n_cblk"], plan["n_ptiles"]),
         x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd, sh,
         C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), s_shn,
         BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"],
@@ -451,7 +455,8 @@ def group_norm_bwd(
     common = dict(BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], HAS_W=weight is not None,
                   HAS_B=bias is not None, SILU=silu, WIDE=wide, HAS_SHIFT=shift is not None)
     wb = (weight if weight is not None else dummy, bias if bias is not None else dummy)
-    _gn_bwd_partial_kernel[(N, plan["n_cblk"], S)](
+    launch(
+        _gn_bwd_partial_kernel, (N, plan["n_cblk"], S),
         x, grad, *wb, mean, rstd, sh, parts[0], parts[1], parts[2], parts[3],
         C, HW, G, CG, plan["tiles_per_split"], x.stride(0), x.stride(1), x.stride(3),
         parts.stride(1), parts.stride(2), s_shn, **common,
@@ -461,7 +466,8 @@ def group_norm_bwd(
     sums = ch_sums.view(2, N, G, CG).sum(-1) / (CG * HW)  # (2, N, G)
     c1, c2 = sums[0].contiguous(), sums[1].contiguous()
     dx = torch.empty_like(x)
-    _gn_bwd_apply_kernel[(N, plan["n_cblk"], plan["n_ptiles"])](
+    launch(
+        _gn_bwd_apply_kernel, (N, plan["n_cblk"], plan["n_ptiles"]),
         x, grad, dx, *wb, mean, rstd, sh, c1, c2, C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), s_shn,
         **common,
     )

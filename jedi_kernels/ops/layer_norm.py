@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from jedi_kernels.ops import eager_call, rows_view
+from jedi_kernels.ops import cdiv, eager_call, next_pow2, rows_view
+from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import add_layer_norm_reference
 
 try:
@@ -73,7 +74,7 @@ if triton is not None:
 
 def _config(C: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps): whole rows per program, ~4K elements per program (16-32 per thread)."""
-    block_c = max(16, triton.next_power_of_2(C))
+    block_c = max(16, next_pow2(C))
     block_r = max(1, 4096 // block_c)
     return block_r, block_c, 4 if block_c * block_r <= 4096 else 8
 
@@ -100,7 +101,8 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     s2 = s.view(-1, C) if residual is not None else n.view(-1, C)  # a dummy when there is no residual: not written
     n2 = n.view(-1, C)
     block_r, block_c, warps = _config(C)
-    _add_ln_fwd_kernel[(triton.cdiv(R, block_r),)](
+    launch(
+        _add_ln_fwd_kernel, (cdiv(R, block_r),),
         x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, s2, n2,
         R, C, x2.stride(0), r2.stride(0), s2.stride(0), n2.stride(0), eps,
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,

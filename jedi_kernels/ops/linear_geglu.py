@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from jedi_kernels.backends import triton_interpreting
-from jedi_kernels.ops import eager_call, rows_view
+from jedi_kernels.ops import cdiv, eager_call, rows_view
+from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import linear_geglu_reference
 
 try:
@@ -149,10 +150,10 @@ def linear_geglu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         config = _INTERPRETER_CONFIG if interp else _F32_CONFIG
     if config is not None:
         cfg = dict(config)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(F, cfg["BLOCK_N"]))
-        _linear_geglu_kernel[grid](*args, **meta, **cfg)
+        grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(F, cfg["BLOCK_N"]))
+        launch(_linear_geglu_kernel, grid, *args, **meta, **cfg)
     else:
-        _tuned()[lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(F, c["BLOCK_N"]))](*args, **meta)
+        launch(_tuned(), lambda c: (cdiv(M, c["BLOCK_M"]), cdiv(F, c["BLOCK_N"])), *args, **meta)
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from jedi_kernels.ops import cdiv, next_pow2
+from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import prepare_inputs_reference
 
 try:
@@ -105,9 +107,10 @@ def prep_fwd(x_t: torch.Tensor, x0: torch.Tensor, m: torch.Tensor) -> torch.Tens
     N, C, H, W = x_t.shape
     out = torch.empty((N, 2 * C + 1, H, W), device=x_t.device, dtype=x_t.dtype, memory_format=fmt)
     P, HW = N * H * W, H * W
-    bc = triton.next_power_of_2(C)
+    bc = next_pow2(C)
     bp = _block_p(bc)
-    _prepare_inputs_fwd_kernel[(triton.cdiv(P, bp),)](
+    launch(
+        _prepare_inputs_fwd_kernel, (cdiv(P, bp),),
         x_t, x0, m, out, P, HW, C,
         x_t.stride(0), x_t.stride(1), x_t.stride(3),
         out.stride(0), out.stride(1), out.stride(3),
@@ -124,9 +127,10 @@ def prep_bwd(grad: torch.Tensor, m: torch.Tensor, C: int) -> tuple[torch.Tensor,
     gx = torch.empty((N, C, H, W), device=grad.device, dtype=grad.dtype, memory_format=fmt)
     g0 = torch.empty_like(gx)
     P, HW = N * H * W, H * W
-    bc = triton.next_power_of_2(C)
+    bc = next_pow2(C)
     bp = _block_p(bc)
-    _prepare_inputs_bwd_kernel[(triton.cdiv(P, bp),)](
+    launch(
+        _prepare_inputs_bwd_kernel, (cdiv(P, bp),),
         grad, m, gx, g0, P, HW, C,
         grad.stride(0), grad.stride(1), grad.stride(3),
         gx.stride(0), gx.stride(1), gx.stride(3),

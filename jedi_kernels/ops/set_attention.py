@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 
 from jedi_kernels.backends import triton_interpreting
-from jedi_kernels.ops import eager_call
+from jedi_kernels.ops import cdiv, eager_call
 from jedi_kernels.ops import rows_stride as _rows_stride
 from jedi_kernels.ops import tma_rows_ok
+from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.ops.set_attention_gluon import gluon_fwd_ok, gluon_fwd_variant, set_attn_fwd_gluon
 
 __all__ = [
@@ -778,19 +779,20 @@ def autotune_log() -> list[dict]:
     return [dict(e, ms=dict(e["ms"])) for e in _TUNE_LOG]
 
 
-def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Optional[dict]):
+def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Optional[dict], grid_key: tuple):
     """Run a kernel: a fixed config under the interpreter or when given one, else the autotuned wrapper (whose new
-    tunings go to :func:`autotune_log`)."""
+    tunings go to :func:`autotune_log`). Through :func:`fast_launch.launch`: ``grid_key`` holds what ``grid_fn``
+    depends on besides the config."""
     kernel = _KERNELS[kind]
     if config is None and triton_interpreting():
         config = _INTERPRETER_CONFIG
     if config is not None:
         cfg = dict(config)
-        kernel[grid_fn(cfg)](*args, **meta, **cfg)
+        launch(kernel, grid_fn(cfg), *args, **meta, **cfg)
     else:
         tuner = _tuned(kind, dclass, _AUTOTUNE)
         n, timings = len(tuner.cache), getattr(tuner, "configs_timings", None)
-        tuner[grid_fn](*args, **meta)
+        launch(tuner, grid_fn, *args, grid_key=grid_key, **meta)
         if len(tuner.cache) > n:
             _note_tuning(kind, dclass, tuner, n, timings)
 
@@ -834,7 +836,7 @@ def _mask_lists(set_mask: torch.Tensor, G: int, both: bool = False):
     n = 2 if both else 1
     lst = _empty((n, G, G), device=m.device, dtype=torch.int32)
     cnt = _empty((n, G), device=m.device, dtype=torch.int32)
-    _mask_lists_kernel[(G, n)](m, lst, cnt, m.stride(0), m.stride(1), G, BLOCK_G=max(2, _next_pow2(G)))
+    launch(_mask_lists_kernel, (G, n), m, lst, cnt, m.stride(0), m.stride(1), G, BLOCK_G=max(2, _next_pow2(G)))
     return (lst, cnt) if both else (lst[0], cnt[0])
 
 
@@ -905,7 +907,7 @@ def _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config, compile_on
     def desc(t, rows):
         return TensorDescriptor(t, [N * L, H * D], [_rows_stride(t), 1], [rows, DP])
 
-    grid = (G * triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    grid = (G * cdiv(L, cfg["BLOCK_M"]), B * H)
     args = (desc(q, cfg["BLOCK_M"]), desc(k, cfg["BLOCK_N"]), desc(v, cfg["BLOCK_N"]), out, lse, lst, cnt,
             float(scale) * _LOG2E, H, G, L)
     meta = dict(HEAD_DIM=D, DP=DP, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec, WARP_SPEC=not triton_interpreting(),
@@ -985,9 +987,9 @@ def set_attn_fwd(
                 KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L))
 
     def grid(c):
-        return (G * triton.cdiv(L, c["BLOCK_M"]), B * H)
+        return (G * cdiv(L, c["BLOCK_M"]), B * H)
 
-    _launch("fwd", _dclass(D0, D1, q.dtype), grid, args, meta, config)
+    _launch("fwd", _dclass(D0, D1, q.dtype), grid, args, meta, config, (B, G, L, H))
     return out, lse
 
 
@@ -1035,7 +1037,8 @@ def set_attn_bwd(
     # Delta = rowsum(dO ∘ O): (B, H, G*L) fp32 like lse
     delta = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
     pre_bm = 64 if not triton_interpreting() else 32
-    _set_attn_bwd_preprocess_kernel[(G * triton.cdiv(L, pre_bm), B * H)](
+    launch(
+        _set_attn_bwd_preprocess_kernel, (G * cdiv(L, pre_bm), B * H),
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), H, G, L,
         HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm,
     )
@@ -1055,15 +1058,15 @@ def set_attn_bwd(
 
     # dQ: scale * dS K summed over every key tile, by atomics from the dK/dV programs or by its own kernel
     dq_acc = torch.zeros((N, L, H * D), device=q.device, dtype=torch.float32) if fused else dk  # dk: unread dummy
-    _launch("dkdv_dq" if fused else "dkdv", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_N"]), B * H),
+    _launch("dkdv_dq" if fused else "dkdv", dclass, lambda c: (G * cdiv(L, c["BLOCK_N"]), B * H),
             (q, k, v, do, lse, delta, dk, dv, dq_acc, cols, ccnt, *strides, *scalars),
-            dict(meta, FUSED_DQ=fused, Q_LINEAR=_rows_linear(q, L) and _rows_linear(do, L)), config)
+            dict(meta, FUSED_DQ=fused, Q_LINEAR=_rows_linear(q, L) and _rows_linear(do, L)), config, (B, G, L, H))
     if fused:
         return dq_acc.to(q.dtype), dk, dv
     dq = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
-    _launch("dq", dclass, lambda c: (G * triton.cdiv(L, c["BLOCK_M"]), B * H),
+    _launch("dq", dclass, lambda c: (G * cdiv(L, c["BLOCK_M"]), B * H),
             (q, k, v, do, lse, delta, dq, rows, rcnt, *strides, *scalars),
-            dict(meta, KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L)), config)
+            dict(meta, KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L)), config, (B, G, L, H))
     return dq, dk, dv
 
 

@@ -32,8 +32,8 @@ import os
 import torch
 import triton
 
+from jedi_kernels.ops import cdiv, tma_rows_ok
 from jedi_kernels.ops import rows_stride as _rows_stride
-from jedi_kernels.ops import tma_rows_ok
 
 try:  # Gluon ships with Triton >= 3.4 (experimental); without it this forward is unavailable, nothing else changes
     from triton.experimental import gluon
@@ -349,7 +349,7 @@ def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: f
     kernel that does not finish)."""
     cfg = config(variant, D)
     dq, dk, dv, DP = _descriptors(q, k, v, B * G, L, H, D, cfg)
-    grid = (G * triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    grid = (G * cdiv(L, cfg["BLOCK_M"]), B * H)
     args = (dq, dk, dv, out, lse, img_list, img_count, float(scale) * _LOG2E, H, G, L)
     d0, d1 = _chunks(D, cfg["SPLIT"])
     meta = dict(HEAD_DIM=D, DP=DP, D0=d0, D1=d1, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"],

@@ -1,0 +1,201 @@
+"""Relaunch compiled Triton kernels without Triton's per-launch Python work.
+
+``kernel[grid](*args, **meta)`` costs ≈ 13 µs of host time on the CI machine's CPU before the driver is called
+(``tools/host_overhead.py``): Triton binds and specializes every argument, builds its cache key, checks the globals
+the kernel read, reads two environment knobs, builds launch metadata and, for an autotuned kernel, rebuilds the tuning
+key and merges dicts. An eager set-attention forward + backward makes four such launches and the optimized UNet's
+eager step ≈ 250, which is why small eager calls are bound by the host (benchmarks/README.md, "Host time").
+
+:func:`launch` is a drop-in for ``kernel[grid](*args, **meta)``. The first call for a given *launch key* goes through
+Triton as before (compiling or autotuning as needed) and keeps the compiled kernel it returned; later calls with the
+same key call that kernel's launcher directly. The launch key holds everything Triton's choice of compiled kernel
+depends on, in a form at least as fine as Triton's own specialization:
+
+- per tensor argument: its dtype and whether its data pointer is 16-byte aligned (Triton's ``*fp16`` / ``D``);
+- per int or bool argument: its type and exact value (Triton keys on divisibility by 16, == 1 and the i32/i64 range;
+  the exact value also fixes every autotuning key and heuristic computed from it);
+- per float argument: its value too (Triton passes floats as fp32 and never specializes them: finer than needed,
+  and a layer's scale or eps does not change between calls);
+- the constexpr and option keywords (``meta``) and their values, in call order;
+- the current device, and the grid (or, for a grid computed from the autotuned config, ``grid_key``: everything
+  that grid depends on besides the config).
+
+Calls it cannot key (an argument of another type, such as a TMA descriptor; an unhashable meta value), calls under
+the interpreter, and calls while a Triton launch hook is installed (a profiler such as proton reads the launch
+metadata) take Triton's own path every time. ``JEDI_FAST_LAUNCH=0`` (read at import) turns the direct path off.
+
+Precondition on the kernel (true of every jedi_kernels kernel): heuristics (``triton.heuristics``) compute values
+from int/bool/float arguments and constexprs only, not from a tensor's shape or contents. An autotuning config with
+a ``pre_hook`` (run before every launch) is never cached. Not seen by a cached launch: a Triton knob
+(``TRITON_DEBUG``, instrumentation mode) changed after the first launch of a key, and the global values a kernel reads
+changing after it was compiled (Triton raises on that; the Python constants here do not change).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["launch", "enabled", "set_enabled", "clear_cache", "cache_size"]
+
+_ENABLED = os.environ.get("JEDI_FAST_LAUNCH", "1") != "0"
+_MAX_ENTRIES = 4096  # per kernel; past it the cache is cleared (distinct shapes, not a steady state)
+
+# kernel object -> (kernel object, {launch key: entry}); the kernel is kept alive so its id stays its own
+_CACHES: dict[int, tuple[Any, dict]] = {}
+
+_driver = None  # triton.runtime.driver, imported on the first launch
+_runtime_knobs = None  # triton.knobs.runtime
+_HookChain = None
+
+
+def enabled() -> bool:
+    """Whether :func:`launch` relaunches cached kernels directly (``JEDI_FAST_LAUNCH``, or :func:`set_enabled`)."""
+    return _ENABLED
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the direct path on or off for this process (tests compare both); returns the previous setting. Entries
+    cached so far are kept: they are reused once it is on again."""
+    global _ENABLED
+    prev, _ENABLED = _ENABLED, bool(on)
+    return prev
+
+
+def clear_cache() -> None:
+    """Forget every cached launch (the compiled kernels stay in Triton's own cache)."""
+    _CACHES.clear()
+
+
+def cache_size(kernel=None) -> int:
+    """Number of cached launch keys, for one kernel object or all of them."""
+    if kernel is not None:
+        return len(_CACHES.get(id(kernel), (None, {}))[1])
+    return sum(len(c) for _, c in _CACHES.values())
+
+
+def _arg_key(args: tuple) -> tuple:
+    """The part of the launch key that comes from the positional arguments: (dtype, data pointer mod 16) per tensor,
+    (class, value) for anything else (a float's value too: finer than Triton, never wrong). Whether every class is one
+    Triton takes as a scalar is checked once, when an entry is made (:func:`_keyable`): a later call can only hit
+    that entry with the same classes."""
+    T = torch.Tensor
+    return tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, T) else (a.__class__, a) for a in args])
+
+
+def _keyable(args: tuple) -> bool:
+    """Every positional argument is a tensor, an int, a float, a bool or None (a TMA descriptor, for one, is not)."""
+    return all(isinstance(a, torch.Tensor) or a is None or type(a) in (int, float, bool) for a in args)
+
+
+def _jit_of(kernel):
+    """The JITFunction under autotuner / heuristics wrappers, and the wrappers on the way down (outermost first). Under
+    the interpreter the innermost object is an InterpretedFunction (no ``device_caches``: nothing to cache)."""
+    wrappers = []
+    k = kernel
+    while not hasattr(k, "device_caches") and hasattr(getattr(k, "fn", None), "arg_names"):
+        wrappers.append(k)
+        k = k.fn
+    return k, wrappers
+
+
+def _hooks_installed() -> bool:
+    """A launch hook is installed (a profiler wants launch metadata): such launches take Triton's own path."""
+    rt = _runtime_knobs
+    for h in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if h is not None and (type(h) is not _HookChain or h.calls):
+            return True
+    return False
+
+
+def _import_triton() -> None:
+    global _driver, _runtime_knobs, _HookChain
+    from triton import knobs
+    from triton.knobs import HookChain
+    from triton.runtime import driver
+
+    _driver, _runtime_knobs, _HookChain = driver, knobs.runtime, HookChain
+
+
+def _entry(kernel, compiled, grid, args: tuple, meta: dict):
+    """The cache entry of a launch Triton just made: (launcher, compiled kernel, grid as 3 ints, the values of the
+    parameters after the positional ones, in signature order), or None when it cannot be reproduced."""
+    if hasattr(compiled, "result"):  # an asynchronous compile's future
+        compiled = compiled.result()
+    jit, wrappers = _jit_of(kernel)
+    kw = dict(meta)
+    for w in wrappers:  # outermost first: the autotuner adds its config, then heuristics compute from everything
+        best = getattr(w, "best_config", None)
+        if best is not None and hasattr(w, "configs"):
+            if best.pre_hook is not None:
+                return None
+            kw.update(best.all_kwargs())
+        values = getattr(w, "values", None)
+        if isinstance(values, dict):
+            named = dict(zip(jit.arg_names, args))
+            for name, heur in values.items():
+                kw[name] = heur({**named, **kw})
+    tail = []
+    for p in jit.params[len(args):]:
+        name = p.name
+        if name in kw:
+            tail.append(kw[name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return None
+    if callable(grid):
+        grid = grid({**dict(zip(jit.arg_names, args)), **kw})
+    g = tuple(int(x) for x in grid) + (1, 1)
+    return compiled.run, compiled, (g[0], g[1], g[2]), tuple(tail)
+
+
+def launch(kernel, grid, *args, grid_key: tuple = (), **meta):
+    """``kernel[grid](*args, **meta)``, relaunching the compiled kernel directly when this launch key was seen before
+    (module docstring).
+
+    Args:
+        kernel: a ``triton.jit`` function, or an autotuner / heuristics wrapper of one.
+        grid: a tuple of ints, or a callable of the launch's named arguments (config included) returning one.
+        *args: the kernel's leading positional arguments (tensors, ints, floats, bools, None; anything else, such as
+            a TMA descriptor, makes this call take Triton's path).
+        grid_key: with a callable grid, everything the grid depends on besides the config and the arguments (e.g. the
+            batch size a grid multiplies in). Ignored for a tuple grid, which is part of the key itself.
+        **meta: constexpr and option keywords (num_warps, ...), as for ``kernel[grid]``.
+
+    Returns:
+        Whatever Triton's launch returned on the first call of a key (the compiled kernel); None on cached calls.
+    """
+    if not _ENABLED:
+        return kernel[grid](*args, **meta)
+    entry_cache = _CACHES.get(id(kernel))
+    if entry_cache is None:
+        if not hasattr(_jit_of(kernel)[0], "device_caches"):  # the interpreter's function: nothing compiled to keep
+            return kernel[grid](*args, **meta)
+        if _driver is None:
+            _import_triton()
+        entry_cache = _CACHES.setdefault(id(kernel), (kernel, {}))
+    cache = entry_cache[1]
+    if _hooks_installed():
+        return kernel[grid](*args, **meta)
+    dev = _driver.active.get_current_device()
+    try:
+        key = (grid_key if callable(grid) else tuple(grid), dev, _arg_key(args), tuple(meta.items()))
+        ent = cache.get(key)
+    except TypeError:  # an unhashable argument or meta value (e.g. a TMA descriptor)
+        return kernel[grid](*args, **meta)
+    if ent is not None:
+        run, compiled, g, tail = ent
+        stream = _driver.active.get_current_stream(dev)
+        run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+        return None
+    compiled = kernel[grid](*args, **meta)
+    if compiled is not None and _keyable(args):
+        ent = _entry(kernel, compiled, grid, args, meta)
+        if ent is not None:
+            if len(cache) >= _MAX_ENTRIES:
+                cache.clear()
+            cache[key] = ent
+    return compiled

@@ -1,0 +1,291 @@
+"""jedi_kernels.ops.fast_launch: a cached launch must pass the driver exactly what Triton's own launch would.
+
+The launch-equivalence test runs without the interpreter in a subprocess, on the stand-in driver of
+tools/host_overhead.py: every kernel really compiles for sm_90 and only the final C launch is replaced, here by a
+recorder. Each scenario is launched through Triton's path and, once it is cached, through the direct path; the two
+records must name the same compiled kernel, grid, stream and function, and the same arguments (tensors compared by
+dtype, shape, strides, offset and 16-byte alignment, scalars by type and value). Scenarios differ in exactly the things
+the launch key must tell apart: the batch (only the grid changes), L, a misaligned view (another specialization),
+the dtype, a set mask, the softmax scale (a float argument). Replaying every scenario after all are cached catches a
+key that two of them share.
+
+The rest run in process: the interpreter path, switching the direct path off, keying rules.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jedi_kernels.ops import fast_launch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+EQUIVALENCE = r'''
+import json, os, sys
+sys.path.insert(0, "tools")
+os.environ["JEDI_TRITON_AUTOTUNE"] = "0"
+import host_overhead
+try:
+    host_overhead._install_stand_in_driver()
+    from triton.compiler import compiler as tc
+    from triton.knobs import HookChain
+    import triton.runtime.jit as tj
+    tj.JITFunction.run
+except (AttributeError, ImportError) as e:
+    print(f"Triton internals differ from the ones the stand-in driver patches: {e!r}", file=sys.stderr)
+    sys.exit(3)
+import torch
+
+calls = []
+tc.CompiledKernel.run = property(lambda self: (lambda *a: calls.append((self, a))))
+slow = [0]
+_run = tj.JITFunction.run
+def counting_run(self, *a, **kw):
+    slow[0] += 1
+    return _run(self, *a, **kw)
+tj.JITFunction.run = counting_run
+
+from jedi_kernels.ops import fast_launch as fl
+from jedi_kernels.ops import geglu as gg, group_norm as gn, layer_norm as ln, prepare_inputs as pi
+from jedi_kernels.ops import set_attention as sa
+
+f16, bf16 = torch.float16, torch.bfloat16
+torch.manual_seed(0)
+
+def qkv(B, G, L, H, D, dtype=f16, offset=0):
+    """Views of a fused (B*G, L, 3*H*D) projection; offset 1 shifts the storage by one element: the same strides,
+    every pointer misaligned (only the 16-byte alignment tells it from offset 0)."""
+    n = B * G * L * 3 * H * D
+    buf = torch.randn(n + offset, dtype=dtype)[offset:].view(B * G, L, 3 * H * D)
+    return buf.split(H * D, dim=-1)
+
+def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False):
+    q, k, v = qkv(B, G, L, H, D, dtype, offset)
+    m = None if mask is None else torch.tensor(mask)
+    s = D ** -0.5 if scale is None else scale
+    def run():
+        out, lse = sa.set_attn_fwd(q, k, v, G, H, s, m)
+        if bwd:
+            sa.set_attn_bwd(out, q, k, v, out, lse, G, H, s, m)
+    return run
+
+x = torch.randn(2, 64, 4, 4, dtype=f16).to(memory_format=torch.channels_last)
+w, b = torch.randn(64, dtype=f16), torch.randn(64, dtype=f16)
+h = torch.randn(2, 16, 128, dtype=f16)
+xl, rl, wl = torch.randn(2, 16, 96, dtype=f16), torch.randn(2, 16, 96, dtype=f16), torch.randn(96, dtype=f16)
+xt, x0 = torch.randn(2, 4, 8, 8, dtype=f16), torch.randn(2, 4, 8, 8, dtype=f16)
+pm = torch.tensor([1.0, 0.0], dtype=f16)
+
+SCENARIOS = {
+    "attn": attn(1, 2, 32, 2, 40),
+    "attn B=2 (grid only)": attn(2, 2, 32, 2, 40),
+    "attn L=48": attn(1, 2, 48, 2, 40),
+    "attn misaligned": attn(1, 2, 32, 2, 40, offset=1),
+    "attn bf16": attn(1, 2, 32, 2, 40, dtype=bf16),
+    "attn mask": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]]),
+    "attn scale": attn(1, 2, 32, 2, 40, scale=0.3),
+    "attn bwd": attn(1, 2, 32, 2, 40, bwd=True),
+    "attn bwd mask": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]], bwd=True),
+    "group_norm": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True),
+    "group_norm eps": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-6, True),
+    "group_norm bwd": lambda: gn.group_norm_bwd(x, x, 32, w, b, 1e-5, True),
+    "geglu": lambda: gg.geglu_fwd(h),
+    "geglu bwd": lambda: gg.geglu_bwd(h[..., :64], h),
+    "add_layer_norm": lambda: ln.add_layer_norm_fwd(xl, rl, wl, None, 1e-5),
+    "prepare_inputs": lambda: pi.prep_fwd(xt, x0, pm),
+    "prepare_inputs bwd": lambda: pi.prep_bwd(torch.randn(2, 9, 8, 8, dtype=f16), pm, 4),
+}
+
+def describe(a):
+    if isinstance(a, torch.Tensor):
+        return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.storage_offset(), a.data_ptr() % 16 == 0]
+    if isinstance(a, HookChain):
+        return ["hooks", len(a.calls)]
+    return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
+
+def record(fn):
+    """(records of fn's launches, how many went through JITFunction.run)."""
+    calls.clear(); slow[0] = 0
+    fn()
+    recs = []
+    for ck, a in calls:
+        recs.append({"kernel": id(ck), "name": ck.name, "head": [a[0], a[1], a[2], a[3], a[4] is ck.function,
+                                                             a[5] is ck.packed_metadata],
+                     "hooks": [describe(h) for h in a[7:9]], "args": [describe(x) for x in a[9:]]})
+    return recs, slow[0]
+
+result = {}
+for name, fn in SCENARIOS.items():
+    fl.set_enabled(False)
+    triton_recs, _ = record(fn)
+    fl.set_enabled(True)
+    record(fn)  # makes (or reuses) the cache entries
+    fast_recs, n_slow = record(fn)
+    result[name] = {"triton": triton_recs, "fast": fast_recs, "slow_calls": n_slow}
+# every scenario again, all cached: a launch key shared by two scenarios would replay the wrong entry
+replay = {}
+for name, fn in SCENARIOS.items():
+    replay[name] = dict(zip(("fast", "slow_calls"), record(fn)))
+print(json.dumps({"first": result, "replay": replay, "entries": fl.cache_size()}))
+'''
+
+
+def _run_equivalence():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", EQUIVALENCE], capture_output=True, text=True, timeout=1500, env=env,
+                       cwd=ROOT)
+    if p.returncode == 3:
+        pytest.skip(p.stderr.strip()[-400:])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def equivalence():
+    pytest.importorskip("triton")
+    return _run_equivalence()
+
+
+def _same_launch(triton_rec: dict, fast_rec: dict, where: str) -> None:
+    assert fast_rec["kernel"] == triton_rec["kernel"], f"{where}: another compiled kernel ({fast_rec['name']})"
+    assert fast_rec["head"] == triton_rec["head"], f"{where}: grid/stream/function/metadata differ"
+    # Triton passes its (empty) hook chains, the direct path None: both mean no hook runs
+    assert all(h == ["hooks", 0] for h in triton_rec["hooks"]), where
+    assert fast_rec["hooks"] == [["NoneType", None]] * 2, where
+    assert fast_rec["args"] == triton_rec["args"], f"{where}: arguments differ"
+
+
+def test_cached_launches_pass_what_triton_passes(equivalence):
+    first = equivalence["first"]
+    assert len(first) == 17
+    for name, r in first.items():
+        assert r["triton"], f"{name}: nothing launched"
+        assert len(r["fast"]) == len(r["triton"]), name
+        assert r["slow_calls"] == 0, f"{name}: {r['slow_calls']} launch(es) still went through JITFunction.run"
+        for i, (t, f) in enumerate(zip(r["triton"], r["fast"])):
+            _same_launch(t, f, f"{name} launch {i}")
+
+
+def test_replay_after_every_scenario_is_cached(equivalence):
+    for name, r in equivalence["replay"].items():
+        assert r["slow_calls"] == 0, name
+        t = equivalence["first"][name]["triton"]
+        assert len(r["fast"]) == len(t), name
+        for i, (a, b) in enumerate(zip(t, r["fast"])):
+            _same_launch(a, b, f"replay {name} launch {i}")
+
+
+def test_scenarios_exercise_the_key(equivalence):
+    """The scenarios really differ where they should: otherwise the test above proves nothing about the key."""
+    first = equivalence["first"]
+    fwd = {n: first[n]["triton"][0] for n in ("attn", "attn B=2 (grid only)", "attn misaligned", "attn bf16",
+                                              "attn mask", "attn scale")}
+    assert fwd["attn"]["kernel"] == fwd["attn B=2 (grid only)"]["kernel"]
+    assert fwd["attn"]["head"][:3] != fwd["attn B=2 (grid only)"]["head"][:3]  # same kernel, another grid
+    # not 16-byte aligned, same strides: another specialization, nothing else to tell them apart
+    assert fwd["attn misaligned"]["kernel"] != fwd["attn"]["kernel"]
+    assert [a[:4] for a in fwd["attn misaligned"]["args"]] == [a[:4] for a in fwd["attn"]["args"]]
+    assert fwd["attn bf16"]["kernel"] != fwd["attn"]["kernel"]
+    assert fwd["attn scale"]["kernel"] == fwd["attn"]["kernel"] and fwd["attn scale"]["args"] != fwd["attn"]["args"]
+    assert len(first["attn mask"]["triton"]) == 2  # the mask lists, then the forward
+    assert len(first["attn bwd"]["triton"]) == 4  # forward, delta, dK/dV, dQ
+    assert equivalence["entries"] >= 20
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In process
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_keying_rules():
+    k = fast_launch._arg_key
+    t = torch.zeros(8, dtype=torch.float16)
+    assert k((t,)) == k((torch.zeros(8, dtype=torch.float16),))
+    assert k((t,)) != k((t[1:],))  # 2-byte offset: not 16-byte aligned
+    assert k((t,)) != k((t.to(torch.bfloat16),))
+    assert k((1,)) != k((True,)) and k((1,)) != k((1.0,))  # Triton types them i32/constexpr, u1, fp32
+    assert k((16,)) != k((32,))  # exact ints: autotuning keys and heuristics read them
+    assert fast_launch._keyable((t, 3, 2.0, True, None))
+    assert not fast_launch._keyable((t, "x")) and not fast_launch._keyable((object(),))
+
+
+def test_interpreter_and_disabled_paths_do_not_cache(monkeypatch):
+    """Under the interpreter there is no compiled kernel to keep; switched off, every call is Triton's own."""
+    calls = []
+
+    class Kernel:  # the shape of a JIT function without device_caches (an InterpretedFunction)
+        arg_names = ["x"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append((grid, a, kw)) or "ran"
+
+    kern = Kernel()
+    before = fast_launch.cache_size()
+    assert fast_launch.launch(kern, (2,), 5, BLOCK=4) == "ran"
+    assert calls == [((2,), (5,), {"BLOCK": 4})] and fast_launch.cache_size() == before
+    prev = fast_launch.set_enabled(False)
+    try:
+        assert not fast_launch.enabled()
+        assert fast_launch.launch(kern, (3,), 6) == "ran" and len(calls) == 2
+    finally:
+        fast_launch.set_enabled(prev)
+
+
+def test_env_switch_is_read_at_import():
+    code = "from jedi_kernels.ops import fast_launch as f; print(f.enabled())"
+    for val, want in (("0", "False"), ("1", "True")):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                           env=dict(os.environ, JEDI_FAST_LAUNCH=val))
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cached_launches_compute_what_triton_launches_compute(dtype):
+    """On the GPU: the same inputs through Triton's launch path and through cached direct launches give bit-identical
+    results (same compiled kernels, deterministic kernels), for the set-attention forward and backward, GroupNorm,
+    GEGLU and add + LayerNorm, with fresh inputs after the keys are cached."""
+    import jedi_kernels as jk
+
+    dev = "cuda"
+    B, G, L, H, D = 2, 2, 77, 8, 40  # L not a multiple of any block: tails and EVEN_* heuristics both ways
+
+    def inputs(seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        qkv = torch.randn(B * G, L, 3 * H * D, device=dev, dtype=dtype, generator=g)
+        x = torch.randn(4, 320, 16, 16, device=dev, dtype=dtype, generator=g).to(memory_format=torch.channels_last)
+        h = torch.randn(4, 64, 2 * 640, device=dev, dtype=dtype, generator=g)
+        r = torch.randn(4, 64, 320, device=dev, dtype=dtype, generator=g)
+        return qkv, x, h, r
+
+    w = torch.randn(320, device=dev, dtype=dtype)
+
+    def run(qkv, x, h, r):
+        q, k, v = (t.detach().requires_grad_() for t in qkv.split(H * D, dim=-1))
+        out = jk.set_attention(q, k, v, G, H, backend="triton")
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        y = jk.group_norm(x, 32, w, w, 1e-5, silu=True, backend="triton")
+        a = jk.geglu(h, backend="triton")
+        s, n = jk.add_layer_norm(r, r, w, w, 1e-5, backend="triton")
+        return out, dq, dk, dv, y, a, s, n
+
+    prev = fast_launch.set_enabled(True)
+    try:
+        run(*inputs(0))  # first launches: through Triton, cached
+        fresh = inputs(1)
+        fast = run(*fresh)
+        fast_launch.set_enabled(False)
+        ref = run(*fresh)
+    finally:
+        fast_launch.set_enabled(prev)
+    torch.cuda.synchronize()
+    assert fast_launch.cache_size() > 0
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        assert torch.equal(a, b), f"output {i} differs between the cached and Triton's launch"
