@@ -23,15 +23,19 @@ def test_host_overhead_times_every_row(tmp_path):
         pytest.skip(f"Triton internals differ from the ones the tool patches: {p.stderr.strip()}")
     assert p.returncode == 0, p.stderr
     rows = json.loads(out.read_text())
-    assert len(rows) == 10 and all(us > 0 for us in rows.values())
+    assert len(rows) == 10
+    assert all(set(r) == {"triton_launch", "fast_launch"} and min(r.values()) > 0 for r in rows.values())
+    tri = {name: r["triton_launch"] for name, r in rows.items()}
     # a Triton launch goes through binding, specialization and the cache lookup: it must cost more than an
     # allocation, and a launcher with three launches more than the single mask-list launch
-    alloc = rows["torch.empty (reference: one allocation)"]
-    assert rows["set-attention mask lists (1 Triton launch)"] > alloc
-    assert rows["group_norm launcher (3 Triton launches)"] > rows["set-attention mask lists (1 Triton launch)"]
+    alloc = tri["torch.empty (reference: one allocation)"]
+    assert tri["set-attention mask lists (1 Triton launch)"] > alloc
+    assert tri["group_norm launcher (3 Triton launches)"] > tri["set-attention mask lists (1 Triton launch)"]
     # the backward launches three kernels; a training call adds it and autograd to the forward
-    assert rows["set_attn_bwd (3 launches: delta, dK/dV, dQ)"] > rows["set-attention mask lists (1 Triton launch)"]
-    assert rows["jk.set_attention forward + backward (autograd)"] > rows["jk.set_attention (checks + set_attn_fwd)"]
+    assert tri["set_attn_bwd (3 launches: delta, dK/dV, dQ)"] > tri["set-attention mask lists (1 Triton launch)"]
+    assert tri["jk.set_attention forward + backward (autograd)"] > tri["jk.set_attention (checks + set_attn_fwd)"]
+    # the cached direct launch still costs more than an allocation (it really ran: no timing claim on a shared CPU)
+    assert rows["set-attention mask lists (1 Triton launch)"]["fast_launch"] > alloc
 
 
 def test_host_overhead_refuses_the_interpreter():
