@@ -437,6 +437,29 @@ def triton_bwd_dq_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def fast_launch_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60) -> dict:
+    """Eager Triton set attention (``jk.set_attention`` through autograd for "fwd+bwd") with every launch through
+    Triton's own path vs cached direct launches (``jedi_kernels.ops.fast_launch``, the default), same inputs. For
+    the host-bound rows: on the CI machine's CPU the direct launches cut a forward + backward's host time from ≈ 216
+    to ≈ 136 µs (tools/host_overhead.py), and the third H100 run measured 0.652 ms here for ≈ 0.25 ms of kernels."""
+    from jedi_kernels.ops import fast_launch
+
+    qkv, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype, requires_grad=(mode != "fwd"))
+    do = torch.randn(SETS * ng, L, HEADS * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+           "kind": "fast_launch"}
+    prev = fast_launch.enabled()
+    try:
+        for label, on in (("triton_launch", False), ("fast_launch", True)):
+            fast_launch.set_enabled(on)
+            fn, _ = build_fn("triton", q, k, v, ng, HEADS, mode, qkv=qkv, do=do)
+            row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
+    finally:
+        fast_launch.set_enabled(prev)
+    row["speedup_fast_vs_triton_launch"] = row["ms_triton_launch"] / row["ms_fast_launch"]
+    return row
+
+
 def warm_gpu(seconds: float = 0.5) -> None:
     """Keep the GPU busy with fp16 matmuls for ``seconds`` before the first timed row: in the third H100 run the
     sweep's first measurement (cuDNN, d 40, ng 1) read 0.450 ms where the two runs before read 0.161, and no later row
@@ -536,6 +559,10 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
         for L, D in SHAPES[: 2 if quick else 3]:
             add(bwd_chunking_row(L, D, rep_ms=rep_ms))
             print(f"backward chunking L={L} D={D}: x{rows[-1]['speedup_chunked_vs_padded']:.2f}", flush=True)
+        for L, D, mode in ((1024, 80, "fwd+bwd"), (256, 160, "fwd+bwd"), (64, 160, "fwd")):  # host-bound rows
+            add(fast_launch_row(L, D, mode=mode, rep_ms=rep_ms))
+            print(f"Triton eager {mode}, cached direct launches vs Triton's launch path, L={L} D={D}: "
+                  f"x{rows[-1]['speedup_fast_vs_triton_launch']:.2f} ({rows[-1]['ms_fast_launch']:.3f} ms)", flush=True)
         add(rowsum_row(4096, 40, rep_ms=rep_ms))
         print(f"rowsum on tensor cores vs FADD, L=4096 D=40: x{rows[-1]['speedup_dot_vs_fadd']:.2f}", flush=True)
         for L, D in ((4096, 40), (1024, 80)):

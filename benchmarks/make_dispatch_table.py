@@ -81,6 +81,8 @@ VARIANTS = {
                               "head_dim_chunks in set_attn_bwd, jedi_kernels/ops/set_attention.py (chunk_head_dim)"),
     "triton_fwd_ws": (("ms_pointer", "ms_ws"), "ms_pointer",
                       "_fwd_ws_requested in jedi_kernels/ops/set_attention.py (JEDI_TRITON_FWD_WS, opt-in)"),
+    "fast_launch": (("ms_triton_launch", "ms_fast_launch"), "ms_fast_launch",
+                    "_ENABLED in jedi_kernels/ops/fast_launch.py (JEDI_FAST_LAUNCH)"),
     # the Hopper forwards: the rows hold every variant and name the fastest (best_wgmma / best_gluon), which the
     # advice compares with the default instead of the listed one
     "cuda_fwd_wgmma": (("ms_mmasync", "ms_wg128x3"), "ms_mmasync",

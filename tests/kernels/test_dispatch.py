@@ -107,9 +107,13 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_pointer": 0.66,
              "ms_gl128x128": 0.44},
             {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 1, "dtype": "bfloat16", "ms_pointer": 0.20,
-             "ms_gl128x128": 0.25, "ms_gl64x128": 0.16, "best_gluon": "gl64x128"}]
+             "ms_gl128x128": 0.25, "ms_gl64x128": 0.16, "best_gluon": "gl64x128"},
+            {"kind": "fast_launch", "L": 1024, "D": 80, "ng": 2, "dtype": "bfloat16", "ms_triton_launch": 0.30,
+             "ms_fast_launch": 0.40}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 10
+    assert len(advice) == 11
+    assert "triton_launch x1.33 faster than the default fast_launch" in advice[10]
+    assert "JEDI_FAST_LAUNCH" in advice[10]
     assert "gl128x128 x1.50 faster than the default pointer" in advice[8] and "JEDI_TRITON_FWD_GLUON" in advice[8]
     assert "gl64x128 x1.25 faster than the default pointer" in advice[9]  # the row's fastest config, not config 1
     assert "padded x1.11 faster than the default chunked" in advice[7] and "set_attn_bwd" in advice[7]
@@ -169,6 +173,29 @@ def test_sweep_variant_row_times_each_switch_value(monkeypatch, mode):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter's
+def test_fast_launch_row_times_both_launch_paths(monkeypatch):
+    """The sweep's fast_launch row times the eager forward + backward once with every launch through Triton's path
+    and once through the cached direct launches, and leaves the switch as it found it (stand-in timer: one run)."""
+    from jedi_kernels.ops import fast_launch
+
+    seen = []
+
+    def fake_time_ms(fn, rep_ms=60):
+        seen.append((fast_launch.enabled(), fn().shape))
+        return float(len(seen))
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "time_ms", fake_time_ms)
+    before = fast_launch.enabled()
+    row = sw.fast_launch_row(16, 8, ng=2, dtype=torch.float32, rep_ms=1)
+    assert fast_launch.enabled() == before
+    assert [on for on, _ in seen] == [False, True] and row["kind"] == "fast_launch" and row["mode"] == "fwd+bwd"
+    assert (row["ms_triton_launch"], row["ms_fast_launch"], row["speedup_fast_vs_triton_launch"]) == (1.0, 2.0, 0.5)
+    assert all(shape == (2 * sw.SETS, 16, sw.HEADS * 8) for _, shape in seen)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter's
 def test_bwd_chunking_row_times_both_layouts(monkeypatch):
     """The backward chunking row times the backward alone, chunked and padded, on the same forward's out and lse:
     here with a stand-in timer that runs each callable once and checks the two layouts' gradients agree."""
@@ -201,11 +228,13 @@ def test_sweep_saves_after_every_row(monkeypatch):
                 "ms_2stage_16rows": 1.0, "speedup_8_vs_4warps": 1.0, "wgmma_ran": True, "best_wgmma": "wg128x3",
                 "speedup_wgmma_vs_mmasync": 1.0, "speedup_wgmma_vs_cudnn": 1.0, "tflops_best_wgmma": 1.0,
                 "max_abs_diff_vs_cudnn": 0.0, "gluon_ran": True, "best_gluon": "gl128x128",
-                "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0}
+                "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0,
+                "speedup_fast_vs_triton_launch": 1.0, "ms_fast_launch": 1.0}
 
     for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
                  "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
-                 "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row"):
+                 "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row",
+                 "fast_launch_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})
