@@ -1,6 +1,6 @@
 """Host (CPU) time of one eager call of each jedi_kernels Triton op, measured on a machine without a GPU.
 
-    python tools/host_overhead.py [--reps 2000] [--json OUT.json]
+    python tools/host_overhead.py [--reps 2000] [--json OUT.json] [--unet]
 
 Eager calls of small kernels are bound by the host: on the H100 (2026-11-27) the Triton set-attention forward took
 >= 0.054 ms per eager call at every d 160 shape, and the optimized UNet step ran 33 ms eager for 12.8 ms of device
@@ -141,10 +141,64 @@ def measure(reps: int = 2000) -> dict[str, dict[str, float]]:
     return rows
 
 
+def unet_step(reps: int = 90) -> dict:
+    """An eager JeDi step on a UNet with SD v1's structure at 1/10 of its width (model_channels 32, 2 heads, context 32;
+    batch 4 = set size 2 with CFG, 8x8 latents, fp32, channels-last, every fused op and the attention on Triton):
+    the Triton launches it makes, and ms per step both ways. Convolutions and GEMMs really run on the CPU (small), the
+    Triton kernels do not; so only the difference between the two columns is launch overhead. Runs after
+    :func:`measure`, which installs the stand-in driver."""
+    import torch
+    from triton.compiler import compiler as tc
+
+    from jedi import JeDiUNet
+    from jedi.config import UNetConfig
+    from jedi_kernels.ops import fast_launch
+
+    m = JeDiUNet(UNetConfig.sd_v1(model_channels=32, num_heads=2, context_dim=32)).eval()
+    m.set_fused_ops(True, backend="triton")
+    m.set_attn_backend("triton")
+    m.set_fuse_qkv(True)
+    m.set_fuse_context_kv(True)
+    m = m.to(memory_format=torch.channels_last)
+    N = 4
+    x = torch.randn(N, 4, 8, 8).to(memory_format=torch.channels_last)
+    x0, t, ctx = torch.randn_like(x), torch.randint(0, 1000, (N,)), torch.randn(N, 77, 32)
+    ngm = torch.tensor([0.0, 1.0, 0.0, 1.0])
+
+    launches = [0]
+    run = tc.CompiledKernel.run
+    tc.CompiledKernel.run = property(lambda self: (lambda *a: launches.__setitem__(0, launches[0] + 1)))
+    try:
+        with torch.no_grad():
+            step = lambda: m(x, t, ctx, x0=x0, ng_mask=ngm, set_size=2)  # noqa: E731
+            step()
+            launches[0] = 0
+            step()
+            n = launches[0]
+            best = {False: float("inf"), True: float("inf")}
+            prev = fast_launch.enabled()
+            try:
+                for _ in range(max(1, reps // 6)):  # alternate, 3 steps a block: the minimum of each
+                    for on in (False, True):
+                        fast_launch.set_enabled(on)
+                        t0 = time.perf_counter()
+                        for _ in range(3):
+                            step()
+                        best[on] = min(best[on], (time.perf_counter() - t0) / 3)
+            finally:
+                fast_launch.set_enabled(prev)
+    finally:
+        tc.CompiledKernel.run = run
+    return {"triton_launches": n, "triton_launch": round(best[False] * 1e3, 2), "fast_launch": round(best[True] * 1e3, 2),
+            "saved_ms": round((best[False] - best[True]) * 1e3, 2)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=2000, help="timed calls per row")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--unet", action="store_true",
+                    help="also time an eager step of a narrow SD-v1-structured UNet both ways (compiles ~20 kernels)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("host_overhead: unset TRITON_INTERPRET (the interpreter would run the kernels instead)", file=sys.stderr)
@@ -159,6 +213,11 @@ def main(argv=None) -> int:
     print(f"{'call':{width}s}  {'Triton launch':>13s}  {'fast_launch':>11s}  (us per call)")
     for name, us in rows.items():
         print(f"{name:{width}s}  {us['triton_launch']:13.2f}  {us['fast_launch']:11.2f}")
+    if args.unet:
+        rows["unet_step_ms"] = u = unet_step()
+        print(f"eager UNet step (SD v1 structure, 1/10 width, CPU): {u['triton_launches']} Triton launches, "
+              f"{u['triton_launch']:.2f} ms through Triton's launch path, {u['fast_launch']:.2f} ms with fast_launch "
+              f"(saved {u['saved_ms']:.2f} ms a step)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
