@@ -17,9 +17,10 @@ from column h·D. DP is the head dim rounded up to a power of two >= 16 (Gluon b
 memory once, which makes K's irrelevant; V's only reach output columns that are never stored. The MMAs cover the
 first D0 + D1 columns (40 -> 32 + 16 of the 64: two MMAs per product over slices of the same shared tiles, a quarter
 less tensor work than all 64; config 4 runs the padded 64 for comparison). K/V tiles go through a
-ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine completes. At iteration t the buffer of tile
-t−2 is refilled with tile t−2+NUM_STAGES: every warpgroup finished its P·V product on it in iteration t−1, which a
-CTA barrier makes sure of before the copy is issued.
+ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine completes. At the end of iteration t the
+buffer of tile t−1 is refilled with tile t−1+NUM_STAGES: every warpgroup has waited for its P·V product on it, which a
+CTA barrier makes sure of before the copy is issued. The copy then has NUM_STAGES − 2 whole iterations to land (at 3
+stages: tile t+2, needed after iteration t+1).
 
 Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head
 dims <= 128, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
@@ -54,7 +55,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 __all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_attn_fwd_gluon"]
 
 # JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups; NUM_STAGES
-# >= 3 (the refill scheme keeps tiles t-1, t and t+1 resident while tile t's softmax runs).
+# >= 3 (tiles t and t+1 stay resident while tile t-1's buffer is refilled at the end of iteration t).
 # SPLIT: the MMAs over two power-of-two column chunks of the box (:func:`_chunks`; 40 -> 32 + 16) instead of all DP
 # columns (40 -> 64); config 4 is config 1 padded, to measure what the split buys.
 CONFIGS = {
@@ -208,7 +209,7 @@ if HAVE_GLUON:
         power-of-two chunks, 40 -> 32 + 16 of a 64-column box): S = Q[:, :D0] K[:, :D0]ᵀ + Q[:, D0:] K[:, D0:]ᵀ and
         O = (P V[:, :D0], P V[:, D0:]) as slices of the same shared tiles, a quarter less tensor work at d 40."""
         gl.static_assert(D0 + D1 <= DP and D0 + D1 >= HEAD_DIM, "the chunks cover the head within the box")
-        gl.static_assert(NUM_STAGES >= 3, "the ring must hold tiles t-1, t and t+1 while tile t-2's is refilled")
+        gl.static_assert(NUM_STAGES >= 3, "the ring holds tiles t and t+1 while tile t-1's buffer is refilled")
         gl.static_assert(BLOCK_M == 16 * num_warps, "one m64 warpgroup MMA tile per 4 warps")
         dtype: gl.constexpr = DescQ.dtype
         # accumulators: one m64 wgmma tile per warpgroup, warps stacked along the rows
@@ -298,14 +299,18 @@ if HAVE_GLUON:
             # The wait for the P·V product stands in both arms of a branch: ptxas schedules a wait that shares a
             # basic block with the softmax into it (seen in the SASS: between the row-max instructions), which
             # serializes the two again; it does not move instructions across blocks. The branch is the refill of
-            # tile t-2's buffer (every warpgroup waited for P_{t-2} V_{t-2} before this iteration's barrier) with
-            # tile t-2+NUM_STAGES.
-            if (it >= 2) & (it - 2 + NUM_STAGES < n_it):
-                gl.thread_barrier()
-                _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it - 2 + NUM_STAGES, n_nt, ImgList, i, b, G, L,
-                          col0, BLOCK_N, NUM_STAGES, HAS_MASK)
+            # tile t-1's buffer with tile t-1+NUM_STAGES: once this warpgroup's P_{t-1} V_{t-1} is done and a CTA
+            # barrier shows every warpgroup's is, nothing reads that buffer any more. The refill tile is needed
+            # NUM_STAGES - 1 iterations later (at 3 stages: tile t+2, a whole iteration after this one). The other
+            # arm (the last NUM_STAGES - 1 iterations) starts with a barrier it does not need: with the wait first in
+            # both arms, LLVM hoists it out of the branch, back into the softmax's block (the SASS test catches that).
+            if it - 1 + NUM_STAGES < n_it:
                 acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
+                gl.thread_barrier()
+                _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it - 1 + NUM_STAGES, n_nt, ImgList, i, b, G, L,
+                          col0, BLOCK_N, NUM_STAGES, HAS_MASK)
             else:
+                gl.thread_barrier()
                 acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         # the last tile's P V
