@@ -448,14 +448,10 @@ def fast_launch_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60)
     do = torch.randn(SETS * ng, L, HEADS * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
     row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
            "kind": "fast_launch"}
-    prev = fast_launch.enabled()
-    try:
-        for label, on in (("triton_launch", False), ("fast_launch", True)):
-            fast_launch.set_enabled(on)
+    for label, on in (("triton_launch", False), ("fast_launch", True)):
+        with fast_launch.switched(on):
             fn, _ = build_fn("triton", q, k, v, ng, HEADS, mode, qkv=qkv, do=do)
             row[f"ms_{label}"] = time_ms(fn, rep_ms=rep_ms)
-    finally:
-        fast_launch.set_enabled(prev)
     row["speedup_fast_vs_triton_launch"] = row["ms_triton_launch"] / row["ms_fast_launch"]
     return row
 

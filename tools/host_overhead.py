@@ -84,13 +84,9 @@ def _time_both(fn, reps: int) -> dict[str, float]:
     from jedi_kernels.ops import fast_launch
 
     out = {}
-    prev = fast_launch.enabled()
-    try:
-        for name, on in (("triton_launch", False), ("fast_launch", True)):
-            fast_launch.set_enabled(on)
+    for name, on in (("triton_launch", False), ("fast_launch", True)):
+        with fast_launch.switched(on):
             out[name] = round(_time_us(fn, reps), 2)
-    finally:
-        fast_launch.set_enabled(prev)
     return out
 
 
@@ -176,17 +172,13 @@ def unet_step(reps: int = 90) -> dict:
             step()
             n = launches[0]
             best = {False: float("inf"), True: float("inf")}
-            prev = fast_launch.enabled()
-            try:
-                for _ in range(max(1, reps // 6)):  # alternate, 3 steps a block: the minimum of each
-                    for on in (False, True):
-                        fast_launch.set_enabled(on)
+            for _ in range(max(1, reps // 6)):  # alternate, 3 steps a block: the minimum of each
+                for on in (False, True):
+                    with fast_launch.switched(on):
                         t0 = time.perf_counter()
                         for _ in range(3):
                             step()
                         best[on] = min(best[on], (time.perf_counter() - t0) / 3)
-            finally:
-                fast_launch.set_enabled(prev)
     finally:
         tc.CompiledKernel.run = run
     return {"triton_launches": n, "triton_launch": round(best[False] * 1e3, 2), "fast_launch": round(best[True] * 1e3, 2),

@@ -32,13 +32,14 @@ changing after it was compiled (Triton raises on that; the Python constants here
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["launch", "enabled", "set_enabled", "clear_cache", "cache_size"]
+__all__ = ["launch", "enabled", "set_enabled", "switched", "clear_cache", "cache_size"]
 
 _ENABLED = os.environ.get("JEDI_FAST_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # per kernel; past it the cache is cleared (distinct shapes, not a steady state)
@@ -64,6 +65,16 @@ def set_enabled(on: bool) -> bool:
     return prev
 
 
+@contextlib.contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """The direct path on or off inside the ``with`` block, restored after it (benchmarks time both paths)."""
+    prev = set_enabled(on)
+    try:
+        yield
+    finally:
+        set_enabled(prev)
+
+
 def clear_cache() -> None:
     """Forget every cached launch (the compiled kernels stay in Triton's own cache)."""
     _CACHES.clear()
@@ -72,8 +83,8 @@ def clear_cache() -> None:
 def cache_size(kernel=None) -> int:
     """Number of cached launch keys, for one kernel object or all of them."""
     if kernel is not None:
-        return len(_CACHES.get(id(kernel), (None, {}))[1])
-    return sum(len(c) for _, c in _CACHES.values())
+        return len(_CACHES.get(id(kernel), (None, None))[1] or ())
+    return sum(len(c) for _, c in _CACHES.values() if c)
 
 
 def _arg_key(args: tuple) -> tuple:
@@ -172,13 +183,13 @@ def launch(kernel, grid, *args, grid_key: tuple = (), **meta):
         return kernel[grid](*args, **meta)
     entry_cache = _CACHES.get(id(kernel))
     if entry_cache is None:
-        if not hasattr(_jit_of(kernel)[0], "device_caches"):  # the interpreter's function: nothing compiled to keep
-            return kernel[grid](*args, **meta)
         if _driver is None:
             _import_triton()
-        entry_cache = _CACHES.setdefault(id(kernel), (kernel, {}))
+        # the interpreter's function has nothing compiled to keep: remembered as None, every call takes Triton's path
+        cacheable = hasattr(_jit_of(kernel)[0], "device_caches")
+        entry_cache = _CACHES.setdefault(id(kernel), (kernel, {} if cacheable else None))
     cache = entry_cache[1]
-    if _hooks_installed():
+    if cache is None or _hooks_installed():
         return kernel[grid](*args, **meta)
     dev = _driver.active.get_current_device()
     try:

@@ -276,15 +276,12 @@ def test_gpu_cached_launches_compute_what_triton_launches_compute(dtype):
         s, n = jk.add_layer_norm(r, r, w, w, 1e-5, backend="triton")
         return out, dq, dk, dv, y, a, s, n
 
-    prev = fast_launch.set_enabled(True)
-    try:
+    with fast_launch.switched(True):
         run(*inputs(0))  # first launches: through Triton, cached
         fresh = inputs(1)
         fast = run(*fresh)
-        fast_launch.set_enabled(False)
+    with fast_launch.switched(False):
         ref = run(*fresh)
-    finally:
-        fast_launch.set_enabled(prev)
     torch.cuda.synchronize()
     assert fast_launch.cache_size() > 0
     for i, (a, b) in enumerate(zip(fast, ref)):
