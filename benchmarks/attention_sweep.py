@@ -456,6 +456,50 @@ def fast_launch_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60)
     return row
 
 
+def graph_time_ms(fn, rep_ms: int = 60) -> float:
+    """Median milliseconds of one fn() replayed inside a CUDA graph (triton.testing.do_bench_cudagraph: ≈ rep_ms of
+    unrolled calls per graph, 10 replays): device time, with no host time per call and no L2 flush between calls."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
+def graph_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60) -> dict:
+    """Every backend of :func:`measure_row` on one shape, each call replayed from a CUDA graph: the kernels' device
+    time, which the eager rows cannot show where the host is slower than the GPU. The third H100 run timed the
+    eager Triton forward + backward at d 80, L 1024, ng 2 at 0.652 ms against cuDNN's 0.280, for ≈ 0.25 ms of our
+    kernels: whether ours lose there on the device or only on the host is what this row says. Without an L2 flush
+    between calls (a graph replays them back to back) the small shapes run from a warm L2, ours and SDPA's alike.
+    ``ms_graph`` / ``ratio_graph_<ours>`` (> 1: ours faster than the best SDPA backend, both graphed); a backend that
+    cannot be captured gets an entry in ``errors``."""
+    qkv, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype, requires_grad=(mode != "fwd"))
+    do = torch.randn(SETS * ng, L, HEADS * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
+    fl = flops(SETS, HEADS, ng, L, D, mode)
+    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+           "kind": "cuda_graph", "ms_graph": {}, "tflops_graph": {}, "errors": {}}
+    names = [f"sdpa-{b}" for b in SDPA_BACKENDS if b != "math"] + available_ours()
+    for name in names:
+        try:
+            fn, _ = build_fn(name, q, k, v, ng, HEADS, mode, qkv=qkv, do=do)  # one eager call first: compiles, tunes
+            torch.cuda.synchronize()
+            ms = graph_time_ms(fn, rep_ms=rep_ms)
+        except Exception as e:  # a backend that cannot be captured (or cannot run the shape) is recorded, not fatal
+            row["errors"][name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            with contextlib.suppress(Exception):  # (a failed capture's error surfaces here, if anywhere)
+                torch.cuda.synchronize()
+            continue
+        row["ms_graph"][name] = ms
+        row["tflops_graph"][name] = fl / ms * 1e-9
+    sdpa = {n: t for n, t in row["ms_graph"].items() if n.startswith("sdpa-")}
+    if sdpa:
+        best = min(sdpa, key=sdpa.get)
+        row["best_sdpa_graph"] = best
+        for name in available_ours():
+            if name in row["ms_graph"]:
+                row[f"ratio_graph_{name}"] = sdpa[best] / row["ms_graph"][name]
+    return row
+
+
 def warm_gpu(seconds: float = 0.5) -> None:
     """Keep the GPU busy with fp16 matmuls for ``seconds`` before the first timed row: in the third H100 run the
     sweep's first measurement (cuDNN, d 40, ng 1) read 0.450 ms where the two runs before read 0.161, and no later row
@@ -535,6 +579,13 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
         print(f"{label} L=1024 D=80 ng={G}: {row['ms']}", flush=True)
     # issue 3 asks for both in every report: O(tokens) memory, and what head-dim chunking buys over padding (the
     # kernel-variant rows after it come last: they compile the non-default variants, and a cut-short run loses them)
+    # device time (CUDA-graph replays) where the eager rows above are host-bound, and d 40 as the device-bound control
+    for L, D, mode in ((1024, 80, "fwd+bwd"), (256, 160, "fwd+bwd"), (64, 160, "fwd"), (4096, 40, "fwd+bwd")):
+        add(graph_row(L, D, mode=mode, rep_ms=rep_ms))
+        r = rows[-1]
+        print(f"CUDA graph {mode} L={L} D={D} ng=2: { {n: round(t, 3) for n, t in r.get('ms_graph', {}).items()} } "
+              f"ours/best SDPA { {n[12:]: round(r[n], 2) for n in r if n.startswith('ratio_graph_')} } "
+              f"errors {list(r.get('errors', ()))}", flush=True)
     add(peak_memory_row())
     print(f"peak memory ng=16 L=4096: { {k: v for k, v in rows[-1].items() if k.startswith('peak')} }", flush=True)
 

@@ -14,6 +14,7 @@ prints what the sweep's kernel-variant rows say about the compiled-in defaults (
 forward's rows per warp, the CUDA backward's keys per warp, the Triton forward's row sums and the Triton backward's
 dQ by atomics or by kernel; those defaults live in code, so changing one is a commit. ``autotune:`` lines
 (``autotune_advice``) say which Triton config the autotuner picked for each shape, against the class's default.
+``graphed:`` lines (``graph_notes``) give the sweep's CUDA-graph rows: device time per backend, no host time.
 """
 from __future__ import annotations
 
@@ -143,6 +144,22 @@ def autotune_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
     return out
 
 
+def graph_notes(rows: list[dict]) -> list[str]:
+    """One line per CUDA-graph row of the sweep (``kind`` "cuda_graph"): every backend's device time and ours against
+    the best SDPA backend, both replayed from a graph. Information only: ``auto`` decides on the eager rows (what an
+    eager call costs), and a kernel that wins only here wins inside CUDA graphs and torch.compile."""
+    out = []
+    for r in rows:
+        if r.get("kind") != "cuda_graph" or not r.get("ms_graph"):
+            continue
+        times = ", ".join(f"{n} {t:.3f}" for n, t in sorted(r["ms_graph"].items(), key=lambda kv: kv[1]))
+        ours = ", ".join(f"{n[12:]} x{r[n]:.2f}" for n in sorted(r) if n.startswith("ratio_graph_"))
+        errors = f"; errors: {sorted(r['errors'])}" if r.get("errors") else ""
+        out.append(f"L={r.get('L')} D={r.get('D')} ng={r.get('ng')} {r.get('dtype', '')} {r.get('mode', '')}: "
+                   f"ms {times}; vs {r.get('best_sdpa_graph')}: {ours or '-'}{errors}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="attention_sweep.py JSON files (or results.json with attention_sweep)")
@@ -163,6 +180,8 @@ def main(argv=None) -> int:
         print("variant: " + line)
     for line in autotune_advice(rows, args.margin):
         print("autotune: " + line)
+    for line in graph_notes(rows):
+        print("graphed: " + line)
     if args.write:
         doc = json.loads(TABLE.read_text())
         doc["set_attention"] = entries

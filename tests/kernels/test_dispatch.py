@@ -216,6 +216,50 @@ def test_bwd_chunking_row_times_both_layouts(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_graph_row_times_every_backend_from_a_graph_and_records_failures(monkeypatch):
+    """The CUDA-graph row times each backend through graph_time_ms (never the eager timer), after one eager call
+    (build_fn's); a backend that fails to build or capture lands in ``errors`` and the others still run; the ratio is
+    the best SDPA backend's graphed time over ours. Stand-ins for build_fn and the timers."""
+    built, timed = [], []
+    graph_ms = {"sdpa-cudnn": 0.30, "sdpa-flash": 0.40, "triton": 0.25, "cuda": 0.50}
+
+    def fake_build_fn(name, q, k, v, ng, H, mode, qkv=None, do=None, **kw):
+        built.append((name, mode, tuple(q.shape), do is not None, qkv.requires_grad))
+        if name == "sdpa-efficient":
+            raise RuntimeError("stream capture unsupported\nsecond line")
+        return (lambda: name), None
+
+    def fake_graph_time_ms(fn, rep_ms=60):
+        timed.append(fn())
+        return graph_ms[timed[-1]]
+
+    def eager_timer(fn, rep_ms=60):
+        raise AssertionError("the graph row must not use the eager timer")
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "build_fn", fake_build_fn)
+    monkeypatch.setattr(sw, "graph_time_ms", fake_graph_time_ms)
+    monkeypatch.setattr(sw, "time_ms", eager_timer)
+    monkeypatch.setattr(sw.torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
+    row = sw.graph_row(16, 8, ng=2, dtype=torch.float32, mode="fwd+bwd", rep_ms=1)
+    assert [b[0] for b in built] == ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "triton", "cuda"]  # no math
+    assert all(b[1:] == ("fwd+bwd", (2 * sw.SETS, 16, sw.HEADS * 8), True, True) for b in built)
+    assert timed == ["sdpa-cudnn", "sdpa-flash", "triton", "cuda"]
+    assert row["kind"] == "cuda_graph" and row["ms_graph"] == graph_ms
+    assert row["errors"] == {"sdpa-efficient": "RuntimeError: stream capture unsupported"}
+    assert row["best_sdpa_graph"] == "sdpa-cudnn"
+    assert row["ratio_graph_triton"] == pytest.approx(0.30 / 0.25) and row["ratio_graph_cuda"] == pytest.approx(0.6)
+    assert "ms" not in row and "best_sdpa" not in row  # never read as a dispatch row (derive skips it)
+    assert mdt.derive([dict(row, capability="sm90")])[0] == []
+    assert mdt.graph_notes([row, {"kind": "fake"}]) == [
+        "L=16 D=8 ng=2 float32 fwd+bwd: ms triton 0.250, sdpa-cudnn 0.300, sdpa-flash 0.400, cuda 0.500; "
+        "vs sdpa-cudnn: cuda x0.60, triton x1.20; errors: ['sdpa-efficient']"]
+    fwd = sw.graph_row(16, 8, ng=2, dtype=torch.float32, mode="fwd", rep_ms=1)
+    assert fwd["mode"] == "fwd" and built[-1][3:] == (False, False)
+
+
 def test_sweep_saves_after_every_row(monkeypatch):
     """gpu_check.sh gives the sweep a fixed time: every row is written as soon as it is measured, so a run cut short
     keeps its rows (stand-in measurements; the order puts the dispatch-deciding rows first)."""
@@ -234,7 +278,7 @@ def test_sweep_saves_after_every_row(monkeypatch):
     for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
                  "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
                  "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row",
-                 "fast_launch_row"):
+                 "fast_launch_row", "graph_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})
