@@ -902,6 +902,28 @@ def test_cuda_wgmma_forward(monkeypatch, variant, B, G, L, H, D, mask, fused):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["1", "3"], ids=["64x2", "128x3"])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-3])
+def test_cuda_wgmma_forward_non_positive_and_tiny_scales(monkeypatch, variant, scale):
+    """The Hopper forward's other scale paths on the device (only its CPU emulation covered them): a negative scale
+    flips Q's signs in shared memory, zero makes every score 0 (uniform weights), a tiny one nearly so; out by the 2x
+    rule against the reference, with a tail tile (L 97)."""
+    _require_cuda_attention()
+    monkeypatch.setenv("JEDI_CUDA_FWD_WGMMA", variant)
+    G, L, H, D = 2, 97, 2, 40
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (torch.randn(G, L, H * D, device="cuda", dtype=dtype) for _ in range(3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = jk.set_attention(q, k, v, G, H, backend="cuda", scale=scale)
+            torch.cuda.synchronize()
+        names = {e.name for e in prof.events() if "set_attn_fwd" in e.name}
+        assert names and all(("wgmma" in n) == (torch.cuda.get_device_capability() == (9, 0)) for n in names), names
+        ref64 = reference.set_attention_reference(*(t.double() for t in (q, k, v)), G, H, scale=scale)
+        same = reference.set_attention_reference(q, k, v, G, H, scale=scale)
+        assert_flash_rule(out, same, ref64, f"out wgmma {variant} scale={scale} {dtype}")
+
+
+@pytest.mark.gpu
 @pytest.mark.ws
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
