@@ -61,10 +61,14 @@ def rows_stride(t: torch.Tensor) -> int | None:
 
 
 def tma_rows_ok(*tensors: torch.Tensor) -> bool:
-    """Whether a 2-D TMA descriptor over the (N·L, C) rows can cover each tensor: evenly spaced rows
-    (:func:`rows_stride`), unit last stride, a 16-byte aligned base and a 16-byte aligned row stride."""
+    """Whether a 2-D TMA descriptor over the (N·L, C) rows can cover each tensor: not empty (a descriptor's dims
+    must be positive; the pointer kernels simply launch no programs), evenly spaced distinct rows
+    (:func:`rows_stride`; not the stride-0 rows of an expanded tensor), unit last stride, a 16-byte aligned base and
+    a 16-byte aligned row stride."""
     for t in tensors:
+        if t.numel() == 0:
+            return False
         rs = rows_stride(t)
-        if t.stride(2) != 1 or rs is None or (rs * t.element_size()) % 16 or t.data_ptr() % 16:
+        if t.stride(2) != 1 or not rs or (rs * t.element_size()) % 16 or t.data_ptr() % 16:
             return False
     return True

@@ -187,8 +187,31 @@ def test_not_taken_where_it_cannot_run(monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=0)
     assert calls == []
     assert not sg.gluon_fwd_ok(q, k, v, 40, 40**-0.5) or dev.type == "cuda"
-    assert not sg.gluon_fwd_ok(q, k, v, 80, 80**-0.5)  # head dim > 64
+    assert not sg.gluon_fwd_ok(q, k, v, 160, 160**-0.5)  # head dim > 128
     assert not sg.gluon_fwd_ok(q, k, v, 40, 0.0)
+    assert not sg.gluon_fwd_ok(*(t.float() for t in (q, k, v)), 40, 40**-0.5)  # float32
+    empty = torch.empty(0, 9, 2 * 40, device=dev, dtype=torch.bfloat16)
+    assert not sg.gluon_fwd_ok(empty, empty, empty, 40, 40**-0.5)  # no TMA descriptor has a zero dim
+
+
+def test_tma_rows_ok():
+    """What a 2-D TMA descriptor over the (N*L, C) rows needs of each of q, k, v: not empty, evenly spaced rows
+    (contiguous, or views of one fused qkv projection), unit last stride, 16-byte aligned base and row stride."""
+    from jedi_kernels.ops import tma_rows_ok
+
+    x = torch.randn(4, 33, 3 * 80, dtype=torch.bfloat16)
+    q, k, v = x.split(80, dim=-1)
+    assert tma_rows_ok(x) and tma_rows_ok(q, k, v)  # row stride 480 B, bases 0 / 160 / 320 B
+    assert not tma_rows_ok(torch.empty(0, 33, 80, dtype=torch.bfloat16))
+    assert not tma_rows_ok(q, torch.empty(4, 0, 80, dtype=torch.bfloat16), v)
+    assert not tma_rows_ok(x[:, :, 1:81])  # base 2 B past a 16-byte boundary
+    assert not tma_rows_ok(torch.randn(4, 33, 36, dtype=torch.bfloat16))  # rows of 72 B
+    assert not tma_rows_ok(x[:, :20, :80])  # images 33 rows apart, 20 rows each: not one evenly spaced matrix
+    assert tma_rows_ok(x[:1, :20, :80])  # one image: its rows are evenly spaced
+    assert not tma_rows_ok(x[:, :, :80].transpose(0, 1))  # last stride 1 but rows of an image not consecutive
+    assert not tma_rows_ok(torch.randn(4, 33, 80, dtype=torch.bfloat16)[:, :, ::2])  # last stride 2
+    assert not tma_rows_ok(torch.randn(1, 1, 80, dtype=torch.bfloat16).expand(4, 33, 80))  # one row, stride 0
+    assert tma_rows_ok(torch.randn(1, 1, 80, dtype=torch.bfloat16))  # a single row
 
 
 # ----------------------------------------------------------------------------------------------------------------------
