@@ -381,8 +381,12 @@ def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     target at L 4096 D 40 ng 2 bf16 is 0.45 ms, cuDNN 0.603 on the third H100 run). Static SASS per 1024 scores of a
     full tile, config 1: 276 instructions (padded: 266) against 32 MUFU x 8 = 256 exp-unit clocks and ~184 (padded
     ~246) tensor clocks."""
-    row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_TRITON_FWD_GLUON",
-                       {"pointer": "0", "gl128x128": "1", "gl128x64": "2", "gl64x128": "3", "gl128x128pad": "4"},
+    from jedi_kernels.ops.set_attention_gluon import checked_configs
+
+    # the configs the probe found agreeing (JEDI_GLUON_CONFIGS, set by gpu_check.sh when some did not), else all
+    configs = {"gl128x128": "1", "gl128x64": "2", "gl64x128": "3", "gl128x128pad": "4"}
+    configs = {label: c for label, c in configs.items() if int(c) in checked_configs()}
+    row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_TRITON_FWD_GLUON", {"pointer": "0", **configs},
                        "triton_fwd_gluon")
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
     cudnn, ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")
@@ -397,14 +401,16 @@ def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 
     sa.set_attn_fwd_gluon = spy
     try:
-        with _env("JEDI_TRITON_FWD_GLUON", "1"):  # the Gluon kernel ran, and its output agrees with cuDNN's
+        # the Gluon kernel ran, and its output agrees with cuDNN's (the first checked config)
+        with _env("JEDI_TRITON_FWD_GLUON", next(iter(configs.values()))):
             out = build_fn("triton", q, k, v, ng, HEADS, "fwd")[1]
             torch.cuda.synchronize()
     finally:
         sa.set_attn_fwd_gluon = real
     row["gluon_ran"] = bool(calls)
-    row["speedup_split_vs_padded"] = row["ms_gl128x128pad"] / row["ms_gl128x128"]  # issue 3: chunking vs padding
-    return _hopper_summary(row, out, ref, ("gl128x128", "gl128x64", "gl64x128", "gl128x128pad"), "gluon", "pointer")
+    if "ms_gl128x128pad" in row and "ms_gl128x128" in row:  # issue 3: chunking vs padding
+        row["speedup_split_vs_padded"] = row["ms_gl128x128pad"] / row["ms_gl128x128"]
+    return _hopper_summary(row, out, ref, tuple(configs), "gluon", "pointer")
 
 
 def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:

@@ -19,7 +19,8 @@
 # (JEDI_PROFILE_BASELINE=1 adds the unfused eager profile), JEDI_NCU_TIMEOUT (0 skips
 # ncu), JEDI_PROBE_TIMEOUT (0 skips the extension's error-path probe), JEDI_WS_PROBE_TIMEOUT (0 skips the TMA
 # forward's probe, and with it its tests and sweep rows), JEDI_GLUON_PROBE_TIMEOUT (the same for the Gluon Hopper
-# forward; JEDI_GLUON_TEST_TIMEOUT caps its tests); JEDI_TEST_WORKERS
+# forward; JEDI_GLUON_TEST_TIMEOUT caps its tests; when only some of its configs agree with the pointer kernel, its
+# tests and rows run on those: JEDI_GLUON_CONFIGS); JEDI_TEST_WORKERS
 # (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
@@ -148,6 +149,16 @@ if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
   echo "gluon_probe rc=$grc (0 finished and agreed, 1 mismatch, 2 no sm_90 GPU, 124/137 timed out)" | tee -a "$LOG"
   tail -12 "$OUT/gluon_probe.log" | tee -a "$LOG"
   [ "$grc" = 0 ] && GLUON_OK=1
+  if [ "$grc" = 1 ]; then
+    # some config disagreed: the tests and sweep rows run on the configs that agreed on every probed shape (if any),
+    # and the step ladder's Gluon rung on the first of them (a config with a layout mistake would only fail them all)
+    agreed=$($PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))"       "$OUT/gluon_probe.json" 2>/dev/null)
+    if [ -n "$agreed" ]; then
+      export JEDI_GLUON_CONFIGS=$agreed JEDI_STEP_GLUON_VARIANT=${agreed%%,*}
+      GLUON_OK=1
+      echo "gluon: configs $agreed agreed on every probed shape: tests, sweep rows and the step rung run on them"         | tee -a "$LOG"
+    fi
+  fi
 fi
 export JEDI_SWEEP_GLUON=$GLUON_OK
 step "pytest -m gpu tests/kernels (attention, input prep, API; the fused norm/GEGLU tests run after the sweep)"

@@ -13,7 +13,9 @@ finished: a hung kernel would otherwise take the whole test step and the sweep w
 
 ``--kernel gluon`` probes the Gluon Hopper forward (``JEDI_TRITON_FWD_GLUON``, ``ops/set_attention_gluon.py``) the
 same way, every config of it: new and never run on a GPU before, it waits on mbarriers that a wrong phase or a lost
-TMA load would leave waiting forever.
+TMA load would leave waiting forever. Its last line, ``configs_agreeing``, lists the configs that agreed on every
+shape: where some did not, ``gpu_check.sh`` still runs the Gluon tests and sweep rows on those
+(``JEDI_GLUON_CONFIGS``) rather than on none.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def probe_gluon(report: dict) -> int:
 
     os.environ.pop("JEDI_TRITON_FWD_GLUON", None)  # the reference below is the default pointer-load kernel
     ok = True
+    agreeing = set(sg.CONFIGS)  # configs that agreed on every shape so far
     for B, G, L, H, D in ((1, 2, 200, 2, 40), (1, 2, 200, 2, 80), (2, 2, 4096, 8, 40)):
         shape = f"B{B} G{G} L{L} H{H} D{D}"
         q, k, v = _inputs(B, G, L, H, D)
@@ -82,9 +85,13 @@ def probe_gluon(report: dict) -> int:
             d_lse = float((lse - ref_lse).abs().max())
             agree = d_out <= 2e-2 and d_lse <= 1e-3  # two bf16 kernels of the same math; lse in float32
             ok &= agree
+            if not agree:
+                agreeing.discard(variant)
             _say(report, f"{shape} config {variant} max_abs_diff", {"out": d_out, "lse": d_lse, "agree": agree})
             ms[f"gluon {variant}"] = round(do_bench(lambda: sg.set_attn_fwd_gluon(*args), return_mode="median"), 4)
         _say(report, f"{shape} ms", ms)
+    # gpu_check.sh runs the tests and sweep rows on these alone when some config disagreed (JEDI_GLUON_CONFIGS)
+    _say(report, "configs_agreeing", sorted(agreeing))
     return 0 if ok else 1
 
 

@@ -52,7 +52,7 @@ try:  # Gluon ships with Triton >= 3.4 (experimental); without it this forward i
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_attn_fwd_gluon"]
+__all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_attn_fwd_gluon", "checked_configs"]
 
 # JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups; NUM_STAGES
 # >= 3 (tiles t and t+1 stay resident while tile t-1's buffer is refilled at the end of iteration t).
@@ -100,6 +100,23 @@ def gluon_fwd_variant() -> int:
     if v != "0" and (not v.isdigit() or int(v) not in CONFIGS):
         raise ValueError(f"JEDI_TRITON_FWD_GLUON must be 0 or one of {sorted(CONFIGS)}, got {v!r}")
     return int(v)
+
+
+def checked_configs() -> list[int]:
+    """The configs the GPU tests and benchmarks exercise: ``JEDI_GLUON_CONFIGS`` (comma-separated, e.g. "4"), which
+    ``benchmarks/gpu_check.sh`` sets to the configs ``tools/ws_probe.py --kernel gluon`` found agreeing with the
+    pointer kernel when some did not (a wrong config would only fail every test and row of it); unset: all of
+    :data:`CONFIGS`. The switch itself (``JEDI_TRITON_FWD_GLUON``) still takes any config."""
+    raw = os.environ.get("JEDI_GLUON_CONFIGS", "").strip()
+    if not raw:
+        return sorted(CONFIGS)
+    try:
+        picked = sorted({int(x) for x in raw.split(",") if x.strip()})
+    except ValueError:
+        picked = []
+    if not picked or any(c not in CONFIGS for c in picked):
+        raise ValueError(f"JEDI_GLUON_CONFIGS must be a comma-separated list of {sorted(CONFIGS)}, got {raw!r}")
+    return picked
 
 
 def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float) -> bool:

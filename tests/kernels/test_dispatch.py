@@ -109,9 +109,14 @@ def test_variant_advice_flags_a_faster_non_default():
             {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 1, "dtype": "bfloat16", "ms_pointer": 0.20,
              "ms_gl128x128": 0.25, "ms_gl64x128": 0.16, "best_gluon": "gl64x128"},
             {"kind": "fast_launch", "L": 1024, "D": 80, "ng": 2, "dtype": "bfloat16", "ms_triton_launch": 0.30,
-             "ms_fast_launch": 0.40}]
+             "ms_fast_launch": 0.40},
+            # only the configs the probe found agreeing (JEDI_GLUON_CONFIGS=4): no ms_gl128x128 in the row
+            {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 4, "dtype": "bfloat16", "ms_pointer": 2.6,
+             "ms_gl128x128pad": 2.0, "best_gluon": "gl128x128pad"},
+            {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 8, "dtype": "bfloat16", "ms_pointer": 2.6}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 11
+    assert len(advice) == 12  # the last row has no Gluon timing at all: no line
+    assert "ng=4" in advice[11] and "gl128x128pad x1.30 faster than the default pointer" in advice[11]
     assert "triton_launch x1.33 faster than the default fast_launch" in advice[10]
     assert "JEDI_FAST_LAUNCH" in advice[10]
     assert "gl128x128 x1.50 faster than the default pointer" in advice[8] and "JEDI_TRITON_FWD_GLUON" in advice[8]
@@ -258,6 +263,42 @@ def test_graph_row_times_every_backend_from_a_graph_and_records_failures(monkeyp
         "vs sdpa-cudnn: cuda x0.60, triton x1.20; errors: ['sdpa-efficient']"]
     fwd = sw.graph_row(16, 8, ng=2, dtype=torch.float32, mode="fwd", rep_ms=1)
     assert fwd["mode"] == "fwd" and built[-1][3:] == (False, False)
+
+
+def test_gluon_row_times_only_the_checked_configs(monkeypatch):
+    """With JEDI_GLUON_CONFIGS (gpu_check.sh: the configs the probe found agreeing), the sweep's Gluon row times the
+    pointer kernel and those configs only, checks that the first of them ran, and leaves the split-vs-padded ratio out
+    when one side is missing (stand-ins for the timers, inputs and kernels)."""
+    from jedi_kernels.ops import set_attention as sa
+
+    timed, ran = [], []
+
+    def fake_variant_row(L, D, ng, dtype, rep_ms, backend, env, variants, kind, mode="fwd"):
+        timed.append(dict(variants))
+        return {"L": L, "D": D, "ng": ng, "kind": kind, **{f"ms_{k}": 1.0 + int(v) for k, v in variants.items()}}
+
+    def fake_build_fn(name, *a, **kw):
+        if name == "triton":
+            sa.set_attn_fwd_gluon(os.environ.get("JEDI_TRITON_FWD_GLUON"))
+        return (lambda: None), torch.zeros(3)
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "_variant_row", fake_variant_row)
+    monkeypatch.setattr(sw, "build_fn", fake_build_fn)
+    monkeypatch.setattr(sw, "time_ms", lambda fn, rep_ms=60: 9.0)
+    monkeypatch.setattr(sw.torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(sa, "set_attn_fwd_gluon", lambda *a: ran.append(a))
+    monkeypatch.setenv("JEDI_GLUON_CONFIGS", "4")
+    row = sw.triton_gluon_fwd_row(64, 40, ng=2, rep_ms=1)
+    assert timed == [{"pointer": "0", "gl128x128pad": "4"}]
+    assert ran == [("4",)] and row["gluon_ran"] and "JEDI_TRITON_FWD_GLUON" not in os.environ
+    assert row["best_gluon"] == "gl128x128pad" and "speedup_split_vs_padded" not in row
+    assert row["speedup_gluon_vs_pointer"] == 1.0 / 5.0 and row["ms_cudnn"] == 9.0
+    monkeypatch.delenv("JEDI_GLUON_CONFIGS")
+    row = sw.triton_gluon_fwd_row(64, 40, ng=2, rep_ms=1)
+    assert list(timed[-1]) == ["pointer", "gl128x128", "gl128x64", "gl64x128", "gl128x128pad"]
+    assert ran[-1] == ("1",) and row["speedup_split_vs_padded"] == 5.0 / 2.0 and row["best_gluon"] == "gl128x128"
 
 
 def test_sweep_saves_after_every_row(monkeypatch):

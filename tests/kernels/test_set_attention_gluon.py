@@ -171,6 +171,20 @@ def test_variant_switch(monkeypatch):
             sg.gluon_fwd_variant()
 
 
+def test_checked_configs(monkeypatch):
+    """JEDI_GLUON_CONFIGS narrows the configs the GPU tests and sweep rows exercise (gpu_check.sh sets it to the ones
+    the probe found agreeing); unset or empty means all; anything else is a clear error."""
+    monkeypatch.delenv("JEDI_GLUON_CONFIGS", raising=False)
+    assert sg.checked_configs() == sorted(sg.CONFIGS)
+    for raw, want in (("4", [4]), ("4,1", [1, 4]), (" 2 , 3 ,", [2, 3]), ("", sorted(sg.CONFIGS))):
+        monkeypatch.setenv("JEDI_GLUON_CONFIGS", raw)
+        assert sg.checked_configs() == want
+    for bad in ("9", "one", "1,x", ","):
+        monkeypatch.setenv("JEDI_GLUON_CONFIGS", bad)
+        with pytest.raises(ValueError, match="JEDI_GLUON_CONFIGS must be a comma-separated list"):
+            sg.checked_configs()
+
+
 def test_not_taken_where_it_cannot_run(monkeypatch):
     """Off sm_90 (here: the CPU) the switch changes nothing: the pointer kernel runs and gives the reference's
     result."""
@@ -253,6 +267,9 @@ def test_gluon_forward_gpu(monkeypatch, variant, B, G, L, H, D, mask, fused, dty
     from test_set_attention import _check_case  # pytest imports the test files by basename (no packages)
 
     _require_sm90()
+    if variant not in sg.checked_configs():
+        pytest.skip(f"config {variant} is not in JEDI_GLUON_CONFIGS={os.environ.get('JEDI_GLUON_CONFIGS')} (the "
+                    f"probe found it disagreeing with the pointer kernel: see gluon_probe.log)")
     monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", str(variant))
     calls = _spy(monkeypatch)
     _check_case(B, G, L, H, D, dtype=dtype, device=torch.device("cuda"), mask=mask, fused=fused)
@@ -264,7 +281,7 @@ def test_gluon_forward_gpu(monkeypatch, variant, B, G, L, H, D, mask, fused, dty
 def test_gluon_forward_cuda_graph(monkeypatch):
     """Capturable: replays of a captured call give the eager result on new inputs copied into the same buffers."""
     _require_sm90()
-    monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", "1")
+    monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", str(sg.checked_configs()[0]))
     q, k, v = (torch.randn(4, 256, 2 * 40, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     jk.set_attention(q, k, v, 2, 2, backend="triton")  # compile outside the capture
     g = torch.cuda.CUDAGraph()
