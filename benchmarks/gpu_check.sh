@@ -149,14 +149,17 @@ if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
   echo "gluon_probe rc=$grc (0 finished and agreed, 1 mismatch, 2 no sm_90 GPU, 124/137 timed out)" | tee -a "$LOG"
   tail -12 "$OUT/gluon_probe.log" | tee -a "$LOG"
   [ "$grc" = 0 ] && GLUON_OK=1
-  if [ "$grc" = 1 ]; then
-    # some config disagreed: the tests and sweep rows run on the configs that agreed on every probed shape (if any),
-    # and the step ladder's Gluon rung on the first of them (a config with a layout mistake would only fail them all)
-    agreed=$($PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))"       "$OUT/gluon_probe.json" 2>/dev/null)
+  if [ "$grc" = 1 ] || [ "$grc" = 124 ] || [ "$grc" = 137 ]; then
+    # some config disagreed, or hung until the timeout: the tests and sweep rows run on the configs that agreed on
+    # every probed shape before that (if any), and the step ladder's Gluon rung on the first of them (a config with a
+    # layout mistake would only fail them all; one that hangs would take the test step and the sweep with it)
+    agreed=$($PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))" \
+      "$OUT/gluon_probe.json" 2>/dev/null)
     if [ -n "$agreed" ]; then
       export JEDI_GLUON_CONFIGS=$agreed JEDI_STEP_GLUON_VARIANT=${agreed%%,*}
       GLUON_OK=1
-      echo "gluon: configs $agreed agreed on every probed shape: tests, sweep rows and the step rung run on them"         | tee -a "$LOG"
+      echo "gluon: configs $agreed agreed on every probed shape: tests, sweep rows and the step rung run on them only" \
+        | tee -a "$LOG"
     fi
   fi
 fi

@@ -13,8 +13,9 @@ finished: a hung kernel would otherwise take the whole test step and the sweep w
 
 ``--kernel gluon`` probes the Gluon Hopper forward (``JEDI_TRITON_FWD_GLUON``, ``ops/set_attention_gluon.py``) the
 same way, every config of it: new and never run on a GPU before, it waits on mbarriers that a wrong phase or a lost
-TMA load would leave waiting forever. Its last line, ``configs_agreeing``, lists the configs that agreed on every
-shape: where some did not, ``gpu_check.sh`` still runs the Gluon tests and sweep rows on those
+TMA load would leave waiting forever. The configs run one after the other, and ``configs_agreeing`` lists those that
+agreed on every shape so far (the JSON is rewritten after every line): where some config disagreed, or hung until
+the timeout killed the probe, ``gpu_check.sh`` still runs the Gluon tests and sweep rows on the configs that agreed
 (``JEDI_GLUON_CONFIGS``) rather than on none.
 """
 from __future__ import annotations
@@ -31,9 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 _PREFIX = ["ws_probe"]  # the log lines' prefix: ws_probe or gluon_probe (--kernel)
 
 
+_JSON = [None]  # --json: rewritten after every line, so a probe killed by its timeout leaves what it had found
+
+
 def _say(report: dict, key: str, value) -> None:
     report[key] = value
     print(f"{_PREFIX[0]} {key}: {value}", flush=True)
+    if _JSON[0]:
+        tmp = Path(_JSON[0] + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(_JSON[0])
 
 
 def _inputs(B: int, G: int, L: int, H: int, D: int):
@@ -46,7 +54,10 @@ def _inputs(B: int, G: int, L: int, H: int, D: int):
 
 
 def probe_gluon(report: dict) -> int:
-    """Each config of the Gluon forward: compile, first run, agreement with the pointer kernel, time (SD's 64x64)."""
+    """Each config of the Gluon forward, one after the other: compile, first run, agreement with the pointer kernel
+    and time, on each probed shape (the last is SD's 64x64 level). ``configs_agreeing`` is updated (and the JSON
+    rewritten) as each config finishes every shape, so a run killed by its timeout inside one config still says
+    which earlier configs agreed."""
     import os
 
     import torch
@@ -60,8 +71,7 @@ def probe_gluon(report: dict) -> int:
     from triton.testing import do_bench
 
     os.environ.pop("JEDI_TRITON_FWD_GLUON", None)  # the reference below is the default pointer-load kernel
-    ok = True
-    agreeing = set(sg.CONFIGS)  # configs that agreed on every shape so far
+    cases = []
     for B, G, L, H, D in ((1, 2, 200, 2, 40), (1, 2, 200, 2, 80), (2, 2, 4096, 8, 40)):
         shape = f"B{B} G{G} L{L} H{H} D{D}"
         q, k, v = _inputs(B, G, L, H, D)
@@ -69,9 +79,14 @@ def probe_gluon(report: dict) -> int:
             _say(report, f"{shape} eligible", False)
             return 1
         ref_out, ref_lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None)
-        ms = {"pointer (autotuned)": round(do_bench(lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None),
-                                                    return_mode="median"), 4)}
-        for variant in sorted(sg.CONFIGS):
+        ptr_ms = round(do_bench(lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None), return_mode="median"), 4)
+        _say(report, f"{shape} pointer (autotuned) ms", ptr_ms)
+        cases.append((shape, (B, G, L, H, D), (q, k, v), (ref_out, ref_lse)))
+    agreeing = []  # configs that agreed on every shape
+    _say(report, "configs_agreeing", agreeing)
+    for variant in sorted(sg.CONFIGS):
+        agree_all = True
+        for shape, (B, G, L, H, D), (q, k, v), (ref_out, ref_lse) in cases:
             out, lse, lst, cnt = sa._fwd_buffers(q, B, G, L, H, D, None)
             args = (q, k, v, B, G, L, H, D, D**-0.5, None, out, lse, lst, cnt, variant)
             t = time.perf_counter()
@@ -84,15 +99,16 @@ def probe_gluon(report: dict) -> int:
             d_out = float((out.float() - ref_out.float()).abs().max())
             d_lse = float((lse - ref_lse).abs().max())
             agree = d_out <= 2e-2 and d_lse <= 1e-3  # two bf16 kernels of the same math; lse in float32
-            ok &= agree
-            if not agree:
-                agreeing.discard(variant)
+            agree_all &= agree
             _say(report, f"{shape} config {variant} max_abs_diff", {"out": d_out, "lse": d_lse, "agree": agree})
-            ms[f"gluon {variant}"] = round(do_bench(lambda: sg.set_attn_fwd_gluon(*args), return_mode="median"), 4)
-        _say(report, f"{shape} ms", ms)
-    # gpu_check.sh runs the tests and sweep rows on these alone when some config disagreed (JEDI_GLUON_CONFIGS)
-    _say(report, "configs_agreeing", sorted(agreeing))
-    return 0 if ok else 1
+            ms = do_bench(lambda: sg.set_attn_fwd_gluon(*args), return_mode="median")
+            _say(report, f"{shape} config {variant} ms", round(ms, 4))
+        if agree_all:
+            agreeing.append(variant)
+        # gpu_check.sh runs the tests and sweep rows on these alone when some config disagreed or hung
+        # (JEDI_GLUON_CONFIGS)
+        _say(report, "configs_agreeing", list(agreeing))
+    return 0 if agreeing == sorted(sg.CONFIGS) else 1
 
 
 def probe(report: dict) -> int:
@@ -145,6 +161,7 @@ def main(argv=None) -> int:
                     help="ws: the TMA + warp-specialized forward (default); gluon: the Gluon Hopper forward")
     args = ap.parse_args(argv)
     report: dict = {}
+    _JSON[0] = args.json
     try:
         _PREFIX[0] = f"{args.kernel}_probe"
         rc = probe_gluon(report) if args.kernel == "gluon" else probe(report)
