@@ -168,7 +168,7 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             "triton", "cuda" or "torch" (torch SDPA). Kernel variants from the environment:
             ``JEDI_TRITON_AUTOTUNE=0`` (read at import: Triton runs its default configs only), and, read per call,
             ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums),
-            ``JEDI_TRITON_FWD_GLUON=1|2|3|4`` (Triton forward at head dims <= 128 on compute capability 9.0: the Gluon
+            ``JEDI_TRITON_FWD_GLUON=1|2|3|4|5`` (Triton forward at head dims <= 128 on compute capability 9.0: the Gluon
             Hopper kernel, warpgroup MMAs with the softmax overlapping the P V product; not yet GPU-timed),
             ``JEDI_TRITON_FWD_WS=1`` (Triton forward at head dims <= 64 on sm_90: TMA loads, warp-specialized;
             experimental: its first GPU tests did not finish, see tools/ws_probe.py),

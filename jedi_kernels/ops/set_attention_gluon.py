@@ -22,7 +22,13 @@ buffer of tile t−1 is refilled with tile t−1+NUM_STAGES: every warpgroup has
 CTA barrier makes sure of before the copy is issued. The copy then has NUM_STAGES − 2 whole iterations to land (at 3
 stages: tile t+2, needed after iteration t+1).
 
-Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head
+Config 5 is config 1 warp-specialized (``_set_attn_fwd_gluon_ws_kernel``, FlashAttention-3's structure without its
+ping-pong): a producer warpgroup issues every TMA load, each as soon as both consumer warpgroups have released the
+ring buffer (an ``empty`` mbarrier per buffer, one arrive per consumer after its P·V wait), and the two consumer
+warpgroups run the schedule above on 64 query rows each with only warpgroup-local barriers, so neither waits for the
+other; the consumers get 232 registers each, the producer 40.
+
+Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4|5``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head
 dims <= 128, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
 what the SASS must contain (tests/kernels/test_set_attention_gluon.py). The GPU tests check its outputs.
 """
@@ -54,8 +60,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 __all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_attn_fwd_gluon", "checked_configs"]
 
-# JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups; NUM_STAGES
-# >= 3 (tiles t and t+1 stay resident while tile t-1's buffer is refilled at the end of iteration t).
+# JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups (config 5:
+# 2 consumer warpgroups besides the kernel's num_warps = 4 of the producer); NUM_STAGES >= 3 (tiles t and t+1 stay
+# resident while tile t-1's buffer is refilled at the end of iteration t).
 # SPLIT: the MMAs over two power-of-two column chunks of the box (:func:`_chunks`; 40 -> 32 + 16) instead of all DP
 # columns (40 -> 64); config 4 is config 1 padded, to measure what the split buys.
 CONFIGS = {
@@ -63,6 +70,9 @@ CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "NUM_STAGES": 4, "SPLIT": True},
     3: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3, "SPLIT": True},
     4: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3, "SPLIT": False},
+    # warp-specialized (:func:`_set_attn_fwd_gluon_ws_kernel`): a producer warpgroup issues the TMA loads, two consumer
+    # warpgroups (64 query rows each) release ring buffers through mbarriers instead of CTA barriers
+    5: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3, "SPLIT": True, "WS": True},
 }
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -351,6 +361,172 @@ if HAVE_GLUON:
         gl.store(Lse + (pid_bh * G + i).to(gl.int64) * L + lrows, lse, mask=lrows < L)
 
 
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _ws_producer(DescQ, DescK, DescV, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, ImgList, i, b, G, L,
+                     col0, q_row, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
+        """The producer warpgroup (the default partition): Q once, then key tile ``it`` into ring buffer it % NUM_STAGES
+        as soon as both consumers have released the tile that used it before (``empty``: one arrive per consumer
+        warpgroup; use k of a buffer waits for the completion of the empty barrier's phase k − 1)."""
+        mbarrier.expect(q_bar, DescQ.block_type.nbytes)
+        tma.async_copy_global_to_shared(DescQ, [q_row, col0], q_bar, q_smem)
+        for it in range(n_it):
+            st = it % NUM_STAGES
+            mbarrier.wait(empty.index(st), ((it // NUM_STAGES) & 1) ^ 1, pred=it >= NUM_STAGES)
+            _issue_kv(DescK, DescV, k_smem, v_smem, full, it, n_nt, ImgList, i, b, G, L, col0, BLOCK_N, NUM_STAGES,
+                      HAS_MASK)
+
+    @gluon.jit
+    def _ws_consumer(WG: gl.constexpr, Out, Lse, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, L, H, row0,
+                     mt, col0, lse_row0, qk_scale_log2, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, DP: gl.constexpr,
+                     D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     EVEN_N: gl.constexpr):
+        """Consumer warpgroup ``WG`` (a worker partition of 4 warps): query rows [64·WG, 64·WG + 64) of the CTA's 128,
+        the same schedule as :func:`_set_attn_fwd_gluon_kernel`'s warpgroups (S_t issued, O += P_{t-1} V_{t-1}
+        issued, wait for S_t, softmax of S_t while the product runs, wait for it), but buffer t−1 is released by one
+        mbarrier arrive of this warpgroup after its P_{t-1} V_{t-1} wait: no CTA barrier per tile, so the two
+        consumers never wait for each other; then it writes its own rows of O and lse."""
+        BM: gl.constexpr = 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D0, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        HAS_D1: gl.constexpr = D1 > 0
+        D1E: gl.constexpr = D1 if D1 > 0 else 16
+        o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, D1E, 16])
+        p1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
+        PV_GROUPS: gl.constexpr = 2 if D1 > 0 else 1
+        q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DP // 8), DP // 8], [4, 1], [1, 0])
+
+        q_mine = q_smem.slice(WG * BM, BM, 0)
+        mbarrier.wait(q_bar, 0)
+        if HEAD_DIM < DP:  # the box's columns past the head belong to the next head: zero them in this WG's rows
+            q = q_mine.load(q_blk)
+            qc = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
+            q = gl.where(gl.expand_dims(qc < HEAD_DIM, 0), q, gl.zeros_like(q))
+            gl.thread_barrier()
+            q_mine.store(q)
+            fence_async_shared()
+            gl.thread_barrier()
+
+        s_zero = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
+        m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BM, D0], gl.float32, o_layout)
+        acc1 = gl.zeros([BM, D1E], gl.float32, o1_layout)
+        p = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
+        alpha = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        if n_it > 0:
+            mbarrier.wait(full.index(0), 0)
+            s = _issue_qk(q_mine, k_smem.index(0), s_zero, D0, D1)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for it in range(1, n_it):
+            st = it % NUM_STAGES
+            prev = (it - 1) % NUM_STAGES
+            mbarrier.wait(full.index(st), (it // NUM_STAGES) & 1)
+            s_tok = _issue_qk(q_mine, k_smem.index(st), s_zero, D0, D1)
+            o_tok, o1_tok = _issue_pv(p_op, v_smem.index(prev), acc, acc1, alpha, D0, D1, o_layout, o1_layout,
+                                      p1_layout)
+            s = warpgroup_mma_wait(PV_GROUPS, deps=(s_tok, ))
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
+            # The P·V wait stands in both arms of a branch, as in the CTA-wide kernel (ptxas would otherwise schedule
+            # it among the softmax's instructions): the first arm releases buffer t−1 to the producer, which refills
+            # it with tile t−1+NUM_STAGES; the last NUM_STAGES − 1 iterations have nothing to release, and their arm
+            # starts with a (warpgroup) barrier so that LLVM cannot hoist the common wait out of the branch.
+            if it - 1 + NUM_STAGES < n_it:
+                acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
+                mbarrier.arrive(empty.index(prev))
+            else:
+                gl.thread_barrier()
+                acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if n_it > 0:
+            o_tok, o1_tok = _issue_pv(p_op, v_smem.index((n_it - 1) % NUM_STAGES), acc, acc1, alpha, D0, D1,
+                                      o_layout, o1_layout, p1_layout)
+            acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
+
+        # epilogue of this WG's 64 rows: row block 2·mt + WG of 64 rows
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        _store_out(Out, acc, l_safe, row0, 2 * mt + WG, L, H, col0, 0, D0, HEAD_DIM, BM, o_layout)
+        if HAS_D1:
+            _store_out(Out, acc1, l_safe, row0, 2 * mt + WG, L, H, col0, D0, D1E, HEAD_DIM, BM, o1_layout)
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        lrows = (2 * mt + WG) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+        gl.store(Lse + lse_row0 + lrows, lse, mask=lrows < L)
+
+    @gluon.jit
+    def _set_attn_fwd_gluon_ws_kernel(
+        DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
+        qk_scale_log2,
+        H, G, L,
+        HEAD_DIM: gl.constexpr, DP: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, HAS_MASK: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EVEN_N: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """The warp-specialized form of :func:`_set_attn_fwd_gluon_kernel` (config 5; same grid, arguments and
+        outputs): the kernel's 4 warps are the producer partition (TMA loads of Q and of every key tile into the ring,
+        each load waiting for its buffer's ``empty`` mbarrier), and two worker partitions of 4 warps are the consumer
+        warpgroups (:func:`_ws_consumer`), each with 64 of the 128 query rows. FlashAttention-3's structure, without
+        its ping-pong scheduling: where the CTA-wide kernel synchronizes both warpgroups every tile (its refill
+        barrier, and the three Triton adds around the mbarrier wait and the TMA issues), these only wait for data."""
+        gl.static_assert(D0 + D1 <= DP and D0 + D1 >= HEAD_DIM, "the chunks cover the head within the box")
+        gl.static_assert(NUM_STAGES >= 2, "a ring of at least two buffers")
+        gl.static_assert(BLOCK_M == 128 and num_warps == 4, "two consumer warpgroups of 64 rows; a producer warpgroup")
+        dtype: gl.constexpr = DescQ.dtype
+
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        n_mt = gl.cdiv(L, BLOCK_M)
+        i = pid_m // n_mt
+        mt = pid_m % n_mt
+        b = pid_bh // H
+        h = pid_bh % H
+        n_nt = gl.cdiv(L, BLOCK_N)
+        col0 = h * HEAD_DIM
+        if HAS_MASK:
+            n_it = gl.load(ImgCount + i) * n_nt
+        else:
+            n_it = G * n_nt
+        row0 = (b * G + i).to(gl.int64) * L
+        lse_row0 = (pid_bh * G + i).to(gl.int64) * L
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DP], DescQ.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescK.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescV.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for s0 in gl.static_range(NUM_STAGES):
+            mbarrier.init(full.index(s0), count=1)
+            mbarrier.init(empty.index(s0), count=2)  # one arrive per consumer warpgroup
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_ws_producer, (DescQ, DescK, DescV, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, ImgList, i,
+                            b, G, L, col0, (b * G + i) * L + mt * BLOCK_M, BLOCK_N, NUM_STAGES, HAS_MASK)),
+            (_ws_consumer, (0, Out, Lse, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, L, H, row0, mt, col0,
+                            lse_row0, qk_scale_log2, dtype, HEAD_DIM, DP, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
+            (_ws_consumer, (1, Out, Lse, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, L, H, row0, mt, col0,
+                            lse_row0, qk_scale_log2, dtype, HEAD_DIM, DP, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
+        ], worker_num_warps=[4, 4], worker_num_regs=[232, 232])  # (setmaxnreg: the producer gets the rest, 40)
+
+        mbarrier.invalidate(q_bar)
+        for s0 in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(full.index(s0))
+            mbarrier.invalidate(empty.index(s0))
+
+
+def _kernel_of(cfg: dict):
+    """The Gluon kernel a config runs: the warp-specialized one (config 5) or the CTA-wide one."""
+    return _set_attn_fwd_gluon_ws_kernel if cfg.get("WS") else _set_attn_fwd_gluon_kernel
+
+
 def _descriptors(q, k, v, N: int, L: int, H: int, D: int, cfg: dict):
     """TMA descriptors over q, k, v as (N·L, H·D) row matrices, boxes of (rows, DP) with the default swizzle."""
     DP = _dp(D)
@@ -377,10 +553,11 @@ def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: f
     meta = dict(HEAD_DIM=D, DP=DP, D0=d0, D1=d1, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"],
                 BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], EVEN_N=L % cfg["BLOCK_N"] == 0,
                 num_warps=cfg["num_warps"])
+    kernel = _kernel_of(cfg)
     if compile_only:
-        _set_attn_fwd_gluon_kernel.warmup(*args, grid=grid, **meta)
+        kernel.warmup(*args, grid=grid, **meta)
         return
-    _set_attn_fwd_gluon_kernel[grid](*args, **meta)
+    kernel[grid](*args, **meta)
 
 
 def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.bfloat16, variant: int = 1,
@@ -399,7 +576,7 @@ def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.b
     def desc(rows):
         return f"tensordesc<{ty}[{rows},{DP}],{gl.NVMMASharedLayout.get_default_for([rows, DP], gdt)!r}>"
 
-    fn = _set_attn_fwd_gluon_kernel
+    fn = _kernel_of(cfg)
     signature = {"DescQ": desc(cfg["BLOCK_M"]), "DescK": desc(cfg["BLOCK_N"]), "DescV": desc(cfg["BLOCK_N"]),
                  "Out": "*" + ty, "Lse": "*fp32", "ImgList": "*i32", "ImgCount": "*i32", "qk_scale_log2": "fp32",
                  "H": "i32", "G": "i32", "L": "i32"}

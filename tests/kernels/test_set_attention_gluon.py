@@ -146,6 +146,36 @@ def test_softmax_runs_while_the_pv_product_is_in_flight(compiled, variant, head_
     assert not any("DEPBAR" in s for s in body[:wait_s]), text
 
 
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [40, 80])
+def test_warp_specialized_consumers_never_wait_for_each_other(compiled, head_dim):
+    """Config 5 (warp-specialized): each consumer warpgroup's main loop synchronizes only its own 128 threads (named
+    barriers) and releases ring buffers by an mbarrier arrive, where the CTA-wide config 1 runs CTA barriers every
+    tile; the ring's ``empty`` barriers expect one arrive per consumer warpgroup; the consumers get 232 registers
+    each (setmaxnreg) and the producer warpgroup the rest."""
+    def main_loop(variant):
+        qk = re.compile(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, gdesc")
+        sass = _sass(compiled[(variant, head_dim, "bfloat16", False, True)][1])
+        return min((b for b in _loops(sass) if any(qk.match(s) for s in b)), key=len)
+
+    def barriers(body):
+        return [s for s in body if s.startswith("BAR.")]
+
+    cta_wide = [b for b in barriers(main_loop(1)) if "," not in b]  # BAR.SYNC 0x0: every thread of the CTA
+    assert cta_wide, barriers(main_loop(1))  # (the check below can tell the two kinds apart)
+    ws = main_loop(5)
+    assert barriers(ws) and all(re.fullmatch(r"BAR\.SYNC\.DEFER_BLOCKING 0x[1-9a-f], 0x80", b) for b in barriers(ws)), \
+        barriers(ws)
+    assert sum(s.startswith("SYNCS.ARRIVE") for s in ws) == 1  # the release of buffer t-1
+    ptx = compiled[(5, head_dim, "bfloat16", False, True)][0]
+    stages = sg.config(5, head_dim)["NUM_STAGES"]
+    assert len(re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], 2;", ptx)) == stages  # empty: 2 arrivals
+    assert len(re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], 1;", ptx)) == stages + 1  # full, Q
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", ptx)
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40;", ptx)
+    assert ".reqntid 384" in ptx  # 4 producer + 2 x 4 consumer warps
+
+
 def test_head_dim_chunks():
     """The split: 40 -> 32 + 16 of a 64-column box; one chunk where two would not be narrower than the box, and
     always one without SPLIT."""

@@ -54,10 +54,9 @@ from jedi_kernels.ops import set_attention as sa
 from jedi_kernels.ops import set_attention_gluon as sg
 B, G, L, H, D = 1, 2, 200, 2, 40
 q, k, v = torch.randn(B * G, L, 3 * H * D, dtype=torch.bfloat16).split(H * D, dim=-1)  # fused-qkv views
-kernel = sg._set_attn_fwd_gluon_kernel
 compiled = []
-warmup = kernel.warmup
-kernel.warmup = lambda *a, **kw: compiled.append(warmup(*a, **kw))
+for kernel in (sg._set_attn_fwd_gluon_kernel, sg._set_attn_fwd_gluon_ws_kernel):  # CTA-wide, warp-specialized
+    kernel.warmup = (lambda warmup: lambda *a, **kw: compiled.append(warmup(*a, **kw)))(kernel.warmup)
 for variant in sorted(sg.CONFIGS):
     for mask in (None, torch.tensor([[True, False], [True, True]])):
         out, lse, lst, cnt = sa._fwd_buffers(q, B, G, L, H, D, None)
