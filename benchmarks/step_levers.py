@@ -31,6 +31,7 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
                         d 40 layers (compute capability 9.0 only)
     +attn=triton_gluon  the Triton kernel with the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, config GLUON_VARIANT)
                         at the d 40 and d 80 layers (compute capability 9.0 only)
+    +attn=triton_gluon_ws  the same with its warp-specialized config (5)
     (cuda_graph)        on a GPU, every rung above also replayed as one CUDA graph: its device time, which picks
                         the best levers (eager wall times are launch-bound and rank nothing)
     cuda_graph[attn]    each attention backend on the best levers, where no rung measured that already
@@ -88,15 +89,18 @@ LADDER = [
     ("+attn=cuda", dict(BASE, **_ALL, attn="cuda")),
     ("+attn=cuda_wgmma", dict(BASE, **_ALL, attn="cuda_wgmma")),
     ("+attn=triton_gluon", dict(BASE, **_ALL, attn="triton_gluon")),
+    ("+attn=triton_gluon_ws", dict(BASE, **_ALL, attn="triton_gluon_ws")),
 ]
-ATTNS = ("triton", "cuda", "cuda_wgmma", "triton_gluon")  # our attention options, besides "auto"
+ATTNS = ("triton", "cuda", "cuda_wgmma", "triton_gluon", "triton_gluon_ws")  # our attention options, besides "auto"
 # the Hopper forwards' variants the cuda_wgmma / triton_gluon rungs run (benchmarks/attention_sweep.py times all)
 WGMMA_VARIANT = os.environ.get("JEDI_STEP_WGMMA_VARIANT", "3")
 GLUON_VARIANT = os.environ.get("JEDI_STEP_GLUON_VARIANT", "1")
+GLUON_WS_VARIANT = "5"  # the warp-specialized Gluon config
 # attn option -> (backend, the per-call switch it sets, its value); the other rungs run with the user's value of each
 # switch (unset: the default kernel)
 _HOPPER = {"cuda_wgmma": ("cuda", "JEDI_CUDA_FWD_WGMMA", WGMMA_VARIANT),
-           "triton_gluon": ("triton", "JEDI_TRITON_FWD_GLUON", GLUON_VARIANT)}
+           "triton_gluon": ("triton", "JEDI_TRITON_FWD_GLUON", GLUON_VARIANT),
+           "triton_gluon_ws": ("triton", "JEDI_TRITON_FWD_GLUON", GLUON_WS_VARIANT)}
 _USER_SWITCH = {env: os.environ.get(env) for _, env, _ in _HOPPER.values()}
 
 
@@ -116,10 +120,13 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
     unet.set_fuse_qkv(cfg["fuse_qkv"])
     unet.set_fuse_context_kv(cfg.get("fuse_context_kv", False))
     unet.set_fuse_ff(cfg.get("fuse_ff", False))
-    # attn="cuda_wgmma" / "triton_gluon": a backend with its Hopper forward; the switches are read per call (at
-    # capture time for a CUDA graph), so every configuration sets both
-    for attn, (_, env, value) in _HOPPER.items():
-        value = value if cfg["attn"] == attn else _USER_SWITCH[env]
+    # attn="cuda_wgmma" / "triton_gluon[_ws]": a backend with its Hopper forward; the switches are read per call (at
+    # capture time for a CUDA graph), so every configuration sets each of them (two options share one switch)
+    wanted = dict(_USER_SWITCH)
+    if cfg["attn"] in _HOPPER:
+        _, env, value = _HOPPER[cfg["attn"]]
+        wanted[env] = value
+    for env, value in wanted.items():
         if value is None:
             os.environ.pop(env, None)
         else:
@@ -133,15 +140,18 @@ def attn_available(backend: str) -> str | None:
     """None when ``backend`` can run here, else why not."""
     avail = available_backends()
     key = {"triton": "triton", "cuda": "cuda_attention", "cuda_wgmma": "cuda_attention",
-           "triton_gluon": "triton"}.get(backend)
+           "triton_gluon": "triton", "triton_gluon_ws": "triton"}.get(backend)
     if backend in _HOPPER and avail.get(key) and (
             not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)):
         return "the Hopper forward needs a compute-capability-9.0 GPU"
-    if backend == "triton_gluon":
-        from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON
+    if backend.startswith("triton_gluon"):
+        from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON, checked_configs
 
         if not HAVE_GLUON:
             return "this Triton has no Gluon"
+        variant = int(_HOPPER[backend][2])
+        if variant not in checked_configs():  # gpu_check.sh: the probe found it disagreeing, or it hung
+            return f"Gluon config {variant} is not among JEDI_GLUON_CONFIGS={os.environ.get('JEDI_GLUON_CONFIGS')}"
     if key is None or avail.get(key):
         return None
     return avail["reasons"].get(key) or avail["reasons"].get("cuda") or f"{backend} unavailable"
