@@ -221,6 +221,35 @@ if HAVE_GLUON:
         gl.store(ptrs, o, mask=gl.expand_dims(rows < L, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
 
     @gluon.jit
+    def _zero_q_padding(q_smem, HEAD_DIM: gl.constexpr, DP: gl.constexpr, q_blk: gl.constexpr):
+        """Zero the columns [HEAD_DIM, DP) of the Q tile in shared memory (the box's columns past the head belong to
+        the next head; zero in Q, they make K's irrelevant), fenced for the warpgroup MMAs that read it next."""
+        if HEAD_DIM < DP:
+            q = q_smem.load(q_blk)
+            qc = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
+            q = gl.where(gl.expand_dims(qc < HEAD_DIM, 0), q, gl.zeros_like(q))
+            gl.thread_barrier()
+            q_smem.store(q)
+            fence_async_shared()
+            gl.thread_barrier()
+
+    @gluon.jit
+    def _first_tile(q_smem, k_smem, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D0: gl.constexpr,
+                    D1: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
+                    s_layout: gl.constexpr):
+        """Tile 0's scores alone (the loop then pairs S_t with P_{t-1} V_{t-1}); returns (P, m, l, alpha). n_it = 0
+        only for a set_mask row allowing nothing, which the public API rejects: no wait then, or the program would
+        wait for a load never issued."""
+        p = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        alpha = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        if n_it > 0:
+            mbarrier.wait(kv_bar.index(0), 0)
+            s = _issue_qk(q_smem, k_smem.index(0), s_zero, D0, D1)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
+        return p, m_i, l_i, alpha
+
+    @gluon.jit
     def _set_attn_fwd_gluon_kernel(
         DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
         qk_scale_log2,
@@ -286,30 +315,15 @@ if HAVE_GLUON:
                 _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, s0, n_nt, ImgList, i, b, G, L, col0,
                           BLOCK_N, NUM_STAGES, HAS_MASK)
         mbarrier.wait(q_bar, 0)
-        if HEAD_DIM < DP:  # the box's columns past the head belong to the next head: zero them in Q once
-            q = q_smem.load(q_blk)
-            qc = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
-            q = gl.where(gl.expand_dims(qc < HEAD_DIM, 0), q, gl.zeros_like(q))
-            gl.thread_barrier()
-            q_smem.store(q)
-            fence_async_shared()
-            gl.thread_barrier()
+        _zero_q_padding(q_smem, HEAD_DIM, DP, q_blk)
 
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, D0], gl.float32, o_layout)
         acc1 = gl.zeros([BLOCK_M, D1E], gl.float32, o1_layout)
-
-        # tile 0: its scores alone (n_it = 0 only for a set_mask row allowing nothing, which the public API rejects:
-        # no wait then, or the program would wait for a load never issued)
-        p = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        alpha = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-        if n_it > 0:
-            mbarrier.wait(kv_bar.index(0), 0)
-            s = _issue_qk(q_smem, k_smem.index(0), s_zero, D0, D1)
-            s = warpgroup_mma_wait(0, deps=(s, ))
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
+        p, m_i, l_i, alpha = _first_tile(q_smem, k_smem, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D0,
+                                         D1, BLOCK_M, BLOCK_N, EVEN_N, s_layout)
         # FlashAttention-3's order: iteration t issues S_t = Q K_tᵀ, rescales O (not in flight), issues
         # O += P_{t-1} V_{t-1}, waits for S_t alone, runs S_t's softmax while the P·V product is on the tensor
         # cores, then waits for the product.
@@ -403,27 +417,15 @@ if HAVE_GLUON:
 
         q_mine = q_smem.slice(WG * BM, BM, 0)
         mbarrier.wait(q_bar, 0)
-        if HEAD_DIM < DP:  # the box's columns past the head belong to the next head: zero them in this WG's rows
-            q = q_mine.load(q_blk)
-            qc = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
-            q = gl.where(gl.expand_dims(qc < HEAD_DIM, 0), q, gl.zeros_like(q))
-            gl.thread_barrier()
-            q_mine.store(q)
-            fence_async_shared()
-            gl.thread_barrier()
+        _zero_q_padding(q_mine, HEAD_DIM, DP, q_blk)  # this warpgroup's rows
 
         s_zero = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BM, D0], gl.float32, o_layout)
         acc1 = gl.zeros([BM, D1E], gl.float32, o1_layout)
-        p = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
-        alpha = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-        if n_it > 0:
-            mbarrier.wait(full.index(0), 0)
-            s = _issue_qk(q_mine, k_smem.index(0), s_zero, D0, D1)
-            s = warpgroup_mma_wait(0, deps=(s, ))
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
+        p, m_i, l_i, alpha = _first_tile(q_mine, k_smem, full, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D0, D1,
+                                         BM, BLOCK_N, EVEN_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for it in range(1, n_it):
             st = it % NUM_STAGES
