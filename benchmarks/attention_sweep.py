@@ -187,15 +187,23 @@ def measure_row(L, D, ng, dtype, mode, *, B=SETS, H=HEADS, rep_ms=60, set_mask=N
     tuned = autotune_log()[n_tuned:]
     if tuned:  # the Triton autotuner's first sight of these shapes: every config's time and the winner
         row["triton_autotune"] = tuned
-    sdpa = {n: t for n, t in row["ms"].items() if n.startswith("sdpa-")}
-    if sdpa:
-        best = min(sdpa, key=sdpa.get)
+    best, ratios = _vs_best_sdpa(row["ms"])
+    if best:
         row["best_sdpa"] = best
-        for name in available_ours():
-            if name in row["ms"]:
-                row[f"ratio_{name}"] = sdpa[best] / row["ms"][name]  # > 1: ours is faster
-                row["max_abs_diff_vs_sdpa"][name] = float((outs[name].float() - outs[best].float()).abs().max())
+        for name, ratio in ratios.items():
+            row[f"ratio_{name}"] = ratio
+            row["max_abs_diff_vs_sdpa"][name] = float((outs[name].float() - outs[best].float()).abs().max())
     return row
+
+
+def _vs_best_sdpa(ms: dict) -> tuple:
+    """(the fastest SDPA backend among ``ms`` {backend: ms}, or None; {our backend: its time's ratio to that one's}:
+    > 1 means ours is faster)."""
+    sdpa = {n: t for n, t in ms.items() if n.startswith("sdpa-")}
+    if not sdpa:
+        return None, {}
+    best = min(sdpa, key=sdpa.get)
+    return best, {name: sdpa[best] / ms[name] for name in available_ours() if name in ms}
 
 
 def peak_memory_row(dtype=torch.bfloat16, ng=16, L=4096, D=40, H=HEADS, B=1) -> dict:
@@ -497,13 +505,10 @@ def graph_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60) -> di
             continue
         row["ms_graph"][name] = ms
         row["tflops_graph"][name] = fl / ms * 1e-9
-    sdpa = {n: t for n, t in row["ms_graph"].items() if n.startswith("sdpa-")}
-    if sdpa:
-        best = min(sdpa, key=sdpa.get)
+    best, ratios = _vs_best_sdpa(row["ms_graph"])
+    if best:
         row["best_sdpa_graph"] = best
-        for name in available_ours():
-            if name in row["ms_graph"]:
-                row[f"ratio_graph_{name}"] = sdpa[best] / row["ms_graph"][name]
+        row.update({f"ratio_graph_{name}": ratio for name, ratio in ratios.items()})
     return row
 
 

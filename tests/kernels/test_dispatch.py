@@ -221,6 +221,31 @@ def test_bwd_chunking_row_times_both_layouts(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter's
+def test_measure_row_ratios_and_output_check(monkeypatch):
+    """A dispatch row: ms per backend that ran, a failing backend recorded with its error, the best SDPA backend, our
+    ratio to it and our output's max |diff| from its output (stand-in timer; SDPA's math backend and the Triton
+    kernel compute for real: interpreted on the CPU)."""
+    times = {"sdpa-math": 2.0, "triton": 0.5}
+    current = [None]
+    build = sw.build_fn
+
+    def spy_build(name, *a, **kw):
+        current[0] = name
+        return build(name, *a, **kw)
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "time_ms", lambda fn, rep_ms=60: times[current[0]])
+    monkeypatch.setattr(sw, "build_fn", spy_build)
+    monkeypatch.setattr(sw, "available_ours", lambda: ["triton"])
+    monkeypatch.setattr(sw, "SDPA_BACKENDS", ("math", "nonexistent"))  # the second fails in build_fn: KeyError
+    row = sw.measure_row(16, 8, 2, torch.float32, "fwd", rep_ms=1)
+    assert row["ms"] == times and list(row["errors"]) == ["sdpa-nonexistent"]
+    assert row["best_sdpa"] == "sdpa-math" and row["ratio_triton"] == pytest.approx(4.0)
+    assert row["max_abs_diff_vs_sdpa"]["triton"] < 1e-4  # the same attention in fp32
+
+
 def test_graph_row_times_every_backend_from_a_graph_and_records_failures(monkeypatch):
     """The CUDA-graph row times each backend through graph_time_ms (never the eager timer), after one eager call
     (build_fn's); a backend that fails to build or capture lands in ``errors`` and the others still run; the ratio is
