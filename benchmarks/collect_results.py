@@ -5,7 +5,8 @@
 Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml, pytest_gpu_fused.xml and
 pytest_gpu_model.xml, pytest_gpu_ws.xml, pytest_gpu_gluon.xml (junit), ws_probe.json and gluon_probe.json
 (tools/ws_probe.py), attention.json (attention_sweep.py), step.json (step_levers.py), profile_eager.json /
-profile_fused.json / profile_compiled.json (profile_step.py), table6.json (table6.py) and ncu_attention.json (ncu_attention.py). Commit the
+profile_fused.json / profile_compiled.json (profile_step.py), table6.json (table6.py) and ncu_attention.json /
+ncu_attention_bwd80.json (ncu_attention.py). Commit the
 result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a ``-model`` suffix).
 """
 from __future__ import annotations
@@ -106,7 +107,8 @@ def main() -> None:
     for key, name in (("attention_sweep", "attention.json"), ("table6", "table6.json"), ("step_levers", "step.json"),
                       ("profile_eager", "profile_eager.json"), ("profile_fused", "profile_fused.json"),
                       ("profile_compiled", "profile_compiled.json"),
-                      ("ncu_attention", "ncu_attention.json"), ("ws_probe", "ws_probe.json"),
+                      ("ncu_attention", "ncu_attention.json"), ("ncu_attention_bwd80", "ncu_attention_bwd80.json"),
+                      ("ws_probe", "ws_probe.json"),
                       ("gluon_probe", "gluon_probe.json")):
         path = os.path.join(args.outdir, name)
         if os.path.exists(path):

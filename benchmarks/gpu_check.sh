@@ -17,7 +17,7 @@
 # JEDI_BENCH_TIMEOUT, JEDI_MODEL_TEST_TIMEOUT, JEDI_LEVERS_TIMEOUT, JEDI_TABLE6_TIMEOUT (JEDI_TABLE6_JOBS),
 # JEDI_T6PYTEST_TIMEOUT, JEDI_PROFILE_TIMEOUT, JEDI_PROFILE_COMPILE_TIMEOUT
 # (JEDI_PROFILE_BASELINE=1 adds the unfused eager profile), JEDI_NCU_TIMEOUT (0 skips
-# ncu), JEDI_PROBE_TIMEOUT (0 skips the extension's error-path probe), JEDI_WS_PROBE_TIMEOUT (0 skips the TMA
+# ncu), JEDI_NCU_BWD_TIMEOUT (> 0 adds ncu on the d 80 forward + backward, with FA2; default 0), JEDI_PROBE_TIMEOUT (0 skips the extension's error-path probe), JEDI_WS_PROBE_TIMEOUT (0 skips the TMA
 # forward's probe, and with it its tests and sweep rows), JEDI_GLUON_PROBE_TIMEOUT (the same for the Gluon Hopper
 # forward; JEDI_GLUON_TEST_TIMEOUT caps its tests; when only some of its configs agree with the pointer kernel, its
 # tests and rows run on those: JEDI_GLUON_CONFIGS); JEDI_TEST_WORKERS
@@ -256,11 +256,19 @@ else
   echo "harness: no nvcc" | tee -a "$LOG"
 fi
 if [ "${JEDI_NCU_TIMEOUT:-60}" -gt 0 ] && command -v ncu >/dev/null; then
-  step "ncu: hardware counters of each backend's attention kernels (L 4096, d 40, ng 2, forward)"
+  step "ncu: hardware counters of each backend's attention kernels (L 4096, d 40, ng 2, forward; the Hopper forwards the probes passed)"
   nl=$(lim ${JEDI_NCU_TIMEOUT:-60})
   timeout $(( nl + 10 )) $PY benchmarks/ncu_attention.py --out "$OUT/ncu_attention.json" --timeout "$nl" \
     >"$OUT/ncu.log" 2>&1
-  echo "ncu rc=$?" | tee -a "$LOG"; tail -8 "$OUT/ncu.log" | tee -a "$LOG"
+  echo "ncu rc=$?" | tee -a "$LOG"; tail -10 "$OUT/ncu.log" | tee -a "$LOG"
+  if [ "${JEDI_NCU_BWD_TIMEOUT:-0}" -gt 0 ]; then
+    # issue 4: the CUDA backward at d 80 against FA2's (and cuDNN's, Triton's) on the counters
+    step "ncu: forward + backward at L 1024, d 80, ng 2 (FA2, cuDNN, Triton, CUDA)"
+    nl=$(lim ${JEDI_NCU_BWD_TIMEOUT})
+    timeout $(( nl + 10 )) $PY benchmarks/ncu_attention.py --out "$OUT/ncu_attention_bwd80.json" --timeout "$nl" \
+      --L 1024 --D 80 --bwd --backends sdpa-flash,sdpa-cudnn,triton,cuda >"$OUT/ncu_bwd80.log" 2>&1
+    echo "ncu bwd80 rc=$?" | tee -a "$LOG"; tail -10 "$OUT/ncu_bwd80.log" | tee -a "$LOG"
+  fi
 fi
 
 step "pytest -m gpu: fused GroupNorm and GEGLU"
@@ -350,5 +358,5 @@ $PY benchmarks/collect_results.py "$OUT" --build "$build_status" --part "$PART" 
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 # the device tool returns at most 8 files: raw outputs (embedded in results.json anyway) and logs go in one archive
 (cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml *.md bench.json bench_table6.json attention.json table6.json step.json \
-  profile_*.json ncu_attention.json ws_probe.json 2>/dev/null | grep -v '^gpu_check.log$'))
+  profile_*.json ncu_attention*.json ws_probe.json gluon_probe.json 2>/dev/null | grep -v '^gpu_check.log$'))
 ls -la "$OUT"

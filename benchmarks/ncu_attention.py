@@ -4,9 +4,9 @@ each kernel: tensor pipes, the exponential unit, memory, occupancy, stalls).
     python benchmarks/ncu_attention.py --out OUT.json [--L 4096 --D 40 --ng 2] [--bwd] [--mask blockdiag|oneway]  # OUT.json/.md
     python benchmarks/ncu_attention.py --run [...]                                       # the profiled program alone
 
-``--run`` warms every backend up (Triton compiles and autotunes, cuDNN plans) and then brackets exactly one forward of
-each backend (cuDNN SDPA, Triton, CUDA when built, with its two-stage forward as ``cuda-2stage``; with ``--bwd`` also
-one backward each) between
+``--run`` warms every backend of ``--backends`` up (Triton compiles and autotunes, cuDNN plans) and then brackets
+exactly one forward of each (by default cuDNN SDPA, Triton, CUDA when built, and the Hopper forwards: CUDA's wgmma
+variant 3, the Gluon configs 1 and 5 where the probe passed them; with ``--bwd`` also one backward each) between
 ``cudaProfilerStart``/``Stop``, so ``ncu --profile-from-start off`` profiles those kernels and nothing else. The
 parent mode runs ncu on it with the SpeedOfLight, ComputeWorkloadAnalysis, Occupancy, LaunchStats and WarpStateStats
 sections plus the pipe-utilization metrics this ncu knows (``ncu --query-metrics``: the tensor pipe's ``hmma``, which
@@ -58,31 +58,31 @@ def run_program(args) -> None:
 
     import jedi_kernels as jk
 
-    backends = ["sdpa-cudnn", "triton"] + (["cuda"] if jk.available_backends()["cuda_attention"] else [])
     mode = "fwd+bwd" if args.bwd else "fwd"
     qkv, q, k, v = make_inputs(SETS, args.ng, args.L, HEADS, args.D, torch.bfloat16, requires_grad=args.bwd)
     do = torch.randn_like(q) if args.bwd else None
     set_mask = None if args.mask == "none" else set_mask_of(args.mask, args.ng)
-    fns = {}
-    for b in backends:
-        fn, _ = build_fn(b, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do, set_mask=set_mask)
+    backends, fns = [], {}
+    for name in args.backends.split(","):
+        base, env = variant_of(name)
+        why = unavailable(name, base, env, jk)
+        if why:
+            print(f"not profiled: {name} ({why})", flush=True)
+            continue
+        fn, _ = build_fn(base, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do, set_mask=set_mask)
+        if env:
+            # a kernel variant chosen by its per-call switch (the CUDA forward's stages or Hopper forward, the Gluon
+            # forward's config): set around each call
+            def fn(fn=fn, env=env):
+                os.environ[env[0]] = env[1]
+                try:
+                    return fn()
+                finally:
+                    os.environ.pop(env[0], None)
         for _ in range(3):
             fn()
-        fns[b] = fn
-    if "cuda" in fns:
-        # the CUDA forward's software-pipelined loop too (JEDI_CUDA_FWD_STAGES=2, read per call): does it overlap the
-        # tensor pipe and the exp unit?
-        def two_stage(fn=fns["cuda"]):
-            os.environ["JEDI_CUDA_FWD_STAGES"] = "2"
-            try:
-                fn()
-            finally:
-                os.environ.pop("JEDI_CUDA_FWD_STAGES", None)
-
-        for _ in range(3):
-            two_stage()
-        fns["cuda-2stage"] = two_stage
-        backends.append("cuda-2stage")
+        backends.append(name)
+        fns[name] = fn
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     for b in backends:
@@ -92,6 +92,46 @@ def run_program(args) -> None:
         torch.cuda.nvtx.range_pop()
     torch.cuda.cudart().cudaProfilerStop()
     print("profiled", backends, mode, flush=True)
+
+
+# backend names beyond build_fn's: (build_fn backend, (switch, value)) of a kernel variant chosen per call
+_VARIANTS = {"cuda-2stage": ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))}
+DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda,cuda-wgmma3,triton-gluon1,triton-gluon5"
+
+
+def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:
+    """(build_fn backend, its switch and value or None) of a profiled backend name: "sdpa-<b>", "triton", "cuda",
+    "cuda-2stage" (JEDI_CUDA_FWD_STAGES=2), "cuda-wgmma<n>" (JEDI_CUDA_FWD_WGMMA=n), "triton-gluon<n>"
+    (JEDI_TRITON_FWD_GLUON=n)."""
+    if name in _VARIANTS:
+        return _VARIANTS[name]
+    for prefix, base, env in (("cuda-wgmma", "cuda", "JEDI_CUDA_FWD_WGMMA"),
+                              ("triton-gluon", "triton", "JEDI_TRITON_FWD_GLUON")):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return base, (env, name[len(prefix):])
+    if name.startswith("sdpa-") or name in ("triton", "cuda"):
+        return name, None
+    raise ValueError(f"unknown backend {name!r} (sdpa-<backend>, triton, cuda, cuda-2stage, cuda-wgmma<n>, "
+                     f"triton-gluon<n>)")
+
+
+def unavailable(name: str, base: str, env, jk) -> str | None:
+    """Why ``name`` cannot be profiled here, or None."""
+    import torch
+
+    if base == "cuda" and not jk.available_backends()["cuda_attention"]:
+        return "the CUDA extension's attention is not built"
+    if env and env[0] in ("JEDI_CUDA_FWD_WGMMA", "JEDI_TRITON_FWD_GLUON") and \
+            torch.cuda.get_device_capability() != (9, 0):
+        return "a Hopper forward: compute capability 9.0 only"
+    if env and env[0] == "JEDI_TRITON_FWD_GLUON":
+        from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON, checked_configs
+
+        if not HAVE_GLUON:
+            return "this Triton has no Gluon"
+        if os.environ.get("JEDI_SWEEP_GLUON", "1") == "0" or int(env[1]) not in checked_configs():
+            return "the Gluon probe did not pass this config (JEDI_SWEEP_GLUON / JEDI_GLUON_CONFIGS)"
+    return None
 
 
 def available_metrics(ncu: str) -> list[str]:
@@ -155,6 +195,9 @@ def main(argv=None) -> int:
                     help="blockdiag: each image attends only itself (ours run it as per-image attention); oneway: "
                          "every image attends image 0 (our kernels walk their image lists and skip the other tiles). "
                          "SDPA gets either as a dense mask")
+    ap.add_argument("--backends", default=DEFAULT_BACKENDS,
+                    help="comma-separated: sdpa-<backend>, triton, cuda, cuda-2stage, cuda-wgmma<n>, triton-gluon<n> "
+                         f"(default {DEFAULT_BACKENDS}; the unavailable ones are skipped with a message)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole ncu run")
     args = ap.parse_args(argv)
     if args.run:
@@ -175,7 +218,7 @@ def main(argv=None) -> int:
     if metrics:
         cmd += ["--metrics", ",".join(m + ".avg.pct_of_peak_sustained_active" for m in metrics)]
     cmd += [sys.executable, os.path.abspath(__file__), "--run", "--L", str(args.L), "--D", str(args.D),
-            "--ng", str(args.ng), "--mask", args.mask] + (["--bwd"] if args.bwd else [])
+            "--ng", str(args.ng), "--mask", args.mask, "--backends", args.backends] + (["--bwd"] if args.bwd else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:  # keep what ncu printed before the limit
@@ -186,6 +229,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"shape": {"B": 2, "H": 8, "L": args.L, "D": args.D, "ng": args.ng, "dtype": "bfloat16",
                         "mode": "fwd+bwd" if args.bwd else "fwd", "mask": args.mask},
+              "backends": args.backends.split(","), "profiled_line": next(
+                  (ln for ln in p.stdout.splitlines() if ln.startswith("profiled")), None),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "ncu_rc": p.returncode,
               "metrics_requested": metrics, "kernels": kernels, "stderr_tail": p.stderr[-3000:]}
     out.write_text(json.dumps(result, indent=1))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+
+import pytest
 from pathlib import Path
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -37,3 +39,46 @@ def test_details_csv_groups_metrics_per_launch_and_drops_short_kernels():
 
 def test_no_csv_is_no_kernels():
     assert ncu_attention.parse_details_csv("==ERROR== the profiler failed") == []
+
+
+def test_backend_names_map_to_build_fn_backends_and_switches():
+    """Profiled backend names: build_fn's own, and kernel variants chosen by their per-call switch."""
+    v = ncu_attention.variant_of
+    assert v("sdpa-cudnn") == ("sdpa-cudnn", None) and v("triton") == ("triton", None) and v("cuda") == ("cuda", None)
+    assert v("cuda-2stage") == ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))
+    assert v("cuda-wgmma3") == ("cuda", ("JEDI_CUDA_FWD_WGMMA", "3"))
+    assert v("triton-gluon5") == ("triton", ("JEDI_TRITON_FWD_GLUON", "5"))
+    for bad in ("flash", "triton-gluon", "cuda-wgmmaX", "cudnn"):
+        with pytest.raises(ValueError, match="unknown backend"):
+            v(bad)
+    assert all(v(n) for n in ncu_attention.DEFAULT_BACKENDS.split(","))  # the default list parses
+
+
+def test_gluon_configs_the_probe_rejected_are_not_profiled(monkeypatch):
+    """A Gluon config is profiled only on a 9.0 device and where the probe passed it (gpu_check.sh's JEDI_SWEEP_GLUON
+    and JEDI_GLUON_CONFIGS); the CUDA variants need the extension."""
+    import torch
+    from jedi_kernels.ops import set_attention_gluon as sg
+
+    if not sg.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+
+    class JK:
+        @staticmethod
+        def available_backends():
+            return {"cuda_attention": False}
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    gluon5 = ("triton", ("JEDI_TRITON_FWD_GLUON", "5"))
+    monkeypatch.delenv("JEDI_SWEEP_GLUON", raising=False)
+    monkeypatch.delenv("JEDI_GLUON_CONFIGS", raising=False)
+    assert ncu_attention.unavailable("triton-gluon5", *gluon5, JK) is None
+    monkeypatch.setenv("JEDI_GLUON_CONFIGS", "1,4")
+    assert "did not pass" in ncu_attention.unavailable("triton-gluon5", *gluon5, JK)
+    monkeypatch.delenv("JEDI_GLUON_CONFIGS")
+    monkeypatch.setenv("JEDI_SWEEP_GLUON", "0")
+    assert "did not pass" in ncu_attention.unavailable("triton-gluon5", *gluon5, JK)
+    assert "not built" in ncu_attention.unavailable("cuda-wgmma3", "cuda", ("JEDI_CUDA_FWD_WGMMA", "3"), JK)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.delenv("JEDI_SWEEP_GLUON")
+    assert "9.0 only" in ncu_attention.unavailable("triton-gluon1", "triton", ("JEDI_TRITON_FWD_GLUON", "1"), JK)
