@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from jedi import JeDiUNet, UNetConfig  # noqa: E402
-from jedi.pipeline import (JeDiPipeline, load_images, sample_main, unet_config_from_diffusers,  # noqa: E402
+from jedi.pipeline import (JeDiPipeline, fast_tip, load_images, sample_main, unet_config_from_diffusers,  # noqa: E402
                            unet_config_to_diffusers)
 from jedi.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from jedi.weights import to_ldm_state_dict  # noqa: E402
@@ -157,12 +157,18 @@ def test_folder_roundtrip_and_sample_cli(pipe, tmp_path, capsys):
     rc = sample_main(["--refs", str(tmp_path / "ref0.png"), str(tmp_path / "ref1.png"), "--prompt", "a dog",
                       "--prompt", "a cat", "--ckpt", str(folder), "--out", str(out), "--num-images", "2",
                       "--steps", "1", "--device", "cpu", "--no-progress"])
-    assert rc == 0
+    assert rc == 0 and "--fast" not in capsys.readouterr().err  # the CUDA-graph tip is for CUDA devices only
     assert sorted(p.name for p in out.glob("*.png")) == ["00_00.png", "00_01.png", "01_00.png", "01_01.png", "grid.png"]
     assert Image.open(out / "grid.png").size == (4 * SIZE + 3 * 4, 2 * SIZE + 4)
     rc = sample_main(["--refs", str(tmp_path / "ref0.png"), "--prompt", "x", "--ckpt", str(tmp_path / "missing.ckpt"),
                       "--out", str(out)])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_fast_tip_only_on_cuda():
+    assert fast_tip("cpu") is None and fast_tip(torch.device("cpu")) is None
+    for dev in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        assert "--fast" in fast_tip(dev) and "CUDA graph" in fast_tip(dev)
 
 
 def _unet_state(pipe):
