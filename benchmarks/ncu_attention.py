@@ -69,7 +69,11 @@ def run_program(args) -> None:
         if why:
             print(f"not profiled: {name} ({why})", flush=True)
             continue
-        fn, _ = build_fn(base, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do, set_mask=set_mask)
+        try:
+            fn, _ = build_fn(base, q, k, v, args.ng, HEADS, mode, qkv=qkv, do=do, set_mask=set_mask)
+        except Exception as e:  # one backend that cannot run must not cost the others their profile
+            print(f"not profiled: {name} ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            continue
         if env:
             # a kernel variant chosen by its per-call switch (the CUDA forward's stages or Hopper forward, the Gluon
             # forward's config): set around each call
@@ -79,8 +83,13 @@ def run_program(args) -> None:
                     return fn()
                 finally:
                     os.environ.pop(env[0], None)
-        for _ in range(3):
-            fn()
+        try:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        except Exception as e:
+            print(f"not profiled: {name} ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            continue
         backends.append(name)
         fns[name] = fn
     torch.cuda.synchronize()
