@@ -250,6 +250,40 @@ if HAVE_GLUON:
         return p, m_i, l_i, alpha
 
     @gluon.jit
+    def _program_tile(ImgCount, H, G, L, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      HAS_MASK: gl.constexpr):
+        """This program's work (grid (G·⌈L/BLOCK_M⌉, B·H)): query image i, its query tile mt, set b, head h, the
+        (B, H) row pid_bh of lse, the key tiles per image n_nt, the head's first column, and n_it key tiles in all
+        (those of the images image i may attend)."""
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        n_mt = gl.cdiv(L, BLOCK_M)
+        i = pid_m // n_mt
+        mt = pid_m % n_mt
+        b = pid_bh // H
+        h = pid_bh % H
+        n_nt = gl.cdiv(L, BLOCK_N)
+        if HAS_MASK:
+            n_it = gl.load(ImgCount + i) * n_nt
+        else:
+            n_it = G * n_nt
+        return i, mt, b, pid_bh, n_nt, h * HEAD_DIM, n_it
+
+    @gluon.jit
+    def _epilogue(Out, Lse, acc, acc1, m_i, l_i, row0, lse_row0, rblk, L, H, col0, D0: gl.constexpr, D1: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, BM: gl.constexpr, o_layout: gl.constexpr, o1_layout: gl.constexpr,
+                  s_layout: gl.constexpr):
+        """O = acc / l and lse = ln 2 · (m + log2 l) for the BM query rows of row block ``rblk`` (a row with no
+        allowed key gets O = 0, lse = -inf); ``acc1`` holds the second column chunk when D1 > 0."""
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        _store_out(Out, acc, l_safe, row0, rblk, L, H, col0, 0, D0, HEAD_DIM, BM, o_layout)
+        if D1 > 0:
+            _store_out(Out, acc1, l_safe, row0, rblk, L, H, col0, D0, D1, HEAD_DIM, BM, o1_layout)
+        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        lrows = rblk * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+        gl.store(Lse + lse_row0 + lrows, lse, mask=lrows < L)
+
+    @gluon.jit
     def _set_attn_fwd_gluon_kernel(
         DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
         qk_scale_log2,
@@ -275,7 +309,6 @@ if HAVE_GLUON:
                                                            instr_shape=[16, D0, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         # the second chunk's accumulator (16 columns wide and unused when D1 = 0)
-        HAS_D1: gl.constexpr = D1 > 0
         D1E: gl.constexpr = D1 if D1 > 0 else 16
         o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                             instr_shape=[16, D1E, 16])
@@ -284,19 +317,7 @@ if HAVE_GLUON:
         PV_GROUPS: gl.constexpr = 2 if D1 > 0 else 1
         q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DP // 8), DP // 8], [num_warps, 1], [1, 0])
 
-        pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        n_mt = gl.cdiv(L, BLOCK_M)
-        i = pid_m // n_mt
-        mt = pid_m % n_mt
-        b = pid_bh // H
-        h = pid_bh % H
-        n_nt = gl.cdiv(L, BLOCK_N)
-        col0 = h * HEAD_DIM
-        if HAS_MASK:
-            n_it = gl.load(ImgCount + i) * n_nt
-        else:
-            n_it = G * n_nt
+        i, mt, b, pid_bh, n_nt, col0, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
 
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DP], DescQ.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescK.layout)
@@ -364,15 +385,8 @@ if HAVE_GLUON:
         for s0 in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(kv_bar.index(s0))
 
-        # epilogue: O = acc / l, lse = ln 2 · (m + log2 l); a row with no allowed key gets O = 0, lse = -inf
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        row0 = (b * G + i).to(gl.int64) * L
-        _store_out(Out, acc, l_safe, row0, mt, L, H, col0, 0, D0, HEAD_DIM, BLOCK_M, o_layout)
-        if HAS_D1:
-            _store_out(Out, acc1, l_safe, row0, mt, L, H, col0, D0, D1E, HEAD_DIM, BLOCK_M, o1_layout)
-        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-        lrows = mt * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        gl.store(Lse + (pid_bh * G + i).to(gl.int64) * L + lrows, lse, mask=lrows < L)
+        _epilogue(Out, Lse, acc, acc1, m_i, l_i, (b * G + i).to(gl.int64) * L, (pid_bh * G + i).to(gl.int64) * L, mt,
+                  L, H, col0, D0, D1, HEAD_DIM, BLOCK_M, o_layout, o1_layout, s_layout)
 
 
 if HAVE_GLUON:
@@ -407,7 +421,6 @@ if HAVE_GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, D0, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        HAS_D1: gl.constexpr = D1 > 0
         D1E: gl.constexpr = D1 if D1 > 0 else 16
         o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, D1E, 16])
@@ -452,14 +465,9 @@ if HAVE_GLUON:
                                       o_layout, o1_layout, p1_layout)
             acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
 
-        # epilogue of this WG's 64 rows: row block 2·mt + WG of 64 rows
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        _store_out(Out, acc, l_safe, row0, 2 * mt + WG, L, H, col0, 0, D0, HEAD_DIM, BM, o_layout)
-        if HAS_D1:
-            _store_out(Out, acc1, l_safe, row0, 2 * mt + WG, L, H, col0, D0, D1E, HEAD_DIM, BM, o1_layout)
-        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-        lrows = (2 * mt + WG) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
-        gl.store(Lse + lse_row0 + lrows, lse, mask=lrows < L)
+        # this WG's 64 rows: row block 2·mt + WG of 64 rows
+        _epilogue(Out, Lse, acc, acc1, m_i, l_i, row0, lse_row0, 2 * mt + WG, L, H, col0, D0, D1, HEAD_DIM, BM,
+                  o_layout, o1_layout, s_layout)
 
     @gluon.jit
     def _set_attn_fwd_gluon_ws_kernel(
@@ -481,19 +489,7 @@ if HAVE_GLUON:
         gl.static_assert(BLOCK_M == 128 and num_warps == 4, "two consumer warpgroups of 64 rows; a producer warpgroup")
         dtype: gl.constexpr = DescQ.dtype
 
-        pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        n_mt = gl.cdiv(L, BLOCK_M)
-        i = pid_m // n_mt
-        mt = pid_m % n_mt
-        b = pid_bh // H
-        h = pid_bh % H
-        n_nt = gl.cdiv(L, BLOCK_N)
-        col0 = h * HEAD_DIM
-        if HAS_MASK:
-            n_it = gl.load(ImgCount + i) * n_nt
-        else:
-            n_it = G * n_nt
+        i, mt, b, pid_bh, n_nt, col0, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
         row0 = (b * G + i).to(gl.int64) * L
         lse_row0 = (pid_bh * G + i).to(gl.int64) * L
 
