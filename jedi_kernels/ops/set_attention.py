@@ -37,6 +37,7 @@ from jedi_kernels.ops import rows_stride as _rows_stride
 from jedi_kernels.ops import tma_rows_ok
 from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.ops.set_attention_gluon import gluon_fwd_ok, gluon_fwd_variant, set_attn_fwd_gluon
+from jedi_kernels.ops.set_attention_gluon_bwd import gluon_bwd_ok, gluon_bwd_variant, set_attn_bwd_gluon
 
 __all__ = [
     "set_attn_fwd",
@@ -1021,7 +1022,10 @@ def set_attn_bwd(
     Returns:
         dq, dk, dv: (N, L, H*D) contiguous, q's dtype. Key images that no query image may attend get dk = dv = 0.
         With ``JEDI_TRITON_BWD_DQ=atomic`` dq is summed by float32 atomics (see ``_fused_dq``), so it may differ in
-        the last bits from run to run; the default dQ kernel (and deterministic mode) does not.
+        the last bits from run to run; the default dQ kernel (and deterministic mode) does not. So does
+        ``JEDI_TRITON_BWD_GLUON=<n>`` (read per call), which runs the Gluon Hopper backward with config n of
+        ``set_attention_gluon_bwd.BWD_CONFIGS`` where it applies (``gluon_bwd_ok``: sm_90, fp16/bf16, head dim
+        <= the config's MAX_HEAD_DIM, not deterministic, 16-byte aligned evenly spaced rows).
 
     Raises:
         TypeError / ValueError: as :func:`set_attn_fwd`.
@@ -1043,7 +1047,6 @@ def set_attn_bwd(
         HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm,
     )
 
-    fused = _fused_dq(D0, D1)
     dk = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     dv = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     has_mask = set_mask is not None
@@ -1052,6 +1055,13 @@ def set_attn_bwd(
         rows, cols, rcnt, ccnt = lists[0], lists[1], counts[0], counts[1]
     else:
         rows = rcnt = cols = ccnt = delta  # dummies: never read without a mask
+    gv = gluon_bwd_variant()
+    if gv and gluon_bwd_ok(do, q, k, v, D, gv):
+        # one Gluon kernel: dK, dV, and dQ by float32 atomics (set_attention_gluon_bwd)
+        dq_acc = torch.zeros((N, L, H * D), device=q.device, dtype=torch.float32)
+        set_attn_bwd_gluon(do, q, k, v, lse, delta, B, G, L, H, D, scale, has_mask, cols, ccnt, dk, dv, dq_acc, gv)
+        return dq_acc.to(q.dtype), dk, dv
+    fused = _fused_dq(D0, D1)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec)
     scalars = (float(scale) * _LOG2E, float(scale), H, G, L)

@@ -1,0 +1,202 @@
+"""The Gluon Hopper backward of the set attention (``jedi_kernels/ops/set_attention_gluon_bwd.py``, opt-in
+``JEDI_TRITON_BWD_GLUON=<config>``): dK, dV and dQ (float32 atomics) in one kernel.
+
+Gluon has no interpreter mode, so the CPU tests compile the kernel for sm_90 and check what must hold before a GPU
+runs it: every config compiles for every head-dim class, dtype and masking/tail path without register spills, within
+sm_90's shared memory, and without ptxas serializing the warpgroup MMAs (warning C7514, which an accumulator in flight
+across the loop's back edge causes); and the main loop has the schedule it was written for. The GPU tests (``gpu`` +
+``gluon``) judge dq, dk, dv by the flash rule against the float64 reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jedi_kernels.ops import set_attention as sa
+from jedi_kernels.ops import set_attention_gluon_bwd as gb
+from test_set_attention_gluon import _loops, _ptxas_report, _sass
+
+needs_gluon = pytest.mark.skipif(not gb.HAVE_GLUON, reason="this Triton has no Gluon")
+
+# (config, head dim, dtype, masked, even L): head dims 8 (one 16-column chunk, 8 zeroed), 24 (32, 8 zeroed), 40
+# (32 + 16, 8 zeroed), 64, 72 (64 + 16, 8 zeroed), 80 (64 + 16), each up to the config's limit
+_CASES = [(v, d, dt, m, e) for v in sorted(gb.BWD_CONFIGS) for d in (8, 24, 40, 64, 72, 80)
+          if d <= gb.BWD_CONFIGS[v]["MAX_HEAD_DIM"] for dt in ("float16", "bfloat16")
+          for m, e in ((False, True), (True, False))]
+_COMPILE_ALL = """
+import json, sys, torch
+from pathlib import Path
+from jedi_kernels.ops import set_attention_gluon_bwd as gb
+out = Path(sys.argv[1])
+for n, (v, d, dt, m, e) in enumerate(json.loads(sys.argv[2])):
+    k = gb.compile_bwd_for(90, d, getattr(torch, dt), v, m, e)
+    (out / f"{n}.ptx").write_text(k.asm["ptx"])
+    (out / f"{n}.cubin").write_bytes(k.asm["cubin"])
+    (out / f"{n}.json").write_text(json.dumps({"shared": k.metadata.shared}))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{case: (ptx, cubin, shared bytes)} for every case of _CASES, compiled for sm_90 in a fresh Triton cache."""
+    if not gb.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    out = tmp_path_factory.mktemp("gluon_bwd")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "cache")  # really compile (a warm cache would hide a compile error)
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", _COMPILE_ALL, str(out), json.dumps(_CASES)], capture_output=True,
+                       text=True, timeout=900, env=env, cwd=root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {case: ((out / f"{n}.ptx").read_text(), (out / f"{n}.cubin").read_bytes(),
+                   json.loads((out / f"{n}.json").read_text())["shared"]) for n, case in enumerate(_CASES)}
+
+
+@needs_gluon
+@pytest.mark.parametrize("case", _CASES, ids=[f"cfg{v}-d{d}-{dt}-{'mask+tails' if m else 'full'}"
+                                             for v, d, dt, m, e in _CASES])
+def test_compiles_for_sm90_without_spills(compiled, case):
+    """No spills, shared memory within one block's sm_90 limit, no wgmma serialization (C7514)."""
+    ptx, _, shared = compiled[case]
+    report = _ptxas_report(ptx)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and spills.groups() == ("0", "0"), report
+    assert shared <= 232448, shared
+    assert "C7514" not in report, report
+
+
+def _events(body: list[str]) -> str:
+    """A loop body's SASS as a string of events, runs collapsed: M mbarrier wait, r warpgroup MMA with its A operand
+    in registers, h with A transposed from shared memory (dQ), H both from shared memory (Sᵀ, dPᵀ), W<n> wait until
+    at most n MMA groups are in flight, R float32 reduction to global memory, E exp2, S shared store, B CTA barrier,
+    T TMA load."""
+    ev = []
+    for ins in body:
+        ins = re.sub(r"^@!?U?P\w+ ", "", ins)
+        if ins.startswith("HGMMA"):
+            e = "h" if "tnspA" in ins else ("r" if re.match(r"HGMMA\.\S+ R\d+, R\d+", ins) else "H")
+        elif ins.startswith("WARPGROUP.DEPBAR"):
+            e = "W" + str(int(ins.split(",")[-1].strip(), 16))
+        elif ins.startswith("REDG"):
+            e = "R"
+        elif ins.startswith("MUFU.EX2"):
+            e = "E"
+        elif ins.startswith("STS"):
+            e = "S"
+        elif ins.startswith("BAR.SYNC"):
+            e = "B"
+        elif ins.startswith("UTMALDG"):
+            e = "T"
+        elif ins.startswith("SYNCS.PHASECHK"):
+            e = "M"
+        else:
+            continue
+        if not ev or ev[-1] != e:
+            ev.append(e)
+    return " ".join(ev)
+
+
+@needs_gluon
+@pytest.mark.parametrize("variant, head_dim", [(1, 40), (1, 80), (1, 24), (2, 40)])
+def test_each_tiles_work_runs_while_the_tensor_cores_do(compiled, variant, head_dim):
+    """The main loop issues tile t−1's dK and dQ products and tile t's Sᵀ and dPᵀ back to back, then waits for the
+    first two only (2 groups per product over two column chunks) and adds tile t−1's dQ by float32 reductions while
+    Sᵀ and dPᵀ run; waits for Sᵀ alone and runs the exponentials while dPᵀ runs; issues dV += Pᵀ dO from registers;
+    waits for dPᵀ alone; stores dS; and waits for everything only after the CTA barrier and the refill's TMA loads."""
+    nch = 2 if gb.bwd_chunks(head_dim)[1] else 1
+    _, cubin, _ = compiled[(variant, head_dim, "bfloat16", False, True)]
+    loops = [body for body in _loops(_sass(cubin)) if any(i.startswith("REDG") for i in body)]
+    assert loops, "no loop adds dQ"
+    ev = _events(max(loops, key=len))
+    main = rf"M r h H W{2 * nch} R W{nch} E r W{nch} (B )?S B T( B T)* W0"
+    assert re.search(main, ev), ev
+    # reductions of dQ sit between the dK/dQ wait and the Sᵀ wait, and the float32 reduction is paired (F32x2)
+    assert all("F32x2" in i for i in max(loops, key=len) if i.startswith("REDG")), "dQ reductions are not paired"
+
+
+def test_chunks():
+    """Power-of-two column chunks of at least 16 covering the head, narrower than one padded chunk where two are."""
+    assert gb.bwd_chunks(8) == (16, 0)
+    assert gb.bwd_chunks(24) == (32, 0)
+    assert gb.bwd_chunks(40) == (32, 16)
+    assert gb.bwd_chunks(48) == (32, 16)
+    assert gb.bwd_chunks(56) == (64, 0)
+    assert gb.bwd_chunks(64) == (64, 0)
+    assert gb.bwd_chunks(72) == (64, 16)
+    assert gb.bwd_chunks(80) == (64, 16)
+    for d in range(8, gb.MAX_HEAD_DIM + 1, 8):
+        d0, d1 = gb.bwd_chunks(d)
+        assert d0 + d1 >= d and d0 >= 16 and (d1 == 0 or d1 >= 16)
+        assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0
+
+
+def test_variant_switch(monkeypatch):
+    monkeypatch.delenv("JEDI_TRITON_BWD_GLUON", raising=False)
+    assert gb.gluon_bwd_variant() == 0
+    monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", "2")
+    assert gb.gluon_bwd_variant() == 2
+    for bad in ("3", "x", "-1"):
+        monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", bad)
+        with pytest.raises(ValueError, match="JEDI_TRITON_BWD_GLUON"):
+            gb.gluon_bwd_variant()
+
+
+def test_not_taken_where_it_cannot_run(monkeypatch):
+    """On CPU tensors (and so under the interpreter) the switch changes nothing: the pointer kernels run."""
+    monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", "1")
+    q = torch.randn(2, 4, 40)
+    assert not gb.gluon_bwd_ok(q, q, q, q, 40, 1)
+    called = []
+    monkeypatch.setattr(sa, "set_attn_bwd_gluon", lambda *a, **kw: called.append(a))
+    from test_set_attention import _check_case
+
+    _check_case(1, 2, 5, 1, 40, mask="oneway")
+    assert not called
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU (sm_90): correctness by the flash rule
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _require_sm90():
+    if not gb.HAVE_GLUON or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon backward runs on sm_90 only")
+    if os.environ.get("JEDI_TEST_GLUON") != "1":
+        pytest.skip("experimental Gluon backward: JEDI_TEST_GLUON=1 runs it (gpu_check.sh sets it once "
+                    "tools/ws_probe.py --kernel gluon finished: a kernel that never ends must not take the test step)")
+
+
+@pytest.mark.gpu
+@pytest.mark.gluon
+@pytest.mark.parametrize("variant", sorted(gb.BWD_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (2, 2, 1024, 2, 40, "full", True),  # SD's 64x64 level, as views of one qkv projection
+    (1, 3, 97, 2, 40, "oneway", False),  # query and key tails: the next image's rows are masked
+    (1, 2, 256, 2, 64, "blockdiag", False),
+    (2, 2, 65, 3, 24, "jedi", True),  # a 32-column box; the last head's box runs past H*D: zero-filled
+    (1, 1, 1, 2, 8, "full", False),  # one row: the boxes run past the tensor's end
+    (1, 5, 200, 1, 40, "random", False),  # key images no query attends: dk = dv = 0
+    (2, 2, 1024, 2, 80, "full", True),  # SD's 32x32 level: 64 + 16 columns
+    (1, 3, 70, 2, 72, "oneway", False),
+])
+def test_gluon_backward_gpu(monkeypatch, variant, B, G, L, H, D, mask, fused, dtype):
+    """out, lse (pointer forward), dq, dk, dv (Gluon backward) by the flash rule; the Gluon kernel really ran."""
+    from test_set_attention import _check_case
+
+    _require_sm90()
+    if D > gb.BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
+        pytest.skip(f"config {variant} takes head dims <= {gb.BWD_CONFIGS[variant]['MAX_HEAD_DIM']}")
+    monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", str(variant))
+    calls, real = [], sa.set_attn_bwd_gluon
+    monkeypatch.setattr(sa, "set_attn_bwd_gluon", lambda *a, **kw: calls.append(a[6:11]) or real(*a, **kw))
+    _check_case(B, G, L, H, D, dtype=dtype, device=torch.device("cuda"), mask=mask, fused=fused)
+    assert calls == [(B, G, L, H, D)]
