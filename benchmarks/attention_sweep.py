@@ -422,6 +422,59 @@ def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return _hopper_summary(row, out, ref, tuple(configs), "gluon", "pointer")
 
 
+def triton_gluon_bwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """Triton backward: the split pointer kernels (dK/dV, then dQ: 7 matmuls per score; the default) vs the Gluon
+    Hopper one (``JEDI_TRITON_BWD_GLUON`` 1 / 2: 128 or 64 keys per program; dK, dV and dQ by float32 atomics in one
+    kernel, 5 matmuls per score, every product asynchronous; sm_90, head dims <= 80 / 64), the backward op alone on
+    one forward's out and lse (``ms_<label>``); then forward + backward through autograd, ours with the split kernels
+    and with the fastest Gluon config against cuDNN SDPA's (``ms_fwdbwd_*``; issue 3 asks ×1.2 cuDNN: at L 4096
+    D 40 ng 2 bf16 cuDNN took 2.162 ms on the third H100 run, so <= 1.80 ms), and the Gluon grads' max |diff| from
+    cuDNN's."""
+    from torch.nn.attention import sdpa_kernel
+
+    import jedi_kernels as jk
+    from jedi_kernels.ops import set_attention as sa
+    from jedi_kernels.ops.set_attention_gluon_bwd import BWD_CONFIGS, checked_bwd_configs
+
+    # the configs the probe found agreeing (JEDI_GLUON_BWD_CONFIGS, set by gpu_check.sh when not all did), else all
+    configs = {f"glbwd{c}": str(c) for c in checked_bwd_configs() if D <= BWD_CONFIGS[c]["MAX_HEAD_DIM"]}
+    row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_TRITON_BWD_GLUON", {"split": "0", **configs},
+                       "triton_bwd_gluon", mode="bwd")
+    best = min(configs, key=lambda n: row[f"ms_{n}"])
+    row["best_gluonbwd"] = best
+    row["speedup_gluonbwd_vs_split"] = row["ms_split"] / row[f"ms_{best}"]
+    row["tflops_best_gluonbwd"] = (flops(SETS, HEADS, ng, L, D, "fwd+bwd") - flops(SETS, HEADS, ng, L, D, "fwd")) \
+        / (row[f"ms_{best}"] * 1e-3) / 1e12
+    qkv, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype, requires_grad=True)
+    do = torch.randn_like(q)
+    cudnn = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd+bwd", qkv=qkv, do=do)[0]
+    row["ms_fwdbwd_cudnn"] = time_ms(cudnn, rep_ms=rep_ms)
+    row["ms_fwdbwd_split"] = time_ms(build_fn("triton", q, k, v, ng, HEADS, "fwd+bwd", qkv=qkv, do=do)[0],
+                                     rep_ms=rep_ms)
+    calls, real = [], sa.set_attn_bwd_gluon
+
+    def spy(*a, **kw):
+        calls.append(a[-1])
+        return real(*a, **kw)
+
+    sa.set_attn_bwd_gluon = spy
+    try:
+        with _env("JEDI_TRITON_BWD_GLUON", configs[best]):
+            row["ms_fwdbwd_gluon"] = time_ms(build_fn("triton", q, k, v, ng, HEADS, "fwd+bwd", qkv=qkv, do=do)[0],
+                                             rep_ms=rep_ms)
+            calls.clear()
+            ours = torch.autograd.grad(jk.set_attention(q, k, v, ng, HEADS, backend="triton"), qkv, do)[0]
+            torch.cuda.synchronize()
+    finally:
+        sa.set_attn_bwd_gluon = real
+    row["gluonbwd_ran"] = bool(calls)
+    with sdpa_kernel([sdpa_backend_enum("cudnn")]):
+        ref = torch.autograd.grad(sdpa_set_attention(q, k, v, ng, HEADS, None), qkv, do)[0]
+    row["max_abs_diff_vs_cudnn"] = float((ours.float() - ref.float()).abs().max())
+    row["speedup_gluonbwd_vs_cudnn"] = row["ms_fwdbwd_cudnn"] / row["ms_fwdbwd_gluon"]  # forward + backward
+    return row
+
+
 def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA backward with 4 vs 8 warps per CTA (``JEDI_CUDA_BWD_WARPS`` 4 / 8; padded head dim 80 has both): 64 or 128
     keys per CTA, FlashAttention-2's d 80 shape being the latter. The wider CTA loads each query tile once for twice
@@ -571,6 +624,14 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
         # the Gluon forward also covers d 80 (SD's 32x32 level: 64 + 16 columns of a 128-column box)
         hopper.append((triton_gluon_fwd_row, d40 + [(1024, 80, 2, torch.bfloat16)],
                        "Triton forward, Gluon Hopper vs pointer", "gluon", "pointer", "pointer"))
+    from jedi_kernels.ops.set_attention_gluon_bwd import checked_bwd_configs
+
+    if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON_BWD", "1") != "0" and checked_bwd_configs():
+        # the Gluon backward (JEDI_SWEEP_GLUON_BWD=0: its probe did not finish); speedup_gluonbwd_vs_cudnn is forward
+        # + backward against cuDNN's
+        hopper.append((triton_gluon_bwd_row, [(4096, 40, 2, torch.bfloat16), (4096, 40, 2, torch.float16),
+                                              (1024, 80, 2, torch.bfloat16)],
+                       "Triton backward, Gluon Hopper vs split pointer kernels", "gluonbwd", "split", "split"))
     for row_fn, shapes, title, tag, base, base_name in hopper:
         for L, D, ng, dtype in shapes:
             add(row_fn(L, D, ng=ng, dtype=dtype, rep_ms=rep_ms))

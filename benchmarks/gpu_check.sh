@@ -20,7 +20,8 @@
 # ncu), JEDI_NCU_BWD_TIMEOUT (> 0 adds ncu on the d 80 forward + backward, with FA2; default 0), JEDI_PROBE_TIMEOUT (0 skips the extension's error-path probe), JEDI_WS_PROBE_TIMEOUT (0 skips the TMA
 # forward's probe, and with it its tests and sweep rows), JEDI_GLUON_PROBE_TIMEOUT (the same for the Gluon Hopper
 # forward; JEDI_GLUON_TEST_TIMEOUT caps its tests; when only some of its configs agree with the pointer kernel, its
-# tests and rows run on those: JEDI_GLUON_CONFIGS); JEDI_TEST_WORKERS
+# tests and rows run on those: JEDI_GLUON_CONFIGS), JEDI_GLUON_BWD_PROBE_TIMEOUT (the same for the Gluon Hopper
+# backward, JEDI_GLUON_BWD_CONFIGS; its tests share the Gluon test step); JEDI_TEST_WORKERS
 # (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
 # Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
@@ -45,12 +46,15 @@ while [ $# -gt 0 ]; do
         "${JEDI_SWEEP_TIMEOUT:=110}" "${JEDI_HARNESS_TIMEOUT:=30}" "${JEDI_MEMCHECK_TIMEOUT:=0}" \
         "${JEDI_NCU_TIMEOUT:=45}" "${JEDI_FUSED_TEST_TIMEOUT:=45}" "${JEDI_BENCH_TIMEOUT:=0}" \
         "${JEDI_MODEL_TEST_TIMEOUT:=75}" "${JEDI_LEVERS_TIMEOUT:=130}" "${JEDI_T6PYTEST_TIMEOUT:=0}" \
-        "${JEDI_WS_PROBE_TIMEOUT:=30}" "${JEDI_GLUON_PROBE_TIMEOUT:=50}" "${JEDI_GLUON_TEST_TIMEOUT:=50}"
+        "${JEDI_WS_PROBE_TIMEOUT:=30}" "${JEDI_GLUON_PROBE_TIMEOUT:=50}" "${JEDI_GLUON_TEST_TIMEOUT:=50}" \
+        "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=40}"
       # (the pytest form of Table 6 passed on the H100 twice; its minute goes to the compiled profile instead; the
-      # WS probe's minute shrinks to 30 s for the Gluon forward's probe and tests, which no run has seen yet)
+      # WS probe's minute shrinks to 30 s for the Gluon forward's probe and tests, which no run has seen yet; the
+      # Gluon backward's probe comes out of the budget's end, the model part)
       export JEDI_CHECK_BUDGET_S JEDI_GPU_TEST_TIMEOUT JEDI_TEST_WORKERS JEDI_SWEEP_TIMEOUT JEDI_HARNESS_TIMEOUT \
         JEDI_MEMCHECK_TIMEOUT JEDI_NCU_TIMEOUT JEDI_FUSED_TEST_TIMEOUT JEDI_BENCH_TIMEOUT JEDI_MODEL_TEST_TIMEOUT \
-        JEDI_LEVERS_TIMEOUT JEDI_T6PYTEST_TIMEOUT JEDI_WS_PROBE_TIMEOUT JEDI_GLUON_PROBE_TIMEOUT JEDI_GLUON_TEST_TIMEOUT
+        JEDI_LEVERS_TIMEOUT JEDI_T6PYTEST_TIMEOUT JEDI_WS_PROBE_TIMEOUT JEDI_GLUON_PROBE_TIMEOUT JEDI_GLUON_TEST_TIMEOUT \
+        JEDI_GLUON_BWD_PROBE_TIMEOUT
       ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -164,6 +168,30 @@ if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
   fi
 fi
 export JEDI_SWEEP_GLUON=$GLUON_OK
+# the Gluon Hopper backward (JEDI_TRITON_BWD_GLUON, new and never run on a GPU): the same guard against the split
+# pointer kernels; its tests and sweep rows run on the configs that agreed (JEDI_GLUON_BWD_CONFIGS; 0: none)
+GLUON_BWD_OK=0
+if [ "${JEDI_GLUON_BWD_PROBE_TIMEOUT:-60}" -gt 0 ]; then
+  step "Gluon Hopper backward probe (tools/ws_probe.py --kernel gluon-bwd)"
+  timeout -k 10 "$(lim ${JEDI_GLUON_BWD_PROBE_TIMEOUT:-60})" $PY tools/ws_probe.py --kernel gluon-bwd \
+    --json "$OUT/gluon_bwd_probe.json" >"$OUT/gluon_bwd_probe.log" 2>&1
+  brc=$?
+  echo "gluon_bwd_probe rc=$brc (0 finished and agreed, 1 mismatch, 2 no sm_90 GPU, 124/137 timed out)" | tee -a "$LOG"
+  tail -14 "$OUT/gluon_bwd_probe.log" | tee -a "$LOG"
+  [ "$brc" = 0 ] && GLUON_BWD_OK=1
+  if [ "$brc" = 1 ] || [ "$brc" = 124 ] || [ "$brc" = 137 ]; then
+    agreed=$($PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))" \
+      "$OUT/gluon_bwd_probe.json" 2>/dev/null)
+    if [ -n "$agreed" ]; then
+      export JEDI_GLUON_BWD_CONFIGS=$agreed
+      GLUON_BWD_OK=1
+      echo "gluon bwd: configs $agreed agreed on every probed shape: tests and sweep rows run on them only" \
+        | tee -a "$LOG"
+    fi
+  fi
+fi
+[ "$GLUON_BWD_OK" = 1 ] || export JEDI_GLUON_BWD_CONFIGS=0
+export JEDI_SWEEP_GLUON_BWD=$GLUON_BWD_OK
 step "pytest -m gpu tests/kernels (attention, input prep, API; the fused norm/GEGLU tests run after the sweep)"
 timeout -s INT -k 20 "$(lim ${JEDI_GPU_TEST_TIMEOUT:-120})" $PY -m pytest tests/kernels -m "gpu and not ws and not gluon" -q --maxfail=20 \
   -p no:cacheprovider "${XDIST[@]}" --ignore=tests/kernels/test_group_norm.py --ignore=tests/kernels/test_geglu.py \
@@ -213,9 +241,12 @@ if [ "$WS_OK" = 1 ]; then
   tail -5 "$OUT/pytest_gpu_ws.log" | tee -a "$LOG"
 fi
 
-if [ "$GLUON_OK" = 1 ]; then
-  step "pytest -m gluon: the Gluon Hopper forward's GPU tests"
-  JEDI_TEST_GLUON=1 timeout -s INT -k 10 "$(lim ${JEDI_GLUON_TEST_TIMEOUT:-60})" $PY -m pytest tests/kernels \
+GLUON_FILES=()
+[ "$GLUON_OK" = 1 ] && GLUON_FILES+=(tests/kernels/test_set_attention_gluon.py)
+[ "$GLUON_BWD_OK" = 1 ] && GLUON_FILES+=(tests/kernels/test_set_attention_gluon_bwd.py)
+if [ ${#GLUON_FILES[@]} -gt 0 ]; then
+  step "pytest -m gluon: the GPU tests of the Gluon Hopper kernels whose probes finished (${GLUON_FILES[*]})"
+  JEDI_TEST_GLUON=1 timeout -s INT -k 10 "$(lim ${JEDI_GLUON_TEST_TIMEOUT:-60})" $PY -m pytest "${GLUON_FILES[@]}" \
     -m "gpu and gluon" -q \
     -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest_gpu_gluon.xml" >"$OUT/pytest_gpu_gluon.log" 2>&1
   echo "pytest gluon rc=$?" | tee -a "$LOG"
@@ -358,5 +389,5 @@ $PY benchmarks/collect_results.py "$OUT" --build "$build_status" --part "$PART" 
 echo "total $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 # the device tool returns at most 8 files: raw outputs (embedded in results.json anyway) and logs go in one archive
 (cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.xml *.md bench.json bench_table6.json attention.json table6.json step.json \
-  profile_*.json ncu_attention*.json ws_probe.json gluon_probe.json 2>/dev/null | grep -v '^gpu_check.log$'))
+  profile_*.json ncu_attention*.json ws_probe.json gluon_probe.json gluon_bwd_probe.json 2>/dev/null | grep -v '^gpu_check.log$'))
 ls -la "$OUT"

@@ -90,8 +90,11 @@ VARIANTS = {
                        "fwd_wgmma_from_env in csrc/cuda/set_attention_glue.cpp (JEDI_CUDA_FWD_WGMMA, opt-in)"),
     "triton_fwd_gluon": (("ms_pointer", "ms_gl128x128"), "ms_pointer",
                          "gluon_fwd_variant in jedi_kernels/ops/set_attention_gluon.py (JEDI_TRITON_FWD_GLUON, opt-in)"),
+    "triton_bwd_gluon": (("ms_split", "ms_glbwd1"), "ms_split",
+                         "gluon_bwd_variant in jedi_kernels/ops/set_attention_gluon_bwd.py (JEDI_TRITON_BWD_GLUON, "
+                         "opt-in)"),
 }
-_BEST_OF = {"cuda_fwd_wgmma": "best_wgmma", "triton_fwd_gluon": "best_gluon"}
+_BEST_OF = {"cuda_fwd_wgmma": "best_wgmma", "triton_fwd_gluon": "best_gluon", "triton_bwd_gluon": "best_gluonbwd"}
 
 
 def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:

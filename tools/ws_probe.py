@@ -1,6 +1,6 @@
 """Does the TMA + warp-specialized Triton forward (``JEDI_TRITON_FWD_WS=1``) compile, finish and agree on this GPU?
 
-    python tools/ws_probe.py [--kernel ws|gluon] [--json OUT.json]
+    python tools/ws_probe.py [--kernel ws|gluon|gluon-bwd] [--json OUT.json]
     # exit 0: every step finished and agreed; 1: a mismatch; 2: no sm_90 GPU (nothing to probe)
 
 In the third H100 run of 2026-11-27 none of the kernel's 8 GPU tests finished within the test step's time, and the
@@ -17,6 +17,10 @@ TMA load would leave waiting forever. The configs run one after the other, and `
 agreed on every shape so far (the JSON is rewritten after every line): where some config disagreed, or hung until
 the timeout killed the probe, ``gpu_check.sh`` still runs the Gluon tests and sweep rows on the configs that agreed
 (``JEDI_GLUON_CONFIGS``) rather than on none.
+
+``--kernel gluon-bwd`` probes the Gluon Hopper backward (``JEDI_TRITON_BWD_GLUON``, ``ops/set_attention_gluon_bwd.py``)
+in the same way against the split pointer kernels (dq, dk, dv), every config; ``gpu_check.sh`` turns its
+``configs_agreeing`` into ``JEDI_GLUON_BWD_CONFIGS``.
 """
 from __future__ import annotations
 
@@ -116,6 +120,107 @@ def probe_gluon(report: dict) -> int:
     return 0 if agreeing == sorted(sg.CONFIGS) else 1
 
 
+def probe_gluon_bwd(report: dict) -> int:
+    """Each config of the Gluon backward, one after the other, as :func:`probe_gluon`: compile, first run, agreement
+    of dq, dk, dv with the default split pointer kernels on the forward's own out and lse, and the backward's time
+    against theirs, on each probed shape (key and query tails, a mask with a key image no query attends, then SD's
+    64x64 and 32x32 levels at set size 2)."""
+    import os
+
+    import torch
+
+    from jedi_kernels.ops import set_attention as sa
+    from jedi_kernels.ops import set_attention_gluon_bwd as gb
+
+    if not gb.HAVE_GLUON or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        _say(report, "skipped", "needs Gluon and an sm_90 CUDA GPU")
+        return 2
+    from triton.testing import do_bench
+
+    os.environ.pop("JEDI_TRITON_BWD_GLUON", None)  # the reference below is the default split pointer kernels
+    # (B, G, L, H, D, mask): mask [[1, 0, 0], [1, 1, 0], [1, 1, 0]] leaves key image 2 without a query: dk = dv = 0
+    oneway = torch.tensor([[True, False, False], [True, True, False], [True, True, False]], device="cuda")
+    cases = []
+    for B, G, L, H, D, mask in ((1, 2, 200, 2, 40, None), (1, 3, 97, 2, 40, oneway), (1, 2, 200, 2, 80, None),
+                                (2, 2, 4096, 8, 40, None), (2, 2, 1024, 8, 80, None)):
+        shape = f"B{B} G{G} L{L} H{H} D{D}" + (" masked" if mask is not None else "")
+        q, k, v = _inputs(B, G, L, H, D)
+        do = torch.randn_like(q)
+        out, lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, mask)
+        if not gb.gluon_bwd_ok(do, q, k, v, D, 1):
+            _say(report, f"{shape} eligible", False)
+            return 1
+        lists, counts = sa._mask_lists(mask, G, both=True) if mask is not None else ((None, lse), (None, lse))
+        ref = sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask)
+        torch.cuda.synchronize()
+        ptr_ms = round(do_bench(lambda: sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask),
+                                return_mode="median"), 4)
+        _say(report, f"{shape} pointer (split, autotuned) bwd ms", ptr_ms)
+        cases.append((shape, (B, G, L, H, D), mask, (do, q, k, v, out, lse), (lists[1], counts[1]), ref))
+    agreeing = []
+    _say(report, "configs_agreeing", agreeing)
+    for variant in sorted(gb.BWD_CONFIGS):
+        agree_all = True
+        for shape, (B, G, L, H, D), mask, (do, q, k, v, out, lse), (cols, ccnt), ref in cases:
+            if D > gb.BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
+                continue
+            delta = sa.bwd_delta(out, do, B, G, L, H, D)
+            dk, dv = (torch.empty(q.shape, device="cuda", dtype=q.dtype) for _ in range(2))
+            dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+            cols = cols if cols is not None else lse
+            args = (do, q, k, v, lse, delta, B, G, L, H, D, D**-0.5, mask is not None, cols, ccnt, dk, dv, dq_acc,
+                    variant)
+            try:  # a config that fails to compile or launch is recorded, and the next one still gets its turn
+                t = time.perf_counter()
+                gb.set_attn_bwd_gluon(*args, compile_only=True)
+                _say(report, f"{shape} config {variant} compile_s", round(time.perf_counter() - t, 2))
+                t = time.perf_counter()
+                gb.set_attn_bwd_gluon(*args)
+                torch.cuda.synchronize()
+                _say(report, f"{shape} config {variant} first_run_s", round(time.perf_counter() - t, 3))
+            except Exception as e:  # (after a device fault the later configs fail too: none of them then counts)
+                _say(report, f"{shape} config {variant} error", f"{type(e).__name__}: {str(e)[:300]}")
+                agree_all = False
+                break
+            diffs = {name: float((got.float() - r.float()).abs().max())
+                     for name, got, r in zip(("dq", "dk", "dv"), (dq_acc, dk, dv), ref)}
+            # two bf16 kernels of the same math; the reference rounds dq to bf16, the float32 accumulator does not
+            scale_ = max(float(r.float().abs().max()) for r in ref)
+            agree = all(d <= 2e-2 * max(1.0, scale_) for d in diffs.values())
+            agree_all &= agree
+            _say(report, f"{shape} config {variant} max_abs_diff", {**diffs, "agree": agree})
+            ms = do_bench(lambda: gb.set_attn_bwd_gluon(*args), return_mode="median")
+            _say(report, f"{shape} config {variant} ms (kernel alone)", round(ms, 4))
+            with _env("JEDI_TRITON_BWD_GLUON", str(variant)):
+                ms = do_bench(lambda: sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask),
+                              return_mode="median")
+            _say(report, f"{shape} config {variant} bwd ms", round(ms, 4))
+        if agree_all:
+            agreeing.append(variant)
+        _say(report, "configs_agreeing", list(agreeing))
+    return 0 if agreeing == sorted(gb.BWD_CONFIGS) else 1
+
+
+def _env(name: str, value: str):
+    """A context manager setting environment variable ``name`` for its block."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def cm():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+    return cm()
+
+
 def probe(report: dict) -> int:
     import torch
 
@@ -162,14 +267,15 @@ def probe(report: dict) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the report here too")
-    ap.add_argument("--kernel", choices=("ws", "gluon"), default="ws",
-                    help="ws: the TMA + warp-specialized forward (default); gluon: the Gluon Hopper forward")
+    ap.add_argument("--kernel", choices=("ws", "gluon", "gluon-bwd"), default="ws",
+                    help="ws: the TMA + warp-specialized forward (default); gluon: the Gluon Hopper forward; "
+                         "gluon-bwd: the Gluon Hopper backward")
     args = ap.parse_args(argv)
     report: dict = {}
     _JSON[0] = args.json
     try:
-        _PREFIX[0] = f"{args.kernel}_probe"
-        rc = probe_gluon(report) if args.kernel == "gluon" else probe(report)
+        _PREFIX[0] = f"{args.kernel.replace('-', '_')}_probe"
+        rc = {"gluon": probe_gluon, "gluon-bwd": probe_gluon_bwd, "ws": probe}[args.kernel](report)
     finally:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

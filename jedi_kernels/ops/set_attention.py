@@ -994,6 +994,19 @@ def set_attn_fwd(
     return out, lse
 
 
+def bwd_delta(out: torch.Tensor, do: torch.Tensor, B: int, G: int, L: int, H: int, D: int) -> torch.Tensor:
+    """Delta = rowsum(dO ∘ O) per query row and head, (B, H, G·L) float32 like lse (out, do: (N, L, H·D), unit last
+    stride): the term of dS = P ∘ (dP − Delta) every backward kernel reads."""
+    delta = _empty((B, H, G * L), device=out.device, dtype=torch.float32)
+    pre_bm = 64 if not triton_interpreting() else 32
+    launch(
+        _set_attn_bwd_preprocess_kernel, (G * cdiv(L, pre_bm), B * H),
+        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), H, G, L,
+        HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm,
+    )
+    return delta
+
+
 def set_attn_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -1038,14 +1051,7 @@ def set_attn_bwd(
     dclass = _dclass(D0, D1, q.dtype)
     dot_f32, prec = _prec(q.dtype)
 
-    # Delta = rowsum(dO ∘ O): (B, H, G*L) fp32 like lse
-    delta = _empty((B, H, G * L), device=q.device, dtype=torch.float32)
-    pre_bm = 64 if not triton_interpreting() else 32
-    launch(
-        _set_attn_bwd_preprocess_kernel, (G * cdiv(L, pre_bm), B * H),
-        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), H, G, L,
-        HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm,
-    )
+    delta = bwd_delta(out, do, B, G, L, H, D)
 
     dk = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     dv = _empty((N, L, H * D), device=q.device, dtype=q.dtype)

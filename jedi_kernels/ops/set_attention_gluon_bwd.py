@@ -60,8 +60,8 @@ if HAVE_GLUON:
 
     from jedi_kernels.ops.set_attention_gluon import _zero_q_padding
 
-__all__ = ["BWD_CONFIGS", "MAX_HEAD_DIM", "gluon_bwd_variant", "gluon_bwd_ok", "bwd_chunks", "set_attn_bwd_gluon",
-           "compile_bwd_for"]
+__all__ = ["BWD_CONFIGS", "MAX_HEAD_DIM", "gluon_bwd_variant", "gluon_bwd_ok", "bwd_chunks", "checked_bwd_configs",
+           "set_attn_bwd_gluon", "compile_bwd_for"]
 
 # JEDI_TRITON_BWD_GLUON=<n> runs config n: BLOCK_N keys per program (16 rows per warp: one m64 warpgroup MMA tile per
 # 4 warps), BLOCK_M queries per tile, NUM_STAGES Q/dO ring buffers (>= 2: a buffer is refilled one tile after its
@@ -97,6 +97,26 @@ def gluon_bwd_variant() -> int:
     if v != "0" and (not v.isdigit() or int(v) not in BWD_CONFIGS):
         raise ValueError(f"JEDI_TRITON_BWD_GLUON must be 0 or one of {sorted(BWD_CONFIGS)}, got {v!r}")
     return int(v)
+
+
+def checked_bwd_configs() -> list[int]:
+    """The configs the GPU tests and benchmark rows exercise: ``JEDI_GLUON_BWD_CONFIGS`` (comma-separated; "0": none),
+    which ``benchmarks/gpu_check.sh`` sets from what ``tools/ws_probe.py --kernel gluon-bwd`` found agreeing with the
+    split pointer kernels when not all did; unset: all of :data:`BWD_CONFIGS`. The switch itself
+    (``JEDI_TRITON_BWD_GLUON``) still takes any config."""
+    raw = os.environ.get("JEDI_GLUON_BWD_CONFIGS", "").strip()
+    if not raw:
+        return sorted(BWD_CONFIGS)
+    if raw == "0":
+        return []
+    try:
+        picked = sorted({int(x) for x in raw.split(",") if x.strip()})
+    except ValueError:
+        picked = []
+    if not picked or any(c not in BWD_CONFIGS for c in picked):
+        raise ValueError(f"JEDI_GLUON_BWD_CONFIGS must be 0 or a comma-separated list of {sorted(BWD_CONFIGS)}, "
+                         f"got {raw!r}")
+    return picked
 
 
 def gluon_bwd_ok(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,

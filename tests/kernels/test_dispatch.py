@@ -113,9 +113,12 @@ def test_variant_advice_flags_a_faster_non_default():
             # only the configs the probe found agreeing (JEDI_GLUON_CONFIGS=4): no ms_gl128x128 in the row
             {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 4, "dtype": "bfloat16", "ms_pointer": 2.6,
              "ms_gl128x128pad": 2.0, "best_gluon": "gl128x128pad"},
-            {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 8, "dtype": "bfloat16", "ms_pointer": 2.6}]
+            {"kind": "triton_fwd_gluon", "L": 4096, "D": 40, "ng": 8, "dtype": "bfloat16", "ms_pointer": 2.6},
+            {"kind": "triton_bwd_gluon", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_split": 1.5,
+             "ms_glbwd1": 1.1, "ms_glbwd2": 1.0, "best_gluonbwd": "glbwd2"}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 12  # the last row has no Gluon timing at all: no line
+    assert len(advice) == 13  # the Gluon forward's ng=8 row has no Gluon timing at all: no line
+    assert "glbwd2 x1.50 faster than the default split" in advice[12] and "JEDI_TRITON_BWD_GLUON" in advice[12]
     assert "ng=4" in advice[11] and "gl128x128pad x1.30 faster than the default pointer" in advice[11]
     assert "triton_launch x1.33 faster than the default fast_launch" in advice[10]
     assert "JEDI_FAST_LAUNCH" in advice[10]
@@ -326,6 +329,52 @@ def test_gluon_row_times_only_the_checked_configs(monkeypatch):
     assert ran[-1] == ("1",) and row["speedup_split_vs_padded"] == 5.0 / 2.0 and row["best_gluon"] == "gl128x128"
 
 
+def test_gluon_bwd_row_times_only_the_checked_configs(monkeypatch):
+    """The sweep's Gluon backward row: the split kernels and the checked configs that take the head dim (backward
+    alone), then forward + backward of cuDNN, the split kernels and the fastest Gluon config, whose run is checked to
+    reach the Gluon kernel; JEDI_GLUON_BWD_CONFIGS restricts the configs (stand-ins for timers, inputs, kernels)."""
+    from jedi_kernels.ops import set_attention as sa
+
+    timed, ran, fwdbwd = [], [], []
+
+    def fake_variant_row(L, D, ng, dtype, rep_ms, backend, env, variants, kind, mode="fwd"):
+        assert mode == "bwd" and env == "JEDI_TRITON_BWD_GLUON"
+        timed.append(dict(variants))
+        return {"L": L, "D": D, "ng": ng, "kind": kind, **{f"ms_{k}": 4.0 - int(v) for k, v in variants.items()}}
+
+    def fake_build_fn(name, *a, **kw):
+        fwdbwd.append((name, os.environ.get("JEDI_TRITON_BWD_GLUON")))
+        return (lambda: None), torch.zeros(3)
+
+    def fake_set_attention(q, k, v, ng, H, backend):
+        sa.set_attn_bwd_gluon(os.environ.get("JEDI_TRITON_BWD_GLUON"))
+        return q * 1.0
+
+    monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "_variant_row", fake_variant_row)
+    monkeypatch.setattr(sw, "build_fn", fake_build_fn)
+    monkeypatch.setattr(sw, "time_ms", lambda fn, rep_ms=60: 9.0)
+    monkeypatch.setattr(sw, "sdpa_set_attention", lambda q, k, v, ng, H, m: q * 2.0)
+    monkeypatch.setattr(sw, "sdpa_backend_enum", lambda name: sw.torch.nn.attention.SDPBackend.MATH)
+    monkeypatch.setattr(sw.torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(sa, "set_attn_bwd_gluon", lambda *a: ran.append(a))
+    import jedi_kernels as jk
+
+    monkeypatch.setattr(jk, "set_attention", fake_set_attention)
+    monkeypatch.delenv("JEDI_GLUON_BWD_CONFIGS", raising=False)
+    row = sw.triton_gluon_bwd_row(64, 40, ng=2, rep_ms=1)
+    assert timed[-1] == {"split": "0", "glbwd1": "1", "glbwd2": "2"}
+    assert row["best_gluonbwd"] == "glbwd2" and row["speedup_gluonbwd_vs_split"] == 4.0 / 2.0
+    assert fwdbwd == [("sdpa-cudnn", None), ("triton", None), ("triton", "2")] and ran == [("2",)]
+    assert row["gluonbwd_ran"] and "JEDI_TRITON_BWD_GLUON" not in os.environ
+    assert row["speedup_gluonbwd_vs_cudnn"] == 1.0 and row["max_abs_diff_vs_cudnn"] > 1.0  # |dO| of randn
+    row = sw.triton_gluon_bwd_row(64, 80, ng=2, rep_ms=1)  # config 2 stops at head dim 64
+    assert timed[-1] == {"split": "0", "glbwd1": "1"} and ran[-1] == ("1",)
+    monkeypatch.setenv("JEDI_GLUON_BWD_CONFIGS", "1")
+    sw.triton_gluon_bwd_row(64, 40, ng=2, rep_ms=1)
+    assert timed[-1] == {"split": "0", "glbwd1": "1"}
+
+
 def test_sweep_saves_after_every_row(monkeypatch):
     """gpu_check.sh gives the sweep a fixed time: every row is written as soon as it is measured, so a run cut short
     keeps its rows (stand-in measurements; the order puts the dispatch-deciding rows first)."""
@@ -339,12 +388,14 @@ def test_sweep_saves_after_every_row(monkeypatch):
                 "speedup_wgmma_vs_mmasync": 1.0, "speedup_wgmma_vs_cudnn": 1.0, "tflops_best_wgmma": 1.0,
                 "max_abs_diff_vs_cudnn": 0.0, "gluon_ran": True, "best_gluon": "gl128x128",
                 "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0,
-                "speedup_fast_vs_triton_launch": 1.0, "ms_fast_launch": 1.0}
+                "speedup_fast_vs_triton_launch": 1.0, "ms_fast_launch": 1.0, "gluonbwd_ran": True,
+                "best_gluonbwd": "glbwd1", "speedup_gluonbwd_vs_split": 1.0, "speedup_gluonbwd_vs_cudnn": 1.0,
+                "tflops_best_gluonbwd": 1.0}
 
     for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
                  "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
                  "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row",
-                 "fast_launch_row", "graph_row"):
+                 "triton_gluon_bwd_row", "fast_launch_row", "graph_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})

@@ -148,6 +148,19 @@ def test_variant_switch(monkeypatch):
             gb.gluon_bwd_variant()
 
 
+def test_checked_configs(monkeypatch):
+    monkeypatch.delenv("JEDI_GLUON_BWD_CONFIGS", raising=False)
+    assert gb.checked_bwd_configs() == sorted(gb.BWD_CONFIGS)
+    monkeypatch.setenv("JEDI_GLUON_BWD_CONFIGS", "2,1,2")
+    assert gb.checked_bwd_configs() == [1, 2]
+    monkeypatch.setenv("JEDI_GLUON_BWD_CONFIGS", "0")  # the probe found none agreeing
+    assert gb.checked_bwd_configs() == []
+    for bad in ("7", "a", ","):
+        monkeypatch.setenv("JEDI_GLUON_BWD_CONFIGS", bad)
+        with pytest.raises(ValueError, match="JEDI_GLUON_BWD_CONFIGS"):
+            gb.checked_bwd_configs()
+
+
 def test_not_taken_where_it_cannot_run(monkeypatch):
     """On CPU tensors (and so under the interpreter) the switch changes nothing: the pointer kernels run."""
     monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", "1")
@@ -171,7 +184,8 @@ def _require_sm90():
         pytest.skip("the Gluon backward runs on sm_90 only")
     if os.environ.get("JEDI_TEST_GLUON") != "1":
         pytest.skip("experimental Gluon backward: JEDI_TEST_GLUON=1 runs it (gpu_check.sh sets it once "
-                    "tools/ws_probe.py --kernel gluon finished: a kernel that never ends must not take the test step)")
+                    "tools/ws_probe.py --kernel gluon-bwd finished: a kernel that never ends must not take the test "
+                    "step)")
 
 
 @pytest.mark.gpu
@@ -193,6 +207,9 @@ def test_gluon_backward_gpu(monkeypatch, variant, B, G, L, H, D, mask, fused, dt
     from test_set_attention import _check_case
 
     _require_sm90()
+    if variant not in gb.checked_bwd_configs():
+        pytest.skip(f"config {variant} is not in JEDI_GLUON_BWD_CONFIGS={os.environ.get('JEDI_GLUON_BWD_CONFIGS')} "
+                    f"(the probe found it disagreeing with the split kernels: see gluon_bwd_probe.log)")
     if D > gb.BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
         pytest.skip(f"config {variant} takes head dims <= {gb.BWD_CONFIGS[variant]['MAX_HEAD_DIM']}")
     monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", str(variant))

@@ -81,6 +81,60 @@ def test_gluon_host_path_compiles_and_launches():
     _run_with_stand_in_driver(GLUON_HOST_PATH)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the probe really runs")
+def test_gluon_bwd_probe_says_it_has_nothing_to_probe(tmp_path):
+    out = tmp_path / "gluon_bwd.json"
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "ws_probe.py"), "--kernel", "gluon-bwd", "--json",
+                        str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    assert "gluon_bwd_probe skipped" in p.stdout
+    assert json.loads(out.read_text()) == {"skipped": "needs Gluon and an sm_90 CUDA GPU"}
+
+
+GLUON_BWD_HOST_PATH = """
+import sys
+sys.path.insert(0, "tools")
+import host_overhead
+host_overhead._install_stand_in_driver()  # Triton compiles for sm_90; launches are no-ops
+import torch
+from jedi_kernels.ops import set_attention_gluon_bwd as gb
+compiled = []
+kernel = gb._set_attn_bwd_gluon_kernel
+kernel.warmup = (lambda warmup: lambda *a, **kw: compiled.append(warmup(*a, **kw)))(kernel.warmup)
+n = 0
+for B, G, L, H, D in ((1, 2, 200, 2, 40), (1, 3, 97, 2, 80), (2, 2, 64, 3, 24)):
+    qkv = torch.randn(B * G, L, 3 * H * D, dtype=torch.bfloat16)
+    q, k, v = qkv.split(H * D, dim=-1)  # fused-qkv views
+    do = torch.randn(B * G, L, H * D, dtype=torch.bfloat16)
+    lse, delta = torch.zeros(B, H, G * L), torch.zeros(B, H, G * L)
+    for variant in sorted(gb.BWD_CONFIGS):
+        if D > gb.BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
+            continue
+        for masked in (False, True):
+            lst, cnt = (lse, lse)  # dummies: never read without a mask
+            if masked:
+                lst, cnt = torch.zeros(G, G, dtype=torch.int32), torch.ones(G, dtype=torch.int32)
+            dk, dv, dq = torch.empty_like(do), torch.empty_like(do), torch.zeros(do.shape)
+            args = (do, q, k, v, lse, delta, B, G, L, H, D, D ** -0.5, masked, lst, cnt, dk, dv, dq, variant)
+            gb.set_attn_bwd_gluon(*args, compile_only=True)
+            gb.set_attn_bwd_gluon(*args)  # the launch path: argument binding, descriptors, the (no-op) launch
+            n += 1
+assert len(compiled) == n and all("cubin" in c.asm for c in compiled), compiled
+print("compiled", len(compiled))
+"""
+
+
+def test_gluon_bwd_host_path_compiles_and_launches():
+    """The Gluon backward's launcher end to end short of the GPU: per-chunk descriptors of fused-qkv views (d 40:
+    32 + 16 columns, d 80: 64 + 16, d 24: one 32-column chunk), every config that takes the head dim, with and
+    without a mask, compiled for sm_90 through Triton's launch path (stand-in driver) and launched as a no-op."""
+    from jedi_kernels.ops import set_attention_gluon_bwd as gb
+
+    if not gb.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    _run_with_stand_in_driver(GLUON_BWD_HOST_PATH)
+
+
 COMPILE_ONLY = """
 import sys
 sys.path.insert(0, "tools")
