@@ -6,7 +6,8 @@ Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml
 pytest_gpu_model.xml, pytest_gpu_ws.xml, pytest_gpu_gluon.xml (junit), ws_probe.json, gluon_probe.json and
 gluon_bwd_probe.json (tools/ws_probe.py), attention.json (attention_sweep.py), step.json (step_levers.py),
 profile_eager.json / profile_fused.json / profile_compiled.json (profile_step.py), table6.json (table6.py) and
-ncu_attention.json / ncu_attention_bwd80.json (ncu_attention.py). Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a ``-model`` suffix).
+ncu_attention.json / ncu_attention_bwd80.json (ncu_attention.py). Commit the result as
+benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a ``-model`` suffix).
 """
 from __future__ import annotations
 
