@@ -25,10 +25,17 @@ Triton kernel):
 
 The dQ product's 2 warpgroups split its head-dim columns (``warps_per_cta=[4, 2]``): each needs all BLOCK_N keys of
 dS, hence the barrier. Loads: Q, dO, K, V through 2-D TMA descriptors over the (N·L, H·D) rows; the head dim is split
-into power-of-two column chunks (40 → 32 + 16, 80 → 64 + 16), each chunk its own descriptor and shared tile (so no
-MMA operand starts inside a swizzle atom). The chunks' columns past the head (40..47 at d 40: the next head's, or
-TMA's zeros past the last head) are zeroed in K and V once per program, which makes Q's and dO's irrelevant in Sᵀ and
-dPᵀ; dK/dV/dQ's padding columns are never stored.
+into power-of-two column chunks (40 → 32 + 16, 80 → 64 + 16), each chunk its own descriptor and shared tile, so no
+chunk slices a wider box inside a swizzle atom. (The dQ product's second warpgroup does start its half of K's columns
+inside one: Triton's own lowering of an 8-warp m64 MMA, the same as a plain ``tl.dot`` of that shape.) The chunks'
+columns past the head (40..47 at d 40: the next head's, or TMA's zeros past the last head) are zeroed in K and V once
+per program, which makes Q's and dO's irrelevant in Sᵀ and dPᵀ; dK/dV/dQ's padding columns are never stored.
+
+Rows past an image's end (a tile tail when L is not a multiple of the tile) are the next image's rows in shared
+memory, excluded arithmetically (lse = +inf makes their Pᵀ column 0; dSᵀ is masked for keys past the end). So, unlike
+the pointer kernels, which load such rows as zeros, an Inf or NaN in a neighbouring image's q/do rows (or in the next
+head's columns) can reach this image's gradients through 0 · Inf; the Gluon forward has the same property. Finite
+inputs are unaffected.
 
 Opt-in (``JEDI_TRITON_BWD_GLUON=1|2``, the config), sm_90 only, fp16/bf16, head dims <= ``MAX_HEAD_DIM``, not in
 deterministic mode (the float32 atomics' order varies). Gluon has no interpreter: the CPU tests compile it for sm_90

@@ -112,8 +112,9 @@ for B, G, L, H, D in ((1, 2, 200, 2, 40), (1, 3, 97, 2, 80), (2, 2, 64, 3, 24)):
             continue
         for masked in (False, True):
             lst, cnt = (lse, lse)  # dummies: never read without a mask
-            if masked:
-                lst, cnt = torch.zeros(G, G, dtype=torch.int32), torch.ones(G, dtype=torch.int32)
+            if masked:  # the transposed lists as set_attn_bwd passes them: views at offsets G*G*4 and G*4 bytes of
+                # (2, G, G) and (2, G) buffers, 16-byte aligned only for some G (Triton compiles both variants)
+                lst, cnt = torch.zeros(2, G, G, dtype=torch.int32)[1], torch.ones(2, G, dtype=torch.int32)[1]
             dk, dv, dq = torch.empty_like(do), torch.empty_like(do), torch.zeros(do.shape)
             args = (do, q, k, v, lse, delta, B, G, L, H, D, D ** -0.5, masked, lst, cnt, dk, dv, dq, variant)
             gb.set_attn_bwd_gluon(*args, compile_only=True)
