@@ -174,7 +174,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             experimental: its first GPU tests did not finish, see tools/ws_probe.py),
             ``JEDI_TRITON_BWD_DQ=atomic|kernel`` (Triton backward: dQ by a second kernel, the default since the H100
             measured it faster, or by float32 atomics from the dK/dV kernel; deterministic mode always takes the
-            kernel), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp),
+            kernel), ``JEDI_TRITON_BWD_GLUON=1|2`` (Triton backward at head dims <= 80 / 64 on compute capability
+            9.0: one Gluon Hopper kernel for dK, dV and dQ by float32 atomics; not in deterministic mode; not yet
+            GPU-timed), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp),
             ``JEDI_CUDA_FWD_STAGES=1|2`` (CUDA forward at head dims <= 80: FlashAttention-2's loop, the default, or
             the software-pipelined one that computes the next key tile's scores during this tile's softmax),
             ``JEDI_CUDA_FWD_WGMMA=1|2|3`` (CUDA forward at head dim 40 on compute capability 9.0: the Hopper kernel,
