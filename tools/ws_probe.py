@@ -48,20 +48,41 @@ def _say(report: dict, key: str, value) -> None:
         tmp.replace(_JSON[0])
 
 
+# where the probes put their tensors: the GPU in bf16; the CPU tests' dry runs (stand-in kernels, no GPU) change it
+_TENSORS = {"device": "cuda", "dtype": "bfloat16"}
+
+
 def _inputs(B: int, G: int, L: int, H: int, D: int):
     """q, k, v (B·G, L, H·D) bf16 on the GPU as views of one fused projection, as the UNet passes them (seed 0)."""
     import torch
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(B * G, L, 3 * H * D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gen = torch.Generator(device=_TENSORS["device"]).manual_seed(0)
+    qkv = torch.randn(B * G, L, 3 * H * D, device=_TENSORS["device"], dtype=getattr(torch, _TENSORS["dtype"]),
+                      generator=gen)
     return qkv.split(H * D, dim=-1)
 
 
-def probe_gluon(report: dict) -> int:
+def _gluon_sm90() -> bool:
+    """Gluon importable and an sm_90 CUDA GPU present (the Gluon kernels' only target)."""
+    import torch
+
+    from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON
+
+    return HAVE_GLUON and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _sync() -> None:
+    import torch
+
+    if _TENSORS["device"] == "cuda":
+        torch.cuda.synchronize()
+
+
+def probe_gluon(report: dict, shapes=None) -> int:
     """Each config of the Gluon forward, one after the other: compile, first run, agreement with the pointer kernel
-    and time, on each probed shape (the last is SD's 64x64 level). ``configs_agreeing`` is updated (and the JSON
-    rewritten) as each config finishes every shape, so a run killed by its timeout inside one config still says
-    which earlier configs agreed."""
+    and time, on each probed shape (the last is SD's 64x64 level; ``shapes``: (B, G, L, H, D) tuples instead, for
+    the CPU tests' dry run). ``configs_agreeing`` is updated (and the JSON rewritten) as each config finishes every
+    shape, so a run killed by its timeout inside one config still says which earlier configs agreed."""
     import os
 
     import torch
@@ -69,14 +90,14 @@ def probe_gluon(report: dict) -> int:
     from jedi_kernels.ops import set_attention as sa
     from jedi_kernels.ops import set_attention_gluon as sg
 
-    if not sg.HAVE_GLUON or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    if not _gluon_sm90():
         _say(report, "skipped", "needs Gluon and an sm_90 CUDA GPU")
         return 2
     from triton.testing import do_bench
 
     os.environ.pop("JEDI_TRITON_FWD_GLUON", None)  # the reference below is the default pointer-load kernel
     cases = []
-    for B, G, L, H, D in ((1, 2, 200, 2, 40), (1, 2, 200, 2, 80), (2, 2, 4096, 8, 40)):
+    for B, G, L, H, D in shapes or ((1, 2, 200, 2, 40), (1, 2, 200, 2, 80), (2, 2, 4096, 8, 40)):
         shape = f"B{B} G{G} L{L} H{H} D{D}"
         q, k, v = _inputs(B, G, L, H, D)
         if not sg.gluon_fwd_ok(q, k, v, D, D**-0.5):
@@ -99,7 +120,7 @@ def probe_gluon(report: dict) -> int:
                 _say(report, f"{shape} config {variant} compile_s", round(time.perf_counter() - t, 2))
                 t = time.perf_counter()
                 sg.set_attn_fwd_gluon(*args)
-                torch.cuda.synchronize()
+                _sync()
                 _say(report, f"{shape} config {variant} first_run_s", round(time.perf_counter() - t, 3))
             except Exception as e:  # (after a device fault the later configs fail too: none of them then counts)
                 _say(report, f"{shape} config {variant} error", f"{type(e).__name__}: {str(e)[:300]}")
@@ -120,29 +141,36 @@ def probe_gluon(report: dict) -> int:
     return 0 if agreeing == sorted(sg.CONFIGS) else 1
 
 
-def probe_gluon_bwd(report: dict) -> int:
+def probe_gluon_bwd(report: dict, shapes=None) -> int:
     """Each config of the Gluon backward, one after the other, as :func:`probe_gluon`: compile, first run, agreement
     of dq, dk, dv with the default split pointer kernels on the forward's own out and lse, and the backward's time
     against theirs, on each probed shape (key and query tails, a mask with a key image no query attends, then SD's
-    64x64 and 32x32 levels at set size 2)."""
+    64x64 and 32x32 levels at set size 2; ``shapes``: (B, G, L, H, D, masked) tuples instead, for the CPU tests'
+    dry run)."""
     import os
 
+    # the split kernels' first configs (the H100's winners) instead of autotuning them on each of five shapes first:
+    # the probe has a fixed time in gpu_check.sh; the sweep row times the tuned kernels
+    os.environ.setdefault("JEDI_TRITON_AUTOTUNE", "0")
     import torch
 
     from jedi_kernels.ops import set_attention as sa
     from jedi_kernels.ops import set_attention_gluon_bwd as gb
 
-    if not gb.HAVE_GLUON or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    if not _gluon_sm90():
         _say(report, "skipped", "needs Gluon and an sm_90 CUDA GPU")
         return 2
     from triton.testing import do_bench
 
     os.environ.pop("JEDI_TRITON_BWD_GLUON", None)  # the reference below is the default split pointer kernels
-    # (B, G, L, H, D, mask): mask [[1, 0, 0], [1, 1, 0], [1, 1, 0]] leaves key image 2 without a query: dk = dv = 0
-    oneway = torch.tensor([[True, False, False], [True, True, False], [True, True, False]], device="cuda")
+    # masked: [[1, 0, 0], [1, 1, 0], [1, 1, 0]] leaves key image 2 without a query (dk = dv = 0) and lists the query
+    # images of key image 0 (all three) differently from the key images of query image 0 (only itself)
+    oneway = torch.tensor([[True, False, False], [True, True, False], [True, True, False]], device=_TENSORS["device"])
     cases = []
-    for B, G, L, H, D, mask in ((1, 2, 200, 2, 40, None), (1, 3, 97, 2, 40, oneway), (1, 2, 200, 2, 80, None),
-                                (2, 2, 4096, 8, 40, None), (2, 2, 1024, 8, 80, None)):
+    for B, G, L, H, D, masked in shapes or ((1, 2, 200, 2, 40, False), (1, 3, 97, 2, 40, True),
+                                            (1, 2, 200, 2, 80, False), (2, 2, 4096, 8, 40, False),
+                                            (2, 2, 1024, 8, 80, False)):
+        mask = oneway[:G, :G] if masked else None
         shape = f"B{B} G{G} L{L} H{H} D{D}" + (" masked" if mask is not None else "")
         q, k, v = _inputs(B, G, L, H, D)
         do = torch.randn_like(q)
@@ -152,10 +180,10 @@ def probe_gluon_bwd(report: dict) -> int:
             return 1
         lists, counts = sa._mask_lists(mask, G, both=True) if mask is not None else ((None, lse), (None, lse))
         ref = sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask)
-        torch.cuda.synchronize()
+        _sync()
         ptr_ms = round(do_bench(lambda: sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask),
                                 return_mode="median"), 4)
-        _say(report, f"{shape} pointer (split, autotuned) bwd ms", ptr_ms)
+        _say(report, f"{shape} pointer (split, default configs) bwd ms", ptr_ms)
         cases.append((shape, (B, G, L, H, D), mask, (do, q, k, v, out, lse), (lists[1], counts[1]), ref))
     agreeing = []
     _say(report, "configs_agreeing", agreeing)
@@ -165,8 +193,8 @@ def probe_gluon_bwd(report: dict) -> int:
             if D > gb.BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
                 continue
             delta = sa.bwd_delta(out, do, B, G, L, H, D)
-            dk, dv = (torch.empty(q.shape, device="cuda", dtype=q.dtype) for _ in range(2))
-            dq_acc = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+            dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
+            dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
             cols = cols if cols is not None else lse
             args = (do, q, k, v, lse, delta, B, G, L, H, D, D**-0.5, mask is not None, cols, ccnt, dk, dv, dq_acc,
                     variant)
@@ -176,7 +204,7 @@ def probe_gluon_bwd(report: dict) -> int:
                 _say(report, f"{shape} config {variant} compile_s", round(time.perf_counter() - t, 2))
                 t = time.perf_counter()
                 gb.set_attn_bwd_gluon(*args)
-                torch.cuda.synchronize()
+                _sync()
                 _say(report, f"{shape} config {variant} first_run_s", round(time.perf_counter() - t, 3))
             except Exception as e:  # (after a device fault the later configs fail too: none of them then counts)
                 _say(report, f"{shape} config {variant} error", f"{type(e).__name__}: {str(e)[:300]}")

@@ -174,6 +174,27 @@ def test_not_taken_where_it_cannot_run(monkeypatch):
     assert not called
 
 
+@pytest.mark.parametrize("mask", ["oneway", "random", "full"])
+def test_set_attn_bwd_wiring(monkeypatch, mask):
+    """set_attn_bwd's Gluon branch on the CPU with a float64 reference stand-in for the kernel (tests/tools'
+    ``bwd_stand_in``, which checks the lse and Delta it gets and rebuilds the mask from the image lists it gets): the
+    transposed lists, lse, Delta, the float32 dQ accumulator and its conversion reach the caller's grads correctly
+    (flash rule against the float64 reference, through the custom op's autograd)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        from test_ws_probe import bwd_stand_in
+    finally:
+        sys.path.pop(0)
+    from test_set_attention import _check_case
+
+    seen = []
+    monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", "1")
+    monkeypatch.setattr(sa, "gluon_bwd_ok", lambda *a: True)
+    monkeypatch.setattr(sa, "set_attn_bwd_gluon", bwd_stand_in(seen))
+    _check_case(1, 3, 17, 2, 24, mask=mask, fused=True)
+    assert [s[:7] for s in seen] == [(1, 3, 17, 2, 24, mask != "full", 1)]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # GPU (sm_90): correctness by the flash rule
 # ----------------------------------------------------------------------------------------------------------------------
