@@ -111,17 +111,18 @@ DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda,cuda-wgmma3,triton-gluon1,triton-gluo
 def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:
     """(build_fn backend, its switch and value or None) of a profiled backend name: "sdpa-<b>", "triton", "cuda",
     "cuda-2stage" (JEDI_CUDA_FWD_STAGES=2), "cuda-wgmma<n>" (JEDI_CUDA_FWD_WGMMA=n), "triton-gluon<n>"
-    (JEDI_TRITON_FWD_GLUON=n)."""
+    (JEDI_TRITON_FWD_GLUON=n), "triton-gluonbwd<n>" (JEDI_TRITON_BWD_GLUON=n: the Gluon backward; with --bwd)."""
     if name in _VARIANTS:
         return _VARIANTS[name]
     for prefix, base, env in (("cuda-wgmma", "cuda", "JEDI_CUDA_FWD_WGMMA"),
+                              ("triton-gluonbwd", "triton", "JEDI_TRITON_BWD_GLUON"),
                               ("triton-gluon", "triton", "JEDI_TRITON_FWD_GLUON")):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             return base, (env, name[len(prefix):])
     if name.startswith("sdpa-") or name in ("triton", "cuda"):
         return name, None
     raise ValueError(f"unknown backend {name!r} (sdpa-<backend>, triton, cuda, cuda-2stage, cuda-wgmma<n>, "
-                     f"triton-gluon<n>)")
+                     f"triton-gluon<n>, triton-gluonbwd<n>)")
 
 
 def unavailable(name: str, base: str, env, jk) -> str | None:
@@ -130,9 +131,16 @@ def unavailable(name: str, base: str, env, jk) -> str | None:
 
     if base == "cuda" and not jk.available_backends()["cuda_attention"]:
         return "the CUDA extension's attention is not built"
-    if env and env[0] in ("JEDI_CUDA_FWD_WGMMA", "JEDI_TRITON_FWD_GLUON") and \
+    if env and env[0] in ("JEDI_CUDA_FWD_WGMMA", "JEDI_TRITON_FWD_GLUON", "JEDI_TRITON_BWD_GLUON") and \
             torch.cuda.get_device_capability() != (9, 0):
-        return "a Hopper forward: compute capability 9.0 only"
+        return "a Hopper kernel: compute capability 9.0 only"
+    if env and env[0] == "JEDI_TRITON_BWD_GLUON":
+        from jedi_kernels.ops.set_attention_gluon_bwd import HAVE_GLUON, checked_bwd_configs
+
+        if not HAVE_GLUON:
+            return "this Triton has no Gluon"
+        if os.environ.get("JEDI_SWEEP_GLUON_BWD", "1") == "0" or int(env[1]) not in checked_bwd_configs():
+            return "the Gluon backward probe did not pass this config (JEDI_SWEEP_GLUON_BWD / JEDI_GLUON_BWD_CONFIGS)"
     if env and env[0] == "JEDI_TRITON_FWD_GLUON":
         from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON, checked_configs
 

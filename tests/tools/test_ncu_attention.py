@@ -48,7 +48,8 @@ def test_backend_names_map_to_build_fn_backends_and_switches():
     assert v("cuda-2stage") == ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))
     assert v("cuda-wgmma3") == ("cuda", ("JEDI_CUDA_FWD_WGMMA", "3"))
     assert v("triton-gluon5") == ("triton", ("JEDI_TRITON_FWD_GLUON", "5"))
-    for bad in ("flash", "triton-gluon", "cuda-wgmmaX", "cudnn"):
+    assert v("triton-gluonbwd1") == ("triton", ("JEDI_TRITON_BWD_GLUON", "1"))
+    for bad in ("flash", "triton-gluon", "triton-gluonbwd", "cuda-wgmmaX", "cudnn"):
         with pytest.raises(ValueError, match="unknown backend"):
             v(bad)
     assert all(v(n) for n in ncu_attention.DEFAULT_BACKENDS.split(","))  # the default list parses
@@ -79,6 +80,16 @@ def test_gluon_configs_the_probe_rejected_are_not_profiled(monkeypatch):
     monkeypatch.setenv("JEDI_SWEEP_GLUON", "0")
     assert "did not pass" in ncu_attention.unavailable("triton-gluon5", *gluon5, JK)
     assert "not built" in ncu_attention.unavailable("cuda-wgmma3", "cuda", ("JEDI_CUDA_FWD_WGMMA", "3"), JK)
+    # the Gluon backward: its own probe's switches
+    bwd1 = ("triton", ("JEDI_TRITON_BWD_GLUON", "1"))
+    monkeypatch.delenv("JEDI_SWEEP_GLUON_BWD", raising=False)
+    monkeypatch.delenv("JEDI_GLUON_BWD_CONFIGS", raising=False)
+    assert ncu_attention.unavailable("triton-gluonbwd1", *bwd1, JK) is None
+    monkeypatch.setenv("JEDI_GLUON_BWD_CONFIGS", "2")
+    assert "did not pass" in ncu_attention.unavailable("triton-gluonbwd1", *bwd1, JK)
+    monkeypatch.setenv("JEDI_GLUON_BWD_CONFIGS", "0")
+    assert "did not pass" in ncu_attention.unavailable("triton-gluonbwd1", *bwd1, JK)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     monkeypatch.delenv("JEDI_SWEEP_GLUON")
     assert "9.0 only" in ncu_attention.unavailable("triton-gluon1", "triton", ("JEDI_TRITON_FWD_GLUON", "1"), JK)
+    assert "9.0 only" in ncu_attention.unavailable("triton-gluonbwd1", *bwd1, JK)
