@@ -44,6 +44,7 @@ GPU tests check dq, dk, dv by the flash rule. Never run on a GPU as of its writi
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -469,7 +470,10 @@ def _gdtype(dtype: torch.dtype):
     return gl.float16 if dtype == torch.float16 else gl.bfloat16
 
 
+@functools.lru_cache(maxsize=None)
 def _box_layout(rows: int, width: int, dtype: torch.dtype):
+    """The default (swizzled) shared layout of a (rows, width) box, cached: Gluon builds it in ≈ 7.5 µs of host time
+    on the CI machine's CPU, and a backward call makes eight descriptors."""
     return gl.NVMMASharedLayout.get_default_for([rows, width], _gdtype(dtype))
 
 
