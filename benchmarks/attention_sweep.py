@@ -281,6 +281,25 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
+@contextlib.contextmanager
+def _spying(name: str):
+    """Inside the block, calls of ``jedi_kernels.ops.set_attention.<name>`` (a Hopper kernel's launcher) are recorded
+    (their last argument, the config) in the list it yields, and still run."""
+    from jedi_kernels.ops import set_attention as sa
+
+    calls, real = [], getattr(sa, name)
+
+    def spy(*a, **kw):
+        calls.append(a[-1])
+        return real(*a, **kw)
+
+    setattr(sa, name, spy)
+    try:
+        yield calls
+    finally:
+        setattr(sa, name, real)
+
+
 def _variant_row(L, D, ng, dtype, rep_ms, backend: str, env: str, variants: dict[str, str], kind: str,
                  mode: str = "fwd") -> dict:
     """Timings of one backend under each value of the environment switch ``env`` ({label: value}), same inputs: a
@@ -400,22 +419,10 @@ def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
     cudnn, ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")
     row["ms_cudnn"] = time_ms(cudnn, rep_ms=rep_ms)
-    from jedi_kernels.ops import set_attention as sa
-
-    calls, real = [], sa.set_attn_fwd_gluon
-
-    def spy(*a, **kw):
-        calls.append(a[-1])
-        return real(*a, **kw)
-
-    sa.set_attn_fwd_gluon = spy
-    try:
-        # the Gluon kernel ran, and its output agrees with cuDNN's (the first checked config)
-        with _env("JEDI_TRITON_FWD_GLUON", next(iter(configs.values()))):
-            out = build_fn("triton", q, k, v, ng, HEADS, "fwd")[1]
-            torch.cuda.synchronize()
-    finally:
-        sa.set_attn_fwd_gluon = real
+    # the Gluon kernel ran, and its output agrees with cuDNN's (the first checked config)
+    with _spying("set_attn_fwd_gluon") as calls, _env("JEDI_TRITON_FWD_GLUON", next(iter(configs.values()))):
+        out = build_fn("triton", q, k, v, ng, HEADS, "fwd")[1]
+        torch.cuda.synchronize()
     row["gluon_ran"] = bool(calls)
     if "ms_gl128x128pad" in row and "ms_gl128x128" in row:  # issue 3: chunking vs padding
         row["speedup_split_vs_padded"] = row["ms_gl128x128pad"] / row["ms_gl128x128"]
@@ -433,7 +440,6 @@ def triton_gluon_bwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     from torch.nn.attention import sdpa_kernel
 
     import jedi_kernels as jk
-    from jedi_kernels.ops import set_attention as sa
     from jedi_kernels.ops.set_attention_gluon_bwd import BWD_CONFIGS, checked_bwd_configs
 
     # the configs the probe found agreeing (JEDI_GLUON_BWD_CONFIGS, set by gpu_check.sh when not all did), else all
@@ -451,22 +457,12 @@ def triton_gluon_bwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     row["ms_fwdbwd_cudnn"] = time_ms(cudnn, rep_ms=rep_ms)
     row["ms_fwdbwd_split"] = time_ms(build_fn("triton", q, k, v, ng, HEADS, "fwd+bwd", qkv=qkv, do=do)[0],
                                      rep_ms=rep_ms)
-    calls, real = [], sa.set_attn_bwd_gluon
-
-    def spy(*a, **kw):
-        calls.append(a[-1])
-        return real(*a, **kw)
-
-    sa.set_attn_bwd_gluon = spy
-    try:
-        with _env("JEDI_TRITON_BWD_GLUON", configs[best]):
-            row["ms_fwdbwd_gluon"] = time_ms(build_fn("triton", q, k, v, ng, HEADS, "fwd+bwd", qkv=qkv, do=do)[0],
-                                             rep_ms=rep_ms)
-            calls.clear()
+    with _env("JEDI_TRITON_BWD_GLUON", configs[best]):
+        row["ms_fwdbwd_gluon"] = time_ms(build_fn("triton", q, k, v, ng, HEADS, "fwd+bwd", qkv=qkv, do=do)[0],
+                                         rep_ms=rep_ms)
+        with _spying("set_attn_bwd_gluon") as calls:  # the Gluon kernel ran
             ours = torch.autograd.grad(jk.set_attention(q, k, v, ng, HEADS, backend="triton"), qkv, do)[0]
             torch.cuda.synchronize()
-    finally:
-        sa.set_attn_bwd_gluon = real
     row["gluonbwd_ran"] = bool(calls)
     with sdpa_kernel([sdpa_backend_enum("cudnn")]):
         ref = torch.autograd.grad(sdpa_set_attention(q, k, v, ng, HEADS, None), qkv, do)[0]

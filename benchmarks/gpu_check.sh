@@ -143,6 +143,11 @@ if [ "${JEDI_WS_PROBE_TIMEOUT:-60}" -gt 0 ] && [ "$build_status" != failed ]; th
   [ "$wrc" = 0 ] && WS_OK=1
 fi
 export JEDI_SWEEP_WS=$WS_OK
+# agreed_configs PROBE_JSON: the probe's configs_agreeing as "1,3" (empty if none, or no JSON)
+agreed_configs() {
+  $PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))" \
+    "$1" 2>/dev/null
+}
 # the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, new and never run on a GPU): the same guard, every config of it
 GLUON_OK=0
 if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
@@ -157,8 +162,7 @@ if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
     # some config disagreed, or hung until the timeout: the tests and sweep rows run on the configs that agreed on
     # every probed shape before that (if any), and the step ladder's Gluon rung on the first of them (a config with a
     # layout mistake would only fail them all; one that hangs would take the test step and the sweep with it)
-    agreed=$($PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))" \
-      "$OUT/gluon_probe.json" 2>/dev/null)
+    agreed=$(agreed_configs "$OUT/gluon_probe.json")
     if [ -n "$agreed" ]; then
       export JEDI_GLUON_CONFIGS=$agreed JEDI_STEP_GLUON_VARIANT=${agreed%%,*}
       GLUON_OK=1
@@ -180,8 +184,7 @@ if [ "${JEDI_GLUON_BWD_PROBE_TIMEOUT:-60}" -gt 0 ]; then
   tail -14 "$OUT/gluon_bwd_probe.log" | tee -a "$LOG"
   [ "$brc" = 0 ] && GLUON_BWD_OK=1
   if [ "$brc" = 1 ] || [ "$brc" = 124 ] || [ "$brc" = 137 ]; then
-    agreed=$($PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))" \
-      "$OUT/gluon_bwd_probe.json" 2>/dev/null)
+    agreed=$(agreed_configs "$OUT/gluon_bwd_probe.json")
     if [ -n "$agreed" ]; then
       export JEDI_GLUON_BWD_CONFIGS=$agreed
       GLUON_BWD_OK=1

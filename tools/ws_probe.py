@@ -29,6 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -78,14 +79,30 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _compile_and_run(report: dict, label: str, launcher, args: tuple) -> bool:
+    """Compile (``launcher(*args, compile_only=True)``) and run once, each step timed and reported under ``label``;
+    False (the error reported) if either raised: a config that fails is recorded and the next one still gets its turn
+    (after a device fault the later configs fail too, so none of them then counts)."""
+    try:
+        t = time.perf_counter()
+        launcher(*args, compile_only=True)
+        _say(report, f"{label} compile_s", round(time.perf_counter() - t, 2))
+        t = time.perf_counter()
+        launcher(*args)
+        _sync()
+        _say(report, f"{label} first_run_s", round(time.perf_counter() - t, 3))
+    except Exception as e:
+        _say(report, f"{label} error", f"{type(e).__name__}: {str(e)[:300]}")
+        return False
+    return True
+
+
 def probe_gluon(report: dict, shapes=None) -> int:
     """Each config of the Gluon forward, one after the other: compile, first run, agreement with the pointer kernel
     and time, on each probed shape (the last is SD's 64x64 level; ``shapes``: (B, G, L, H, D) tuples instead, for
     the CPU tests' dry run). ``configs_agreeing`` is updated (and the JSON rewritten) as each config finishes every
     shape, so a run killed by its timeout inside one config still says which earlier configs agreed."""
     import os
-
-    import torch
 
     from jedi_kernels.ops import set_attention as sa
     from jedi_kernels.ops import set_attention_gluon as sg
@@ -114,16 +131,7 @@ def probe_gluon(report: dict, shapes=None) -> int:
         for shape, (B, G, L, H, D), (q, k, v), (ref_out, ref_lse) in cases:
             out, lse, lst, cnt = sa._fwd_buffers(q, B, G, L, H, D, None)
             args = (q, k, v, B, G, L, H, D, D**-0.5, None, out, lse, lst, cnt, variant)
-            try:  # a config that fails to compile or launch is recorded, and the next one still gets its turn
-                t = time.perf_counter()
-                sg.set_attn_fwd_gluon(*args, compile_only=True)
-                _say(report, f"{shape} config {variant} compile_s", round(time.perf_counter() - t, 2))
-                t = time.perf_counter()
-                sg.set_attn_fwd_gluon(*args)
-                _sync()
-                _say(report, f"{shape} config {variant} first_run_s", round(time.perf_counter() - t, 3))
-            except Exception as e:  # (after a device fault the later configs fail too: none of them then counts)
-                _say(report, f"{shape} config {variant} error", f"{type(e).__name__}: {str(e)[:300]}")
+            if not _compile_and_run(report, f"{shape} config {variant}", sg.set_attn_fwd_gluon, args):
                 agree_all = False
                 break
             d_out = float((out.float() - ref_out.float()).abs().max())
@@ -198,16 +206,7 @@ def probe_gluon_bwd(report: dict, shapes=None) -> int:
             cols = cols if cols is not None else lse
             args = (do, q, k, v, lse, delta, B, G, L, H, D, D**-0.5, mask is not None, cols, ccnt, dk, dv, dq_acc,
                     variant)
-            try:  # a config that fails to compile or launch is recorded, and the next one still gets its turn
-                t = time.perf_counter()
-                gb.set_attn_bwd_gluon(*args, compile_only=True)
-                _say(report, f"{shape} config {variant} compile_s", round(time.perf_counter() - t, 2))
-                t = time.perf_counter()
-                gb.set_attn_bwd_gluon(*args)
-                _sync()
-                _say(report, f"{shape} config {variant} first_run_s", round(time.perf_counter() - t, 3))
-            except Exception as e:  # (after a device fault the later configs fail too: none of them then counts)
-                _say(report, f"{shape} config {variant} error", f"{type(e).__name__}: {str(e)[:300]}")
+            if not _compile_and_run(report, f"{shape} config {variant}", gb.set_attn_bwd_gluon, args):
                 agree_all = False
                 break
             diffs = {name: float((got.float() - r.float()).abs().max())
@@ -219,7 +218,7 @@ def probe_gluon_bwd(report: dict, shapes=None) -> int:
             _say(report, f"{shape} config {variant} max_abs_diff", {**diffs, "agree": agree})
             ms = do_bench(lambda: gb.set_attn_bwd_gluon(*args), return_mode="median")
             _say(report, f"{shape} config {variant} ms (kernel alone)", round(ms, 4))
-            with _env("JEDI_TRITON_BWD_GLUON", str(variant)):
+            with mock.patch.dict(os.environ, {"JEDI_TRITON_BWD_GLUON": str(variant)}):
                 ms = do_bench(lambda: sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask),
                               return_mode="median")
             _say(report, f"{shape} config {variant} bwd ms", round(ms, 4))
@@ -227,26 +226,6 @@ def probe_gluon_bwd(report: dict, shapes=None) -> int:
             agreeing.append(variant)
         _say(report, "configs_agreeing", list(agreeing))
     return 0 if agreeing == sorted(gb.BWD_CONFIGS) else 1
-
-
-def _env(name: str, value: str):
-    """A context manager setting environment variable ``name`` for its block."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def cm():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-    return cm()
 
 
 def probe(report: dict) -> int:

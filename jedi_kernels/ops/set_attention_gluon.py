@@ -105,12 +105,35 @@ def _chunks(head_dim: int, split: bool = True) -> tuple[int, int]:
     return (d0, d1) if d0 + d1 < dp else (dp, 0)
 
 
+def variant_switch(env: str, configs: dict) -> int:
+    """A Gluon kernel's switch ``env`` (read per call): 0 (unset) = off, else a config number of ``configs``."""
+    v = os.environ.get(env, "") or "0"
+    if v != "0" and (not v.isdigit() or int(v) not in configs):
+        raise ValueError(f"{env} must be 0 or one of {sorted(configs)}, got {v!r}")
+    return int(v)
+
+
+def config_list(env: str, configs: dict, allow_none: bool = False) -> list[int]:
+    """The configs listed in ``env`` (comma-separated, e.g. "4"; "0" = none where ``allow_none``), or all of
+    ``configs`` when it is unset; ValueError on anything else."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return sorted(configs)
+    if allow_none and raw == "0":
+        return []
+    try:
+        picked = sorted({int(x) for x in raw.split(",") if x.strip()})
+    except ValueError:
+        picked = []
+    if not picked or any(c not in configs for c in picked):
+        raise ValueError(f"{env} must be {'0 or ' if allow_none else ''}a comma-separated list of {sorted(configs)}, "
+                         f"got {raw!r}")
+    return picked
+
+
 def gluon_fwd_variant() -> int:
     """``JEDI_TRITON_FWD_GLUON`` (read per call): 0 (unset) = off, else the config number of :data:`CONFIGS`."""
-    v = os.environ.get("JEDI_TRITON_FWD_GLUON", "") or "0"
-    if v != "0" and (not v.isdigit() or int(v) not in CONFIGS):
-        raise ValueError(f"JEDI_TRITON_FWD_GLUON must be 0 or one of {sorted(CONFIGS)}, got {v!r}")
-    return int(v)
+    return variant_switch("JEDI_TRITON_FWD_GLUON", CONFIGS)
 
 
 def checked_configs() -> list[int]:
@@ -118,16 +141,7 @@ def checked_configs() -> list[int]:
     ``benchmarks/gpu_check.sh`` sets to the configs ``tools/ws_probe.py --kernel gluon`` found agreeing with the
     pointer kernel when some did not (a wrong config would only fail every test and row of it); unset: all of
     :data:`CONFIGS`. The switch itself (``JEDI_TRITON_FWD_GLUON``) still takes any config."""
-    raw = os.environ.get("JEDI_GLUON_CONFIGS", "").strip()
-    if not raw:
-        return sorted(CONFIGS)
-    try:
-        picked = sorted({int(x) for x in raw.split(",") if x.strip()})
-    except ValueError:
-        picked = []
-    if not picked or any(c not in CONFIGS for c in picked):
-        raise ValueError(f"JEDI_GLUON_CONFIGS must be a comma-separated list of {sorted(CONFIGS)}, got {raw!r}")
-    return picked
+    return config_list("JEDI_GLUON_CONFIGS", CONFIGS)
 
 
 def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float) -> bool:

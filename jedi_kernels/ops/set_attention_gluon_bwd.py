@@ -45,14 +45,13 @@ GPU tests check dq, dk, dv by the flash rule. Never run on a GPU as of its writi
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
 from jedi_kernels.ops import cdiv, tma_rows_ok
 from jedi_kernels.ops import rows_stride as _rows_stride
-from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON
+from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON, config_list, variant_switch
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -102,10 +101,7 @@ def bwd_chunks(head_dim: int) -> tuple[int, int]:
 
 def gluon_bwd_variant() -> int:
     """``JEDI_TRITON_BWD_GLUON`` (read per call): 0 (unset) = off, else the config number of :data:`BWD_CONFIGS`."""
-    v = os.environ.get("JEDI_TRITON_BWD_GLUON", "") or "0"
-    if v != "0" and (not v.isdigit() or int(v) not in BWD_CONFIGS):
-        raise ValueError(f"JEDI_TRITON_BWD_GLUON must be 0 or one of {sorted(BWD_CONFIGS)}, got {v!r}")
-    return int(v)
+    return variant_switch("JEDI_TRITON_BWD_GLUON", BWD_CONFIGS)
 
 
 def checked_bwd_configs() -> list[int]:
@@ -113,19 +109,7 @@ def checked_bwd_configs() -> list[int]:
     which ``benchmarks/gpu_check.sh`` sets from what ``tools/ws_probe.py --kernel gluon-bwd`` found agreeing with the
     split pointer kernels when not all did; unset: all of :data:`BWD_CONFIGS`. The switch itself
     (``JEDI_TRITON_BWD_GLUON``) still takes any config."""
-    raw = os.environ.get("JEDI_GLUON_BWD_CONFIGS", "").strip()
-    if not raw:
-        return sorted(BWD_CONFIGS)
-    if raw == "0":
-        return []
-    try:
-        picked = sorted({int(x) for x in raw.split(",") if x.strip()})
-    except ValueError:
-        picked = []
-    if not picked or any(c not in BWD_CONFIGS for c in picked):
-        raise ValueError(f"JEDI_GLUON_BWD_CONFIGS must be 0 or a comma-separated list of {sorted(BWD_CONFIGS)}, "
-                         f"got {raw!r}")
-    return picked
+    return config_list("JEDI_GLUON_BWD_CONFIGS", BWD_CONFIGS, allow_none=True)
 
 
 def gluon_bwd_ok(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,

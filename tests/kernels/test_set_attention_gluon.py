@@ -69,15 +69,30 @@ _CASES = [(v, d, dt, m, e) for v in sorted(sg.CONFIGS) for d in (8, 40, 64, 80, 
           for m, e in ((False, True), (True, False))]
 _COMPILE_ALL = """
 import json, sys, torch
+from importlib import import_module
 from pathlib import Path
-from jedi_kernels.ops import set_attention_gluon as sg
+compile_fn = getattr(import_module(sys.argv[3]), sys.argv[4])
 out = Path(sys.argv[1])
 for n, (v, d, dt, m, e) in enumerate(json.loads(sys.argv[2])):
-    k = sg.compile_for(90, d, getattr(torch, dt), v, m, e)
+    k = compile_fn(90, d, getattr(torch, dt), v, m, e)
     (out / f"{n}.ptx").write_text(k.asm["ptx"])
     (out / f"{n}.cubin").write_bytes(k.asm["cubin"])
     (out / f"{n}.json").write_text(json.dumps({"shared": k.metadata.shared}))
 """
+
+
+def compile_all(out: Path, module: str, fn: str, cases: list) -> dict:
+    """{case: (ptx, cubin, shared bytes)}: ``module.fn(90, head_dim, dtype, config, masked, even)`` for every case
+    (config, head dim, dtype name, masked, even), compiled for sm_90 in one subprocess without the interpreter, in a
+    fresh Triton cache under ``out`` (a warm cache would hide a compile error)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "cache")
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", _COMPILE_ALL, str(out), json.dumps(cases), module, fn],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {case: ((out / f"{n}.ptx").read_text(), (out / f"{n}.cubin").read_bytes(),
+                   json.loads((out / f"{n}.json").read_text())["shared"]) for n, case in enumerate(cases)}
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +100,8 @@ def compiled(tmp_path_factory):
     """{case: (ptx, cubin, shared bytes)} for every case of _CASES, compiled for sm_90 in a fresh Triton cache."""
     if not sg.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    out = tmp_path_factory.mktemp("gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(out / "cache")  # really compile (a warm cache would hide a compile error)
-    root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, "-c", _COMPILE_ALL, str(out), json.dumps(_CASES)], capture_output=True,
-                       text=True, timeout=900, env=env, cwd=root)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return {case: ((out / f"{n}.ptx").read_text(), (out / f"{n}.cubin").read_bytes(),
-                   json.loads((out / f"{n}.json").read_text())["shared"]) for n, case in enumerate(_CASES)}
+    return compile_all(tmp_path_factory.mktemp("gluon"), "jedi_kernels.ops.set_attention_gluon", "compile_for",
+                       _CASES)
 
 
 @needs_gluon

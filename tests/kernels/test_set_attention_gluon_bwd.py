@@ -9,10 +9,8 @@ across the loop's back edge causes); and the main loop has the schedule it was w
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 
 from jedi_kernels.ops import set_attention as sa
 from jedi_kernels.ops import set_attention_gluon_bwd as gb
-from test_set_attention_gluon import _loops, _ptxas_report, _sass
+from test_set_attention_gluon import _loops, _ptxas_report, _sass, compile_all
 
 needs_gluon = pytest.mark.skipif(not gb.HAVE_GLUON, reason="this Triton has no Gluon")
 
@@ -30,17 +28,6 @@ needs_gluon = pytest.mark.skipif(not gb.HAVE_GLUON, reason="this Triton has no G
 _CASES = [(v, d, dt, m, e) for v in sorted(gb.BWD_CONFIGS) for d in (8, 24, 40, 64, 72, 80)
           if d <= gb.BWD_CONFIGS[v]["MAX_HEAD_DIM"] for dt in ("float16", "bfloat16")
           for m, e in ((False, True), (True, False))]
-_COMPILE_ALL = """
-import json, sys, torch
-from pathlib import Path
-from jedi_kernels.ops import set_attention_gluon_bwd as gb
-out = Path(sys.argv[1])
-for n, (v, d, dt, m, e) in enumerate(json.loads(sys.argv[2])):
-    k = gb.compile_bwd_for(90, d, getattr(torch, dt), v, m, e)
-    (out / f"{n}.ptx").write_text(k.asm["ptx"])
-    (out / f"{n}.cubin").write_bytes(k.asm["cubin"])
-    (out / f"{n}.json").write_text(json.dumps({"shared": k.metadata.shared}))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +35,8 @@ def compiled(tmp_path_factory):
     """{case: (ptx, cubin, shared bytes)} for every case of _CASES, compiled for sm_90 in a fresh Triton cache."""
     if not gb.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    out = tmp_path_factory.mktemp("gluon_bwd")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(out / "cache")  # really compile (a warm cache would hide a compile error)
-    root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, "-c", _COMPILE_ALL, str(out), json.dumps(_CASES)], capture_output=True,
-                       text=True, timeout=900, env=env, cwd=root)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return {case: ((out / f"{n}.ptx").read_text(), (out / f"{n}.cubin").read_bytes(),
-                   json.loads((out / f"{n}.json").read_text())["shared"]) for n, case in enumerate(_CASES)}
+    return compile_all(tmp_path_factory.mktemp("gluon_bwd"), "jedi_kernels.ops.set_attention_gluon_bwd",
+                       "compile_bwd_for", _CASES)
 
 
 @needs_gluon
