@@ -30,7 +30,9 @@ other; the consumers get 232 registers each, the producer 40.
 
 Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4|5``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head
 dims <= 128, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
-what the SASS must contain (tests/kernels/test_set_attention_gluon.py). The GPU tests check its outputs.
+what the SASS must contain, and run its code on a CPU emulator of the Gluon builtins it uses
+(tests/kernels/gluon_emu.py: the math, indexing and mbarrier protocol, with the products and TMA copies at their
+worst-case timing; tests/kernels/test_set_attention_gluon.py). The GPU tests check its outputs.
 """
 from __future__ import annotations
 

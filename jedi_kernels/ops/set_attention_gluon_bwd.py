@@ -39,8 +39,10 @@ inputs are unaffected.
 
 Opt-in (``JEDI_TRITON_BWD_GLUON=1|2``, the config), sm_90 only, fp16/bf16, head dims <= ``MAX_HEAD_DIM``, not in
 deterministic mode (the float32 atomics' order varies). Gluon has no interpreter: the CPU tests compile it for sm_90
-and check registers, shared memory and the main loop's schedule (tests/kernels/test_set_attention_gluon_bwd.py); the
-GPU tests check dq, dk, dv by the flash rule. Never run on a GPU as of its writing (2026-11-27).
+and check registers, shared memory and the main loop's schedule, and run its code on a CPU emulator of the Gluon
+builtins it uses (tests/kernels/gluon_emu.py: the math, indexing and mbarrier protocol, with the products and TMA
+copies at their worst-case timing; tests/kernels/test_set_attention_gluon_bwd.py); the GPU tests check dq, dk, dv by
+the flash rule. Never run on a GPU as of its writing (2026-11-27).
 """
 from __future__ import annotations
 

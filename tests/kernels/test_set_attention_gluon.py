@@ -5,8 +5,10 @@ Gluon has no interpreter mode, so the CPU tests compile the kernel for sm_90 (Tr
 hold before a GPU ever runs it: every config compiles for every head-dim class, dtype and masking path without
 register spills, within sm_90's shared memory, without ptxas serializing the warpgroup MMAs (warning C7514); and its
 main loop has the schedule it was written for (the softmax's exponentials between the wait for S_t and the wait for
-the P·V product). The GPU tests (``gpu`` + ``gluon``) judge out, lse and the grads of the backward on its lse by the
-flash rule against the float64 reference.
+the P·V product); and every config's kernel code, run by the CPU emulator of tests/kernels/gluon_emu.py (products
+retiring lazily at their waits, TMA copies landing early or late, mbarrier phases checked, config 5's partitions as
+threads), gives out and lse within the flash rule. The GPU tests (``gpu`` + ``gluon``) judge out, lse and the grads of
+the backward on its lse by the flash rule against the float64 reference.
 """
 from __future__ import annotations
 
@@ -264,6 +266,53 @@ def test_tma_rows_ok():
     assert not tma_rows_ok(torch.randn(4, 33, 80, dtype=torch.bfloat16)[:, :, ::2])  # last stride 2
     assert not tma_rows_ok(torch.randn(1, 1, 80, dtype=torch.bfloat16).expand(4, 33, 80))  # one row, stride 0
     assert tma_rows_ok(torch.randn(1, 1, 80, dtype=torch.bfloat16))  # a single row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CTA-wide kernel itself on the CPU, through tests/kernels/gluon_emu.py (its Python source with Gluon's builtins
+# emulated: products retire lazily at their waits, TMA copies land at issue or only at the barrier wait, mbarrier
+# phases and byte counts checked; config 5's partitions as threads synchronized by the mbarriers alone).
+# ----------------------------------------------------------------------------------------------------------------------
+
+_EMU_CASES = [  # (B, G, L, H, D, mask): key tiles beyond the ring (3 or 4 buffers), so buffers are refilled
+    (1, 3, 200, 2, 40, "oneway"),  # 32 + 16 of a 64-column box (24 zeroed in Q), key tails, the image lists
+    (2, 2, 130, 3, 24, "jedi"),  # one 32-column chunk, the last head's box past H*D, two sets
+    (1, 1, 1, 2, 8, "full"),  # one row
+    (1, 2, 256, 1, 80, "full"),  # 64 + 16 of a 128-column box, whole tiles
+    (1, 2, 70, 1, 128, "blockdiag"),  # one 128-column chunk
+]
+
+
+@pytest.mark.parametrize("tma_lands", ["issue", "wait"])
+@pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
+@pytest.mark.parametrize("B, G, L, H, D, mask", _EMU_CASES, ids=[f"G{c[1]}-L{c[2]}-d{c[4]}-{c[5]}" for c in _EMU_CASES])
+def test_emulated_kernel(monkeypatch, variant, tma_lands, B, G, L, H, D, mask):
+    """The Gluon forward kernels' own code (the CTA-wide one, and the warp-specialized one for config 5), emulated on
+    the CPU: out and lse by the flash rule against the float64 reference (fp16 inputs as views of one fused
+    projection, through the real host code: descriptors, lists)."""
+    if not sg.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    from test_set_attention import _inputs, _masks, _ref_fwd_bwd
+
+    from jedi_kernels.testing import assert_flash_rule
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import gluon_emu
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(sa, "gluon_fwd_ok", lambda *a: True)
+    monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", str(variant))
+    set_mask = _masks(mask, G)
+    _, (q, k, v) = _inputs(B, G, L, H, D, torch.float16, torch.device("cpu"), fused=True)
+    with gluon_emu.emulated(sg, sg._kernel_of(sg.CONFIGS[variant]).__name__, tma_lands) as runs:
+        out, lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, set_mask)
+    assert len(runs) == 1
+    do = torch.zeros_like(q)
+    ref64 = _ref_fwd_bwd(q, k, v, do, G, H, D**-0.5, set_mask, torch.float64)
+    same = _ref_fwd_bwd(q, k, v, do, G, H, D**-0.5, set_mask, torch.float16)
+    assert_flash_rule(out, same[0], ref64[0], f"out config {variant}")
+    assert_flash_rule(lse, same[1], ref64[1], f"lse config {variant}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

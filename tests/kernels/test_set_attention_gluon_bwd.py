@@ -1,11 +1,13 @@
 """The Gluon Hopper backward of the set attention (``jedi_kernels/ops/set_attention_gluon_bwd.py``, opt-in
 ``JEDI_TRITON_BWD_GLUON=<config>``): dK, dV and dQ (float32 atomics) in one kernel.
 
-Gluon has no interpreter mode, so the CPU tests compile the kernel for sm_90 and check what must hold before a GPU
-runs it: every config compiles for every head-dim class, dtype and masking/tail path without register spills, within
+Gluon has no interpreter mode. The CPU tests compile the kernel for sm_90 and check what must hold before a GPU runs
+it: every config compiles for every head-dim class, dtype and masking/tail path without register spills, within
 sm_90's shared memory, and without ptxas serializing the warpgroup MMAs (warning C7514, which an accumulator in flight
-across the loop's back edge causes); and the main loop has the schedule it was written for. The GPU tests (``gpu`` +
-``gluon``) judge dq, dk, dv by the flash rule against the float64 reference.
+across the loop's back edge causes); the main loop has the schedule it was written for; and the kernel's own code,
+run by the CPU emulator of tests/kernels/gluon_emu.py (products retiring lazily at their waits, TMA copies landing
+early or late, mbarrier phases checked), gives dq, dk, dv within the flash rule. The GPU tests (``gpu`` + ``gluon``)
+judge the compiled kernel the same way.
 """
 from __future__ import annotations
 
@@ -173,6 +175,54 @@ def test_set_attn_bwd_wiring(monkeypatch, mask):
     monkeypatch.setattr(sa, "set_attn_bwd_gluon", bwd_stand_in(seen))
     _check_case(1, 3, 17, 2, 24, mask=mask, fused=True)
     assert [s[:7] for s in seen] == [(1, 3, 17, 2, 24, mask != "full", 1)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The kernel itself on the CPU, through tests/kernels/gluon_emu.py (its Python source with Gluon's builtins emulated;
+# products retire lazily at their waits, TMA copies land at issue or only at the barrier wait, mbarrier phases and
+# byte counts checked): math, indexing, masking and the ring/barrier protocol, short of the compiler and of hazards
+# between the warps of one program
+# ----------------------------------------------------------------------------------------------------------------------
+
+# (B, G, L, H, D, mask): every program of the first three visits more query tiles than the ring holds (4), so tiles
+# are refilled; "orphan" leaves key image 2 without a query (dk = dv = 0 from a program that loops zero times)
+_ORPHAN = torch.tensor([[True, False, False], [True, True, False], [True, True, False]])
+_EMU_CASES = [
+    (1, 3, 70, 2, 40, "full"),  # 32 + 16 columns (8 zeroed), query and key tails
+    (1, 3, 97, 1, 40, "orphan"),  # the transposed image lists
+    (2, 2, 140, 3, 24, "jedi"),  # one 32-column chunk, 8 zeroed; the last head's box past H*D; two sets
+    (1, 1, 1, 2, 8, "full"),  # one row: boxes past the tensor's end
+    (1, 2, 128, 1, 80, "oneway"),  # 64 + 16 columns, whole tiles (EVEN_M, EVEN_N)
+    (1, 2, 70, 1, 72, "full"),  # 64 + 16 with 8 zeroed
+]
+
+
+def _emu():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import gluon_emu
+    finally:
+        sys.path.pop(0)
+    return gluon_emu
+
+
+@pytest.mark.parametrize("tma_lands", ["issue", "wait"])
+@pytest.mark.parametrize("variant", sorted(gb.BWD_CONFIGS))
+@pytest.mark.parametrize("B, G, L, H, D, mask", _EMU_CASES, ids=[f"G{c[1]}-L{c[2]}-d{c[4]}-{c[5]}" for c in _EMU_CASES])
+def test_emulated_kernel(monkeypatch, variant, tma_lands, B, G, L, H, D, mask):
+    """The Gluon backward kernel's own code, emulated on the CPU (fp16 inputs, the flash rule for dq, dk, dv against
+    the float64 reference, through the custom op's autograd and the real host code: descriptors, lists, Delta)."""
+    if not gb.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    if D > gb.BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
+        pytest.skip(f"config {variant} takes head dims <= {gb.BWD_CONFIGS[variant]['MAX_HEAD_DIM']}")
+    from test_set_attention import _check_case
+
+    monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", str(variant))
+    monkeypatch.setattr(sa, "gluon_bwd_ok", lambda *a: True)
+    with _emu().emulated(gb, "_set_attn_bwd_gluon_kernel", tma_lands) as runs:
+        _check_case(B, G, L, H, D, dtype=torch.float16, mask=_ORPHAN if mask == "orphan" else mask, fused=True)
+    assert len(runs) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
