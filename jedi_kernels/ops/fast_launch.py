@@ -20,9 +20,11 @@ depends on, in a form at least as fine as Triton's own specialization:
 - the current device, and the grid (or, for a grid computed from the autotuned config, ``grid_key``: everything
   that grid depends on besides the config).
 
-Calls it cannot key (an argument of another type, such as a TMA descriptor; an unhashable meta value), calls under
-the interpreter, and calls while a Triton launch hook is installed (a profiler such as proton reads the launch
-metadata) take Triton's own path every time. ``JEDI_FAST_LAUNCH=0`` (read at import) turns the direct path off.
+TMA descriptor arguments (the Gluon kernels') are keyed by their base tensor's dtype and alignment and their exact
+shape, strides, box, layout and padding; a cached launch passes the new descriptor objects to the compiled kernel's
+launcher, which builds the hardware descriptor from them as it does on Triton's path. Calls it cannot key (an argument
+of another type; an unhashable meta value), calls under the interpreter, and calls while a Triton launch hook is
+installed (a profiler such as proton reads the launch metadata) take Triton's own path every time. ``JEDI_FAST_LAUNCH=0`` (read at import) turns the direct path off.
 
 Precondition on the kernel (true of every jedi_kernels kernel): heuristics (``triton.heuristics``) compute values
 from int/bool/float arguments and constexprs only, not from a tensor's shape or contents. An autotuning config with
@@ -87,18 +89,33 @@ def cache_size(kernel=None) -> int:
     return sum(len(c) for _, c in _CACHES.values() if c)
 
 
+def _is_desc(a) -> bool:
+    """A host-side TMA descriptor (Triton's ``TensorDescriptor`` or Gluon's): a base tensor and a box shape."""
+    return hasattr(a, "block_shape") and isinstance(getattr(a, "base", None), torch.Tensor)
+
+
+def _desc_key(a) -> tuple:
+    """A TMA descriptor's part of the key: its class, its base's dtype and 16-byte alignment, and its exact shape,
+    strides, box, shared layout and padding (finer than anything Triton specializes a descriptor on; the launcher
+    builds the hardware descriptor from the object on every launch, cached or not)."""
+    b = a.base
+    return (a.__class__, b.dtype, b.data_ptr() & 15, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
+            getattr(a, "layout", None), getattr(a, "padding", None))
+
+
 def _arg_key(args: tuple) -> tuple:
     """The part of the launch key that comes from the positional arguments: (dtype, data pointer mod 16) per tensor,
-    (class, value) for anything else (a float's value too: finer than Triton, never wrong). Whether every class is one
-    Triton takes as a scalar is checked once, when an entry is made (:func:`_keyable`): a later call can only hit
-    that entry with the same classes."""
+    :func:`_desc_key` per TMA descriptor, (class, value) for anything else (a float's value too: finer than Triton,
+    never wrong). Whether every class is one Triton takes as a scalar is checked once, when an entry is made
+    (:func:`_keyable`): a later call can only hit that entry with the same classes."""
     T = torch.Tensor
-    return tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, T) else (a.__class__, a) for a in args])
+    return tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, T) else _desc_key(a) if _is_desc(a) else
+                  (a.__class__, a) for a in args])
 
 
 def _keyable(args: tuple) -> bool:
-    """Every positional argument is a tensor, an int, a float, a bool or None (a TMA descriptor, for one, is not)."""
-    return all(isinstance(a, torch.Tensor) or a is None or type(a) in (int, float, bool) for a in args)
+    """Every positional argument is a tensor, a TMA descriptor, an int, a float, a bool or None."""
+    return all(isinstance(a, torch.Tensor) or a is None or type(a) in (int, float, bool) or _is_desc(a) for a in args)
 
 
 def _jit_of(kernel):
@@ -170,8 +187,8 @@ def launch(kernel, grid, *args, grid_key: tuple = (), **meta):
     Args:
         kernel: a ``triton.jit`` function, or an autotuner / heuristics wrapper of one.
         grid: a tuple of ints, or a callable of the launch's named arguments (config included) returning one.
-        *args: the kernel's leading positional arguments (tensors, ints, floats, bools, None; anything else, such as
-            a TMA descriptor, makes this call take Triton's path).
+        *args: the kernel's leading positional arguments (tensors, TMA descriptors, ints, floats, bools, None;
+            anything else makes this call take Triton's path).
         grid_key: with a callable grid, everything the grid depends on besides the config and the arguments (e.g. the
             batch size a grid multiplies in). Ignored for a tuple grid, which is part of the key itself.
         **meta: constexpr and option keywords (num_warps, ...), as for ``kernel[grid]``.
@@ -195,7 +212,7 @@ def launch(kernel, grid, *args, grid_key: tuple = (), **meta):
     try:
         key = (grid_key if callable(grid) else tuple(grid), dev, _arg_key(args), tuple(meta.items()))
         ent = cache.get(key)
-    except TypeError:  # an unhashable argument or meta value (e.g. a TMA descriptor)
+    except TypeError:  # an unhashable argument or meta value
         return kernel[grid](*args, **meta)
     if ent is not None:
         run, compiled, g, tail = ent

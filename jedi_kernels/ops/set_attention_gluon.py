@@ -44,6 +44,7 @@ import triton
 
 from jedi_kernels.ops import cdiv, tma_rows_ok
 from jedi_kernels.ops import rows_stride as _rows_stride
+from jedi_kernels.ops.fast_launch import launch
 
 try:  # Gluon ships with Triton >= 3.4 (experimental); without it this forward is unavailable, nothing else changes
     from triton.experimental import gluon
@@ -577,7 +578,7 @@ def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: f
     if compile_only:
         kernel.warmup(*args, grid=grid, **meta)
         return
-    kernel[grid](*args, **meta)
+    launch(kernel, grid, *args, **meta)
 
 
 def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.bfloat16, variant: int = 1,

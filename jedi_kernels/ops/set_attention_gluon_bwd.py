@@ -53,6 +53,7 @@ import triton
 
 from jedi_kernels.ops import cdiv, tma_rows_ok
 from jedi_kernels.ops import rows_stride as _rows_stride
+from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON, config_list, variant_switch
 
 if HAVE_GLUON:
@@ -480,20 +481,24 @@ def set_attn_bwd_gluon(do, q, k, v, lse, delta, B: int, G: int, L: int, H: int, 
     d0, d1 = bwd_chunks(D)
     N = B * G
 
-    def desc(t, rows, c):
-        w = d0 if c == 0 or d1 == 0 else d1
-        return TensorDescriptor(t, [N * L, H * D], [_rows_stride(t), 1], [rows, w], _box_layout(rows, w, t.dtype))
+    def descs_of(t, rows):
+        """(chunk 0's, chunk 1's) descriptors of t's (N·L, H·D) rows; the same object twice when D1 = 0 (the
+        kernel never reads the second then)."""
+        stride = [_rows_stride(t), 1]
+        first = TensorDescriptor(t, [N * L, H * D], stride, [rows, d0], _box_layout(rows, d0, t.dtype))
+        if not d1:
+            return first, first
+        return first, TensorDescriptor(t, [N * L, H * D], stride, [rows, d1], _box_layout(rows, d1, t.dtype))
 
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    descs = (desc(q, bm, 0), desc(q, bm, 1), desc(do, bm, 0), desc(do, bm, 1),
-             desc(k, bn, 0), desc(k, bn, 1), desc(v, bn, 0), desc(v, bn, 1))
+    descs = (*descs_of(q, bm), *descs_of(do, bm), *descs_of(k, bn), *descs_of(v, bn))
     grid = (G * cdiv(L, bn), B * H)
     args = (*descs, lse, delta, dk, dv, dq_acc, img_list, img_count, float(scale) * _LOG2E, float(scale), H, G, L)
     meta = _meta(cfg, D, has_mask, L)
     if compile_only:
         _set_attn_bwd_gluon_kernel.warmup(*args, grid=grid, **meta)
         return
-    _set_attn_bwd_gluon_kernel[grid](*args, **meta)
+    launch(_set_attn_bwd_gluon_kernel, grid, *args, **meta)
 
 
 def compile_bwd_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.bfloat16, variant: int = 1,

@@ -6,7 +6,8 @@ recorder. Each scenario is launched through Triton's path and, once it is cached
 records must name the same compiled kernel, grid, stream and function, and the same arguments (tensors compared by
 dtype, shape, strides, offset and 16-byte alignment, scalars by type and value). Scenarios differ in exactly the things
 the launch key must tell apart: the batch (only the grid changes), L, a misaligned view (another specialization),
-the dtype, a set mask, the softmax scale (a float argument). Replaying every scenario after all are cached catches a
+the dtype, a set mask, the softmax scale (a float argument); and the Gluon kernels' TMA descriptor arguments, whose
+shapes change with B and L. Replaying every scenario after all are cached catches a
 key that two of them share.
 
 The rest run in process: the interpreter path, switching the direct path off, keying rules.
@@ -75,6 +76,23 @@ def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False):
             sa.set_attn_bwd(out, q, k, v, out, lse, G, H, s, m)
     return run
 
+from jedi_kernels.ops import set_attention_gluon as sg, set_attention_gluon_bwd as gb
+sa.gluon_fwd_ok = lambda *a: True  # CPU tensors as if on an sm_90 GPU: the Gluon launches compile for sm_90
+sa.gluon_bwd_ok = lambda *a: True
+
+def gluon(B, G, L, H, D, fwd_cfg, bwd_cfg, mask=None):
+    """The Gluon forward and backward (TMA descriptor arguments) on bf16 fused-qkv views."""
+    q, k, v = qkv(B, G, L, H, D, bf16)
+    m = None if mask is None else torch.tensor(mask)
+    def run():
+        os.environ.update(JEDI_TRITON_FWD_GLUON=str(fwd_cfg), JEDI_TRITON_BWD_GLUON=str(bwd_cfg))
+        try:
+            out, lse = sa.set_attn_fwd(q, k, v, G, H, D ** -0.5, m)
+            sa.set_attn_bwd(out, q, k, v, out, lse, G, H, D ** -0.5, m)
+        finally:
+            os.environ.pop("JEDI_TRITON_FWD_GLUON"); os.environ.pop("JEDI_TRITON_BWD_GLUON")
+    return run
+
 x = torch.randn(2, 64, 4, 4, dtype=f16).to(memory_format=torch.channels_last)
 w, b = torch.randn(64, dtype=f16), torch.randn(64, dtype=f16)
 h = torch.randn(2, 16, 128, dtype=f16)
@@ -100,11 +118,20 @@ SCENARIOS = {
     "add_layer_norm": lambda: ln.add_layer_norm_fwd(xl, rl, wl, None, 1e-5),
     "prepare_inputs": lambda: pi.prep_fwd(xt, x0, pm),
     "prepare_inputs bwd": lambda: pi.prep_bwd(torch.randn(2, 9, 8, 8, dtype=f16), pm, 4),
+    # descriptors: their shapes change with B and L (the key must tell), the configs change the boxes
+    "gluon": gluon(1, 2, 32, 2, 40, 1, 1),
+    "gluon B=2": gluon(2, 2, 32, 2, 40, 1, 1),
+    "gluon L=48": gluon(1, 2, 48, 2, 40, 1, 1),
+    "gluon configs 3/2": gluon(1, 2, 32, 2, 40, 3, 2),
+    "gluon mask": gluon(1, 2, 32, 2, 40, 1, 1, mask=[[True, False], [True, True]]),
 }
 
 def describe(a):
     if isinstance(a, torch.Tensor):
         return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.storage_offset(), a.data_ptr() % 16 == 0]
+    if hasattr(a, "block_shape") and hasattr(a, "base"):
+        return ["desc", describe(a.base), list(a.shape), list(a.strides), list(a.block_shape), repr(a.layout),
+                a.padding]
     if isinstance(a, HookChain):
         return ["hooks", len(a.calls)]
     return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
@@ -163,7 +190,7 @@ def _same_launch(triton_rec: dict, fast_rec: dict, where: str) -> None:
 
 def test_cached_launches_pass_what_triton_passes(equivalence):
     first = equivalence["first"]
-    assert len(first) == 17
+    assert len(first) == 22
     for name, r in first.items():
         assert r["triton"], f"{name}: nothing launched"
         assert len(r["fast"]) == len(r["triton"]), name
@@ -195,7 +222,19 @@ def test_scenarios_exercise_the_key(equivalence):
     assert fwd["attn scale"]["kernel"] == fwd["attn"]["kernel"] and fwd["attn scale"]["args"] != fwd["attn"]["args"]
     assert len(first["attn mask"]["triton"]) == 2  # the mask lists, then the forward
     assert len(first["attn bwd"]["triton"]) == 4  # forward, delta, dK/dV, dQ
-    assert equivalence["entries"] >= 20
+    # the Gluon scenarios: forward, delta, the Gluon backward; their descriptors' shapes follow B and L, and configs
+    # 3/2 launch other kernels on other boxes
+    gl = {n: first[n]["triton"] for n in ("gluon", "gluon B=2", "gluon L=48", "gluon configs 3/2", "gluon mask")}
+    names = [r["name"] for r in gl["gluon"]]
+    assert names == ["_set_attn_fwd_gluon_kernel", "_set_attn_bwd_preprocess_kernel", "_set_attn_bwd_gluon_kernel"]
+    descs = lambda rec: [a for a in rec["args"] if a[0] == "desc"]  # noqa: E731
+    assert len(descs(gl["gluon"][2])) == 8 and descs(gl["gluon"][0])
+    for other in ("gluon B=2", "gluon L=48"):
+        assert gl[other][2]["kernel"] == gl["gluon"][2]["kernel"]  # the same compiled kernel...
+        assert descs(gl[other][2]) != descs(gl["gluon"][2])  # ...on other descriptors
+    assert gl["gluon configs 3/2"][2]["kernel"] != gl["gluon"][2]["kernel"]
+    assert gl["gluon mask"][-1]["kernel"] != gl["gluon"][2]["kernel"]  # HAS_MASK
+    assert equivalence["entries"] >= 30
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,6 +252,25 @@ def test_keying_rules():
     assert k((16,)) != k((32,))  # exact ints: autotuning keys and heuristics read them
     assert fast_launch._keyable((t, 3, 2.0, True, None))
     assert not fast_launch._keyable((t, "x")) and not fast_launch._keyable((object(),))
+
+
+def test_descriptor_keying_rules():
+    """TMA descriptors: keyable, equal keys for equal descriptors of other tensors, different keys for another shape,
+    strides, box or base dtype."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    k = fast_launch._arg_key
+    buf = torch.zeros(64 * 48 + 8, dtype=torch.float16)
+    a = buf[:64 * 48].view(64, 48)
+
+    def d(t, shape=(64, 48), strides=(48, 1), block=(16, 16)):
+        return TensorDescriptor(t, list(shape), list(strides), list(block))
+
+    assert fast_launch._keyable((d(a), 3)) and fast_launch._is_desc(d(a)) and not fast_launch._is_desc(a)
+    assert k((d(a),)) == k((d(torch.zeros(64, 48, dtype=torch.float16)),))
+    assert k((d(a),)) == k((d(buf[8:8 + 64 * 48].view(64, 48)),))  # 16 bytes further: still aligned
+    for other in (d(a, shape=(32, 48)), d(a, strides=(96, 1)), d(a, block=(32, 16)), d(a.to(torch.bfloat16))):
+        assert k((other,)) != k((d(a),))  # (a descriptor's base is 16-byte aligned: Triton asserts it)
 
 
 def test_interpreter_and_disabled_paths_do_not_cache(monkeypatch):
