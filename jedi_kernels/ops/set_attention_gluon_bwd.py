@@ -416,8 +416,9 @@ if HAVE_GLUON:
             prev_mt = mt
             row, lse_row, mt = _query_tile_of(it, n_mt, ImgList, j, b, pid_bh, G, L, BLOCK_M, HAS_MASK)
             mbarrier.wait(qdo_bar.index(st), (it // NUM_STAGES) & 1)
-            dk0t, dk1t, dq0t, dq1t, ds_op1 = _issue_dk_dq(ds_op, ds_s.index((it - 1) % 2), q0_s, q1_s, k0_s, k1_s,
-                                                  (it - 1) % NUM_STAGES, dk0, dk1, dq0_zero, dq1_zero, a1_layout, D1)
+            dk0t, dk1t, dq0t, dq1t, ds_op1 = _issue_dk_dq(
+                ds_op, ds_s.index((it - 1) % 2), q0_s, q1_s, k0_s, k1_s, (it - 1) % NUM_STAGES, dk0, dk1, dq0_zero,
+                dq1_zero, a1_layout, D1)
             s_tok = _issue_t(k0_s, k1_s, q0_s.index(st), q1_s.index(st), st_zero, D1)
             dp_tok = _issue_t(v0_s, v1_s, do0_s.index(st), do1_s.index(st), st_zero, D1)
             # this tile's lse and Delta (their latency hides behind the products queued before Sᵀ); tile t-1's dK and
@@ -434,8 +435,9 @@ if HAVE_GLUON:
 
         if n_it > 0:  # the last tile's dK and dQ
             last = n_it - 1
-            dk0t, dk1t, dq0t, dq1t, ds_op1 = _issue_dk_dq(ds_op, ds_s.index(last % 2), q0_s, q1_s, k0_s, k1_s,
-                                                  last % NUM_STAGES, dk0, dk1, dq0_zero, dq1_zero, a1_layout, D1)
+            dk0t, dk1t, dq0t, dq1t, ds_op1 = _issue_dk_dq(
+                ds_op, ds_s.index(last % 2), q0_s, q1_s, k0_s, k1_s, last % NUM_STAGES, dk0, dk1, dq0_zero, dq1_zero,
+                a1_layout, D1)
             dk0, dk1, dq0, dq1, ds_op = _wait_dk_dq(0, dk0t, dk1t, dq0t, dq1t, ds_op, ds_op1, D1)
             _add_dq(DQacc, dq0, row, mt, L, H, col0, scale, 0, D0, HEAD_DIM, BLOCK_M, dq0_layout)
             if D1 > 0:
