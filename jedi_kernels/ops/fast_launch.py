@@ -24,7 +24,8 @@ TMA descriptor arguments (the Gluon kernels') are keyed by their base tensor's d
 shape, strides, box, layout and padding; a cached launch passes the new descriptor objects to the compiled kernel's
 launcher, which builds the hardware descriptor from them as it does on Triton's path. Calls it cannot key (an argument
 of another type; an unhashable meta value), calls under the interpreter, and calls while a Triton launch hook is
-installed (a profiler such as proton reads the launch metadata) take Triton's own path every time. ``JEDI_FAST_LAUNCH=0`` (read at import) turns the direct path off.
+installed (a profiler such as proton reads the launch metadata) take Triton's own path every time.
+``JEDI_FAST_LAUNCH=0`` (read at import) turns the direct path off.
 
 Precondition on the kernel (true of every jedi_kernels kernel): heuristics (``triton.heuristics``) compute values
 from int/bool/float arguments and constexprs only, not from a tensor's shape or contents. An autotuning config with
