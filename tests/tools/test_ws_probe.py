@@ -221,7 +221,8 @@ def _dense_attention_bwd(q, k, v, do, G, H, scale, mask):
     def back(t):  # (B, H, G·L, D) -> (N, L, H·D)
         return t.transpose(1, 2).reshape(N, L, HD)
 
-    return back(out), lse, back(ds @ kh * scale), back(ds.transpose(-1, -2) @ qh * scale), back(p.transpose(-1, -2) @ doh)
+    dq, dk, dv = ds @ kh * scale, ds.transpose(-1, -2) @ qh * scale, p.transpose(-1, -2) @ doh
+    return back(out), lse, back(dq), back(dk), back(dv)
 
 
 def bwd_stand_in(seen):
