@@ -179,6 +179,7 @@ def _probe_module(monkeypatch):
         sys.path.pop(0)
     import triton.testing
 
+    monkeypatch.setenv("JEDI_TRITON_AUTOTUNE", "0")  # (the backward probe sets it if unset: restored after the test)
     monkeypatch.setitem(ws_probe._TENSORS, "device", "cpu")
     monkeypatch.setitem(ws_probe._TENSORS, "dtype", "float32")  # (the interpreter's bf16 dot is wrong)
     monkeypatch.setattr(ws_probe, "_gluon_sm90", lambda: True)
