@@ -13,10 +13,14 @@ in the tests, for what it can see:
 - the mbarrier protocol: ``expect`` byte counts against the boxes copied, and each ``wait`` must find exactly one
   newly completed phase of the parity it names (no completed phase: the kernel would hang; raised).
 
-What it cannot see: anything of the compiler (layouts, register allocation, the wgmma lowering), and hazards between
-the warps of one partition (it runs them as one: a missing CTA barrier goes unnoticed). A warp-specialized kernel's
-partitions (``gl.warp_specialize``) run as threads, each with its own MMA queue, synchronized only by the mbarriers
-(a wait blocks until its phase completes; one that waits past ``HANG_S`` is reported as a hang).
+- the CTA-wide protocol between warps (:class:`Protocol`): a program's warps run as one here, so the rules a real
+  CTA needs are checked instead: an MMA reads shared stores only after a fence and a CTA barrier, and a shared region
+  MMAs read is overwritten (by TMA or stores) only after they retired and a CTA barrier followed.
+
+A warp-specialized kernel's partitions (``gl.warp_specialize``) run as threads, each with its own MMA queue,
+synchronized only by the mbarriers (a wait blocks until its phase completes; one that waits past ``HANG_S`` is
+reported as a hang). What it cannot see: anything of the compiler (layouts, register allocation, the wgmma lowering),
+and within a partition, hazards that need finer timing than the rules above.
 
 Use: ``with emulated(module.kernel) as runs: <call the host code>``; inside, launches of that kernel (and its
 ``warmup``) run here on CPU tensors.
@@ -106,25 +110,111 @@ class SMem:
     """A shared-memory view: a tensor view of its allocation (``permute`` gives a transposed view, as the MMA
     operand descriptors do)."""
 
-    def __init__(self, data: torch.Tensor):
-        self.data = data
+    def __init__(self, data: torch.Tensor, em: "Emulator" = None):
+        self.data, self.em = data, em
         self.dtype = data.dtype
         self.shape = list(data.shape)
 
     def index(self, i):
-        return SMem(self.data[int(i)])
+        return SMem(self.data[int(i)], self.em)
 
     def slice(self, start, length, dim=0):
-        return SMem(self.data.narrow(dim, int(start), int(length)))
+        return SMem(self.data.narrow(dim, int(start), int(length)), self.em)
 
     def permute(self, order):
-        return SMem(self.data.permute(*order))
+        return SMem(self.data.permute(*order), self.em)
 
     def load(self, layout=None):
         return self.data.clone()
 
     def store(self, value):
+        if self.em is not None:
+            self.em.protocol.write(self, "a shared store")
         self.data.copy_(_t(value).to(self.data.dtype))
+
+    def span(self) -> tuple[int, int]:
+        """The bytes of shared memory this view touches, as [start, end)."""
+        d = self.data
+        last = sum((n - 1) * st for n, st in zip(d.shape, d.stride())) if d.numel() else -1
+        return d.data_ptr(), d.data_ptr() + (last + 1) * d.element_size()
+
+
+class Protocol:
+    """The CTA-wide kernels' shared-memory protocol between warps, which the emulator's single-threaded run cannot
+    violate by itself: it runs a program's warps as one, but each warpgroup of a real CTA retires its own MMAs and
+    sees other warps' shared stores only after a barrier. So, per region of shared memory:
+
+    - an MMA may read a region written by shared stores only after a ``fence_async_shared`` that follows the last
+      store and a ``thread_barrier`` that follows that fence (every warp's stores visible to the async proxy);
+    - a TMA copy or a shared store may overwrite a region that MMAs read only once every such MMA has retired and a
+      ``thread_barrier`` followed the last retirement (every warpgroup done with it).
+
+    Off for warp-specialized kernels, whose partitions synchronize through mbarriers (run as threads instead)."""
+
+    def __init__(self):
+        self.seq = 0
+        self.last_barrier = self.last_fence = -1
+        self.regions = []  # [start, end, last store seq, MMA reads in flight, last retirement seq]
+        self.enabled = True
+
+    def _tick(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _overlapping(self, view: SMem):
+        a, b = view.span()
+        return [r for r in self.regions if r[0] < b and a < r[1]]
+
+    def _region(self, view: SMem):
+        a, b = view.span()
+        for r in self.regions:
+            if r[0] == a and r[1] == b:
+                return r
+        r = [a, b, None, 0, None]
+        self.regions.append(r)
+        return r
+
+    def barrier(self):
+        self.last_barrier = self._tick()
+
+    def fence(self):
+        self.last_fence = self._tick()
+
+    def write(self, view: SMem, what: str):
+        if not self.enabled:
+            return
+        for r in self._overlapping(view):
+            if r[3]:
+                raise RuntimeError(f"{what} overwrites shared memory an MMA still in flight reads")
+            if r[4] is not None and self.last_barrier < r[4]:
+                raise RuntimeError(f"{what} overwrites shared memory an MMA read, with no CTA barrier after that MMA "
+                                   f"retired (another warpgroup's MMA may still read it)")
+        self._region(view)[2] = self._tick()
+
+    def tma_write(self, view: SMem):
+        if not self.enabled:
+            return
+        self.write(view, "a TMA copy")
+        self._region(view)[2] = None  # the async proxy's own write: no fence needed before MMAs read it
+
+    def mma_issue(self, views):
+        if not self.enabled:
+            return
+        for v in views:
+            for r in self._overlapping(v):
+                if r[2] is not None and not (r[2] < self.last_fence < self.last_barrier):
+                    raise RuntimeError("an MMA reads shared stores without a fence_async_shared and a CTA barrier "
+                                       "after them")
+            self._region(v)[3] += 1
+
+    def mma_retire(self, views):
+        if not self.enabled:
+            return
+        seq = self._tick()
+        for v in views:
+            r = self._region(v)
+            r[3] -= 1
+            r[4] = seq
 
 
 class Barrier:
@@ -195,6 +285,15 @@ class Emulator:
         self.queues = threading.local()  # per partition: the MMA groups in flight, (token, a, b, acc, use_acc)
         self.cond = threading.Condition(threading.RLock())  # barrier state; waits block on it
         self.pid = (0, 0, 0)
+        self.protocol = Protocol()
+
+    def _me(self) -> object:
+        """This thread's (partition's) identity: a thread-local object (thread idents are reused once a thread
+        ends, and a partition may end before the next one starts)."""
+        me = getattr(self.queues, "me", None)
+        if me is None:
+            me = self.queues.me = object()
+        return me
 
     @property
     def pending(self) -> list:
@@ -208,7 +307,7 @@ class Emulator:
         if isinstance(layout, _MBarrierLayout):
             return BarrierArray(self, shape[0])
         return SMem(torch.full(list(shape), float("nan"), dtype=dtype) if dtype.is_floating_point
-                    else torch.zeros(list(shape), dtype=dtype))
+                    else torch.zeros(list(shape), dtype=dtype), self)
 
     def mb_init(self, bar, count):
         b = _bar(bar)
@@ -236,7 +335,7 @@ class Emulator:
         parity given (a skipped phase or the wrong parity raises; no completion within HANG_S is a hang)."""
         if not _truthy(pred):
             return
-        me = threading.get_ident()
+        me = self._me()
         with self.cond:
             b = _bar(bar)
             waited = b.waited.get(me, 0)
@@ -263,6 +362,7 @@ class Emulator:
 
     def warp_specialize(self, partitions, worker_num_warps=None, worker_num_regs=None, memo=None):
         """Run the partitions ((fn, args), the default first) as threads; re-raise the first error."""
+        self.protocol.enabled = False  # the partitions synchronize through mbarriers: checked by running as threads
         errors = []
 
         def run(fn, args):
@@ -302,6 +402,7 @@ class Emulator:
             b._maybe_complete()
 
         with self.cond:
+            self.protocol.tma_write(dest)
             if self.tma_lands == "issue":
                 land()
             else:
@@ -311,6 +412,7 @@ class Emulator:
     # -- warpgroup MMAs
     def mma(self, a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None, is_async=False):
         tok = Token()
+        self.protocol.mma_issue([x for x in (a, b) if isinstance(x, SMem)])
         self.pending.append((tok, a, b, acc, use_acc))
         if not is_async:
             self._retire(0)
@@ -329,6 +431,7 @@ class Emulator:
                 raise RuntimeError("an MMA read shared memory never written (NaN-initialized)")
             prod = av.float() @ bv.float()
             object.__setattr__(tok, "value", prod + acc if _truthy(use_acc) else prod)
+            self.protocol.mma_retire([x for x in (a, b) if isinstance(x, SMem)])
 
     def mma_wait(self, num_outstanding=0, deps=None):
         self._retire(int(num_outstanding))
@@ -405,7 +508,7 @@ def _gl_namespace(em: Emulator):
         minimum=minimum, exp2=torch.exp2, log2=torch.log2, expand_dims=torch.unsqueeze,
         max=red(lambda x, **k: torch.amax(x, **k)), sum=red(torch.sum),
         convert_layout=lambda x, layout, **kw: x, load=load, store=store, atomic_add=atomic_add,
-        thread_barrier=lambda: None, allocate_shared_memory=em.allocate_shared_memory,
+        thread_barrier=em.protocol.barrier, allocate_shared_memory=em.allocate_shared_memory,
         float16=torch.float16, bfloat16=torch.bfloat16, float32=torch.float32, int32=torch.int32,
         int64=torch.int64,
         NVMMADistributedLayout=_Layout, DotOperandLayout=_Layout, SliceLayout=_Layout, BlockedLayout=_Layout,
@@ -422,7 +525,7 @@ def _replacements(em: Emulator) -> dict:
         "tma": types.SimpleNamespace(async_copy_global_to_shared=em.tma_load),
         "warpgroup_mma": em.mma,
         "warpgroup_mma_wait": em.mma_wait,
-        "fence_async_shared": lambda *a, **kw: None,
+        "fence_async_shared": lambda *a, **kw: em.protocol.fence(),
     }
 
 
