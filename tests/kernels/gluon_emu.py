@@ -11,8 +11,7 @@ in the tests, for what it can see:
   TMA copies land either when issued or only at the wait on their barrier (``tma_lands``: "issue" / "wait"), so a
   tile read before its barrier was waited for, or a buffer refilled too early, gives a wrong result in one mode;
 - the mbarrier protocol: ``expect`` byte counts against the boxes copied, and each ``wait`` must find exactly one
-  newly completed phase of the parity it names (no completed phase: the kernel would hang; raised).
-
+  newly completed phase of the parity it names (no completed phase: the kernel would hang; raised);
 - the CTA-wide protocol between warps (:class:`Protocol`): a program's warps run as one here, so the rules a real
   CTA needs are checked instead: an MMA reads shared stores only after a fence and a CTA barrier, and a shared region
   MMAs read is overwritten (by TMA or stores) only after they retired and a CTA barrier followed.
@@ -22,8 +21,9 @@ synchronized only by the mbarriers (a wait blocks until its phase completes; one
 reported as a hang). What it cannot see: anything of the compiler (layouts, register allocation, the wgmma lowering),
 and within a partition, hazards that need finer timing than the rules above.
 
-Use: ``with emulated(module.kernel) as runs: <call the host code>``; inside, launches of that kernel (and its
-``warmup``) run here on CPU tensors.
+Use: ``with emulated(module, "kernel_name", tma_lands) as runs: <call the host code>``; inside, launches of that
+kernel (through ``kernel[grid](...)`` or ``fast_launch.launch``) run here on CPU tensors and its ``warmup`` does
+nothing; ``runs`` lists each launch's (grid, meta).
 """
 from __future__ import annotations
 
