@@ -186,13 +186,17 @@ def probe_gluon_bwd(report: dict, shapes=None) -> int:
         if not gb.gluon_bwd_ok(do, q, k, v, D, 1):
             _say(report, f"{shape} eligible", False)
             return 1
-        lists, counts = sa._mask_lists(mask, G, both=True) if mask is not None else ((None, lse), (None, lse))
+        # the transposed image lists (per key image, the query images attending it), or dummies without a mask
+        cols, ccnt = lse, lse
+        if mask is not None:
+            lists, counts = sa._mask_lists(mask, G, both=True)
+            cols, ccnt = lists[1], counts[1]
         ref = sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask)
         _sync()
         ptr_ms = round(do_bench(lambda: sa.set_attn_bwd(do, q, k, v, out, lse, G, H, D**-0.5, mask),
                                 return_mode="median"), 4)
         _say(report, f"{shape} pointer (split, default configs) bwd ms", ptr_ms)
-        cases.append((shape, (B, G, L, H, D), mask, (do, q, k, v, out, lse), (lists[1], counts[1]), ref))
+        cases.append((shape, (B, G, L, H, D), mask, (do, q, k, v, out, lse), (cols, ccnt), ref))
     agreeing = []
     _say(report, "configs_agreeing", agreeing)
     for variant in sorted(gb.BWD_CONFIGS):
@@ -203,7 +207,6 @@ def probe_gluon_bwd(report: dict, shapes=None) -> int:
             delta = sa.bwd_delta(out, do, B, G, L, H, D)
             dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
             dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-            cols = cols if cols is not None else lse
             args = (do, q, k, v, lse, delta, B, G, L, H, D, D**-0.5, mask is not None, cols, ccnt, dk, dv, dq_acc,
                     variant)
             if not _compile_and_run(report, f"{shape} config {variant}", gb.set_attn_bwd_gluon, args):

@@ -586,18 +586,13 @@ def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.b
     """Compile the Gluon forward for ``cuda:<arch>`` without a GPU (``triton.compile`` on a GluonASTSource with the
     signature a launch on SD-sized inputs produces) and return the CompiledKernel (``.asm["ptx"]``, ``["cubin"]``,
     ``.metadata``). The CPU tests and tools/triton_aot_check.py use it: Gluon has no interpreter mode."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     cfg = config(variant, head_dim)
     DP = _dp(head_dim)
-    gdt = gl.float16 if dtype == torch.float16 else gl.bfloat16
     ty = "fp16" if dtype == torch.float16 else "bf16"
 
     def desc(rows):
-        return f"tensordesc<{ty}[{rows},{DP}],{gl.NVMMASharedLayout.get_default_for([rows, DP], gdt)!r}>"
+        return f"tensordesc<{ty}[{rows},{DP}],{_box_layout(rows, DP, dtype)!r}>"
 
-    fn = _kernel_of(cfg)
     signature = {"DescQ": desc(cfg["BLOCK_M"]), "DescK": desc(cfg["BLOCK_N"]), "DescV": desc(cfg["BLOCK_N"]),
                  "Out": "*" + ty, "Lse": "*fp32", "ImgList": "*i32", "ImgCount": "*i32", "qk_scale_log2": "fp32",
                  "H": "i32", "G": "i32", "L": "i32"}
@@ -605,9 +600,18 @@ def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.b
     constexprs = {"HEAD_DIM": head_dim, "DP": DP, "D0": d0, "D1": d1, "HAS_MASK": has_mask,
                   "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "NUM_STAGES": cfg["NUM_STAGES"],
                   "EVEN_N": even_n, "num_warps": cfg["num_warps"]}
-    for name in constexprs:
-        signature[name] = "constexpr"
+    return compile_source(_kernel_of(cfg), signature, constexprs, ("Out", "Lse", "ImgList", "ImgCount"), arch)
+
+
+def compile_source(fn, signature: dict, constexprs: dict, aligned: tuple, arch: int):
+    """``triton.compile`` of Gluon kernel ``fn`` for ``cuda:<arch>`` without a GPU: ``signature`` the runtime
+    arguments' types, ``constexprs`` (num_warps among them) added as constexpr, ``aligned`` the pointer arguments a
+    launch sees 16-byte aligned."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
     names = [p.name for p in fn.params]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Out", "Lse", "ImgList", "ImgCount")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg["num_warps"]})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": constexprs["num_warps"]})

@@ -46,15 +46,14 @@ the flash rule. Never run on a GPU as of its writing (2026-11-27).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
-import triton
 
 from jedi_kernels.ops import cdiv, tma_rows_ok
 from jedi_kernels.ops import rows_stride as _rows_stride
 from jedi_kernels.ops.fast_launch import launch
-from jedi_kernels.ops.set_attention_gluon import HAVE_GLUON, config_list, variant_switch
+from jedi_kernels.ops.set_attention_gluon import (HAVE_GLUON, _box_layout, compile_source, config_list,
+                                                  variant_switch)
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -146,18 +145,12 @@ if HAVE_GLUON:
         return (b * G + i) * L + mt * BLOCK_M, (pid_bh * G + i).to(gl.int64) * L + mt * BLOCK_M, mt
 
     @gluon.jit
-    def _q_row_of(it, n_mt, ImgList, j, b, pid_bh, G, L, BLOCK_M: gl.constexpr, HAS_MASK: gl.constexpr):
-        """(first q/dO row, tile index within its image) of query tile ``it`` (:func:`_query_tile_of`)."""
-        row, lse_row, mt = _query_tile_of(it, n_mt, ImgList, j, b, pid_bh, G, L, BLOCK_M, HAS_MASK)
-        return row, mt
-
-    @gluon.jit
     def _issue_qdo(DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, bars, it, n_mt, ImgList, j, b,
                    pid_bh, G, L, col0, D0: gl.constexpr, D1: gl.constexpr, BLOCK_M: gl.constexpr,
                    NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
         """Start the TMA loads of query tile ``it`` (its Q and dO rows, per column chunk) into ring buffer
         it % NUM_STAGES."""
-        row, _ = _q_row_of(it, n_mt, ImgList, j, b, pid_bh, G, L, BLOCK_M, HAS_MASK)
+        row, _, _ = _query_tile_of(it, n_mt, ImgList, j, b, pid_bh, G, L, BLOCK_M, HAS_MASK)
         st = it % NUM_STAGES
         bar = bars.index(st)
         if D1 > 0:
@@ -455,17 +448,6 @@ if HAVE_GLUON:
             _store_rows(DK, dk1, krow64, nt, L, H, col0, scale, D0, D1, HEAD_DIM, BLOCK_N, kv1_layout)
 
 
-def _gdtype(dtype: torch.dtype):
-    return gl.float16 if dtype == torch.float16 else gl.bfloat16
-
-
-@functools.lru_cache(maxsize=None)
-def _box_layout(rows: int, width: int, dtype: torch.dtype):
-    """The default (swizzled) shared layout of a (rows, width) box, cached: Gluon builds it in ≈ 7.5 µs of host time
-    on the CI machine's CPU, and a backward call makes eight descriptors."""
-    return gl.NVMMASharedLayout.get_default_for([rows, width], _gdtype(dtype))
-
-
 def _meta(cfg: dict, head_dim: int, has_mask: bool, L: int) -> dict:
     d0, d1 = bwd_chunks(head_dim)
     return dict(HEAD_DIM=head_dim, D0=d0, D1=d1, HAS_MASK=has_mask, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -508,9 +490,6 @@ def compile_bwd_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = tor
     """Compile the Gluon backward for ``cuda:<arch>`` without a GPU (``triton.compile`` on a GluonASTSource with the
     signature of a launch on SD-sized inputs; ``even=False``: L a multiple of neither tile) and return the
     CompiledKernel (``.asm["ptx"]``, ``["cubin"]``, ``.metadata``), for the CPU tests."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     cfg = BWD_CONFIGS[variant]
     d0, d1 = bwd_chunks(head_dim)
     ty = "fp16" if dtype == torch.float16 else "bf16"
@@ -526,11 +505,5 @@ def compile_bwd_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = tor
                  "ImgList": "*i32", "ImgCount": "*i32", "qk_scale_log2": "fp32", "scale": "fp32",
                  "H": "i32", "G": "i32", "L": "i32"}
     constexprs = _meta(cfg, head_dim, has_mask, 4096 if even else 4097)
-    for name in constexprs:
-        signature[name] = "constexpr"
-    fn = _set_attn_bwd_gluon_kernel
-    names = [p.name for p in fn.params]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Lse", "Delta", "DK", "DV", "DQacc", "ImgList",
-                                                                     "ImgCount")}
-    src = GluonASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg["num_warps"]})
+    return compile_source(_set_attn_bwd_gluon_kernel, signature, constexprs,
+                          ("Lse", "Delta", "DK", "DV", "DQacc", "ImgList", "ImgCount"), arch)

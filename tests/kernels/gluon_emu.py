@@ -51,9 +51,6 @@ class Ptr:
 
     __radd__ = __add__
 
-    def __sub__(self, o):
-        return self + (-o)
-
 
 class _PtrType:
     def __init__(self, dtype):

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gluon_emu  # (tests/kernels, on sys.path as the test files are)
 import pytest
 import torch
 
@@ -296,11 +297,6 @@ def test_emulated_kernel(monkeypatch, variant, tma_lands, B, G, L, H, D, mask):
 
     from jedi_kernels.testing import assert_flash_rule
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        import gluon_emu
-    finally:
-        sys.path.pop(0)
     monkeypatch.setattr(sa, "gluon_fwd_ok", lambda *a: True)
     monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", str(variant))
     set_mask = _masks(mask, G)

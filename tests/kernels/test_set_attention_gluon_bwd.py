@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+import gluon_emu  # (tests/kernels, on sys.path as the test files are)
 import pytest
 import torch
 
@@ -197,15 +198,6 @@ _EMU_CASES = [
 ]
 
 
-def _emu():
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        import gluon_emu
-    finally:
-        sys.path.pop(0)
-    return gluon_emu
-
-
 @pytest.mark.parametrize("tma_lands", ["issue", "wait"])
 @pytest.mark.parametrize("variant", sorted(gb.BWD_CONFIGS))
 @pytest.mark.parametrize("B, G, L, H, D, mask", _EMU_CASES, ids=[f"G{c[1]}-L{c[2]}-d{c[4]}-{c[5]}" for c in _EMU_CASES])
@@ -220,7 +212,7 @@ def test_emulated_kernel(monkeypatch, variant, tma_lands, B, G, L, H, D, mask):
 
     monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", str(variant))
     monkeypatch.setattr(sa, "gluon_bwd_ok", lambda *a: True)
-    with _emu().emulated(gb, "_set_attn_bwd_gluon_kernel", tma_lands) as runs:
+    with gluon_emu.emulated(gb, "_set_attn_bwd_gluon_kernel", tma_lands) as runs:
         _check_case(B, G, L, H, D, dtype=torch.float16, mask=_ORPHAN if mask == "orphan" else mask, fused=True)
     assert len(runs) == 1
 
