@@ -617,7 +617,7 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
         hopper.append((cuda_wgmma_fwd_row, d40, "CUDA forward, Hopper wgmma vs mma.sync", "wgmma", "mmasync",
                        "mma.sync"))
     if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON", "1") != "0":
-        # the Gluon forward also covers d 80 (SD's 32x32 level: 64 + 16 columns of a 128-column box)
+        # the Gluon forward also covers d 80 (SD's 32x32 level: 64 + 16 columns)
         hopper.append((triton_gluon_fwd_row, d40 + [(1024, 80, 2, torch.bfloat16)],
                        "Triton forward, Gluon Hopper vs pointer", "gluon", "pointer", "pointer"))
     from jedi_kernels.ops.set_attention_gluon_bwd import checked_bwd_configs

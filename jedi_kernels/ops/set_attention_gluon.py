@@ -11,13 +11,16 @@ as the CUDA extension's Hopper forward (csrc/cuda/set_attention_wgmma.cuh). Unli
 layouts, matrix descriptors and register fragments come from the compiler (``NVMMASharedLayout``,
 ``NVMMADistributedLayout``), so the two do not share a layout mistake.
 
-Loads: q, k and v through 2-D TMA descriptors over the (N·L, H·D) rows (the WS kernel's scheme), a box DP columns wide
-from column h·D. DP is the head dim rounded up to a power of two >= 16 (Gluon block shapes are powers of two: 40 →
-64), so the box also covers the next head's first DP − D columns (zero past the last head). Q's are zeroed in shared
-memory once, which makes K's irrelevant; V's only reach output columns that are never stored. The MMAs cover the
-first D0 + D1 columns (40 -> 32 + 16 of the 64: two MMAs per product over slices of the same shared tiles, a quarter
-less tensor work than all 64; config 4 runs the padded 64 for comparison). K/V tiles go through a
-ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine completes. At the end of iteration t the
+Loads: q, k and v through 2-D TMA descriptors over the (N·L, H·D) rows (the WS kernel's scheme). Gluon block shapes
+are powers of two, so the head dim is split into power-of-two column chunks (40 -> 32 + 16, 80 -> 64 + 16; one chunk
+where two would not be narrower than the head dim rounded up, DP: 24 -> 32, 64 -> 64), each chunk its own descriptor
+(a box from column h·D, resp. h·D + D0) and shared tile, and each product two MMAs, one per chunk: a quarter less
+tensor work at d 40 than all 64 columns (config 4 runs the padded 64 for comparison). The last chunk also covers the
+next head's first columns (zero past the last head): Q's are zeroed in shared memory once, which makes K's
+irrelevant; V's only reach output columns that are never stored. (Until the eighteenth session the chunks were slices
+of one DP-wide tile, the second starting inside a swizzle atom; per-chunk tiles, as in the backward, start every MMA
+operand at an atom's origin, and load 48 columns instead of 64 at d 40: a quarter less TMA traffic and shared
+memory.) K/V tiles go through a ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine completes. At the end of iteration t the
 buffer of tile t−1 is refilled with tile t−1+NUM_STAGES: every warpgroup has waited for its P·V product on it, which a
 CTA barrier makes sure of before the copy is issued. The copy then has NUM_STAGES − 2 whole iterations to land (at 3
 stages: tile t+2, needed after iteration t+1).
@@ -67,8 +70,8 @@ __all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_at
 # JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups (config 5:
 # 2 consumer warpgroups besides the kernel's num_warps = 4 of the producer); NUM_STAGES >= 3 (tiles t and t+1 stay
 # resident while tile t-1's buffer is refilled at the end of iteration t).
-# SPLIT: the MMAs over two power-of-two column chunks of the box (:func:`_chunks`; 40 -> 32 + 16) instead of all DP
-# columns (40 -> 64); config 4 is config 1 padded, to measure what the split buys.
+# SPLIT: two power-of-two column chunks (:func:`_chunks`; 40 -> 32 + 16) instead of all DP columns (40 -> 64);
+# config 4 is config 1 padded, to measure what the split buys.
 CONFIGS = {
     1: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3, "SPLIT": True},
     2: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "NUM_STAGES": 4, "SPLIT": True},
@@ -89,17 +92,20 @@ def _dp(head_dim: int) -> int:
 
 
 def config(variant: int, head_dim: int) -> dict:
-    """Config ``variant`` of :data:`CONFIGS` for this head dim: key tiles of at most 8192 / DP keys (a 128-column box
-    halves them to 64, so the ring of K/V buffers stays within shared memory)."""
+    """Config ``variant`` of :data:`CONFIGS` for this head dim: key tiles of at most 8192 / DP keys (head dims over 64
+    halve them to 64: the ring of K/V buffers stays within shared memory at d 128, and at d 80 (64 + 16 columns, 82 KB
+    at config 1) two CTAs share an SM, so the 256 programs of SD's 32x32 level at set size 2 run in one wave of 132
+    SMs)."""
     cfg = dict(CONFIGS[variant])
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 8192 // _dp(head_dim))
     return cfg
 
 
 def _chunks(head_dim: int, split: bool = True) -> tuple[int, int]:
-    """(D0, D1): the MMAs' column chunks within the DP-wide box, D0 the largest power of two <= the head dim (>= 16)
-    and D1 = the next power of two >= the rest (>= 16), or (DP, 0) when two chunks would not be narrower than the box
-    (40 -> (32, 16) of 64; 80 -> (64, 16) of 128; 24 -> (32, 0); 64 -> (64, 0); 56 -> (64, 0))."""
+    """(D0, D1): the column chunks (each its own descriptor and shared tile), D0 the largest power of two <= the head
+    dim (>= 16) and D1 = the next power of two >= the rest (>= 16), or (DP, 0) when two chunks would not be narrower
+    than DP, the head dim rounded up to a power of two (40 -> (32, 16), not 64; 80 -> (64, 16), not 128; 24 -> (32, 0);
+    64 -> (64, 0); 56 -> (64, 0))."""
     dp = _dp(head_dim)
     d0 = max(16, 1 << (head_dim.bit_length() - 1))
     if d0 >= head_dim or not split:
@@ -163,9 +169,11 @@ def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: in
 if HAVE_GLUON:
 
     @gluon.jit
-    def _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it, n_nt, ImgList, i, b, G, L, col0,
-                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
-        """Start the TMA loads of key tile ``it`` (its K and V rows) into ring buffer it % NUM_STAGES."""
+    def _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, it, n_nt, ImgList, i, b, G, L,
+                  col0, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  HAS_MASK: gl.constexpr):
+        """Start the TMA loads of key tile ``it`` (its K and V rows, per column chunk) into ring buffer
+        it % NUM_STAGES."""
         jj = it // n_nt
         if HAS_MASK:
             j = gl.load(ImgList + i * G + jj)
@@ -174,9 +182,15 @@ if HAVE_GLUON:
         row = (b * G + j) * L + (it - jj * n_nt) * BLOCK_N
         st = it % NUM_STAGES
         bar = kv_bar.index(st)
-        mbarrier.expect(bar, DescK.block_type.nbytes + DescV.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescK, [row, col0], bar, k_smem.index(st))
-        tma.async_copy_global_to_shared(DescV, [row, col0], bar, v_smem.index(st))
+        if D1 > 0:
+            mbarrier.expect(bar, 2 * DescK0.block_type.nbytes + 2 * DescK1.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, 2 * DescK0.block_type.nbytes)
+        tma.async_copy_global_to_shared(DescK0, [row, col0], bar, k0_s.index(st))
+        tma.async_copy_global_to_shared(DescV0, [row, col0], bar, v0_s.index(st))
+        if D1 > 0:
+            tma.async_copy_global_to_shared(DescK1, [row, col0 + D0], bar, k1_s.index(st))
+            tma.async_copy_global_to_shared(DescV1, [row, col0 + D0], bar, v1_s.index(st))
 
     @gluon.jit
     def _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
@@ -194,26 +208,26 @@ if HAVE_GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _issue_qk(q_smem, k_tile, s_zero, D0: gl.constexpr, D1: gl.constexpr):
-        """Issue S = Q Kᵀ for one key tile (both operands in shared memory) over the columns [0, D0) and, when D1 > 0,
-        [D0, D0 + D1) as a second MMA accumulating into the first; returns its (in-flight) accumulator."""
-        s = warpgroup_mma(q_smem.slice(0, D0, 1), k_tile.slice(0, D0, 1).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
+    def _issue_qk(q0, q1, k0_tile, k1_tile, s_zero, D1: gl.constexpr):
+        """Issue S = Q Kᵀ for one key tile (both operands in shared memory, one tile per column chunk) over chunk 0
+        and, when D1 > 0, chunk 1 as a second MMA accumulating into the first; returns its (in-flight)
+        accumulator."""
+        s = warpgroup_mma(q0, k0_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if D1 > 0:
-            s = warpgroup_mma(q_smem.slice(D0, D1, 1), k_tile.slice(D0, D1, 1).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(q1, k1_tile.permute((1, 0)), s, is_async=True)
         return s
 
     @gluon.jit
-    def _issue_pv(p_op, v_tile, acc, acc1, alpha, D0: gl.constexpr, D1: gl.constexpr, o_layout: gl.constexpr,
+    def _issue_pv(p_op, v0_tile, v1_tile, acc, acc1, alpha, D1: gl.constexpr, o_layout: gl.constexpr,
                   o1_layout: gl.constexpr, p1_layout: gl.constexpr):
-        """O = O·α + P V for one key tile, per column chunk: [0, D0) into ``acc`` and, when D1 > 0, [D0, D0 + D1)
-        into ``acc1`` (one committed group each, P from registers for both); returns the two in-flight accumulators
+        """O = O·α + P V for one key tile, per column chunk: chunk 0 into ``acc`` and, when D1 > 0, chunk 1 into
+        ``acc1`` (one committed group each, P from registers for both); returns the two in-flight accumulators
         (``acc1`` unchanged when D1 = 0)."""
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        o_tok = warpgroup_mma(p_op, v_tile.slice(0, D0, 1), acc, is_async=True)
+        o_tok = warpgroup_mma(p_op, v0_tile, acc, is_async=True)
         if D1 > 0:
             acc1 = acc1 * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout)), 1)
-            acc1 = warpgroup_mma(gl.convert_layout(p_op, p1_layout), v_tile.slice(D0, D1, 1), acc1, is_async=True)
+            acc1 = warpgroup_mma(gl.convert_layout(p_op, p1_layout), v1_tile, acc1, is_async=True)
         return o_tok, acc1
 
     @gluon.jit
@@ -240,8 +254,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _zero_q_padding(q_smem, HEAD_DIM: gl.constexpr, DP: gl.constexpr, q_blk: gl.constexpr):
-        """Zero the columns [HEAD_DIM, DP) of the Q tile in shared memory (the box's columns past the head belong to
-        the next head; zero in Q, they make K's irrelevant), fenced for the warpgroup MMAs that read it next."""
+        """Zero the columns [HEAD_DIM, DP) of a DP-column tile in shared memory (a chunk's columns past the head
+        belong to the next head; zero in Q, they make K's irrelevant), fenced for the warpgroup MMAs that read it
+        next. ``HEAD_DIM``: the tile's columns that belong to the head (the head dim less the chunk's first column)."""
         if HEAD_DIM < DP:
             q = q_smem.load(q_blk)
             qc = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
@@ -252,9 +267,20 @@ if HAVE_GLUON:
             gl.thread_barrier()
 
     @gluon.jit
-    def _first_tile(q_smem, k_smem, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D0: gl.constexpr,
-                    D1: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
-                    s_layout: gl.constexpr):
+    def _zero_chunk_padding(t0, t1, HEAD_DIM: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr,
+                            num_warps: gl.constexpr):
+        """:func:`_zero_q_padding` for a pair of chunk tiles (column chunks [0, D0) and [D0, D0 + D1) of the head,
+        D1 = 0: one chunk): only the last chunk can reach past the head dim."""
+        if D1 > 0:
+            blk1: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D1 // 8), D1 // 8], [num_warps, 1], [1, 0])
+            _zero_q_padding(t1, HEAD_DIM - D0, D1, blk1)
+        else:
+            blk0: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D0 // 8), D0 // 8], [num_warps, 1], [1, 0])
+            _zero_q_padding(t0, HEAD_DIM, D0, blk0)
+
+    @gluon.jit
+    def _first_tile(q0, q1, k0_s, k1_s, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D1: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr, s_layout: gl.constexpr):
         """Tile 0's scores alone (the loop then pairs S_t with P_{t-1} V_{t-1}); returns (P, m, l, alpha). n_it = 0
         only for a set_mask row allowing nothing, which the public API rejects: no wait then, or the program would
         wait for a load never issued."""
@@ -262,7 +288,7 @@ if HAVE_GLUON:
         alpha = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         if n_it > 0:
             mbarrier.wait(kv_bar.index(0), 0)
-            s = _issue_qk(q_smem, k_smem.index(0), s_zero, D0, D1)
+            s = _issue_qk(q0, q1, k0_s.index(0), k1_s.index(0), s_zero, D1)
             s = warpgroup_mma_wait(0, deps=(s, ))
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
         return p, m_i, l_i, alpha
@@ -302,24 +328,55 @@ if HAVE_GLUON:
         gl.store(Lse + lse_row0 + lrows, lse, mask=lrows < L)
 
     @gluon.jit
+    def _allocate_tiles(DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, dtype: gl.constexpr, D0: gl.constexpr,
+                        D1: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """The shared tiles, one per column chunk: Q (BLOCK_M, chunk) and rings of NUM_STAGES K and V tiles
+        (BLOCK_N, chunk); with D1 = 0 the second chunk's names are the first's (never read: the D1 > 0 branches are
+        compiled out)."""
+        q0_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D0], DescQ0.layout)
+        k0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D0], DescK0.layout)
+        v0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D0], DescV0.layout)
+        if D1 > 0:
+            q1_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D1], DescQ1.layout)
+            k1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D1], DescK1.layout)
+            v1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D1], DescV1.layout)
+        else:
+            q1_s = q0_s
+            k1_s = k0_s
+            v1_s = v0_s
+        return q0_s, q1_s, k0_s, k1_s, v0_s, v1_s
+
+    @gluon.jit
+    def _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, row, col0, D0: gl.constexpr, D1: gl.constexpr):
+        """Start the TMA loads of the program's Q rows (per column chunk) onto ``q_bar``."""
+        if D1 > 0:
+            mbarrier.expect(q_bar, DescQ0.block_type.nbytes + DescQ1.block_type.nbytes)
+        else:
+            mbarrier.expect(q_bar, DescQ0.block_type.nbytes)
+        tma.async_copy_global_to_shared(DescQ0, [row, col0], q_bar, q0_s)
+        if D1 > 0:
+            tma.async_copy_global_to_shared(DescQ1, [row, col0 + D0], q_bar, q1_s)
+
+    @gluon.jit
     def _set_attn_fwd_gluon_kernel(
-        DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
+        DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, Out, Lse, ImgList, ImgCount,
         qk_scale_log2,
         H, G, L,
-        HEAD_DIM: gl.constexpr, DP: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, HAS_MASK: gl.constexpr,
+        HEAD_DIM: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, HAS_MASK: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EVEN_N: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One program: BLOCK_M queries of image i of set b, head h (grid (G·⌈L/BLOCK_M⌉, B·H)), against every key
         tile of the images it may attend; writes O (N, L, H·D) and lse (B, H, G·L), as ``_set_attn_fwd_kernel``.
 
-        The MMAs cover the first D0 + D1 of the DP loaded columns (D1 = 0: one chunk of D0 = DP; else two
-        power-of-two chunks, 40 -> 32 + 16 of a 64-column box): S = Q[:, :D0] K[:, :D0]ᵀ + Q[:, D0:] K[:, D0:]ᵀ and
-        O = (P V[:, :D0], P V[:, D0:]) as slices of the same shared tiles, a quarter less tensor work at d 40."""
-        gl.static_assert(D0 + D1 <= DP and D0 + D1 >= HEAD_DIM, "the chunks cover the head within the box")
+        Q, K and V come in column chunks, each its own descriptor (DescX0: columns [0, D0), DescX1: [D0, D0 + D1))
+        and shared tile (D1 = 0: one chunk, the head dim padded to D0 = DP; else two power-of-two chunks, 40 -> 32 +
+        16): S = Q₀ K₀ᵀ + Q₁ K₁ᵀ and O = (P V₀, P V₁), a quarter less tensor work at d 40 than the padded 64. (With D1
+        = 0, DescX1 is DescX0 and never read.)"""
+        gl.static_assert(D0 + D1 >= HEAD_DIM, "the chunks cover the head")
         gl.static_assert(NUM_STAGES >= 3, "the ring holds tiles t and t+1 while tile t-1's buffer is refilled")
         gl.static_assert(BLOCK_M == 16 * num_warps, "one m64 warpgroup MMA tile per 4 warps")
-        dtype: gl.constexpr = DescQ.dtype
+        dtype: gl.constexpr = DescQ0.dtype
         # accumulators: one m64 wgmma tile per warpgroup, warps stacked along the rows
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -333,13 +390,11 @@ if HAVE_GLUON:
         p1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
         # groups committed per product (one per chunk): the wait for S_t leaves the P·V groups in flight
         PV_GROUPS: gl.constexpr = 2 if D1 > 0 else 1
-        q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DP // 8), DP // 8], [num_warps, 1], [1, 0])
 
         i, mt, b, pid_bh, n_nt, col0, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DP], DescQ.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescK.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescV.layout)
+        q0_s, q1_s, k0_s, k1_s, v0_s, v1_s = _allocate_tiles(DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, dtype, D0,
+                                                             D1, BLOCK_M, BLOCK_N, NUM_STAGES)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
@@ -347,22 +402,21 @@ if HAVE_GLUON:
             mbarrier.init(kv_bar.index(s0), count=1)
         fence_async_shared()
 
-        mbarrier.expect(q_bar, DescQ.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescQ, [(b * G + i) * L + mt * BLOCK_M, col0], q_bar, q_smem)
+        _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, (b * G + i) * L + mt * BLOCK_M, col0, D0, D1)
         for s0 in gl.static_range(NUM_STAGES):
             if s0 < n_it:
-                _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, s0, n_nt, ImgList, i, b, G, L, col0,
-                          BLOCK_N, NUM_STAGES, HAS_MASK)
+                _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, s0, n_nt, ImgList, i, b, G,
+                          L, col0, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
         mbarrier.wait(q_bar, 0)
-        _zero_q_padding(q_smem, HEAD_DIM, DP, q_blk)
+        _zero_chunk_padding(q0_s, q1_s, HEAD_DIM, D0, D1, num_warps)
 
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, D0], gl.float32, o_layout)
         acc1 = gl.zeros([BLOCK_M, D1E], gl.float32, o1_layout)
-        p, m_i, l_i, alpha = _first_tile(q_smem, k_smem, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D0,
-                                         D1, BLOCK_M, BLOCK_N, EVEN_N, s_layout)
+        p, m_i, l_i, alpha = _first_tile(q0_s, q1_s, k0_s, k1_s, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L,
+                                         qk_scale_log2, D1, BLOCK_M, BLOCK_N, EVEN_N, s_layout)
         # FlashAttention-3's order: iteration t issues S_t = Q K_tᵀ, rescales O (not in flight), issues
         # O += P_{t-1} V_{t-1}, waits for S_t alone, runs S_t's softmax while the P·V product is on the tensor
         # cores, then waits for the product.
@@ -371,9 +425,9 @@ if HAVE_GLUON:
             st = it % NUM_STAGES
             prev = (it - 1) % NUM_STAGES
             mbarrier.wait(kv_bar.index(st), (it // NUM_STAGES) & 1)
-            s_tok = _issue_qk(q_smem, k_smem.index(st), s_zero, D0, D1)
-            o_tok, o1_tok = _issue_pv(p_op, v_smem.index(prev), acc, acc1, alpha, D0, D1, o_layout, o1_layout,
-                                      p1_layout)
+            s_tok = _issue_qk(q0_s, q1_s, k0_s.index(st), k1_s.index(st), s_zero, D1)
+            o_tok, o1_tok = _issue_pv(p_op, v0_s.index(prev), v1_s.index(prev), acc, acc1, alpha, D1, o_layout,
+                                      o1_layout, p1_layout)
             s = warpgroup_mma_wait(PV_GROUPS, deps=(s_tok, ))
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
             # The wait for the P·V product stands in both arms of a branch: ptxas schedules a wait that shares a
@@ -387,16 +441,17 @@ if HAVE_GLUON:
             if it - 1 + NUM_STAGES < n_it:
                 acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
                 gl.thread_barrier()
-                _issue_kv(DescK, DescV, k_smem, v_smem, kv_bar, it - 1 + NUM_STAGES, n_nt, ImgList, i, b, G, L,
-                          col0, BLOCK_N, NUM_STAGES, HAS_MASK)
+                _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, it - 1 + NUM_STAGES, n_nt,
+                          ImgList, i, b, G, L, col0, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
             else:
                 gl.thread_barrier()
                 acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         # the last tile's P V
         if n_it > 0:
-            o_tok, o1_tok = _issue_pv(p_op, v_smem.index((n_it - 1) % NUM_STAGES), acc, acc1, alpha, D0, D1,
-                                      o_layout, o1_layout, p1_layout)
+            last = (n_it - 1) % NUM_STAGES
+            o_tok, o1_tok = _issue_pv(p_op, v0_s.index(last), v1_s.index(last), acc, acc1, alpha, D1, o_layout,
+                                      o1_layout, p1_layout)
             acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
 
         mbarrier.invalidate(q_bar)
@@ -410,22 +465,22 @@ if HAVE_GLUON:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _ws_producer(DescQ, DescK, DescV, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, ImgList, i, b, G, L,
-                     col0, q_row, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
+    def _ws_producer(DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full,
+                     empty, n_it, n_nt, ImgList, i, b, G, L, col0, q_row, D0: gl.constexpr, D1: gl.constexpr,
+                     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
         """The producer warpgroup (the default partition): Q once, then key tile ``it`` into ring buffer it % NUM_STAGES
         as soon as both consumers have released the tile that used it before (``empty``: one arrive per consumer
         warpgroup; use k of a buffer waits for the completion of the empty barrier's phase k − 1)."""
-        mbarrier.expect(q_bar, DescQ.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescQ, [q_row, col0], q_bar, q_smem)
+        _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, q_row, col0, D0, D1)
         for it in range(n_it):
             st = it % NUM_STAGES
             mbarrier.wait(empty.index(st), ((it // NUM_STAGES) & 1) ^ 1, pred=it >= NUM_STAGES)
-            _issue_kv(DescK, DescV, k_smem, v_smem, full, it, n_nt, ImgList, i, b, G, L, col0, BLOCK_N, NUM_STAGES,
-                      HAS_MASK)
+            _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, full, it, n_nt, ImgList, i, b, G, L,
+                      col0, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
 
     @gluon.jit
-    def _ws_consumer(WG: gl.constexpr, Out, Lse, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, L, H, row0,
-                     mt, col0, lse_row0, qk_scale_log2, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, DP: gl.constexpr,
+    def _ws_consumer(WG: gl.constexpr, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L,
+                     H, row0, mt, col0, lse_row0, qk_scale_log2, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
                      D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                      EVEN_N: gl.constexpr):
         """Consumer warpgroup ``WG`` (a worker partition of 4 warps): query rows [64·WG, 64·WG + 64) of the CTA's 128,
@@ -444,27 +499,27 @@ if HAVE_GLUON:
                                                             instr_shape=[16, D1E, 16])
         p1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
         PV_GROUPS: gl.constexpr = 2 if D1 > 0 else 1
-        q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DP // 8), DP // 8], [4, 1], [1, 0])
 
-        q_mine = q_smem.slice(WG * BM, BM, 0)
+        q0_mine = q0_s.slice(WG * BM, BM, 0)
+        q1_mine = q1_s.slice(WG * BM, BM, 0)
         mbarrier.wait(q_bar, 0)
-        _zero_q_padding(q_mine, HEAD_DIM, DP, q_blk)  # this warpgroup's rows
+        _zero_chunk_padding(q0_mine, q1_mine, HEAD_DIM, D0, D1, 4)  # this warpgroup's rows
 
         s_zero = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BM, D0], gl.float32, o_layout)
         acc1 = gl.zeros([BM, D1E], gl.float32, o1_layout)
-        p, m_i, l_i, alpha = _first_tile(q_mine, k_smem, full, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D0, D1,
-                                         BM, BLOCK_N, EVEN_N, s_layout)
+        p, m_i, l_i, alpha = _first_tile(q0_mine, q1_mine, k0_s, k1_s, full, s_zero, m_i, l_i, n_it, n_nt, L,
+                                         qk_scale_log2, D1, BM, BLOCK_N, EVEN_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for it in range(1, n_it):
             st = it % NUM_STAGES
             prev = (it - 1) % NUM_STAGES
             mbarrier.wait(full.index(st), (it // NUM_STAGES) & 1)
-            s_tok = _issue_qk(q_mine, k_smem.index(st), s_zero, D0, D1)
-            o_tok, o1_tok = _issue_pv(p_op, v_smem.index(prev), acc, acc1, alpha, D0, D1, o_layout, o1_layout,
-                                      p1_layout)
+            s_tok = _issue_qk(q0_mine, q1_mine, k0_s.index(st), k1_s.index(st), s_zero, D1)
+            o_tok, o1_tok = _issue_pv(p_op, v0_s.index(prev), v1_s.index(prev), acc, acc1, alpha, D1, o_layout,
+                                      o1_layout, p1_layout)
             s = warpgroup_mma_wait(PV_GROUPS, deps=(s_tok, ))
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
             # The P·V wait stands in both arms of a branch, as in the CTA-wide kernel (ptxas would otherwise schedule
@@ -479,8 +534,9 @@ if HAVE_GLUON:
                 acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         if n_it > 0:
-            o_tok, o1_tok = _issue_pv(p_op, v_smem.index((n_it - 1) % NUM_STAGES), acc, acc1, alpha, D0, D1,
-                                      o_layout, o1_layout, p1_layout)
+            last = (n_it - 1) % NUM_STAGES
+            o_tok, o1_tok = _issue_pv(p_op, v0_s.index(last), v1_s.index(last), acc, acc1, alpha, D1, o_layout,
+                                      o1_layout, p1_layout)
             acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
 
         # this WG's 64 rows: row block 2·mt + WG of 64 rows
@@ -489,10 +545,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _set_attn_fwd_gluon_ws_kernel(
-        DescQ, DescK, DescV, Out, Lse, ImgList, ImgCount,
+        DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, Out, Lse, ImgList, ImgCount,
         qk_scale_log2,
         H, G, L,
-        HEAD_DIM: gl.constexpr, DP: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, HAS_MASK: gl.constexpr,
+        HEAD_DIM: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, HAS_MASK: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EVEN_N: gl.constexpr,
         num_warps: gl.constexpr,
     ):
@@ -502,18 +558,17 @@ if HAVE_GLUON:
         warpgroups (:func:`_ws_consumer`), each with 64 of the 128 query rows. FlashAttention-3's structure, without
         its ping-pong scheduling: where the CTA-wide kernel synchronizes both warpgroups every tile (its refill
         barrier, and the three Triton adds around the mbarrier wait and the TMA issues), these only wait for data."""
-        gl.static_assert(D0 + D1 <= DP and D0 + D1 >= HEAD_DIM, "the chunks cover the head within the box")
+        gl.static_assert(D0 + D1 >= HEAD_DIM, "the chunks cover the head")
         gl.static_assert(NUM_STAGES >= 2, "a ring of at least two buffers")
         gl.static_assert(BLOCK_M == 128 and num_warps == 4, "two consumer warpgroups of 64 rows; a producer warpgroup")
-        dtype: gl.constexpr = DescQ.dtype
+        dtype: gl.constexpr = DescQ0.dtype
 
         i, mt, b, pid_bh, n_nt, col0, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
         row0 = (b * G + i).to(gl.int64) * L
         lse_row0 = (pid_bh * G + i).to(gl.int64) * L
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, DP], DescQ.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescK.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, DP], DescV.layout)
+        q0_s, q1_s, k0_s, k1_s, v0_s, v1_s = _allocate_tiles(DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, dtype, D0,
+                                                             D1, BLOCK_M, BLOCK_N, NUM_STAGES)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -524,12 +579,13 @@ if HAVE_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_ws_producer, (DescQ, DescK, DescV, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, ImgList, i,
-                            b, G, L, col0, (b * G + i) * L + mt * BLOCK_M, BLOCK_N, NUM_STAGES, HAS_MASK)),
-            (_ws_consumer, (0, Out, Lse, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, L, H, row0, mt, col0,
-                            lse_row0, qk_scale_log2, dtype, HEAD_DIM, DP, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
-            (_ws_consumer, (1, Out, Lse, q_smem, k_smem, v_smem, q_bar, full, empty, n_it, n_nt, L, H, row0, mt, col0,
-                            lse_row0, qk_scale_log2, dtype, HEAD_DIM, DP, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
+            (_ws_producer, (DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar,
+                            full, empty, n_it, n_nt, ImgList, i, b, G, L, col0, (b * G + i) * L + mt * BLOCK_M, D0,
+                            D1, BLOCK_N, NUM_STAGES, HAS_MASK)),
+            (_ws_consumer, (0, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L, H, row0,
+                            mt, col0, lse_row0, qk_scale_log2, dtype, HEAD_DIM, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
+            (_ws_consumer, (1, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L, H, row0,
+                            mt, col0, lse_row0, qk_scale_log2, dtype, HEAD_DIM, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
         ], worker_num_warps=[4, 4], worker_num_regs=[232, 232])  # (setmaxnreg: the producer gets the rest, 40)
 
         mbarrier.invalidate(q_bar)
@@ -550,14 +606,22 @@ def _box_layout(rows: int, width: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, width], gl.float16 if dtype == torch.float16 else gl.bfloat16)
 
 
-def _descriptors(q, k, v, N: int, L: int, H: int, D: int, cfg: dict):
-    """TMA descriptors over q, k, v as (N·L, H·D) row matrices, boxes of (rows, DP) with the default swizzle."""
-    DP = _dp(D)
+def chunk_descriptors(t, rows: int, N: int, L: int, H: int, D: int, d0: int, d1: int):
+    """(chunk 0's, chunk 1's) TMA descriptors over t as an (N·L, H·D) row matrix: boxes of (rows, d0) and (rows, d1)
+    with the default swizzle; the same object twice when d1 = 0 (a kernel never reads the second then)."""
+    stride = [_rows_stride(t), 1]
+    first = TensorDescriptor(t, [N * L, H * D], stride, [rows, d0], _box_layout(rows, d0, t.dtype))
+    if not d1:
+        return first, first
+    return first, TensorDescriptor(t, [N * L, H * D], stride, [rows, d1], _box_layout(rows, d1, t.dtype))
 
-    def desc(t, rows):
-        return TensorDescriptor(t, [N * L, H * D], [_rows_stride(t), 1], [rows, DP], _box_layout(rows, DP, t.dtype))
 
-    return desc(q, cfg["BLOCK_M"]), desc(k, cfg["BLOCK_N"]), desc(v, cfg["BLOCK_N"]), DP
+def chunk_desc_types(rows: int, d0: int, d1: int, dtype: torch.dtype) -> tuple[str, str]:
+    """The signature types of :func:`chunk_descriptors`' pair, for compiling without a GPU."""
+    ty = "fp16" if dtype == torch.float16 else "bf16"
+    w1 = d1 or d0
+    return (f"tensordesc<{ty}[{rows},{d0}],{_box_layout(rows, d0, dtype)!r}>",
+            f"tensordesc<{ty}[{rows},{w1}],{_box_layout(rows, w1, dtype)!r}>")
 
 
 def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: float, set_mask, out, lse,
@@ -567,11 +631,13 @@ def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: f
     ``compile_only``: compile for these arguments without launching (a probe that tells a slow compile from a
     kernel that does not finish)."""
     cfg = config(variant, D)
-    dq, dk, dv, DP = _descriptors(q, k, v, B * G, L, H, D, cfg)
-    grid = (G * cdiv(L, cfg["BLOCK_M"]), B * H)
-    args = (dq, dk, dv, out, lse, img_list, img_count, float(scale) * _LOG2E, H, G, L)
     d0, d1 = _chunks(D, cfg["SPLIT"])
-    meta = dict(HEAD_DIM=D, DP=DP, D0=d0, D1=d1, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"],
+    bm, bn, N = cfg["BLOCK_M"], cfg["BLOCK_N"], B * G
+    descs = (*chunk_descriptors(q, bm, N, L, H, D, d0, d1), *chunk_descriptors(k, bn, N, L, H, D, d0, d1),
+             *chunk_descriptors(v, bn, N, L, H, D, d0, d1))
+    grid = (G * cdiv(L, bm), B * H)
+    args = (*descs, out, lse, img_list, img_count, float(scale) * _LOG2E, H, G, L)
+    meta = dict(HEAD_DIM=D, D0=d0, D1=d1, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"],
                 BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], EVEN_N=L % cfg["BLOCK_N"] == 0,
                 num_warps=cfg["num_warps"])
     kernel = _kernel_of(cfg)
@@ -587,17 +653,14 @@ def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.b
     signature a launch on SD-sized inputs produces) and return the CompiledKernel (``.asm["ptx"]``, ``["cubin"]``,
     ``.metadata``). The CPU tests and tools/triton_aot_check.py use it: Gluon has no interpreter mode."""
     cfg = config(variant, head_dim)
-    DP = _dp(head_dim)
     ty = "fp16" if dtype == torch.float16 else "bf16"
-
-    def desc(rows):
-        return f"tensordesc<{ty}[{rows},{DP}],{_box_layout(rows, DP, dtype)!r}>"
-
-    signature = {"DescQ": desc(cfg["BLOCK_M"]), "DescK": desc(cfg["BLOCK_N"]), "DescV": desc(cfg["BLOCK_N"]),
+    d0, d1 = _chunks(head_dim, cfg["SPLIT"])
+    q0, q1 = chunk_desc_types(cfg["BLOCK_M"], d0, d1, dtype)
+    kv0, kv1 = chunk_desc_types(cfg["BLOCK_N"], d0, d1, dtype)
+    signature = {"DescQ0": q0, "DescQ1": q1, "DescK0": kv0, "DescK1": kv1, "DescV0": kv0, "DescV1": kv1,
                  "Out": "*" + ty, "Lse": "*fp32", "ImgList": "*i32", "ImgCount": "*i32", "qk_scale_log2": "fp32",
                  "H": "i32", "G": "i32", "L": "i32"}
-    d0, d1 = _chunks(head_dim, cfg["SPLIT"])
-    constexprs = {"HEAD_DIM": head_dim, "DP": DP, "D0": d0, "D1": d1, "HAS_MASK": has_mask,
+    constexprs = {"HEAD_DIM": head_dim, "D0": d0, "D1": d1, "HAS_MASK": has_mask,
                   "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "NUM_STAGES": cfg["NUM_STAGES"],
                   "EVEN_N": even_n, "num_warps": cfg["num_warps"]}
     return compile_source(_kernel_of(cfg), signature, constexprs, ("Out", "Lse", "ImgList", "ImgCount"), arch)

@@ -50,10 +50,9 @@ from __future__ import annotations
 import torch
 
 from jedi_kernels.ops import cdiv, tma_rows_ok
-from jedi_kernels.ops import rows_stride as _rows_stride
 from jedi_kernels.ops.fast_launch import launch
-from jedi_kernels.ops.set_attention_gluon import (HAVE_GLUON, _box_layout, compile_source, config_list,
-                                                  variant_switch)
+from jedi_kernels.ops.set_attention_gluon import (HAVE_GLUON, chunk_desc_types, chunk_descriptors, compile_source,
+                                                  config_list, variant_switch)
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -65,9 +64,8 @@ if HAVE_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from jedi_kernels.ops.set_attention_gluon import _zero_q_padding
+    from jedi_kernels.ops.set_attention_gluon import _zero_chunk_padding
 
 __all__ = ["BWD_CONFIGS", "MAX_HEAD_DIM", "gluon_bwd_variant", "gluon_bwd_ok", "bwd_chunks", "checked_bwd_configs",
            "set_attn_bwd_gluon", "compile_bwd_for"]
@@ -367,14 +365,8 @@ if HAVE_GLUON:
         mbarrier.wait(kv_bar, 0)
         # the chunk columns past the head (the next head's, or zeros past the last): zero in K and V, they make Q's
         # and dO's irrelevant in Sᵀ and dPᵀ
-        if D1 > 0:
-            blk1: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D1 // 8), D1 // 8], [num_warps, 1], [1, 0])
-            _zero_q_padding(k1_s, HEAD_DIM - D0, D1, blk1)
-            _zero_q_padding(v1_s, HEAD_DIM - D0, D1, blk1)
-        else:
-            blk0: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D0 // 8), D0 // 8], [num_warps, 1], [1, 0])
-            _zero_q_padding(k0_s, HEAD_DIM, D0, blk0)
-            _zero_q_padding(v0_s, HEAD_DIM, D0, blk0)
+        _zero_chunk_padding(k0_s, k1_s, HEAD_DIM, D0, D1, num_warps)
+        _zero_chunk_padding(v0_s, v1_s, HEAD_DIM, D0, D1, num_warps)
 
         st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
         dq0_zero = gl.zeros([BLOCK_M, D0], gl.float32, dq0_layout)
@@ -465,17 +457,9 @@ def set_attn_bwd_gluon(do, q, k, v, lse, delta, B: int, G: int, L: int, H: int, 
     d0, d1 = bwd_chunks(D)
     N = B * G
 
-    def descs_of(t, rows):
-        """(chunk 0's, chunk 1's) descriptors of t's (N·L, H·D) rows; the same object twice when D1 = 0 (the
-        kernel never reads the second then)."""
-        stride = [_rows_stride(t), 1]
-        first = TensorDescriptor(t, [N * L, H * D], stride, [rows, d0], _box_layout(rows, d0, t.dtype))
-        if not d1:
-            return first, first
-        return first, TensorDescriptor(t, [N * L, H * D], stride, [rows, d1], _box_layout(rows, d1, t.dtype))
-
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    descs = (*descs_of(q, bm), *descs_of(do, bm), *descs_of(k, bn), *descs_of(v, bn))
+    descs = tuple(d for t, rows in ((q, bm), (do, bm), (k, bn), (v, bn))
+                  for d in chunk_descriptors(t, rows, N, L, H, D, d0, d1))
     grid = (G * cdiv(L, bn), B * H)
     args = (*descs, lse, delta, dk, dv, dq_acc, img_list, img_count, float(scale) * _LOG2E, float(scale), H, G, L)
     meta = _meta(cfg, D, has_mask, L)
@@ -493,14 +477,10 @@ def compile_bwd_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = tor
     cfg = BWD_CONFIGS[variant]
     d0, d1 = bwd_chunks(head_dim)
     ty = "fp16" if dtype == torch.float16 else "bf16"
-
-    def desc(rows, c):
-        w = d0 if c == 0 or d1 == 0 else d1
-        return f"tensordesc<{ty}[{rows},{w}],{_box_layout(rows, w, dtype)!r}>"
-
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    signature = {"DescQ0": desc(bm, 0), "DescQ1": desc(bm, 1), "DescDO0": desc(bm, 0), "DescDO1": desc(bm, 1),
-                 "DescK0": desc(bn, 0), "DescK1": desc(bn, 1), "DescV0": desc(bn, 0), "DescV1": desc(bn, 1),
+    m0, m1 = chunk_desc_types(cfg["BLOCK_M"], d0, d1, dtype)
+    n0, n1 = chunk_desc_types(cfg["BLOCK_N"], d0, d1, dtype)
+    signature = {"DescQ0": m0, "DescQ1": m1, "DescDO0": m0, "DescDO1": m1, "DescK0": n0, "DescK1": n1, "DescV0": n0,
+                 "DescV1": n1,
                  "Lse": "*fp32", "Delta": "*fp32", "DK": "*" + ty, "DV": "*" + ty, "DQacc": "*fp32",
                  "ImgList": "*i32", "ImgCount": "*i32", "qk_scale_log2": "fp32", "scale": "fp32",
                  "H": "i32", "G": "i32", "L": "i32"}

@@ -111,7 +111,7 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("case", _CASES, ids=[f"cfg{v}-d{d}-{dt}-{'mask+tail' if m else 'full'}"
                                              for v, d, dt, m, e in _CASES])
 def test_compiles_for_sm90_without_spills(compiled, case):
-    """Every config, head-dim class (boxes of 16, 64, 64, 128, 128 columns; MMAs over 16, 32 + 16, 64, 64 + 16, 128),
+    """Every config, head-dim class (column chunks of 16, 32 + 16, 64, 64 + 16, 128; config 4: 16, 64, 64, 128, 128),
     dtype, and the masked path with key tails compile for sm_90: no spills, shared memory within one block's sm_90
     limit, and no wgmma serialization (C7514)."""
     ptx, _, shared = compiled[case]
@@ -128,7 +128,7 @@ def test_compiles_for_sm90_without_spills(compiled, case):
 @pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
 def test_softmax_runs_while_the_pv_product_is_in_flight(compiled, variant, head_dim):
     """The main loop (SD's cases: head dim 40 or 80, bf16, whole tiles) issues S_t = Q K_tᵀ (64 x BLOCK_N MMAs, one
-    k-step per 16 columns of the chunks: 32 + 16 or 64 + 16, or the padded box) and O += P V (BLOCK_N/16 k-steps of
+    k-step per 16 columns of the chunks: 32 + 16 or 64 + 16, or the padded chunk) and O += P V (BLOCK_N/16 k-steps of
     64 x D0 plus 64 x D1), waits for S_t alone (DEPBAR.LE: the P·V groups still in flight), computes the BLOCK_N/2
     exponentials of this thread's scores, and only then waits for the P·V product (DEPBAR.LE 0). ptxas moved a wait
     placed after the softmax up into it when both shared a basic block; this pins the schedule."""
@@ -188,14 +188,14 @@ def test_warp_specialized_consumers_never_wait_for_each_other(compiled, head_dim
 
 
 def test_head_dim_chunks():
-    """The split: 40 -> 32 + 16 of a 64-column box; one chunk where two would not be narrower than the box, and
-    always one without SPLIT."""
+    """The split: 40 -> 32 + 16 (not 64); one chunk where two would not be narrower than the head dim rounded up to a
+    power of two, and always one without SPLIT."""
     assert sg._chunks(40) == (32, 16) and sg._chunks(48) == (32, 16)
     assert sg._chunks(24) == (32, 0) and sg._chunks(56) == (64, 0) and sg._chunks(64) == (64, 0)
     assert sg._chunks(8) == (16, 0) and sg._chunks(16) == (16, 0)
     assert sg._chunks(80) == (64, 16) and sg._chunks(96) == (64, 32) and sg._chunks(112) == (128, 0)
     assert sg._chunks(40, split=False) == (64, 0) and sg._chunks(80, split=False) == (128, 0)
-    assert sg.config(1, 40)["BLOCK_N"] == 128 and sg.config(1, 80)["BLOCK_N"] == 64  # 128-column boxes: 64 keys
+    assert sg.config(1, 40)["BLOCK_N"] == 128 and sg.config(1, 80)["BLOCK_N"] == 64  # d > 64: 64 keys
 
 
 def test_variant_switch(monkeypatch):
@@ -276,10 +276,10 @@ def test_tma_rows_ok():
 # ----------------------------------------------------------------------------------------------------------------------
 
 _EMU_CASES = [  # (B, G, L, H, D, mask): key tiles beyond the ring (3 or 4 buffers), so buffers are refilled
-    (1, 3, 200, 2, 40, "oneway"),  # 32 + 16 of a 64-column box (24 zeroed in Q), key tails, the image lists
+    (1, 3, 200, 2, 40, "oneway"),  # 32 + 16 (the next head's 8 zeroed in Q), key tails, the image lists
     (2, 2, 130, 3, 24, "jedi"),  # one 32-column chunk, the last head's box past H*D, two sets
     (1, 1, 1, 2, 8, "full"),  # one row
-    (1, 2, 256, 1, 80, "full"),  # 64 + 16 of a 128-column box, whole tiles
+    (1, 2, 256, 1, 80, "full"),  # 64 + 16 (the second chunk's box past H*D), whole tiles
     (1, 2, 70, 1, 128, "blockdiag"),  # one 128-column chunk
 ]
 
@@ -341,7 +341,7 @@ def _require_sm90():
     (2, 2, 65, 3, 24, "jedi", True),  # box 32 columns wide; the last head's box runs past H*D: zero-filled
     (1, 1, 1, 2, 8, "full", False),  # one row: the box runs past the tensor's end
     (1, 5, 200, 1, 40, "random", False),
-    (2, 2, 1024, 2, 80, "full", True),  # SD's 32x32 level: 64 + 16 columns of a 128-column box
+    (2, 2, 1024, 2, 80, "full", True),  # SD's 32x32 level: 64 + 16 columns
     (1, 3, 70, 2, 72, "oneway", False),
     (1, 2, 64, 2, 128, "jedi", True),
 ])
