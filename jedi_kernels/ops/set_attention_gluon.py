@@ -181,16 +181,23 @@ if HAVE_GLUON:
             j = jj
         row = (b * G + j) * L + (it - jj * n_nt) * BLOCK_N
         st = it % NUM_STAGES
-        bar = kv_bar.index(st)
+        _issue_pair(DescK0, DescK1, DescV0, DescV1, k0_s.index(st), k1_s.index(st), v0_s.index(st), v1_s.index(st),
+                    kv_bar.index(st), row, col0, D0, D1)
+
+    @gluon.jit
+    def _issue_pair(DescA0, DescA1, DescB0, DescB1, a0, a1, b0, b1, bar, row, col0, D0: gl.constexpr,
+                    D1: gl.constexpr):
+        """Start the TMA loads of the same rows of two tensors (K and V, or Q and dO: their two descriptors share box
+        shapes), per column chunk, into the tiles a0/a1 and b0/b1, all completing on mbarrier ``bar``."""
         if D1 > 0:
-            mbarrier.expect(bar, 2 * DescK0.block_type.nbytes + 2 * DescK1.block_type.nbytes)
+            mbarrier.expect(bar, 2 * DescA0.block_type.nbytes + 2 * DescA1.block_type.nbytes)
         else:
-            mbarrier.expect(bar, 2 * DescK0.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescK0, [row, col0], bar, k0_s.index(st))
-        tma.async_copy_global_to_shared(DescV0, [row, col0], bar, v0_s.index(st))
+            mbarrier.expect(bar, 2 * DescA0.block_type.nbytes)
+        tma.async_copy_global_to_shared(DescA0, [row, col0], bar, a0)
+        tma.async_copy_global_to_shared(DescB0, [row, col0], bar, b0)
         if D1 > 0:
-            tma.async_copy_global_to_shared(DescK1, [row, col0 + D0], bar, k1_s.index(st))
-            tma.async_copy_global_to_shared(DescV1, [row, col0 + D0], bar, v1_s.index(st))
+            tma.async_copy_global_to_shared(DescA1, [row, col0 + D0], bar, a1)
+            tma.async_copy_global_to_shared(DescB1, [row, col0 + D0], bar, b1)
 
     @gluon.jit
     def _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,

@@ -60,12 +60,11 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
-        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
 
-    from jedi_kernels.ops.set_attention_gluon import _zero_chunk_padding
+    from jedi_kernels.ops.set_attention_gluon import _issue_pair, _zero_chunk_padding
 
 __all__ = ["BWD_CONFIGS", "MAX_HEAD_DIM", "gluon_bwd_variant", "gluon_bwd_ok", "bwd_chunks", "checked_bwd_configs",
            "set_attn_bwd_gluon", "compile_bwd_for"]
@@ -150,16 +149,8 @@ if HAVE_GLUON:
         it % NUM_STAGES."""
         row, _, _ = _query_tile_of(it, n_mt, ImgList, j, b, pid_bh, G, L, BLOCK_M, HAS_MASK)
         st = it % NUM_STAGES
-        bar = bars.index(st)
-        if D1 > 0:
-            mbarrier.expect(bar, 2 * DescQ0.block_type.nbytes + 2 * DescQ1.block_type.nbytes)
-        else:
-            mbarrier.expect(bar, 2 * DescQ0.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescQ0, [row, col0], bar, q0_s.index(st))
-        tma.async_copy_global_to_shared(DescDO0, [row, col0], bar, do0_s.index(st))
-        if D1 > 0:
-            tma.async_copy_global_to_shared(DescQ1, [row, col0 + D0], bar, q1_s.index(st))
-            tma.async_copy_global_to_shared(DescDO1, [row, col0 + D0], bar, do1_s.index(st))
+        _issue_pair(DescQ0, DescQ1, DescDO0, DescDO1, q0_s.index(st), q1_s.index(st), do0_s.index(st),
+                    do1_s.index(st), bars.index(st), row, col0, D0, D1)
 
     @gluon.jit
     def _load_rows(Lse, Delta, lse_row, mt, L, BLOCK_M: gl.constexpr, EVEN_M: gl.constexpr, layout: gl.constexpr):
@@ -348,16 +339,8 @@ if HAVE_GLUON:
             mbarrier.init(qdo_bar.index(s0), count=1)
         fence_async_shared()
 
-        krow = krow0 + nt * BLOCK_N
-        if D1 > 0:
-            mbarrier.expect(kv_bar, 2 * DescK0.block_type.nbytes + 2 * DescK1.block_type.nbytes)
-        else:
-            mbarrier.expect(kv_bar, 2 * DescK0.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescK0, [krow, col0], kv_bar, k0_s)
-        tma.async_copy_global_to_shared(DescV0, [krow, col0], kv_bar, v0_s)
-        if D1 > 0:
-            tma.async_copy_global_to_shared(DescK1, [krow, col0 + D0], kv_bar, k1_s)
-            tma.async_copy_global_to_shared(DescV1, [krow, col0 + D0], kv_bar, v1_s)
+        _issue_pair(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, krow0 + nt * BLOCK_N, col0, D0,
+                    D1)
         for s0 in gl.static_range(NUM_STAGES):
             if s0 < n_it:
                 _issue_qdo(DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, qdo_bar, s0, n_mt, ImgList,
