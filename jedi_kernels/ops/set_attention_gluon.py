@@ -20,10 +20,10 @@ next head's first columns (zero past the last head): Q's are zeroed in shared me
 irrelevant; V's only reach output columns that are never stored. (Until the eighteenth session the chunks were slices
 of one DP-wide tile, the second starting inside a swizzle atom; per-chunk tiles, as in the backward, start every MMA
 operand at an atom's origin, and load 48 columns instead of 64 at d 40: a quarter less TMA traffic and shared
-memory.) K/V tiles go through a ring of NUM_STAGES (>= 3) buffers, each with an mbarrier the TMA engine completes. At the end of iteration t the
-buffer of tile t−1 is refilled with tile t−1+NUM_STAGES: every warpgroup has waited for its P·V product on it, which a
-CTA barrier makes sure of before the copy is issued. The copy then has NUM_STAGES − 2 whole iterations to land (at 3
-stages: tile t+2, needed after iteration t+1).
+memory.) K/V tiles go through a ring of NUM_STAGES (>= 3; 4 in every config) buffers, each with an mbarrier the TMA
+engine completes. At the end of iteration t the buffer of tile t−1 is refilled with tile t−1+NUM_STAGES: every
+warpgroup has waited for its P·V product on it, which a CTA barrier makes sure of before the copy is issued. The copy
+then has NUM_STAGES − 2 whole iterations to land (at 4 stages: tile t+3, needed after iteration t+2).
 
 Config 5 is config 1 warp-specialized (``_set_attn_fwd_gluon_ws_kernel``, FlashAttention-3's structure without its
 ping-pong): a producer warpgroup issues every TMA load, each as soon as both consumer warpgroups have released the
@@ -72,14 +72,17 @@ __all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_at
 # resident while tile t-1's buffer is refilled at the end of iteration t).
 # SPLIT: two power-of-two column chunks (:func:`_chunks`; 40 -> 32 + 16) instead of all DP columns (40 -> 64);
 # config 4 is config 1 padded, to measure what the split buys.
+# Four stages everywhere since the per-chunk tiles (eighteenth session): at d 40 they fit in less shared memory than
+# three stages of the old 64-column boxes, give the refill two iterations of lead instead of one, and the ring index
+# is a power-of-two modulo (9-11 fewer loop instructions a tile than with 3 stages).
 CONFIGS = {
-    1: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3, "SPLIT": True},
+    1: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 4, "SPLIT": True},
     2: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "NUM_STAGES": 4, "SPLIT": True},
-    3: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3, "SPLIT": True},
-    4: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 3, "SPLIT": False},
+    3: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 4, "SPLIT": True},
+    4: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "NUM_STAGES": 4, "SPLIT": False},
     # warp-specialized (:func:`_set_attn_fwd_gluon_ws_kernel`): a producer warpgroup issues the TMA loads, two consumer
     # warpgroups (64 query rows each) release ring buffers through mbarriers instead of CTA barriers
-    5: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 3, "SPLIT": True, "WS": True},
+    5: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 4, "SPLIT": True, "WS": True},
 }
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -93,7 +96,7 @@ def _dp(head_dim: int) -> int:
 
 def config(variant: int, head_dim: int) -> dict:
     """Config ``variant`` of :data:`CONFIGS` for this head dim: key tiles of at most 8192 / DP keys (head dims over 64
-    halve them to 64: the ring of K/V buffers stays within shared memory at d 128, and at d 80 (64 + 16 columns, 82 KB
+    halve them to 64: the ring of K/V buffers stays within shared memory at d 128, and at d 80 (64 + 16 columns, 100 KB
     at config 1) two CTAs share an SM, so the 256 programs of SD's 32x32 level at set size 2 run in one wave of 132
     SMs)."""
     cfg = dict(CONFIGS[variant])
@@ -442,7 +445,7 @@ if HAVE_GLUON:
             # serializes the two again; it does not move instructions across blocks. The branch is the refill of
             # tile t-1's buffer with tile t-1+NUM_STAGES: once this warpgroup's P_{t-1} V_{t-1} is done and a CTA
             # barrier shows every warpgroup's is, nothing reads that buffer any more. The refill tile is needed
-            # NUM_STAGES - 1 iterations later (at 3 stages: tile t+2, a whole iteration after this one). The other
+            # NUM_STAGES - 1 iterations later (at 4 stages: tile t+3, two whole iterations after this one). The other
             # arm (the last NUM_STAGES - 1 iterations) starts with a barrier it does not need: with the wait first in
             # both arms, LLVM hoists it out of the branch, back into the softmax's block (the SASS test catches that).
             if it - 1 + NUM_STAGES < n_it:

@@ -275,13 +275,32 @@ def test_tma_rows_ok():
 # phases and byte counts checked; config 5's partitions as threads synchronized by the mbarriers alone).
 # ----------------------------------------------------------------------------------------------------------------------
 
-_EMU_CASES = [  # (B, G, L, H, D, mask): key tiles beyond the ring (3 or 4 buffers), so buffers are refilled
-    (1, 3, 200, 2, 40, "oneway"),  # 32 + 16 (the next head's 8 zeroed in Q), key tails, the image lists
-    (2, 2, 130, 3, 24, "jedi"),  # one 32-column chunk, the last head's box past H*D, two sets
+_EMU_CASES = [  # (B, G, L, H, D, mask): key tiles beyond the ring (4 buffers), so buffers are refilled
+    (1, 3, 300, 2, 40, "oneway"),  # 32 + 16 (the next head's 8 zeroed in Q), key tails, the image lists
+    (2, 2, 260, 3, 24, "jedi"),  # one 32-column chunk, the last head's box past H*D, two sets
     (1, 1, 1, 2, 8, "full"),  # one row
     (1, 2, 256, 1, 80, "full"),  # 64 + 16 (the second chunk's box past H*D), whole tiles
     (1, 2, 70, 1, 128, "blockdiag"),  # one 128-column chunk
 ]
+
+
+def _key_tiles(variant: int, G: int, L: int, D: int, mask: str) -> int:
+    """The most key tiles one program of ``variant`` loops over on an emulated case."""
+    from test_set_attention import _masks
+
+    m = _masks(mask, G)
+    images = G if m is None else int(m.sum(dim=1).max())
+    return images * -(-L // sg.config(variant, D)["BLOCK_N"])
+
+
+@pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
+def test_emulated_cases_refill_the_ring(variant):
+    """Every config refills its ring on the emulated cases at SD's head dims 40 and 80 (more key tiles per program
+    than stages): a config change that gives the ring more stages must not quietly leave the refill path untested."""
+    stages = sg.config(variant, 40)["NUM_STAGES"]
+    for d in (40, 80):
+        tiles = [_key_tiles(variant, G, L, D, mask) for B, G, L, H, D, mask in _EMU_CASES if D == d]
+        assert max(tiles) > stages, (d, tiles, stages)
 
 
 @pytest.mark.parametrize("tma_lands", ["issue", "wait"])
