@@ -11,16 +11,17 @@ as the CUDA extension's Hopper forward (csrc/cuda/set_attention_wgmma.cuh). Unli
 layouts, matrix descriptors and register fragments come from the compiler (``NVMMASharedLayout``,
 ``NVMMADistributedLayout``), so the two do not share a layout mistake.
 
-Loads: q, k and v through 2-D TMA descriptors over the (N·L, H·D) rows (the WS kernel's scheme). Gluon block shapes
-are powers of two, so the head dim is split into power-of-two column chunks (40 -> 32 + 16, 80 -> 64 + 16; one chunk
-where two would not be narrower than the head dim rounded up, DP: 24 -> 32, 64 -> 64), each chunk its own descriptor
-(a box from column h·D, resp. h·D + D0) and shared tile, and each product two MMAs, one per chunk: a quarter less
-tensor work at d 40 than all 64 columns (config 4 runs the padded 64 for comparison). The last chunk also covers the
-next head's first columns (zero past the last head): Q's are zeroed in shared memory once, which makes K's
-irrelevant; V's only reach output columns that are never stored. (Until the eighteenth session the chunks were slices
-of one DP-wide tile, the second starting inside a swizzle atom; per-chunk tiles, as in the backward, start every MMA
-operand at an atom's origin, and load 48 columns instead of 64 at d 40: a quarter less TMA traffic and shared
-memory.) K/V tiles go through a ring of NUM_STAGES (>= 3; 4 in every config) buffers, each with an mbarrier the TMA
+Loads: q, k and v through 3-D TMA descriptors over the (N·L, H, D) tensor (rows, heads, head columns). Gluon block
+shapes are powers of two, so the head dim is split into power-of-two column chunks (40 -> 32 + 16, 80 -> 64 + 16; one
+chunk where two would not be narrower than the head dim rounded up, DP: 24 -> 32, 64 -> 64), each chunk its own
+descriptor (boxes of (rows, 1, chunk) at head h, column 0 resp. D0) and shared tile, and each product two MMAs, one
+per chunk: a quarter less tensor work at d 40 than all 64 columns (config 4 runs the padded 64 for comparison). The
+last chunk's columns past the head dim are outside the descriptor's tensor, so TMA fills them with zeros: no padding
+to zero, and no column of another head is read. (Until the eighteenth session the chunks were slices of one DP-wide
+box over the (N·L, H·D) rows, the second starting inside a swizzle atom, and the next head's columns were zeroed
+in Q; per-chunk tiles, as in the backward, start every MMA operand at an atom's origin.) The MMAs read each
+(rows, 1, chunk) tile as the (rows, chunk) operand it is (:func:`_flat`, a reshape: the same bytes and swizzle).
+K/V tiles go through a ring of NUM_STAGES (>= 3; 4 in every config) buffers, each with an mbarrier the TMA
 engine completes. At the end of iteration t the buffer of tile t−1 is refilled with tile t−1+NUM_STAGES: every
 warpgroup has waited for its P·V product on it, which a CTA barrier makes sure of before the copy is issued. The copy
 then has NUM_STAGES − 2 whole iterations to land (at 4 stages: tile t+3, needed after iteration t+2).
@@ -158,9 +159,10 @@ def checked_configs() -> list[int]:
 
 def gluon_fwd_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float) -> bool:
     """Whether :func:`set_attn_fwd_gluon` can run these inputs: Gluon present, an sm_90 CUDA device, fp16/bf16,
-    head dim <= 128, scale > 0 (the row max is taken on the raw scores), and each of q, k, v evenly spaced rows with
-    unit last stride, a 16-byte aligned base and row stride (what a TMA descriptor needs)."""
-    if not HAVE_GLUON or head_dim > MAX_HEAD_DIM or not scale > 0:
+    head dim <= 128 and a multiple of 8 (the descriptors' head stride must be a multiple of 16 bytes), scale > 0 (the
+    row max is taken on the raw scores), and each of q, k, v evenly spaced rows with unit last stride, a 16-byte
+    aligned base and row stride (what a TMA descriptor needs)."""
+    if not HAVE_GLUON or head_dim > MAX_HEAD_DIM or head_dim % 8 or not scale > 0:
         return False
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
@@ -173,7 +175,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, it, n_nt, ImgList, i, b, G, L,
-                  col0, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  head, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   HAS_MASK: gl.constexpr):
         """Start the TMA loads of key tile ``it`` (its K and V rows, per column chunk) into ring buffer
         it % NUM_STAGES."""
@@ -185,22 +187,28 @@ if HAVE_GLUON:
         row = (b * G + j) * L + (it - jj * n_nt) * BLOCK_N
         st = it % NUM_STAGES
         _issue_pair(DescK0, DescK1, DescV0, DescV1, k0_s.index(st), k1_s.index(st), v0_s.index(st), v1_s.index(st),
-                    kv_bar.index(st), row, col0, D0, D1)
+                    kv_bar.index(st), row, head, D0, D1)
 
     @gluon.jit
-    def _issue_pair(DescA0, DescA1, DescB0, DescB1, a0, a1, b0, b1, bar, row, col0, D0: gl.constexpr,
+    def _issue_pair(DescA0, DescA1, DescB0, DescB1, a0, a1, b0, b1, bar, row, head, D0: gl.constexpr,
                     D1: gl.constexpr):
         """Start the TMA loads of the same rows of two tensors (K and V, or Q and dO: their two descriptors share box
-        shapes), per column chunk, into the tiles a0/a1 and b0/b1, all completing on mbarrier ``bar``."""
+        shapes), per column chunk, into the (rows, 1, chunk) tiles a0/a1 and b0/b1, all completing on mbarrier
+        ``bar``: boxes at (row, head, 0) and (row, head, D0) of the (N·L, H, D) descriptors."""
         if D1 > 0:
             mbarrier.expect(bar, 2 * DescA0.block_type.nbytes + 2 * DescA1.block_type.nbytes)
         else:
             mbarrier.expect(bar, 2 * DescA0.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescA0, [row, col0], bar, a0)
-        tma.async_copy_global_to_shared(DescB0, [row, col0], bar, b0)
+        tma.async_copy_global_to_shared(DescA0, [row, head, 0], bar, a0)
+        tma.async_copy_global_to_shared(DescB0, [row, head, 0], bar, b0)
         if D1 > 0:
-            tma.async_copy_global_to_shared(DescA1, [row, col0 + D0], bar, a1)
-            tma.async_copy_global_to_shared(DescB1, [row, col0 + D0], bar, b1)
+            tma.async_copy_global_to_shared(DescA1, [row, head, D0], bar, a1)
+            tma.async_copy_global_to_shared(DescB1, [row, head, D0], bar, b1)
+
+    @gluon.jit
+    def _flat(t):
+        """A (rows, 1, chunk) TMA tile as the (rows, chunk) MMA operand it is (the same bytes and swizzle)."""
+        return t.reshape([t.shape[0], t.shape[2]])
 
     @gluon.jit
     def _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
@@ -222,9 +230,9 @@ if HAVE_GLUON:
         """Issue S = Q Kᵀ for one key tile (both operands in shared memory, one tile per column chunk) over chunk 0
         and, when D1 > 0, chunk 1 as a second MMA accumulating into the first; returns its (in-flight)
         accumulator."""
-        s = warpgroup_mma(q0, k0_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(q0, _flat(k0_tile).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if D1 > 0:
-            s = warpgroup_mma(q1, k1_tile.permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(q1, _flat(k1_tile).permute((1, 0)), s, is_async=True)
         return s
 
     @gluon.jit
@@ -234,10 +242,10 @@ if HAVE_GLUON:
         ``acc1`` (one committed group each, P from registers for both); returns the two in-flight accumulators
         (``acc1`` unchanged when D1 = 0)."""
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        o_tok = warpgroup_mma(p_op, v0_tile, acc, is_async=True)
+        o_tok = warpgroup_mma(p_op, _flat(v0_tile), acc, is_async=True)
         if D1 > 0:
             acc1 = acc1 * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout)), 1)
-            acc1 = warpgroup_mma(gl.convert_layout(p_op, p1_layout), v1_tile, acc1, is_async=True)
+            acc1 = warpgroup_mma(gl.convert_layout(p_op, p1_layout), _flat(v1_tile), acc1, is_async=True)
         return o_tok, acc1
 
     @gluon.jit
@@ -263,32 +271,6 @@ if HAVE_GLUON:
         gl.store(ptrs, o, mask=gl.expand_dims(rows < L, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
 
     @gluon.jit
-    def _zero_q_padding(q_smem, HEAD_DIM: gl.constexpr, DP: gl.constexpr, q_blk: gl.constexpr):
-        """Zero the columns [HEAD_DIM, DP) of a DP-column tile in shared memory (a chunk's columns past the head
-        belong to the next head; zero in Q, they make K's irrelevant), fenced for the warpgroup MMAs that read it
-        next. ``HEAD_DIM``: the tile's columns that belong to the head (the head dim less the chunk's first column)."""
-        if HEAD_DIM < DP:
-            q = q_smem.load(q_blk)
-            qc = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
-            q = gl.where(gl.expand_dims(qc < HEAD_DIM, 0), q, gl.zeros_like(q))
-            gl.thread_barrier()
-            q_smem.store(q)
-            fence_async_shared()
-            gl.thread_barrier()
-
-    @gluon.jit
-    def _zero_chunk_padding(t0, t1, HEAD_DIM: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr,
-                            num_warps: gl.constexpr):
-        """:func:`_zero_q_padding` for a pair of chunk tiles (column chunks [0, D0) and [D0, D0 + D1) of the head,
-        D1 = 0: one chunk): only the last chunk can reach past the head dim."""
-        if D1 > 0:
-            blk1: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D1 // 8), D1 // 8], [num_warps, 1], [1, 0])
-            _zero_q_padding(t1, HEAD_DIM - D0, D1, blk1)
-        else:
-            blk0: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D0 // 8), D0 // 8], [num_warps, 1], [1, 0])
-            _zero_q_padding(t0, HEAD_DIM, D0, blk0)
-
-    @gluon.jit
     def _first_tile(q0, q1, k0_s, k1_s, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L, qk_scale_log2, D1: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr, s_layout: gl.constexpr):
         """Tile 0's scores alone (the loop then pairs S_t with P_{t-1} V_{t-1}); returns (P, m, l, alpha). n_it = 0
@@ -307,8 +289,8 @@ if HAVE_GLUON:
     def _program_tile(ImgCount, H, G, L, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       HAS_MASK: gl.constexpr):
         """This program's work (grid (G·⌈L/BLOCK_M⌉, B·H)): query image i, its query tile mt, set b, head h, the
-        (B, H) row pid_bh of lse, the key tiles per image n_nt, the head's first column, and n_it key tiles in all
-        (those of the images image i may attend)."""
+        (B, H) row pid_bh of lse, the key tiles per image n_nt, the head h, and n_it key tiles in all (those of the
+        images image i may attend)."""
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         n_mt = gl.cdiv(L, BLOCK_M)
@@ -321,7 +303,7 @@ if HAVE_GLUON:
             n_it = gl.load(ImgCount + i) * n_nt
         else:
             n_it = G * n_nt
-        return i, mt, b, pid_bh, n_nt, h * HEAD_DIM, n_it
+        return i, mt, b, pid_bh, n_nt, h, n_it
 
     @gluon.jit
     def _epilogue(Out, Lse, acc, acc1, m_i, l_i, row0, lse_row0, rblk, L, H, col0, D0: gl.constexpr, D1: gl.constexpr,
@@ -340,16 +322,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _allocate_tiles(DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, dtype: gl.constexpr, D0: gl.constexpr,
                         D1: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """The shared tiles, one per column chunk: Q (BLOCK_M, chunk) and rings of NUM_STAGES K and V tiles
-        (BLOCK_N, chunk); with D1 = 0 the second chunk's names are the first's (never read: the D1 > 0 branches are
-        compiled out)."""
-        q0_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D0], DescQ0.layout)
-        k0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D0], DescK0.layout)
-        v0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D0], DescV0.layout)
+        """The shared tiles, one per column chunk, shaped as the TMA boxes (:func:`_flat` gives the MMA operands): Q
+        (BLOCK_M, 1, chunk) and rings of NUM_STAGES K and V tiles (BLOCK_N, 1, chunk); with D1 = 0 the second chunk's
+        names are the first's (never read: the D1 > 0 branches are compiled out)."""
+        q0_s = gl.allocate_shared_memory(dtype, [BLOCK_M, 1, D0], DescQ0.layout)
+        k0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, 1, D0], DescK0.layout)
+        v0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, 1, D0], DescV0.layout)
         if D1 > 0:
-            q1_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D1], DescQ1.layout)
-            k1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D1], DescK1.layout)
-            v1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D1], DescV1.layout)
+            q1_s = gl.allocate_shared_memory(dtype, [BLOCK_M, 1, D1], DescQ1.layout)
+            k1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, 1, D1], DescK1.layout)
+            v1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, 1, D1], DescV1.layout)
         else:
             q1_s = q0_s
             k1_s = k0_s
@@ -357,15 +339,15 @@ if HAVE_GLUON:
         return q0_s, q1_s, k0_s, k1_s, v0_s, v1_s
 
     @gluon.jit
-    def _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, row, col0, D0: gl.constexpr, D1: gl.constexpr):
+    def _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, row, head, D0: gl.constexpr, D1: gl.constexpr):
         """Start the TMA loads of the program's Q rows (per column chunk) onto ``q_bar``."""
         if D1 > 0:
             mbarrier.expect(q_bar, DescQ0.block_type.nbytes + DescQ1.block_type.nbytes)
         else:
             mbarrier.expect(q_bar, DescQ0.block_type.nbytes)
-        tma.async_copy_global_to_shared(DescQ0, [row, col0], q_bar, q0_s)
+        tma.async_copy_global_to_shared(DescQ0, [row, head, 0], q_bar, q0_s)
         if D1 > 0:
-            tma.async_copy_global_to_shared(DescQ1, [row, col0 + D0], q_bar, q1_s)
+            tma.async_copy_global_to_shared(DescQ1, [row, head, D0], q_bar, q1_s)
 
     @gluon.jit
     def _set_attn_fwd_gluon_kernel(
@@ -401,10 +383,12 @@ if HAVE_GLUON:
         # groups committed per product (one per chunk): the wait for S_t leaves the P·V groups in flight
         PV_GROUPS: gl.constexpr = 2 if D1 > 0 else 1
 
-        i, mt, b, pid_bh, n_nt, col0, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
+        i, mt, b, pid_bh, n_nt, h, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
 
         q0_s, q1_s, k0_s, k1_s, v0_s, v1_s = _allocate_tiles(DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, dtype, D0,
                                                              D1, BLOCK_M, BLOCK_N, NUM_STAGES)
+        q0f = _flat(q0_s)
+        q1f = _flat(q1_s)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
@@ -412,20 +396,19 @@ if HAVE_GLUON:
             mbarrier.init(kv_bar.index(s0), count=1)
         fence_async_shared()
 
-        _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, (b * G + i) * L + mt * BLOCK_M, col0, D0, D1)
+        _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, (b * G + i) * L + mt * BLOCK_M, h, D0, D1)
         for s0 in gl.static_range(NUM_STAGES):
             if s0 < n_it:
                 _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, s0, n_nt, ImgList, i, b, G,
-                          L, col0, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
+                          L, h, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
         mbarrier.wait(q_bar, 0)
-        _zero_chunk_padding(q0_s, q1_s, HEAD_DIM, D0, D1, num_warps)
 
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, D0], gl.float32, o_layout)
         acc1 = gl.zeros([BLOCK_M, D1E], gl.float32, o1_layout)
-        p, m_i, l_i, alpha = _first_tile(q0_s, q1_s, k0_s, k1_s, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L,
+        p, m_i, l_i, alpha = _first_tile(q0f, q1f, k0_s, k1_s, kv_bar, s_zero, m_i, l_i, n_it, n_nt, L,
                                          qk_scale_log2, D1, BLOCK_M, BLOCK_N, EVEN_N, s_layout)
         # FlashAttention-3's order: iteration t issues S_t = Q K_tᵀ, rescales O (not in flight), issues
         # O += P_{t-1} V_{t-1}, waits for S_t alone, runs S_t's softmax while the P·V product is on the tensor
@@ -435,7 +418,7 @@ if HAVE_GLUON:
             st = it % NUM_STAGES
             prev = (it - 1) % NUM_STAGES
             mbarrier.wait(kv_bar.index(st), (it // NUM_STAGES) & 1)
-            s_tok = _issue_qk(q0_s, q1_s, k0_s.index(st), k1_s.index(st), s_zero, D1)
+            s_tok = _issue_qk(q0f, q1f, k0_s.index(st), k1_s.index(st), s_zero, D1)
             o_tok, o1_tok = _issue_pv(p_op, v0_s.index(prev), v1_s.index(prev), acc, acc1, alpha, D1, o_layout,
                                       o1_layout, p1_layout)
             s = warpgroup_mma_wait(PV_GROUPS, deps=(s_tok, ))
@@ -452,7 +435,7 @@ if HAVE_GLUON:
                 acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
                 gl.thread_barrier()
                 _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, it - 1 + NUM_STAGES, n_nt,
-                          ImgList, i, b, G, L, col0, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
+                          ImgList, i, b, G, L, h, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
             else:
                 gl.thread_barrier()
                 acc, acc1, p_op = _wait_pv(o_tok, o1_tok, p_op, D1)
@@ -469,24 +452,24 @@ if HAVE_GLUON:
             mbarrier.invalidate(kv_bar.index(s0))
 
         _epilogue(Out, Lse, acc, acc1, m_i, l_i, (b * G + i).to(gl.int64) * L, (pid_bh * G + i).to(gl.int64) * L, mt,
-                  L, H, col0, D0, D1, HEAD_DIM, BLOCK_M, o_layout, o1_layout, s_layout)
+                  L, H, h * HEAD_DIM, D0, D1, HEAD_DIM, BLOCK_M, o_layout, o1_layout, s_layout)
 
 
 if HAVE_GLUON:
 
     @gluon.jit
     def _ws_producer(DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full,
-                     empty, n_it, n_nt, ImgList, i, b, G, L, col0, q_row, D0: gl.constexpr, D1: gl.constexpr,
+                     empty, n_it, n_nt, ImgList, i, b, G, L, head, q_row, D0: gl.constexpr, D1: gl.constexpr,
                      BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
         """The producer warpgroup (the default partition): Q once, then key tile ``it`` into ring buffer it % NUM_STAGES
         as soon as both consumers have released the tile that used it before (``empty``: one arrive per consumer
         warpgroup; use k of a buffer waits for the completion of the empty barrier's phase k − 1)."""
-        _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, q_row, col0, D0, D1)
+        _issue_q(DescQ0, DescQ1, q0_s, q1_s, q_bar, q_row, head, D0, D1)
         for it in range(n_it):
             st = it % NUM_STAGES
             mbarrier.wait(empty.index(st), ((it // NUM_STAGES) & 1) ^ 1, pred=it >= NUM_STAGES)
             _issue_kv(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, full, it, n_nt, ImgList, i, b, G, L,
-                      col0, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
+                      head, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
 
     @gluon.jit
     def _ws_consumer(WG: gl.constexpr, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L,
@@ -510,10 +493,9 @@ if HAVE_GLUON:
         p1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
         PV_GROUPS: gl.constexpr = 2 if D1 > 0 else 1
 
-        q0_mine = q0_s.slice(WG * BM, BM, 0)
-        q1_mine = q1_s.slice(WG * BM, BM, 0)
+        q0_mine = _flat(q0_s).slice(WG * BM, BM, 0)  # (a reshape of a slice is not implemented; the reverse is)
+        q1_mine = _flat(q1_s).slice(WG * BM, BM, 0)
         mbarrier.wait(q_bar, 0)
-        _zero_chunk_padding(q0_mine, q1_mine, HEAD_DIM, D0, D1, 4)  # this warpgroup's rows
 
         s_zero = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -573,7 +555,8 @@ if HAVE_GLUON:
         gl.static_assert(BLOCK_M == 128 and num_warps == 4, "two consumer warpgroups of 64 rows; a producer warpgroup")
         dtype: gl.constexpr = DescQ0.dtype
 
-        i, mt, b, pid_bh, n_nt, col0, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
+        i, mt, b, pid_bh, n_nt, h, n_it = _program_tile(ImgCount, H, G, L, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_MASK)
+        col0 = h * HEAD_DIM
         row0 = (b * G + i).to(gl.int64) * L
         lse_row0 = (pid_bh * G + i).to(gl.int64) * L
 
@@ -590,7 +573,7 @@ if HAVE_GLUON:
 
         gl.warp_specialize([
             (_ws_producer, (DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar,
-                            full, empty, n_it, n_nt, ImgList, i, b, G, L, col0, (b * G + i) * L + mt * BLOCK_M, D0,
+                            full, empty, n_it, n_nt, ImgList, i, b, G, L, h, (b * G + i) * L + mt * BLOCK_M, D0,
                             D1, BLOCK_N, NUM_STAGES, HAS_MASK)),
             (_ws_consumer, (0, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L, H, row0,
                             mt, col0, lse_row0, qk_scale_log2, dtype, HEAD_DIM, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
@@ -611,27 +594,30 @@ def _kernel_of(cfg: dict):
 
 @functools.lru_cache(maxsize=None)
 def _box_layout(rows: int, width: int, dtype: torch.dtype):
-    """The default (swizzled) shared layout of a (rows, width) box, cached (≈ 7.5 µs of host time each to build on
+    """The default (swizzled) shared layout of a (rows, 1, width) box, cached (≈ 7.5 µs of host time each to build on
     the CI machine's CPU)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, width], gl.float16 if dtype == torch.float16 else gl.bfloat16)
+    return gl.NVMMASharedLayout.get_default_for([rows, 1, width],
+                                                gl.float16 if dtype == torch.float16 else gl.bfloat16)
 
 
 def chunk_descriptors(t, rows: int, N: int, L: int, H: int, D: int, d0: int, d1: int):
-    """(chunk 0's, chunk 1's) TMA descriptors over t as an (N·L, H·D) row matrix: boxes of (rows, d0) and (rows, d1)
-    with the default swizzle; the same object twice when d1 = 0 (a kernel never reads the second then)."""
-    stride = [_rows_stride(t), 1]
-    first = TensorDescriptor(t, [N * L, H * D], stride, [rows, d0], _box_layout(rows, d0, t.dtype))
+    """(chunk 0's, chunk 1's) TMA descriptors over t as an (N·L, H, D) tensor (rows, heads, head columns): boxes of
+    (rows, 1, d0) and (rows, 1, d1) with the default swizzle; the same object twice when d1 = 0 (a kernel never reads
+    the second then). A chunk's columns past D are out of the tensor, so TMA fills them with zeros: no kernel reads
+    another head's columns or zeroes padding. (D % 8 == 0: the head stride must be a multiple of 16 bytes.)"""
+    shape, stride = [N * L, H, D], [_rows_stride(t), D, 1]
+    first = TensorDescriptor(t, shape, stride, [rows, 1, d0], _box_layout(rows, d0, t.dtype))
     if not d1:
         return first, first
-    return first, TensorDescriptor(t, [N * L, H * D], stride, [rows, d1], _box_layout(rows, d1, t.dtype))
+    return first, TensorDescriptor(t, shape, stride, [rows, 1, d1], _box_layout(rows, d1, t.dtype))
 
 
 def chunk_desc_types(rows: int, d0: int, d1: int, dtype: torch.dtype) -> tuple[str, str]:
     """The signature types of :func:`chunk_descriptors`' pair, for compiling without a GPU."""
     ty = "fp16" if dtype == torch.float16 else "bf16"
     w1 = d1 or d0
-    return (f"tensordesc<{ty}[{rows},{d0}],{_box_layout(rows, d0, dtype)!r}>",
-            f"tensordesc<{ty}[{rows},{w1}],{_box_layout(rows, w1, dtype)!r}>")
+    return (f"tensordesc<{ty}[{rows},1,{d0}],{_box_layout(rows, d0, dtype)!r}>",
+            f"tensordesc<{ty}[{rows},1,{w1}],{_box_layout(rows, w1, dtype)!r}>")
 
 
 def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: float, set_mask, out, lse,

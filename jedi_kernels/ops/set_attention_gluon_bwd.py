@@ -24,18 +24,18 @@ Triton kernel):
     issue dK += dSᵀ Q_t (dSᵀ from registers) and dQ_t = dS K (dS = the shared dSᵀ, transposed view)
 
 The dQ product's 2 warpgroups split its head-dim columns (``warps_per_cta=[4, 2]``): each needs all BLOCK_N keys of
-dS, hence the barrier. Loads: Q, dO, K, V through 2-D TMA descriptors over the (N·L, H·D) rows; the head dim is split
-into power-of-two column chunks (40 → 32 + 16, 80 → 64 + 16), each chunk its own descriptor and shared tile, so no
-chunk slices a wider box inside a swizzle atom. (The dQ product's second warpgroup does start its half of K's columns
-inside one: Triton's own lowering of an 8-warp m64 MMA, the same as a plain ``tl.dot`` of that shape.) The chunks'
-columns past the head (40..47 at d 40: the next head's, or TMA's zeros past the last head) are zeroed in K and V once
-per program, which makes Q's and dO's irrelevant in Sᵀ and dPᵀ; dK/dV/dQ's padding columns are never stored.
+dS, hence the barrier. Loads: Q, dO, K, V through 3-D TMA descriptors over the (N·L, H, D) tensor, as the Gluon
+forward's (``chunk_descriptors``); the head dim is split into power-of-two column chunks (40 → 32 + 16, 80 → 64 + 16),
+each chunk its own descriptor and shared tile, so no chunk slices a wider box inside a swizzle atom. (The dQ product's
+second warpgroup does start its half of K's columns inside one: Triton's own lowering of an 8-warp m64 MMA, the same
+as a plain ``tl.dot`` of that shape.) The chunks' columns past the head dim (40..47 at d 40) are outside the
+descriptors' tensors, so TMA fills them with zeros in every tile; dK/dV/dQ's padding columns are never stored.
 
 Rows past an image's end (a tile tail when L is not a multiple of the tile) are the next image's rows in shared
 memory, excluded arithmetically (lse = +inf makes their Pᵀ column 0; dSᵀ is masked for keys past the end). So, unlike
-the pointer kernels, which load such rows as zeros, an Inf or NaN in a neighbouring image's q/do rows (or in the next
-head's columns) can reach this image's gradients through 0 · Inf; the Gluon forward has the same property. Finite
-inputs are unaffected.
+the pointer kernels, which load such rows as zeros, an Inf or NaN in a neighbouring image's q/do rows can reach this
+image's gradients through 0 · Inf; the Gluon forward has the same property. Finite inputs are unaffected. (Another
+head's columns are never read: the descriptors' bounds end at the head dim.)
 
 Opt-in (``JEDI_TRITON_BWD_GLUON=1|2``, the config), sm_90 only, fp16/bf16, head dims <= ``MAX_HEAD_DIM``, not in
 deterministic mode (the float32 atomics' order varies). Gluon has no interpreter: the CPU tests compile it for sm_90
@@ -64,7 +64,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from jedi_kernels.ops.set_attention_gluon import _issue_pair, _zero_chunk_padding
+    from jedi_kernels.ops.set_attention_gluon import _flat, _issue_pair
 
 __all__ = ["BWD_CONFIGS", "MAX_HEAD_DIM", "gluon_bwd_variant", "gluon_bwd_ok", "bwd_chunks", "checked_bwd_configs",
            "set_attn_bwd_gluon", "compile_bwd_for"]
@@ -114,9 +114,10 @@ def checked_bwd_configs() -> list[int]:
 def gluon_bwd_ok(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
                  variant: int) -> bool:
     """Whether :func:`set_attn_bwd_gluon` can run these inputs with config ``variant``: Gluon present, an sm_90 CUDA
-    device, fp16/bf16, head dim <= the config's ``MAX_HEAD_DIM``, not in deterministic mode, and do, q, k, v each
-    evenly spaced rows with unit last stride, a 16-byte aligned base and row stride (what a TMA descriptor needs)."""
-    if not HAVE_GLUON or head_dim > BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
+    device, fp16/bf16, head dim <= the config's ``MAX_HEAD_DIM`` and a multiple of 8 (the descriptors' head stride
+    must be a multiple of 16 bytes), not in deterministic mode, and do, q, k, v each evenly spaced rows with unit last
+    stride, a 16-byte aligned base and row stride (what a TMA descriptor needs)."""
+    if not HAVE_GLUON or head_dim > BWD_CONFIGS[variant]["MAX_HEAD_DIM"] or head_dim % 8:
         return False
     if torch.are_deterministic_algorithms_enabled():
         return False
@@ -143,14 +144,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _issue_qdo(DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, bars, it, n_mt, ImgList, j, b,
-                   pid_bh, G, L, col0, D0: gl.constexpr, D1: gl.constexpr, BLOCK_M: gl.constexpr,
+                   pid_bh, G, L, head, D0: gl.constexpr, D1: gl.constexpr, BLOCK_M: gl.constexpr,
                    NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr):
         """Start the TMA loads of query tile ``it`` (its Q and dO rows, per column chunk) into ring buffer
         it % NUM_STAGES."""
         row, _, _ = _query_tile_of(it, n_mt, ImgList, j, b, pid_bh, G, L, BLOCK_M, HAS_MASK)
         st = it % NUM_STAGES
         _issue_pair(DescQ0, DescQ1, DescDO0, DescDO1, q0_s.index(st), q1_s.index(st), do0_s.index(st),
-                    do1_s.index(st), bars.index(st), row, col0, D0, D1)
+                    do1_s.index(st), bars.index(st), row, head, D0, D1)
 
     @gluon.jit
     def _load_rows(Lse, Delta, lse_row, mt, L, BLOCK_M: gl.constexpr, EVEN_M: gl.constexpr, layout: gl.constexpr):
@@ -170,9 +171,9 @@ if HAVE_GLUON:
     def _issue_t(a0, a1, b0, b1, zero, D1: gl.constexpr):
         """Issue X Yᵀ over the column chunks (A = a0/a1 (rows, chunk), B = b0/b1 (cols, chunk) transposed), the
         second chunk accumulating into the first; returns the in-flight accumulator."""
-        acc = warpgroup_mma(a0, b0.permute((1, 0)), zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(_flat(a0), _flat(b0).permute((1, 0)), zero, use_acc=False, is_async=True)
         if D1 > 0:
-            acc = warpgroup_mma(a1, b1.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(_flat(a1), _flat(b1).permute((1, 0)), acc, is_async=True)
         return acc
 
     @gluon.jit
@@ -182,14 +183,14 @@ if HAVE_GLUON:
         dSᵀ in shared memory, per chunk; K from shared memory); returns the in-flight (dk0, dk1, dq0, dq1) and the
         second chunk's copy of dSᵀ (ds_op when D1 = 0), which must stay live until the wait (dk1, dq1 unchanged when
         D1 = 0)."""
-        dk0 = warpgroup_mma(ds_op, q0_s.index(st), dk0, is_async=True)
+        dk0 = warpgroup_mma(ds_op, _flat(q0_s.index(st)), dk0, is_async=True)
         ds_op1 = ds_op
         if D1 > 0:
             ds_op1 = gl.convert_layout(ds_op, a1_layout)
-            dk1 = warpgroup_mma(ds_op1, q1_s.index(st), dk1, is_async=True)
-        dq0 = warpgroup_mma(ds_buf.permute((1, 0)), k0_s, dq0_zero, use_acc=False, is_async=True)
+            dk1 = warpgroup_mma(ds_op1, _flat(q1_s.index(st)), dk1, is_async=True)
+        dq0 = warpgroup_mma(ds_buf.permute((1, 0)), _flat(k0_s), dq0_zero, use_acc=False, is_async=True)
         if D1 > 0:
-            dq1 = warpgroup_mma(ds_buf.permute((1, 0)), k1_s, dq1_zero, use_acc=False, is_async=True)
+            dq1 = warpgroup_mma(ds_buf.permute((1, 0)), _flat(k1_s), dq1_zero, use_acc=False, is_async=True)
         else:
             dq1 = dq1_zero
         return dk0, dk1, dq0, dq1, ds_op1
@@ -205,7 +206,7 @@ if HAVE_GLUON:
         return dk0, dk1, dq0, dq1, ds_op
 
     @gluon.jit
-    def _tile_tail(s_tok, dp_tok, lse2, delta, dv0, dv1, it, n_it, nt, n_mt, ImgList, j, b, pid_bh, G, L, col0,
+    def _tile_tail(s_tok, dp_tok, lse2, delta, dv0, dv1, it, n_it, nt, n_mt, ImgList, j, b, pid_bh, G, L, head,
                    qk_scale_log2, DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, ds_s, qdo_bar,
                    dtype: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, BLOCK_M: gl.constexpr,
                    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, HAS_MASK: gl.constexpr, EVEN_N: gl.constexpr,
@@ -219,10 +220,10 @@ if HAVE_GLUON:
         s = warpgroup_mma_wait(NCH, deps=(s_tok, ))
         pt = gl.exp2(s * qk_scale_log2 - gl.expand_dims(lse2, 0))
         pt_op = gl.convert_layout(pt.to(dtype), a0_layout)
-        dv0_tok = warpgroup_mma(pt_op, do0_s.index(st), dv0, is_async=True)
+        dv0_tok = warpgroup_mma(pt_op, _flat(do0_s.index(st)), dv0, is_async=True)
         if D1 > 0:
             pt_op1 = gl.convert_layout(pt_op, a1_layout)
-            dv1_tok = warpgroup_mma(pt_op1, do1_s.index(st), dv1, is_async=True)
+            dv1_tok = warpgroup_mma(pt_op1, _flat(do1_s.index(st)), dv1, is_async=True)
         dpt = warpgroup_mma_wait(NCH, deps=(dp_tok, ))
         dst = pt * (dpt - gl.expand_dims(delta, 0))
         if not EVEN_N:  # keys past the image's end (the next image's rows) must not reach dQ
@@ -237,7 +238,7 @@ if HAVE_GLUON:
         if it >= 1:
             if it - 1 + NUM_STAGES < n_it:
                 _issue_qdo(DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, qdo_bar, it - 1 + NUM_STAGES,
-                           n_mt, ImgList, j, b, pid_bh, G, L, col0, D0, D1, BLOCK_M, NUM_STAGES, HAS_MASK)
+                           n_mt, ImgList, j, b, pid_bh, G, L, head, D0, D1, BLOCK_M, NUM_STAGES, HAS_MASK)
         ds_op = gl.convert_layout(ds_lo, a0_layout)
         if D1 > 0:
             dv0, dv1, pt_op, pt_op1 = warpgroup_mma_wait(0, deps=(dv0_tok, dv1_tok, pt_op, pt_op1))
@@ -309,22 +310,24 @@ if HAVE_GLUON:
         j = pid_n // n_nt
         nt = pid_n % n_nt
         b = pid_bh // H
-        col0 = (pid_bh % H) * HEAD_DIM
+        head = pid_bh % H
+        col0 = head * HEAD_DIM
         if HAS_MASK:
             n_it = gl.load(ImgCount + j) * n_mt
         else:
             n_it = G * n_mt
         krow0 = (b * G + j) * L  # the key image's first row
 
-        k0_s = gl.allocate_shared_memory(dtype, [BLOCK_N, D0], DescK0.layout)
-        v0_s = gl.allocate_shared_memory(dtype, [BLOCK_N, D0], DescV0.layout)
-        q0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, D0], DescQ0.layout)
-        do0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, D0], DescDO0.layout)
+        # tiles shaped as the TMA boxes, (rows, 1, chunk); the MMAs read them through _flat
+        k0_s = gl.allocate_shared_memory(dtype, [BLOCK_N, 1, D0], DescK0.layout)
+        v0_s = gl.allocate_shared_memory(dtype, [BLOCK_N, 1, D0], DescV0.layout)
+        q0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, 1, D0], DescQ0.layout)
+        do0_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, 1, D0], DescDO0.layout)
         if D1 > 0:
-            k1_s = gl.allocate_shared_memory(dtype, [BLOCK_N, D1], DescK1.layout)
-            v1_s = gl.allocate_shared_memory(dtype, [BLOCK_N, D1], DescV1.layout)
-            q1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, D1], DescQ1.layout)
-            do1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, D1], DescDO1.layout)
+            k1_s = gl.allocate_shared_memory(dtype, [BLOCK_N, 1, D1], DescK1.layout)
+            v1_s = gl.allocate_shared_memory(dtype, [BLOCK_N, 1, D1], DescV1.layout)
+            q1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, 1, D1], DescQ1.layout)
+            do1_s = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, 1, D1], DescDO1.layout)
         else:  # never read: the D1 > 0 branches are compiled out
             k1_s = k0_s
             v1_s = v0_s
@@ -339,17 +342,13 @@ if HAVE_GLUON:
             mbarrier.init(qdo_bar.index(s0), count=1)
         fence_async_shared()
 
-        _issue_pair(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, krow0 + nt * BLOCK_N, col0, D0,
+        _issue_pair(DescK0, DescK1, DescV0, DescV1, k0_s, k1_s, v0_s, v1_s, kv_bar, krow0 + nt * BLOCK_N, head, D0,
                     D1)
         for s0 in gl.static_range(NUM_STAGES):
             if s0 < n_it:
                 _issue_qdo(DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, qdo_bar, s0, n_mt, ImgList,
-                           j, b, pid_bh, G, L, col0, D0, D1, BLOCK_M, NUM_STAGES, HAS_MASK)
-        mbarrier.wait(kv_bar, 0)
-        # the chunk columns past the head (the next head's, or zeros past the last): zero in K and V, they make Q's
-        # and dO's irrelevant in Sᵀ and dPᵀ
-        _zero_chunk_padding(k0_s, k1_s, HEAD_DIM, D0, D1, num_warps)
-        _zero_chunk_padding(v0_s, v1_s, HEAD_DIM, D0, D1, num_warps)
+                           j, b, pid_bh, G, L, head, D0, D1, BLOCK_M, NUM_STAGES, HAS_MASK)
+        mbarrier.wait(kv_bar, 0)  # (a chunk's columns past the head came in as zeros: TMA's out-of-bounds fill)
 
         st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
         dq0_zero = gl.zeros([BLOCK_M, D0], gl.float32, dq0_layout)
@@ -375,7 +374,7 @@ if HAVE_GLUON:
             dp_tok = _issue_t(v0_s, v1_s, do0_s.index(0), do1_s.index(0), st_zero, D1)
             lse2, delta = _load_rows(Lse, Delta, lse_row, mt, L, BLOCK_M, EVEN_M, col_layout)
             dv0, dv1, ds_op = _tile_tail(
-                s_tok, dp_tok, lse2, delta, dv0, dv1, 0, n_it, nt, n_mt, ImgList, j, b, pid_bh, G, L, col0,
+                s_tok, dp_tok, lse2, delta, dv0, dv1, 0, n_it, nt, n_mt, ImgList, j, b, pid_bh, G, L, head,
                 qk_scale_log2, DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, ds_s, qdo_bar, dtype,
                 D0, D1, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_MASK, EVEN_N, a0_layout, a1_layout, st_layout)
         for it in range(1, n_it):
@@ -397,7 +396,7 @@ if HAVE_GLUON:
             if D1 > 0:
                 _add_dq(DQacc, dq1, prev_row, prev_mt, L, H, col0, scale, D0, D1, HEAD_DIM, BLOCK_M, dq1_layout)
             dv0, dv1, ds_op = _tile_tail(
-                s_tok, dp_tok, lse2, delta, dv0, dv1, it, n_it, nt, n_mt, ImgList, j, b, pid_bh, G, L, col0,
+                s_tok, dp_tok, lse2, delta, dv0, dv1, it, n_it, nt, n_mt, ImgList, j, b, pid_bh, G, L, head,
                 qk_scale_log2, DescQ0, DescQ1, DescDO0, DescDO1, q0_s, q1_s, do0_s, do1_s, ds_s, qdo_bar, dtype,
                 D0, D1, BLOCK_M, BLOCK_N, NUM_STAGES, HAS_MASK, EVEN_N, a0_layout, a1_layout, st_layout)
 

@@ -107,19 +107,26 @@ class SMem:
     """A shared-memory view: a tensor view of its allocation (``permute`` gives a transposed view, as the MMA
     operand descriptors do)."""
 
-    def __init__(self, data: torch.Tensor, em: "Emulator" = None):
-        self.data, self.em = data, em
+    def __init__(self, data: torch.Tensor, em: "Emulator" = None, sliced: bool = False):
+        self.data, self.em, self.sliced = data, em, sliced
         self.dtype = data.dtype
         self.shape = list(data.shape)
 
     def index(self, i):
-        return SMem(self.data[int(i)], self.em)
+        return SMem(self.data[int(i)], self.em, self.sliced)
 
     def slice(self, start, length, dim=0):
-        return SMem(self.data.narrow(dim, int(start), int(length)), self.em)
+        return SMem(self.data.narrow(dim, int(start), int(length)), self.em, True)
 
     def permute(self, order):
-        return SMem(self.data.permute(*order), self.em)
+        return SMem(self.data.permute(*order), self.em, self.sliced)
+
+    def reshape(self, shape):
+        # Triton 3.6 reshapes whole or indexed allocations, not slices ("NYI: memdesc_reshape of memdesc_subslice"):
+        # a kernel that compiles never does, and one run here must not either
+        if self.sliced:
+            raise NotImplementedError("reshape of a sliced shared-memory view: Triton 3.6 does not implement it")
+        return SMem(self.data.view([int(x) for x in shape]), self.em)
 
     def load(self, layout=None):
         return self.data.clone()
@@ -242,7 +249,7 @@ def _bar(b) -> Barrier:
 
 
 class Desc:
-    """A host TMA descriptor: a 2-D (rows, cols) view of its tensor, a box of ``block_shape``."""
+    """A host TMA descriptor: an N-D view of its tensor (shape and strides as given), a box of ``block_shape``."""
 
     def __init__(self, base: torch.Tensor, shape, strides, block_shape, gl_dtype):
         self.view = torch.as_strided(base, tuple(shape), tuple(strides))
@@ -255,13 +262,18 @@ class Desc:
         self.block_type = types.SimpleNamespace(nbytes=nbytes)
 
     def box(self, coords):
-        """The box at ``coords`` with zeros past the tensor's bounds (TMA's OOB fill)."""
-        r, c = (int(x) for x in coords)
-        R, C = self.block_shape
-        out = torch.zeros(R, C, dtype=self.view.dtype)
-        r1, c1 = min(r + R, self.view.shape[0]), min(c + C, self.view.shape[1])
-        if r1 > r and c1 > c and r >= 0 and c >= 0:
-            out[: r1 - r, : c1 - c] = self.view[r:r1, c:c1]
+        """The box at ``coords`` with zeros past the tensor's bounds in every dimension (TMA's OOB fill)."""
+        coords = [int(x) for x in coords]
+        assert len(coords) == len(self.block_shape) == self.view.dim(), (coords, self.block_shape)
+        out = torch.zeros(self.block_shape, dtype=self.view.dtype)
+        src, dst = [], []
+        for c, n, size in zip(coords, self.block_shape, self.view.shape):
+            lo, hi = max(c, 0), min(c + n, size)
+            if hi <= lo:
+                return out
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - c, hi - c))
+        out[tuple(dst)] = self.view[tuple(src)]
         return out
 
 

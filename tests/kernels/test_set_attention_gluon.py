@@ -249,6 +249,23 @@ def test_not_taken_where_it_cannot_run(monkeypatch):
     assert not sg.gluon_fwd_ok(empty, empty, empty, 40, 40**-0.5)  # no TMA descriptor has a zero dim
 
 
+def test_head_dim_a_multiple_of_8(monkeypatch):
+    """The descriptors view q, k, v as (N·L, H, D): the head stride D·2 bytes must be a multiple of 16, so a head dim
+    that is not a multiple of 8 never takes the Gluon kernels (the rest of the check stood in for an sm_90 device)."""
+    import types
+
+    from jedi_kernels.ops import set_attention_gluon_bwd as gb
+
+    t = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(sg, "tma_rows_ok", lambda *a: True)
+    monkeypatch.setattr(gb, "tma_rows_ok", lambda *a: True)
+    assert sg.gluon_fwd_ok(t, t, t, 40, 0.1) and gb.gluon_bwd_ok(t, t, t, t, 40, 1)
+    for d in (12, 36, 44):
+        assert not sg.gluon_fwd_ok(t, t, t, d, 0.1)
+        assert not gb.gluon_bwd_ok(t, t, t, t, d, 1)
+
+
 def test_tma_rows_ok():
     """What a 2-D TMA descriptor over the (N*L, C) rows needs of each of q, k, v: not empty, evenly spaced rows
     (contiguous, or views of one fused qkv projection), unit last stride, 16-byte aligned base and row stride."""
@@ -276,7 +293,7 @@ def test_tma_rows_ok():
 # ----------------------------------------------------------------------------------------------------------------------
 
 _EMU_CASES = [  # (B, G, L, H, D, mask): key tiles beyond the ring (4 buffers), so buffers are refilled
-    (1, 3, 300, 2, 40, "oneway"),  # 32 + 16 (the next head's 8 zeroed in Q), key tails, the image lists
+    (1, 3, 300, 2, 40, "oneway"),  # 32 + 16 (8 columns past the head: TMA zeros), key tails, the image lists
     (2, 2, 260, 3, 24, "jedi"),  # one 32-column chunk, the last head's box past H*D, two sets
     (1, 1, 1, 2, 8, "full"),  # one row
     (1, 2, 256, 1, 80, "full"),  # 64 + 16 (the second chunk's box past H*D), whole tiles
