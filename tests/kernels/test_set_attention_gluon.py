@@ -294,9 +294,9 @@ def test_tma_rows_ok():
 
 _EMU_CASES = [  # (B, G, L, H, D, mask): key tiles beyond the ring (4 buffers), so buffers are refilled
     (1, 3, 300, 2, 40, "oneway"),  # 32 + 16 (8 columns past the head: TMA zeros), key tails, the image lists
-    (2, 2, 260, 3, 24, "jedi"),  # one 32-column chunk, the last head's box past H*D, two sets
+    (2, 2, 260, 3, 24, "jedi"),  # one 32-column chunk, 8 columns past the head dim (zero fill), two sets
     (1, 1, 1, 2, 8, "full"),  # one row
-    (1, 2, 256, 1, 80, "full"),  # 64 + 16 (the second chunk's box past H*D), whole tiles
+    (1, 2, 256, 1, 80, "full"),  # 64 + 16 (the second chunk 8 columns past the head dim), whole tiles
     (1, 2, 70, 1, 128, "blockdiag"),  # one 128-column chunk
 ]
 
@@ -374,7 +374,7 @@ def _require_sm90():
     (2, 2, 1024, 2, 40, "full", True),  # SD's 64x64 level, as views of one qkv projection
     (1, 3, 97, 2, 40, "oneway", False),  # key tails: the next image's rows are masked
     (1, 2, 256, 2, 64, "blockdiag", False),
-    (2, 2, 65, 3, 24, "jedi", True),  # box 32 columns wide; the last head's box runs past H*D: zero-filled
+    (2, 2, 65, 3, 24, "jedi", True),  # one 32-column chunk, 8 columns past the head dim: zero-filled
     (1, 1, 1, 2, 8, "full", False),  # one row: the box runs past the tensor's end
     (1, 5, 200, 1, 40, "random", False),
     (2, 2, 1024, 2, 80, "full", True),  # SD's 32x32 level: 64 + 16 columns

@@ -191,7 +191,7 @@ _ORPHAN = torch.tensor([[True, False, False], [True, True, False], [True, True, 
 _EMU_CASES = [
     (1, 3, 70, 2, 40, "full"),  # 32 + 16 columns (8 zeroed), query and key tails
     (1, 3, 97, 1, 40, "orphan"),  # the transposed image lists
-    (2, 2, 140, 3, 24, "jedi"),  # one 32-column chunk, 8 zeroed; the last head's box past H*D; two sets
+    (2, 2, 140, 3, 24, "jedi"),  # one 32-column chunk, 8 past the head dim (zero fill); two sets
     (1, 1, 1, 2, 8, "full"),  # one row: boxes past the tensor's end
     (1, 2, 128, 1, 80, "oneway"),  # 64 + 16 columns, whole tiles (EVEN_M, EVEN_N)
     (1, 2, 70, 1, 72, "full"),  # 64 + 16 with 8 zeroed
@@ -239,7 +239,7 @@ def _require_sm90():
     (2, 2, 1024, 2, 40, "full", True),  # SD's 64x64 level, as views of one qkv projection
     (1, 3, 97, 2, 40, "oneway", False),  # query and key tails: the next image's rows are masked
     (1, 2, 256, 2, 64, "blockdiag", False),
-    (2, 2, 65, 3, 24, "jedi", True),  # a 32-column box; the last head's box runs past H*D: zero-filled
+    (2, 2, 65, 3, 24, "jedi", True),  # a 32-column chunk, 8 columns past the head dim: zero-filled
     (1, 1, 1, 2, 8, "full", False),  # one row: the boxes run past the tensor's end
     (1, 5, 200, 1, 40, "random", False),  # key images no query attends: dk = dv = 0
     (2, 2, 1024, 2, 80, "full", True),  # SD's 32x32 level: 64 + 16 columns
