@@ -347,6 +347,35 @@ def test_emulated_kernel(monkeypatch, variant, tma_lands, B, G, L, H, D, mask):
     assert_flash_rule(lse, same[1], ref64[1], f"lse config {variant}")
 
 
+@pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
+def test_emulated_never_reads_another_heads_columns(monkeypatch, variant):
+    """Head 1 of q, k and v all Inf: head 0's out and lse are still right. The descriptors end at the head dim, so the
+    columns a chunk has past it (d 40: 40..47 of 32 + 16; config 4: 40..63) are TMA's zero fill, never head 1's; the
+    2-D boxes before them read head 1's first columns into head 0's padding, where 0 · Inf reached head 0's scores."""
+    if not sg.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    from test_set_attention import _inputs, _ref_fwd_bwd
+
+    from jedi_kernels.testing import assert_flash_rule
+
+    monkeypatch.setattr(sa, "gluon_fwd_ok", lambda *a: True)
+    monkeypatch.setenv("JEDI_TRITON_FWD_GLUON", str(variant))
+    G, L, H, D = 2, 130, 2, 40
+    qkv, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cpu"), fused=True)
+    for t in (q, k, v):
+        t[..., D:] = float("inf")  # (views of qkv)
+    with gluon_emu.emulated(sg, sg._kernel_of(sg.CONFIGS[variant]).__name__, nan_ok=True) as runs:
+        out, lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None)  # (head 1's own P is NaN: Inf - Inf)
+    assert len(runs) == 1
+    q0, k0, v0 = (t[..., :D] for t in (q, k, v))
+    do = torch.zeros_like(q0)
+    ref64 = _ref_fwd_bwd(q0, k0, v0, do, G, 1, D**-0.5, None, torch.float64)
+    same = _ref_fwd_bwd(q0, k0, v0, do, G, 1, D**-0.5, None, torch.float16)
+    assert torch.isfinite(out[..., :D]).all() and torch.isfinite(lse[:, 0]).all()
+    assert_flash_rule(out[..., :D], same[0], ref64[0], f"head 0's out, config {variant}")
+    assert_flash_rule(lse[:, :1], same[1], ref64[1], f"head 0's lse, config {variant}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # GPU (sm_90): correctness by the flash rule, as the other forwards
 # ----------------------------------------------------------------------------------------------------------------------

@@ -189,12 +189,12 @@ def test_set_attn_bwd_wiring(monkeypatch, mask):
 # are refilled; "orphan" leaves key image 2 without a query (dk = dv = 0 from a program that loops zero times)
 _ORPHAN = torch.tensor([[True, False, False], [True, True, False], [True, True, False]])
 _EMU_CASES = [
-    (1, 3, 70, 2, 40, "full"),  # 32 + 16 columns (8 zeroed), query and key tails
+    (1, 3, 70, 2, 40, "full"),  # 32 + 16 columns (8 past the head dim), query and key tails
     (1, 3, 97, 1, 40, "orphan"),  # the transposed image lists
     (2, 2, 140, 3, 24, "jedi"),  # one 32-column chunk, 8 past the head dim (zero fill); two sets
     (1, 1, 1, 2, 8, "full"),  # one row: boxes past the tensor's end
     (1, 2, 128, 1, 80, "oneway"),  # 64 + 16 columns, whole tiles (EVEN_M, EVEN_N)
-    (1, 2, 70, 1, 72, "full"),  # 64 + 16 with 8 zeroed
+    (1, 2, 70, 1, 72, "full"),  # 64 + 16, 8 past the head dim
 ]
 
 
@@ -215,6 +215,38 @@ def test_emulated_kernel(monkeypatch, variant, tma_lands, B, G, L, H, D, mask):
     with gluon_emu.emulated(gb, "_set_attn_bwd_gluon_kernel", tma_lands) as runs:
         _check_case(B, G, L, H, D, dtype=torch.float16, mask=_ORPHAN if mask == "orphan" else mask, fused=True)
     assert len(runs) == 1
+
+
+@pytest.mark.parametrize("variant", sorted(gb.BWD_CONFIGS))
+def test_emulated_never_reads_another_heads_columns(monkeypatch, variant):
+    """Head 1 of q, k, v and do all Inf: head 0's dq, dk and dv are still right (the descriptors end at the head dim:
+    the columns 40..47 of the 32 + 16 chunks are TMA's zero fill, never head 1's first 8; before them, K and V's were
+    zeroed, and 0 · Inf in Q's and dO's reached head 0). Head 1's own programs store NaN into dS on purpose, hence
+    ``nan_ok``."""
+    if not gb.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    from test_set_attention import _inputs, _ref_fwd_bwd
+
+    from jedi_kernels.testing import assert_flash_rule
+
+    monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", str(variant))
+    monkeypatch.setattr(sa, "gluon_bwd_ok", lambda *a: True)
+    G, L, H, D = 2, 70, 2, 40
+    scale = D**-0.5
+    _, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cpu"), fused=True)
+    do = torch.randn_like(q)
+    for t in (q, k, v, do):
+        t[..., D:] = float("inf")
+    out, lse = sa.set_attn_fwd(q, k, v, G, H, scale, None)  # the pointer forward: heads apart by masks
+    with gluon_emu.emulated(gb, "_set_attn_bwd_gluon_kernel", nan_ok=True) as runs:
+        grads = sa.set_attn_bwd(do, q, k, v, out, lse, G, H, scale, None)
+    assert len(runs) == 1
+    q0, k0, v0, do0 = (t[..., :D] for t in (q, k, v, do))
+    ref64 = _ref_fwd_bwd(q0, k0, v0, do0, G, 1, scale, None, torch.float64)
+    same = _ref_fwd_bwd(q0, k0, v0, do0, G, 1, scale, None, torch.float16)
+    for name, g, s16, s64 in zip(("dq", "dk", "dv"), grads, same[2:], ref64[2:]):
+        assert torch.isfinite(g[..., :D]).all(), name
+        assert_flash_rule(g[..., :D], s16, s64, f"head 0's {name}, config {variant}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
