@@ -270,6 +270,13 @@ def test_emulated_never_reads_another_heads_columns(monkeypatch, variant):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _spy(monkeypatch) -> list:
+    """Record (B, G, L, H, D) of every call of the Gluon backward's launcher (which still runs)."""
+    calls, real = [], sa.set_attn_bwd_gluon
+    monkeypatch.setattr(sa, "set_attn_bwd_gluon", lambda *a, **kw: calls.append(a[6:11]) or real(*a, **kw))
+    return calls
+
+
 def _require_sm90():
     if not gb.HAVE_GLUON or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon backward runs on sm_90 only")
@@ -304,8 +311,7 @@ def test_gluon_backward_gpu(monkeypatch, variant, B, G, L, H, D, mask, fused, dt
     if D > gb.BWD_CONFIGS[variant]["MAX_HEAD_DIM"]:
         pytest.skip(f"config {variant} takes head dims <= {gb.BWD_CONFIGS[variant]['MAX_HEAD_DIM']}")
     monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", str(variant))
-    calls, real = [], sa.set_attn_bwd_gluon
-    monkeypatch.setattr(sa, "set_attn_bwd_gluon", lambda *a, **kw: calls.append(a[6:11]) or real(*a, **kw))
+    calls = _spy(monkeypatch)
     _check_case(B, G, L, H, D, dtype=dtype, device=torch.device("cuda"), mask=mask, fused=fused)
     assert calls == [(B, G, L, H, D)]
 
@@ -320,8 +326,7 @@ def test_gluon_backward_never_reads_another_heads_columns(monkeypatch, variant):
     if variant not in gb.checked_bwd_configs():
         pytest.skip(f"config {variant} is not in JEDI_GLUON_BWD_CONFIGS={os.environ.get('JEDI_GLUON_BWD_CONFIGS')}")
     monkeypatch.setenv("JEDI_TRITON_BWD_GLUON", str(variant))
-    calls, real = [], sa.set_attn_bwd_gluon
-    monkeypatch.setattr(sa, "set_attn_bwd_gluon", lambda *a, **kw: calls.append(a[6:11]) or real(*a, **kw))
+    calls = _spy(monkeypatch)
     G, L, H, D = 2, 1024, 2, 40  # (the specialization of the SD case above: no extra compile in a capped step)
     q, k, v, do, grads = _grads_with_inf_in_head_1(G, L, H, D, torch.bfloat16, torch.device("cuda"), emulate=False)
     assert calls == [(1, G, L, H, D)]
