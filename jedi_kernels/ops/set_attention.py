@@ -74,6 +74,23 @@ _empty = torch.empty
 
 
 @triton.jit
+def _row_aligned(stride, ROW_ALIGN: tl.constexpr):
+    """``stride``, a multiple of ROW_ALIGN elements, written so the compiler knows it (1: unchanged).
+
+    Triton specializes an int argument on divisibility by 16 only. A row stride of 40 (one head of 40: H·D = 40) is
+    16-byte aligned in fp16/bf16 but not a multiple of 16, so without this the kernels compile to scalar 2-byte loads
+    with no cp.async pipelining and a different shared-memory plan, a variant no SD shape reaches; on the H200
+    (2026-11-28) that variant of the dQ kernel's 128x64, 8-warp config read out of bounds (illegal memory access at
+    B 1, G 5, L 200, H 1, D 40, where H 2 passed). ``(stride // A) * A`` is the stride itself when A divides it, and
+    the compiler's alignment analysis sees the factor A: the loads then compile as for strides divisible by 16.
+    (``tl.multiple_of`` cannot mark a kernel argument: it sets an attribute on the value's defining op, which an
+    argument lacks.) The launchers pass :func:`_row_align`."""
+    if ROW_ALIGN > 1:
+        stride = (stride // ROW_ALIGN) * ROW_ALIGN
+    return stride
+
+
+@triton.jit
 def _load_chunk(base, rows, row_ok, stride_row, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
                 ROWS_IN: tl.constexpr = False):
     """Load ``base[rows, COL0:COL0+WIDTH]`` of a (rows, HEAD_DIM) head slice as (R, WIDTH); zero outside.
@@ -158,6 +175,7 @@ def _set_attn_fwd_kernel(
     HAS_MASK: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     SCALE_POS: tl.constexpr = True, ROWSUM_DOT: tl.constexpr = False, KV_LINEAR: tl.constexpr = False,
+    ROW_ALIGN: tl.constexpr = 1,
 ):
     """Flash-attention forward for one (query tile of image i, set b, head h).
 
@@ -174,8 +192,11 @@ def _set_attn_fwd_kernel(
     SCALE_POS (scale > 0): the row max is taken on the raw q kᵀ and scaled once per row, and 2^(s·c − m) is one FFMA
     per element (no separate multiply). ROWSUM_DOT: ℓ's row sums come from the tensor cores, P times a ones tile,
     instead of one FADD per element plus shuffles (the sum is then of P as rounded for the P v product, so the
-    normalization matches the numerator).
+    normalization matches the numerator). ROW_ALIGN: see :func:`_row_aligned`.
     """
+    stride_qn, stride_ql = _row_aligned(stride_qn, ROW_ALIGN), _row_aligned(stride_ql, ROW_ALIGN)
+    stride_kn, stride_kl = _row_aligned(stride_kn, ROW_ALIGN), _row_aligned(stride_kl, ROW_ALIGN)
+    stride_vn, stride_vl = _row_aligned(stride_vn, ROW_ALIGN), _row_aligned(stride_vl, ROW_ALIGN)
     i, mt, b, h, pid_bh = _query_tile(L, H, BLOCK_M)
     n_nt = tl.cdiv(L, BLOCK_N)
 
@@ -348,9 +369,11 @@ def _set_attn_bwd_preprocess_kernel(
     Out, DO, Delta,
     stride_on, stride_ol, stride_don, stride_dol,
     H, G, L,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, ROW_ALIGN: tl.constexpr = 1,
 ):
     """Delta = rowsum(dO ∘ O) per query row (fp32), the softmax-Jacobian term dS = P ∘ (dP − Delta) needs."""
+    stride_on, stride_ol = _row_aligned(stride_on, ROW_ALIGN), _row_aligned(stride_ol, ROW_ALIGN)
+    stride_don, stride_dol = _row_aligned(stride_don, ROW_ALIGN), _row_aligned(stride_dol, ROW_ALIGN)
     i, mt, b, h, pid_bh = _query_tile(L, H, BLOCK_M)
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
@@ -372,6 +395,7 @@ def _set_attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, Q_LINEAR: tl.constexpr = False,
+    ROW_ALIGN: tl.constexpr = 1,
 ):
     """dK, dV for one (key tile of image j, set b, head h), looping over the query tiles that attend image j.
 
@@ -382,8 +406,12 @@ def _set_attn_bwd_dkdv_kernel(
     ImgList[j, :ImgCount[j]] lists the query images allowed to attend key image j (the transposed mask); an image no
     query attends gets dK = dV = 0. With ``FUSED_DQ`` the program also adds scale · dS K, its keys' share of every
     query tile's dQ, into the float32 (N, L, H*D) DQacc with atomics (no dQ kernel: P and dP are not recomputed).
-    Keys past L need no mask there: their K rows are loaded as zeros.
+    Keys past L need no mask there: their K rows are loaded as zeros. ROW_ALIGN: see :func:`_row_aligned`.
     """
+    stride_qn, stride_ql = _row_aligned(stride_qn, ROW_ALIGN), _row_aligned(stride_ql, ROW_ALIGN)
+    stride_kn, stride_kl = _row_aligned(stride_kn, ROW_ALIGN), _row_aligned(stride_kl, ROW_ALIGN)
+    stride_vn, stride_vl = _row_aligned(stride_vn, ROW_ALIGN), _row_aligned(stride_vl, ROW_ALIGN)
+    stride_don, stride_dol = _row_aligned(stride_don, ROW_ALIGN), _row_aligned(stride_dol, ROW_ALIGN)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_mt = tl.cdiv(L, BLOCK_M)
@@ -507,11 +535,16 @@ def _set_attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, KV_LINEAR: tl.constexpr = False,
+    ROW_ALIGN: tl.constexpr = 1,
 ):
     """dQ for one (query tile of image i, set b, head h), looping over the allowed key tiles as the forward does:
 
         P = 2^(s·log2e·q kᵀ − lse·log2e),  dP = dO Vᵀ,  dS = P ∘ (dP − Delta),  dQ = scale · dS K
     """
+    stride_qn, stride_ql = _row_aligned(stride_qn, ROW_ALIGN), _row_aligned(stride_ql, ROW_ALIGN)
+    stride_kn, stride_kl = _row_aligned(stride_kn, ROW_ALIGN), _row_aligned(stride_kl, ROW_ALIGN)
+    stride_vn, stride_vl = _row_aligned(stride_vn, ROW_ALIGN), _row_aligned(stride_vl, ROW_ALIGN)
+    stride_don, stride_dol = _row_aligned(stride_don, ROW_ALIGN), _row_aligned(stride_dol, ROW_ALIGN)
     i, mt, b, h, pid_bh = _query_tile(L, H, BLOCK_M)
     n_nt = tl.cdiv(L, BLOCK_N)
 
@@ -820,6 +853,20 @@ def _check_launch(q: torch.Tensor, set_size: int, heads: int, name: str = "q") -
     return N // set_size, set_size, L, heads, D
 
 
+def _row_align(*tensors: torch.Tensor) -> int:
+    """ROW_ALIGN for the pointer kernels (:func:`_row_aligned`): 16 bytes' worth of elements when some image or row
+    stride is not a multiple of 16 but every base pointer and every such stride is 16-byte aligned; else 1, which
+    changes nothing (strides divisible by 16, as at every SD shape, are specialized by Triton itself; unaligned rows
+    get no alignment claim)."""
+    strides = [s for t in tensors for s in (t.stride(0), t.stride(1))]
+    if all(s % 16 == 0 for s in strides):
+        return 1
+    es = tensors[0].element_size()
+    if any(t.data_ptr() % 16 for t in tensors) or any((s * es) % 16 for s in strides):
+        return 1
+    return 16 // es
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """Kernels read rows through strides but need unit stride along H*D (e.g. expanded grads have stride 0)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -985,7 +1032,7 @@ def set_attn_fwd(
     )
     meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, COUNT_TILES=count,
                 DOT_F32=dot_f32, PREC=prec, SCALE_POS=scale > 0, ROWSUM_DOT=_rowsum_dot(D0 + D1, q.dtype),
-                KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L))
+                KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L), ROW_ALIGN=_row_align(q, k, v))
 
     def grid(c):
         return (G * cdiv(L, c["BLOCK_M"]), B * H)
@@ -1002,7 +1049,7 @@ def bwd_delta(out: torch.Tensor, do: torch.Tensor, B: int, G: int, L: int, H: in
     launch(
         _set_attn_bwd_preprocess_kernel, (G * cdiv(L, pre_bm), B * H),
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), H, G, L,
-        HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm,
+        HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_M=pre_bm, ROW_ALIGN=_row_align(out, do),
     )
     return delta
 
@@ -1069,7 +1116,8 @@ def set_attn_bwd(
         return dq_acc.to(q.dtype), dk, dv
     fused = _fused_dq(D0, D1)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec)
+    meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec,
+                ROW_ALIGN=_row_align(q, k, v, do))
     scalars = (float(scale) * _LOG2E, float(scale), H, G, L)
 
     # dQ: scale * dS K summed over every key tile, by atomics from the dK/dV programs or by its own kernel
