@@ -521,44 +521,170 @@ def fast_launch_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60)
 
 
 def graph_time_ms(fn, rep_ms: int = 60) -> float:
-    """Median milliseconds of one fn() replayed inside a CUDA graph (triton.testing.do_bench_cudagraph: ≈ rep_ms of
-    unrolled calls per graph, 10 replays): device time, with no host time per call and no L2 flush between calls."""
-    import triton.testing
+    """Median milliseconds of one fn() replayed inside a CUDA graph: device time, with no host time per call and no
+    L2 flush between calls. PyTorch's recipe for capturing a backward: fn() runs three times on a side stream first
+    (lazy allocations and library handles outside the capture), the capture is on that stream, and the capture's
+    error mode is thread_local (the autograd engine launches the backward kernels from its own thread). One graph
+    holds ≈ rep_ms of unrolled calls; 10 replays."""
+    import statistics
 
-    return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(5):
+            fn()
+        t1.record()
+    torch.cuda.synchronize()
+    est = t0.elapsed_time(t1) / 5
+    n = max(1, min(1000, int(rep_ms / est))) if est > 0 else 1000
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
+        for _ in range(n):
+            fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        g.replay()
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1) / n)
+    return float(statistics.median(times))
 
 
-def graph_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60) -> dict:
-    """Every backend of :func:`measure_row` on one shape, each call replayed from a CUDA graph: the kernels' device
-    time, which the eager rows cannot show where the host is slower than the GPU. The third H100 run timed the
-    eager Triton forward + backward at d 80, L 1024, ng 2 at 0.652 ms against cuDNN's 0.280, for ≈ 0.25 ms of our
-    kernels: whether ours lose there on the device or only on the host is what this row says. Without an L2 flush
-    between calls (a graph replays them back to back) the small shapes run from a warm L2, ours and SDPA's alike.
-    ``ms_graph`` / ``ratio_graph_<ours>`` (> 1: ours faster than the best SDPA backend, both graphed); a backend that
-    cannot be captured gets an entry in ``errors``."""
-    qkv, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype, requires_grad=(mode != "fwd"))
-    do = torch.randn(SETS * ng, L, HEADS * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
-    fl = flops(SETS, HEADS, ng, L, D, mode)
-    row = {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
-           "kind": "cuda_graph", "ms_graph": {}, "tflops_graph": {}, "errors": {}}
-    names = [f"sdpa-{b}" for b in SDPA_BACKENDS if b != "math"] + available_ours()
-    for name in names:
-        try:
-            fn, _ = build_fn(name, q, k, v, ng, HEADS, mode, qkv=qkv, do=do)  # one eager call first: compiles, tunes
-            torch.cuda.synchronize()
-            ms = graph_time_ms(fn, rep_ms=rep_ms)
-        except Exception as e:  # a backend that cannot be captured (or cannot run the shape) is recorded, not fatal
-            row["errors"][name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-            with contextlib.suppress(Exception):  # (a failed capture's error surfaces here, if anywhere)
-                torch.cuda.synchronize()
-            continue
-        row["ms_graph"][name] = ms
-        row["tflops_graph"][name] = fl / ms * 1e-9
+def graph_backends() -> list[str]:
+    """The backends a CUDA-graph row times: SDPA's (not math) and ours."""
+    return [f"sdpa-{b}" for b in SDPA_BACKENDS if b != "math"] + available_ours()
+
+
+def _graph_row_start(L, D, ng, dtype, mode) -> dict:
+    return {"L": L, "D": D, "ng": ng, "B": SETS, "H": HEADS, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+            "kind": "cuda_graph", "ms_graph": {}, "tflops_graph": {}, "errors": {}}
+
+
+def _graph_row_finish(row: dict) -> dict:
+    """TFLOP/s and the ratios to the best SDPA backend of a row whose ``ms_graph`` is filled in."""
+    fl = flops(row["B"], row["H"], row["ng"], row["L"], row["D"], row["mode"])
+    row["tflops_graph"] = {name: fl / ms * 1e-9 for name, ms in row["ms_graph"].items()}
     best, ratios = _vs_best_sdpa(row["ms_graph"])
     if best:
         row["best_sdpa_graph"] = best
         row.update({f"ratio_graph_{name}": ratio for name, ratio in ratios.items()})
     return row
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def graph_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60, backends=None, stop_on_error=False) -> dict:
+    """Every backend of :func:`measure_row` (or ``backends``) on one shape, each call replayed from a CUDA graph: the
+    kernels' device time, which the eager rows cannot show where the host is slower than the GPU. The third H100 run
+    timed the eager Triton forward + backward at d 80, L 1024, ng 2 at 0.652 ms against cuDNN's 0.280, for ≈ 0.25 ms
+    of our kernels: whether ours lose there on the device or only on the host is what this row says. Without an L2
+    flush between calls (a graph replays them back to back) the small shapes run from a warm L2, ours and SDPA's
+    alike. ``ms_graph`` / ``ratio_graph_<ours>`` (> 1: ours faster than the best SDPA backend, both graphed); a backend
+    that cannot be captured gets an entry in ``errors`` (``stop_on_error``: and no later backend runs, as a failed
+    capture can leave the process's CUDA state unusable; :func:`graph_rows_isolated` runs the rest in a new process)."""
+    qkv, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype, requires_grad=(mode != "fwd"))
+    do = torch.randn(SETS * ng, L, HEADS * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
+    row = _graph_row_start(L, D, ng, dtype, mode)
+    for name in backends if backends is not None else graph_backends():
+        try:
+            fn, _ = build_fn(name, q, k, v, ng, HEADS, mode, qkv=qkv, do=do)  # one eager call first: compiles, tunes
+            torch.cuda.synchronize()
+            ms = graph_time_ms(fn, rep_ms=rep_ms)
+        except Exception as e:  # a backend that cannot be captured (or cannot run the shape) is recorded, not fatal
+            row["errors"][name] = _error_text(e)
+            with contextlib.suppress(Exception):  # (a failed capture's error surfaces here, if anywhere)
+                torch.cuda.synchronize()
+            if stop_on_error:
+                break
+            continue
+        row["ms_graph"][name] = ms
+    return _graph_row_finish(row)
+
+
+def _run_graph_child(items: list, rep_ms: int, timeout_s: float) -> tuple[list, int, str]:
+    """Run ``items`` ([L, D, mode, backend], ...) in a fresh process (``--graph-items``): (its results in order, one
+    per item it finished: {"ms": ...} or {"error": ...}; its exit status, 124 if it outran ``timeout_s``; the tail
+    of its output). It stops after the first failed item (exit status 3)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "items.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--graph-items", json.dumps(items), "--rep-ms", str(rep_ms),
+               "--out", out]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-600:]
+        except subprocess.TimeoutExpired as e:
+            rc, tail = 124, (str(e.stdout or "") + str(e.stderr or ""))[-600:]
+        results = []
+        with contextlib.suppress(OSError, ValueError):
+            with open(out) as f:
+                results = json.load(f)
+    return results, rc, tail
+
+
+def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_child=None) -> list[dict]:
+    """:func:`graph_row` for each (L, D, mode) of ``specs`` (ng 2, bf16), every backend's capture in a child process
+    that stops at its first failure, the next child going on after it: on the H200 (2026-11-28) the first fwd+bwd
+    capture failed, every later capture in the process failed with it ("operation failed due to a previous error
+    during capture"), and the next row's torch.randn raised ("Offset increment outside graph capture"), which ended
+    the sweep. A child that crashes or hangs costs its item an error entry, nothing else. ``timeout_s`` bounds all
+    children together; items left when it runs out get an error entry."""
+    run_child = run_child or _run_graph_child
+    items = [[L, D, mode, name] for L, D, mode in specs for name in graph_backends()]
+    results: list = []
+    deadline = time.time() + timeout_s
+    while len(results) < len(items):
+        left = deadline - time.time()
+        if left < 5:
+            results += [{"error": "skipped: the graph rows' time ran out"}] * (len(items) - len(results))
+            break
+        got, rc, tail = run_child(items[len(results):], rep_ms, left)
+        results += got[: len(items) - len(results)]
+        if len(results) < len(items) and (not got or "error" not in got[-1]) and rc != 0:
+            # died (or timed out) inside an item without writing it
+            results.append({"error": f"child process exited {rc} during this item: {tail.strip()[-300:]}"})
+        elif not got and rc == 0:
+            results.append({"error": "child process wrote no result"})
+    rows = []
+    for L, D, mode in specs:
+        row = _graph_row_start(L, D, 2, torch.bfloat16, mode)
+        row["isolated"] = True
+        for (iL, iD, imode, name), res in zip(items, results):
+            if (iL, iD, imode) == (L, D, mode):
+                if "ms" in res:
+                    row["ms_graph"][name] = res["ms"]
+                else:
+                    row["errors"][name] = res["error"]
+        rows.append(_graph_row_finish(row))
+    return rows
+
+
+def graph_items_main(items: list, rep_ms: int, out: str) -> int:
+    """The child of :func:`graph_rows_isolated`: time each [L, D, mode, backend] item from a CUDA graph, writing the
+    results after each; exit 3 after the first failure."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    results = []
+    for L, D, mode, name in items:
+        row = graph_row(L, D, mode=mode, rep_ms=rep_ms, backends=[name], stop_on_error=True)
+        results.append({"ms": row["ms_graph"][name]} if name in row["ms_graph"] else {"error": row["errors"][name]})
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, out)
+        if "error" in results[-1]:
+            return 3
+    return 0
 
 
 def warm_gpu(seconds: float = 0.5) -> None:
@@ -649,10 +775,12 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     # issue 3 asks for both in every report: O(tokens) memory, and what head-dim chunking buys over padding (the
     # kernel-variant rows after it come last: they compile the non-default variants, and a cut-short run loses them)
     # device time (CUDA-graph replays) where the eager rows above are host-bound, and d 40 as the device-bound control
-    for L, D, mode in ((1024, 80, "fwd+bwd"), (256, 160, "fwd+bwd"), (64, 160, "fwd"), (4096, 40, "fwd+bwd")):
-        add(graph_row(L, D, mode=mode, rep_ms=rep_ms))
-        r = rows[-1]
-        print(f"CUDA graph {mode} L={L} D={D} ng=2: { {n: round(t, 3) for n, t in r.get('ms_graph', {}).items()} } "
+    graph_specs = ((1024, 80, "fwd+bwd"), (256, 160, "fwd+bwd"), (64, 160, "fwd"), (4096, 40, "fwd+bwd"))
+    graph_s = float(os.environ.get("JEDI_SWEEP_GRAPH_S", 120))  # all the graph rows' child processes together
+    for r in graph_rows_isolated(graph_specs, rep_ms=rep_ms, timeout_s=graph_s):
+        add(r)
+        print(f"CUDA graph {r['mode']} L={r['L']} D={r['D']} ng=2: "
+              f"{ {n: round(t, 3) for n, t in r.get('ms_graph', {}).items()} } "
               f"ours/best SDPA { {n[12:]: round(r[n], 2) for n in r if n.startswith('ratio_graph_')} } "
               f"errors {list(r.get('errors', ()))}", flush=True)
     add(peak_memory_row())
@@ -707,6 +835,7 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--graph-items", help=argparse.SUPPRESS)  # graph_rows_isolated's child: a JSON list of items
     ap.add_argument("--quick", action="store_true", help="the essential rows only (<= 120 s on an H100)")
     ap.add_argument("--rep-ms", type=int, default=None, help="do_bench repetition time per measurement (ms)")
     args = ap.parse_args(argv)
@@ -714,6 +843,8 @@ def main(argv=None) -> int:
         print("attention_sweep.py needs a CUDA GPU", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    if args.graph_items:
+        return graph_items_main(json.loads(args.graph_items), args.rep_ms or 40, args.out)
     t0 = time.time()
     meta = versions()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -293,6 +293,64 @@ def test_graph_row_times_every_backend_from_a_graph_and_records_failures(monkeyp
     assert fwd["mode"] == "fwd" and built[-1][3:] == (False, False)
 
 
+def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypatch):
+    """The graph rows' captures run in child processes that stop at their first failure: a failed capture costs its
+    own backend an error entry (the child stops, the next child resumes after it), a child that dies inside an item
+    without writing it costs that item an error with the exit status, and the rows come out as graph_row's (stand-in
+    children: the real ones need a GPU)."""
+    monkeypatch.setattr(sw, "graph_backends", lambda: ["sdpa-cudnn", "triton", "cuda"])
+    monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
+    calls = []
+    ms = {"sdpa-cudnn": 0.30, "triton": 0.25, "cuda": 0.50}
+
+    def child(items, rep_ms, timeout_s):
+        calls.append([tuple(i) for i in items])
+        if len(calls) == 1:  # item 0 timed; item 1 (triton, first spec) fails its capture: exit 3 after writing it
+            return [{"ms": ms[items[0][3]]}, {"error": "AcceleratorError: capture failed"}], 3, ""
+        if len(calls) == 2:  # item 2 timed, then the process dies inside item 3 (second spec's cudnn)
+            return [{"ms": ms[items[0][3]]}], -11, "Fatal Python error: Segmentation fault"
+        return [{"ms": ms[i[3]]} for i in items], 0, ""
+
+    rows = sw.graph_rows_isolated([(1024, 80, "fwd+bwd"), (64, 160, "fwd")], rep_ms=7, timeout_s=60, run_child=child)
+    assert [c[0] for c in calls] == [(1024, 80, "fwd+bwd", "sdpa-cudnn"), (1024, 80, "fwd+bwd", "cuda"),
+                                     (64, 160, "fwd", "triton")]
+    assert len(calls[0]) == 6 and len(calls[2]) == 2
+    first, second = rows
+    assert (first["L"], first["D"], first["mode"], first["kind"], first["ng"]) == (1024, 80, "fwd+bwd", "cuda_graph", 2)
+    assert first["ms_graph"] == {"sdpa-cudnn": 0.30, "cuda": 0.50}
+    assert first["errors"] == {"triton": "AcceleratorError: capture failed"}
+    assert first["ratio_graph_cuda"] == pytest.approx(0.6) and "ratio_graph_triton" not in first
+    assert second["ms_graph"] == {"triton": 0.25, "cuda": 0.50} and "best_sdpa_graph" not in second
+    assert second["errors"]["sdpa-cudnn"].startswith("child process exited -11 during this item: Fatal Python error")
+    assert second["tflops_graph"]["triton"] == pytest.approx(sw.flops(2, sw.HEADS, 2, 64, 160, "fwd") / 0.25 * 1e-9)
+    # no time left: every item is an error entry, no child runs
+    calls.clear()
+    rows = sw.graph_rows_isolated([(64, 160, "fwd")], timeout_s=0, run_child=child)
+    assert calls == [] and rows[0]["ms_graph"] == {} and len(rows[0]["errors"]) == 3
+
+
+def test_graph_items_child_writes_each_result_and_stops_at_the_first_failure(monkeypatch, tmp_path):
+    """The child side (``--graph-items``): one graph_row per item, results written after each, exit 3 at the first
+    failure; and the parent's runner on a real child process that cannot run (no GPU here: exit 2, no results)."""
+    seen = []
+
+    def fake_graph_row(L, D, mode, rep_ms, backends, stop_on_error):
+        seen.append((L, D, mode, backends[0], rep_ms, stop_on_error))
+        if backends[0] == "triton":
+            return {"ms_graph": {}, "errors": {"triton": "RuntimeError: no"}}
+        return {"ms_graph": {backends[0]: 1.5}, "errors": {}}
+
+    monkeypatch.setattr(sw, "graph_row", fake_graph_row)
+    out = tmp_path / "items.json"
+    items = [[64, 160, "fwd", "cuda"], [64, 160, "fwd", "triton"], [64, 160, "fwd", "sdpa-flash"]]
+    assert sw.graph_items_main(items, 9, str(out)) == 3
+    assert seen == [(64, 160, "fwd", "cuda", 9, True), (64, 160, "fwd", "triton", 9, True)]
+    assert json.loads(out.read_text()) == [{"ms": 1.5}, {"error": "RuntimeError: no"}]
+    if not torch.cuda.is_available():
+        results, rc, tail = sw._run_graph_child(items, 9, timeout_s=300)
+        assert (results, rc) == ([], 2) and "needs a CUDA GPU" in tail
+
+
 def test_gluon_row_times_only_the_checked_configs(monkeypatch):
     """With JEDI_GLUON_CONFIGS (gpu_check.sh: the configs the probe found agreeing), the sweep's Gluon row times the
     pointer kernel and those configs only, checks that the first of them ran, and leaves the split-vs-padded ratio out
