@@ -105,7 +105,9 @@ def run_program(args) -> None:
 
 # backend names beyond build_fn's: (build_fn backend, (switch, value)) of a kernel variant chosen per call
 _VARIANTS = {"cuda-2stage": ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))}
-DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda,cuda-wgmma3,triton-gluon1,triton-gluon5"
+# the Hopper forwards: the sweep's fastest wgmma variant (1: 64 keys x 2 warpgroups, H200 2026-11-28; that run
+# profiled variant 3), Gluon config 1 (the plain loop) and 5 (warp-specialized)
+DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda,cuda-wgmma1,triton-gluon1,triton-gluon5"
 
 
 def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:

@@ -92,9 +92,12 @@ LADDER = [
     ("+attn=triton_gluon_ws", dict(BASE, **_ALL, attn="triton_gluon_ws")),
 ]
 ATTNS = ("triton", "cuda", "cuda_wgmma", "triton_gluon", "triton_gluon_ws")  # our attention options, besides "auto"
-# the Hopper forwards' variants the cuda_wgmma / triton_gluon rungs run (benchmarks/attention_sweep.py times all)
-WGMMA_VARIANT = os.environ.get("JEDI_STEP_WGMMA_VARIANT", "3")
-GLUON_VARIANT = os.environ.get("JEDI_STEP_GLUON_VARIANT", "1")
+# the Hopper forwards' variants the cuda_wgmma / triton_gluon rungs run (benchmarks/attention_sweep.py times all):
+# the sweep's winners on the H200 (2026-11-28, d 40, every ng): wgmma 64 keys x 2 warpgroups (variant 1: 0.727 ms at
+# ng 2 against 0.830 for variant 3, which the ladder ran before: 12.41 ms against 12.28 with mma.sync), and of the
+# Gluon configs without warp specialization 128 x 64 (config 2: 0.790 ms against config 1's 1.056)
+WGMMA_VARIANT = os.environ.get("JEDI_STEP_WGMMA_VARIANT", "1")
+GLUON_VARIANT = os.environ.get("JEDI_STEP_GLUON_VARIANT", "2")
 GLUON_WS_VARIANT = "5"  # the warp-specialized Gluon config
 # attn option -> (backend, the per-call switch it sets, its value); the other rungs run with the user's value of each
 # switch (unset: the default kernel)
