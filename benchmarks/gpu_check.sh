@@ -43,19 +43,20 @@ while [ $# -gt 0 ]; do
       # still wins
       # (the H200 session run of 2026-11-28, 541 s: build 45, extension probe 38, Gluon probes 39 + 34, kernel tests
       # 43, Gluon tests 52, sweep 81 until its graph rows broke it, harness 19, ncu 25, fused tests 34, model tests
-      # 75 (cut off), step ladder 17 s of 130 (7 rungs). Since then the extension probe (RAISED on both cards), the
-      # fused GroupNorm/GEGLU tests (passed in all four runs) and ncu (the H100's and the H200's tables are
-      # committed) are off here, and the sweep gets 150 s, 50 of them for its CUDA-graph rows' child processes)
+      # 75 (cut off), step ladder 17 s of 130 (7 rungs). Since then the extension probe (RAISED on both cards) and
+      # the fused GroupNorm/GEGLU tests (passed in all four runs) are off here, ncu gets 40 s (it now also reads
+      # why warps stall), and the sweep 150 s, 50 of them for its CUDA-graph rows' child processes; the step ladder,
+      # measured in full on both cards, gets what is left)
       PART=all
       : "${JEDI_CHECK_BUDGET_S:=540}" "${JEDI_GPU_TEST_TIMEOUT:=120}" "${JEDI_TEST_WORKERS:=10}" \
         "${JEDI_SWEEP_TIMEOUT:=150}" "${JEDI_SWEEP_GRAPH_S:=50}" "${JEDI_HARNESS_TIMEOUT:=30}" \
         "${JEDI_MEMCHECK_TIMEOUT:=0}" "${JEDI_PROBE_TIMEOUT:=0}" \
-        "${JEDI_NCU_TIMEOUT:=0}" "${JEDI_FUSED_TEST_TIMEOUT:=0}" "${JEDI_BENCH_TIMEOUT:=0}" \
+        "${JEDI_NCU_TIMEOUT:=40}" "${JEDI_FUSED_TEST_TIMEOUT:=0}" "${JEDI_BENCH_TIMEOUT:=0}" \
         "${JEDI_MODEL_TEST_TIMEOUT:=75}" "${JEDI_LEVERS_TIMEOUT:=130}" "${JEDI_T6PYTEST_TIMEOUT:=0}" \
         "${JEDI_WS_PROBE_TIMEOUT:=0}" "${JEDI_GLUON_PROBE_TIMEOUT:=50}" "${JEDI_GLUON_TEST_TIMEOUT:=70}" \
         "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=40}"
       # (the pytest form of Table 6 passed on the H100 twice; its minute goes to the compiled profile instead. The
-      # Gluon probes and tests, which no run has seen yet, take the TMA + warp-specialized Triton forward's probe and
+      # Gluon probes and tests (first run on the H200, 2026-11-28) take the TMA + warp-specialized Triton forward's probe and
       # tests (up to 90 s: JEDI_WS_PROBE_TIMEOUT=30 brings them back): Gluon config 5 has that kernel's structure with
       # explicit control, and the WS kernel's tests did not finish in the third run; the Gluon test step, now both
       # kernels' tests, gets 70 s. Even so the caps add up to more than the budget: the kernels part runs first and
@@ -157,7 +158,7 @@ agreed_configs() {
   $PY -c "import json, sys; print(','.join(str(c) for c in json.load(open(sys.argv[1])).get('configs_agreeing', [])))" \
     "$1" 2>/dev/null
 }
-# the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, new and never run on a GPU): the same guard, every config of it
+# the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON; every config agreed on the H200): the same guard, every config of it
 GLUON_OK=0
 if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
   step "Gluon Hopper forward probe (tools/ws_probe.py --kernel gluon)"
@@ -181,7 +182,7 @@ if [ "${JEDI_GLUON_PROBE_TIMEOUT:-60}" -gt 0 ]; then
   fi
 fi
 export JEDI_SWEEP_GLUON=$GLUON_OK
-# the Gluon Hopper backward (JEDI_TRITON_BWD_GLUON, new and never run on a GPU): the same guard against the split
+# the Gluon Hopper backward (JEDI_TRITON_BWD_GLUON; both configs agreed on the H200): the same guard against the split
 # pointer kernels; its tests and sweep rows run on the configs that agreed (JEDI_GLUON_BWD_CONFIGS; 0: none)
 GLUON_BWD_OK=0
 if [ "${JEDI_GLUON_BWD_PROBE_TIMEOUT:-60}" -gt 0 ]; then

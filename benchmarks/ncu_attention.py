@@ -16,6 +16,7 @@ counts wgmma too on the H100, wgmma's ``gmma`` where listed, the XU unit that ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -36,6 +37,13 @@ PIPE_METRICS = {
     "sm__pipe_fma_cycles_active": "FMA %",
     "sm__pipe_alu_cycles_active": "ALU %",
 }
+# why warps wait: cycles per issued instruction each stall reason accounts for (WarpStateStats' breakdown, which the
+# details page does not list by itself; the H200 run of 2026-11-28 had only their sum, "Warp Cycles Per Issued
+# Instruction", 6.3 for Gluon config 1 against 4.3 for the pointer kernel). Added as .ratio where this ncu lists them
+STALL_REASONS = ("barrier", "branch_resolving", "dispatch_stall", "drain", "imc_miss", "lg_throttle", "long_scoreboard",
+                 "math_pipe_throttle", "membar", "mio_throttle", "misc", "no_instruction", "not_selected", "selected",
+                 "short_scoreboard", "sleeping", "tex_throttle", "wait")
+STALL_METRICS = {f"smsp__average_warps_issue_stalled_{r}_per_issue_active": r for r in STALL_REASONS}
 # (column, substring of ncu's "Metric Name") for the markdown table, first match wins
 KEY_METRICS = [
     ("duration", "Duration"),
@@ -154,12 +162,17 @@ def unavailable(name: str, base: str, env, jk) -> str | None:
 
 
 def available_metrics(ncu: str) -> list[str]:
-    """The PIPE_METRICS this ncu knows on this GPU (query output lists base names)."""
+    """The PIPE_METRICS and STALL_METRICS this ncu knows on this GPU (query output lists base names)."""
     try:
         out = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [m for m in PIPE_METRICS if m in out]
+    return [m for m in (*PIPE_METRICS, *STALL_METRICS) if m in out]
+
+
+def metric_arg(base: str) -> str:
+    """The full metric name asked of ncu: a pipe's utilization in % of peak, a stall reason's cycles per issue."""
+    return base + (".ratio" if base in STALL_METRICS else ".avg.pct_of_peak_sustained_active")
 
 
 def parse_details_csv(text: str) -> list[dict]:
@@ -201,6 +214,33 @@ def key_table(kernels: list[dict], min_us: float = 5.0) -> str:
     return "\n".join(lines)
 
 
+def stall_table(kernels: list[dict], min_us: float = 5.0, min_cycles: float = 0.05) -> str:
+    """Markdown: per kernel (as in :func:`key_table`), the cycles per issued instruction each stall reason accounts
+    for, the reasons any kernel spends at least ``min_cycles`` on; empty if ncu reported none."""
+    rows, reasons = [], []
+    for k in kernels:
+        value, unit = k["metrics"].get("Duration", (None, None))
+        scale = _US_PER_UNIT.get(unit)
+        if scale is not None and float(value.replace(",", "")) * scale < min_us:
+            continue
+        got = {}
+        for name, (v, _) in k["metrics"].items():
+            for base, reason in STALL_METRICS.items():
+                if name.startswith(base):
+                    with contextlib.suppress(TypeError, ValueError):
+                        got[reason] = float(str(v).replace(",", ""))
+        rows.append((k["kernel"][:60], got))
+        reasons += [r for r, c in got.items() if c >= min_cycles and r not in reasons]
+    if not reasons:
+        return ""
+    reasons = [r for r in STALL_REASONS if r in reasons]
+    lines = ["| kernel (stall cycles per issued instruction) | " + " | ".join(reasons) + " |",
+             "| --- | " + " | ".join("---" for _ in reasons) + " |"]
+    for name, got in rows:
+        lines.append(f"| `{name}` | " + " | ".join(f"{got[r]:.2f}" if r in got else "" for r in reasons) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,7 +275,7 @@ def main(argv=None) -> int:
     for s in SECTIONS:
         cmd += ["--section", s]
     if metrics:
-        cmd += ["--metrics", ",".join(m + ".avg.pct_of_peak_sustained_active" for m in metrics)]
+        cmd += ["--metrics", ",".join(metric_arg(m) for m in metrics)]
     cmd += [sys.executable, os.path.abspath(__file__), "--run", "--L", str(args.L), "--D", str(args.D),
             "--ng", str(args.ng), "--mask", args.mask, "--backends", args.backends] + (["--bwd"] if args.bwd else [])
     try:
@@ -256,6 +296,9 @@ def main(argv=None) -> int:
     md = (f"ncu on {result['device']}, L {args.L}, d {args.D}, ng {args.ng}, bf16, {result['shape']['mode']}, "
           f"mask {args.mask}\n\n"
           + key_table(kernels) + "\n")
+    stalls = stall_table(kernels)
+    if stalls:
+        md += "\n" + stalls + "\n"
     out.with_suffix(".md").write_text(md)
     print(md)
     print(f"ncu rc={p.returncode}, {len(kernels)} kernels profiled -> {out}")

@@ -37,6 +37,28 @@ def test_details_csv_groups_metrics_per_launch_and_drops_short_kernels():
     assert "61.2 %" in table[2] and "12.1 %" in table[3] and "0.80 msecond" in table[3]
 
 
+def test_stall_reasons_are_asked_as_ratios_and_tabled_per_kernel():
+    """Each stall reason's cycles per issued instruction (WarpStateStats' breakdown) is asked as ``.ratio`` (the pipes
+    as % of peak), and the second table has a column for each reason some kernel spends >= 0.05 cycles on."""
+    barrier = "smsp__average_warps_issue_stalled_barrier_per_issue_active"
+    assert ncu_attention.metric_arg(barrier) == barrier + ".ratio"
+    assert ncu_attention.metric_arg("sm__inst_executed_pipe_xu").endswith(".avg.pct_of_peak_sustained_active")
+    wait = "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"
+    text = "\n".join([_HEAD,
+                      _row(0, "gluon", "Duration", "usecond", "1,384.77"),
+                      _row(0, "gluon", barrier + ".ratio", "", "1.92"),
+                      _row(0, "gluon", wait, "", "0.61"),
+                      _row(0, "gluon", "smsp__average_warps_issue_stalled_drain_per_issue_active.ratio", "", "0.01"),
+                      _row(1, "pointer", "Duration", "usecond", "874.18"),
+                      _row(1, "pointer", wait, "", "0.70"),
+                      _row(2, "helper", "Duration", "nsecond", "900"),
+                      _row(2, "helper", barrier + ".ratio", "", "9.0")])
+    table = ncu_attention.stall_table(ncu_attention.parse_details_csv(text)).splitlines()
+    assert table[0] == "| kernel (stall cycles per issued instruction) | barrier | wait |"  # drain < 0.05: no column
+    assert table[2] == "| `gluon` | 1.92 | 0.61 |" and table[3] == "| `pointer` |  | 0.70 |" and len(table) == 4
+    assert ncu_attention.stall_table([]) == ""
+
+
 def test_no_csv_is_no_kernels():
     assert ncu_attention.parse_details_csv("==ERROR== the profiler failed") == []
 
