@@ -644,6 +644,7 @@ def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_chi
     items = [[L, D, mode, name] for L, D, mode in specs for name in graph_backends()]
     results: list = []
     deadline = time.time() + timeout_s
+    empty = 0  # children in a row that wrote nothing
     while len(results) < len(items):
         left = deadline - time.time()
         if left < 5:
@@ -651,11 +652,13 @@ def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_chi
             break
         got, rc, tail = run_child(items[len(results):], rep_ms, left)
         results += got[: len(items) - len(results)]
-        if len(results) < len(items) and (not got or "error" not in got[-1]) and rc != 0:
+        empty = 0 if got else empty + 1
+        if len(results) < len(items) and (not got or "error" not in got[-1]):
             # died (or timed out) inside an item without writing it
             results.append({"error": f"child process exited {rc} during this item: {tail.strip()[-300:]}"})
-        elif not got and rc == 0:
-            results.append({"error": "child process wrote no result"})
+            if empty >= 2:  # two children failed before their first result: they cannot run here
+                results += [{"error": f"skipped: two child processes in a row wrote nothing (exit {rc})"}] * (
+                    len(items) - len(results))
     rows = []
     for L, D, mode in specs:
         row = _graph_row_start(L, D, 2, torch.bfloat16, mode)

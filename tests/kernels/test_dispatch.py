@@ -327,6 +327,14 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
     calls.clear()
     rows = sw.graph_rows_isolated([(64, 160, "fwd")], timeout_s=0, run_child=child)
     assert calls == [] and rows[0]["ms_graph"] == {} and len(rows[0]["errors"]) == 3
+    # children that fail before their first item (an import error, no GPU): two tries, then the rest is skipped
+    calls.clear()
+    rows = sw.graph_rows_isolated([(64, 160, "fwd"), (1024, 80, "fwd+bwd")], timeout_s=60,
+                                  run_child=lambda items, rep_ms, t: (calls.append(len(items)) or [], 1, "ImportError"))
+    assert calls == [6, 5]
+    errors = [e for r in rows for e in r["errors"].values()]
+    assert len(errors) == 6 and errors[:2] == ["child process exited 1 during this item: ImportError"] * 2
+    assert all(e.startswith("skipped: two child processes in a row wrote nothing") for e in errors[2:])
 
 
 def test_graph_items_child_writes_each_result_and_stops_at_the_first_failure(monkeypatch, tmp_path):
