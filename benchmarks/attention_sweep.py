@@ -402,8 +402,9 @@ def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """Triton forward: the pointer kernel (the default) vs the Gluon Hopper one (``JEDI_TRITON_FWD_GLUON`` 1 / 2 /
     3 / 4 / 5: 128 queries x 128 keys over 2 warpgroups, 128 x 64, 64 x 128 over 1, config 1 with its MMAs over the
-    whole padded box instead of 32 + 16 columns (``speedup_split_vs_padded``), and config 1 warp-specialized (a TMA
-    producer warpgroup, consumers synchronized by mbarriers only); warpgroup MMAs with the softmax of S_t
+    whole padded box instead of 32 + 16 columns (``speedup_split_vs_padded``), config 1 warp-specialized (a TMA
+    producer warpgroup, consumers synchronized by mbarriers only), and that with ping-pong (``gl128x128pp``: the
+    consumers take turns issuing their products); warpgroup MMAs with the softmax of S_t
     running while P_{t-1} V_{t-1} is on the tensor cores, TMA loads into a ring of mbarrier-tracked buffers; sm_90,
     head dims <= 64 in a power-of-two box (40 -> 64)), and cuDNN SDPA on the same inputs (``ms_cudnn``; issue 3's
     target at L 4096 D 40 ng 2 bf16 is 0.45 ms, cuDNN 0.603 on the third H100 run). Static SASS per 1024 scores of a
@@ -412,7 +413,8 @@ def triton_gluon_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     from jedi_kernels.ops.set_attention_gluon import checked_configs
 
     # the configs the probe found agreeing (JEDI_GLUON_CONFIGS, set by gpu_check.sh when some did not), else all
-    configs = {"gl128x128": "1", "gl128x64": "2", "gl64x128": "3", "gl128x128pad": "4", "gl128x128ws": "5"}
+    configs = {"gl128x128": "1", "gl128x64": "2", "gl64x128": "3", "gl128x128pad": "4", "gl128x128ws": "5",
+               "gl128x128pp": "6"}
     configs = {label: c for label, c in configs.items() if int(c) in checked_configs()}
     row = _variant_row(L, D, ng, dtype, rep_ms, "triton", "JEDI_TRITON_FWD_GLUON", {"pointer": "0", **configs},
                        "triton_fwd_gluon")

@@ -114,8 +114,8 @@ def run_program(args) -> None:
 # backend names beyond build_fn's: (build_fn backend, (switch, value)) of a kernel variant chosen per call
 _VARIANTS = {"cuda-2stage": ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))}
 # the Hopper forwards: the sweep's fastest wgmma variant (1: 64 keys x 2 warpgroups, H200 2026-11-28; that run
-# profiled variant 3), Gluon config 1 (the plain loop) and 5 (warp-specialized)
-DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda,cuda-wgmma1,triton-gluon1,triton-gluon5"
+# profiled variant 3), Gluon config 1 (the plain loop), 5 (warp-specialized) and 6 (5 with ping-pong)
+DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda,cuda-wgmma1,triton-gluon1,triton-gluon5,triton-gluon6"
 
 
 def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:

@@ -30,9 +30,10 @@ Config 5 is config 1 warp-specialized (``_set_attn_fwd_gluon_ws_kernel``, FlashA
 ping-pong): a producer warpgroup issues every TMA load, each as soon as both consumer warpgroups have released the
 ring buffer (an ``empty`` mbarrier per buffer, one arrive per consumer after its P·V wait), and the two consumer
 warpgroups run the schedule above on 64 query rows each with only warpgroup-local barriers, so neither waits for the
-other; the consumers get 232 registers each, the producer 40.
+other; the consumers get 232 registers each, the producer 40. Config 6 adds the ping-pong: the consumers take turns
+issuing their products (a pair of mbarriers), so one's softmax overlaps the other's products on the tensor cores.
 
-Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4|5``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head
+Opt-in (``JEDI_TRITON_FWD_GLUON=1|2|3|4|5|6``, the config), sm_90 only (wgmma does not exist on sm_100), fp16/bf16, head
 dims <= 128, scale > 0. It needs a GPU: Gluon has no interpreter mode. The CPU tests compile it for sm_90 and check
 what the SASS must contain, and run its code on a CPU emulator of the Gluon builtins it uses
 (tests/kernels/gluon_emu.py: the math, indexing and mbarrier protocol, with the products and TMA copies at their
@@ -68,7 +69,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 __all__ = ["HAVE_GLUON", "CONFIGS", "gluon_fwd_variant", "gluon_fwd_ok", "set_attn_fwd_gluon", "checked_configs"]
 
-# JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups (config 5:
+# JEDI_TRITON_FWD_GLUON=<n> runs config n: BLOCK_M = 64 rows per warpgroup x (num_warps / 4) warpgroups (configs 5, 6:
 # 2 consumer warpgroups besides the kernel's num_warps = 4 of the producer); NUM_STAGES >= 3 (tiles t and t+1 stay
 # resident while tile t-1's buffer is refilled at the end of iteration t).
 # SPLIT: two power-of-two column chunks (:func:`_chunks`; 40 -> 32 + 16) instead of all DP columns (40 -> 64);
@@ -84,6 +85,11 @@ CONFIGS = {
     # warp-specialized (:func:`_set_attn_fwd_gluon_ws_kernel`): a producer warpgroup issues the TMA loads, two consumer
     # warpgroups (64 query rows each) release ring buffers through mbarriers instead of CTA barriers
     5: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 4, "SPLIT": True, "WS": True},
+    # config 5 with FlashAttention-3's ping-pong: the two consumer warpgroups take turns issuing their products (an
+    # mbarrier pair), so one's softmax runs while the other's products occupy the tensor cores. On the H200
+    # (2026-11-28) config 5 issued from 43 % of its slots with the tensor pipe 33 % and the exp unit 46 % busy: the
+    # consumers run free and can meet at the same phase of the loop, both waiting on products or both on exp2
+    6: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "NUM_STAGES": 4, "SPLIT": True, "WS": True, "PINGPONG": True},
 }
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -472,15 +478,22 @@ if HAVE_GLUON:
                       head, D0, D1, BLOCK_N, NUM_STAGES, HAS_MASK)
 
     @gluon.jit
-    def _ws_consumer(WG: gl.constexpr, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L,
-                     H, row0, mt, col0, lse_row0, qk_scale_log2, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _ws_consumer(WG: gl.constexpr, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, turn, n_it,
+                     n_nt, L, H, row0, mt, col0, lse_row0, qk_scale_log2, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
                      D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     EVEN_N: gl.constexpr):
+                     EVEN_N: gl.constexpr, PINGPONG: gl.constexpr):
         """Consumer warpgroup ``WG`` (a worker partition of 4 warps): query rows [64·WG, 64·WG + 64) of the CTA's 128,
         the same schedule as :func:`_set_attn_fwd_gluon_kernel`'s warpgroups (S_t issued, O += P_{t-1} V_{t-1}
         issued, wait for S_t, softmax of S_t while the product runs, wait for it), but buffer t−1 is released by one
         mbarrier arrive of this warpgroup after its P_{t-1} V_{t-1} wait: no CTA barrier per tile, so the two
-        consumers never wait for each other; then it writes its own rows of O and lse."""
+        consumers never wait for each other; then it writes its own rows of O and lse.
+
+        PINGPONG (config 6): the warpgroups take turns issuing their two products of a tile, FlashAttention-3's
+        schedule: before issuing, warpgroup WG waits for ``turn[WG]``, and after issuing it arrives on the other's
+        (warpgroup 1 arrives on ``turn[0]`` once first, so warpgroup 0 leads). Warpgroup 0's products of tile t are
+        then queued before warpgroup 1's, and warpgroup 1's before warpgroup 0's of tile t+1: each softmax runs while
+        the other warpgroup's products keep the tensor cores busy. Wait k of ``turn[WG]`` (tile k + 1) is for its
+        completion k: never a phase ahead, as each warpgroup arrives only after its own wait."""
         BM: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -505,13 +518,19 @@ if HAVE_GLUON:
         p, m_i, l_i, alpha = _first_tile(q0_mine, q1_mine, k0_s, k1_s, full, s_zero, m_i, l_i, n_it, n_nt, L,
                                          qk_scale_log2, D1, BM, BLOCK_N, EVEN_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if PINGPONG and WG == 1:
+            mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
         for it in range(1, n_it):
             st = it % NUM_STAGES
             prev = (it - 1) % NUM_STAGES
             mbarrier.wait(full.index(st), (it // NUM_STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), (it - 1) & 1)
             s_tok = _issue_qk(q0_mine, q1_mine, k0_s.index(st), k1_s.index(st), s_zero, D1)
             o_tok, o1_tok = _issue_pv(p_op, v0_s.index(prev), v1_s.index(prev), acc, acc1, alpha, D1, o_layout,
                                       o1_layout, p1_layout)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - WG))
             s = warpgroup_mma_wait(PV_GROUPS, deps=(s_tok, ))
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, it, n_nt, L, qk_scale_log2, BLOCK_N, EVEN_N, s_layout)
             # The P·V wait stands in both arms of a branch, as in the CTA-wide kernel (ptxas would otherwise schedule
@@ -542,14 +561,15 @@ if HAVE_GLUON:
         H, G, L,
         HEAD_DIM: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr, HAS_MASK: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EVEN_N: gl.constexpr,
-        num_warps: gl.constexpr,
+        num_warps: gl.constexpr, PINGPONG: gl.constexpr = False,
     ):
-        """The warp-specialized form of :func:`_set_attn_fwd_gluon_kernel` (config 5; same grid, arguments and
+        """The warp-specialized form of :func:`_set_attn_fwd_gluon_kernel` (configs 5 and 6; same grid, arguments and
         outputs): the kernel's 4 warps are the producer partition (TMA loads of Q and of every key tile into the ring,
         each load waiting for its buffer's ``empty`` mbarrier), and two worker partitions of 4 warps are the consumer
-        warpgroups (:func:`_ws_consumer`), each with 64 of the 128 query rows. FlashAttention-3's structure, without
-        its ping-pong scheduling: where the CTA-wide kernel synchronizes both warpgroups every tile (its refill
-        barrier, and the three Triton adds around the mbarrier wait and the TMA issues), these only wait for data."""
+        warpgroups (:func:`_ws_consumer`), each with 64 of the 128 query rows. FlashAttention-3's structure, with its
+        ping-pong scheduling of the two consumers under PINGPONG (config 6): where the CTA-wide kernel synchronizes
+        both warpgroups every tile (its refill barrier, and the three Triton adds around the mbarrier wait and the TMA
+        issues), these only wait for data (and, in config 6, for their turn to issue)."""
         gl.static_assert(D0 + D1 >= HEAD_DIM, "the chunks cover the head")
         gl.static_assert(NUM_STAGES >= 2, "a ring of at least two buffers")
         gl.static_assert(BLOCK_M == 128 and num_warps == 4, "two consumer warpgroups of 64 rows; a producer warpgroup")
@@ -565,26 +585,43 @@ if HAVE_GLUON:
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        if PINGPONG:  # whose turn it is to issue products
+            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        else:
+            turn = empty  # (never used: config 5's shared memory stays as it was)
         mbarrier.init(q_bar, count=1)
         for s0 in gl.static_range(NUM_STAGES):
             mbarrier.init(full.index(s0), count=1)
             mbarrier.init(empty.index(s0), count=2)  # one arrive per consumer warpgroup
+        if PINGPONG:
+            mbarrier.init(turn.index(0), count=1)
+            mbarrier.init(turn.index(1), count=1)
         fence_async_shared()
 
         gl.warp_specialize([
             (_ws_producer, (DescQ0, DescQ1, DescK0, DescK1, DescV0, DescV1, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar,
                             full, empty, n_it, n_nt, ImgList, i, b, G, L, h, (b * G + i) * L + mt * BLOCK_M, D0,
                             D1, BLOCK_N, NUM_STAGES, HAS_MASK)),
-            (_ws_consumer, (0, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L, H, row0,
-                            mt, col0, lse_row0, qk_scale_log2, dtype, HEAD_DIM, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
-            (_ws_consumer, (1, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, n_it, n_nt, L, H, row0,
-                            mt, col0, lse_row0, qk_scale_log2, dtype, HEAD_DIM, D0, D1, BLOCK_N, NUM_STAGES, EVEN_N)),
+            (_ws_consumer, (0, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, turn, n_it, n_nt, L, H,
+                            row0, mt, col0, lse_row0, qk_scale_log2, dtype, HEAD_DIM, D0, D1, BLOCK_N, NUM_STAGES,
+                            EVEN_N, PINGPONG)),
+            (_ws_consumer, (1, Out, Lse, q0_s, q1_s, k0_s, k1_s, v0_s, v1_s, q_bar, full, empty, turn, n_it, n_nt, L, H,
+                            row0, mt, col0, lse_row0, qk_scale_log2, dtype, HEAD_DIM, D0, D1, BLOCK_N, NUM_STAGES,
+                            EVEN_N, PINGPONG)),
         ], worker_num_warps=[4, 4], worker_num_regs=[232, 232])  # (setmaxnreg: the producer gets the rest, 40)
 
         mbarrier.invalidate(q_bar)
         for s0 in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(full.index(s0))
             mbarrier.invalidate(empty.index(s0))
+        if PINGPONG:
+            mbarrier.invalidate(turn.index(0))
+            mbarrier.invalidate(turn.index(1))
+
+
+def _ws_meta(cfg: dict) -> dict:
+    """The warp-specialized kernel's own constexpr (PINGPONG: config 6), none for the CTA-wide kernel."""
+    return {"PINGPONG": bool(cfg.get("PINGPONG"))} if cfg.get("WS") else {}
 
 
 def _kernel_of(cfg: dict):
@@ -635,7 +672,7 @@ def set_attn_fwd_gluon(q, k, v, B: int, G: int, L: int, H: int, D: int, scale: f
     args = (*descs, out, lse, img_list, img_count, float(scale) * _LOG2E, H, G, L)
     meta = dict(HEAD_DIM=D, D0=d0, D1=d1, HAS_MASK=set_mask is not None, BLOCK_M=cfg["BLOCK_M"],
                 BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], EVEN_N=L % cfg["BLOCK_N"] == 0,
-                num_warps=cfg["num_warps"])
+                num_warps=cfg["num_warps"], **_ws_meta(cfg))
     kernel = _kernel_of(cfg)
     if compile_only:
         kernel.warmup(*args, grid=grid, **meta)
@@ -658,7 +695,7 @@ def compile_for(arch: int = 90, head_dim: int = 40, dtype: torch.dtype = torch.b
                  "H": "i32", "G": "i32", "L": "i32"}
     constexprs = {"HEAD_DIM": head_dim, "D0": d0, "D1": d1, "HAS_MASK": has_mask,
                   "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "NUM_STAGES": cfg["NUM_STAGES"],
-                  "EVEN_N": even_n, "num_warps": cfg["num_warps"]}
+                  "EVEN_N": even_n, "num_warps": cfg["num_warps"], **_ws_meta(cfg)}
     return compile_source(_kernel_of(cfg), signature, constexprs, ("Out", "Lse", "ImgList", "ImgCount"), arch)
 
 

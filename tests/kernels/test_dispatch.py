@@ -391,7 +391,8 @@ def test_gluon_row_times_only_the_checked_configs(monkeypatch):
     assert row["speedup_gluon_vs_pointer"] == 1.0 / 5.0 and row["ms_cudnn"] == 9.0
     monkeypatch.delenv("JEDI_GLUON_CONFIGS")
     row = sw.triton_gluon_fwd_row(64, 40, ng=2, rep_ms=1)
-    assert list(timed[-1]) == ["pointer", "gl128x128", "gl128x64", "gl64x128", "gl128x128pad", "gl128x128ws"]
+    assert list(timed[-1]) == ["pointer", "gl128x128", "gl128x64", "gl64x128", "gl128x128pad", "gl128x128ws",
+                               "gl128x128pp"]
     assert ran[-1] == ("1",) and row["speedup_split_vs_padded"] == 5.0 / 2.0 and row["best_gluon"] == "gl128x128"
 
 

@@ -187,6 +187,36 @@ def test_warp_specialized_consumers_never_wait_for_each_other(compiled, head_dim
     assert ".reqntid 384" in ptx  # 4 producer + 2 x 4 consumer warps
 
 
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [40, 80])
+def test_ping_pong_consumers_take_turns_issuing(compiled, head_dim):
+    """Config 6 (config 5 with FlashAttention-3's ping-pong): in each consumer's main loop the products are issued
+    only after two mbarrier waits (the tile's data, then this warpgroup's turn), and the turn passes to the other
+    warpgroup (one mbarrier arrive) right after the P·V product is issued, before the wait for S_t, so the other
+    warpgroup's products queue behind these while this one runs its softmax. Config 5 has no such arrive. (The
+    emulator checks the protocol itself: phases, no hang; a wrong parity or a missing first arrive fails there.)"""
+    qk = re.compile(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, gdesc")
+    pv = re.compile(r"HGMMA\.64x\d+x16\.F32\.BF16 R\d+, R\d+, gdesc\[\w+\]\.tnspB")
+
+    def main_loop(variant):
+        sass = _sass(compiled[(variant, head_dim, "bfloat16", False, True)][1])
+        return min((b for b in _loops(sass) if any(qk.match(s) for s in b)), key=len)
+
+    def around_issue(body):
+        first = next(i for i, s in enumerate(body) if qk.match(s))
+        last_pv = max(i for i, s in enumerate(body) if pv.match(s))
+        wait_s = next(i for i in range(last_pv, len(body)) if "DEPBAR.LE gsb0" in body[i])
+        waits = sum("SYNCS.PHASECHK" in s for s in body[:first])
+        arrives = sum("SYNCS.ARRIVE" in s for s in body[last_pv:wait_s])
+        return waits, arrives
+
+    assert around_issue(main_loop(6)) == (2, 1), main_loop(6)
+    assert around_issue(main_loop(5)) == (1, 0), main_loop(5)
+    ptx = compiled[(6, head_dim, "bfloat16", False, True)][0]
+    stages = sg.config(6, head_dim)["NUM_STAGES"]
+    assert len(re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], 1;", ptx)) == stages + 3  # full, Q, 2 turns
+
+
 def test_head_dim_chunks():
     """The split: 40 -> 32 + 16 (not 64); one chunk where two would not be narrower than the head dim rounded up to a
     power of two, and always one without SPLIT."""
