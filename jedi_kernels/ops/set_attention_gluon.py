@@ -625,7 +625,7 @@ def _ws_meta(cfg: dict) -> dict:
 
 
 def _kernel_of(cfg: dict):
-    """The Gluon kernel a config runs: the warp-specialized one (config 5) or the CTA-wide one."""
+    """The Gluon kernel a config runs: the warp-specialized one (configs 5 and 6) or the CTA-wide one."""
     return _set_attn_fwd_gluon_ws_kernel if cfg.get("WS") else _set_attn_fwd_gluon_kernel
 
 

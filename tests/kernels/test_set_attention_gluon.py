@@ -6,8 +6,8 @@ hold before a GPU ever runs it: every config compiles for every head-dim class, 
 register spills, within sm_90's shared memory, without ptxas serializing the warpgroup MMAs (warning C7514); and its
 main loop has the schedule it was written for (the softmax's exponentials between the wait for S_t and the wait for
 the P·V product); and every config's kernel code, run by the CPU emulator of tests/kernels/gluon_emu.py (products
-retiring lazily at their waits, TMA copies landing early or late, mbarrier phases checked, config 5's partitions as
-threads), gives out and lse within the flash rule. The GPU tests (``gpu`` + ``gluon``) judge out, lse and the grads of
+retiring lazily at their waits, TMA copies landing early or late, mbarrier phases checked, configs 5 and 6's
+partitions as threads), gives out and lse within the flash rule. The GPU tests (``gpu`` + ``gluon``) judge out, lse and the grads of
 the backward on its lse by the flash rule against the float64 reference.
 """
 from __future__ import annotations
@@ -319,7 +319,7 @@ def test_tma_rows_ok():
 # ----------------------------------------------------------------------------------------------------------------------
 # The CTA-wide kernel itself on the CPU, through tests/kernels/gluon_emu.py (its Python source with Gluon's builtins
 # emulated: products retire lazily at their waits, TMA copies land at issue or only at the barrier wait, mbarrier
-# phases and byte counts checked; config 5's partitions as threads synchronized by the mbarriers alone).
+# phases and byte counts checked; configs 5 and 6's partitions as threads synchronized by the mbarriers alone).
 # ----------------------------------------------------------------------------------------------------------------------
 
 _EMU_CASES = [  # (B, G, L, H, D, mask): key tiles beyond the ring (4 buffers), so buffers are refilled
@@ -354,8 +354,8 @@ def test_emulated_cases_refill_the_ring(variant):
 @pytest.mark.parametrize("variant", sorted(sg.CONFIGS))
 @pytest.mark.parametrize("B, G, L, H, D, mask", _EMU_CASES, ids=[f"G{c[1]}-L{c[2]}-d{c[4]}-{c[5]}" for c in _EMU_CASES])
 def test_emulated_kernel(monkeypatch, variant, tma_lands, B, G, L, H, D, mask):
-    """The Gluon forward kernels' own code (the CTA-wide one, and the warp-specialized one for config 5), emulated on
-    the CPU: out and lse by the flash rule against the float64 reference (fp16 inputs as views of one fused
+    """The Gluon forward kernels' own code (the CTA-wide one, and the warp-specialized one for configs 5 and 6),
+    emulated on the CPU: out and lse by the flash rule against the float64 reference (fp16 inputs as views of one fused
     projection, through the real host code: descriptors, lists)."""
     if not sg.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
