@@ -7,8 +7,8 @@ register spills, within sm_90's shared memory, without ptxas serializing the war
 main loop has the schedule it was written for (the softmax's exponentials between the wait for S_t and the wait for
 the P·V product); and every config's kernel code, run by the CPU emulator of tests/kernels/gluon_emu.py (products
 retiring lazily at their waits, TMA copies landing early or late, mbarrier phases checked, configs 5 and 6's
-partitions as threads), gives out and lse within the flash rule. The GPU tests (``gpu`` + ``gluon``) judge out, lse and the grads of
-the backward on its lse by the flash rule against the float64 reference.
+partitions as threads), gives out and lse within the flash rule. The GPU tests (``gpu`` + ``gluon``) judge out, lse
+and the grads of the backward on its lse by the flash rule against the float64 reference.
 """
 from __future__ import annotations
 
