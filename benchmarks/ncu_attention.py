@@ -113,9 +113,10 @@ def run_program(args) -> None:
 
 # backend names beyond build_fn's: (build_fn backend, (switch, value)) of a kernel variant chosen per call
 _VARIANTS = {"cuda-2stage": ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))}
-# the Hopper forwards: the sweep's fastest wgmma variant (1: 64 keys x 2 warpgroups, H200 2026-11-28; that run
-# profiled variant 3), Gluon config 1 (the plain loop), 5 (warp-specialized) and 6 (5 with ping-pong)
-DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda,cuda-wgmma1,triton-gluon1,triton-gluon5,triton-gluon6"
+# CUDA: the mma.sync kernel (wgmma0) and the default, which at d 40 on sm_90 is the wgmma kernel's variant 1 (the H200
+# sweep's fastest, 2026-11-28; that run profiled variant 3); Gluon config 1 (the plain loop), 5 (warp-specialized)
+# and 6 (5 with ping-pong)
+DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda-wgmma0,cuda,triton-gluon1,triton-gluon5,triton-gluon6"
 
 
 def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:
@@ -142,7 +143,7 @@ def unavailable(name: str, base: str, env, jk) -> str | None:
     if base == "cuda" and not jk.available_backends()["cuda_attention"]:
         return "the CUDA extension's attention is not built"
     if env and env[0] in ("JEDI_CUDA_FWD_WGMMA", "JEDI_TRITON_FWD_GLUON", "JEDI_TRITON_BWD_GLUON") and \
-            torch.cuda.get_device_capability() != (9, 0):
+            env != ("JEDI_CUDA_FWD_WGMMA", "0") and torch.cuda.get_device_capability() != (9, 0):
         return "a Hopper kernel: compute capability 9.0 only"
     if env and env[0] == "JEDI_TRITON_BWD_GLUON":
         from jedi_kernels.ops.set_attention_gluon_bwd import HAVE_GLUON, checked_bwd_configs

@@ -168,19 +168,22 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             "triton", "cuda" or "torch" (torch SDPA). Kernel variants from the environment:
             ``JEDI_TRITON_AUTOTUNE=0`` (read at import: Triton runs its default configs only), and, read per call,
             ``JEDI_ATTN_ROWSUM=dot|fadd`` (Triton forward row sums),
-            ``JEDI_TRITON_FWD_GLUON=1|2|3|4|5`` (Triton forward at head dims <= 128 on compute capability 9.0: the Gluon
-            Hopper kernel, warpgroup MMAs with the softmax overlapping the P V product; not yet GPU-timed),
+            ``JEDI_TRITON_FWD_GLUON=1|2|3|4|5|6`` (Triton forward at head dims <= 128 on compute capability 9.0: the
+            Gluon Hopper kernel, warpgroup MMAs with the softmax overlapping the P V product; correct on the H200,
+            not faster than the default there; 6 untimed),
             ``JEDI_TRITON_FWD_WS=1`` (Triton forward at head dims <= 64 on sm_90: TMA loads, warp-specialized;
             experimental: its first GPU tests did not finish, see tools/ws_probe.py),
             ``JEDI_TRITON_BWD_DQ=atomic|kernel`` (Triton backward: dQ by a second kernel, the default since the H100
             measured it faster, or by float32 atomics from the dK/dV kernel; deterministic mode always takes the
             kernel), ``JEDI_TRITON_BWD_GLUON=1|2`` (Triton backward at head dims <= 80 / 64 on compute capability
-            9.0: one Gluon Hopper kernel for dK, dV and dQ by float32 atomics; not in deterministic mode; not yet
-            GPU-timed), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp),
+            9.0: one Gluon Hopper kernel for dK, dV and dQ by float32 atomics; not in deterministic mode; slower
+            than the default on the H200), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp),
             ``JEDI_CUDA_FWD_STAGES=1|2`` (CUDA forward at head dims <= 80: FlashAttention-2's loop, the default, or
             the software-pipelined one that computes the next key tile's scores during this tile's softmax),
-            ``JEDI_CUDA_FWD_WGMMA=1|2|3`` (CUDA forward at head dim 40 on compute capability 9.0: the Hopper kernel,
-            warpgroup MMAs with the softmax overlapping the P V product; elsewhere the default; not yet GPU-timed),
+            ``JEDI_CUDA_FWD_WGMMA=0|1|2|3`` (CUDA forward at head dim 40 on compute capability 9.0: the Hopper
+            kernel's variant, warpgroup MMAs with the softmax overlapping the P V product; unset: variant 1, 1.10-1.15x
+            faster than the mma.sync kernel on the H200, unless one of the two switches above asks for an mma.sync
+            instance; 0: the mma.sync kernel; other devices and head dims always run the mma.sync kernels),
             ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32 keys per warp) and ``JEDI_CUDA_BWD_WARPS=4|8``
             (CUDA backward at head dims 72-80: 64 or 128 keys per CTA; 128, the default, timed faster).
 

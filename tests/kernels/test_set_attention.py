@@ -813,6 +813,9 @@ def test_cuda_forward_instances(monkeypatch, row_blocks, stages, B, G, L, H, D, 
     _require_cuda_attention()
     monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", row_blocks)
     monkeypatch.setenv("JEDI_CUDA_FWD_STAGES", stages)
+    # (JEDI_CUDA_FWD_WGMMA unset: the default at d 40 on sm_90 is the wgmma kernel, but an instance switch asks for
+    # an mma.sync instance, and that wins)
+    monkeypatch.delenv("JEDI_CUDA_FWD_WGMMA", raising=False)
     _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
     # the switch really picks the loop: two stages are compiled for every head dim here (<= 80), with 32 rows per
     # warp up to 64 (an explicit 32-row request at 72/80 keeps one stage)
@@ -899,6 +902,32 @@ def test_cuda_wgmma_forward(monkeypatch, variant, B, G, L, H, D, mask, fused):
     if hopper:  # template arguments (T, kDk, kDv, kBlockN, kWG) end the demangled name: "..., 48, 40, 128, 3>"
         block_n, wg = {"1": (64, 2), "2": (128, 2), "3": (128, 3)}[variant]
         assert all(re.search(rf"48,\s*(\(int\))?40,\s*(\(int\))?{block_n},\s*(\(int\))?{wg}>", n) for n in names), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [40, 80])
+@pytest.mark.parametrize("setting", [None, "", "0"], ids=["unset", "empty", "off"])
+def test_cuda_forward_default_is_wgmma_64x2_at_d40_on_hopper(monkeypatch, setting, D):
+    """With JEDI_CUDA_FWD_WGMMA unset or empty the CUDA forward runs the Hopper kernel's variant 1 (64 keys x 2
+    warpgroups: the H200 sweep's fastest, x1.10-1.15 of mma.sync) at head dim 40 on a compute-capability-9.0 device,
+    and the mma.sync kernel elsewhere; "0" keeps the mma.sync kernel. Out by the 2x rule either way."""
+    _require_cuda_attention()
+    if setting is None:
+        monkeypatch.delenv("JEDI_CUDA_FWD_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("JEDI_CUDA_FWD_WGMMA", setting)
+    G, L, H = 2, 200, 2
+    q, k, v = (torch.randn(G, L, H * D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = jk.set_attention(q, k, v, G, H, backend="cuda")
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "set_attn_fwd" in e.name}
+    hopper = torch.cuda.get_device_capability() == (9, 0) and D == 40 and setting != "0"
+    assert names and all(("wgmma" in n) == hopper for n in names), names
+    if hopper:
+        assert all(re.search(r"48,\s*(\(int\))?40,\s*(\(int\))?64,\s*(\(int\))?2>", n) for n in names), names
+    ref64 = reference.set_attention_reference(*(t.double() for t in (q, k, v)), G, H)
+    assert_flash_rule(out, reference.set_attention_reference(q, k, v, G, H), ref64, f"out default D={D} {setting}")
 
 
 @pytest.mark.gpu
