@@ -39,9 +39,12 @@ def compile_fwd(D: int, arch: int, *, dtype: str = "bf16", **switches):
     return compile_kernel("fwd", D, arch, dtype=dtype, **switches)[0]
 
 
-def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", **switches):
-    """(compiled kernel, its default config) of the Triton set-attention kernel ``kind`` ("fwd", "dkdv", "dq") for
-    head dim D with its class's default GPU config; ``switches`` override constexprs."""
+def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", config=None, odd_ints: tuple = (),
+                   **switches):
+    """(compiled kernel, its config) of the Triton set-attention kernel ``kind`` ("fwd", "dkdv", "dq") for head dim D
+    with its class's default GPU config (or ``config``: a triton.Config); ``switches`` override constexprs. Pointers
+    and strides get Triton's divisibility-by-16 specialization, except the int arguments named in ``odd_ints``
+    (values a launch would not see divisible by 16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -52,7 +55,7 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", **switc
     kernel, configs = {"fwd": (sa._set_attn_fwd_kernel, sa._FWD_CONFIGS),
                        "dkdv": (sa._set_attn_bwd_dkdv_kernel, sa._DKDV_CONFIGS),
                        "dq": (sa._set_attn_bwd_dq_kernel, sa._DQ_CONFIGS)}[kind]
-    cfg = configs[sa._dclass(D0, D1, None)][0]
+    cfg = config or configs[sa._dclass(D0, D1, None)][0]
     fn = kernel
     while not hasattr(fn, "params"):
         fn = fn.fn
@@ -76,7 +79,7 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", **switc
         else:
             sig[p.name] = "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
-             if sig[p.name].startswith("*") or p.name.startswith("stride")}
+             if sig[p.name].startswith("*") or (p.name.startswith("stride") and p.name not in odd_ints)}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     return compiled, cfg

@@ -5,10 +5,10 @@ the interpreter: ``@triton.jit`` under ``TRITON_INTERPRET=1`` gives interpreter 
 
 KERNEL is fwd, dkdv or dq; the launch is bf16 at head dim 40 (chunks 32 + 16 in the backward, padded to 64 in the
 forward, as the launchers choose), one set mask, L 200 (not a multiple of the tiles), every row stride ROW_STRIDE
-elements and each image stride 200 x ROW_STRIDE. Triton marks an int argument divisible by 16 when its value is, as
-a real launch would. Prints a JSON list, one object per launch (groups of seven arguments): the shared memory, and
-the count of each kind of global load, cp.async and shared store, which tell the vectorized, pipelined code from the
-scalar one.
+elements and each image stride 200 x ROW_STRIDE; compiled by tools/sass_loop_mix.compile_kernel, with Triton's
+divisibility-by-16 mark on the strides that are multiples of 16, as a real launch would have it. Prints a JSON list,
+one object per launch (groups of seven arguments): the shared memory, and the count of each kind of global load,
+cp.async and shared store, which tell the vectorized, pipelined code from the scalar one.
 """
 from __future__ import annotations
 
@@ -18,48 +18,25 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+L = 200
 
 
 def compile_summary(kernel: str, bm: int, bn: int, warps: int, stages: int, row_stride: int, row_align: int) -> dict:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from jedi_kernels.ops import set_attention as sa
+    from sass_loop_mix import compile_kernel
 
-    fn = {"fwd": sa._set_attn_fwd_kernel, "dkdv": sa._set_attn_bwd_dkdv_kernel, "dq": sa._set_attn_bwd_dq_kernel}[kernel]
-    while not hasattr(fn, "params"):  # heuristics wrapper
-        fn = fn.fn
-    L = 200
-    ints = {"H": 1, "G": 5, "L": L}
-    for p in fn.params:
-        if p.name.startswith("stride"):
-            ints[p.name] = row_stride if p.name.endswith("l") else L * row_stride
-    consts = dict(HEAD_DIM=40, HAS_MASK=True, DOT_F32=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, ROW_ALIGN=row_align)
-    if kernel == "fwd":
-        consts.update(D0=64, D1=16, HAS_D1=False, COUNT_TILES=False, EVEN_N=False, SCALE_POS=True, ROWSUM_DOT=False,
-                      KV_LINEAR=True)
-    else:
-        consts.update(D0=32, D1=16, HAS_D1=True)
-        consts.update(dict(FUSED_DQ=False, EVEN_M=False, Q_LINEAR=True) if kernel == "dkdv"
-                      else dict(EVEN_N=False, KV_LINEAR=True))
-    signature, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name], constexprs[p.name] = "constexpr", consts[p.name]
-        elif p.name in ints:
-            signature[p.name] = "i32"
-            if ints[p.name] % 16 == 0:  # Triton's own specialization of an int argument
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif p.name in ("qk_scale_log2", "scale"):
-            signature[p.name] = "fp32"
-        else:  # pointers: 16-byte aligned allocations
-            signature[p.name] = ("*fp32" if p.name in ("Lse", "Delta", "DQacc") else
-                                 "*i32" if p.name in ("ImgList", "ImgCount", "TileCount") else "*bf16")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps, "num_stages": stages})
+    odd = tuple(f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d, s in (("n", L * row_stride), ("l", row_stride))
+                if s % 16)
+    switches = dict(HAS_MASK=True, EVEN_N=False, EVEN_M=False, ROW_ALIGN=row_align)
+    if kernel == "fwd":  # the launcher pads d 40 to one 64-column chunk in the forward
+        switches.update(D0=64, HAS_D1=False)
+    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    k, _ = compile_kernel(kernel, 40, 90, config=cfg, odd_ints=odd, **switches)
     ops = Counter(re.findall(r"\b(ld\.global[.a-z0-9]*|cp\.async\.c[ag][.a-z0-9]*|st\.shared[.a-z0-9]*)", k.asm["ptx"]))
     return {"shared": k.metadata.shared, "ops": dict(sorted(ops.items()))}
 
