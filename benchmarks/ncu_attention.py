@@ -198,14 +198,19 @@ def parse_details_csv(text: str) -> list[dict]:
 _US_PER_UNIT = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 
 
+def _shorter_than(kernel: dict, min_us: float) -> bool:
+    """Whether ncu timed the kernel under ``min_us`` (SDPA's helper kernels, not attention)."""
+    value, unit = kernel["metrics"].get("Duration", (None, None))
+    scale = _US_PER_UNIT.get(unit)
+    return scale is not None and float(value.replace(",", "")) * scale < min_us
+
+
 def key_table(kernels: list[dict], min_us: float = 5.0) -> str:
     """Markdown: one row per kernel that ran at least ``min_us`` (the attention kernels, not SDPA's helpers)."""
     lines = ["| kernel | " + " | ".join(c for c, _ in KEY_METRICS) + " |",
              "| --- | " + " | ".join("---" for _ in KEY_METRICS) + " |"]
     for k in kernels:
-        value, unit = k["metrics"].get("Duration", (None, None))
-        scale = _US_PER_UNIT.get(unit)
-        if scale is not None and float(value.replace(",", "")) * scale < min_us:
+        if _shorter_than(k, min_us):
             continue
         cells = []
         for _, sub in KEY_METRICS:
@@ -220,9 +225,7 @@ def stall_table(kernels: list[dict], min_us: float = 5.0, min_cycles: float = 0.
     for, the reasons any kernel spends at least ``min_cycles`` on; empty if ncu reported none."""
     rows, reasons = [], []
     for k in kernels:
-        value, unit = k["metrics"].get("Duration", (None, None))
-        scale = _US_PER_UNIT.get(unit)
-        if scale is not None and float(value.replace(",", "")) * scale < min_us:
+        if _shorter_than(k, min_us):
             continue
         got = {}
         for name, (v, _) in k["metrics"].items():
