@@ -277,11 +277,14 @@ def sass_loop_mix(sass: str) -> tuple[collections.Counter, int]:
     return collections.Counter(body), len(body)
 
 
-def full_tile_count(sass: str, *, skip_rescale: bool = False) -> int:
+def full_tile_count(sass: str, *, skip_rescale: bool = False, skip_image_change: bool = False) -> int:
     """Instructions of the main loop that a full key tile issues: the loop minus the regions a forward branch skips
     when those regions are tail masking (at least half ISETP/FSEL/SEL: the CUDA kernel's last-tile-of-an-image
     code, which every other tile jumps over). ``skip_rescale`` also leaves out the lazy O/l rescale (a skipped
-    region at least half FMUL/MUFU), i.e. the steady state once the running maxima have settled."""
+    region at least half FMUL/MUFU), i.e. the steady state once the running maxima have settled.
+    ``skip_image_change`` also leaves out what only a walk's step into another image runs (once per image, not per
+    tile): a skipped region without a tile copy (LDGSTS) that reads the set mask (an LDG: the search for the next
+    allowed image) or locates the image's rows afresh (at least four 64-bit multiplies, IMAD.WIDE.U32)."""
     body = _loop_body(sass)
     skip_ops = [("ISETP", "FSEL", "SEL")] + ([("FMUL", "MUFU")] if skip_rescale else [])
     skipped: set[int] = set()
@@ -289,8 +292,11 @@ def full_tile_count(sass: str, *, skip_rescale: bool = False) -> int:
         target = _branch_target(op, rest)
         if target is None or target <= addr:
             continue
-        region = [o for a, o, _ in body if addr < a < target]
-        if region and any(sum(o in ops for o in region) * 2 >= len(region) for ops in skip_ops):
+        inside = [(o, r) for a, o, r in body if addr < a < target]
+        region = [o for o, _ in inside]
+        rare = skip_image_change and "LDGSTS" not in region and (  # a region with a tile's copy is not rare
+            "LDG" in region or sum(o == "IMAD" and r.startswith(".WIDE.U32") for o, r in inside) >= 4)
+        if region and (rare or any(sum(o in ops for o in region) * 2 >= len(region) for ops in skip_ops)):
             skipped.update(a for a, _, _ in body if addr < a < target)
     return sum(a not in skipped for a, _, _ in body)
 
@@ -305,8 +311,9 @@ def wgmma_report() -> None:
             k = 1024 / (16 * block_n)
             ov = wgmma_overlap(sass)
             steady = full_tile_count(sass, skip_rescale=True) * k
+            inside = full_tile_count(sass, skip_rescale=True, skip_image_change=True) * k
             print(f"  variant {variant} ({block_n} keys x {wg} warpgroups) {dtype}: loop {n * k:4.0f}, full tile "
-                  f"{full_tile_count(sass) * k:4.0f}, without rescale {steady:4.0f}"
+                  f"{full_tile_count(sass) * k:4.0f}, without rescale {steady:4.0f}, inside an image {inside:4.0f}"
                   f"  MUFU {ops['MUFU'] * k:3.0f}  HGMMA {ops['HGMMA'] * k:4.1f}  exponentials overlapping P V "
                   f"{ov['mufu_overlapped'] * k:3.0f}  waits {'/'.join(ov['waits'])}  registers {info['registers']}"
                   f"{'  PTXAS: ' + '; '.join(info['warnings']) if info['warnings'] else ''}")

@@ -102,4 +102,8 @@ def test_wgmma_forward_schedule(variant, dtype):
     # 2 CTAs of 256 threads per SM need <= 128 registers; one CTA of 3 warpgroups <= 168
     assert info["registers"] <= (128 if (block_n, wg) == (64, 2) else 168 if wg == 3 else 255)
     per_1024 = sass_loop_mix.full_tile_count(sass, skip_rescale=True) * 1024 / (16 * block_n)
-    assert per_1024 <= (400 if block_n == 64 else 300)
+    assert per_1024 <= (330 if block_n == 64 else 240)
+    # a tile inside an image: the copies planned once per CTA (WgTileCopy), the walk in 32-bit ints, descriptors in
+    # uniform registers (2026-11-28: 245 / 184 / 203 per 1024 scores; 341 / 255 / 237 before)
+    inside = sass_loop_mix.full_tile_count(sass, skip_rescale=True, skip_image_change=True) * 1024 / (16 * block_n)
+    assert inside <= (265 if block_n == 64 else 220)

@@ -45,27 +45,31 @@ struct Buf {
 };
 
 // q, k, v of one case in one buffer (layout 0: three contiguous (N, L, H*D) tensors; 1: views of a fused
-// (N, L, 3*H*D) projection; 2: rows of H*D + 24 elements, images of L + 3 rows), drawn from `rng` (padding too:
-// finite noise), and their rounded values as floats, contiguous, for the reference.
+// (N, L, 3*H*D) projection; 2: rows of H*D + 24 elements, images of L + 3 rows; 3: a different padding for each of
+// q, k and v (rows of H*D + 8w elements, images of L + w rows, w = 0, 1, 2), so a kernel that walks one tensor with
+// another's strides fails), drawn from `rng` (padding too: finite noise), and their rounded values as floats,
+// contiguous, for the reference.
 template <typename T>
 struct Inputs {
-  int64_t sn = 0, sl = 0, off[3] = {0, 0, 0}, total = 0;
+  int64_t sn[3] = {0, 0, 0}, sl[3] = {0, 0, 0}, off[3] = {0, 0, 0}, total = 0;
   Buf<uint16_t> qkv{0, 0, kCanary16};
   std::vector<float> qf, kf, vf;
 
   Inputs(int64_t N, int64_t L, int64_t HD, int layout, std::mt19937& rng) {
     if (layout == 1) {
-      sl = 3 * HD;
-      sn = L * sl;
-      off[1] = HD;
-      off[2] = 2 * HD;
+      for (int w = 0; w < 3; ++w) {
+        sl[w] = 3 * HD;
+        sn[w] = L * sl[w];
+        off[w] = w * HD;
+      }
       total = N * L * 3 * HD;
     } else {
-      sl = layout == 2 ? HD + 24 : HD;
-      sn = layout == 2 ? (L + 3) * sl : L * HD;
-      off[1] = N * sn;
-      off[2] = 2 * N * sn;
-      total = 3 * N * sn;
+      for (int w = 0; w < 3; ++w) {
+        sl[w] = layout == 2 ? HD + 24 : layout == 3 ? HD + 8 * w : HD;
+        sn[w] = layout == 2 ? (L + 3) * sl[w] : layout == 3 ? (L + w) * sl[w] : L * HD;
+        off[w] = total;
+        total += N * sn[w];
+      }
     }
     qkv = Buf<uint16_t>(total, 0, kCanary16);
     std::normal_distribution<float> nd(0.f, 1.f);
@@ -76,7 +80,7 @@ struct Inputs {
       for (int64_t n = 0; n < N; ++n)
         for (int64_t l = 0; l < L; ++l)
           for (int64_t e = 0; e < HD; ++e)
-            dst[(n * L + l) * HD + e] = from_bits<T>(qkv.data()[off[w] + n * sn + l * sl + e]);
+            dst[(n * L + l) * HD + e] = from_bits<T>(qkv.data()[off[w] + n * sn[w] + l * sl[w] + e]);
     }
   }
   const unsigned char* begin() { return reinterpret_cast<const unsigned char*>(qkv.data()); }
@@ -89,8 +93,12 @@ struct Inputs {
     p.q = qkv.data() + off[0];
     p.k = qkv.data() + off[1];
     p.v = qkv.data() + off[2];
-    p.q_stride_n = p.k_stride_n = p.v_stride_n = sn;
-    p.q_stride_l = p.k_stride_l = p.v_stride_l = sl;
+    p.q_stride_n = sn[0];
+    p.k_stride_n = sn[1];
+    p.v_stride_n = sn[2];
+    p.q_stride_l = sl[0];
+    p.k_stride_l = sl[1];
+    p.v_stride_l = sl[2];
     p.out = out;
     p.lse = lse;
     p.set_mask = mask.empty() ? nullptr : mask.data();

@@ -260,6 +260,19 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   return r;
 }
 
+// Lane src_lane's v for every lane (the int form: the kernels broadcast warp-uniform indices with it).
+inline int __shfl_sync(unsigned mask, int v, int src_lane) {
+  if (mask != 0xffffffffu) jedi_emu::fail("only full-warp shuffles are emulated");
+  jedi_emu::Warp& w = jedi_emu::warp();
+  const int l = jedi_emu::lane();
+  std::memcpy(&w.f[l][0], &v, sizeof v);  // bit-exact through the float slot
+  w.bar.wait();
+  int r;
+  std::memcpy(&r, &w.f[src_lane & 31][0], sizeof r);
+  w.bar.wait();
+  return r;
+}
+
 inline bool __any_sync(unsigned mask, bool pred) {
   if (mask != 0xffffffffu) jedi_emu::fail("only full-warp votes are emulated");
   jedi_emu::Warp& w = jedi_emu::warp();

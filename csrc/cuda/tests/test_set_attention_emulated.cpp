@@ -30,7 +30,7 @@ int g_pass = 0, g_fail = 0;
 struct Case {
   int64_t B, G, L, H, D;
   int mask;    // jedi_test::make_mask kind
-  int layout;  // 0 contiguous, 1 fused qkv view, 2 padded strides
+  int layout;  // 0 contiguous, 1 fused qkv view, 2 padded strides, 3 different strides for q, k and v
   float scale;  // 0: D^-0.5
   bool cp_late = true;
 };
@@ -87,8 +87,12 @@ void run_case(const Case& c) {
   bp.v = fp.v;
   bp.out = out.data();
   bp.dout = dout.data();
-  bp.q_stride_n = bp.k_stride_n = bp.v_stride_n = in.sn;
-  bp.q_stride_l = bp.k_stride_l = bp.v_stride_l = in.sl;
+  bp.q_stride_n = in.sn[0];
+  bp.k_stride_n = in.sn[1];
+  bp.v_stride_n = in.sn[2];
+  bp.q_stride_l = in.sl[0];
+  bp.k_stride_l = in.sl[1];
+  bp.v_stride_l = in.sl[2];
   bp.o_stride_n = bp.do_stride_n = L * HD;
   bp.o_stride_l = bp.do_stride_l = HD;
   bp.lse = lse.data();
@@ -197,6 +201,7 @@ int main(int argc, char** argv) {
   // the 8-warp backward at padded head dim 80 (128 keys per CTA): partial key tiles, masks, negative scale
   run_case<__half, 80, 2, 1, 1, 8>({1, 2, 97, 1, 72, 0, 1, 0.f, true});
   run_case<__nv_bfloat16, 80, 2, 1, 1, 8>({1, 3, 70, 1, 80, 3, 2, -0.5f, false});
+  run_case<__half, 48>({1, 3, 70, 1, 40, 2, 3, 0.f, true});  // q, k, v with strides of their own
   if (!quick) {
     run_case<__half, 80, 2, 1, 1, 8>({2, 2, 130, 1, 80, 2, 0, 0.f, true});  // several query tiles, one-way mask
     run_case<__nv_bfloat16, 80, 1, 1, 1, 8>({1, 4, 33, 1, 64 + 8, 1, 1, 2.5f, true});  // block-diagonal, rescales
@@ -213,6 +218,7 @@ int main(int argc, char** argv) {
     run_case<__nv_bfloat16, 128>({1, 2, 40, 1, 128, 3, 0, 0.f, false});  // backward query tiles of 32
     run_case<__half, 32>({2, 5, 1, 1, 8, 2, 1, 0.f, true});  // one token per image
     run_case<__nv_bfloat16, 192>({1, 1, 37, 1, 176, 0, 2, 0.f, true});
+    run_case<__nv_bfloat16, 80, 2, 1, 1, 8>({1, 2, 97, 1, 80, 0, 3, 0.f, false});
     run_case<__half, 160>({1, 2, 70, 1, 152, 3, 1, 0.f, false});  // one 160-column chunk, 8 of them padding
   }
   std::printf("%d passed, %d failed\n", g_pass, g_fail);

@@ -28,7 +28,7 @@ int g_pass = 0, g_fail = 0;
 struct Case {
   int64_t B, G, L, H;
   int mask;     // jedi_test::make_mask kind
-  int layout;   // 0 contiguous, 1 fused qkv view, 2 padded strides
+  int layout;   // 0 contiguous, 1 fused qkv view, 2 padded strides, 3 different strides for q, k and v
   float scale;  // 0: D^-0.5
   bool cp_late, wgmma_late;
 };
@@ -83,8 +83,9 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   // partial last tiles (L % 64 != 0), several key tiles per image (odd and even walks: the K/V stages alternate),
   // two query tiles per image (L > 128), masks (block-diagonal, one-way, a never-attended image), fused-qkv and
-  // padded strides, negative scale (Q negated in shared memory), a large scale (the running max moves mid-row);
-  // every variant (64 x 2, 128 x 2, 128 x 3 keys x warpgroups)
+  // padded strides, q, k and v each with strides of their own (the copies step K and V tiles separately), negative
+  // scale (Q negated in shared memory), a large scale (the running max moves mid-row); every variant (64 x 2,
+  // 128 x 2, 128 x 3 keys x warpgroups)
   run_case<__half, 64>({1, 2, 97, 2, 0, 1, 0.f, true, true});
   run_case<__nv_bfloat16, 64>({1, 2, 97, 1, 2, 0, 0.f, false, false});
   run_case<__half, 128>({1, 2, 97, 1, 0, 2, -0.3f, true, true});
@@ -93,6 +94,8 @@ int main(int argc, char** argv) {
   run_case<__half, 64>({1, 2, 150, 1, 1, 2, -2.f, true, true});
   run_case<__half, 128, 3>({1, 2, 230, 1, 0, 1, 0.f, true, true});       // three warpgroups: two query tiles
   run_case<__nv_bfloat16, 128, 3>({1, 3, 70, 2, 2, 2, -3.f, false, true});
+  run_case<__nv_bfloat16, 64>({1, 3, 150, 1, 2, 3, 0.f, true, true});    // three tiles per image, one allowed skipped
+  run_case<__half, 128>({2, 2, 300, 1, 0, 3, 0.f, false, true});
   if (!quick) {
     run_case<__nv_bfloat16, 64>({2, 2, 64, 1, 3, 0, 0.f, true, true});   // whole tiles only
     run_case<__half, 128>({1, 2, 130, 1, 2, 1, 0.f, false, true});       // two query tiles, a one-row tail
