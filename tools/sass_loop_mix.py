@@ -66,8 +66,8 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", config=
     values.update(switches)
     sig, const = {}, {}
     for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name], const[p.name] = "constexpr", values[p.name]
+        if p.is_constexpr:  # a constexpr this table does not set keeps the kernel's default (e.g. ROW_ALIGN)
+            sig[p.name], const[p.name] = "constexpr", values[p.name] if p.name in values else p.default
         elif p.name in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"):
             sig[p.name] = "*" + dtype
         elif p.name in ("Lse", "Delta", "DQacc"):

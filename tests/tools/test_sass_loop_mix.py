@@ -3,6 +3,9 @@ listings: the counts in benchmarks/README.md come from these functions."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,56 @@ def test_full_tile_leaves_out_tail_masking_then_rescale():
     sass, n = _program()
     assert sass_loop_mix.full_tile_count(sass) == n["loop"] - n["tail"]
     assert sass_loop_mix.full_tile_count(sass, skip_rescale=True) == n["loop"] - n["tail"] - n["rescale"]
+
+
+def _walk_program() -> tuple[str, dict]:
+    """A loop whose step into another image (a mask-byte search, a 64-bit relocation) sits in regions that forward
+    branches skip, next to a tile copy that is skipped too when no tile is left."""
+    ops = ["MOV R1, R2"]
+    loop = len(ops)
+    ops += ["MUFU.EX2 R1, R1", None]                          # @P0 BRA over the mask search
+    search = len(ops)
+    ops += ["LDG.E.U8 R4, desc[UR4][R2.64]", "PRMT R4, R4, 0x9910, RZ", "IADD3 R2, P0, R2, 0x1, RZ",
+            "ISETP.NE.AND P1, PT, R4, RZ, PT"]
+    after_search = len(ops)
+    ops += [None]                                             # @P2 BRA over the copy (no tile left)
+    copy = len(ops)
+    ops += [None]                                             # @P3 BRA over the relocation (same image)
+    reloc = len(ops)
+    ops += ["IMAD.WIDE.U32 R8, R2, R3, R8"] * 4 + ["LEA R6, P0, R8, R6, 0x1"]
+    after_reloc = len(ops)
+    ops += ["IADD3 R6, P0, R6, R7, RZ", "LDGSTS.E.BYPASS.128 [R9], desc[UR4][R6.64], !P4"]
+    after_copy = len(ops)
+    ops += ["FFMA R1, R1, R2, R3", None, "EXIT"]              # back edge, then EXIT
+    addr = lambda i: f"0x{16 * i:x}"                          # noqa: E731
+    ops[search - 1] = f"@P0 BRA {addr(after_search)}"
+    ops[copy - 1] = f"@P2 BRA {addr(after_copy)}"
+    ops[reloc - 1] = f"@P3 BRA {addr(after_reloc)}"
+    ops[after_copy + 1] = f"@!P5 BRA {addr(loop)}"
+    sizes = dict(loop=after_copy + 2 - loop, search=after_search - search, reloc=after_reloc - reloc)
+    return _listing(ops), sizes
+
+
+def test_inside_an_image_leaves_out_the_walks_step_into_another_image_only():
+    sass, n = _walk_program()
+    assert sass_loop_mix.full_tile_count(sass) == n["loop"]
+    # the copy region holds the LDGSTS (every tile runs it) and stays; the search and the relocation inside it go
+    assert sass_loop_mix.full_tile_count(sass, skip_image_change=True) == n["loop"] - n["search"] - n["reloc"]
+
+
+def test_triton_forward_compiles_with_the_kernels_own_defaults():
+    """compile_fwd sets only the constexprs its table knows; the others (ROW_ALIGN, added later) keep the kernel's
+    defaults instead of failing the tool's --cuda / default report."""
+    pytest.importorskip("triton")
+    # in a process of its own: under TRITON_INTERPRET (this suite's default) the kernels cannot compile
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys; sys.path.insert(0, 'tools'); import sass_loop_mix as s; "
+            "ops, n = s.loop_mix(s.compile_fwd(40, 90)); print(n, ops['MUFU'])")
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    n, mufu = map(int, res.stdout.split())
+    assert n > 0 and mufu > 0
 
 
 def test_dynamic_count_multiplies_the_inner_mma_loop():
