@@ -288,9 +288,9 @@ def full_tile_count(sass: str, *, skip_rescale: bool = False, skip_image_change:
     body = _loop_body(sass)
     skip_ops = [("ISETP", "FSEL", "SEL")] + ([("FMUL", "MUFU")] if skip_rescale else [])
     skipped: set[int] = set()
-    for addr, op, rest in body:
+    for addr, op, rest in body:  # in address order: a branch inside a region already left out is not taken either
         target = _branch_target(op, rest)
-        if target is None or target <= addr:
+        if target is None or target <= addr or addr in skipped:
             continue
         inside = [(o, r) for a, o, r in body if addr < a < target]
         region = [o for o, _ in inside]

@@ -38,10 +38,11 @@ void check_like(const at::Tensor& t, const at::Tensor& q, const char* op, const 
 }
 
 // The kernels read rows with 16-byte vectors: base 16-byte aligned and row strides multiples of 8 elements (true for
-// contiguous tensors and for views of a fused qkv projection). Anything else is copied once.
+// contiguous tensors and for views of a fused qkv projection), and keep offsets inside a tile as 32-bit ints (row
+// strides up to set_attn::kMaxStrideL, ~11 M elements). Anything else is copied once.
 at::Tensor kernel_view(const at::Tensor& t) {
   const bool ok = t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+                  t.stride(1) <= set_attn::kMaxStrideL && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
@@ -56,6 +57,8 @@ Shape check_shape(const at::Tensor& q, int64_t set_size, int64_t heads, const ch
   JEDI_CHECK(N % set_size == 0, op, ": q.shape[0] = N = ", N, " must be a multiple of set_size = ", set_size);
   JEDI_CHECK(HD % heads == 0, op, ": q.shape[2] = ", HD, " must be heads * head_dim with heads = ", heads);
   const int64_t D = HD / heads;
+  JEDI_CHECK(HD <= set_attn::kMaxStrideL, op, ": q.shape[2] = heads * head_dim = ", HD,
+             " is larger than the cuda backend takes (", set_attn::kMaxStrideL, ")");
   const char* why = set_attention_supported(D, q.scalar_type() == at::kHalf ? 0 : 1);
   JEDI_CHECK(why == nullptr, op, ": head_dim = q.shape[2] / heads = ", D, " is not supported by the cuda backend: ",
              why ? why : "");

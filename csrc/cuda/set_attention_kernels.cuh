@@ -21,6 +21,7 @@
 
 #include "set_attention.cuh"
 #include "set_attention_device.cuh"
+#include "set_attention_tiles.cuh"
 #if !defined(JEDI_SET_ATTN_EMULATE)
 #include "set_attention_dispatch.cuh"
 #endif
@@ -342,20 +343,19 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   const int64_t G = p.G, L = p.L;
   const int D = static_cast<int>(p.D);
   const int64_t b = blockIdx.z, h = blockIdx.y;
-  const int64_t m_tiles = ceil_div(L, kBlockM), n_tiles = ceil_div(L, kBlockN);
+  const int64_t m_tiles = ceil_div(L, kBlockM);
   const TileCoord qc = tile_coord(blockIdx.x, m_tiles, kBlockM);
 
   const T* q_tile = static_cast<const T*>(p.q) + tensor_row(b, G, qc.image) * p.q_stride_n + h * D;
-  const T* k_head = static_cast<const T*>(p.k) + h * D;
-  const T* v_head = static_cast<const T*>(p.v) + h * D;
   const uint8_t* mask_row = p.set_mask != nullptr ? p.set_mask + qc.image * G : nullptr;
-  TileWalk kw = TileWalk::start(mask_row, 1, G, n_tiles);  // the allowed key tiles, no divisions in the loop
+  // the allowed key tiles and where they lie (no divisions or 64-bit products inside an image), and this thread's
+  // share of copying each (set_attention_tiles.cuh)
+  KeyWalk<T, kBlockN> kw(p, b, h, mask_row);
+  TileCopyPlan<kBlockN, kD / 8, kThreads, kPitch * static_cast<int>(sizeof(T))> tile_copy;
+  tile_copy.init(tid, p.k_stride_l, p.v_stride_l, D);
 
   load_tile<T, kBlockM, kD, kThreads>(sQ, q_tile, p.q_stride_l, qc.row0, L, D, tid);
-  if (!kw.done()) {
-    load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, kw.image) * p.k_stride_n, p.k_stride_l,
-                                        kw.tile * kBlockN, L, D, tid);
-  }
+  if (!kw.done()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
   cp_async_commit();
 
   const float sl = fabsf(p.scale) * kLog2e;
@@ -387,12 +387,11 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   bool q_loaded = false;
 
   while (!kw.done()) {
-    const int64_t k_image = kw.image, k_row0 = kw.tile * kBlockN;
     cp_async_wait_all();  // K_t (and Q on the first trip) landed
     __syncthreads();      // ... for every thread; and every warp is done with V_{t-1}
-    load_tile<T, kBlockN, kD, kThreads>(sV, v_head + tensor_row(b, G, k_image) * p.v_stride_n, p.v_stride_l,
-                                        k_row0, L, D, tid);
+    tile_copy.copy(sV, kw.v, tile_copy.voff, kw.rows);
     cp_async_commit();
+    const int valid_keys = kw.rows;  // > 0; kBlockN except in an image's last tile
 
     if constexpr (Tr::kQInRegs) {
       if (!q_loaded) {
@@ -403,7 +402,6 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
 
     typename Tr::Scores acc_s;
     fwd_scores<Tr>(acc_s, q_frag, sQ_a, sK_b, qsign);
-    const int64_t valid_keys = L - k_row0;  // > 0; >= kBlockN except in an image's last tile
     const bool tail = valid_keys < kBlockN;
     if (tail) fwd_mask_tail<Tr>(acc_s, valid_keys, lane, -INFINITY);
 
@@ -417,10 +415,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
     cp_async_wait_all();  // V_t landed
     __syncthreads();      // ... for every thread; and every warp is done reading K_t
     kw.advance();
-    if (!kw.done()) {
-      load_tile<T, kBlockN, kD, kThreads>(sK, k_head + tensor_row(b, G, kw.image) * p.k_stride_n, p.k_stride_l,
-                                          kw.tile * kBlockN, L, D, tid);
-    }
+    if (!kw.done()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
     cp_async_commit();
 
     fwd_pv<Tr>(acc_o, row_sum, acc_s, sV_a, ones, last_n8_live);

@@ -27,6 +27,11 @@ namespace jedi {
 namespace set_attn {
 
 JEDI_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The largest row stride (elements) whose offsets inside a tile of `rows` rows fit 32 bits (the forwards keep a
+// thread's offsets inside a key tile as 32-bit ints: set_attention_tiles.cuh).
+JEDI_HD constexpr int64_t max_tile_stride_l(int rows) { return (int64_t{1} << 31) / (rows + 1) - 256; }
+// The row strides the CUDA kernels take (the glue copies tensors with larger ones; tiles of up to 192 rows).
+constexpr int64_t kMaxStrideL = max_tile_stride_l(192);
 
 // Head dims with a compiled kernel instance. A head dim D runs on the smallest instance >= D (columns D..kD-1 are
 // zero-filled on load and never stored). 48 serves SD's 40 (16-column k-steps of mma.m16n8k16: 40 -> 48, not 64),

@@ -29,6 +29,7 @@
 
 #include "set_attention.cuh"
 #include "set_attention_device.cuh"
+#include "set_attention_tiles.cuh"
 
 #if !defined(JEDI_SET_ATTN_EMULATE) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define JEDI_WGMMA_DEVICE 1  // this compilation pass emits the real kernel
@@ -162,23 +163,14 @@ struct WgFwdTraits {
 JEDI_HD constexpr bool wgmma_fwd_head_dim(int64_t D) { return D == 40; }
 constexpr int kWgmmaDk = 48, kWgmmaDv = 40;
 // Forward variants (SetAttnParams::fwd_wgmma), keys per tile x warpgroups (64 query rows each) per CTA:
-//   1: 64 x 2 (two CTAs per SM: 123 registers), 2: 128 x 2 (one CTA per SM), 3: 128 x 3 (one CTA per SM).
-// Per 1024 scores the steady loop issues ~245 (1), ~184 (2), ~203 (3) sm_90a instructions inside an image (the tile
+//   1: 64 x 2 (two CTAs per SM: 128 registers), 2: 128 x 2 (one CTA per SM), 3: 128 x 3 (one CTA per SM).
+// Per 1024 scores the steady loop issues ~236 (1), ~184 (2), ~178 (3) sm_90a instructions inside an image (the tile
 // copies planned once per CTA, a 32-bit walk, descriptors in uniform registers; before: 341, 255, 237) against 32
 // exponentials x 8 clocks = 256 clocks of the exp unit: wider tiles spread the per-tile work (loads, barrier,
 // descriptors) thinner (tools/sass_loop_mix.py --wgmma).
 constexpr int kWgmmaVariants = 3;
 JEDI_HD constexpr int wgmma_variant_block_n(int variant) { return variant == 1 ? 64 : 128; }
 JEDI_HD constexpr int wgmma_variant_warpgroups(int variant) { return variant == 3 ? 3 : 2; }
-// The largest row stride (elements) whose offsets inside a tile of `rows` rows fit 32 bits.
-JEDI_HD constexpr int64_t wgmma_max_stride_l(int rows) { return (int64_t{1} << 31) / (rows + 1) - 256; }
-// Row strides small enough for the kernel's 32-bit offsets inside a tile (any real layout: 3 H D elements at most),
-// and a key walk (G images x their tiles of 64 keys or more) that fits the kernel's 32-bit counters.
-JEDI_HD bool wgmma_fwd_strides_ok(const SetAttnParams& p) {
-  const int64_t lim = wgmma_max_stride_l(192);
-  return p.q_stride_l <= lim && p.k_stride_l <= lim && p.v_stride_l <= lim &&
-         p.G * ceil_div(p.L, 64) <= int64_t{0x7fffffff};
-}
 
 // Rows [row0, row0 + kRows) x columns [0, 8 kChunks) of one head of one image into a chunk-major tile (see the
 // header comment); rows >= L and columns >= D are zero-filled, so padded keys/values contribute exact zeros. Offsets
@@ -201,43 +193,6 @@ __device__ __forceinline__ void wg_load_tile(unsigned char* s, const T* gt, int 
     }
   }
 }
-
-// A thread's share of the copies of every key tile (kRows rows x kChunks 16-byte chunks, chunk-major as
-// wg_load_tile lays them out), worked out once per CTA: per chunk its shared offset inside a stage, its row (kRows
-// when its columns lie past D, so it is always zero-filled) and its element offset from the tile's first row in K and
-// in V. A tile's copy then costs per chunk an address add, one compare and the cp.async, where wg_load_tile recomputes
-// the chunk's coordinates, its offsets and two predicates for every tile.
-template <int kRows, int kChunks, int kThreads>
-struct WgTileCopy {
-  static constexpr int kTotal = kRows * kChunks;
-  static constexpr int kRounds = (kTotal + kThreads - 1) / kThreads;
-  int soff[kRounds];  // bytes, inside a stage
-  int row[kRounds];
-  int koff[kRounds], voff[kRounds];  // elements, from the tile's first row
-  bool last;  // this thread copies a chunk in the last round (every thread when kThreads divides kTotal)
-
-  __device__ __forceinline__ void init(int tid, int k_sl, int v_sl, int D) {
-#pragma unroll
-    for (int it = 0; it < kRounds; ++it) {
-      const int i = it * kThreads + tid, r = i / kChunks, c = i % kChunks;
-      soff[it] = c * (16 * kRows) + 16 * r;
-      row[it] = c * 8 < D ? r : kRows;
-      koff[it] = r * k_sl + c * 8;
-      voff[it] = r * v_sl + c * 8;
-    }
-    last = kTotal % kThreads == 0 || (kRounds - 1) * kThreads + tid < kTotal;
-  }
-  // Rows [0, rows_in) of the tile starting at `tile` (a row of K or V, with `off` = koff or voff) into `stage`; the
-  // rows after them are zero-filled.
-  template <typename T>
-  __device__ __forceinline__ void copy(unsigned char* stage, const T* tile, const int (&off)[kRounds],
-                                       int rows_in) const {
-#pragma unroll
-    for (int it = 0; it < kRounds; ++it) {
-      if (it + 1 < kRounds || last) cp_async16_zfill(stage + soff[it], tile + off[it], row[it] < rows_in);
-    }
-  }
-};
 
 // One CTA: query rows [m0, m0 + 64 kWG) of image i of set b, head h; warpgroup w owns rows m0 + 64w ... + 63. The
 // online softmax is set_attn_fwd_kernel's (log2 units, lazy rescaling by kLazyRescaleLog2); the row sums l come
@@ -270,59 +225,15 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
   const int64_t G = p.G, L = p.L;
   const int D = static_cast<int>(p.D);
   const int64_t b = blockIdx.z, h = blockIdx.y;
-  const int64_t m_tiles = ceil_div(L, kBlockM), n_tiles = ceil_div(L, kBlockN);
+  const int64_t m_tiles = ceil_div(L, kBlockM);
   const TileCoord qc = tile_coord(blockIdx.x, m_tiles, kBlockM);
 
   const T* q_tile = static_cast<const T*>(p.q) + tensor_row(b, G, qc.image) * p.q_stride_n + h * D;
-  const T* k_head = static_cast<const T*>(p.k) + h * D;
-  const T* v_head = static_cast<const T*>(p.v) + h * D;
   const uint8_t* mask_row = p.set_mask != nullptr ? p.set_mask + qc.image * G : nullptr;
-  // The walk over the allowed images' key tiles (TileWalk's order) in 32-bit ints: fewer instructions and registers
-  // per tile than TileWalk's 64-bit fields (the launcher checks that G * n_tiles fits)
-  struct Walk {
-    int image, tile;
-  };
-  const int G32 = static_cast<int>(G), n_tiles32 = static_cast<int>(n_tiles);
-  auto allowed = [&](int image) { return mask_row == nullptr || mask_row[image] != 0; };
-  auto done = [&](const Walk& w) { return w.image >= G32; };
-  auto advance = [&](Walk& w) {
-    if (++w.tile < n_tiles32) return;
-    w.tile = 0;
-    do ++w.image;
-    while (w.image < G32 && !allowed(w.image));
-  };
-  Walk kw{0, 0};
-  while (kw.image < G32 && !allowed(kw.image)) ++kw.image;
-
-  const int q_sl = static_cast<int>(p.q_stride_l), k_sl = static_cast<int>(p.k_stride_l),
-            v_sl = static_cast<int>(p.v_stride_l);
-  // Where the walk's tile `w` lies: its first row in K and in V, and how many of its rows lie inside its image (fewer
-  // than kBlockN only in an image's last tile). `step` moves `c` from a tile of image `from_image` to the walk's next
-  // tile `w`: inside an image kBlockN rows further on (kBlockN * stride fits 32 bits: wgmma_fwd_strides_ok), into
-  // another image afresh (once per image: the 64-bit products stay out of the per-tile path).
-  struct TilePos {
-    const T* k;
-    const T* v;
-    int rows;
-  };
-  const int last_rows = static_cast<int>(L - (n_tiles - 1) * kBlockN);
-  auto locate = [&](const Walk& w) {
-    return TilePos{k_head + tensor_row(b, G, w.image) * p.k_stride_n + int64_t{w.tile} * kBlockN * p.k_stride_l,
-                   v_head + tensor_row(b, G, w.image) * p.v_stride_n + int64_t{w.tile} * kBlockN * p.v_stride_l,
-                   w.tile == n_tiles32 - 1 ? last_rows : kBlockN};
-  };
-  auto step = [&](TilePos& c, int from_image, const Walk& w) {
-    if (w.image != from_image) {
-      c = locate(w);
-    } else {
-      c.k += kBlockN * k_sl;
-      c.v += kBlockN * v_sl;
-      c.rows = w.tile == n_tiles32 - 1 ? last_rows : kBlockN;
-    }
-  };
-  WgTileCopy<kBlockN, kDv / 8, kThreads> tile_copy;
-  tile_copy.init(tid, k_sl, v_sl, D);
-  TilePos cur{k_head, v_head, 0};  // kw's tile
+  KeyWalk<T, kBlockN> kw(p, b, h, mask_row);  // the walk's tile and where it lies (set_attention_tiles.cuh)
+  TileCopyPlan<kBlockN, kDv / 8, kThreads, 0> tile_copy;  // chunk-major tiles
+  tile_copy.init(tid, p.k_stride_l, p.v_stride_l, D);
+  const int q_sl = static_cast<int>(p.q_stride_l);
   // Q and K: columns kDv..kDk-1 (the k16 padding of Q K^T, 40..47 at head dim 40) are zeros written once here and
   // never copied over; only the kDv / 8 chunks that can hold data are loaded
   if constexpr (kDk > kDv) {
@@ -344,10 +255,7 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
   wg_load_tile<T, kBlockM, kDv / 8, kThreads>(sQ, q_tile + qc.row0 * p.q_stride_l, q_sl,
                                                L - qc.row0 < kBlockM ? static_cast<int>(L - qc.row0) : kBlockM, D,
                                                tid);
-  if (!done(kw)) {
-    cur = locate(kw);
-    tile_copy.copy(sK, cur.k, tile_copy.koff, cur.rows);
-  }
+  if (!kw.done()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
   cp_async_commit();
 
   const float sl = fabsf(p.scale) * kLog2e;
@@ -366,22 +274,17 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
 
   // 1. K_t and V_{t-1} (Q on the first trip) landed and are visible to the tensor cores, for every thread; every
   //    warpgroup is done with iteration t-1's buffers. Then the copies of V_t and K_{t+1} (the walk's next tile) start.
-  //    The walk (kw, cur) moves on to tile t+1 in place (no copies of it between iterations); `rows` keeps tile t's
-  //    rows for its softmax.
+  //    The walk moves on to tile t+1 in place; `rows` keeps tile t's rows for its softmax.
   int rows = 0;
   auto next_tile = [&](int t) {
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();
     const int st = t & 1;
-    tile_copy.copy(sV + st * Tr::kVBytes, cur.v, tile_copy.voff, cur.rows);
-    rows = cur.rows;
-    const int image = kw.image;
-    advance(kw);
-    if (!done(kw)) {
-      step(cur, image, kw);
-      tile_copy.copy(sK + (st ^ 1) * Tr::kKBytes, cur.k, tile_copy.koff, cur.rows);
-    }
+    tile_copy.copy(sV + st * Tr::kVBytes, kw.v, tile_copy.voff, kw.rows);
+    rows = kw.rows;
+    kw.advance();
+    if (!kw.done()) tile_copy.copy(sK + (st ^ 1) * Tr::kKBytes, kw.k, tile_copy.koff, kw.rows);
     cp_async_commit();
   };
   auto issue_qk = [&](int st) {
@@ -468,7 +371,7 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
 
   // The first tile (no P V product yet), then the steady loop, whose wgmmas are all issued unconditionally (a P V
   // product issued under `if (t > 0)` made ptxas serialize every wgmma, warning C7514), then the last tile's P V.
-  if (!done(kw)) {
+  if (!kw.done()) {
     next_tile(0);
     if (p.scale < 0.f) {  // a negative scale runs as (-q) k^T |scale|: flip Q's sign bits once
       uint32_t* q32 = reinterpret_cast<uint32_t*>(sQ);
@@ -484,7 +387,7 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
     if (__any_sync(0xffffffffu, softmax())) rescale_o();
     pack_p();
     int t = 1;
-    while (!done(kw)) {
+    while (!kw.done()) {
       next_tile(t);
       const int st = t & 1;
       fence_s();
@@ -552,7 +455,7 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
 template <typename T, int kBlockN, int kWG>
 cudaError_t run_fwd_wgmma_instance(const SetAttnParams& p, cudaStream_t stream) {
   using Tr = WgFwdTraits<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>;
-  if (!wgmma_fwd_strides_ok(p)) return cudaErrorInvalidValue;
+  if (!key_tiles_fit(p, 192, 64)) return cudaErrorInvalidValue;  // 32-bit offsets and walk counters
   const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
   auto kernel = set_attn_fwd_wgmma_kernel<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>;

@@ -94,6 +94,48 @@ def test_fused_qkv_views(dtype):
     _check(1, 5, 17, 8, 40, dtype, fused=True)
 
 
+def _distinct_strides(B, G, L, H, D, dtype):
+    """q contiguous; k the left columns of wider rows (row stride H*D + 16); v the first L rows of taller images (image
+    stride (L + 5) * H*D): every tensor walked with another's strides would read the wrong rows."""
+    N, HD = B * G, H * D
+    q = torch.randn(N, L, HD, device="cuda", dtype=dtype)
+    k = torch.randn(N, L, HD + 16, device="cuda", dtype=dtype)[..., :HD]
+    v = torch.randn(N, L + 5, HD, device="cuda", dtype=dtype)[:, :L]
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("wgmma", ["", "0"], ids=["default", "mma_sync"])
+@pytest.mark.parametrize("D", [40, 80, 160])
+def test_distinct_strides_per_tensor(monkeypatch, D, wgmma):
+    """The forwards step K and V tiles each with its own strides (set_attention_tiles.cuh: the next tile inside an image
+    is kBlockN rows further on, a new image is located afresh); several tiles per image, a tail, and a mask that
+    skips an image. At D = 40 on an H100/H200 the default forward is the Hopper (wgmma) one, JEDI_CUDA_FWD_WGMMA=0 the
+    mma.sync one; elsewhere both runs take the mma.sync kernel."""
+    if wgmma:
+        monkeypatch.setenv("JEDI_CUDA_FWD_WGMMA", wgmma)
+    else:
+        monkeypatch.delenv("JEDI_CUDA_FWD_WGMMA", raising=False)
+    B, G, L, H = 2, 3, 300, 2
+    q, k, v = _distinct_strides(B, G, L, H, D, torch.bfloat16)
+    mask = _mask(G, "one_way")
+    mask[2, 1] = True  # image 2 sees images 0, 1 and 2; image 1 skips image 2
+    grad_out = torch.randn(B * G, L, H * D, device="cuda", dtype=torch.bfloat16)
+    out = jk.set_attention(q, k, v, G, H, set_mask=mask, backend="cuda")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    def ref(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = reference.set_attention_reference(*leaves, G, H, set_mask=mask)
+        return o, torch.autograd.grad(o, leaves, grad_out.to(dt))
+
+    (ref64, grads64), (same, grads_same) = ref(torch.float64), ref(torch.bfloat16)
+    tag = f"D={D} wgmma={wgmma or 'default'} distinct strides"
+    assert_flash_rule(out, same, ref64, f"out [{tag}]")
+    for name, ours, s_, r in zip(("dq", "dk", "dv"), grads, grads_same, grads64):
+        assert_flash_rule(ours, s_, r, f"{name} [{tag}]")
+
+
 def test_explicit_scale():
     _check(1, 2, 97, 2, 40, torch.float16, scale=0.3)
 
