@@ -380,18 +380,18 @@ def _hopper_summary(row: dict, out, ref, labels: tuple, tag: str, base: str) -> 
 
 
 def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
-    """CUDA forward: the mma.sync kernel (the default) vs the Hopper one (``JEDI_CUDA_FWD_WGMMA`` 1 / 2 / 3: 64 keys
-    x 2 warpgroups, 128 x 2, 128 x 3; warpgroup MMAs with the softmax overlapping the P V product; sm_90a, head dim
-    40 only: elsewhere every label times the mma.sync kernel), and cuDNN SDPA on the same inputs (``ms_cudnn``, the
-    number to beat: 0.603 ms at L 4096 D 40 ng 2 bf16 on the third H100 run). Static SASS per 1024 scores of a full
-    tile (tools/sass_loop_mix.py --wgmma): 362 / 266 / 247 instructions against 32 MUFU x 8 = 256 exp-unit clocks;
-    the mma.sync kernel's ~300 with the exponentials serialized against its MMAs."""
+    """CUDA forward: the mma.sync kernel vs the Hopper one (``JEDI_CUDA_FWD_WGMMA`` 1 / 2 / 3: 64 keys x 2
+    warpgroups, 128 x 2, 128 x 3; warpgroup MMAs with the softmax overlapping the P V product; sm_90a, head dims 40
+    (all three), 80 (1, 2) and 160 (1): a label whose variant is not compiled times the mma.sync kernel), and cuDNN
+    SDPA on the same inputs (``ms_cudnn``, the number to beat: 0.575 ms at L 4096 D 40 ng 2 bf16 on the H200).
+    Static SASS per 1024 scores of a tile inside an image (tools/sass_loop_mix.py --wgmma, since the twentieth
+    session): d 40 236 / 184 / 178, d 80 252 / 188, d 160 270, against 32 MUFU x 8 = 256 exp-unit clocks."""
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_WGMMA",
                        {"mmasync": "0", "wg64x2": "1", "wg128x2": "2", "wg128x3": "3"}, "cuda_fwd_wgmma")
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
     cudnn, ref = build_fn("sdpa-cudnn", q, k, v, ng, HEADS, "fwd")
     row["ms_cudnn"] = time_ms(cudnn, rep_ms=rep_ms)
-    with _env("JEDI_CUDA_FWD_WGMMA", "3"):  # the variant ran (the profiler's kernel names), and its output agrees
+    with _env("JEDI_CUDA_FWD_WGMMA", "1"):  # the variant ran (the profiler's kernel names), and its output agrees
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = build_fn("cuda", q, k, v, ng, HEADS, "fwd")[1]
             torch.cuda.synchronize()
@@ -745,8 +745,10 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
            (4096, 40, 4, torch.bfloat16)]
     hopper = []
     if jk.available_backends()["cuda_attention"]:
-        hopper.append((cuda_wgmma_fwd_row, d40, "CUDA forward, Hopper wgmma vs mma.sync", "wgmma", "mmasync",
-                       "mma.sync"))
+        # and SD's 32x32 / 16x16 levels, where cuDNN beats FA2 1.6-2x on the H200 (Hopper MMAs) and mma.sync does not
+        hopper.append((cuda_wgmma_fwd_row, d40 + [(1024, 80, 2, torch.bfloat16), (1024, 80, 8, torch.bfloat16),
+                                                  (256, 160, 8, torch.bfloat16)],
+                       "CUDA forward, Hopper wgmma vs mma.sync", "wgmma", "mmasync", "mma.sync"))
     if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON", "1") != "0":
         # the Gluon forward also covers d 80 (SD's 32x32 level: 64 + 16 columns)
         hopper.append((triton_gluon_fwd_row, d40 + [(1024, 80, 2, torch.bfloat16)],

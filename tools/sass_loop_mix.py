@@ -118,30 +118,36 @@ def _nvcc_sass(src: Path, arch: int | str, extra: tuple[str, ...] = (), ptxas_lo
 
 # the Hopper forward's variants (csrc/cuda/set_attention_wgmma.cuh, wgmma_variant_*): keys per tile, warpgroups
 WGMMA_VARIANTS = {1: (64, 2), 2: (128, 2), 3: (128, 3)}
+# the variants compiled for each head dim (set_attention_wgmma.cuh, wgmma_variant_compiled)
+WGMMA_COMPILED = {40: (1, 2, 3), 80: (1, 2), 160: (1,)}
 
 
-@functools.lru_cache(maxsize=1)
-def _wgmma_build() -> tuple[str, str]:
-    """(SASS, ptxas -v log) of set_attention_fwd_wgmma_hdim40.cu for sm_90a, as setup.py builds it (one compile)."""
+@functools.lru_cache(maxsize=3)
+def _wgmma_build(D: int = 40) -> tuple[str, str]:
+    """(SASS, ptxas -v log) of set_attention_fwd_wgmma_hdim<D>.cu for sm_90a, as setup.py builds it (one compile)."""
     log: list = []
-    sass = _nvcc_sass(ROOT / "csrc" / "cuda" / "set_attention_fwd_wgmma_hdim40.cu", "90a", ("-DJEDI_SM90A",), log)
+    sass = _nvcc_sass(ROOT / "csrc" / "cuda" / f"set_attention_fwd_wgmma_hdim{D}.cu", "90a", ("-DJEDI_SM90A",), log)
     return sass, log[0]
 
 
-def cuda_wgmma_fwd_sass(variant: int, dtype: str = "bf16") -> tuple[str, dict]:
-    """(SASS, {"registers": ptxas's count, "warnings": its C75xx lines about the function}) of the Hopper forward's
-    ``variant`` (set_attention_fwd_wgmma_hdim40.cu, sm_90a) for ``dtype``."""
+def cuda_wgmma_fwd_sass(variant: int, dtype: str = "bf16", D: int = 40) -> tuple[str, dict]:
+    """(SASS, {"registers": ptxas's count, "spills": its spill-store bytes, "warnings": its C75xx lines about the
+    function}) of the Hopper forward's ``variant`` at head dim ``D`` (set_attention_fwd_wgmma_hdim<D>.cu, sm_90a) for
+    ``dtype``."""
     block_n, wg = WGMMA_VARIANTS[variant]
-    sass, log = _wgmma_build()
+    sass, log = _wgmma_build(D)
+    dk = (D + 15) // 16 * 16
     want = "set_attn_fwd_wgmma_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half") + \
-        f"Li48ELi40ELi{block_n}ELi{wg}E"
+        f"Li{dk}ELi{D}ELi{block_n}ELi{wg}E"
     # ptxas -v: "Compiling entry function '<name>'" ... "Used N registers" for each function in turn
-    fn_log = re.findall(r"Compiling entry function '([^']+)'.*?\n(?:.*\n)*?.*?Used (\d+) registers", log)
-    regs = [int(n) for name, n in fn_log if want in name]
+    fn_log = re.findall(r"Compiling entry function '([^']+)'.*?\n(?:.*\n)*?.*?(\d+) bytes spill stores.*?\n"
+                        r".*?Used (\d+) registers", log)
+    found = [(int(spill), int(n)) for name, spill, n in fn_log if want in name]
     warnings = [line for line in log.splitlines() if want in line and re.search(r"\(C75\d\d\)", line)]
     for blk in re.split(r"\n\s*Function : ", sass)[1:]:
         if want in blk.split("\n", 1)[0]:
-            return blk, dict(registers=regs[0] if regs else None, warnings=warnings)
+            return blk, dict(registers=found[0][1] if found else None, spills=found[0][0] if found else None,
+                             warnings=warnings)
     raise LookupError(f"no set_attn_fwd_wgmma_kernel variant {variant} {dtype}")
 
 
@@ -303,21 +309,25 @@ def full_tile_count(sass: str, *, skip_rescale: bool = False, skip_image_change:
 
 
 def wgmma_report() -> None:
-    """Print the Hopper forward's static loop figures (``--wgmma``)."""
-    print("sm_90a, csrc/cuda/set_attention_fwd_wgmma_hdim40.cu, per 1024 score elements (one warp's 16 rows x 64 keys)")
-    for variant, (block_n, wg) in WGMMA_VARIANTS.items():
-        for dtype in ("fp16", "bf16"):
-            sass, info = cuda_wgmma_fwd_sass(variant, dtype)
-            ops, n = sass_loop_mix(sass)
-            k = 1024 / (16 * block_n)
-            ov = wgmma_overlap(sass)
-            steady = full_tile_count(sass, skip_rescale=True) * k
-            inside = full_tile_count(sass, skip_rescale=True, skip_image_change=True) * k
-            print(f"  variant {variant} ({block_n} keys x {wg} warpgroups) {dtype}: loop {n * k:4.0f}, full tile "
-                  f"{full_tile_count(sass) * k:4.0f}, without rescale {steady:4.0f}, inside an image {inside:4.0f}"
-                  f"  MUFU {ops['MUFU'] * k:3.0f}  HGMMA {ops['HGMMA'] * k:4.1f}  exponentials overlapping P V "
-                  f"{ov['mufu_overlapped'] * k:3.0f}  waits {'/'.join(ov['waits'])}  registers {info['registers']}"
-                  f"{'  PTXAS: ' + '; '.join(info['warnings']) if info['warnings'] else ''}")
+    """Print the Hopper forward's static loop figures (``--wgmma``), head dims 40, 80 and 160."""
+    for D in (40, 80, 160):
+        print(f"sm_90a, csrc/cuda/set_attention_fwd_wgmma_hdim{D}.cu, per 1024 score elements (one warp's 16 rows x "
+              f"64 keys)")
+        for variant in WGMMA_COMPILED[D]:
+            block_n, wg = WGMMA_VARIANTS[variant]
+            for dtype in ("fp16", "bf16"):
+                sass, info = cuda_wgmma_fwd_sass(variant, dtype, D)
+                ops, n = sass_loop_mix(sass)
+                k = 1024 / (16 * block_n)
+                ov = wgmma_overlap(sass)
+                steady = full_tile_count(sass, skip_rescale=True) * k
+                inside = full_tile_count(sass, skip_rescale=True, skip_image_change=True) * k
+                print(f"  variant {variant} ({block_n} keys x {wg} warpgroups) {dtype}: loop {n * k:4.0f}, full tile "
+                      f"{full_tile_count(sass) * k:4.0f}, without rescale {steady:4.0f}, inside an image "
+                      f"{inside:4.0f}  MUFU {ops['MUFU'] * k:3.0f}  HGMMA {ops['HGMMA'] * k:4.1f}  exponentials "
+                      f"overlapping P V {ov['mufu_overlapped'] * k:3.0f}  waits {'/'.join(ov['waits'])}  registers "
+                      f"{info['registers']}  spills {info['spills']}"
+                      f"{'  PTXAS: ' + '; '.join(info['warnings']) if info['warnings'] else ''}")
 
 
 def bwd_report(arch: int) -> None:

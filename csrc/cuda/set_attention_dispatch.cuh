@@ -21,8 +21,8 @@ cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream);
 template <typename T, int kD>
 cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream);
 
-// The Hopper forward (set_attention_fwd_wgmma_hdim40.cu): variant p.fwd_wgmma of head dim 40, where
-// set_attention_wgmma_runnable(p.D); dtype 0 = float16, 1 = bfloat16.
+// The Hopper forward (set_attention_fwd_wgmma_hdim{40,80,160}.cu): variant p.fwd_wgmma of head dim 40, 80 or 160,
+// where set_attention_wgmma_runnable(p.D); dtype 0 = float16, 1 = bfloat16.
 cudaError_t run_fwd_wgmma(const SetAttnParams& p, int dtype, cudaStream_t stream);
 
 }  // namespace set_attn

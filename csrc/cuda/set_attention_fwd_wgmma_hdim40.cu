@@ -1,4 +1,5 @@
-// The Hopper (wgmma) set-attention forward: its instances (head dim 40; three tile shapes; fp16 and bf16) and
+// The Hopper (wgmma) set-attention forward: its head-dim-40 instances (three tile shapes; fp16 and bf16), the dispatch
+// by head dim (80 and 160: set_attention_fwd_wgmma_hdim80.cu / _hdim160.cu, built in parallel) and
 // set_attention_wgmma_runnable. Compiled for every arch of the build; the kernels have a body only in the sm_90a
 // pass (set_attention_wgmma.cuh), and the launcher runs them only where that pass exists and the device is 9.0.
 #include <cuda_runtime.h>
@@ -24,20 +25,19 @@ bool set_attention_wgmma_runnable(int64_t D) {
 
 namespace set_attn {
 
-template <typename T>
-cudaError_t run_fwd_wgmma_t(const SetAttnParams& p, cudaStream_t stream) {
-  switch (p.fwd_wgmma) {
-    case 1: return run_fwd_wgmma_instance<T, 64, 2>(p, stream);
-    case 2: return run_fwd_wgmma_instance<T, 128, 2>(p, stream);
-    case 3: return run_fwd_wgmma_instance<T, 128, 3>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
+template cudaError_t run_fwd_wgmma_hdim<40>(const SetAttnParams& p, int dtype, cudaStream_t stream);
+extern template cudaError_t run_fwd_wgmma_hdim<80>(const SetAttnParams& p, int dtype, cudaStream_t stream);
+extern template cudaError_t run_fwd_wgmma_hdim<160>(const SetAttnParams& p, int dtype, cudaStream_t stream);
 
 // Called by set_attention_fwd_launch when p.fwd_wgmma != 0 (after its argument checks).
 cudaError_t run_fwd_wgmma(const SetAttnParams& p, int dtype, cudaStream_t stream) {
   if (!set_attention_wgmma_runnable(p.D)) return cudaErrorInvalidValue;
-  return dtype == 0 ? run_fwd_wgmma_t<__half>(p, stream) : run_fwd_wgmma_t<__nv_bfloat16>(p, stream);
+  switch (p.D) {
+    case 40: return run_fwd_wgmma_hdim<40>(p, dtype, stream);
+    case 80: return run_fwd_wgmma_hdim<80>(p, dtype, stream);
+    case 160: return run_fwd_wgmma_hdim<160>(p, dtype, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace set_attn

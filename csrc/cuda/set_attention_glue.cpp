@@ -128,21 +128,22 @@ int fwd_stages_from_env(int64_t D, int row_blocks, const char* op) {
 }
 
 // JEDI_CUDA_FWD_WGMMA=1|2|3 runs the Hopper forward (warpgroup MMAs; variants: set_attn::wgmma_variant_block_n /
-// wgmma_variant_warpgroups) where it applies: an sm_90a build on a compute-capability-9.0 device, head dim 40 (the
-// launcher falls back to the mma.sync kernels elsewhere, so one setting serves a whole model); 0: off, the mma.sync
-// kernels everywhere; unset or empty: variant 1 (64 keys x 2 warpgroups), which ran 1.10-1.15x faster than mma.sync
-// at every d 40 row of the H200 sweep of 2026-11-28 (0.727 vs 0.829 ms at L 4096, ng 2, bf16), unless an mma.sync
-// instance switch (JEDI_CUDA_FWD_ROW_BLOCKS / _STAGES) is set: an explicit request for an mma.sync instance wins over
-// the default.
+// wgmma_variant_warpgroups) where it applies: an sm_90a build on a compute-capability-9.0 device, head dim 40, 80 or
+// 160 with the variant compiled for it (set_attn::wgmma_variant_compiled; the launcher falls back to the mma.sync
+// kernels elsewhere, so one setting serves a whole model); 0: off, the mma.sync kernels everywhere; unset or empty:
+// variant 1 (64 keys x 2 warpgroups) at head dim 40, which ran 1.10-1.15x faster than mma.sync at every d 40 row of
+// the H200 sweep of 2026-11-28 (0.727 vs 0.829 ms at L 4096, ng 2, bf16), unless an mma.sync instance switch
+// (JEDI_CUDA_FWD_ROW_BLOCKS / _STAGES) is set: an explicit request for an mma.sync instance wins over the default.
+// Head dims 80 and 160 (added after that run, untimed) take it only when asked.
 constexpr int kDefaultWgmmaVariant = 1;
 bool env_set(const char* name) {
   const char* env = std::getenv(name);
   return env != nullptr && *env != '\0' && std::string(env) != "0";
 }
-int fwd_wgmma_from_env(const char* op) {
+int fwd_wgmma_from_env(int64_t D, const char* op) {
   const char* env = std::getenv("JEDI_CUDA_FWD_WGMMA");
   if (env == nullptr || *env == '\0')
-    return env_set("JEDI_CUDA_FWD_ROW_BLOCKS") || env_set("JEDI_CUDA_FWD_STAGES") ? 0 : kDefaultWgmmaVariant;
+    return D != 40 || env_set("JEDI_CUDA_FWD_ROW_BLOCKS") || env_set("JEDI_CUDA_FWD_STAGES") ? 0 : kDefaultWgmmaVariant;
   const std::string v(env);
   JEDI_CHECK(v == "0" || v == "1" || v == "2" || v == "3", op, ": JEDI_CUDA_FWD_WGMMA must be 0, 1, 2 or 3, got '", v,
              "'");
@@ -196,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
   p.lse = lse.data_ptr<float>();
   p.fwd_row_blocks = fwd_row_blocks_from_env(s.D, op);
   p.fwd_stages = fwd_stages_from_env(s.D, p.fwd_row_blocks, op);
-  p.fwd_wgmma = fwd_wgmma_from_env(op);
+  p.fwd_wgmma = fwd_wgmma_from_env(s.D, op);
   const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   JEDI_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};

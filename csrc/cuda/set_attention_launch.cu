@@ -91,9 +91,9 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
   // 32-bit offsets inside a key tile and 32-bit walk counters (set_attention_tiles.cuh; the glue copies tensors with
   // larger row strides)
   if (!key_tiles_fit(p, 192, 32)) return cudaErrorInvalidValue;
-  // the Hopper forward where it applies (an sm_90a build on a 9.0 device, head dim 40); elsewhere the request falls
-  // back to the mma.sync kernels, like the other instance switches
-  if (p.fwd_wgmma != 0 && set_attention_wgmma_runnable(p.D))
+  // the Hopper forward where it applies (an sm_90a build on a 9.0 device, head dim 40, 80 or 160 with the variant
+  // compiled for it); elsewhere the request falls back to the mma.sync kernels, like the other instance switches
+  if (p.fwd_wgmma != 0 && set_attention_wgmma_runnable(p.D) && wgmma_variant_compiled(p.D, p.fwd_wgmma))
     return run_fwd_wgmma(p, dtype, stream);
   return dtype == 0 ? dispatch_fwd<__half>(p, stream) : dispatch_fwd<__nv_bfloat16>(p, stream);
 }

@@ -1,7 +1,8 @@
 // Set-wise flash attention forward for Hopper (sm_90a): warpgroup MMAs (wgmma.mma_async) with the softmax of one key
 // tile overlapping the P V product of the previous one (FlashAttention-3's intra-warpgroup pipelining). Same
-// semantics, layouts, set structure, masks and outputs as set_attn_fwd_kernel (set_attention_kernels.cuh); opt-in
-// (JEDI_CUDA_FWD_WGMMA=1|2|3, the tile shapes) until a GPU run has timed it.
+// semantics, layouts, set structure, masks and outputs as set_attn_fwd_kernel (set_attention_kernels.cuh). Head dims 40
+// (the default on sm_90 since the H200 run of 2026-11-28: variant 1), 80 and 160 (opt-in, JEDI_CUDA_FWD_WGMMA=1|2|3,
+// the tile shapes, until a GPU run has timed them).
 //
 // Why: the mma.sync forward cannot keep the tensor cores busy while its exponentials run (ptxas serializes the two
 // inside a warp; the H100 measured 0.811 ms at d 40 against cuDNN's 0.603), and Triton 3.6 waits for every wgmma
@@ -81,6 +82,9 @@ __device__ __forceinline__ void wgmma_fence_operand(uint32_t& r) { asm volatile(
 #define JEDI_WGMMA_D24 JEDI_WGMMA_D8(0), JEDI_WGMMA_D8(8), JEDI_WGMMA_D8(16)
 #define JEDI_WGMMA_D32 JEDI_WGMMA_D24, JEDI_WGMMA_D8(24)
 #define JEDI_WGMMA_D64 JEDI_WGMMA_D32, JEDI_WGMMA_D8(32), JEDI_WGMMA_D8(40), JEDI_WGMMA_D8(48), JEDI_WGMMA_D8(56)
+#define JEDI_WGMMA_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define JEDI_WGMMA_D44 JEDI_WGMMA_D32, JEDI_WGMMA_D8(32), JEDI_WGMMA_D4(40)
+#define JEDI_WGMMA_D84 JEDI_WGMMA_D64, JEDI_WGMMA_D8(64), JEDI_WGMMA_D8(72), JEDI_WGMMA_D4(80)
 // The instructions, TY = "f16" or "bf16" (operands: d, then a-desc / a registers, b-desc, scale-d).
 #define JEDI_WGMMA_SS64(TY)                                                                                           \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                           \
@@ -108,6 +112,28 @@ __device__ __forceinline__ void wgmma_fence_operand(uint32_t& r) { asm volatile(
                "{%24, %25, %26, %27}, %28, p, 1, 1, 1;\n}\n"                                                          \
                : JEDI_WGMMA_D24                                                                                       \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d))
+// The P V products of head dims 80 and 160: the values, then the ones column (88 and 168 columns).
+#define JEDI_WGMMA_RS88(TY)                                                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %49, 0;\n"                                                           \
+               "wgmma.mma_async.sync.aligned.m64n88k16.f32." TY "." TY " {"                                           \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                     \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43}, "                                        \
+               "{%44, %45, %46, %47}, %48, p, 1, 1, 1;\n}\n"                                                          \
+               : JEDI_WGMMA_D44                                                                                       \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d))
+#define JEDI_WGMMA_RS168(TY)                                                                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %89, 0;\n"                                                           \
+               "wgmma.mma_async.sync.aligned.m64n168k16.f32." TY "." TY " {"                                          \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                     \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                     \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                     \
+               "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                     \
+               "%80, %81, %82, %83}, "                                                                                \
+               "{%84, %85, %86, %87}, %88, p, 1, 1, 1;\n}\n"                                                          \
+               : JEDI_WGMMA_D84                                                                                       \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d))
 
 // D (64 x N, f32) = A (64 x 16, shared, K-major) B (16 x N, shared, K-major) + (scale_d ? D : 0), one warpgroup.
 template <typename T, int N>
@@ -126,17 +152,25 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_
 // D (64 x N, f32) = A (64 x 16, registers) B (16 x N, shared, MN-major) + (scale_d ? D : 0), one warpgroup.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-  static_assert(N == 48, "wgmma_rs_bt: instantiated for N = 48");
+  static_assert(N == 48 || N == 88 || N == 168, "wgmma_rs_bt: instantiated for N = 48, 88 and 168");
 #if defined(JEDI_WGMMA_DEVICE)
-  if constexpr (std::is_same<T, __half>::value) JEDI_WGMMA_RS48("f16"); else JEDI_WGMMA_RS48("bf16");
+  constexpr bool kHalf = std::is_same<T, __half>::value;
+  if constexpr (N == 48) {
+    if constexpr (kHalf) JEDI_WGMMA_RS48("f16"); else JEDI_WGMMA_RS48("bf16");
+  } else if constexpr (N == 88) {
+    if constexpr (kHalf) JEDI_WGMMA_RS88("f16"); else JEDI_WGMMA_RS88("bf16");
+  } else {
+    if constexpr (kHalf) JEDI_WGMMA_RS168("f16"); else JEDI_WGMMA_RS168("bf16");
+  }
 #endif
 }
 #endif  // !JEDI_SET_ATTN_EMULATE
 
 // ---- the kernel ---------------------------------------------------------------------------------------------------
 // Instances: head dim 40 (the 5 joint layers of SD at 64x64): Q K^T over 48 columns (three k16 steps; columns 40-47
-// zero-filled), P V over 48 (wgmma n48: the 40 values, then the ones column that sums P's rows). kBlockN keys per
-// tile, kWG warpgroups of 64 query rows each per CTA.
+// zero-filled), P V over 48 (wgmma n48: the 40 values, then the ones column that sums P's rows); head dims 80 and 160
+// (SD's 32x32 and 16x16 layers): Q K^T over 80 / 160 columns as they are, P V over 88 / 168. kBlockN keys per tile,
+// kWG warpgroups of 64 query rows each per CTA.
 template <typename T, int kDk, int kDv, int kBlockN, int kWG>
 struct WgFwdTraits {
   using Elem = T;
@@ -153,15 +187,25 @@ struct WgFwdTraits {
   static constexpr int kKBytes = kDk / 8 * kKCS;
   static constexpr int kVBytes = kDo / 8 * kKCS;
   static constexpr int kSmemBytes = kQBytes + 2 * kKBytes + 2 * kVBytes;  // Q, two K stages, two V stages
-  static constexpr int kMinBlocks = kBlockN <= 64 && kWG <= 2 ? 2 : 1;
+  // two CTAs per SM (128 registers) only where the accumulators leave room: 64-key tiles at head dim 40
+  static constexpr int kMinBlocks = kBlockN <= 64 && kWG <= 2 && kDo <= 48 ? 2 : 1;
   static_assert(kDk % 16 == 0 && kDv % 8 == 0 && kDv <= kDk && kDk - kDv < 16, "head dims of one instance");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA on sm_90");
   static_assert(kBlockN == 64 || kBlockN == 128, "key tiles of 64 or 128");
   static_assert(kWG >= 1 && kWG <= 3, "one to three warpgroups");
 };
 
-// The head dims the wgmma forward serves (one instance: 40).
-JEDI_HD constexpr bool wgmma_fwd_head_dim(int64_t D) { return D == 40; }
-constexpr int kWgmmaDk = 48, kWgmmaDv = 40;
+// The head dims the wgmma forward serves, and the k16 extent of their Q K^T (40 -> 48, zero-filled; 80 and 160 as they
+// are). Head dim 40 runs it by default on sm_90 (set_attention_glue.cpp), 80 and 160 only when JEDI_CUDA_FWD_WGMMA asks.
+JEDI_HD constexpr bool wgmma_fwd_head_dim(int64_t D) { return D == 40 || D == 80 || D == 160; }
+JEDI_HD constexpr int wgmma_dk(int D) { return (D + 15) / 16 * 16; }
+// The variants compiled for a head dim: those sm_90a ptxas builds without spills (2026-11-28): at 40 all three, at 80
+// the two-warpgroup ones (three warpgroups spill 36 bytes at 168 registers), at 160 variant 1 (226-228 registers;
+// 128-key tiles spill 76 bytes at 255, and three warpgroups serialize their MMAs). Elsewhere the request falls back
+// to the mma.sync kernels, like the other instance switches.
+JEDI_HD constexpr bool wgmma_variant_compiled(int64_t D, int variant) {
+  return D == 40 ? variant >= 1 && variant <= 3 : D == 80 ? variant == 1 || variant == 2 : D == 160 && variant == 1;
+}
 // Forward variants (SetAttnParams::fwd_wgmma), keys per tile x warpgroups (64 query rows each) per CTA:
 //   1: 64 x 2 (two CTAs per SM: 128 registers), 2: 128 x 2 (one CTA per SM), 3: 128 x 3 (one CTA per SM).
 // Per 1024 scores the steady loop issues ~236 (1), ~184 (2), ~178 (3) sm_90a instructions inside an image (the tile
@@ -452,13 +496,13 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
 }
 
 #if !defined(JEDI_SET_ATTN_EMULATE)
-template <typename T, int kBlockN, int kWG>
+template <typename T, int kD, int kBlockN, int kWG>
 cudaError_t run_fwd_wgmma_instance(const SetAttnParams& p, cudaStream_t stream) {
-  using Tr = WgFwdTraits<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>;
+  using Tr = WgFwdTraits<T, wgmma_dk(kD), kD, kBlockN, kWG>;
   if (!key_tiles_fit(p, 192, 64)) return cudaErrorInvalidValue;  // 32-bit offsets and walk counters
   const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_fwd_wgmma_kernel<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>;
+  auto kernel = set_attn_fwd_wgmma_kernel<T, wgmma_dk(kD), kD, kBlockN, kWG>;
   if (Tr::kSmemBytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
     if (e != cudaSuccess) return e;
@@ -466,6 +510,23 @@ cudaError_t run_fwd_wgmma_instance(const SetAttnParams& p, cudaStream_t stream) 
   kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
            Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Head dim kD's instances, by variant (p.fwd_wgmma) and dtype (0 = float16, 1 = bfloat16); explicitly instantiated in
+// set_attention_fwd_wgmma_hdim<kD>.cu.
+template <int kD>
+cudaError_t run_fwd_wgmma_hdim(const SetAttnParams& p, int dtype, cudaStream_t stream) {
+  auto run = [&](auto elem) -> cudaError_t {
+    using T = decltype(elem);
+    if constexpr (wgmma_variant_compiled(kD, 1))
+      if (p.fwd_wgmma == 1) return run_fwd_wgmma_instance<T, kD, 64, 2>(p, stream);
+    if constexpr (wgmma_variant_compiled(kD, 2))
+      if (p.fwd_wgmma == 2) return run_fwd_wgmma_instance<T, kD, 128, 2>(p, stream);
+    if constexpr (wgmma_variant_compiled(kD, 3))
+      if (p.fwd_wgmma == 3) return run_fwd_wgmma_instance<T, kD, 128, 3>(p, stream);
+    return cudaErrorInvalidValue;
+  };
+  return dtype == 0 ? run(__half{}) : run(__nv_bfloat16{});
 }
 #endif
 

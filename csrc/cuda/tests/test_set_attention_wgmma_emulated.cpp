@@ -33,10 +33,10 @@ struct Case {
   bool cp_late, wgmma_late;
 };
 
-template <typename T, int kBlockN, int kWG = 2>
+template <typename T, int kBlockN, int kWG = 2, int kD = 40>
 void run_case(const Case& c) {
   const auto t0 = std::chrono::steady_clock::now();
-  constexpr int64_t D = 40;
+  constexpr int64_t D = kD;
   const int64_t B = c.B, G = c.G, L = c.L, H = c.H, HD = H * D, N = B * G, S = G * L;
   const float scale = c.scale != 0.f ? c.scale : 1.f / std::sqrt(static_cast<float>(D));
   std::mt19937 rng(static_cast<uint32_t>(B * 7 + G * 131 + L * 17 + c.mask * 11 + c.layout + kBlockN));
@@ -51,10 +51,10 @@ void run_case(const Case& c) {
   jedi_emu::g_wgmma_at_wait = c.wgmma_late;
   const jedi::SetAttnParams p = in.fwd_params(out.data(), lse.data(), mask, B, G, L, H, D, scale);
 
-  using Tr = WgFwdTraits<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>;
+  using Tr = WgFwdTraits<T, wgmma_dk(kD), kD, kBlockN, kWG>;
   const Grid3 g = fwd_grid(B, G, L, H, Tr::kBlockM);
   jedi_emu::launch(EmuDim3{unsigned(g.x), unsigned(g.y), unsigned(g.z)}, Tr::kThreads, Tr::kSmemBytes,
-                   [&] { set_attn_fwd_wgmma_kernel<T, kWgmmaDk, kWgmmaDv, kBlockN, kWG>(p); });
+                   [&] { set_attn_fwd_wgmma_kernel<T, wgmma_dk(kD), kD, kBlockN, kWG>(p); });
 
   const jedi_test::AttnRef r = jedi_test::attention_reference(B, G, L, H, D, scale, in.qf, in.kf, in.vf, dof, mask);
   std::vector<double> out_d(out.n), lse_d(lse.data(), lse.data() + lse.n);
@@ -65,10 +65,10 @@ void run_case(const Case& c) {
   const bool canaries = out.canaries_ok(kCanary16) && lse.canaries_ok(1234.5f) && in.qkv.canaries_ok(kCanary16);
   const bool ok = canaries && eo.nonfinite == 0 && el.nonfinite == 0 && eo.max_err <= lim_o && el.max_err <= lim_l;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%s wgmma fwd keys/tile=%d warpgroups=%d %s B=%lld G=%lld L=%lld H=%lld mask=%d layout=%d "
+  std::printf("%s wgmma fwd D=%d keys/tile=%d warpgroups=%d %s B=%lld G=%lld L=%lld H=%lld mask=%d layout=%d "
               "scale=%.3f cp.async %s wgmma %s (%.1fs): out %.1e/%.0e (%lld nonfinite) lse %.1e/%.0e "
               "(%lld nonfinite)%s\n",
-              ok ? "PASS" : "FAIL", kBlockN, kWG, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L,
+              ok ? "PASS" : "FAIL", kD, kBlockN, kWG, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L,
               (long long)H, c.mask, c.layout, scale, c.cp_late ? "late" : "early",
               c.wgmma_late ? "at wait" : "at issue",
               secs, eo.max_err, lim_o, (long long)eo.nonfinite, el.max_err, lim_l, (long long)el.nonfinite,
@@ -96,6 +96,12 @@ int main(int argc, char** argv) {
   run_case<__nv_bfloat16, 128, 3>({1, 3, 70, 2, 2, 2, -3.f, false, true});
   run_case<__nv_bfloat16, 64>({1, 3, 150, 1, 2, 3, 0.f, true, true});    // three tiles per image, one allowed skipped
   run_case<__half, 128>({2, 2, 300, 1, 0, 3, 0.f, false, true});
+  // head dims 80 and 160 (Q K^T over 5 / 10 k16 steps, P V over 88 / 168 columns): the variants compiled for them
+  // (wgmma_variant_compiled)
+  run_case<__nv_bfloat16, 64, 2, 80>({1, 2, 97, 2, 2, 1, 0.f, true, true});
+  run_case<__half, 128, 2, 80>({1, 3, 70, 1, 0, 3, -0.5f, false, true});
+  run_case<__half, 64, 2, 160>({1, 2, 33, 1, 0, 2, 0.f, true, false});
+  run_case<__nv_bfloat16, 64, 2, 160>({1, 2, 150, 1, 3, 1, 2.f, true, true});
   if (!quick) {
     run_case<__nv_bfloat16, 64>({2, 2, 64, 1, 3, 0, 0.f, true, true});   // whole tiles only
     run_case<__half, 128>({1, 2, 130, 1, 2, 1, 0.f, false, true});       // two query tiles, a one-row tail
