@@ -27,8 +27,9 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +fuse_ff            each feed-forward's projection + GEGLU as one Triton kernel (jedi_kernels.linear_geglu; opt-in
                         in optimize() until this rung measures it; on +cudnn_benchmark)
     +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each on +cudnn_benchmark)
-    +attn=cuda_wgmma    the CUDA kernel with the Hopper forward (JEDI_CUDA_FWD_WGMMA, variant WGMMA_VARIANT) at the
-                        d 40 layers (compute capability 9.0 only)
+    +attn=cuda_wgmma    the CUDA kernel with the Hopper forward (JEDI_CUDA_FWD_WGMMA, variant WGMMA_VARIANT) at every
+                        joint layer (d 40, 80, 160; compute capability 9.0 only); +attn=cuda runs it at d 40 only,
+                        the CUDA default there
     +attn=triton_gluon  the Triton kernel with the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, config GLUON_VARIANT)
                         at the d 40 and d 80 layers (compute capability 9.0 only)
     +attn=triton_gluon_ws  the same with its warp-specialized config (5)
