@@ -424,7 +424,7 @@ def main(argv=None) -> int:
             cfg = sa._FWD_CONFIGS[sa._dclass(D0, D1, None)][0]
             per_warp = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] / cfg.num_warps
             tri = loop_mix(compile_fwd(D, args.arch, SCALE_POS=True, ROWSUM_DOT=D <= 64))
-            rows = [("triton", *tri, tri[1], tri[1], per_warp)]
+            rows = [("triton", *tri, tri[1], tri[1], tri[1], per_warp)]
             for stages in (1, 2):
                 for rb in (1, 2):
                     try:
@@ -435,13 +435,14 @@ def main(argv=None) -> int:
                     # rows per warp)
                     keys = 64 if stages == 1 else 2 * (32 if rb == 2 else 64)
                     rows.append((f"cuda {16 * rb}r{' 2st' if stages == 2 else ''}", *sass_loop_mix(sass),
-                                 full_tile_count(sass), full_tile_count(sass, skip_rescale=True), 16 * rb * keys))
-            for name, ops, n, full, steady, elems in rows:
+                                 full_tile_count(sass), full_tile_count(sass, skip_rescale=True),
+                                 full_tile_count(sass, skip_rescale=True, skip_image_change=True), 16 * rb * keys))
+            for name, ops, n, full, steady, inside, elems in rows:
                 k = 1024 / elems
                 fp32 = sum(ops[o] for o in FP32_PIPE)
                 mma = ops["HGMMA"] + ops["HMMA"]
                 print(f"  D={D:3d} {name:10s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
-                      f"without rescale {steady * k:4.0f})  "
+                      f"without rescale {steady * k:4.0f}, inside an image {inside * k:4.0f})  "
                       f"MUFU {ops['MUFU'] * k:5.0f}  "
                       f"FP32 {fp32 * k:5.0f}  MMA {mma * k:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "
                       f"SHFL {ops['SHFL'] * k:4.0f}  LDSM {ops['LDSM'] * k:4.0f}  BAR {ops['BAR'] * k:3.0f}")
