@@ -81,8 +81,7 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", config=
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
              if sig[p.name].startswith("*") or (p.name.startswith("stride") and p.name not in odd_ints)}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                       **({"maxnreg": cfg.maxnreg} if getattr(cfg, "maxnreg", None) else {})})
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     return compiled, cfg
 
 

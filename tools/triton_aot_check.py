@@ -197,14 +197,12 @@ def _variants(rec: dict, all_configs: bool) -> list[dict]:
             a["EVEN_N"] = {"value": True}
         if "EVEN_M" in a:
             a["EVEN_M"] = {"value": True}
-        out.append(dict(rec, args=a, num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=dclass,
-                        maxnreg=getattr(cfg, "maxnreg", None)))
+        out.append(dict(rec, args=a, num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=dclass))
     return out
 
 
 def _key(rec: dict) -> str:
-    return json.dumps([rec["module"], rec["name"], rec["args"], rec["num_warps"], rec["num_stages"],
-                       rec.get("maxnreg")], sort_keys=True)
+    return json.dumps([rec["module"], rec["name"], rec["args"], rec["num_warps"], rec["num_stages"]], sort_keys=True)
 
 
 def _resource_usage(ptx: str, arch: int) -> dict:
@@ -260,8 +258,7 @@ def _compile(rec: dict, arch: int) -> dict:
                                                        signature[p.name] in ("i32", "i64"))}
     t0 = time.perf_counter()
     k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
-                                **({"maxnreg": rec["maxnreg"]} if rec.get("maxnreg") else {})})
+                       options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
     info = {"compile_s": round(time.perf_counter() - t0, 2), "shared": k.metadata.shared}
     info.update(_resource_usage(k.asm["ptx"], arch))
     return info
@@ -299,16 +296,13 @@ def main(argv=None) -> int:
             consts = {k: _val(a) for k, a in rec["args"].items()
                       if k.isupper() and k not in ("H", "G", "L", "C", "HW", "R", "F", "P", "M", "K")}
             row = {"arch": arch, "kernel": rec["name"], "num_warps": rec["num_warps"], "num_stages": rec["num_stages"],
-                   "maxnreg": rec.get("maxnreg"),
                    "dtype": next((a["ptr"] for a in rec["args"].values() if "ptr" in a), None), "constexprs": consts}
             try:
                 row.update(_compile(rec, arch))
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 failed += 1
-            # (a config with a register cap, maxnreg, trades spills for occupancy on purpose: reported, not failed)
-            spilled += (bool(row.get("spills")) and arch == 90 and row["dtype"] in ("fp16", "bf16")
-                        and not rec.get("maxnreg"))
+            spilled += bool(row.get("spills")) and arch == 90 and row["dtype"] in ("fp16", "bf16")
             if "shared" in row and row["shared"] > SMEM_LIMIT.get(arch, 101376):
                 row["error"] = f"shared memory {row['shared']} B > {SMEM_LIMIT.get(arch, 101376)} B, the sm_{arch} limit"
                 failed += 1

@@ -657,10 +657,8 @@ def head_dim_chunks(D: int, chunk: Optional[bool] = None) -> tuple[int, int]:
     return d0, max(16, _next_pow2(D - d0))
 
 
-def _cfg(bm, bn, w, s, maxnreg=None):
-    """An autotune config: BLOCK_M x BLOCK_N tiles over w warps, s pipeline stages, and optionally a register cap per
-    thread (``maxnreg``: more programs per SM at the price of some spills)."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=maxnreg)
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
 def _rowsum_dot(width: int, dtype: torch.dtype) -> bool:
@@ -713,12 +711,7 @@ _FWD_CONFIGS = {
     # instruction cost (sm_90 bf16, SASS loop instructions per 1024 scores / warps per SM): 128x64 w4 258 / 8,
     # 128x128 w8 232 / 8, 64x64 w4 298 / 16, 128x64 w8 299 / 16 (128 registers), 64x128 w4 s2 233 / 12 (164
     # registers, 72 KB); the autotuner times them (autotune_log; benchmarks/README.md, "Address arithmetic")
-    # The last: the default capped at 168 registers, three CTAs (12 warps) per SM instead of two. The H200's profile
-    # (2026-11-28) had the CUDA wgmma forward's time follow its warps per SM sub-partition (4: 0.727 ms, 3: 0.830,
-    # 2: 0.946) rather than its instruction count; capped, this loop issues 280 instead of 260 sm_90 instructions per
-    # 1024 scores (4 spill reloads a tile; CPU compile), and the autotuner decides
-    "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 2),
-            _cfg(128, 64, 4, 3, maxnreg=168)],
+    "d64": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 2)],
     # d 80: 8 warps over 128 x 128 issue 302 instead of 330 instructions per 1024 scores per warp at 197 registers,
     # but 128 x 64 over 8 warps ran 1.21-1.27x faster on the H100 at ng 2-8 (2026-11-27, third run; a tie at ng 1),
     # so it leads; 4 warps over 128 x 64 take 240 registers on sm_90 and spill 80 B on sm_80
@@ -792,10 +785,9 @@ _TUNE_LOG: list[dict] = []
 
 
 def _config_name(cfg) -> str:
-    """A tuning config as one short string: ``BLOCK_MxBLOCK_N wW sS`` (`` rN`` with a register cap)."""
+    """A tuning config as one short string: ``BLOCK_MxBLOCK_N wW sS``."""
     kw = cfg.kwargs
-    cap = f" r{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else ""
-    return f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} w{cfg.num_warps} s{cfg.num_stages}{cap}"
+    return f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def _note_tuning(kind: str, dclass: str, tuner, n_before: int, timings_before) -> None:

@@ -392,16 +392,6 @@ def test_autotuned_launch_path(monkeypatch):
         sa._tuned.cache_clear()
 
 
-def test_config_names_tell_register_caps_apart():
-    """The autotune log and the sweep key their timings by config name: a register-capped twin of a config needs a
-    name of its own."""
-    assert sa._config_name(sa._cfg(128, 64, 4, 3)) == "128x64 w4 s3"
-    assert sa._config_name(sa._cfg(128, 64, 4, 3, maxnreg=168)) == "128x64 w4 s3 r168"
-    per_list = [[sa._config_name(c) for c in configs] for table in (sa._FWD_CONFIGS, sa._DKDV_CONFIGS, sa._DQ_CONFIGS)
-                for configs in table.values()]
-    assert per_list and all(len(set(names)) == len(names) for names in per_list)
-
-
 @pytest.mark.parametrize("D, chunk", [(40, False), (80, False), (40, True), (24, True)])
 def test_non_default_head_dim_variant(D, chunk):
     """The variants the chunked-vs-padded benchmark times besides each default are correct too: padding at d 80
