@@ -44,7 +44,9 @@ def compile_kernel(kind: str, D: int, arch: int, *, dtype: str = "bf16", config=
     """(compiled kernel, its config) of the Triton set-attention kernel ``kind`` ("fwd", "dkdv", "dq") for head dim D
     with its class's default GPU config (or ``config``: a triton.Config); ``switches`` override constexprs. Pointers
     and strides get Triton's divisibility-by-16 specialization, except the int arguments named in ``odd_ints``
-    (values a launch would not see divisible by 16)."""
+    (values a launch would not see divisible by 16). The head dim is always split into chunks (D0, D1): at D <= 64 the
+    production forward pads instead (``_FWD_PAD_UP_TO``; pass ``D0=64, D1=16, HAS_D1=False`` for it at d 40: 254
+    registers where the chunked kernel takes 182)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
