@@ -195,8 +195,9 @@ struct WgFwdTraits {
   static_assert(kWG >= 1 && kWG <= 3, "one to three warpgroups");
 };
 
-// The head dims the wgmma forward serves, and the k16 extent of their Q K^T (40 -> 48, zero-filled; 80 and 160 as they
-// are). Head dim 40 runs it by default on sm_90 (set_attention_glue.cpp), 80 and 160 only when JEDI_CUDA_FWD_WGMMA asks.
+// The head dims the wgmma forward serves, and the k16 extent of their Q K^T (40 -> 48, zero-filled; 80 and 160 as
+// they are). Head dim 40 runs it by default on sm_90 (set_attention_glue.cpp), 80 and 160 only when
+// JEDI_CUDA_FWD_WGMMA asks.
 JEDI_HD constexpr bool wgmma_fwd_head_dim(int64_t D) { return D == 40 || D == 80 || D == 160; }
 JEDI_HD constexpr int wgmma_dk(int D) { return (D + 15) / 16 * 16; }
 // The variants compiled for a head dim: those sm_90a ptxas builds without spills (2026-11-28): at 40 all three, at 80
@@ -334,8 +335,8 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
   auto issue_qk = [&](int st) {
 #pragma unroll
     for (int s = 0; s < Tr::kQKSteps; ++s) {
-      wgmma_ss<T, kBlockN>(acc_s, dQ + ((2 * s * Tr::kQCS) >> 4), dK + st * (Tr::kKBytes >> 4) + ((2 * s * Tr::kKCS) >> 4),
-                           s > 0 ? 1 : 0);
+      wgmma_ss<T, kBlockN>(acc_s, dQ + ((2 * s * Tr::kQCS) >> 4),
+                           dK + st * (Tr::kKBytes >> 4) + ((2 * s * Tr::kKCS) >> 4), s > 0 ? 1 : 0);
     }
     wgmma_commit();
   };
