@@ -341,9 +341,10 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
   }
   fp.fwd_row_blocks = 0;
   fp.fwd_stages = 0;
-  // the Hopper forward's variants where it runs
+  // the Hopper forward's variants where it runs (those compiled for the head dim: the others fall back to mma.sync)
   if (jedi::set_attention_wgmma_runnable(D)) {
     for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v) {
+      if (!jedi::set_attn::wgmma_variant_compiled(D, v)) continue;
       fp.fwd_wgmma = v;
       char buf[80];
       std::snprintf(buf, sizeof(buf), "  fwd[wgmma %d keys x %d warpgroups] %.3f ms",
@@ -416,9 +417,10 @@ int main(int argc, char** argv) {
       if (jedi::set_attn::bwd_has_warps(kD, 1, 8))  // the other backward CTA shape (4 or 8 warps)
         cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 1, 0,
                              jedi::set_attn::bwd_default_warps(kD) == 8 ? 4 : 8});
-      if (jedi::set_attention_wgmma_runnable(D))  // the Hopper forward's variants (sm_90a build, 9.0 device, D 40)
-        for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v)
-          cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 0, 0, 0, v});
+      if (jedi::set_attention_wgmma_runnable(D))  // the Hopper forward's variants (sm_90a build, 9.0 device, D 40,
+        for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v)  // 80 or 160: those compiled for it)
+          if (jedi::set_attn::wgmma_variant_compiled(D, v))
+            cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 0, 0, 0, v});
     }
   };
   if (quick) {
