@@ -218,9 +218,9 @@ JEDI_HD constexpr int wgmma_variant_block_n(int variant) { return variant == 1 ?
 JEDI_HD constexpr int wgmma_variant_warpgroups(int variant) { return variant == 3 ? 3 : 2; }
 
 // Rows [row0, row0 + kRows) x columns [0, 8 kChunks) of one head of one image into a chunk-major tile (see the
-// header comment); rows >= L and columns >= D are zero-filled, so padded keys/values contribute exact zeros. Offsets
-// inside the tile are 32-bit (the launcher checks kRows * stride_l fits): per chunk an IMAD, a 64-bit LEA pair, a
-// compare and the copy; the tile's first row (`gt`) is computed once per tile.
+// header comment); rows >= L and columns >= D are zero-filled. Used for the CTA's Q tile, loaded once; key tiles go through
+// TileCopyPlan (set_attention_tiles.cuh), which does this per-chunk arithmetic once per CTA instead of per tile.
+// Offsets inside the tile are 32-bit (the launcher checks kRows * stride_l fits).
 template <typename T, int kRows, int kChunks, int kThreads>
 __device__ __forceinline__ void wg_load_tile(unsigned char* s, const T* gt, int stride_l, int rows_in, int D,
                                              int tid) {
@@ -500,7 +500,6 @@ __global__ void __launch_bounds__(WgFwdTraits<T, kDk, kDv, kBlockN, kWG>::kThrea
 template <typename T, int kD, int kBlockN, int kWG>
 cudaError_t run_fwd_wgmma_instance(const SetAttnParams& p, cudaStream_t stream) {
   using Tr = WgFwdTraits<T, wgmma_dk(kD), kD, kBlockN, kWG>;
-  if (!key_tiles_fit(p, 192, 64)) return cudaErrorInvalidValue;  // 32-bit offsets and walk counters
   const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
   auto kernel = set_attn_fwd_wgmma_kernel<T, wgmma_dk(kD), kD, kBlockN, kWG>;
