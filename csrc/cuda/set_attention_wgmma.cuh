@@ -218,9 +218,9 @@ JEDI_HD constexpr int wgmma_variant_block_n(int variant) { return variant == 1 ?
 JEDI_HD constexpr int wgmma_variant_warpgroups(int variant) { return variant == 3 ? 3 : 2; }
 
 // Rows [row0, row0 + kRows) x columns [0, 8 kChunks) of one head of one image into a chunk-major tile (see the
-// header comment); rows >= L and columns >= D are zero-filled. Used for the CTA's Q tile, loaded once; key tiles go through
-// TileCopyPlan (set_attention_tiles.cuh), which does this per-chunk arithmetic once per CTA instead of per tile.
-// Offsets inside the tile are 32-bit (the launcher checks kRows * stride_l fits).
+// header comment); rows >= L and columns >= D are zero-filled. Used for the CTA's Q tile, loaded once; key tiles go
+// through TileCopyPlan (set_attention_tiles.cuh), which does this per-chunk arithmetic once per CTA instead of per
+// tile. Offsets inside the tile are 32-bit (the launcher checks kRows * stride_l fits).
 template <typename T, int kRows, int kChunks, int kThreads>
 __device__ __forceinline__ void wg_load_tile(unsigned char* s, const T* gt, int stride_l, int rows_in, int D,
                                              int tid) {
