@@ -263,7 +263,8 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
     (l1 = l2 cancels eps1; a single scale of 1 leaves eps_full alone), see :func:`guidance_branches`.
 
     Args:
-        unet: ``unet(x_t, t, context, *, x0, ng_mask, set_size, set_mask) -> eps`` (JeDiUNet).
+        unet: ``unet(x_t, t, context, *, x0, ng_mask, set_size, set_mask, out_positions) -> eps`` (JeDiUNet),
+            returning the eps of the images at ``out_positions`` (the K targets, ``range(R, G)``) of each set.
         refs_latents: (R, C, h, w) references shared by all sets, or (B, R, C, h, w) per set (1 broadcasts);
             VAE latents (scaled by 0.18215), float. Never modified.
         context: (B, M, D) text embedding per set (B prompts); its dtype/device are the UNet's input's.
@@ -324,15 +325,18 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
     ctx = torch.stack([context if keep_txt else null_context for keep_txt, _ in branches])  # (nb, B, M, D)
     ctx_all = ctx.unsqueeze(2).expand(nb, B, G, M, D).reshape(nb * B * G, M, D)
     ng_mask = torch.tensor([False] * R + [True] * K, device=dev).repeat(nb * B)  # (N,)
+    targets = tuple(range(R, G))  # positions of the targets in each set
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t0 = t[:1]
         xt_ref = schedule.q_sample(refs_flat, t0.expand(B * R), ref_noise).view(B, R, C, h, w)
         xt_set = torch.cat([xt_ref, x_t.view(B, K, C, h, w)], dim=1)  # (B, G, C, h, w)
         xt_all = xt_set.unsqueeze(0).expand(nb, B, G, C, h, w).reshape(nb * B * G, C, h, w)
+        # out_positions: the UNet runs the references only as far as its last joint attention needs them and
+        # returns the targets' eps alone (nb * B * K images, set-major)
         eps = unet(xt_all, t0.expand(nb * B * G), ctx_all, x0=x0_all, ng_mask=ng_mask, set_size=G,
-                   set_mask=set_mask)
-        eps = eps.view(nb, B, G, C, h, w)[:, :, R:].reshape(nb, B * K, C, h, w)  # the targets only
+                   set_mask=set_mask, out_positions=targets)
+        eps = eps.view(nb, B * K, C, h, w)
         if nb == 1:
             return eps[0]
         if nb == 2:

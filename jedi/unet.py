@@ -52,6 +52,7 @@ __all__ = [
     "Block",
     "ContextKV",
     "TimeEmb",
+    "Keep",
     "timestep_embedding",
 ]
 
@@ -189,6 +190,51 @@ class TimeEmb(NamedTuple):
     emb: torch.Tensor
     shifts: tuple
     skip_biases: tuple = ()  # skip conv bias + conv2 bias per block with a 1x1 skip conv, all from one _foreach_add
+
+
+class _Taken:
+    """A read-only sequence that takes the kept images of ``seq[i]`` when entry i is read (None stays None): the
+    per-block entries of a :class:`TimeEmb` or :class:`ContextKV` are sliced only for the blocks that still run."""
+
+    def __init__(self, seq, take):
+        self.seq, self.take = seq, take
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def __getitem__(self, i):
+        t = self.seq[i]
+        return None if t is None else self.take(t)
+
+
+class Keep:
+    """The images a forward returns outputs for (``JeDiUNet.forward(out_positions=...)``): the same positions in
+    every set of ``set_size`` images. The forward runs every image up to its last joint self-attention (whose keys
+    and values need them all) and only these images after it; ``take*`` select them from per-image inputs.
+
+    Args:
+        set_size: G.
+        positions: K strictly increasing positions in [0, G), K < G.
+    """
+
+    def __init__(self, set_size: int, positions: tuple[int, ...]):
+        self.set_size, self.positions = set_size, tuple(positions)
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """(B*G, ...) -> (B*K, ...) in t's memory format; None stays None."""
+        return None if t is None else jk.take_set_positions(t, self.set_size, self.positions)
+
+    def take_emb(self, emb):
+        """The time embedding (a tensor or a :class:`TimeEmb`, whose per-block shifts are taken when read)."""
+        if isinstance(emb, TimeEmb):
+            return TimeEmb(self.take(emb.emb), _Taken(emb.shifts, self.take), emb.skip_biases)
+        return self.take(emb)
+
+    def take_context(self, context):
+        """The context (a tensor or a :class:`ContextKV`, whose per-block keys/values are taken when read)."""
+        if isinstance(context, ContextKV):
+            return ContextKV(self.take(context.context), _Taken(context.kv, self.take))
+        return self.take(context)
 
 
 class ResBlock(nn.Module):
@@ -420,14 +466,26 @@ class TransformerBlock(nn.Module):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def forward(self, x, context, set_size: int, set_mask=None, extra_context=None):
+    def _attn1(self, h, set_size: int, set_mask, keep: Keep | None):
+        if keep is None:
+            return self.attn1(h, set_size, set_mask)
+        return self.attn1(h, set_size, set_mask, q_positions=keep.positions)
+
+    def forward(self, x, context, set_size: int, set_mask=None, extra_context=None, keep: Keep | None = None):
+        """``keep``: only those images' outputs (see :class:`Keep`): attn1's queries and everything after it run
+        on them, its keys and values on every image. Returns (B*K, L, C) then."""
+        if keep is not None:
+            context, extra_context = keep.take_context(context), keep.take(extra_context)
         if self._run_fused_ln(x):
             n1, n2, n3, be = self.norm1, self.norm2, self.norm3, self.ln_backend
             _, h = jk.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps, backend=be)
-            x, h = jk.add_layer_norm(x, self.attn1(h, set_size, set_mask), n2.weight, n2.bias, n2.eps, backend=be)
+            a = self._attn1(h, set_size, set_mask, keep)
+            x = x if keep is None else keep.take(x)
+            x, h = jk.add_layer_norm(x, a, n2.weight, n2.bias, n2.eps, backend=be)
             x, h = jk.add_layer_norm(x, self.attn2(h, context, extra_context), n3.weight, n3.bias, n3.eps, backend=be)
             return x + self.ff(h)
-        x = x + self.attn1(self.norm1(x), set_size, set_mask)
+        a = self._attn1(self.norm1(x), set_size, set_mask, keep)
+        x = (x if keep is None else keep.take(x)) + a
         x = x + self.attn2(self.norm2(x), context, extra_context)
         return x + self.ff(self.norm3(x))
 
@@ -459,25 +517,39 @@ class SpatialTransformer(nn.Module):
 
     fold_bias: bool = False  # channels-last: proj_in/proj_out as GEMMs with the bias in the epilogue (set_fused_ops)
 
-    def forward(self, x, context, set_size: int, set_mask=None, extra_context=None):
-        N, _, h, w = x.shape
+    def _blocks(self, t, context, set_size: int, set_mask, extra_context, keep: Keep | None):
+        last = len(self.transformer_blocks) - 1
+        for i, block in enumerate(self.transformer_blocks):
+            if keep is not None and i == last:  # the last joint attention: only the kept images go on
+                t = block(t, context, set_size, set_mask, extra_context, keep=keep)
+            else:
+                t = block(t, context, set_size, set_mask, extra_context)
+        if keep is not None and last < 0:  # no transformer block at all: select before proj_out
+            t = keep.take(t)
+        return t
+
+    def forward(self, x, context, set_size: int, set_mask=None, extra_context=None, keep: Keep | None = None):
+        """``keep``: the last transformer block's attn1 queries and everything after it run on those images only
+        (see :class:`Keep`); returns (B*K, C, h, w) then."""
+        _, _, h, w = x.shape
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         t = self.norm(x)
+        if keep is not None:
+            x = keep.take(x)  # the residual of the kept images (in x's memory format)
+        N = x.shape[0]
         if (self.fold_bias and channels_last and not self.linear and _foldable(self.proj_in)
                 and _foldable(self.proj_out) and _is_pointwise(self.proj_out)):
             # the 1x1 convs as GEMMs over the tokens, biases in their epilogues (see _pointwise)
-            t = _pointwise(self.proj_in, t, self.proj_in.bias).permute(0, 2, 3, 1).reshape(N, h * w, -1)
-            for block in self.transformer_blocks:
-                t = block(t, context, set_size, set_mask, extra_context)
+            t = _pointwise(self.proj_in, t, self.proj_in.bias).permute(0, 2, 3, 1).reshape(t.shape[0], h * w, -1)
+            t = self._blocks(t, context, set_size, set_mask, extra_context, keep)
             w_out = self.proj_out.weight.reshape(self.proj_out.out_channels, -1)
             return x + F.linear(t, w_out, self.proj_out.bias).view(N, h, w, -1).permute(0, 3, 1, 2)
         if not self.linear:
             t = self.proj_in(t)
-        t = t.permute(0, 2, 3, 1).reshape(N, h * w, -1)  # (N, C, h, w) -> (N, L, C); free when channels-last
+        t = t.permute(0, 2, 3, 1).reshape(t.shape[0], h * w, -1)  # (N, C, h, w) -> (N, L, C); free when channels-last
         if self.linear:
             t = self.proj_in(t)
-        for block in self.transformer_blocks:
-            t = block(t, context, set_size, set_mask, extra_context)
+        t = self._blocks(t, context, set_size, set_mask, extra_context, keep)
         if self.linear:
             t = self.proj_out(t)
         t = t.view(N, h, w, -1).permute(0, 3, 1, 2)  # (N, L, C) -> (N, C, h, w), a channels-last view
@@ -494,12 +566,24 @@ class Block(nn.ModuleList):
     -> (N, C', h', w').
     """
 
-    def forward(self, x, emb, context, set_size: int, set_mask=None, extra_context=None):
-        for layer in self:
+    def forward(self, x, emb, context, set_size: int, set_mask=None, extra_context=None, keep: Keep | None = None):
+        """``keep``: this block holds the model's last joint attention (its last SpatialTransformer's); from there on
+        only those images run (see :class:`Keep`)."""
+        last = -1
+        if keep is not None:
+            for i, layer in enumerate(self):
+                if isinstance(layer, SpatialTransformer):
+                    last = i
+        for i, layer in enumerate(self):
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, set_size, set_mask, extra_context)
+                if keep is not None and i == last:
+                    x = layer(x, context, set_size, set_mask, extra_context, keep=keep)
+                    emb, context = keep.take_emb(emb), keep.take_context(context)
+                    extra_context = keep.take(extra_context)
+                else:
+                    x = layer(x, context, set_size, set_mask, extra_context)
             else:
                 x = layer(x)
         return x
@@ -691,10 +775,18 @@ class JeDiUNet(nn.Module):
         """Store activations again (the default)."""
         self.gradient_checkpointing = False
 
-    def _run(self, block: Block, h, emb, context, set_size, set_mask, extra_context):
+    def _run(self, block: Block, h, emb, context, set_size, set_mask, extra_context, keep=None):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, set_size, set_mask, extra_context, use_reentrant=False)
-        return block(h, emb, context, set_size, set_mask, extra_context)
+            return checkpoint(block, h, emb, context, set_size, set_mask, extra_context, keep, use_reentrant=False)
+        return block(h, emb, context, set_size, set_mask, extra_context, keep)
+
+    def _last_attention_block(self) -> Block:
+        """The block (in forward order) holding the last joint self-attention: the middle block at least."""
+        last = self.middle_block
+        for block in [*self.input_blocks, self.middle_block, *self.output_blocks]:
+            if any(isinstance(layer, SpatialTransformer) for layer in block):
+                last = block
+        return last
 
     # ---- forward ---------------------------------------------------------------------------------------------------
     def _check(self, x_t, timesteps, context, x0, ng_mask, set_size, extra_context) -> tuple[torch.Tensor, int]:
@@ -752,7 +844,7 @@ class JeDiUNet(nn.Module):
         return timesteps.reshape(-1).expand(N), set_size
 
     def forward(self, x_t, timesteps, context, *, x0=None, ng_mask=None, set_size: int | None = None, set_mask=None,
-                extra_context=None):
+                extra_context=None, out_positions=None):
         """Predict the noise of every image of every set, attending jointly within each set.
 
         Args:
@@ -769,16 +861,31 @@ class JeDiUNet(nn.Module):
             set_mask: optional bool (G, G); ``set_mask[i, j]`` lets image i attend image j. None = full joint.
             extra_context: optional (N, T, extra_context_dim) extra tokens every cross-attention also attends to
                 (ELITE-like local mapping; needs ``UNetConfig.extra_context_dim``). None: the text alone.
+            out_positions: optional positions within each set (strictly increasing ints in [0, set_size), e.g.
+                ``range(R, G)`` for the targets after R references) whose eps to return. Every image runs up to the
+                last joint self-attention, whose keys and values need them all; its queries and everything after it
+                run on these images only (JeDi's sampler uses the targets' eps alone). The result equals the
+                full forward's eps at those positions. None (or every position): all images.
 
         Returns:
-            eps: (N, C, h, w) in x_t's dtype (the UNet computes in its parameters' dtype, or under autocast).
+            eps: (N, C, h, w) in x_t's dtype (the UNet computes in its parameters' dtype, or under autocast);
+            (B*K, C, h, w) for K ``out_positions``, set-major.
 
         Raises:
             ValueError: naming the argument, for bad shapes, channel counts, a set_size not dividing N (or missing
                 for a JeDi UNet), a spatial size not divisible by ``2 ** (levels - 1)``, a bad set_mask, x0/ng_mask
-                given to a plain SD UNet, or extra_context of the wrong shape or on a UNet without extra projections.
+                given to a plain SD UNet, extra_context of the wrong shape or on a UNet without extra projections, or
+                bad out_positions (TypeError when they are not a sequence of ints).
         """
         timesteps, set_size = self._check(x_t, timesteps, context, x0, ng_mask, set_size, extra_context)
+        keep = None
+        if out_positions is not None:
+            try:
+                positions = jk.check_set_positions(out_positions, set_size)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"out_positions: {e}") from None
+            keep = None if positions is None else Keep(set_size, positions)
+        prune = self._last_attention_block() if keep is not None else None
         dtype = self.input_blocks[0][0].weight.dtype
         if self.config.plain_sd:
             h = x_t.to(dtype)  # (N, C, h, w): plain SD, no inpainting channels
@@ -794,10 +901,20 @@ class JeDiUNet(nn.Module):
             emb = self._time_emb(emb)  # every ResBlock's time-embedding shift in one GEMM
         skips = []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, context, set_size, set_mask, extra_context)
+            h = self._run(block, h, emb, context, set_size, set_mask, extra_context, keep if block is prune else None)
+            if block is prune:  # the last joint attention ran: from here on only the kept images (out_positions)
+                emb, context, extra_context = keep.take_emb(emb), keep.take_context(context), keep.take(extra_context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, set_size, set_mask, extra_context)
+        h = self._run(self.middle_block, h, emb, context, set_size, set_mask, extra_context,
+                      keep if self.middle_block is prune else None)
+        if self.middle_block is prune:
+            emb, context, extra_context = keep.take_emb(emb), keep.take_context(context), keep.take(extra_context)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)  # (N, C + C_skip, h, w)
-            h = self._run(block, h, emb, context, set_size, set_mask, extra_context)
+            skip = skips.pop()
+            if skip.shape[0] != h.shape[0]:  # an encoder skip from before the pruning: its kept images
+                skip = keep.take(skip)
+            h = torch.cat([h, skip], dim=1)  # (N, C + C_skip, h, w)
+            h = self._run(block, h, emb, context, set_size, set_mask, extra_context, keep if block is prune else None)
+            if block is prune:
+                emb, context, extra_context = keep.take_emb(emb), keep.take_context(context), keep.take(extra_context)
         return self.out(h).to(x_t.dtype)

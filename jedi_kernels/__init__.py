@@ -7,11 +7,12 @@
     a = jk.geglu(h)                                         # h[..., :F] * gelu(h[..., F:]), one pass
     a = jk.linear_geglu(x, w, b)                            # geglu(x wᵀ + b), the projection never stored
     s, n = jk.add_layer_norm(x, r, w, b)                    # s = x + r, n = layer_norm(s), one pass
+    t = jk.take_set_positions(x, set_size, (1,))            # image 1 of every set, in x's memory format
 """
 from jedi_kernels import _ext  # noqa: F401  (imports torch, then _C)
 from jedi_kernels.backends import available_backends
-from jedi_kernels.functional import (add_layer_norm, geglu, group_norm, linear_geglu, prepare_inputs,
-                                     sample_ng_mask, set_attention)
+from jedi_kernels.functional import (add_layer_norm, check_set_positions, geglu, group_norm, linear_geglu,
+                                     prepare_inputs, sample_ng_mask, set_attention, take_set_positions)
 from jedi_kernels.modules import SetAttention
 from jedi_kernels.reference import (
     add_layer_norm_reference,
@@ -32,6 +33,8 @@ __all__ = [
     "geglu",
     "linear_geglu",
     "add_layer_norm",
+    "take_set_positions",
+    "check_set_positions",
     "SetAttention",
     "available_backends",
     "set_attention_reference",

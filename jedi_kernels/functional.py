@@ -10,7 +10,7 @@ from jedi_kernels import dispatch
 from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
 
 __all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu", "linear_geglu",
-           "add_layer_norm"]
+           "add_layer_norm", "take_set_positions", "check_set_positions"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -129,6 +129,120 @@ def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
     return N // set_size, set_size, L, heads, HD // heads
 
 
+def check_set_positions(positions, set_size: int) -> tuple[int, ...] | None:
+    """Validate image positions within a set of ``set_size`` images; returns them as a tuple, or None when they are
+    every position (``range(set_size)``: nothing to select).
+
+    Args:
+        positions: a non-empty sequence of ints (tuple, list or range), strictly increasing, each in
+            ``[0, set_size)``.
+        set_size: G (int >= 1).
+
+    Raises:
+        TypeError: not a sequence of ints (a tensor, a bool, a str).
+        ValueError: empty, out of range, repeated or not increasing.
+    """
+    if isinstance(positions, (str, bytes, torch.Tensor)) or not hasattr(positions, "__len__"):
+        raise TypeError(f"positions must be a sequence of ints (tuple, list or range), got {type(positions)}")
+    pos = tuple(positions)
+    if any(isinstance(p, bool) or not isinstance(p, int) for p in pos):
+        raise TypeError(f"positions must hold ints, got {pos!r}")
+    if not pos:
+        raise ValueError("positions must name at least one image of each set")
+    if any(p < 0 or p >= set_size for p in pos) or any(a >= b for a, b in zip(pos, pos[1:])):
+        raise ValueError(f"positions must be strictly increasing ints in [0, set_size = {set_size}), got {pos!r}")
+    return None if len(pos) == set_size else pos
+
+
+def take_set_positions(t: torch.Tensor, set_size: int, positions) -> torch.Tensor:
+    """The images at ``positions`` of every set: ``t`` (B*G, ...) -> (B*K, ...), set-major like ``t``.
+
+    The result is a new dense tensor in ``t``'s memory format (a channels-last 4-D input gives a channels-last
+    output), so convolutions and GEMMs downstream see the layout they would have seen; it is differentiable. No index
+    tensor is built, so it runs inside a CUDA graph capture and under torch.compile.
+
+    Args:
+        t: (N, ...) with N = B * set_size, any dtype and device.
+        set_size: G.
+        positions: K positions within a set, strictly increasing in [0, G) (see :func:`check_set_positions`).
+
+    Returns:
+        (B * K, ...) tensor.
+
+    Raises:
+        ValueError: N not a multiple of set_size, or bad positions (TypeError for a non-sequence).
+    """
+    if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
+        raise ValueError(f"set_size must be a positive int, got {set_size!r}")
+    if t.dim() == 0 or t.shape[0] % set_size:
+        raise ValueError(f"t.shape[0] must be a multiple of set_size = {set_size}, got shape {tuple(t.shape)}")
+    pos = check_set_positions(positions, set_size)
+    if pos is None:
+        return t
+    B, G, K, rest = t.shape[0] // set_size, set_size, len(pos), t.shape[1:]
+    src = t.view(B, G, *rest)
+    fmt = torch.channels_last if (t.dim() == 4 and not t.is_contiguous()
+                                  and t.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+    out = torch.empty((B * K, *rest), dtype=t.dtype, device=t.device).contiguous(memory_format=fmt)
+    dst = out.view(B, K, *rest)
+    if pos[-1] - pos[0] == K - 1:  # consecutive (the usual case: the targets after the references): one copy
+        dst.copy_(src[:, pos[0]:pos[0] + K])
+    else:
+        for j, p in enumerate(pos):
+            dst[:, j].copy_(src[:, p])
+    return out
+
+
+def _set_attention_query_subset(q, k, v, set_size, heads, positions, scale, set_mask, backend):
+    """``set_attention`` with queries of some positions only: torch SDPA on (B, H, K*L, D) queries against the
+    (B, H, G*L, D) keys of each set; a set_mask keeps the rows of those positions (a dense (K*L, G*L) token mask).
+    ``backend="auto"`` means SDPA here whatever ``JEDI_BACKEND`` says (the override names a kernel for the plain
+    call, which this is not)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t)}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dims (images, L, heads*head_dim), got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    _check_like("v", v, "k", k)
+    _check_dtype_device("q", q, "k", k)
+    if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
+        raise ValueError(f"set_size must be a positive int, got {set_size!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    pos = check_set_positions(positions, set_size)
+    if pos is None:  # every position: the plain call
+        return set_attention(q, k, v, set_size, heads, scale=scale, set_mask=set_mask, backend=backend)
+    N, L, HD = k.shape
+    if N == 0 or L == 0 or HD == 0 or N % set_size or HD % heads:
+        raise ValueError(f"k must be (B*set_size, L, heads*head_dim), non-empty, with set_size = {set_size} and "
+                         f"heads = {heads}; got {tuple(k.shape)}")
+    B, G, K, H, D = N // set_size, set_size, len(pos), heads, HD // heads
+    if tuple(q.shape) != (B * K, L, HD):
+        raise ValueError(f"with q_positions of {K} image(s) per set, q must have shape (B*{K}, L, heads*head_dim) = "
+                         f"{(B * K, L, HD)}, got {tuple(q.shape)}")
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"q_positions runs on backend 'torch' (SDPA) only: the {backend} kernels take one query "
+                         f"image per key image; pass backend='auto' or 'torch'")
+    if scale is None:
+        scale = D**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale)}")
+    set_mask, _ = _check_set_mask(set_mask, G, q.device)
+    attn_mask = None
+    if set_mask is not None:
+        rows = torch.stack([set_mask[p] for p in pos])  # (K, G), no index tensor
+        attn_mask = rows.repeat_interleave(L, 0).repeat_interleave(L, 1)  # (K*L, G*L)
+    qh = q.reshape(B, K * L, H, D).transpose(1, 2)  # (B*K, L, H*D) -> (B, H, K*L, D)
+    kh = k.reshape(B, G * L, H, D).transpose(1, 2)
+    vh = v.reshape(B, G * L, H, D).transpose(1, 2)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=float(scale))
+    return o.transpose(1, 2).reshape(B * K, L, HD)
+
+
 def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask):
     """Backend "torch": torch SDPA on a (B, H, G*L, D) view, a set_mask as a dense (G*L, G*L) token mask."""
     N, L, HD = q.shape
@@ -149,7 +263,7 @@ def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask):
     return o.transpose(1, 2).reshape(N, L, HD)
 
 
-def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backend="auto"):
+def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backend="auto", q_positions=None):
     """Set-wise (joint) self-attention over all images of each set, read from the projection layout.
 
     Each set of ``set_size`` consecutive images attends jointly: queries of every image see the keys of every image
@@ -188,10 +302,16 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             mma.sync kernels),
             ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32 keys per warp) and ``JEDI_CUDA_BWD_WARPS=4|8``
             (CUDA backward at head dims 72-80: 64 or 128 keys per CTA; 128, the default, timed faster).
+        q_positions: optional positions (strictly increasing ints in [0, set_size)) of the images whose queries q
+            holds: q is then (B*K, L, heads*head_dim), the K images at those positions of each set, while k and v
+            hold every image (N, L, heads*head_dim); the result is those K images' outputs. For a model that needs
+            only some images' outputs after its last joint attention (JeDi's sampler: the targets, not the
+            references). Runs on torch SDPA (backend "auto" or "torch"; "triton" and "cuda" raise). None (or every
+            position): the plain call.
 
     Returns:
-        (N, L, heads*head_dim) tensor in q's dtype, contiguous, ready for the out-projection. Differentiable w.r.t.
-        q, k and v on every backend.
+        (N, L, heads*head_dim) tensor in q's dtype, contiguous, ready for the out-projection ((B*K, L,
+        heads*head_dim) with q_positions). Differentiable w.r.t. q, k and v on every backend.
 
     Raises:
         TypeError: non-tensor inputs, non-float or mismatched dtypes, non-bool set_mask.
@@ -200,6 +320,8 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             a head_dim the backend does not support.
     (TypeError also for backend="cuda" with float32/float64 inputs: the CUDA kernels are fp16/bf16 only.)
     """
+    if q_positions is not None:
+        return _set_attention_query_subset(q, k, v, set_size, heads, q_positions, scale, set_mask, backend)
     B, G, L, H, D = _check_qkv(q, k, v, set_size, heads)
     if scale is None:
         scale = D**-0.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jedi_kernels.functional import set_attention
+from jedi_kernels.functional import check_set_positions, set_attention, take_set_positions
 
 __all__ = ["SetAttention"]
 
@@ -34,10 +34,29 @@ class SetAttention(nn.Module):
         self.to_v = nn.Linear(query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, set_size: int, set_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N, L, C) tokens, N = B * set_size. Returns (N, L, C)."""
+    def forward(self, x: torch.Tensor, set_size: int, set_mask: torch.Tensor | None = None,
+                q_positions=None) -> torch.Tensor:
+        """x: (N, L, C) tokens, N = B * set_size. Returns (N, L, C).
+
+        q_positions: optional positions of the images whose outputs are wanted (strictly increasing ints in
+        [0, set_size)): their queries attend the keys and values of every image of their set, and the result is
+        (B * K, L, C) for the K positions. Queries and the out-projection run on those images only (a model's last
+        joint attention, when only some images' outputs are used); this runs on torch SDPA whatever ``backend`` is
+        (see ``jedi_kernels.set_attention``).
+        """
         if x.dim() != 3:
             raise ValueError(f"x must have shape (N, L, C), got {tuple(x.shape)}")
+        if q_positions is not None and check_set_positions(q_positions, set_size) is not None:
+            xq = take_set_positions(x, set_size, q_positions)
+            q = self.to_q(xq)
+            if self.fuse_qkv:
+                w = torch.cat([self.to_k.weight, self.to_v.weight], dim=0)  # (2*H*D, C)
+                k, v = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
+            else:
+                k, v = self.to_k(x), self.to_v(x)
+            o = set_attention(q, k, v, set_size, self.heads, scale=self.scale, set_mask=set_mask, backend="torch",
+                              q_positions=q_positions)
+            return self.to_out(o)
         if self.fuse_qkv:
             w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight], dim=0)  # (3*H*D, C)
             q, k, v = torch.nn.functional.linear(x, w).chunk(3, dim=-1)  # strided views of (N, L, 3*H*D)

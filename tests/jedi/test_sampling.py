@@ -149,12 +149,17 @@ class FakeUNet(nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, x_t, t, context, *, x0, ng_mask, set_size, set_mask=None):
+    def forward(self, x_t, t, context, *, x0, ng_mask, set_size, set_mask=None, out_positions=None):
         self.calls.append(dict(x_t=x_t.clone(), t=t.clone(), context=context.clone(), x0=x0.clone(),
-                               ng_mask=ng_mask.clone(), set_size=set_size, set_mask=set_mask))
+                               ng_mask=ng_mask.clone(), set_size=set_size, set_mask=set_mask,
+                               out_positions=out_positions))
         m = ng_mask.to(x_t.dtype).view(-1, 1, 1, 1)
         c = context.mean((1, 2)).view(-1, 1, 1, 1)
-        return torch.tanh(0.3 * x_t + 0.5 * x0 * (1 - m) + 0.2 * m + c + t.view(-1, 1, 1, 1) / 1000)
+        eps = torch.tanh(0.3 * x_t + 0.5 * x0 * (1 - m) + 0.2 * m + c + t.view(-1, 1, 1, 1) / 1000)
+        if out_positions is None:
+            return eps
+        eps = eps.view(-1, set_size, *eps.shape[1:])[:, list(out_positions)]  # what JeDiUNet returns
+        return eps.reshape(-1, *eps.shape[2:])
 
 
 def _inputs(B=2, R=2, dtype=torch.float64):
@@ -185,6 +190,7 @@ def test_one_unet_call_per_step_with_branch_major_stacking(strategy, l1, l2):
     for c in unet.calls:
         t = int(c["t"][0])
         assert c["set_size"] == G and c["x_t"].shape[0] == nb * B * G and (c["t"] == t).all()
+        assert c["out_positions"] == tuple(range(R, G))  # the targets' eps only
         assert c["ng_mask"].tolist() == ([False] * R + [True] * K) * nb * B
         x_t = c["x_t"].view(nb, B, G, 4, 4, 4)
         x0 = c["x0"].view(nb, B, G, 4, 4, 4)
