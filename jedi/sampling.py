@@ -17,6 +17,7 @@ Dimension letters: B sets, R references per set, K images to generate per set, G
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Sequence
 
@@ -222,6 +223,26 @@ def guidance_branches(strategy: str, l1: float, l2: float | None = None) -> tupl
 
 
 # ---- personalization ------------------------------------------------------------------------------------------------
+def takes_out_positions(unet) -> bool:
+    """Whether ``unet(...)`` accepts the ``out_positions`` keyword: the signature of a module's ``forward`` (or of a
+    plain callable) has a parameter of that name or ``**kwargs``. Wrappers are looked through: torch.compile's
+    (``_orig_mod``) and :class:`jedi.GraphedUNet` (``.unet``, which it calls with every keyword). Callables whose
+    signature cannot be read count as not taking it."""
+    for _ in range(8):  # unwrap (bounded: a wrapper that wraps itself must not loop)
+        if getattr(unet, "_orig_mod", None) is not None:
+            unet = unet._orig_mod
+        elif not isinstance(unet, torch.nn.Module) and isinstance(getattr(unet, "unet", None), torch.nn.Module):
+            unet = unet.unet
+        else:
+            break
+    fn = unet.forward if isinstance(unet, torch.nn.Module) else unet
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "out_positions" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _as_sets(t: torch.Tensor, B: int, name: str, dims: int) -> torch.Tensor:
     """(…) or (1, …) or (B, …) with ``dims`` trailing dims -> (B, …)."""
     if t.dim() == dims:
@@ -264,7 +285,9 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
 
     Args:
         unet: ``unet(x_t, t, context, *, x0, ng_mask, set_size, set_mask, out_positions) -> eps`` (JeDiUNet),
-            returning the eps of the images at ``out_positions`` (the K targets, ``range(R, G)``) of each set.
+            returning the eps of the images at ``out_positions`` (the K targets, ``range(R, G)``) of each set. A
+            UNet whose signature has no ``out_positions`` (nor ``**kwargs``) is called without it and must return
+            every image's eps (N, C, h, w).
         refs_latents: (R, C, h, w) references shared by all sets, or (B, R, C, h, w) per set (1 broadcasts);
             VAE latents (scaled by 0.18215), float. Never modified.
         context: (B, M, D) text embedding per set (B prompts); its dtype/device are the UNet's input's.
@@ -326,17 +349,21 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
     ctx_all = ctx.unsqueeze(2).expand(nb, B, G, M, D).reshape(nb * B * G, M, D)
     ng_mask = torch.tensor([False] * R + [True] * K, device=dev).repeat(nb * B)  # (N,)
     targets = tuple(range(R, G))  # positions of the targets in each set
+    prune = takes_out_positions(unet)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t0 = t[:1]
         xt_ref = schedule.q_sample(refs_flat, t0.expand(B * R), ref_noise).view(B, R, C, h, w)
         xt_set = torch.cat([xt_ref, x_t.view(B, K, C, h, w)], dim=1)  # (B, G, C, h, w)
         xt_all = xt_set.unsqueeze(0).expand(nb, B, G, C, h, w).reshape(nb * B * G, C, h, w)
-        # out_positions: the UNet runs the references only as far as its last joint attention needs them and
-        # returns the targets' eps alone (nb * B * K images, set-major)
-        eps = unet(xt_all, t0.expand(nb * B * G), ctx_all, x0=x0_all, ng_mask=ng_mask, set_size=G,
-                   set_mask=set_mask, out_positions=targets)
-        eps = eps.view(nb, B * K, C, h, w)
+        args = (xt_all, t0.expand(nb * B * G), ctx_all)
+        kw = dict(x0=x0_all, ng_mask=ng_mask, set_size=G, set_mask=set_mask)
+        if prune:
+            # out_positions: the UNet runs the references only as far as its last joint attention needs them and
+            # returns the targets' eps alone (nb * B * K images, set-major)
+            eps = unet(*args, **kw, out_positions=targets).view(nb, B * K, C, h, w)
+        else:  # a UNet without out_positions: every image's eps, then the targets'
+            eps = unet(*args, **kw).view(nb, B, G, C, h, w)[:, :, R:].reshape(nb, B * K, C, h, w)
         if nb == 1:
             return eps[0]
         if nb == 2:

@@ -315,3 +315,43 @@ def test_with_the_tiny_jedi_unet():
     c = personalize(unet, refs + 1, ctx, null, generator=torch.Generator().manual_seed(0), **kw)
     assert a.shape == (2, 1, 4, 8, 8) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+class OldStyleUNet(FakeUNet):
+    """A UNet without ``out_positions``: every image's eps."""
+
+    def forward(self, x_t, t, context, *, x0, ng_mask, set_size, set_mask=None):
+        return super().forward(x_t, t, context, x0=x0, ng_mask=ng_mask, set_size=set_size, set_mask=set_mask)
+
+
+def test_a_unet_without_out_positions_gets_every_image_and_the_same_result():
+    refs, ctx, null = _inputs(B=2, R=2)
+    kw = dict(num_targets=2, steps=2, strategy="text_first", l1=2.0, l2=3.0, progress=False)
+    new, old = FakeUNet(), OldStyleUNet()
+    a = personalize(new, refs, ctx, null, generator=torch.Generator().manual_seed(0), **kw)
+    b = personalize(old, refs, ctx, null, generator=torch.Generator().manual_seed(0), **kw)
+    assert new.calls[0]["out_positions"] == (2, 3) and old.calls[0]["out_positions"] is None
+    assert torch.equal(a, b)
+
+
+def test_takes_out_positions():
+    from jedi import JeDiUNet
+    from jedi.sampling import takes_out_positions
+
+    assert takes_out_positions(FakeUNet()) and not takes_out_positions(OldStyleUNet())
+    assert takes_out_positions(lambda *a, **kw: None) and not takes_out_positions(lambda x, t, c: None)
+    from jedi.unet import UNetConfig
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    assert takes_out_positions(unet)
+    assert takes_out_positions(torch.compile(unet, backend="eager"))
+    assert not takes_out_positions(torch.compile(OldStyleUNet(), backend="eager"))
+
+    class Graphed:  # what jedi.GraphedUNet looks like to the check: it forwards every keyword to .unet
+        def __init__(self, unet):
+            self.unet = unet
+
+        def __call__(self, x_t, timesteps, context, **kwargs):
+            return self.unet(x_t, timesteps, context, **kwargs)
+
+    assert takes_out_positions(Graphed(unet)) and not takes_out_positions(Graphed(OldStyleUNet()))
