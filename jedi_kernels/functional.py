@@ -105,7 +105,8 @@ def _check_rows(x: torch.Tensor, dim: str) -> int:
     return x.shape[-1]
 
 
-def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
+def _check_qkv_tensors(q, k, v) -> None:
+    """q, k, v: 3-D float tensors (TypeError / ValueError naming the argument)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (N, L, heads*head_dim), got {type(t)}")
@@ -113,12 +114,20 @@ def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
             raise ValueError(f"{name} must have shape (N, L, heads*head_dim) (3 dims), got {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        _check_like(name, t, "q", q)
+
+
+def _check_set_size_heads(set_size, heads) -> None:
     if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
         raise ValueError(f"set_size must be a positive int, got {set_size!r}")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
+
+
+def _check_qkv(q, k, v, set_size, heads) -> tuple[int, int, int, int, int]:
+    _check_qkv_tensors(q, k, v)
+    for name, t in (("k", k), ("v", v)):
+        _check_like(name, t, "q", q)
+    _check_set_size_heads(set_size, heads)
     N, L, HD = q.shape
     if N == 0 or L == 0 or HD == 0:
         raise ValueError(f"q must be non-empty (N, L, heads*head_dim), got {tuple(q.shape)}")
@@ -198,19 +207,10 @@ def _set_attention_query_subset(q, k, v, set_size, heads, positions, scale, set_
     (B, H, G*L, D) keys of each set; a set_mask keeps the rows of those positions (a dense (K*L, G*L) token mask).
     ``backend="auto"`` means SDPA here whatever ``JEDI_BACKEND`` says (the override names a kernel for the plain
     call, which this is not)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t)}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have 3 dims (images, L, heads*head_dim), got {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    _check_qkv_tensors(q, k, v)
     _check_like("v", v, "k", k)
     _check_dtype_device("q", q, "k", k)
-    if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
-        raise ValueError(f"set_size must be a positive int, got {set_size!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    _check_set_size_heads(set_size, heads)
     pos = check_set_positions(positions, set_size)
     if pos is None:  # every position: the plain call
         return set_attention(q, k, v, set_size, heads, scale=scale, set_mask=set_mask, backend=backend)
