@@ -236,6 +236,10 @@ class Keep:
             return ContextKV(self.take(context.context), _Taken(context.kv, self.take))
         return self.take(context)
 
+    def take_all(self, emb, context, extra_context) -> tuple:
+        """(emb, context, extra_context) of the kept images, for the layers after the last joint attention."""
+        return self.take_emb(emb), self.take_context(context), self.take(extra_context)
+
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3, + Linear(SiLU(emb)), GroupNorm-SiLU-conv3x3, residual (1x1 conv if widths differ).
@@ -580,8 +584,8 @@ class Block(nn.ModuleList):
             elif isinstance(layer, SpatialTransformer):
                 if keep is not None and i == last:
                     x = layer(x, context, set_size, set_mask, extra_context, keep=keep)
-                    emb, context = keep.take_emb(emb), keep.take_context(context)
-                    extra_context = keep.take(extra_context)
+                    if i < len(self) - 1:  # layers after it in this block (the UNet takes its own for later blocks)
+                        emb, context, extra_context = keep.take_all(emb, context, extra_context)
                 else:
                     x = layer(x, context, set_size, set_mask, extra_context)
             else:
@@ -903,18 +907,18 @@ class JeDiUNet(nn.Module):
         for block in self.input_blocks:
             h = self._run(block, h, emb, context, set_size, set_mask, extra_context, keep if block is prune else None)
             if block is prune:  # the last joint attention ran: from here on only the kept images (out_positions)
-                emb, context, extra_context = keep.take_emb(emb), keep.take_context(context), keep.take(extra_context)
+                emb, context, extra_context = keep.take_all(emb, context, extra_context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, set_size, set_mask, extra_context,
                       keep if self.middle_block is prune else None)
         if self.middle_block is prune:
-            emb, context, extra_context = keep.take_emb(emb), keep.take_context(context), keep.take(extra_context)
+            emb, context, extra_context = keep.take_all(emb, context, extra_context)
         for block in self.output_blocks:
             skip = skips.pop()
             if skip.shape[0] != h.shape[0]:  # an encoder skip from before the pruning: its kept images
                 skip = keep.take(skip)
             h = torch.cat([h, skip], dim=1)  # (N, C + C_skip, h, w)
             h = self._run(block, h, emb, context, set_size, set_mask, extra_context, keep if block is prune else None)
-            if block is prune:
-                emb, context, extra_context = keep.take_emb(emb), keep.take_context(context), keep.take(extra_context)
+            if block is prune and block is not self.output_blocks[-1]:  # (self.out reads neither emb nor context)
+                emb, context, extra_context = keep.take_all(emb, context, extra_context)
         return self.out(h).to(x_t.dtype)

@@ -245,3 +245,26 @@ def test_gpu_optimized_graphed_step_with_out_positions():
     ref = _at(full, 2, (1,)).float()
     err = (out.float() - ref).norm() / ref.norm()
     assert err < 5e-3, err
+
+
+def test_few_copies_of_kept_images(monkeypatch):
+    """What the pruning copies, with every lever on and the pruning in the last block (SD v1's case): the block's
+    residual, its tokens, the queries' input, the context and one block's context keys/values; nothing for the
+    blocks that do not run after it."""
+    import jedi_kernels.functional as F
+    import jedi_kernels.modules as M
+
+    calls = []
+    orig = F.take_set_positions
+
+    def spy(t, set_size, positions):
+        calls.append(tuple(t.shape))
+        return orig(t, set_size, positions)
+
+    monkeypatch.setattr(M, "take_set_positions", spy)
+    monkeypatch.setattr("jedi.unet.jk.take_set_positions", spy)
+    unet = _unet("tiny")
+    _set_levers(unet, True)
+    with torch.no_grad():
+        unet(**_inputs(unet.config, 2, 2, R=1), out_positions=(1,))
+    assert len(calls) == 5, calls
