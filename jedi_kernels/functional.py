@@ -192,7 +192,7 @@ def take_set_positions(t: torch.Tensor, set_size: int, positions) -> torch.Tenso
     src = t.view(B, G, *rest)
     fmt = torch.channels_last if (t.dim() == 4 and not t.is_contiguous()
                                   and t.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
-    out = torch.empty((B * K, *rest), dtype=t.dtype, device=t.device).contiguous(memory_format=fmt)
+    out = torch.empty((B * K, *rest), dtype=t.dtype, device=t.device, memory_format=fmt)
     dst = out.view(B, K, *rest)
     if pos[-1] - pos[0] == K - 1:  # consecutive (the usual case: the targets after the references): one copy
         dst.copy_(src[:, pos[0]:pos[0] + K])

@@ -118,3 +118,26 @@ def test_module_q_positions(fuse_qkv):
     assert_close_verbose(out, jk.take_set_positions(full, 3, (0, 2)), atol=1e-12, name="module")
     with pytest.raises(ValueError, match="x must have shape"):
         m(x[0], 3, q_positions=(0,))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_take_set_positions_copies_once(fmt):
+    """Consecutive positions: one allocation in the output's format and one copy (no second pass to change the
+    layout); every position separately otherwise."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(8, 5, 3, 2).contiguous(memory_format=fmt)
+    for positions, copies in (((1, 2), 1), ((0, 2), 2)):
+        with Ops() as ops:
+            jk.take_set_positions(x, 4, positions)
+        assert ops.names.count("copy_") == copies, ops.names
+        assert not {"clone", "contiguous", "_to_copy"} & set(ops.names), ops.names
