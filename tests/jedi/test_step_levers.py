@@ -85,3 +85,27 @@ def test_gluon_rungs_skip_configs_the_probe_rejected(monkeypatch):
     monkeypatch.delenv("JEDI_GLUON_CONFIGS")
     assert sl.attn_available("triton_gluon_ws") is None
     assert [e for e, _ in sl.LADDER][-2:] == ["+attn=triton_gluon", "+attn=triton_gluon_ws"]
+
+
+def test_targets_only_rung_is_reported_apart(monkeypatch):
+    """+targets_only returns the targets' eps only: configure() asks the UNet for the last image of each set, the
+    ladder never picks it as the configuration compared with the peers, and the summary reports it apart."""
+    cudnn = torch.backends.cudnn.benchmark
+    try:
+        inp = sl.configure(_StubUNet(), {"ng_mask": torch.tensor([False, True]), "set_size": 2},
+                           dict(sl.BASE, targets_only=True))
+        assert inp["out_positions"] == (1,)
+        inp = sl.configure(_StubUNet(), dict(inp), dict(sl.BASE))
+        assert "out_positions" not in inp  # the next rung gets every image again
+        inp = sl.configure(_StubUNet(), {"set_size": 1}, dict(sl.BASE, targets_only=True))
+        assert "out_positions" not in inp  # plain SD: no references to drop
+    finally:
+        torch.backends.cudnn.benchmark = cudnn
+    rows = [dict(workload="jedi_ng2", entry="+fuse_ff (cuda_graph)", config=dict(sl.BASE), ms=11.3),
+            dict(workload="jedi_ng2", entry="+targets_only (cuda_graph)", config=dict(sl.BASE, targets_only=True),
+                 ms=10.9),
+            dict(workload="jedi_ng2", entry="diffusers eager", config={}, ms=40.0, impl="diffusers")]
+    s = sl.summarize(rows)
+    assert s["best_ms"] == {"jedi_ng2": 11.3} and s["best_ms_targets_only"] == {"jedi_ng2": 10.9}
+    assert s["speedup_vs_best_peer"] == round(40.0 / 11.3, 3) and s["ng2_targets_only_meets_8ms"] is False
+    assert "targets' eps only" in sl.markdown(dict(env={}, date="-", rows=rows, summary=s))
