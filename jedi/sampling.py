@@ -353,7 +353,8 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t0 = t[:1]
-        xt_ref = schedule.q_sample(refs_flat, t0.expand(B * R), ref_noise).view(B, R, C, h, w)
+        # (the sampler checked its timesteps: no read-back of t, which would make the host wait for the GPU)
+        xt_ref = schedule.q_sample(refs_flat, t0.expand(B * R), ref_noise, check_range=False).view(B, R, C, h, w)
         xt_set = torch.cat([xt_ref, x_t.view(B, K, C, h, w)], dim=1)  # (B, G, C, h, w)
         xt_all = xt_set.unsqueeze(0).expand(nb, B, G, C, h, w).reshape(nb * B * G, C, h, w)
         args = (xt_all, t0.expand(nb * B * G), ctx_all)

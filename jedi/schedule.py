@@ -5,7 +5,7 @@ smallest correct one, enough for training previews and ``jedi demo``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,9 @@ class NoiseSchedule:
 
     betas: torch.Tensor
     alphas_cumprod: torch.Tensor
+    # device -> (the alphas_cumprod it copies, its version, the copy): a sampling loop gathers abar on the GPU every
+    # step, and a host-to-device copy from pageable memory waits for the stream (the loop could not run ahead)
+    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000):
@@ -38,30 +41,45 @@ class NoiseSchedule:
         """T, the number of discrete training timesteps."""
         return self.betas.shape[0]
 
+    def alphas_cumprod_on(self, device: torch.device | str) -> torch.Tensor:
+        """``alphas_cumprod`` on ``device``, copied once per device (again after an in-place change)."""
+        device = torch.device(device)
+        a = self.alphas_cumprod
+        if a.device == device:
+            return a
+        hit = self._copies.get(device)
+        if hit is None or hit[0] is not a or hit[1] != a._version:
+            hit = self._copies[device] = (a, a._version, a.to(device))
+        return hit[2]
+
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         # (N,) -> (N, 1, ..., 1) in like's dtype/device, gathered in float64 for accuracy
-        a = self.alphas_cumprod.to(t.device)[t.long()]
+        a = self.alphas_cumprod_on(t.device)[t.long()]
         return a.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *, check_range: bool = True
+                 ) -> torch.Tensor:
         """Forward diffusion: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
 
         Args:
             x0: (N, C, H, W) clean latents, float.
             t: (N,) int64 timesteps in [0, T).
             noise: like x0, standard normal.
+            check_range: check that t lies in [0, T) (ValueError). On a GPU that reads t back, which waits for
+                every queued kernel: a sampling loop whose timesteps are already checked passes False, so the host
+                can queue the next step while the GPU runs this one.
 
         Returns:
             (N, C, H, W) x_t in x0's dtype.
 
         Raises:
-            ValueError: t has the wrong shape or is out of range; noise does not match x0.
+            ValueError: t has the wrong shape or (check_range) is out of range; noise does not match x0.
         """
         if t.shape != (x0.shape[0],):
             raise ValueError(f"t must have shape (N,) = ({x0.shape[0]},), got {tuple(t.shape)}")
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+        if check_range and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
             raise ValueError(f"t must lie in [0, {self.num_steps}), got [{int(t.min())}, {int(t.max())}]")
         a = self._abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -123,7 +141,8 @@ def ddim_sample(unet, schedule: NoiseSchedule, context: torch.Tensor, *, x0: tor
     abar = schedule.alphas_cumprod
     for i, t in enumerate(ts):
         tt = torch.full((N,), t, dtype=torch.long, device=x0.device)
-        x = torch.where(m4, x, schedule.q_sample(x0, tt, ref_noise))  # references follow their fixed noisy path
+        # references follow their fixed noisy path (ts are checked: no read-back of t, which would wait for the GPU)
+        x = torch.where(m4, x, schedule.q_sample(x0, tt, ref_noise, check_range=False))
         if image_guidance == 1.0:
             eps = unet(x, tt, context, x0=x0_in, ng_mask=mask, set_size=set_size).to(x.dtype)
         else:  # (2N, ...): [with references | references nulled]; sets never straddle the halves (N % G == 0)

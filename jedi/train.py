@@ -378,7 +378,7 @@ def jedi_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, captions, G: int
     if cfg.loss_weighting == "v":
         # |v err|^2 = |eps err|^2 / abar_t = (1 + 1/SNR) |eps err|^2: plain eps-MSE weights x0 errors by SNR, which
         # all but ignores the high-noise steps where the references are the only source of the subject's identity
-        per_image = per_image / schedule.alphas_cumprod.to(per_image.device)[rnd["t"]].float()
+        per_image = per_image / schedule.alphas_cumprod_on(per_image.device)[rnd["t"]].float()
     w = mask.float() if cfg.loss_on == "masked" else torch.ones_like(per_image)
     return (per_image * w).sum(), w.sum()
 

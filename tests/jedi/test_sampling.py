@@ -355,3 +355,87 @@ def test_takes_out_positions():
             return self.unet(x_t, timesteps, context, **kwargs)
 
     assert takes_out_positions(Graphed(unet)) and not takes_out_positions(Graphed(OldStyleUNet()))
+
+
+def test_alphas_cumprod_copied_once_per_device():
+    s = NoiseSchedule.scaled_linear()
+    assert s.alphas_cumprod_on("cpu") is s.alphas_cumprod
+    a = s.alphas_cumprod_on("meta")
+    assert a.device.type == "meta" and s.alphas_cumprod_on(torch.device("meta")) is a
+    s.alphas_cumprod.mul_(1.0)  # an in-place change (new version): copied again
+    assert s.alphas_cumprod_on("meta") is not a
+    s.alphas_cumprod = s.alphas_cumprod.clone()  # another tensor: copied again
+    b = s.alphas_cumprod_on("meta")
+    assert s.alphas_cumprod_on("meta") is b
+    assert "_copies" not in repr(s)
+
+
+def test_q_sample_range_check_can_be_skipped():
+    s = NoiseSchedule.scaled_linear()
+    x0, noise = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 999])
+    assert torch.equal(s.q_sample(x0, t, noise), s.q_sample(x0, t, noise, check_range=False))
+    with pytest.raises(ValueError, match="must lie in"):
+        s.q_sample(x0, torch.tensor([0, 1000]), noise)
+
+
+def test_sampling_steps_read_nothing_back_from_the_device():
+    """A value read back from a device tensor (item, int(), tolist) waits for the GPU: the host could not queue the
+    next step while this one runs. Count read-backs with a dispatch mode: besides the schedule's host-side table
+    (abar_t as Python floats), the loop must add none per step (the setup's are fixed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    schedule = NoiseSchedule.scaled_linear()
+    table = schedule.alphas_cumprod.untyped_storage().data_ptr()
+
+    class ReadBacks(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
+                self.n += args[0].untyped_storage().data_ptr() != table
+            return func(*args, **(kwargs or {}))
+
+    refs, ctx, null = _inputs(B=2, R=1)
+    counts = {}
+    for sampler in ("ddim", "dpmpp_2m"):
+        for steps in (2, 5):
+            with ReadBacks() as rb:
+                personalize(FakeUNet(), refs, ctx, null, num_targets=1, steps=steps, sampler=sampler,
+                            schedule=schedule, generator=torch.Generator().manual_seed(0), progress=False)
+            counts[sampler, steps] = rb.n
+    assert counts["ddim", 2] == counts["ddim", 5] and counts["dpmpp_2m", 2] == counts["dpmpp_2m", 5], counts
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_sampling_loop_never_waits_for_the_device():
+    """On the GPU with the UNet replayed as CUDA graphs: no step synchronizes with the device (torch's sync debug
+    mode warns on every synchronizing call: the count must not grow with the number of steps)."""
+    import warnings
+
+    from jedi import JeDiUNet, UNetConfig
+    from jedi.runtime import GraphedUNet
+    from jedi.testing import randomize_weights_
+
+    torch.manual_seed(0)
+    unet = randomize_weights_(JeDiUNet(UNetConfig.tiny(attn_backend="torch"))).cuda().half().eval()
+    graphed = GraphedUNet(unet)
+    refs = torch.randn(1, 4, 8, 8, device="cuda", dtype=torch.float16)
+    ctx, null = torch.randn(2, 3, 32, device="cuda", dtype=torch.float16), torch.zeros(3, 32, device="cuda")
+    kw = dict(num_targets=1, strategy="text_first", l1=2.0, l2=3.0, progress=False)
+    personalize(graphed, refs, ctx, null, steps=2, **kw)  # capture first
+    counts = {}
+    for steps in (2, 5):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                personalize(graphed, refs, ctx, null, steps=steps, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[steps] = sum("synchroniz" in str(w.message) for w in caught)
+    assert graphed.captures == 1
+    assert counts[2] == counts[5], counts
