@@ -43,6 +43,9 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     cuda_graph[attn]    each attention backend on the best levers, where no rung measured that already
     compile+cuda_graph  torch.compile (inductor, default mode) of it, replayed as a CUDA graph
     diffusers eager / compile(reduce-overhead, channels-last)   the peers
+    personalize per step   (workload jedi_ng2_sampler) a whole jedi.sampling.personalize run with the best levers,
+                        the UNet as CUDA graphs (GraphedUNet) and the targets' eps only, per step: against the
+                        graphed +targets_only rung it shows what the sampling loop adds between the UNet steps
 
 Then the best configuration runs ``jedi_ng4`` (batch 8; target <= 2.1x the ng2 step; also with targets_only) and
 ``blipd`` (plain SD, batch 2; target <= 4.5 ms), and its fp16 output is compared with the fp32 UNet on the same
@@ -316,6 +319,7 @@ class Run:
         # the peers get the process-wide cuDNN setting of our best configuration (a diffusers user can set it too)
         self.peers(name, unet, configure(unet, inp0, dict(BASE, cudnn_benchmark=best.get("cudnn_benchmark", False))))
         self.precision(unet, inp0, best)
+        self.sampler_loop(unet, inp0, best)
         unet = inp = None  # free before the next workloads
         _free()
         return best
@@ -349,6 +353,44 @@ class Run:
                      impl="diffusers")
         torch._dynamo.reset()
         state.clear()
+        _free()
+
+    def sampler_loop(self, unet, inp0, best: dict, steps: int = 10) -> None:
+        """jedi.sampling.personalize with the best levers, the UNet replayed as CUDA graphs (GraphedUNet) and the
+        targets' eps only: the device time of a whole sampling run per step (CUDA events around it, so any gap the
+        host leaves between steps counts), to set against the graphed +targets_only rung. Workload jedi_ng2_sampler:
+        one set of 1 reference + 1 target, guidance "joint" (two branches): UNet batch 4, as jedi_ng2."""
+        cuda = self.device.type == "cuda"
+        mode = "cuda_graph" if cuda else "eager"  # (eager: the CPU rehearsal of this code)
+        name, entry = "jedi_ng2_sampler", f"personalize per step ({steps} steps, {mode})"
+        cfg = dict(best, targets_only=True, mode=mode)
+        from jedi.runtime import GraphedUNet
+        from jedi.sampling import personalize, uniform_timesteps
+
+        row = dict(workload=name, entry=entry, config=cfg, steps=len(uniform_timesteps(steps)))
+        skip = self.fits(False)
+        if skip:
+            self.add(**row, error=skip)
+            return
+        try:
+            inp = configure(unet, inp0, dict(cfg, targets_only=False))
+            graphed = GraphedUNet(unet) if cuda else unet
+            refs, ctx = inp["x0"][:1], inp["context"][:1]  # (R=1, C, h, w), (B=1, M, D)
+            null = torch.zeros_like(ctx[0])
+
+            def run():
+                return personalize(graphed, refs, ctx, null, num_targets=1, steps=steps, strategy="joint", l1=7.5,
+                                   generator=torch.Generator(self.device).manual_seed(0), progress=False)
+
+            with torch.no_grad():
+                run()  # captures the graph
+                ms = time_step(run, self.device, self.args.rep_ms)
+            row.update(ms=round(ms / row["steps"], 3), run_ms=round(ms, 3))
+            if cuda:
+                row["captures"] = graphed.captures
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {e}"[:1500], traceback=traceback.format_exc()[-2500:])
+        self.add(**row)
         _free()
 
     def precision(self, unet, inp0, best: dict) -> None:
