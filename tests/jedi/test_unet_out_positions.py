@@ -268,3 +268,18 @@ def test_few_copies_of_kept_images(monkeypatch):
     with torch.no_grad():
         unet(**_inputs(unet.config, 2, 2, R=1), out_positions=(1,))
     assert len(calls) == 5, calls
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "levers"])
+def test_extra_context_is_taken_for_the_kept_images(fused):
+    """The ELITE-like extra tokens of every cross-attention: the pruned block's attn2 must see the kept images' own."""
+    unet = _unet("attention_at_level_1", extra_context_dim=24)
+    _set_levers(unet, fused)
+    inp = _inputs(unet.config, 2, 3, R=1)
+    extra = torch.randn(6, 5, 24, dtype=torch.float64)
+    with torch.no_grad():
+        full = unet(**inp, extra_context=extra)
+        part = unet(**inp, extra_context=extra, out_positions=(1, 2))
+        other = unet(**inp, extra_context=extra.flip(0), out_positions=(1, 2))
+    assert_close_verbose(part, _at(full, 3, (1, 2)), atol=1e-12, name="eps")
+    assert (other - part).abs().max() > 1e-6  # the extra tokens matter
