@@ -43,7 +43,7 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     cuda_graph[attn]    each attention backend on the best levers, where no rung measured that already
     compile+cuda_graph  torch.compile (inductor, default mode) of it, replayed as a CUDA graph
     diffusers eager / compile(reduce-overhead, channels-last)   the peers
-    personalize per step   (workload jedi_ng2_sampler) a whole jedi.sampling.personalize run with the best levers,
+    personalize per step   (workload jedi_ng2_sampler) a whole jedi.sampling.personalize run with the best rung,
                         the UNet as CUDA graphs (GraphedUNet) and the targets' eps only, per step: against the
                         graphed +targets_only rung it shows what the sampling loop adds between the UNet steps
 
@@ -282,6 +282,8 @@ class Run:
         if base_entry is None:
             return None
         base_cfg = dict(dict(LADDER)[base_entry], attn="auto")
+        # the whole sampling loop on these levers, early: a time-capped session run still reaches it
+        self.sampler_loop(unet, inp0, base_cfg)
         graph_ms = {}
         if base_entry in rung_graph_ms:
             graph_ms["auto"] = rung_graph_ms[base_entry]
@@ -319,7 +321,6 @@ class Run:
         # the peers get the process-wide cuDNN setting of our best configuration (a diffusers user can set it too)
         self.peers(name, unet, configure(unet, inp0, dict(BASE, cudnn_benchmark=best.get("cudnn_benchmark", False))))
         self.precision(unet, inp0, best)
-        self.sampler_loop(unet, inp0, best)
         unet = inp = None  # free before the next workloads
         _free()
         return best
@@ -356,7 +357,7 @@ class Run:
         _free()
 
     def sampler_loop(self, unet, inp0, best: dict, steps: int = 10) -> None:
-        """jedi.sampling.personalize with the best levers, the UNet replayed as CUDA graphs (GraphedUNet) and the
+        """jedi.sampling.personalize with the best non-attention levers (``best``), the UNet replayed as CUDA graphs (GraphedUNet) and the
         targets' eps only: the device time of a whole sampling run per step (CUDA events around it, so any gap the
         host leaves between steps counts), to set against the graphed +targets_only rung. Workload jedi_ng2_sampler:
         one set of 1 reference + 1 target, guidance "joint" (two branches): UNet batch 4, as jedi_ng2."""
