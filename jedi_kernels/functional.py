@@ -232,35 +232,30 @@ def _set_attention_query_subset(q, k, v, set_size, heads, positions, scale, set_
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale)}")
     set_mask, _ = _check_set_mask(set_mask, G, q.device)
-    attn_mask = None
-    if set_mask is not None:
-        rows = torch.stack([set_mask[p] for p in pos])  # (K, G), no index tensor
-        attn_mask = rows.repeat_interleave(L, 0).repeat_interleave(L, 1)  # (K*L, G*L)
-    qh = q.reshape(B, K * L, H, D).transpose(1, 2)  # (B*K, L, H*D) -> (B, H, K*L, D)
-    kh = k.reshape(B, G * L, H, D).transpose(1, 2)
-    vh = v.reshape(B, G * L, H, D).transpose(1, 2)
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=float(scale))
-    return o.transpose(1, 2).reshape(B * K, L, HD)
+    return _sdpa_set_attention(q, k, v, G, H, float(scale), set_mask, pos)
 
 
-def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask):
-    """Backend "torch": torch SDPA on a (B, H, G*L, D) view, a set_mask as a dense (G*L, G*L) token mask."""
-    N, L, HD = q.shape
+def _sdpa_set_attention(q, k, v, set_size, heads, scale, set_mask, positions=None):
+    """Backend "torch": torch SDPA on a (B, H, G*L, D) view, a set_mask as a dense (G*L, G*L) token mask. With
+    ``positions`` (K of them) q holds only those images of each set: (B, H, K*L, D) queries, the mask's rows of
+    those positions ((K*L, G*L))."""
+    N, L, HD = k.shape
     G, H = set_size, heads
     D = HD // H
     B = N // G
 
     def heads_first(x):
-        # (N, L, H*D) -> (B, G*L, H, D) -> (B, H, G*L, D)
-        return x.reshape(B, G * L, H, D).transpose(1, 2)
+        # (B*n, L, H*D) -> (B, n*L, H, D) -> (B, H, n*L, D)
+        return x.reshape(B, -1, H, D).transpose(1, 2)
 
     attn_mask = None
     if set_mask is not None:
+        rows = set_mask if positions is None else torch.stack([set_mask[p] for p in positions])  # no index tensor
         # (G, G) -> (G*L, G*L) token mask; dense, but only on this fallback path
-        attn_mask = set_mask.repeat_interleave(L, 0).repeat_interleave(L, 1)
+        attn_mask = rows.repeat_interleave(L, 0).repeat_interleave(L, 1)
     o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=attn_mask, scale=scale)
-    # (B, H, G*L, D) -> (B, G*L, H, D) -> (N, L, H*D)
-    return o.transpose(1, 2).reshape(N, L, HD)
+    # (B, H, n*L, D) -> (B, n*L, H, D) -> (B*n, L, H*D)
+    return o.transpose(1, 2).reshape(q.shape[0], L, HD)
 
 
 def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backend="auto", q_positions=None):
