@@ -366,6 +366,24 @@ def cuda_fwd_stages_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def cuda_fwd_splits_row(L, D, ng=1, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """CUDA forward with its keys split over several CTAs per query tile (``JEDI_CUDA_FWD_SPLITS``: unset = the
+    automatic count, which splits only grids that fill less than 80 % of one wave; 1 = never; 2, 4 = forced), with
+    torch's FA2 backend on the same inputs (``ms_fa2``): the shapes of issue 4's matrix where one wave of CTAs walks
+    every key tile in turn (d 80, L 1024, set size 1: 128 CTAs of 16 tiles, 0.039 ms on the H100 against FA2's 0.038,
+    which splits there). The mma.sync kernel throughout (JEDI_CUDA_FWD_WGMMA=0; the Hopper forward has no splits)."""
+    with _env("JEDI_CUDA_FWD_WGMMA", "0"):
+        row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_SPLITS",
+                           {"auto": "", "off": "1", "s2": "2", "s4": "4"}, "cuda_fwd_splits")
+    _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
+    with contextlib.suppress(Exception):  # FA2 may not take the shape
+        row["ms_fa2"] = time_ms(build_fn("sdpa-flash", q, k, v, ng, HEADS, "fwd")[0], rep_ms=rep_ms)
+    row["speedup_auto_vs_off"] = row["ms_off"] / row["ms_auto"]
+    if "ms_fa2" in row:
+        row["speedup_auto_vs_fa2"] = row["ms_fa2"] / row["ms_auto"]
+    return row
+
+
 def _hopper_summary(row: dict, out, ref, labels: tuple, tag: str, base: str) -> dict:
     """A Hopper-forward row's verdict: its output's max |diff| from cuDNN's, the fastest of ``labels``
     (``best_<tag>``), its speedups over the row's ``base`` kernel and cuDNN, and its TFLOP/s."""
@@ -739,6 +757,15 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
               f"errors {list(row['errors'])} ({row['wall_s']:.1f}s)", flush=True)
     import jedi_kernels as jk
 
+    if jk.available_backends()["cuda_attention"]:
+        # the CUDA forward's key splits (new, never timed; a few seconds) on issue 4's small-grid shapes
+        for L, D, ng in ((1024, 80, 1), (256, 160, 1), (256, 160, 2), (64, 160, 4), (1024, 80, 2)):
+            add(cuda_fwd_splits_row(L, D, ng=ng, rep_ms=rep_ms))
+            r = rows[-1]
+            print(f"CUDA forward key splits, L={L} D={D} ng={ng}: "
+                  f"{ {k[3:]: round(v, 4) for k, v in r.items() if k.startswith('ms_')} } "
+                  f"auto x{r['speedup_auto_vs_off']:.2f} vs off, x{r.get('speedup_auto_vs_fa2', float('nan')):.2f} "
+                  f"vs FA2", flush=True)
     # the two Hopper forwards (new, never timed) right after the dispatch rows: a cut-short sweep must not lose them.
     # JEDI_SWEEP_GLUON=0 (gpu_check.sh, when tools/ws_probe.py --kernel gluon did not finish) skips the Gluon one
     d40 = [(4096, 40, 2, torch.bfloat16), (4096, 40, 2, torch.float16), (4096, 40, 1, torch.bfloat16),

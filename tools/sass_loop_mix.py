@@ -185,7 +185,8 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1, s
     for blk in blocks[1:]:
         name = blk.split("\n", 1)[0]
         args = re.search(kernel + r"I(\w+?)Li(\d+)ELi(\d+)E", name)
-        if args and name.split(kernel + "I", 1)[-1].startswith(want) and int(args.group(3)) == row_blocks:
+        split = re.search(kernel + r"I\w+?Li\d+ELi\d+ELb1E", name)  # the key-split instance: not the default loop
+        if args and not split and name.split(kernel + "I", 1)[-1].startswith(want) and int(args.group(3)) == row_blocks:
             return blk
     raise LookupError(f"no {kernel} for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
 

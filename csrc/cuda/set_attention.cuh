@@ -50,6 +50,14 @@ struct SetAttnParams {
   // warpgroups, 128 x 2, 128 x 3 per CTA; only where set_attention_wgmma_runnable(D) (an sm_90a build on a
   // compute-capability-9.0 device, D = 40), else the mma.sync kernels run.
   int fwd_wgmma;
+  // Key splits (set_attn::fwd_has_splits instances: the one-stage mma.sync loop with the head dim's default row
+  // blocks): 0 or 1 = one CTA per query tile; S > 1 (<= set_attn::kMaxFwdSplits) = S CTAs per query tile, each over
+  // one run of its allowed key tiles (set_attn::split_range), writing float32 partial results to out_accum and
+  // lse_accum, which a second kernel merges into out and lse. Takes precedence over fwd_wgmma.
+  // set_attention_fwd_splits picks S for a launch.
+  int fwd_splits;
+  float* out_accum;  // S * N * L * H * D float32 (set_attn::fwd_split_out_elems), 8-byte aligned; S > 1 only
+  float* lse_accum;  // S * B * H * G * L float32 (set_attn::fwd_split_lse_elems); S > 1 only
 };
 
 struct SetAttnBwdParams {
@@ -85,6 +93,13 @@ struct SetAttnBwdParams {
 // (cudaGetLastError) otherwise.
 cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStream_t stream);
 cudaError_t set_attention_bwd_launch(const SetAttnBwdParams& p, int dtype, cudaStream_t stream);
+
+// The key-split count for launching p (fwd_splits, out_accum and lse_accum aside) on the current device: `requested`
+// 0 = automatic (set_attn::fwd_auto_splits with the split instance's CTAs per SM: more than 1 only for grids that
+// fill less than 80 % of one wave), 1 = none, S > 1 = S (at most set_attn::kMaxFwdSplits). 1 wherever the launch
+// would run an instance without splits (the Hopper forward, the two-stage loop, a non-default row-block count).
+// dtype: 0 = float16, 1 = bfloat16.
+int set_attention_fwd_splits(const SetAttnParams& p, int dtype, int requested);
 
 // Whether the Hopper (wgmma) forward can run head dim D on the current device: compiled for sm_90a (setup.py's
 // default for 9.0), a compute-capability-9.0 device, D = 40.

@@ -16,6 +16,11 @@ namespace set_attn {
 template <typename T, int kD>
 cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream);
 
+// CTAs per SM of the forward's split instance (the head dim's default row blocks, one stage) on the current device;
+// 0 when unknown.
+template <typename T, int kD>
+int fwd_split_ctas_per_sm();
+
 // Backward main kernel: dK, dV written, dQ accumulated into p.dq_accum (float32, unscaled). Needs p.delta filled and
 // p.dq_accum zeroed first (set_attention_bwd_launch runs the preprocess kernel before it and the convert after).
 template <typename T, int kD>

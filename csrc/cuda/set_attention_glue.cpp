@@ -150,6 +150,18 @@ int fwd_wgmma_from_env(int64_t D, const char* op) {
   return v[0] - '0';
 }
 
+// JEDI_CUDA_FWD_SPLITS=0..8 asks for key splits of the forward (set_attention_fwd_splits): unset, empty or 0 =
+// automatic (more than one only where the grid fills less than 80 % of one wave of CTAs), 1 = none, S = S splits
+// where the launched instance has them (the one-stage mma.sync loop with the head dim's default row blocks).
+int fwd_splits_from_env(const char* op) {
+  const char* env = std::getenv("JEDI_CUDA_FWD_SPLITS");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string v(env);
+  JEDI_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '8', op, ": JEDI_CUDA_FWD_SPLITS must be one of 0-8, got '", v,
+             "'");
+  return v[0] - '0';
+}
+
 // JEDI_CUDA_BWD_KEY_BLOCKS=1|2 picks the backward instance with 16 or 32 keys per warp; 0: the head dim's default
 // (set_attn::bwd_default_key_blocks). 2 applies where it is compiled (padded head dims <= 48); other head dims keep
 // their one instance, as for the forward.
@@ -198,6 +210,16 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
   p.fwd_row_blocks = fwd_row_blocks_from_env(s.D, op);
   p.fwd_stages = fwd_stages_from_env(s.D, p.fwd_row_blocks, op);
   p.fwd_wgmma = fwd_wgmma_from_env(s.D, op);
+  // key splits for grids too small to fill the GPU: float32 partial results, merged by the launch's second kernel
+  const int splits = set_attention_fwd_splits(p, dtype, fwd_splits_from_env(op));
+  at::Tensor out_accum, lse_accum;
+  if (splits > 1) {
+    out_accum = at::empty({set_attn::fwd_split_out_elems(s.B, s.G, s.L, s.H, s.D, splits)}, q_in.options().dtype(at::kFloat));
+    lse_accum = at::empty({set_attn::fwd_split_lse_elems(s.B, s.G, s.L, s.H, splits)}, q_in.options().dtype(at::kFloat));
+    p.fwd_splits = splits;
+    p.out_accum = out_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  }
   const cudaError_t err = set_attention_fwd_launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
   JEDI_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};

@@ -17,6 +17,7 @@
 //                [n][k] (K in Q K^T, ...), or with .trans an A fragment of a tile stored transposed [k][m] (dS^T)
 #pragma once
 
+#include <atomic>
 #include <type_traits>
 
 #include "set_attention.cuh"
@@ -273,16 +274,25 @@ __device__ __forceinline__ void fwd_pv(typename Tr::OAcc& acc_o, typename Tr::Ro
   }
 }
 
-// Normalize and write out rows < L (columns < D) and lse of this warp's rows.
-template <typename Tr>
+// Normalize and write out rows < L (columns < D) and lse of this warp's rows. kSplitOut: this CTA's run of key tiles
+// is split `split` of a split forward: out and lse in float32 to that split's slices of p.out_accum / p.lse_accum
+// (an empty run writes zeros and lse -inf, which the merge weighs 0).
+template <typename Tr, bool kSplitOut = false>
 __device__ __forceinline__ void fwd_epilogue(const SetAttnParams& p, const typename Tr::OAcc& acc_o,
                                              const typename Tr::RowMax& row_max, const typename Tr::RowSum& row_sum,
-                                             int64_t b, int64_t h, const TileCoord& qc, int warp, int lane) {
+                                             int64_t b, int64_t h, const TileCoord& qc, int warp, int lane,
+                                             int split = 0) {
   using T = typename Tr::Elem;
   T* out = static_cast<T*>(p.out);
   const int64_t G = p.G, L = p.L, H = p.H;
   const int D = static_cast<int>(p.D);
   const int64_t HD = H * D;
+  float* out_acc = nullptr;
+  float* lse_acc = nullptr;
+  if constexpr (kSplitOut) {
+    out_acc = p.out_accum + split * fwd_split_out_elems(p.B, G, L, H, D, 1);
+    lse_acc = p.lse_accum + split * fwd_split_lse_elems(p.B, G, L, H, 1);
+  }
 #pragma unroll
   for (int rb = 0; rb < Tr::kRowBlocks; ++rb)
 #pragma unroll
@@ -296,15 +306,21 @@ __device__ __forceinline__ void fwd_epilogue(const SetAttnParams& p, const typen
       const float lse = sum > 0.f ? row_max[rb][r] * kLn2 + logf(sum) : -INFINITY;
       const int64_t pos = qc.row0 + (warp * Tr::kRowBlocks + rb) * 16 + lane / 4 + 8 * r;
       if (pos < L) {
-        T* orow = out + (tensor_row(b, G, qc.image) * L + pos) * HD + h * D;
+        const int64_t off = (tensor_row(b, G, qc.image) * L + pos) * HD + h * D;
 #pragma unroll
         for (int i = 0; i < Tr::kDT; ++i) {
           const int col = i * 8 + (lane % 4) * 2;
-          if (col < D)
-            *reinterpret_cast<uint32_t*>(orow + col) =
-                pack2<T>(acc_o[rb][i][2 * r] * inv, acc_o[rb][i][2 * r + 1] * inv);
+          if (col < D) {
+            if constexpr (kSplitOut) {
+              *reinterpret_cast<float2*>(out_acc + off + col) =
+                  float2{acc_o[rb][i][2 * r] * inv, acc_o[rb][i][2 * r + 1] * inv};
+            } else {
+              *reinterpret_cast<uint32_t*>(out + off + col) =
+                  pack2<T>(acc_o[rb][i][2 * r] * inv, acc_o[rb][i][2 * r + 1] * inv);
+            }
+          }
         }
-        if (lane % 4 == 0) p.lse[lse_index(b, h, qc.image, pos, H, G, L)] = lse;
+        if (lane % 4 == 0) (kSplitOut ? lse_acc : p.lse)[lse_index(b, h, qc.image, pos, H, G, L)] = lse;
       }
     }
 }
@@ -328,7 +344,10 @@ __device__ __forceinline__ void fwd_epilogue(const SetAttnParams& p, const typen
 // and lse are exact up to rounding.
 // Pipeline (one K and one V buffer, as FlashAttention-2): V_t streams in while S = Q K_t^T is computed, K_{t+1}
 // while softmax and O += P V_t run. (set_attn_fwd_pipe_kernel: the two-stage loop.)
-template <typename T, int kD, int kRB>
+// kSplit (a split forward, p.fwd_splits = S > 1): blockIdx.x = query tile * S + split, and the CTA walks only its
+// split's run of the allowed key tiles (split_range over KeyWalk's order), ending in fwd_epilogue's float32 partial
+// output; set_attn_fwd_combine_kernel merges the S runs. The one-split instance compiles as if kSplit did not exist.
+template <typename T, int kD, int kRB, bool kSplit = false>
 __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, kD, kRB>::kMinBlocks)
     set_attn_fwd_kernel(const SetAttnParams p) {
   using Tr = FwdTraits<T, kD, kRB>;
@@ -344,18 +363,32 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   const int D = static_cast<int>(p.D);
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int64_t m_tiles = ceil_div(L, kBlockM);
-  const TileCoord qc = tile_coord(blockIdx.x, m_tiles, kBlockM);
+  const TileCoord qc =
+      tile_coord(kSplit ? blockIdx.x / static_cast<unsigned>(p.fwd_splits) : blockIdx.x, m_tiles, kBlockM);
 
   const T* q_tile = static_cast<const T*>(p.q) + tensor_row(b, G, qc.image) * p.q_stride_n + h * D;
   const uint8_t* mask_row = p.set_mask != nullptr ? p.set_mask + qc.image * G : nullptr;
   // the allowed key tiles and where they lie (no divisions or 64-bit products inside an image), and this thread's
   // share of copying each (set_attention_tiles.cuh)
   KeyWalk<T, kBlockN> kw(p, b, h, mask_row);
+  int todo = 0;  // kSplit: tiles of this split's run not yet visited
+  if constexpr (kSplit) {
+    const SplitRange run = split_range(kw.allowed_tiles(), static_cast<int>(blockIdx.x % static_cast<unsigned>(p.fwd_splits)), p.fwd_splits);
+    kw.skip(static_cast<int>(run.first));
+    todo = static_cast<int>(run.count);
+  }
+  auto walking = [&]() -> bool {
+    if constexpr (kSplit) {
+      return todo > 0;
+    } else {
+      return !kw.done();
+    }
+  };
   TileCopyPlan<kBlockN, kD / 8, kThreads, kPitch * static_cast<int>(sizeof(T))> tile_copy;
   tile_copy.init(tid, p.k_stride_l, p.v_stride_l, D);
 
   load_tile<T, kBlockM, kD, kThreads>(sQ, q_tile, p.q_stride_l, qc.row0, L, D, tid);
-  if (!kw.done()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
+  if (walking()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
   cp_async_commit();
 
   const float sl = fabsf(p.scale) * kLog2e;
@@ -386,7 +419,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   typename Tr::QFrag q_frag;
   bool q_loaded = false;
 
-  while (!kw.done()) {
+  while (walking()) {
     cp_async_wait_all();  // K_t (and Q on the first trip) landed
     __syncthreads();      // ... for every thread; and every warp is done with V_{t-1}
     tile_copy.copy(sV, kw.v, tile_copy.voff, kw.rows);
@@ -415,13 +448,62 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
     cp_async_wait_all();  // V_t landed
     __syncthreads();      // ... for every thread; and every warp is done reading K_t
     kw.advance();
-    if (!kw.done()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
+    if constexpr (kSplit) --todo;
+    if (walking()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
     cp_async_commit();
 
     fwd_pv<Tr>(acc_o, row_sum, acc_s, sV_a, ones, last_n8_live);
   }
   cp_async_wait_all();  // a CTA that visited no key tile still has its Q copy in flight
-  fwd_epilogue<Tr>(p, acc_o, row_max, row_sum, b, h, qc, warp, lane);
+  // (the split index again from blockIdx: one register less across the loop)
+  fwd_epilogue<Tr, kSplit>(p, acc_o, row_max, row_sum, b, h, qc, warp, lane,
+                           kSplit ? static_cast<int>(blockIdx.x % static_cast<unsigned>(p.fwd_splits)) : 0);
+}
+
+// The merge of a split forward's S partial results (p.fwd_splits > 1): for each token and head, with lse_s the
+// splits' natural-log logsumexps and out_s their normalized outputs (float32, p.lse_accum / p.out_accum),
+//   lse = m + ln(sum_s e^(lse_s - m)),  out = sum_s e^(lse_s - lse) out_s      (m = max_s lse_s)
+// rounded once to T into p.out, lse into p.lse. A split that saw no key (lse_s = -inf) weighs 0. One warp per
+// (token, head) = warp index (n * L + pos) * H + h; lanes take column pairs 2 lane + 64 i.
+template <typename T>
+__global__ void __launch_bounds__(128) set_attn_fwd_combine_kernel(const SetAttnParams p) {
+  const int64_t G = p.G, L = p.L, H = p.H, N = p.B * p.G;
+  const int D = static_cast<int>(p.D), S = p.fwd_splits, lane = threadIdx.x % 32;
+  const int64_t HD = H * D;
+  const int64_t w = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32;
+  if (w >= N * L * H) return;
+  const int64_t token = w / H, h = w % H, n = token / L, pos = token % L;
+  const int64_t li = lse_index(n / G, h, n % G, pos, H, G, L);
+  const int64_t lse_step = fwd_split_lse_elems(p.B, G, L, H, 1), out_step = fwd_split_out_elems(p.B, G, L, H, D, 1);
+  float lse_s[kMaxFwdSplits];
+  float m = -INFINITY;
+#pragma unroll
+  for (int s = 0; s < kMaxFwdSplits; ++s) {
+    lse_s[s] = s < S ? p.lse_accum[s * lse_step + li] : -INFINITY;
+    m = fmaxf(m, lse_s[s]);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int s = 0; s < kMaxFwdSplits; ++s) {
+    lse_s[s] = m == -INFINITY || lse_s[s] == -INFINITY ? 0.f : expf(lse_s[s] - m);  // now the weights
+    sum += lse_s[s];
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float* src = p.out_accum + token * HD + h * D;
+  T* dst = static_cast<T*>(p.out) + token * HD + h * D;
+  for (int c = 2 * lane; c < D; c += 64) {
+    float x = 0.f, y = 0.f;
+#pragma unroll
+    for (int s = 0; s < kMaxFwdSplits; ++s) {
+      if (s < S && lse_s[s] != 0.f) {
+        const float2 o = *reinterpret_cast<const float2*>(src + s * out_step + c);
+        x = fmaf(lse_s[s], o.x, x);
+        y = fmaf(lse_s[s], o.y, y);
+      }
+    }
+    *reinterpret_cast<uint32_t*>(dst + c) = pack2<T>(x * inv, y * inv);
+  }
+  if (lane == 0) p.lse[li] = sum > 0.f ? m + logf(sum) : -INFINITY;
 }
 
 // The two-stage forward (fwd_config(kD, kRB, 2); same math and results as set_attn_fwd_kernel). Iteration t holds
@@ -580,6 +662,54 @@ cudaError_t run_fwd_instance(const SetAttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// A split forward (p.fwd_splits = S > 1; fwd_has_splits(kD, kRB, 1)): S CTAs per query tile, then the merge.
+template <typename T, int kD, int kRB>
+cudaError_t run_fwd_split(const SetAttnParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kD, kRB, 1>;
+  const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
+  const int64_t gx = g.x * p.fwd_splits;
+  const int64_t warps = p.B * p.G * p.L * p.H, merge_blocks = ceil_div(warps, 4);
+  if (gx > INT_MAX || g.y > 65535 || g.z > 65535 || merge_blocks > INT_MAX) return cudaErrorInvalidValue;
+  auto kernel = set_attn_fwd_kernel<T, kD, kRB, true>;
+  if (Tr::kSmemBytes > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
+           Tr::kSmemBytes, stream>>>(p);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  set_attn_fwd_combine_kernel<T><<<static_cast<unsigned>(merge_blocks), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// CTAs per SM of the split instance of head dim kD (the default row blocks, one stage) on the current device, 0 when
+// the runtime cannot tell; cached per device (set_attention_fwd_splits asks once per launch).
+template <typename T, int kD>
+int fwd_split_ctas_per_sm() {
+  constexpr int kRB = fwd_default_row_blocks(kD);
+  using Tr = FwdTraits<T, kD, kRB, 1>;
+  static std::atomic<int> cache[16];  // device -> CTAs per SM + 1 (0: not asked yet)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < 16) {
+    const int hit = cache[dev].load(std::memory_order_relaxed);
+    if (hit > 0) return hit - 1;
+  }
+  auto kernel = set_attn_fwd_kernel<T, kD, kRB, true>;
+  if (Tr::kSmemBytes > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess)
+    return 0;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::kSmemBytes) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky; leave no error for the next launch check
+    return 0;
+  }
+  if (dev >= 0 && dev < 16) cache[dev].store(n + 1, std::memory_order_relaxed);
+  return n;
+}
+
 template <typename T, int kD, int kRB>
 cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
   const int stages = p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages;
@@ -593,6 +723,12 @@ cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
 template <typename T, int kD>
 cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
   const int rb = fwd_launch_row_blocks(kD, p.fwd_row_blocks, p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages);
+  if (p.fwd_splits > 1) {  // set_attention_fwd_launch checked that this instance has splits
+    constexpr int kRBs = fwd_default_row_blocks(kD);
+    if (rb == kRBs && (p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages) == 1)
+      return run_fwd_split<T, kD, kRBs>(p, stream);
+    return cudaErrorInvalidValue;
+  }
   if (rb == 1) return run_fwd_rb<T, kD, 1>(p, stream);
   if constexpr (fwd_has_row_blocks(kD, 2)) {
     if (rb == 2) return run_fwd_rb<T, kD, 2>(p, stream);
@@ -1026,7 +1162,9 @@ cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
 // Explicit instantiation of both dtypes of one head-dim instance (used by the *_hdim*.cu / *_generic.cu files).
 #define JEDI_SET_ATTN_INSTANTIATE_FWD(KD)                                                                     \
   template cudaError_t jedi::set_attn::run_fwd<__half, KD>(const jedi::SetAttnParams&, cudaStream_t);        \
-  template cudaError_t jedi::set_attn::run_fwd<__nv_bfloat16, KD>(const jedi::SetAttnParams&, cudaStream_t);
+  template cudaError_t jedi::set_attn::run_fwd<__nv_bfloat16, KD>(const jedi::SetAttnParams&, cudaStream_t); \
+  template int jedi::set_attn::fwd_split_ctas_per_sm<__half, KD>();                                           \
+  template int jedi::set_attn::fwd_split_ctas_per_sm<__nv_bfloat16, KD>();
 #define JEDI_SET_ATTN_INSTANTIATE_BWD(KD)                                                                     \
   template cudaError_t jedi::set_attn::run_bwd<__half, KD>(const jedi::SetAttnBwdParams&, cudaStream_t);     \
   template cudaError_t jedi::set_attn::run_bwd<__nv_bfloat16, KD>(const jedi::SetAttnBwdParams&, cudaStream_t);

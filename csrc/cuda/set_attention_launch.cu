@@ -65,7 +65,37 @@ cudaError_t bwd_all(const SetAttnBwdParams& p, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+template <typename T>
+int dispatch_split_ctas_per_sm(int kD) {
+  switch (kD) {
+    case 32: return fwd_split_ctas_per_sm<T, 32>();
+    case 48: return fwd_split_ctas_per_sm<T, 48>();
+    case 64: return fwd_split_ctas_per_sm<T, 64>();
+    case 80: return fwd_split_ctas_per_sm<T, 80>();
+    case 96: return fwd_split_ctas_per_sm<T, 96>();
+    case 128: return fwd_split_ctas_per_sm<T, 128>();
+    case 160: return fwd_split_ctas_per_sm<T, 160>();
+    case 192: return fwd_split_ctas_per_sm<T, 192>();
+    case 256: return fwd_split_ctas_per_sm<T, 256>();
+    default: return 0;
+  }
+}
+
+// Whether a launch of p runs the Hopper forward (it has no splits).
+bool runs_wgmma(const SetAttnParams& p) {
+  return p.fwd_wgmma != 0 && set_attention_wgmma_runnable(p.D) && wgmma_variant_compiled(p.D, p.fwd_wgmma);
+}
+
+// Whether the mma.sync instance a launch of p runs has a split variant.
+bool instance_has_splits(const SetAttnParams& p) {
+  const int kD = padded_head_dim(p.D);
+  if (kD == 0) return false;
+  const int stages = p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages;
+  return fwd_has_splits(kD, fwd_launch_row_blocks(kD, p.fwd_row_blocks, stages), stages);
+}
+
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+bool aligned8(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 7u) == 0; }
 bool strides_ok(int64_t sn, int64_t sl) { return sn % 8 == 0 && sl % 8 == 0; }
 
 }  // namespace
@@ -82,7 +112,11 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
                       p.fwd_stages))
     return cudaErrorInvalidValue;
   if (p.fwd_wgmma < 0 || p.fwd_wgmma > kWgmmaVariants) return cudaErrorInvalidValue;
+  if (p.fwd_splits < 0 || p.fwd_splits > kMaxFwdSplits) return cudaErrorInvalidValue;
+  if (p.fwd_splits > 1 && (!instance_has_splits(p) || p.out_accum == nullptr || p.lse_accum == nullptr))
+    return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0) return cudaSuccess;  // nothing to compute
+  if (p.fwd_splits > 1 && (!aligned8(p.out_accum) || !aligned8(p.lse_accum))) return cudaErrorMisalignedAddress;
   // 16-byte vector/cp.async access of every row chunk
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
       !strides_ok(p.q_stride_n, p.q_stride_l) || !strides_ok(p.k_stride_n, p.k_stride_l) ||
@@ -93,9 +127,25 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
   if (!key_tiles_fit(p, 192, 32)) return cudaErrorInvalidValue;
   // the Hopper forward where it applies (an sm_90a build on a 9.0 device, head dim 40, 80 or 160 with the variant
   // compiled for it); elsewhere the request falls back to the mma.sync kernels, like the other instance switches
-  if (p.fwd_wgmma != 0 && set_attention_wgmma_runnable(p.D) && wgmma_variant_compiled(p.D, p.fwd_wgmma))
-    return run_fwd_wgmma(p, dtype, stream);
+  if (p.fwd_splits <= 1 && runs_wgmma(p)) return run_fwd_wgmma(p, dtype, stream);
   return dtype == 0 ? dispatch_fwd<__half>(p, stream) : dispatch_fwd<__nv_bfloat16>(p, stream);
+}
+
+int set_attention_fwd_splits(const SetAttnParams& p, int dtype, int requested) {
+  using namespace set_attn;
+  if (requested == 1 || (dtype != 0 && dtype != 1) || runs_wgmma(p) || !instance_has_splits(p)) return 1;
+  if (requested > 1) return requested < kMaxFwdSplits ? requested : kMaxFwdSplits;
+  if (p.B <= 0 || p.L <= 0 || p.G < 1 || p.H < 1) return 1;
+  const int kD = padded_head_dim(p.D);
+  const FwdConfig c = fwd_config(kD, fwd_default_row_blocks(kD), 1);
+  const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, c.block_m);
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  const int per_sm = dtype == 0 ? dispatch_split_ctas_per_sm<__half>(kD) : dispatch_split_ctas_per_sm<__nv_bfloat16>(kD);
+  return fwd_auto_splits(g.x * g.y * g.z, p.G * ceil_div(p.L, c.block_n), sms, per_sm);
 }
 
 cudaError_t set_attention_bwd_launch(const SetAttnBwdParams& p, int dtype, cudaStream_t stream) {

@@ -89,6 +89,25 @@ struct KeyWalk {
     v = v_set + image * v_sn + int64_t{tile} * kBlockN * v_sl;
     rows = tile == tiles - 1 ? last_rows : kBlockN;
   }
+  // Allowed tiles of the whole walk (allowed images x tiles per image; 32-bit: key_tiles_fit).
+  __device__ __forceinline__ int allowed_tiles() const {
+    int n = 0;
+    for (int i = 0; i < G; ++i) n += allowed(i) ? 1 : 0;
+    return n * tiles;
+  }
+  // n tiles further on (0 <= n; done() when the walk has fewer left): the first tile of a split forward's run
+  // (set_attn::split_range), one step per image instead of one per tile.
+  __device__ __forceinline__ void skip(int n) {
+    if (n <= 0 || done()) return;
+    while (image < G && n >= tiles - tile) {
+      n -= tiles - tile;
+      tile = 0;
+      do ++image;
+      while (image < G && !allowed(image));
+    }
+    tile += n;
+    if (image < G) locate();
+  }
   // On to the next allowed tile (done() after the last one).
   __device__ __forceinline__ void advance() {
     if (++tile < tiles) {

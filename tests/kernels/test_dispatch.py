@@ -442,6 +442,41 @@ def test_gluon_bwd_row_times_only_the_checked_configs(monkeypatch):
     assert timed[-1] == {"split": "0", "glbwd1": "1"}
 
 
+def test_cuda_fwd_splits_row_times_each_setting_on_the_mma_sync_kernel(monkeypatch):
+    """The sweep's key-split row times the CUDA forward unset (automatic), off and with 2 and 4 splits, all with the
+    Hopper forward off (it has no splits), then FA2 on the same shape; a shape FA2 refuses leaves its entries out
+    (stand-ins for the timers and kernels)."""
+    seen = []
+
+    def fake_variant_row(L, D, ng, dtype, rep_ms, backend, env, variants, kind, mode="fwd"):
+        assert backend == "cuda" and env == "JEDI_CUDA_FWD_SPLITS" and mode == "fwd"
+        seen.append((dict(variants), os.environ.get("JEDI_CUDA_FWD_WGMMA")))
+        return {"L": L, "D": D, "ng": ng, "kind": kind, "ms_auto": 2.0, "ms_off": 3.0, "ms_s2": 2.0, "ms_s4": 2.5}
+
+    def fake_build_fn(name, *a, **kw):
+        if name != "sdpa-flash":
+            raise AssertionError(name)
+        return (lambda: None), None
+
+    monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "_variant_row", fake_variant_row)
+    monkeypatch.setattr(sw, "build_fn", fake_build_fn)
+    monkeypatch.setattr(sw, "time_ms", lambda fn, rep_ms=60: 2.4)
+    monkeypatch.delenv("JEDI_CUDA_FWD_WGMMA", raising=False)
+    row = sw.cuda_fwd_splits_row(64, 80, ng=1, rep_ms=1)
+    assert seen == [({"auto": "", "off": "1", "s2": "2", "s4": "4"}, "0")]
+    assert "JEDI_CUDA_FWD_WGMMA" not in os.environ
+    assert row["kind"] == "cuda_fwd_splits" and row["speedup_auto_vs_off"] == 1.5
+    assert row["ms_fa2"] == 2.4 and row["speedup_auto_vs_fa2"] == 1.2
+
+    def refusing_build_fn(name, *a, **kw):
+        raise RuntimeError("No available kernel")
+
+    monkeypatch.setattr(sw, "build_fn", refusing_build_fn)
+    row = sw.cuda_fwd_splits_row(64, 80, ng=1, rep_ms=1)
+    assert "ms_fa2" not in row and "speedup_auto_vs_fa2" not in row and row["speedup_auto_vs_off"] == 1.5
+
+
 def test_sweep_saves_after_every_row(monkeypatch):
     """gpu_check.sh gives the sweep a fixed time: every row is written as soon as it is measured, so a run cut short
     keeps its rows (stand-in measurements; the order puts the dispatch-deciding rows first)."""
@@ -457,12 +492,12 @@ def test_sweep_saves_after_every_row(monkeypatch):
                 "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0,
                 "speedup_fast_vs_triton_launch": 1.0, "ms_fast_launch": 1.0, "gluonbwd_ran": True,
                 "best_gluonbwd": "glbwd1", "speedup_gluonbwd_vs_split": 1.0, "speedup_gluonbwd_vs_cudnn": 1.0,
-                "tflops_best_gluonbwd": 1.0}
+                "tflops_best_gluonbwd": 1.0, "speedup_auto_vs_off": 1.0}
 
     for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
                  "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
                  "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row",
-                 "triton_gluon_bwd_row", "fast_launch_row", "graph_row"):
+                 "triton_gluon_bwd_row", "fast_launch_row", "graph_row", "cuda_fwd_splits_row"):
         monkeypatch.setattr(sw, name, fake_row)
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})

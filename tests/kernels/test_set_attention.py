@@ -829,6 +829,72 @@ def test_cuda_forward_instances(monkeypatch, row_blocks, stages, B, G, L, H, D, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", ["1", "2", "3", "8"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (2, 1, 1024, 2, 80, "full", True),    # SD's 32x32 level at set size 1: the shape the automatic count splits
+    (2, 3, 97, 2, 72, "random", False),   # partial tiles, a mask: runs of unequal length, some empty
+    (1, 4, 130, 1, 40, "oneway", True),   # one allowed image of 4
+    (1, 2, 256, 2, 160, "blockdiag", False),
+    (1, 2, 33, 1, 40, "full", False),     # 8 splits of 2 key tiles: 6 empty runs
+])
+def test_cuda_forward_key_splits(monkeypatch, splits, B, G, L, H, D, mask, fused):
+    """The split forward (JEDI_CUDA_FWD_SPLITS=S: S CTAs per query tile over runs of its allowed key tiles, float32
+    partial results merged by a second kernel; FlashAttention-2's split-KV for grids too small to fill the GPU)
+    passes the 2x rule for out and lse (and the backward, which reads the merged lse), in both dtypes; the profiler
+    shows the merge kernel ran exactly when S > 1. JEDI_CUDA_FWD_WGMMA=0 keeps the d 40 case on the mma.sync kernel
+    (the Hopper forward has no splits)."""
+    _require_cuda_attention()
+    monkeypatch.setenv("JEDI_CUDA_FWD_SPLITS", splits)
+    monkeypatch.setenv("JEDI_CUDA_FWD_WGMMA", "0")
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused, backend="cuda")
+    _, (q, k, v) = _inputs(B, G, L, H, D, torch.float16, torch.device("cuda"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        jk.set_attention(q, k, v, G, H, backend="cuda")
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "set_attn_fwd" in e.name}
+    merged = any("combine" in n for n in names)
+    assert names and merged == (splits != "1"), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", [None, "0", "1"], ids=["unset", "auto", "off"])
+def test_cuda_forward_splits_small_grids_by_default(monkeypatch, setting):
+    """Unset (or 0) the CUDA forward splits the keys where the grid fills less than 80 % of one wave: d 80, L 1024,
+    one image per set, B 2, H 8 is 128 CTAs of 16 key tiles with room for two per SM (on an A100, H100 and H200), so
+    it splits; the UNet's 64x64 layer (d 40, L 4096, set size 2: 1024 CTAs) does not; "1" never splits. Out by the
+    2x rule either way."""
+    _require_cuda_attention()
+    if setting is None:
+        monkeypatch.delenv("JEDI_CUDA_FWD_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("JEDI_CUDA_FWD_SPLITS", setting)
+    monkeypatch.setenv("JEDI_CUDA_FWD_WGMMA", "0")
+    for (B, G, L, H, D), small in (((2, 1, 1024, 8, 80), True), ((2, 2, 4096, 8, 40), False)):
+        q, k, v = (torch.randn(B * G, L, H * D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = jk.set_attention(q, k, v, G, H, backend="cuda")
+            torch.cuda.synchronize()
+        names = {e.name for e in prof.events() if "set_attn_fwd" in e.name}
+        assert names and any("combine" in n for n in names) == (small and setting != "1"), (B, G, L, H, D, names)
+        if small:
+            ref64 = reference.set_attention_reference(*(t.double() for t in (q, k, v)), G, H)
+            same = reference.set_attention_reference(q, k, v, G, H)
+            assert_flash_rule(out, same, ref64, f"out splits={setting}")
+
+
+@pytest.mark.gpu
+def test_cuda_forward_splits_env_is_checked(monkeypatch):
+    """A malformed JEDI_CUDA_FWD_SPLITS is an error naming the variable, not a silent default."""
+    _require_cuda_attention()
+    q = torch.randn(2, 64, 80, device="cuda", dtype=torch.float16)
+    for bad in ("9", "two", "-1"):
+        monkeypatch.setenv("JEDI_CUDA_FWD_SPLITS", bad)
+        with pytest.raises(RuntimeError, match="JEDI_CUDA_FWD_SPLITS"):
+            jk.set_attention(q, q, q, 2, 1, backend="cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("key_blocks", ["1", "2"], ids=["16keys", "32keys"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
     (1, 2, 4096, 2, 40, "full", True),

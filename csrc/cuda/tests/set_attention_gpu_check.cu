@@ -56,6 +56,7 @@ struct Case {
   int stages = 0;      // forward loop (SetAttnParams::fwd_stages): 0 = the default
   int bwd_warps = 0;   // backward CTA (SetAttnBwdParams::bwd_warps): 0 = the default
   int wgmma = 0;       // Hopper forward variant (SetAttnParams::fwd_wgmma): 0 = off
+  int splits = 0;      // forward key splits (set_attention_fwd_splits' request): 0 = none, S > 1 = S
 };
 
 uint16_t to_bits(float x, int dtype) {
@@ -83,10 +84,11 @@ float from_bits(uint16_t u, int dtype) {
 
 struct DeviceBuffers {
   void *qkv = nullptr, *out = nullptr, *dout = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
-  float *lse = nullptr, *dq_acc = nullptr, *delta = nullptr;
+  float *lse = nullptr, *dq_acc = nullptr, *delta = nullptr, *out_acc = nullptr, *lse_acc = nullptr;
   uint8_t* mask = nullptr;
   ~DeviceBuffers() {
-    for (void* p : {qkv, out, dout, dq, dk, dv, (void*)lse, (void*)dq_acc, (void*)delta, (void*)mask})
+    for (void* p : {qkv, out, dout, dq, dk, dv, (void*)lse, (void*)dq_acc, (void*)delta, (void*)mask, (void*)out_acc,
+                    (void*)lse_acc})
       if (p) cudaFree(p);
   }
 };
@@ -169,6 +171,20 @@ bool run_case(const Case& c, bool use_graph) {
   fp.fwd_row_blocks = c.row_blocks;
   fp.fwd_stages = c.stages;
   fp.fwd_wgmma = c.wgmma;
+  if (c.splits > 1) {  // as the torch glue does: the launcher's split count, its workspaces
+    fp.fwd_splits = jedi::set_attention_fwd_splits(fp, c.dtype, c.splits);
+    if (fp.fwd_splits != c.splits) {
+      std::printf("FAIL set_attention_fwd_splits granted %d of %d splits\n", fp.fwd_splits, c.splits);
+      ++g_fail;
+      return false;
+    }
+    CK(cudaMalloc(&d.out_acc, jedi::set_attn::fwd_split_out_elems(B, G, L, H, D, c.splits) * 4));
+    CK(cudaMalloc(&d.lse_acc, jedi::set_attn::fwd_split_lse_elems(B, G, L, H, c.splits) * 4));
+    CK(cudaMemset(d.out_acc, 0xFF, jedi::set_attn::fwd_split_out_elems(B, G, L, H, D, c.splits) * 4));
+    CK(cudaMemset(d.lse_acc, 0xFF, jedi::set_attn::fwd_split_lse_elems(B, G, L, H, c.splits) * 4));
+    fp.out_accum = d.out_acc;
+    fp.lse_accum = d.lse_acc;
+  }
   SetAttnBwdParams bp{};
   bp.q = fp.q; bp.k = fp.k; bp.v = fp.v; bp.out = d.out; bp.dout = d.dout;
   bp.q_stride_n = bp.k_stride_n = bp.v_stride_n = sn;
@@ -247,10 +263,10 @@ bool run_case(const Case& c, bool use_graph) {
     }
   }
   std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d "
-              "fwd_stages=%d fwd_wgmma=%d bwd_key_blocks=%d bwd_warps=%d%s:%s\n",
+              "fwd_stages=%d fwd_wgmma=%d fwd_splits=%d bwd_key_blocks=%d bwd_warps=%d%s:%s\n",
               ok ? "PASS" : "FAIL", (long long)B, (long long)G, (long long)L, (long long)H, (long long)D,
-              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.wgmma, c.key_blocks,
-              c.bwd_warps, use_graph ? " graph" : "", msg.c_str());
+              c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.wgmma, c.splits,
+              c.key_blocks, c.bwd_warps, use_graph ? " graph" : "", msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
   return ok;
@@ -462,12 +478,21 @@ int main(int argc, char** argv) {
     cases.push_back(Case{1, 2, 65, 1, 80, 1, 0, 0, 0.0f, true});
     for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v)  // the Hopper forward at negative and zero scale
       for (float sc : {-0.3f, 0.0f}) cases.push_back(Case{1, 2, 97, 2, 40, 1, 1, 0, sc, true, 0, 0, 0, 0, v});
+    // split forwards: d 80 with one image per set (the shape the automatic count splits), masks, d 160, more splits
+    // than key tiles
+    for (int dt = 0; dt < 2; ++dt) {
+      cases.push_back(Case{2, 1, 1024, 2, 80, dt, 0, 1, 0.f, false, 0, 0, 0, 0, 0, 2});
+      cases.push_back(Case{1, 3, 97, 2, 72, dt, 2, 2, 0.f, false, 0, 0, 0, 0, 0, 3});
+      cases.push_back(Case{1, 2, 256, 1, 160, dt, 3, 0, -0.2f, true, 0, 0, 0, 0, 0, 4});
+      cases.push_back(Case{1, 2, 33, 1, 40, dt, 1, 1, 0.f, false, 0, 0, 0, 0, 0, 8});
+    }
   }
   for (const Case& c : cases) run_case(c, false);
   if (!perf_only) {
     // the whole fwd + bwd captured in a CUDA graph and replayed twice
     run_case(Case{1, 2, 97, 2, 40, 1, 1, 1, 0.f, false}, true);
     run_case(Case{1, 3, 40, 1, 160, 0, 2, 0, 0.f, false}, true);
+    run_case(Case{2, 1, 256, 2, 80, 1, 0, 1, 0.f, false, 0, 0, 0, 0, 0, 2}, true);  // a split forward in the graph
   }
   if (!quick) {
     time_case(2, 2, 4096, 8, 40, 1, 0);  // the design's reference point (cuDNN SDPA 0.59 ms, FA2 1.07 ms)

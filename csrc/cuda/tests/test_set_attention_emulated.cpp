@@ -33,6 +33,7 @@ struct Case {
   int layout;  // 0 contiguous, 1 fused qkv view, 2 padded strides, 3 different strides for q, k and v
   float scale;  // 0: D^-0.5
   bool cp_late = true;
+  int splits = 1;  // > 1: the split forward (S CTAs per query tile, then the merge kernel)
 };
 
 template <typename T, int kD, int kRB = fwd_default_row_blocks(kD), int kKB = bwd_default_key_blocks(kD),
@@ -73,13 +74,32 @@ void run_case(const Case& c) {
 
   using FT = FwdTraits<T, kD, kRB, kStages>;
   const Grid3 gf = fwd_grid(B, G, L, H, FT::kBlockM);
-  jedi_emu::launch(EmuDim3{unsigned(gf.x), unsigned(gf.y), unsigned(gf.z)}, FT::kThreads, FT::kSmemBytes, [&] {
-    if constexpr (kStages == 2) {
-      set_attn_fwd_pipe_kernel<T, kD, kRB>(fp);
+  const int NS = c.splits;
+  Buf<float> out_acc(NS > 1 ? fwd_split_out_elems(B, G, L, H, D, NS) : 0, nan_f(), canary_f()),
+      lse_acc(NS > 1 ? fwd_split_lse_elems(B, G, L, H, NS) : 0, nan_f(), canary_f());
+  if (NS > 1) {
+    if constexpr (kStages == 1 && fwd_has_splits(kD, kRB, 1)) {
+      fp.fwd_splits = NS;
+      fp.out_accum = out_acc.data();
+      fp.lse_accum = lse_acc.data();
+      jedi_emu::launch(EmuDim3{unsigned(gf.x * NS), unsigned(gf.y), unsigned(gf.z)}, FT::kThreads, FT::kSmemBytes,
+                       [&] { set_attn_fwd_kernel<T, kD, kRB, true>(fp); });
+      jedi_emu::launch(EmuDim3{unsigned(ceil_div(N * L * H, 4)), 1, 1}, 128, 0,
+                       [&] { set_attn_fwd_combine_kernel<T>(fp); });
     } else {
-      set_attn_fwd_kernel<T, kD, kRB>(fp);
+      std::printf("FAIL case asks for %d splits of an instance without them\n", NS);
+      ++g_fail;
+      return;
     }
-  });
+  } else {
+    jedi_emu::launch(EmuDim3{unsigned(gf.x), unsigned(gf.y), unsigned(gf.z)}, FT::kThreads, FT::kSmemBytes, [&] {
+      if constexpr (kStages == 2) {
+        set_attn_fwd_pipe_kernel<T, kD, kRB>(fp);
+      } else {
+        set_attn_fwd_kernel<T, kD, kRB>(fp);
+      }
+    });
+  }
 
   jedi::SetAttnBwdParams bp{};
   bp.q = fp.q;
@@ -143,7 +163,8 @@ void run_case(const Case& c) {
                {"dv", jedi_test::compare(as_double(dv), r.dv), tol_g}};
   bool ok = out.canaries_ok(kCanary16) && dq.canaries_ok(kCanary16) && dk.canaries_ok(kCanary16) &&
             dv.canaries_ok(kCanary16) && lse.canaries_ok(canary_f()) && dq_acc.canaries_ok(canary_f()) &&
-            delta.canaries_ok(canary_f()) && in.qkv.canaries_ok(kCanary16) && dout.canaries_ok(kCanary16);
+            delta.canaries_ok(canary_f()) && in.qkv.canaries_ok(kCanary16) && dout.canaries_ok(kCanary16) &&
+            out_acc.canaries_ok(canary_f()) && lse_acc.canaries_ok(canary_f());
   std::string msg = ok ? "" : " CANARY OVERWRITTEN";
   // a key image nobody attends gets exact-zero dk, dv (either sign: a negative scale makes dk = scale * 0 = -0)
   if (c.mask == 3 && G > 1) {
@@ -169,8 +190,15 @@ void run_case(const Case& c) {
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%s kD=%d rows/warp=%d stages=%d keys/warp=%d bwd warps=%d %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
-              ok ? "PASS" : "FAIL", kD, 16 * kRB, kStages, 16 * kKB, kBwdWarps, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
+  if (NS > 1) {  // every split wrote its whole slice (rows < L, columns < D; no NaN poison left)
+    bool all = true;
+    for (int64_t i = 0; i < lse_acc.n; ++i) all = all && !std::isnan(lse_acc.data()[i]);
+    for (int64_t i = 0; i < out_acc.n; ++i) all = all && !std::isnan(out_acc.data()[i]);
+    if (!all) msg += " UNWRITTEN-split-workspace";
+    ok = ok && all;
+  }
+  std::printf("%s splits=%d kD=%d rows/warp=%d stages=%d keys/warp=%d bwd warps=%d %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
+              ok ? "PASS" : "FAIL", NS, kD, 16 * kRB, kStages, 16 * kKB, kBwdWarps, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
               (long long)D, c.mask, c.layout, scale, c.cp_late ? "late" : "early", secs, msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
@@ -202,7 +230,17 @@ int main(int argc, char** argv) {
   run_case<__half, 80, 2, 1, 1, 8>({1, 2, 97, 1, 72, 0, 1, 0.f, true});
   run_case<__nv_bfloat16, 80, 2, 1, 1, 8>({1, 3, 70, 1, 80, 3, 2, -0.5f, false});
   run_case<__half, 48>({1, 3, 70, 1, 40, 2, 3, 0.f, true});  // q, k, v with strides of their own
+  // split forwards (S CTAs per query tile over runs of the allowed key tiles, then the merge): uneven runs, a run
+  // crossing an image, masks (one-way: 1 of 3 images allowed, so a run may be empty; a never-attended image),
+  // more splits than tiles, a rescale mid-run, negative scale, both dtypes, 16 and 32 rows per warp, d 160
+  run_case<__half, 80>({1, 3, 97, 2, 72, 0, 1, 0.f, true, 2});
+  run_case<__nv_bfloat16, 48>({1, 3, 70, 1, 40, 2, 0, 3.f, false, 3});
+  run_case<__half, 48>({1, 2, 33, 1, 40, 3, 2, -0.5f, true, 8});
+  run_case<__nv_bfloat16, 160>({1, 2, 70, 1, 152, 1, 3, 0.f, true, 4});
   if (!quick) {
+    run_case<__half, 80>({2, 4, 33, 1, 80, 2, 0, 2.5f, false, 5});
+    run_case<__nv_bfloat16, 256>({1, 2, 40, 1, 248, 0, 1, 0.f, true, 3});
+    run_case<__half, 32>({2, 5, 1, 1, 8, 2, 1, 0.f, true, 4});  // one token per image: every run a tail
     run_case<__half, 80, 2, 1, 1, 8>({2, 2, 130, 1, 80, 2, 0, 0.f, true});  // several query tiles, one-way mask
     run_case<__nv_bfloat16, 80, 1, 1, 1, 8>({1, 4, 33, 1, 64 + 8, 1, 1, 2.5f, true});  // block-diagonal, rescales
     run_case<__half, 48, 2, 2, 2>({1, 3, 64, 1, 48, 2, 2, 2.f, false});   // whole tiles only, one-way mask

@@ -531,8 +531,64 @@ static void test_emulation(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D
         bwd_block_n, bwd_block_m, kD / chunk_div, eo, el, eq, ek, ev);
 }
 
+// Key splits of the forward: which instances have them, the automatic count (FlashAttention-2's wave rule) on the
+// issue's small shapes, and split_range's runs (disjoint, covering, balanced, empty only when n < S).
+static void test_splits() {
+  CHECK(fwd_has_splits(80, 2, 1) && fwd_has_splits(160, 1, 1) && fwd_has_splits(48, 2, 1), "default instances");
+  CHECK(!fwd_has_splits(80, 1, 1) && !fwd_has_splits(48, 2, 2), "non-default row blocks or two stages: none");
+  // d 80, L 1024, one image per set, B 2, H 8: 128 CTAs of 16 key tiles, 2 CTAs per SM on 132 SMs -> 2 splits
+  const Grid3 g80 = fwd_grid(2, 1, 1024, 8, fwd_config(80).block_m);
+  const int s80 = fwd_auto_splits(g80.x * g80.y * g80.z, 1 * ceil_div(1024, fwd_config(80).block_n), 132, 2);
+  CHECK(g80.x * g80.y * g80.z == 128 && s80 == 2, "d80 ng1: ctas %lld splits %d",
+        (long long)(g80.x * g80.y * g80.z), s80);
+  // the same on an A100 (108 SMs, 216 slots): 2 splits fill 59 % of two waves, 3 fill 89 % -> 3
+  const int s80a = fwd_auto_splits(128, 16, 108, 2);
+  CHECK(s80a == 3, "A100 d80 ng1 splits %d", s80a);
+  // d 40, L 4096, set size 2 (the UNet's 64x64 layer): 1024 CTAs fill the GPU -> none
+  const Grid3 g40 = fwd_grid(2, 2, 4096, 8, fwd_config(48).block_m);
+  CHECK(fwd_auto_splits(g40.x * g40.y * g40.z, 2 * ceil_div(4096, 64), 132, 2) == 1, "d40 ng2: no split");
+  // d 160, L 256, set size 4: 128 CTAs, one per SM -> already one full wave, none
+  CHECK(fwd_auto_splits(128, 16, 132, 1) == 1, "d160 ng4: one CTA per SM, none");
+  // d 160, L 256, one image: 32 CTAs of 4 key tiles -> 4 splits (one tile each); never more splits than tiles
+  CHECK(fwd_auto_splits(32, 4, 132, 1) == 4, "d160 L256 ng1: %d", fwd_auto_splits(32, 4, 132, 1));
+  CHECK(fwd_auto_splits(16, 1, 132, 1) == 1, "a single key tile: none");
+  CHECK(fwd_auto_splits(4, 100, 132, 1) >= kMaxFwdSplits - 1, "tiny grid: nearly the most splits (7: 28 of 132 "
+        "slots is within 85 %% of 8's 32)");
+  CHECK(fwd_auto_splits(128, 16, 0, 2) == 1 && fwd_auto_splits(128, 16, 132, 0) == 1, "unknown device: none");
+  // the chosen count's waves are >= 85 % as full as the best count's, and no smaller count's are
+  for (int64_t ctas : {1, 7, 33, 64, 100, 128, 200}) {
+    const int s = fwd_auto_splits(ctas, 64, 132, 2);
+    auto eff = [&](int k) {
+      const int64_t n = ctas * k;
+      return double(n) / double(ceil_div(n, 264) * 264);
+    };
+    double best = 0;
+    for (int k = 1; k <= kMaxFwdSplits; ++k) best = std::max(best, eff(k));
+    bool smallest = true;
+    for (int k = 1; k < s; ++k) smallest = smallest && eff(k) < 0.85 * best;
+    CHECK(ctas * 5 >= 264 * 4 ? s == 1 : (eff(s) >= 0.85 * best && smallest), "ctas %lld -> %d", (long long)ctas, s);
+  }
+  // runs: disjoint, in order, covering [0, n), sizes differ by at most one
+  for (int64_t n : {0, 1, 2, 5, 16, 17, 64, 1000})
+    for (int S = 1; S <= kMaxFwdSplits; ++S) {
+      int64_t next = 0, lo = n, hi = 0;
+      bool ok = true;
+      for (int s = 0; s < S; ++s) {
+        const SplitRange r = split_range(n, s, S);
+        ok = ok && r.first == next && r.count >= 0;
+        next += r.count;
+        lo = std::min(lo, r.count);
+        hi = std::max(hi, r.count);
+      }
+      CHECK(ok && next == n && hi - lo <= 1, "split_range n %lld S %d", (long long)n, S);
+    }
+  CHECK(fwd_split_out_elems(2, 3, 5, 7, 40, 3) == 3 * 2 * 3 * 5 * 7 * 40 && fwd_split_lse_elems(2, 3, 5, 7, 3) == 3 * 2 * 3 * 5 * 7,
+        "workspace sizes");
+}
+
 int main() {
   test_instances();
+  test_splits();
   test_grids();
   test_walk();
   test_tile_walk_matches_next_tile();
