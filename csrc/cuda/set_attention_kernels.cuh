@@ -388,7 +388,15 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   tile_copy.init(tid, p.k_stride_l, p.v_stride_l, D);
 
   load_tile<T, kBlockM, kD, kThreads>(sQ, q_tile, p.q_stride_l, qc.row0, L, D, tid);
-  if (walking()) tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
+  // V_0 with Q and K_0: its buffer is free before the loop, and a short walk (an L 64 image, a split's run of one or
+  // two tiles) then waits for one memory round trip before its first P V instead of two. It costs the loop a
+  // first-trip test (sm_90a: 2 instructions a tile at d 80 and 160, 5-8 at d 48), so head dims <= 64, whose SD walks
+  // are long (L 4096), keep the old order unless split.
+  constexpr bool kEarlyV0 = kSplit || kD > 64;
+  if (walking()) {
+    tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
+    if constexpr (kEarlyV0) tile_copy.copy(sV, kw.v, tile_copy.voff, kw.rows);
+  }
   cp_async_commit();
 
   const float sl = fabsf(p.scale) * kLog2e;
@@ -419,10 +427,10 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   typename Tr::QFrag q_frag;
   bool q_loaded = false;
 
-  while (walking()) {
-    cp_async_wait_all();  // K_t (and Q on the first trip) landed
+  for (bool first = true; walking(); first = false) {
+    cp_async_wait_all();  // K_t (and Q, and with kEarlyV0 V_0, on the first trip) landed
     __syncthreads();      // ... for every thread; and every warp is done with V_{t-1}
-    tile_copy.copy(sV, kw.v, tile_copy.voff, kw.rows);
+    if (!kEarlyV0 || !first) tile_copy.copy(sV, kw.v, tile_copy.voff, kw.rows);
     cp_async_commit();
     const int valid_keys = kw.rows;  // > 0; kBlockN except in an image's last tile
 
