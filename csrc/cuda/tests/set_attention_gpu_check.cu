@@ -370,6 +370,32 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
     }
     fp.fwd_wgmma = 0;
   }
+  // key splits (the automatic count on this device, and 2 and 4 forced; the mma.sync forward)
+  {
+    const int auto_s = jedi::set_attention_fwd_splits(fp, dtype, 0);
+    float* acc = nullptr;
+    float* lacc = nullptr;
+    CK(cudaMalloc(&acc, jedi::set_attn::fwd_split_out_elems(B, G, L, H, D, jedi::set_attn::kMaxFwdSplits) * 4));
+    CK(cudaMalloc(&lacc, jedi::set_attn::fwd_split_lse_elems(B, G, L, H, jedi::set_attn::kMaxFwdSplits) * 4));
+    fp.out_accum = acc;
+    fp.lse_accum = lacc;
+    std::vector<int> counts;
+    if (auto_s > 1) counts.push_back(auto_s);
+    for (int S : {2, 4})
+      if (S != auto_s) counts.push_back(S);
+    for (int S : counts) {
+      fp.fwd_splits = jedi::set_attention_fwd_splits(fp, dtype, S);
+      if (fp.fwd_splits <= 1) continue;
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), "  fwd[%d splits%s] %.3f ms", fp.fwd_splits, S == auto_s ? ", auto" : "",
+                    median_ms([&] { return jedi::set_attention_fwd_launch(fp, dtype, 0); }));
+      alt += buf;
+    }
+    fp.fwd_splits = 0;
+    fp.out_accum = fp.lse_accum = nullptr;
+    CK(cudaFree(acc));
+    CK(cudaFree(lacc));
+  }
   // both backward instances where the head dim has two (16 and 32 keys per warp)
   for (int kb = 1; kb <= 2; ++kb) {
     if (!jedi::set_attn::bwd_has_key_blocks(kD, kb) || !jedi::set_attn::bwd_has_key_blocks(kD, 3 - kb)) continue;
@@ -499,6 +525,8 @@ int main(int argc, char** argv) {
     time_case(2, 2, 4096, 8, 40, 0, 0);
     time_case(2, 2, 4096, 8, 40, 1, 1);  // block-diagonal: ~1/2 the work at G=2
     time_case(2, 2, 1024, 8, 80, 1, 0);
+    time_case(2, 1, 1024, 8, 80, 1, 0);  // one image per set: 128 CTAs, the automatic count splits (2 on an H100)
+    time_case(2, 4, 64, 8, 160, 1, 0);   // L 64, set size 4: 32 CTAs of 4 one-tile images
     time_case(2, 2, 256, 8, 160, 1, 0);
     time_case(2, 4, 1024, 8, 80, 1, 0);
     time_case(1, 2, 4096, 8, 64, 1, 0);
