@@ -77,7 +77,8 @@ struct SetAttnBwdParams {
   void* dk;
   void* dv;
   float* dq_accum;  // workspace: N*L*H*D float32 (set_attn_dq_accum_elems); zeroed by the launch itself
-  float* delta;     // workspace: B*H*G*L float32 (set_attn_delta_elems): rowsum(dout * out)
+  float* delta;     // workspace: 2*B*H*G*L float32 (set_attn_delta_elems): rowsum(dout * out), then lse in log2
+                    // units (+inf where lse is -inf), both written by the launch's first kernel
   int64_t B, G, L, H, D;
   float scale;
   // Backward instance: m16 key blocks per warp (1: 16 keys per warp; 2: 32, compiled for padded head dims <= 48,
@@ -109,7 +110,7 @@ bool set_attention_wgmma_runnable(int64_t D);
 inline int64_t set_attn_dq_accum_elems(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D) {
   return B * G * L * H * D;
 }
-inline int64_t set_attn_delta_elems(int64_t B, int64_t G, int64_t L, int64_t H) { return B * H * G * L; }
+inline int64_t set_attn_delta_elems(int64_t B, int64_t G, int64_t L, int64_t H) { return 2 * B * H * G * L; }
 
 // nullptr when (D, dtype) is supported, else a static message naming what is supported.
 inline const char* set_attention_supported(int64_t D, int dtype) {

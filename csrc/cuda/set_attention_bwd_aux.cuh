@@ -12,7 +12,9 @@ constexpr int kPreWarps = 8;
 
 // One warp per (image row n, position l, head h): delta = sum_d dO * O over the head's D columns (lane c holds the
 // 16-byte chunk c; D <= 256 means at most 32 chunks), and the same columns of dq_accum are zeroed so that the main
-// kernel's atomics start from 0 (no memset: the whole backward stays three kernels on one stream).
+// kernel's atomics start from 0 (no memset: the whole backward stays three kernels on one stream). It also writes the
+// row's lse in log2 units (lse log2(e); +inf where lse = -inf, a row with no probability: P = 0) after the delta
+// array, so the main kernel copies both per query tile with cp.async and uses them as they land.
 template <typename T>
 __global__ void __launch_bounds__(32 * kPreWarps) set_attn_bwd_preprocess_kernel(const SetAttnBwdParams p) {
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kPreWarps + threadIdx.x / 32;
@@ -39,7 +41,12 @@ __global__ void __launch_bounds__(32 * kPreWarps) set_attn_bwd_preprocess_kernel
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-  if (lane == 0) p.delta[lse_index(n / G, h, n % G, l, H, G, L)] = dot;
+  if (lane == 0) {
+    const int64_t idx = lse_index(n / G, h, n % G, l, H, G, L);
+    const float lse = p.lse[idx];
+    p.delta[idx] = dot;
+    p.delta[p.B * H * G * L + idx] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+  }
 }
 
 // dq = scale * dq_accum, four elements per thread (the element count N*L*H*D is a multiple of 8).

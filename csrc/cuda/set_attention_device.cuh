@@ -45,6 +45,12 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(full ? 16 : 0)
                : "memory");
 }
+// A 4-byte copy (.ca: below 16 bytes cp.async has no .cg), src-size 4 or 0: when !full 4 zero bytes land and nothing
+// is read. For the backward's per-row floats (lse, delta), which rows of any length make only 4-byte aligned.
+__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool full) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(full ? 4 : 0)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 

@@ -826,23 +826,20 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
       sV, static_cast<const T*>(p.v) + tensor_row(b, G, kc.image) * p.v_stride_n + h * D, p.v_stride_l, kc.row0, L,
       D, tid);
 
-  // Q, dO, lse (log2 units; +inf = no probability) and delta of the query tile qw stands at
+  // Q, dO, lse (log2 units; +inf = no probability) and delta of the query tile qw stands at, all by cp.async (the
+  // preprocess kernel wrote lse2 after delta). Rows past L are zero-filled: their Q and dO rows are zero, so s = 0,
+  // P = 2^0 = 1 and dP = delta = 0, hence dS = 0; they add nothing to dK, dV (and dQ skips them).
+  const float* lse2_bh = p.delta + p.B * H * G * L + lse_index(b, h, 0, 0, H, G, L);
+  const float* delta_bh = p.delta + lse_index(b, h, 0, 0, H, G, L);
   auto load_query_tile = [&](const TileWalk& w) {
     const TileCoord qc{w.image, w.tile * kBlockM};
     const int64_t row = tensor_row(b, G, qc.image);
     load_tile<T, kBlockM, kD, kThreads>(sQ, q_head + row * p.q_stride_n, p.q_stride_l, qc.row0, L, D, tid);
     load_tile<T, kBlockM, kD, kThreads>(sdO, do_head + row * p.do_stride_n, p.do_stride_l, qc.row0, L, D, tid);
-    for (int i = tid; i < kBlockM; i += kThreads) {
-      const int64_t pos = qc.row0 + i;
-      float lse2 = INFINITY, dlt = 0.f;
-      if (pos < L) {
-        const int64_t idx = lse_index(b, h, qc.image, pos, H, G, L);
-        const float lse = p.lse[idx];
-        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
-        dlt = p.delta[idx];
-      }
-      sLse[i] = lse2;
-      sDelta[i] = dlt;
+    const int64_t first = qc.image * L + qc.row0;  // the tile's first row in (G*L) of (set, head)
+    for (int i = tid; i < 2 * kBlockM; i += kThreads) {  // sLse and sDelta are adjacent: one index over both
+      const int r = i < kBlockM ? i : i - kBlockM;
+      cp_async4_zfill(sLse + i, (i < kBlockM ? lse2_bh : delta_bh) + first + r, qc.row0 + r < L);
     }
   };
   if (!qw.done()) load_query_tile(qw);

@@ -231,8 +231,13 @@ inline bool g_cp_async_at_wait = true;  // true: copies land at cp.async.wait_gr
 // that touches them, or overwrites the shared tiles, before that wait gets wrong numbers); false: at issue
 inline bool g_wgmma_at_wait = true;
 constexpr int kMaxThreads = 1024;
-inline std::vector<std::pair<void*, const void*>> g_pending[kMaxThreads];  // per CUDA thread
-inline std::vector<std::pair<void*, const void*>>& pending() { return g_pending[threadIdx.x]; }
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+inline std::vector<PendingCopy> g_pending[kMaxThreads];  // per CUDA thread
+inline std::vector<PendingCopy>& pending() { return g_pending[threadIdx.x]; }
 inline int64_t g_smem_limit = 0;  // dynamic shared memory bytes of the running kernel
 struct Range {
   const unsigned char* lo;
@@ -312,7 +317,7 @@ inline void cp_async16(void* smem, const void* gmem) {
   for (const auto& r : jedi_emu::g_inputs) ok = ok || (g >= r.lo && g + 16 <= r.hi);
   if (!ok || reinterpret_cast<uintptr_t>(g) % 16) jedi_emu::fail("cp.async source outside the inputs or unaligned");
   if (jedi_emu::g_cp_async_at_wait)
-    jedi_emu::pending().emplace_back(smem, gmem);
+    jedi_emu::pending().push_back({smem, gmem, 16});
   else
     std::memcpy(smem, gmem, 16);
 }
@@ -324,14 +329,30 @@ inline void cp_async16_zfill(void* smem, const void* gmem, bool full) {
   const auto off = static_cast<unsigned char*>(smem) - smem_raw;
   if (off < 0 || off + 16 > jedi_emu::g_smem_limit || off % 16) jedi_emu::fail("cp.async destination", off);
   if (jedi_emu::g_cp_async_at_wait)
-    jedi_emu::pending().emplace_back(smem, kZeros);
+    jedi_emu::pending().push_back({smem, kZeros, 16});
   else
     std::memset(smem, 0, 16);
+}
+// 4 bytes, src-size 4 or 0 (zero-filled; the source then neither read nor checked); both 4-byte aligned.
+inline void cp_async4_zfill(void* smem, const void* gmem, bool full) {
+  static const unsigned char kZeros[4] = {};
+  const auto off = static_cast<unsigned char*>(smem) - smem_raw;
+  if (off < 0 || off + 4 > jedi_emu::g_smem_limit || off % 4) jedi_emu::fail("cp.async destination", off);
+  if (full) {
+    const auto* g = static_cast<const unsigned char*>(gmem);
+    bool ok = false;
+    for (const auto& r : jedi_emu::g_inputs) ok = ok || (g >= r.lo && g + 4 <= r.hi);
+    if (!ok || reinterpret_cast<uintptr_t>(g) % 4) jedi_emu::fail("cp.async source outside the inputs or unaligned");
+  }
+  if (jedi_emu::g_cp_async_at_wait)
+    jedi_emu::pending().push_back({smem, full ? gmem : kZeros, 4});
+  else
+    std::memcpy(smem, full ? gmem : kZeros, 4);
 }
 inline void cp_async_commit() {}
 inline float fast_exp2(float x) { return exp2f(x); }
 inline void cp_async_wait_all() {
-  for (auto& c : jedi_emu::pending()) std::memcpy(c.first, c.second, 16);
+  for (auto& c : jedi_emu::pending()) std::memcpy(c.dst, c.src, c.bytes);
   jedi_emu::pending().clear();
 }
 

@@ -154,7 +154,7 @@ bool run_case(const Case& c, bool use_graph) {
   for (void* p : {d.out, d.dq, d.dk, d.dv}) CK(cudaMemset(p, 0xFF, tb));
   CK(cudaMemset(d.lse, 0xFF, B * H * S * 4));
   CK(cudaMemset(d.dq_acc, 0xFF, N * L * HD * 4));
-  CK(cudaMemset(d.delta, 0xFF, B * H * S * 4));
+  CK(cudaMemset(d.delta, 0xFF, jedi::set_attn_delta_elems(B, G, L, H) * 4));
 
   const uint16_t* base = static_cast<const uint16_t*>(d.qkv);
   SetAttnParams fp{};
@@ -285,7 +285,7 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
   CK(cudaMalloc(&d.dv, tb));
   CK(cudaMalloc(&d.lse, B * H * S * 4));
   CK(cudaMalloc(&d.dq_acc, N * L * HD * 4));
-  CK(cudaMalloc(&d.delta, B * H * S * 4));
+  CK(cudaMalloc(&d.delta, jedi::set_attn_delta_elems(B, G, L, H) * 4));
   {
     std::vector<uint16_t> h(3 * N * L * HD);
     std::mt19937 rng(7);

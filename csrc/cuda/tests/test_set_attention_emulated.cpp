@@ -63,7 +63,7 @@ void run_case(const Case& c) {
   Buf<uint16_t> out(N * L * HD, nan16, kCanary16), dq(N * L * HD, nan16, kCanary16), dk(N * L * HD, nan16, kCanary16),
       dv(N * L * HD, nan16, kCanary16);
   Buf<float> lse(B * H * S, nan_f(), canary_f()), dq_acc(N * L * HD, nan_f(), canary_f()),
-      delta(B * H * S, nan_f(), canary_f());
+      delta(jedi::set_attn_delta_elems(B, G, L, H), nan_f(), canary_f());
 
   jedi_emu::g_inputs = {{in.begin(), in.end()},
                         {reinterpret_cast<const unsigned char*>(dout.data()),
@@ -128,9 +128,11 @@ void run_case(const Case& c) {
   bp.H = H;
   bp.D = D;
   bp.scale = scale;
-  // the forward output is an input of the backward
+  // the forward output is an input of the backward, and the preprocess kernel's delta and lse2 are the main kernel's
   jedi_emu::g_inputs.push_back({reinterpret_cast<const unsigned char*>(out.data()),
                                 reinterpret_cast<const unsigned char*>(out.data() + N * L * HD)});
+  jedi_emu::g_inputs.push_back({reinterpret_cast<const unsigned char*>(delta.data()),
+                                reinterpret_cast<const unsigned char*>(delta.data() + delta.n)});
   const int64_t rows = N * L * H;
   jedi_emu::launch(EmuDim3{unsigned(ceil_div(rows, kPreWarps)), 1, 1}, 32 * kPreWarps, 0,
                    [&] { set_attn_bwd_preprocess_kernel<T>(bp); });
