@@ -214,8 +214,9 @@ std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in
   const int splits = set_attention_fwd_splits(p, dtype, fwd_splits_from_env(op));
   at::Tensor out_accum, lse_accum;
   if (splits > 1) {
-    out_accum = at::empty({set_attn::fwd_split_out_elems(s.B, s.G, s.L, s.H, s.D, splits)}, q_in.options().dtype(at::kFloat));
-    lse_accum = at::empty({set_attn::fwd_split_lse_elems(s.B, s.G, s.L, s.H, splits)}, q_in.options().dtype(at::kFloat));
+    const auto f32 = q_in.options().dtype(at::kFloat);
+    out_accum = at::empty({set_attn::fwd_split_out_elems(s.B, s.G, s.L, s.H, s.D, splits)}, f32);
+    lse_accum = at::empty({set_attn::fwd_split_lse_elems(s.B, s.G, s.L, s.H, splits)}, f32);
     p.fwd_splits = splits;
     p.out_accum = out_accum.data_ptr<float>();
     p.lse_accum = lse_accum.data_ptr<float>();

@@ -373,7 +373,8 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   KeyWalk<T, kBlockN> kw(p, b, h, mask_row);
   int todo = 0;  // kSplit: tiles of this split's run not yet visited
   if constexpr (kSplit) {
-    const SplitRange run = split_range(kw.allowed_tiles(), static_cast<int>(blockIdx.x % static_cast<unsigned>(p.fwd_splits)), p.fwd_splits);
+    const int split = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.fwd_splits));
+    const SplitRange run = split_range(kw.allowed_tiles(), split, p.fwd_splits);
     kw.skip(static_cast<int>(run.first));
     todo = static_cast<int>(run.count);
   }

@@ -140,11 +140,13 @@ int set_attention_fwd_splits(const SetAttnParams& p, int dtype, int requested) {
   const FwdConfig c = fwd_config(kD, fwd_default_row_blocks(kD), 1);
   const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, c.block_m);
   int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return 1;
   }
-  const int per_sm = dtype == 0 ? dispatch_split_ctas_per_sm<__half>(kD) : dispatch_split_ctas_per_sm<__nv_bfloat16>(kD);
+  const int per_sm =
+      dtype == 0 ? dispatch_split_ctas_per_sm<__half>(kD) : dispatch_split_ctas_per_sm<__nv_bfloat16>(kD);
   return fwd_auto_splits(g.x * g.y * g.z, p.G * ceil_div(p.L, c.block_n), sms, per_sm);
 }
 
