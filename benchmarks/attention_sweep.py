@@ -773,8 +773,10 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     hopper = []
     if jk.available_backends()["cuda_attention"]:
         # and SD's 32x32 / 16x16 levels, where cuDNN beats FA2 1.6-2x on the H200 (Hopper MMAs) and mma.sync does not
+        # (d 160 at set sizes 4 and 8: issue 4's forward misses with a full wave of CTAs, 0.90x and 0.96x of FA2 on
+        # the H100, which key splits cannot reach)
         hopper.append((cuda_wgmma_fwd_row, d40 + [(1024, 80, 2, torch.bfloat16), (1024, 80, 8, torch.bfloat16),
-                                                  (256, 160, 8, torch.bfloat16)],
+                                                  (256, 160, 4, torch.bfloat16), (256, 160, 8, torch.bfloat16)],
                        "CUDA forward, Hopper wgmma vs mma.sync", "wgmma", "mmasync", "mma.sync"))
     if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON", "1") != "0":
         # the Gluon forward also covers d 80 (SD's 32x32 level: 64 + 16 columns)
