@@ -55,12 +55,14 @@ while [ $# -gt 0 ]; do
         "${JEDI_NCU_TIMEOUT:=40}" "${JEDI_FUSED_TEST_TIMEOUT:=0}" "${JEDI_BENCH_TIMEOUT:=0}" \
         "${JEDI_MODEL_TEST_TIMEOUT:=75}" "${JEDI_LEVERS_TIMEOUT:=130}" "${JEDI_T6PYTEST_TIMEOUT:=0}" \
         "${JEDI_WS_PROBE_TIMEOUT:=0}" "${JEDI_GLUON_PROBE_TIMEOUT:=0}" "${JEDI_GLUON_TEST_TIMEOUT:=90}" \
-        "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=0}"
+        "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=0}" "${JEDI_NCU_BWD_TIMEOUT:=40}"
       # (twenty-second session: the Gluon probes, tests and sweep rows are off here, 0 s instead of the 125 s they
       # took on the H200 plus their sweep rows. Those opt-in kernels were correct and slower there; the time goes to
       # what has never run: the CUDA forward's key splits and Hopper d 80 / 160 rows, the model tests the cap cut,
       # and the step ladder, which got 17 s of its 130 (7 rungs, none of the ones added since). Set
-      # JEDI_GLUON_PROBE_TIMEOUT=60 JEDI_GLUON_BWD_PROBE_TIMEOUT=40 to bring them back.)
+      # JEDI_GLUON_PROBE_TIMEOUT=60 JEDI_GLUON_BWD_PROBE_TIMEOUT=40 to bring them back. 40 s of the time they took
+      # go to ncu on the d 80 forward + backward beside FA2's: the CUDA backward there is latency-bound, and its
+      # stall reasons say by what.)
       # (the pytest form of Table 6 passed on the H100 twice; its minute goes to the compiled profile instead. The
       # Gluon probes and tests (first run on the H200, 2026-11-28) take the TMA + warp-specialized Triton forward's probe and
       # tests (up to 90 s: JEDI_WS_PROBE_TIMEOUT=30 brings them back): Gluon config 5 has that kernel's structure with
@@ -70,7 +72,7 @@ while [ $# -gt 0 ]; do
       export JEDI_CHECK_BUDGET_S JEDI_GPU_TEST_TIMEOUT JEDI_TEST_WORKERS JEDI_SWEEP_TIMEOUT JEDI_SWEEP_GRAPH_S \
         JEDI_HARNESS_TIMEOUT JEDI_PROBE_TIMEOUT JEDI_MEMCHECK_TIMEOUT JEDI_NCU_TIMEOUT JEDI_FUSED_TEST_TIMEOUT JEDI_BENCH_TIMEOUT JEDI_MODEL_TEST_TIMEOUT \
         JEDI_LEVERS_TIMEOUT JEDI_T6PYTEST_TIMEOUT JEDI_WS_PROBE_TIMEOUT JEDI_GLUON_PROBE_TIMEOUT JEDI_GLUON_TEST_TIMEOUT \
-        JEDI_GLUON_BWD_PROBE_TIMEOUT
+        JEDI_GLUON_BWD_PROBE_TIMEOUT JEDI_NCU_BWD_TIMEOUT
       ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
