@@ -706,12 +706,19 @@ int fwd_split_ctas_per_sm() {
     const int hit = cache[dev].load(std::memory_order_relaxed);
     if (hit > 0) return hit - 1;
   }
+  // The first query may come while this thread captures a CUDA graph (a model captured without an eager call
+  // first): run it in relaxed capture mode, which CUDA provides for such lazy queries, so that a strict capture
+  // cannot count it against the graph; the occupancy calculator touches no stream. The previous mode is restored.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
   auto kernel = set_attn_fwd_kernel<T, kD, kRB, true>;
-  if (Tr::kSmemBytes > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess)
-    return 0;
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::kSmemBytes) != cudaSuccess) {
+  const bool ok =
+      (Tr::kSmemBytes <= 48 * 1024 ||
+       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) == cudaSuccess) &&
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::kSmemBytes) == cudaSuccess;
+  if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  if (!ok) {
     (void)cudaGetLastError();  // not sticky; leave no error for the next launch check
     return 0;
   }

@@ -519,6 +519,25 @@ int main(int argc, char** argv) {
     run_case(Case{1, 2, 97, 2, 40, 1, 1, 1, 0.f, false}, true);
     run_case(Case{1, 3, 40, 1, 160, 0, 2, 0, 0.f, false}, true);
     run_case(Case{2, 1, 256, 2, 80, 1, 0, 1, 0.f, false, 0, 0, 0, 0, 0, 2}, true);  // a split forward in the graph
+    // the automatic split count's first occupancy query (head dim 184 -> instance 192, asked nowhere before) made
+    // inside a strict capture: it must not invalidate the capture
+    {
+      SetAttnParams sp{};
+      sp.B = 1; sp.G = 1; sp.L = 1024; sp.H = 1; sp.D = 184;
+      cudaStream_t st;
+      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+      const int splits = jedi::set_attention_fwd_splits(sp, 1, 0);
+      cudaGraph_t graph = nullptr;
+      const cudaError_t e = cudaStreamEndCapture(st, &graph);
+      const bool ok = e == cudaSuccess && splits >= 1;
+      std::printf("%s the split count's first query inside a global-mode capture: %d splits, capture %s\n",
+                  ok ? "PASS" : "FAIL", splits, cudaGetErrorString(e));
+      (ok ? g_pass : g_fail)++;
+      if (graph) cudaGraphDestroy(graph);
+      (void)cudaGetLastError();
+      CK(cudaStreamDestroy(st));
+    }
   }
   if (!quick) {
     time_case(2, 2, 4096, 8, 40, 1, 0);  // the design's reference point (cuDNN SDPA 0.59 ms, FA2 1.07 ms)
