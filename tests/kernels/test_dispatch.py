@@ -87,6 +87,18 @@ def test_generator_picks_the_faster_of_our_backends_and_writes(tmp_path, monkeyp
     assert dispatch.load_table(table) == {("sm90", torch.bfloat16, 40, False): "cuda"}
 
 
+def test_variant_advice_reads_the_cuda_key_split_rows():
+    """The sweep's key-split rows: the automatic count (the default) against no split, either way round."""
+    rows = [{"kind": "cuda_fwd_splits", "L": 1024, "D": 80, "ng": 1, "dtype": "bfloat16", "ms_auto": 0.028,
+             "ms_off": 0.039, "ms_s2": 0.028, "ms_s4": 0.030},
+            {"kind": "cuda_fwd_splits", "L": 256, "D": 160, "ng": 2, "dtype": "bfloat16", "ms_auto": 0.040,
+             "ms_off": 0.032}]
+    advice = mdt.variant_advice(rows)
+    assert len(advice) == 2 and advice[0].endswith("keep") and "auto 0.028 ms vs off 0.039 ms" in advice[0]
+    assert "off x1.25 faster than the default auto" in advice[1] and "fwd_auto_splits" in advice[1]
+    assert "JEDI_CUDA_FWD_SPLITS" in advice[1]
+
+
 def test_variant_advice_flags_a_faster_non_default():
     rows = [{"kind": "cuda_fwd_rows_per_warp", "L": 4096, "D": 40, "dtype": "bfloat16", "ms_16rows": 0.50,
              "ms_32rows": 0.40},
