@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import xml.etree.ElementTree as ET
 
 
@@ -113,6 +114,17 @@ def main() -> None:
         path = os.path.join(args.outdir, name)
         if os.path.exists(path):
             result[key] = json.load(open(path))
+    # the predictions made before the run, against its outcome (benchmarks/predictions.json); a broken predictions
+    # file costs this entry only
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import check_predictions
+
+        result["predictions"] = check_predictions.check(result, check_predictions.load_predictions())
+        print("predictions vs outcome:\n" + check_predictions.markdown(result["predictions"]))
+    except Exception as e:  # noqa: BLE001
+        result["predictions"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"predictions not checked: {result['predictions']['error']}")
     with open(os.path.join(args.outdir, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     _plot(rows, os.path.join(args.outdir, "results.png"), f"jedi-kernels GPU benchmarks on {card}")

@@ -23,7 +23,8 @@
 # tests and rows run on those: JEDI_GLUON_CONFIGS), JEDI_GLUON_BWD_PROBE_TIMEOUT (the same for the Gluon Hopper
 # backward, JEDI_GLUON_BWD_CONFIGS; its tests share the Gluon test step); JEDI_TEST_WORKERS
 # (xdist processes, default 8). --session sets the caps that fit both parts into one device session (see below).
-# Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6) +
+# Then OUTDIR/results.json (benchmarks/results format, embedding the sweep, levers, profiles and Table 6, and the
+# verdicts on benchmarks/predictions.json: check_predictions.py) +
 # results.png, gpu_check.log and logs.tgz (every raw output and log). Every step's time limit comes out of one
 # budget (JEDI_CHECK_BUDGET_S, default 540 s) so a part stays under the 10-minute command limit.
 set -uo pipefail

@@ -1,0 +1,112 @@
+"""benchmarks/check_predictions.py: predictions made before a GPU run against its results.json (CPU only)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import check_predictions as cp  # noqa: E402
+
+
+def _pred(**kw):
+    p = {"id": "p", "card": "H100", "source": "attention_sweep",
+         "match": {"kind": None, "L": 1024, "D": 80, "ng": 1, "dtype": "bfloat16", "mode": "fwd"},
+         "value": "ms.cuda", "range": [0.026, 0.031], "peer": "ms.sdpa-flash"}
+    p.update(kw)
+    return p
+
+
+def _results(cuda_ms, card="NVIDIA H100 80GB HBM3"):
+    return {"card": card, "attention_sweep": [
+        # a kernel-variant row of the same shape first: "kind": None must skip it
+        {"kind": "cuda_fwd_splits", "L": 1024, "D": 80, "ng": 1, "dtype": "bfloat16", "mode": "fwd", "ms_auto": 1.0},
+        {"L": 1024, "D": 80, "ng": 1, "dtype": "bfloat16", "mode": "fwd", "mask": "none",
+         "ms": {"cuda": cuda_ms, "sdpa-flash": 0.038}},
+        {"L": 1024, "D": 80, "ng": 1, "dtype": "float16", "mode": "fwd", "ms": {"cuda": 9.0}}],
+        "step_levers": {"rows": [{"workload": "jedi_ng2", "entry": "+targets_only (cuda_graph)", "ms": 10.95},
+                                 {"workload": "jedi_ng4", "entry": "best+targets_only (cuda_graph)", "ms": None,
+                                  "error": "OutOfMemoryError: ..."}]}}
+
+
+@pytest.mark.parametrize("ms, verdict, faster", [(0.028, "as predicted", True), (0.020, "better than predicted", True),
+                                                 (0.033, "worse than predicted", True),
+                                                 (0.040, "worse than predicted", False)])
+def test_verdicts_and_peer(ms, verdict, faster):
+    (v,) = cp.check(_results(ms), [_pred()])
+    assert v["measured"] == ms and v["verdict"] == verdict
+    assert v["peer"] == {"value": "ms.sdpa-flash", "ms": 0.038, "ours_faster": faster}
+
+
+def test_other_cards_are_reported_not_checked_unless_asked():
+    (v,) = cp.check(_results(0.028, card="NVIDIA H200"), [_pred()])
+    assert v["verdict"] == "other card" and v["measured"] is None and "H200" in v["why"]
+    (v,) = cp.check(_results(0.028, card="NVIDIA H200"), [_pred()], any_card=True)
+    assert v["verdict"] == "as predicted"
+
+
+def test_not_measured_says_why():
+    preds = [_pred(id="a", match={"kind": None, "L": 4096}), _pred(id="b", value="ms.triton"),
+             _pred(id="c", source="step_levers",
+                   match={"workload": "jedi_ng4", "entry": "best+targets_only (cuda_graph)"},
+                   value="ms", range=[25.5, 26.0], peer=None),
+             _pred(id="d", source="step_levers", match={"workload": "jedi_ng2", "entry": "+targets_only (cuda_graph)"},
+                   value="ms", range=[10.9, 11.0], peer=None)]
+    va, vb, vc, vd = cp.check(_results(0.028), preds)
+    assert va["verdict"] == "not measured" and "no attention_sweep row" in va["why"]
+    assert vb["verdict"] == "not measured" and "ms.triton is not a number" in vb["why"]
+    assert vc["verdict"] == "not measured" and "OutOfMemoryError" in vc["why"]
+    assert vd["verdict"] == "as predicted" and vd["measured"] == 10.95
+    table = cp.markdown([va, vb, vc, vd])
+    assert table.count("\n") == 5 and "not measured: no attention_sweep row" in table and "| 10.95 |" in table
+
+
+def test_load_rejects_malformed_predictions(tmp_path):
+    def write(preds):
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps({"predictions": preds}))
+        return str(path)
+
+    with pytest.raises(ValueError, match="lacks"):
+        cp.load_predictions(write([{"id": "x"}]))
+    with pytest.raises(ValueError, match="lo <= hi"):
+        cp.load_predictions(write([_pred(range=[2, 1])]))
+    with pytest.raises(ValueError, match="source must be"):
+        cp.load_predictions(write([_pred(source="table7")]))
+    with pytest.raises(ValueError, match="twice"):
+        cp.load_predictions(write([_pred(), _pred()]))
+
+
+def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_results():
+    """Every prediction is well formed, and on the committed GPU results of its card its selector finds the row it
+    is about: a prediction that can never be checked (a typo in its match) would stay "not measured" forever. Rows
+    that first appear with the change a prediction is about (the key-split sweep rows, the step ladder's newer rungs)
+    are exempt, listed here."""
+    preds = cp.load_predictions()
+    assert len(preds) >= 10
+    new_rows = {"s20-cuda-wgmma-d80-ng8", "s20-cuda-wgmma-d160-ng8", "s21-targets-only-ng2", "s21-targets-only-ng4"}
+    found = set()
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
+        with open(path) as f:
+            results = json.load(f)
+        for v in cp.check(results, preds):
+            if v["verdict"] not in ("other card", "not measured"):
+                found.add(v["id"])
+    assert {p["id"] for p in preds} - new_rows <= found, {p["id"] for p in preds} - new_rows - found
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path):
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps(_results(0.028)))
+    out = tmp_path / "v.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "check_predictions.py"), str(res),
+                           "--json", str(out)], capture_output=True, text=True, check=True)
+    assert "| s22-cuda-fwd-splits-d80-L1024-ng1 | H100 |" in proc.stdout and "as predicted" in proc.stdout
+    verdicts = json.loads(out.read_text())
+    assert {v["id"] for v in verdicts} == {p["id"] for p in cp.load_predictions()}
