@@ -738,13 +738,11 @@ cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
 
 template <typename T, int kD>
 cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
-  const int rb = fwd_launch_row_blocks(kD, p.fwd_row_blocks, p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages);
-  if (p.fwd_splits > 1) {  // set_attention_fwd_launch checked that this instance has splits
-    constexpr int kRBs = fwd_default_row_blocks(kD);
-    if (rb == kRBs && (p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages) == 1)
-      return run_fwd_split<T, kD, kRBs>(p, stream);
-    return cudaErrorInvalidValue;
-  }
+  const int stages = p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages;
+  const int rb = fwd_launch_row_blocks(kD, p.fwd_row_blocks, stages);
+  if (p.fwd_splits > 1)  // (set_attention_fwd_launch checked that this instance has splits)
+    return fwd_has_splits(kD, rb, stages) ? run_fwd_split<T, kD, fwd_default_row_blocks(kD)>(p, stream)
+                                          : cudaErrorInvalidValue;
   if (rb == 1) return run_fwd_rb<T, kD, 1>(p, stream);
   if constexpr (fwd_has_row_blocks(kD, 2)) {
     if (rb == 2) return run_fwd_rb<T, kD, 2>(p, stream);

@@ -6,6 +6,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "set_attention.cuh"
 #include "set_attention_bwd_aux.cuh"
@@ -16,36 +17,35 @@ namespace jedi {
 namespace set_attn {
 namespace {
 
-template <typename T>
-cudaError_t dispatch_fwd(const SetAttnParams& p, cudaStream_t s) {
-  switch (padded_head_dim(p.D)) {
-    case 32: return run_fwd<T, 32>(p, s);
-    case 48: return run_fwd<T, 48>(p, s);
-    case 64: return run_fwd<T, 64>(p, s);
-    case 80: return run_fwd<T, 80>(p, s);
-    case 96: return run_fwd<T, 96>(p, s);
-    case 128: return run_fwd<T, 128>(p, s);
-    case 160: return run_fwd<T, 160>(p, s);
-    case 192: return run_fwd<T, 192>(p, s);
-    case 256: return run_fwd<T, 256>(p, s);
-    default: return cudaErrorInvalidValue;
+// f(std::integral_constant<int, kD>{}) for a compiled instance head dim kD (set_attn::instance_head_dim), else
+// `otherwise`: the one switch over the instances that every per-head-dim dispatch below goes through.
+template <typename R, typename F>
+R on_instance(int kD, R otherwise, F&& f) {
+  static_assert(kNumInstances == 9, "one case per instance_head_dim");
+  switch (kD) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 48: return f(std::integral_constant<int, 48>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 160: return f(std::integral_constant<int, 160>{});
+    case 192: return f(std::integral_constant<int, 192>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: return otherwise;
   }
 }
 
 template <typename T>
+cudaError_t dispatch_fwd(const SetAttnParams& p, cudaStream_t s) {
+  return on_instance(padded_head_dim(p.D), cudaErrorInvalidValue,
+                     [&](auto kD) { return run_fwd<T, decltype(kD)::value>(p, s); });
+}
+
+template <typename T>
 cudaError_t dispatch_bwd(const SetAttnBwdParams& p, cudaStream_t s) {
-  switch (padded_head_dim(p.D)) {
-    case 32: return run_bwd<T, 32>(p, s);
-    case 48: return run_bwd<T, 48>(p, s);
-    case 64: return run_bwd<T, 64>(p, s);
-    case 80: return run_bwd<T, 80>(p, s);
-    case 96: return run_bwd<T, 96>(p, s);
-    case 128: return run_bwd<T, 128>(p, s);
-    case 160: return run_bwd<T, 160>(p, s);
-    case 192: return run_bwd<T, 192>(p, s);
-    case 256: return run_bwd<T, 256>(p, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return on_instance(padded_head_dim(p.D), cudaErrorInvalidValue,
+                     [&](auto kD) { return run_bwd<T, decltype(kD)::value>(p, s); });
 }
 
 template <typename T>
@@ -67,18 +67,7 @@ cudaError_t bwd_all(const SetAttnBwdParams& p, cudaStream_t s) {
 
 template <typename T>
 int dispatch_split_ctas_per_sm(int kD) {
-  switch (kD) {
-    case 32: return fwd_split_ctas_per_sm<T, 32>();
-    case 48: return fwd_split_ctas_per_sm<T, 48>();
-    case 64: return fwd_split_ctas_per_sm<T, 64>();
-    case 80: return fwd_split_ctas_per_sm<T, 80>();
-    case 96: return fwd_split_ctas_per_sm<T, 96>();
-    case 128: return fwd_split_ctas_per_sm<T, 128>();
-    case 160: return fwd_split_ctas_per_sm<T, 160>();
-    case 192: return fwd_split_ctas_per_sm<T, 192>();
-    case 256: return fwd_split_ctas_per_sm<T, 256>();
-    default: return 0;
-  }
+  return on_instance(kD, 0, [](auto d) { return fwd_split_ctas_per_sm<T, decltype(d)::value>(); });
 }
 
 // Whether a launch of p runs the Hopper forward (it has no splits).
