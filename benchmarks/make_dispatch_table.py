@@ -89,7 +89,8 @@ VARIANTS = {
     # the Hopper forwards: the rows hold every variant and name the fastest (best_wgmma / best_gluon), which the
     # advice compares with the default instead of the listed one
     "cuda_fwd_wgmma": (("ms_mmasync", "ms_wg128x3"), "ms_mmasync",
-                       "fwd_wgmma_from_env in csrc/cuda/set_attention_glue.cpp (JEDI_CUDA_FWD_WGMMA, opt-in)"),
+                       "kDefaultWgmmaVariant / fwd_wgmma_from_env in csrc/cuda/set_attention_glue.cpp "
+                       "(JEDI_CUDA_FWD_WGMMA)"),
     "triton_fwd_gluon": (("ms_pointer", "ms_gl128x128"), "ms_pointer",
                          "gluon_fwd_variant in jedi_kernels/ops/set_attention_gluon.py (JEDI_TRITON_FWD_GLUON, opt-in)"),
     "triton_bwd_gluon": (("ms_split", "ms_glbwd1"), "ms_split",
@@ -97,6 +98,9 @@ VARIANTS = {
                          "opt-in)"),
 }
 _BEST_OF = {"cuda_fwd_wgmma": "best_wgmma", "triton_fwd_gluon": "best_gluon", "triton_bwd_gluon": "best_gluonbwd"}
+# where a row's default depends on its shape: the CUDA forward runs the Hopper kernel's variant 1 (64 keys x 2
+# warpgroups) by default at head dim 40 on sm_90 (the only device these rows run on), the mma.sync kernel elsewhere
+_DEFAULT_OF = {"cuda_fwd_wgmma": lambda r: "ms_wg64x2" if r.get("D") == 40 else "ms_mmasync"}
 
 
 def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
@@ -109,6 +113,8 @@ def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
             continue
         (a, b), default, where = spec
         other = b if default == a else a
+        if r.get("kind") in _DEFAULT_OF:
+            default = _DEFAULT_OF[r["kind"]](r)
         best = r.get(_BEST_OF.get(r.get("kind")))
         if best and f"ms_{best}" in r:  # (a Hopper row may hold only some variants: JEDI_GLUON_CONFIGS)
             other = f"ms_{best}"

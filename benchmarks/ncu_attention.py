@@ -114,9 +114,9 @@ def run_program(args) -> None:
 # backend names beyond build_fn's: (build_fn backend, (switch, value)) of a kernel variant chosen per call
 _VARIANTS = {"cuda-2stage": ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))}
 # CUDA: the mma.sync kernel (wgmma0) and the default, which at d 40 on sm_90 is the wgmma kernel's variant 1 (the H200
-# sweep's fastest, 2026-11-28; that run profiled variant 3); Gluon config 1 (the plain loop), 5 (warp-specialized)
-# and 6 (5 with ping-pong)
-DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda-wgmma0,cuda,triton-gluon1,triton-gluon5,triton-gluon6"
+# sweep's fastest, 2026-11-28; that run profiled variant 3) and variant 4 (cuDNN's tile: 128 keys, one warpgroup per
+# CTA, three CTAs per SM); Gluon config 1 (the plain loop), 5 (warp-specialized) and 6 (5 with ping-pong)
+DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda-wgmma0,cuda,cuda-wgmma4,triton-gluon1,triton-gluon5,triton-gluon6"
 
 
 def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:

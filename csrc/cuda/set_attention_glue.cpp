@@ -127,7 +127,7 @@ int fwd_stages_from_env(int64_t D, int row_blocks, const char* op) {
   return set_attn::fwd_has_stages(kD, set_attn::fwd_launch_row_blocks(kD, row_blocks, stages), stages) ? stages : 0;
 }
 
-// JEDI_CUDA_FWD_WGMMA=1|2|3 runs the Hopper forward (warpgroup MMAs; variants: set_attn::wgmma_variant_block_n /
+// JEDI_CUDA_FWD_WGMMA=1..5 runs the Hopper forward (warpgroup MMAs; variants: set_attn::wgmma_variant_block_n /
 // wgmma_variant_warpgroups) where it applies: an sm_90a build on a compute-capability-9.0 device, head dim 40, 80 or
 // 160 with the variant compiled for it (set_attn::wgmma_variant_compiled; the launcher falls back to the mma.sync
 // kernels elsewhere, so one setting serves a whole model); 0: off, the mma.sync kernels everywhere; unset or empty:
@@ -145,8 +145,8 @@ int fwd_wgmma_from_env(int64_t D, const char* op) {
   if (env == nullptr || *env == '\0')
     return D != 40 || env_set("JEDI_CUDA_FWD_ROW_BLOCKS") || env_set("JEDI_CUDA_FWD_STAGES") ? 0 : kDefaultWgmmaVariant;
   const std::string v(env);
-  JEDI_CHECK(v == "0" || v == "1" || v == "2" || v == "3", op, ": JEDI_CUDA_FWD_WGMMA must be 0, 1, 2 or 3, got '", v,
-             "'");
+  JEDI_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '5', op,  // set_attn::kWgmmaVariants
+             ": JEDI_CUDA_FWD_WGMMA must be 0, 1, 2, 3, 4 or 5, got '", v, "'");
   return v[0] - '0';
 }
 

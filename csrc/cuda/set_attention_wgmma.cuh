@@ -1,7 +1,7 @@
 // Set-wise flash attention forward for Hopper (sm_90a): warpgroup MMAs (wgmma.mma_async) with the softmax of one key
 // tile overlapping the P V product of the previous one (FlashAttention-3's intra-warpgroup pipelining). Same
 // semantics, layouts, set structure, masks and outputs as set_attn_fwd_kernel (set_attention_kernels.cuh). Head dims 40
-// (the default on sm_90 since the H200 run of 2026-11-28: variant 1), 80 and 160 (opt-in, JEDI_CUDA_FWD_WGMMA=1|2|3,
+// (the default on sm_90 since the H200 run of 2026-11-28: variant 1), 80 and 160 (opt-in, JEDI_CUDA_FWD_WGMMA=1..5,
 // the tile shapes, until a GPU run has timed them).
 //
 // Why: the mma.sync forward cannot keep the tensor cores busy while its exponentials run (ptxas serializes the two
@@ -187,8 +187,11 @@ struct WgFwdTraits {
   static constexpr int kKBytes = kDk / 8 * kKCS;
   static constexpr int kVBytes = kDo / 8 * kKCS;
   static constexpr int kSmemBytes = kQBytes + 2 * kKBytes + 2 * kVBytes;  // Q, two K stages, two V stages
-  // two CTAs per SM (128 registers) only where the accumulators leave room: 64-key tiles at head dim 40
-  static constexpr int kMinBlocks = kBlockN <= 64 && kWG <= 2 && kDo <= 48 ? 2 : 1;
+  // CTAs per SM that the register budget is planned for (__launch_bounds__): at head dim 40 (kDo 48) two 2-warpgroup
+  // CTAs of 64-key tiles (128 registers), and one-warpgroup CTAs four at a time with 64-key tiles (128 registers)
+  // or three with 128-key tiles (168); elsewhere two one-warpgroup CTAs or one larger one.
+  static constexpr int kMinBlocks = kDo <= 48 ? (kWG == 1 ? (kBlockN <= 64 ? 4 : 3) : kBlockN <= 64 && kWG == 2 ? 2 : 1)
+                                              : (kWG == 1 ? 2 : 1);
   static_assert(kDk % 16 == 0 && kDv % 8 == 0 && kDv <= kDk && kDk - kDv < 16, "head dims of one instance");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA on sm_90");
   static_assert(kBlockN == 64 || kBlockN == 128, "key tiles of 64 or 128");
@@ -205,17 +208,21 @@ JEDI_HD constexpr int wgmma_dk(int D) { return (D + 15) / 16 * 16; }
 // 128-key tiles spill 76 bytes at 255, and three warpgroups serialize their MMAs). Elsewhere the request falls back
 // to the mma.sync kernels, like the other instance switches.
 JEDI_HD constexpr bool wgmma_variant_compiled(int64_t D, int variant) {
-  return D == 40 ? variant >= 1 && variant <= 3 : D == 80 ? variant == 1 || variant == 2 : D == 160 && variant == 1;
+  return D == 40 ? variant >= 1 && variant <= 5 : D == 80 ? variant == 1 || variant == 2 : D == 160 && variant == 1;
 }
 // Forward variants (SetAttnParams::fwd_wgmma), keys per tile x warpgroups (64 query rows each) per CTA:
-//   1: 64 x 2 (two CTAs per SM: 128 registers), 2: 128 x 2 (one CTA per SM), 3: 128 x 3 (one CTA per SM).
-// Per 1024 scores the steady loop issues ~236 (1), ~184 (2), ~178 (3) sm_90a instructions inside an image (the tile
-// copies planned once per CTA, a 32-bit walk, descriptors in uniform registers; before: 341, 255, 237) against 32
-// exponentials x 8 clocks = 256 clocks of the exp unit: wider tiles spread the per-tile work (loads, barrier,
-// descriptors) thinner (tools/sass_loop_mix.py --wgmma).
-constexpr int kWgmmaVariants = 3;
-JEDI_HD constexpr int wgmma_variant_block_n(int variant) { return variant == 1 ? 64 : 128; }
-JEDI_HD constexpr int wgmma_variant_warpgroups(int variant) { return variant == 3 ? 3 : 2; }
+//   1: 64 x 2 (two CTAs per SM: 128 registers), 2: 128 x 2 (one CTA per SM), 3: 128 x 3 (one CTA per SM),
+//   4: 128 x 1 (three CTAs per SM: 168 registers; cuDNN's sm90 tile at d 40: 64 queries x 128 keys, one warpgroup),
+//   5: 64 x 1 (four CTAs per SM: 128 registers).
+// Per 1024 scores the steady loop issues ~236 (1), ~184 (2), ~178 (3), ~189 (4), ~248 (5) sm_90a instructions inside
+// an image (the tile copies planned once per CTA, a 32-bit walk, descriptors in uniform registers; before: 341, 255,
+// 237) against 32 exponentials x 8 clocks = 256 clocks of the exp unit: wider tiles spread the per-tile work (loads,
+// barrier, descriptors) thinner (tools/sass_loop_mix.py --wgmma). On the H200 (before those counts) the variants
+// ranked by resident warps per SM instead (16 / 8 / 12: 0.727 / 0.946 / 0.830 ms at L 4096, ng 2); 4 and 5 keep 12 and
+// 16 in independent one-warpgroup CTAs, whose per-tile barrier holds only their own warpgroup.
+constexpr int kWgmmaVariants = 5;
+JEDI_HD constexpr int wgmma_variant_block_n(int variant) { return variant == 1 || variant == 5 ? 64 : 128; }
+JEDI_HD constexpr int wgmma_variant_warpgroups(int variant) { return variant == 3 ? 3 : variant >= 4 ? 1 : 2; }
 
 // Rows [row0, row0 + kRows) x columns [0, 8 kChunks) of one head of one image into a chunk-major tile (see the
 // header comment); rows >= L and columns >= D are zero-filled. Used for the CTA's Q tile, loaded once; key tiles go
@@ -524,6 +531,10 @@ cudaError_t run_fwd_wgmma_hdim(const SetAttnParams& p, int dtype, cudaStream_t s
       if (p.fwd_wgmma == 2) return run_fwd_wgmma_instance<T, kD, 128, 2>(p, stream);
     if constexpr (wgmma_variant_compiled(kD, 3))
       if (p.fwd_wgmma == 3) return run_fwd_wgmma_instance<T, kD, 128, 3>(p, stream);
+    if constexpr (wgmma_variant_compiled(kD, 4))
+      if (p.fwd_wgmma == 4) return run_fwd_wgmma_instance<T, kD, 128, 1>(p, stream);
+    if constexpr (wgmma_variant_compiled(kD, 5))
+      if (p.fwd_wgmma == 5) return run_fwd_wgmma_instance<T, kD, 64, 1>(p, stream);
     return cudaErrorInvalidValue;
   };
   return dtype == 0 ? run(__half{}) : run(__nv_bfloat16{});

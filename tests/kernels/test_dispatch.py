@@ -99,6 +99,21 @@ def test_variant_advice_reads_the_cuda_key_split_rows():
     assert "JEDI_CUDA_FWD_SPLITS" in advice[1]
 
 
+def test_variant_advice_compares_the_hopper_forward_with_its_default_per_head_dim():
+    """The CUDA Hopper-forward rows: at head dim 40 the default is variant 1 (64 keys x 2 warpgroups), elsewhere the
+    mma.sync kernel; the row's fastest variant is compared with that."""
+    rows = [{"kind": "cuda_fwd_wgmma", "L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "ms_mmasync": 0.83,
+             "ms_wg64x2": 0.73, "ms_wg128x1": 0.60, "best_wgmma": "wg128x1"},
+            {"kind": "cuda_fwd_wgmma", "L": 4096, "D": 40, "ng": 1, "dtype": "bfloat16", "ms_mmasync": 0.22,
+             "ms_wg64x2": 0.195, "ms_wg128x1": 0.20, "best_wgmma": "wg64x2"},
+            {"kind": "cuda_fwd_wgmma", "L": 256, "D": 160, "ng": 8, "dtype": "bfloat16", "ms_mmasync": 0.198,
+             "ms_wg64x2": 0.150, "best_wgmma": "wg64x2"}]
+    advice = mdt.variant_advice(rows)
+    assert "wg128x1 x1.22 faster than the default wg64x2" in advice[0] and "kDefaultWgmmaVariant" in advice[0]
+    assert advice[1].endswith("keep") and "default wg64x2 0.195 ms" in advice[1]
+    assert "wg64x2 x1.32 faster than the default mmasync" in advice[2]
+
+
 def test_variant_advice_flags_a_faster_non_default():
     rows = [{"kind": "cuda_fwd_rows_per_warp", "L": 4096, "D": 40, "dtype": "bfloat16", "ms_16rows": 0.50,
              "ms_32rows": 0.40},
@@ -487,6 +502,48 @@ def test_cuda_fwd_splits_row_times_each_setting_on_the_mma_sync_kernel(monkeypat
     monkeypatch.setattr(sw, "build_fn", refusing_build_fn)
     row = sw.cuda_fwd_splits_row(64, 80, ng=1, rep_ms=1)
     assert "ms_fa2" not in row and "speedup_auto_vs_fa2" not in row and row["speedup_auto_vs_off"] == 1.5
+
+
+def test_cuda_wgmma_row_times_the_variants_compiled_for_the_head_dim(monkeypatch):
+    """The sweep's Hopper-forward row times the mma.sync kernel and each wgmma variant compiled for the row's head dim
+    (40: all five tile shapes; 80: 64 x 2 and 128 x 2; 160: 64 x 2), no label that would silently time the mma.sync
+    fallback, then cuDNN; it names the fastest variant (stand-ins for the timers and kernels)."""
+    seen = []
+    ms = {"mmasync": 5.0, "wg64x2": 4.0, "wg128x2": 4.5, "wg128x3": 4.2, "wg128x1": 3.0, "wg64x1": 3.5}
+
+    def fake_variant_row(L, D, ng, dtype, rep_ms, backend, env, variants, kind, mode="fwd"):
+        assert backend == "cuda" and env == "JEDI_CUDA_FWD_WGMMA" and kind == "cuda_fwd_wgmma"
+        seen.append(dict(variants))
+        return {"L": L, "D": D, "ng": ng, "kind": kind, **{f"ms_{k}": ms[k] for k in variants}}
+
+    class Event:
+        name = "set_attn_fwd_wgmma_kernel"
+
+    class Prof:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def events(self):
+            return [Event()]
+
+    out = torch.zeros(2, 3)
+    monkeypatch.setattr(sw, "_variant_row", fake_variant_row)
+    monkeypatch.setattr(sw, "make_inputs", lambda *a, **k: (None, None, None, None))
+    monkeypatch.setattr(sw, "build_fn", lambda name, *a, **k: ((lambda: None), out))
+    monkeypatch.setattr(sw, "time_ms", lambda fn, rep_ms=60: 6.0)
+    monkeypatch.setattr(torch.profiler, "profile", lambda **k: Prof())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    row = sw.cuda_wgmma_fwd_row(4096, 40, ng=2, rep_ms=1)
+    assert seen[-1] == {"mmasync": "0", "wg64x2": "1", "wg128x2": "2", "wg128x3": "3", "wg128x1": "4", "wg64x1": "5"}
+    assert row["best_wgmma"] == "wg128x1" and row["speedup_wgmma_vs_mmasync"] == 5.0 / 3.0
+    assert row["speedup_wgmma_vs_cudnn"] == 2.0 and row["wgmma_ran"]
+    sw.cuda_wgmma_fwd_row(1024, 80, ng=2, rep_ms=1)
+    assert seen[-1] == {"mmasync": "0", "wg64x2": "1", "wg128x2": "2"}
+    row = sw.cuda_wgmma_fwd_row(256, 160, ng=4, rep_ms=1)
+    assert seen[-1] == {"mmasync": "0", "wg64x2": "1"} and row["best_wgmma"] == "wg64x2"
 
 
 def test_sweep_saves_after_every_row(monkeypatch):

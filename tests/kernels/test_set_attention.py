@@ -940,7 +940,7 @@ def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["1", "2", "3"], ids=["64x2", "128x2", "128x3"])
+@pytest.mark.parametrize("variant", ["1", "2", "3", "4", "5"], ids=["64x2", "128x2", "128x3", "128x1", "64x1"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
     (1, 2, 4096, 2, 40, "full", True),   # SD's 64x64 level, views of one qkv projection
     (2, 3, 97, 2, 40, "random", False),  # partial query and key tiles, masked
@@ -954,7 +954,7 @@ def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
     (1, 2, 97, 1, 72, "full", False),    # no Hopper instance at 72: the switch falls back to mma.sync
 ])
 def test_cuda_wgmma_forward(monkeypatch, variant, B, G, L, H, D, mask, fused):
-    """The Hopper forward (JEDI_CUDA_FWD_WGMMA=1|2|3: warpgroup MMAs, the softmax overlapping the P V product) passes
+    """The Hopper forward (JEDI_CUDA_FWD_WGMMA=1..5: warpgroup MMAs, the softmax overlapping the P V product) passes
     the 2x rule for out and lse (and the backward on its lse) in both dtypes; the profiler shows it ran, with the
     variant's tile shape, on a compute-capability-9.0 device at the head dims and variants compiled for it (40: all;
     80: 64 x 2 and 128 x 2; 160: 64 x 2), and that other devices, head dims and variants fell back to the mma.sync
@@ -968,11 +968,11 @@ def test_cuda_wgmma_forward(monkeypatch, variant, B, G, L, H, D, mask, fused):
         jk.set_attention(q, k, v, G, H, backend="cuda")
         torch.cuda.synchronize()
     names = {e.name for e in prof.events() if "set_attn_fwd" in e.name}
-    compiled = {40: "123", 80: "12", 160: "1"}.get(D, "")
+    compiled = {40: "12345", 80: "12", 160: "1"}.get(D, "")
     hopper = torch.cuda.get_device_capability() == (9, 0) and variant in compiled
     assert names and all(("wgmma" in n) == hopper for n in names), names
     if hopper:  # template arguments (T, kDk, kDv, kBlockN, kWG) end the demangled name: "..., 48, 40, 128, 3>"
-        block_n, wg = {"1": (64, 2), "2": (128, 2), "3": (128, 3)}[variant]
+        block_n, wg = {"1": (64, 2), "2": (128, 2), "3": (128, 3), "4": (128, 1), "5": (64, 1)}[variant]
         dk = (D + 15) // 16 * 16
         assert all(re.search(rf"{dk},\s*(\(int\))?{D},\s*(\(int\))?{block_n},\s*(\(int\))?{wg}>", n)
                    for n in names), names
@@ -1005,7 +1005,7 @@ def test_cuda_forward_default_is_wgmma_64x2_at_d40_on_hopper(monkeypatch, settin
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["1", "3"], ids=["64x2", "128x3"])
+@pytest.mark.parametrize("variant", ["1", "3", "4"], ids=["64x2", "128x3", "128x1"])
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-3])
 def test_cuda_wgmma_forward_non_positive_and_tiny_scales(monkeypatch, variant, scale):
     """The Hopper forward's other scale paths on the device (only its CPU emulation covered them): a negative scale
@@ -1057,8 +1057,8 @@ def test_cuda_instance_switch_bad_value(monkeypatch, switch):
     _require_cuda_attention()
     _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
     q.requires_grad_()
-    monkeypatch.setenv(switch, "4" if switch == "JEDI_CUDA_FWD_WGMMA" else "3")
-    allowed = {"JEDI_CUDA_BWD_WARPS": "0, 4 or 8", "JEDI_CUDA_FWD_WGMMA": "0, 1, 2 or 3"}.get(switch, "0, 1 or 2")
+    monkeypatch.setenv(switch, "6" if switch == "JEDI_CUDA_FWD_WGMMA" else "3")
+    allowed = {"JEDI_CUDA_BWD_WARPS": "0, 4 or 8", "JEDI_CUDA_FWD_WGMMA": "0, 1, 2, 3, 4 or 5"}.get(switch, "0, 1 or 2")
     bad = pytest.raises(RuntimeError, match=f"{switch} must be {allowed}")
     if switch.startswith("JEDI_CUDA_FWD"):
         with bad:

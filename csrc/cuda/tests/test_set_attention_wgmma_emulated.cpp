@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
   // two query tiles per image (L > 128), masks (block-diagonal, one-way, a never-attended image), fused-qkv and
   // padded strides, q, k and v each with strides of their own (the copies step K and V tiles separately), negative
   // scale (Q negated in shared memory), a large scale (the running max moves mid-row); every variant (64 x 2,
-  // 128 x 2, 128 x 3 keys x warpgroups)
+  // 128 x 2, 128 x 3, 128 x 1, 64 x 1 keys x warpgroups)
   run_case<__half, 64>({1, 2, 97, 2, 0, 1, 0.f, true, true});
   run_case<__nv_bfloat16, 64>({1, 2, 97, 1, 2, 0, 0.f, false, false});
   run_case<__half, 128>({1, 2, 97, 1, 0, 2, -0.3f, true, true});
@@ -96,6 +96,9 @@ int main(int argc, char** argv) {
   run_case<__nv_bfloat16, 128, 3>({1, 3, 70, 2, 2, 2, -3.f, false, true});
   run_case<__nv_bfloat16, 64>({1, 3, 150, 1, 2, 3, 0.f, true, true});    // three tiles per image, one allowed skipped
   run_case<__half, 128>({2, 2, 300, 1, 0, 3, 0.f, false, true});
+  // one warpgroup per CTA (variants 4 and 5): 64-row query tiles, so L 97 is two tiles per image, the second a tail
+  run_case<__nv_bfloat16, 128, 1>({1, 2, 97, 2, 2, 3, -0.7f, true, true});
+  run_case<__half, 64, 1>({1, 3, 150, 1, 3, 1, 3.f, false, true});
   // head dims 80 and 160 (Q K^T over 5 / 10 k16 steps, P V over 88 / 168 columns): the variants compiled for them
   // (wgmma_variant_compiled)
   run_case<__nv_bfloat16, 64, 2, 80>({1, 2, 97, 2, 2, 1, 0.f, true, true});
@@ -107,6 +110,8 @@ int main(int argc, char** argv) {
     run_case<__half, 128>({1, 2, 130, 1, 2, 1, 0.f, false, true});       // two query tiles, a one-row tail
     run_case<__half, 64>({2, 5, 1, 1, 2, 1, 0.f, true, true});           // one token per image: every tile a tail
     run_case<__nv_bfloat16, 128>({1, 1, 200, 2, 0, 0, 0.5f, true, true});  // set size 1
+    run_case<__half, 128, 1>({2, 2, 64, 1, 1, 2, 0.f, false, false});     // one whole query tile per image
+    run_case<__nv_bfloat16, 64, 1>({1, 5, 1, 1, 0, 0, 0.f, true, true});  // one token per image
   }
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
