@@ -404,12 +404,12 @@ WGMMA_LABELS = {"wg64x2": "1", "wg128x2": "2", "wg128x3": "3", "wg128x1": "4", "
 def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA forward: the mma.sync kernel vs the Hopper one (``JEDI_CUDA_FWD_WGMMA`` 1 / 2 / 3 / 4 / 5: 64 keys x 2
     warpgroups, 128 x 2, 128 x 3, 128 x 1, 64 x 1; warpgroup MMAs with the softmax overlapping the P V product;
-    sm_90a, head dims 40 (all five), 80 (1, 2) and 160 (1): only the compiled ones are timed), and cuDNN SDPA on the
+    sm_90a, head dims 40 (all five), 80 (1, 2, 5) and 160 (1): only the compiled ones are timed), and cuDNN SDPA on the
     same inputs (``ms_cudnn``, the number to beat: 0.575 ms at L 4096 D 40 ng 2 bf16 on the H200). Static SASS per
     1024 scores of a tile inside an image (tools/sass_loop_mix.py --wgmma, since the twentieth session): d 40 236 /
-    184 / 178 / 189 / 248, d 80 252 / 188, d 160 270, against 32 MUFU x 8 = 256 exp-unit clocks; resident warps per
-    SM at d 40: 16 / 8 / 12 / 12 / 16."""
-    compiled = {40: "12345", 80: "12", 160: "1"}.get(D, "")
+    184 / 178 / 189 / 248, d 80 252 / 188 / - / - / 256, d 160 270, against 32 MUFU x 8 = 256 exp-unit clocks;
+    resident warps per SM at d 40: 16 / 8 / 12 / 12 / 16, at d 80: 8 / 8 / - / - / 12."""
+    compiled = {40: "12345", 80: "125", 160: "1"}.get(D, "")
     labels = {n: v for n, v in WGMMA_LABELS.items() if v in compiled}
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_WGMMA", {"mmasync": "0", **labels},
                        "cuda_fwd_wgmma")

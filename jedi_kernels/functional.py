@@ -291,7 +291,7 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             the software-pipelined one that computes the next key tile's scores during this tile's softmax),
             ``JEDI_CUDA_FWD_WGMMA=0..5`` (CUDA forward at head dims 40, 80 and 160 on compute capability 9.0: the
             Hopper kernel's variant, warpgroup MMAs with the softmax overlapping the P V product, keys per tile x
-            warpgroups per CTA 64x2, 128x2, 128x3, 128x1, 64x1 (4 and 5 at head dim 40 only); unset: variant 1 at
+            warpgroups per CTA 64x2, 128x2, 128x3, 128x1, 64x1 (at 80: 1, 2 and 5; at 160: 1); unset: variant 1 at
             head dim 40, 1.10-1.15x faster than the mma.sync kernel on the H200, unless one of the two switches above
             asks for an mma.sync instance, and the mma.sync kernel at 80 and 160 (their Hopper instances, variants 1-2
             at 80 and 1 at 160, are untimed); 0: the mma.sync kernel; other devices and head dims always run the

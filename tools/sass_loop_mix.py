@@ -120,7 +120,7 @@ def _nvcc_sass(src: Path, arch: int | str, extra: tuple[str, ...] = (), ptxas_lo
 # the Hopper forward's variants (csrc/cuda/set_attention_wgmma.cuh, wgmma_variant_*): keys per tile, warpgroups
 WGMMA_VARIANTS = {1: (64, 2), 2: (128, 2), 3: (128, 3), 4: (128, 1), 5: (64, 1)}
 # the variants compiled for each head dim (set_attention_wgmma.cuh, wgmma_variant_compiled)
-WGMMA_COMPILED = {40: (1, 2, 3, 4, 5), 80: (1, 2), 160: (1,)}
+WGMMA_COMPILED = {40: (1, 2, 3, 4, 5), 80: (1, 2, 5), 160: (1,)}
 
 
 @functools.lru_cache(maxsize=3)

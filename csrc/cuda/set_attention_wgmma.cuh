@@ -189,9 +189,12 @@ struct WgFwdTraits {
   static constexpr int kSmemBytes = kQBytes + 2 * kKBytes + 2 * kVBytes;  // Q, two K stages, two V stages
   // CTAs per SM that the register budget is planned for (__launch_bounds__): at head dim 40 (kDo 48) two 2-warpgroup
   // CTAs of 64-key tiles (128 registers), and one-warpgroup CTAs four at a time with 64-key tiles (128 registers)
-  // or three with 128-key tiles (168); elsewhere two one-warpgroup CTAs or one larger one.
-  static constexpr int kMinBlocks = kDo <= 48 ? (kWG == 1 ? (kBlockN <= 64 ? 4 : 3) : kBlockN <= 64 && kWG == 2 ? 2 : 1)
-                                              : (kWG == 1 ? 2 : 1);
+  // or three with 128-key tiles (168); at head dim 80 three one-warpgroup CTAs of 64-key tiles (168); elsewhere two
+  // one-warpgroup CTAs or one larger one.
+  static constexpr int kMinBlocks = kDo <= 48   ? (kWG == 1 ? (kBlockN <= 64 ? 4 : 3) : kBlockN <= 64 && kWG == 2 ? 2 : 1)
+                                   : kWG > 1    ? 1
+                                   : kDo <= 88 && kBlockN <= 64 ? 3
+                                                                : 2;
   static_assert(kDk % 16 == 0 && kDv % 8 == 0 && kDv <= kDk && kDk - kDv < 16, "head dims of one instance");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA on sm_90");
   static_assert(kBlockN == 64 || kBlockN == 128, "key tiles of 64 or 128");
@@ -203,12 +206,15 @@ struct WgFwdTraits {
 // JEDI_CUDA_FWD_WGMMA asks.
 JEDI_HD constexpr bool wgmma_fwd_head_dim(int64_t D) { return D == 40 || D == 80 || D == 160; }
 JEDI_HD constexpr int wgmma_dk(int D) { return (D + 15) / 16 * 16; }
-// The variants compiled for a head dim: those sm_90a ptxas builds without spills (2026-11-28): at 40 all three, at 80
-// the two-warpgroup ones (three warpgroups spill 36 bytes at 168 registers), at 160 variant 1 (226-228 registers;
-// 128-key tiles spill 76 bytes at 255, and three warpgroups serialize their MMAs). Elsewhere the request falls back
-// to the mma.sync kernels, like the other instance switches.
+// The variants compiled for a head dim: those sm_90a ptxas builds without spills (2026-11-28): at 40 all five, at 80
+// the two-warpgroup ones (three warpgroups spill 36 bytes at 168 registers) and 64 x 1 (168 registers, three CTAs per
+// SM: 12 warps where the others hold 8; 128 x 1 needs 254 and issues 216 per 1024 scores against 128 x 2's 188), at
+// 160 variant 1 (226-228 registers; 128-key tiles spill 76 bytes at 255 with two warpgroups and 580 with one, three
+// warpgroups serialize their MMAs, and 64 x 1 issues 317 per 1024 scores against 270 for the same 8 warps per SM).
+// Elsewhere the request falls back to the mma.sync kernels, like the other instance switches.
 JEDI_HD constexpr bool wgmma_variant_compiled(int64_t D, int variant) {
-  return D == 40 ? variant >= 1 && variant <= 5 : D == 80 ? variant == 1 || variant == 2 : D == 160 && variant == 1;
+  return D == 40 ? variant >= 1 && variant <= 5 : D == 80 ? variant == 1 || variant == 2 || variant == 5
+                                                 : D == 160 && variant == 1;
 }
 // Forward variants (SetAttnParams::fwd_wgmma), keys per tile x warpgroups (64 query rows each) per CTA:
 //   1: 64 x 2 (two CTAs per SM: 128 registers), 2: 128 x 2 (one CTA per SM), 3: 128 x 3 (one CTA per SM),

@@ -103,6 +103,7 @@ int main(int argc, char** argv) {
   // (wgmma_variant_compiled)
   run_case<__nv_bfloat16, 64, 2, 80>({1, 2, 97, 2, 2, 1, 0.f, true, true});
   run_case<__half, 128, 2, 80>({1, 3, 70, 1, 0, 3, -0.5f, false, true});
+  run_case<__half, 64, 1, 80>({1, 3, 130, 1, 1, 2, 0.f, false, true});  // one warpgroup per CTA at head dim 80
   run_case<__half, 64, 2, 160>({1, 2, 33, 1, 0, 2, 0.f, true, false});
   run_case<__nv_bfloat16, 64, 2, 160>({1, 2, 150, 1, 3, 1, 2.f, true, true});
   if (!quick) {
