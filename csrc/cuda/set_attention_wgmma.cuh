@@ -191,10 +191,9 @@ struct WgFwdTraits {
   // CTAs of 64-key tiles (128 registers), and one-warpgroup CTAs four at a time with 64-key tiles (128 registers)
   // or three with 128-key tiles (168); at head dim 80 three one-warpgroup CTAs of 64-key tiles (168); elsewhere two
   // one-warpgroup CTAs or one larger one.
-  static constexpr int kMinBlocks = kDo <= 48   ? (kWG == 1 ? (kBlockN <= 64 ? 4 : 3) : kBlockN <= 64 && kWG == 2 ? 2 : 1)
-                                   : kWG > 1    ? 1
-                                   : kDo <= 88 && kBlockN <= 64 ? 3
-                                                                : 2;
+  static constexpr int kMinBlocks =
+      kWG == 1 ? (kDo <= 48 ? (kBlockN <= 64 ? 4 : 3) : kDo <= 88 && kBlockN <= 64 ? 3 : 2)
+               : (kWG == 2 && kBlockN <= 64 && kDo <= 48 ? 2 : 1);
   static_assert(kDk % 16 == 0 && kDv % 8 == 0 && kDv <= kDk && kDk - kDv < 16, "head dims of one instance");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA on sm_90");
   static_assert(kBlockN == 64 || kBlockN == 128, "key tiles of 64 or 128");
