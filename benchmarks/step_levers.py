@@ -32,9 +32,9 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
     +fuse_ff            each feed-forward's projection + GEGLU as one Triton kernel (jedi_kernels.linear_geglu; opt-in
                         in optimize() until this rung measures it; on +cudnn_benchmark)
     +attn=triton/cuda   the joint self-attention on our Triton / CUDA kernel instead of SDPA (each on +cudnn_benchmark)
-    +attn=cuda_wgmma    the CUDA kernel with the Hopper forward (JEDI_CUDA_FWD_WGMMA, variant WGMMA_VARIANT) at every
-                        joint layer (d 40, 80, 160; compute capability 9.0 only); +attn=cuda runs it at d 40 only,
-                        the CUDA default there
+    +attn=cuda_wgmma    the CUDA kernel with the Hopper forward's variant WGMMA_VARIANT (JEDI_CUDA_FWD_WGMMA) wherever it
+                        is compiled (compute capability 9.0 only); +attn=cuda runs variant 1 at d 40 only, the CUDA
+                        default there, so the two rungs compare the step with variant 4 (default here) and variant 1
     +attn=triton_gluon  the Triton kernel with the Gluon Hopper forward (JEDI_TRITON_FWD_GLUON, config GLUON_VARIANT)
                         at the d 40 and d 80 layers (compute capability 9.0 only)
     +attn=triton_gluon_ws  the same with its warp-specialized config (5)
@@ -104,10 +104,12 @@ LADDER = [
 ]
 ATTNS = ("triton", "cuda", "cuda_wgmma", "triton_gluon", "triton_gluon_ws")  # our attention options, besides "auto"
 # the Hopper forwards' variants the cuda_wgmma / triton_gluon rungs run (benchmarks/attention_sweep.py times all):
-# the sweep's winners on the H200 (2026-11-28, d 40, every ng): wgmma 64 keys x 2 warpgroups (variant 1: 0.727 ms at
-# ng 2 against 0.830 for variant 3, which the ladder ran before: 12.41 ms against 12.28 with mma.sync), and of the
-# Gluon configs without warp specialization 128 x 64 (config 2: 0.790 ms against config 1's 1.056)
-WGMMA_VARIANT = os.environ.get("JEDI_STEP_WGMMA_VARIANT", "1")
+# for the CUDA one, variant 4 (128 keys x 1 warpgroup per CTA, cuDNN's tile; twenty-third session, untimed), since
+# +attn=cuda already runs the sweep's winner on the H200 (2026-11-28, d 40, every ng), variant 1 (64 keys x 2
+# warpgroups: 0.727 ms at ng 2 against 0.830 for variant 3, which this rung ran then: 12.41 ms against 12.28 with
+# mma.sync); at d 80 and 160, where variant 4 is not compiled, both rungs run mma.sync. Of the Gluon configs without
+# warp specialization, 128 x 64 (config 2: 0.790 ms against config 1's 1.056)
+WGMMA_VARIANT = os.environ.get("JEDI_STEP_WGMMA_VARIANT", "4")
 GLUON_VARIANT = os.environ.get("JEDI_STEP_GLUON_VARIANT", "2")
 GLUON_WS_VARIANT = "5"  # the warp-specialized Gluon config
 # attn option -> (backend, the per-call switch it sets, its value); the other rungs run with the user's value of each
