@@ -341,9 +341,11 @@ def triton_fwd_ws_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 
 
 def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
-    """CUDA forward with 16 vs 32 query rows per warp (``JEDI_CUDA_FWD_ROW_BLOCKS`` 1 / 2; head dims <= 80 have
-    both). Static SASS per 1024 scores of a full key tile, sm_90: d 40 484 vs 383 instructions, d 80 614 vs 501
-    (before the lazy rescale); registers 128 / 221 and 175 / 240 (8 resident warps per SM with 32 rows)."""
+    """CUDA forward with 16 vs 32 query rows per warp (``JEDI_CUDA_FWD_ROW_BLOCKS`` 1 / 2; head dims <= 80 and 160
+    have both, 32 the default up to 80). Static SASS per 1024 scores of a full key tile, sm_90: d 40 484 vs 383
+    instructions, d 80 614 vs 501 (before the lazy rescale); registers 128 / 221 and 175 / 240 (8 resident warps per
+    SM with 32 rows); d 160 (32-key tiles with 32 rows) 543 vs 590 inside an image, ldmatrix 90 vs 60, 222 / 255
+    registers (8 warps per SM either way). The second H100 run measured 32 rows x1.09 at d 40 and x1.55 at d 80."""
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_ROW_BLOCKS", {"16rows": "1", "32rows": "2"},
                        "cuda_fwd_rows_per_warp")
     row["speedup_32_vs_16rows"] = row["ms_16rows"] / row["ms_32rows"]
@@ -792,6 +794,12 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     from jedi_kernels.ops.set_attention_gluon_bwd import checked_bwd_configs
 
     if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON_BWD", "1") != "0" and checked_bwd_configs():
+        # 32 query rows per warp at d 160 (opt-in, never timed) on issue 4's full-wave forward misses (H100: x0.90 and
+        # x0.96 of FA2 at set sizes 4 and 8), and set size 2
+        for ng in (4, 8, 2):
+            add(cuda_row_blocks_row(256, 160, ng=ng, rep_ms=rep_ms))
+            print(f"CUDA forward 32 vs 16 rows per warp, L=256 D=160 ng={ng}: "
+                  f"x{rows[-1]['speedup_32_vs_16rows']:.2f}", flush=True)
         # the Gluon backward (JEDI_SWEEP_GLUON_BWD=0: its probe did not finish); speedup_gluonbwd_vs_cudnn is forward
         # + backward against cuDNN's
         hopper.append((triton_gluon_bwd_row, [(4096, 40, 2, torch.bfloat16), (4096, 40, 2, torch.float16),

@@ -433,9 +433,10 @@ def main(argv=None) -> int:
                         sass = cuda_fwd_sass(D, args.arch, row_blocks=rb, stages=stages)
                     except LookupError:  # no such instance (fwd_has_row_blocks, fwd_has_stages)
                         continue
-                    # keys per loop trip: 64-key tiles, except the two-stage loop's two tiles (32 keys each at 32
+                    # keys per loop trip (set_attention_plan.h, fwd_config): 64-key tiles, except 32 rows per warp
+                    # at head dims above 80 (32-key tiles) and the two-stage loop's two tiles (32 keys each at 32
                     # rows per warp)
-                    keys = 64 if stages == 1 else 2 * (32 if rb == 2 else 64)
+                    keys = (32 if rb == 2 and D > 80 else 64) if stages == 1 else 2 * (32 if rb == 2 else 64)
                     rows.append((f"cuda {16 * rb}r{' 2st' if stages == 2 else ''}", *sass_loop_mix(sass),
                                  full_tile_count(sass), full_tile_count(sass, skip_rescale=True),
                                  full_tile_count(sass, skip_rescale=True, skip_image_change=True), 16 * rb * keys))

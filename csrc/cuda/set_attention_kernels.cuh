@@ -347,9 +347,9 @@ __device__ __forceinline__ void fwd_epilogue(const SetAttnParams& p, const typen
 // kSplit (a split forward, p.fwd_splits = S > 1): blockIdx.x = query tile * S + split, and the CTA walks only its
 // split's run of the allowed key tiles (split_range over KeyWalk's order), ending in fwd_epilogue's float32 partial
 // output; set_attn_fwd_combine_kernel merges the S runs. The one-split instance compiles as if kSplit did not exist.
-template <typename T, int kD, int kRB, bool kSplit = false>
-__global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, kD, kRB>::kMinBlocks)
-    set_attn_fwd_kernel(const SetAttnParams p) {
+// (The body is fwd_kernel_body, inlined: the kernel compiles it only for the archs the instance is built for.)
+template <typename T, int kD, int kRB, bool kSplit>
+__device__ __forceinline__ void fwd_kernel_body(const SetAttnParams& p) {
   using Tr = FwdTraits<T, kD, kRB>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kPitch = Tr::kPitch;
 
@@ -467,6 +467,19 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, 
   // (the split index again from blockIdx: one register less across the loop)
   fwd_epilogue<Tr, kSplit>(p, acc_o, row_max, row_sum, b, h, qc, warp, lane,
                            kSplit ? static_cast<int>(blockIdx.x % static_cast<unsigned>(p.fwd_splits)) : 0);
+}
+
+template <typename T, int kD, int kRB, bool kSplit = false>
+__global__ void __launch_bounds__(FwdTraits<T, kD, kRB>::kThreads, FwdTraits<T, kD, kRB>::kMinBlocks)
+    set_attn_fwd_kernel(const SetAttnParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (!fwd_instance_before_sm90(kD, kRB)) {
+    __trap();  // an sm_90-only instance: run_fwd never launches it on older devices
+  } else
+#endif
+  {
+    fwd_kernel_body<T, kD, kRB, kSplit>(p);
+  }
 }
 
 // The merge of a split forward's S partial results (p.fwd_splits > 1): for each token and head, with lse_s the
@@ -726,6 +739,21 @@ int fwd_split_ctas_per_sm() {
   return n;
 }
 
+// The current device's compute-capability major (0 when the runtime cannot tell), cached per device.
+inline int device_major() {
+  static std::atomic<int> cache[16];  // device -> major + 1 (0: not asked yet)
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < 16 && cache[dev].load(std::memory_order_relaxed) > 0)
+    return cache[dev].load(std::memory_order_relaxed) - 1;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (dev >= 0 && dev < 16) cache[dev].store(major + 1, std::memory_order_relaxed);
+  return major;
+}
+
 template <typename T, int kD, int kRB>
 cudaError_t run_fwd_rb(const SetAttnParams& p, cudaStream_t stream) {
   const int stages = p.fwd_stages == 0 ? fwd_default_stages(kD) : p.fwd_stages;
@@ -743,10 +771,14 @@ cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
   if (p.fwd_splits > 1)  // (set_attention_fwd_launch checked that this instance has splits)
     return fwd_has_splits(kD, rb, stages) ? run_fwd_split<T, kD, fwd_default_row_blocks(kD)>(p, stream)
                                           : cudaErrorInvalidValue;
-  if (rb == 1) return run_fwd_rb<T, kD, 1>(p, stream);
   if constexpr (fwd_has_row_blocks(kD, 2)) {
-    if (rb == 2) return run_fwd_rb<T, kD, 2>(p, stream);
+    if (rb == 2) {
+      // an instance built for sm_90 on only (fwd_instance_before_sm90) runs with 16 rows per warp on older devices
+      if (!fwd_instance_before_sm90(kD, 2) && device_major() < 9) return run_fwd_rb<T, kD, 1>(p, stream);
+      return run_fwd_rb<T, kD, 2>(p, stream);
+    }
   }
+  if (rb == 1) return run_fwd_rb<T, kD, 1>(p, stream);
   return cudaErrorInvalidValue;
 }
 #endif

@@ -66,16 +66,21 @@ struct FwdConfig {
   int stages = 1;  // 1: FlashAttention-2's loop; 2: software-pipelined (fwd_has_stages)
 };
 // Row blocks per warp compiled for a kernel head dim: 1 always; 2 up to 80 (sm_90 ptxas: 189-255 registers, no
-// spills; 96 took 255 and 128 spilled).
+// spills; 96 took 255 and 128 spilled) and at 160 with 32-key tiles (SD's 16x16 level: 255 registers on sm_90 without
+// spills; 4 bytes of spill on sm_80, so that instance is built for sm_90 on: fwd_instance_before_sm90).
 JEDI_HD constexpr bool fwd_has_row_blocks(int kD, int row_blocks) {
-  return row_blocks == 1 || (row_blocks == 2 && kD <= 80);
+  return row_blocks == 1 || (row_blocks == 2 && (kD <= 80 || kD == 160));
 }
+// Whether an instance has a body for devices before sm_90 (run_fwd runs 16 rows per warp instead there).
+JEDI_HD constexpr bool fwd_instance_before_sm90(int kD, int row_blocks) { return !(row_blocks == 2 && kD > 80); }
 // The instance a launch uses when the caller does not ask for one (SetAttnParams::fwd_row_blocks == 0): two row
-// blocks wherever compiled. Static SASS of the main loop, sm_90 bf16, per 1024 scores of a full key tile
-// (tools/sass_loop_mix.py --cuda): D 40 484 -> 383 instructions, ldmatrix 27 -> 15; D 80 614 -> 501, 45 -> 25; at
-// ~220/240 registers instead of 128/175 (8 resident warps per SM instead of 16 / 8). Not yet timed on a GPU: the
-// benchmarks time both (JEDI_CUDA_FWD_ROW_BLOCKS).
-JEDI_HD constexpr int fwd_default_row_blocks(int kD) { return fwd_has_row_blocks(kD, 2) ? 2 : 1; }
+// blocks up to head dim 80 (at 160 they are opt-in, JEDI_CUDA_FWD_ROW_BLOCKS=2, until a GPU run has timed them).
+// Static SASS of the main loop, sm_90 bf16, per 1024 scores of a full key tile (tools/sass_loop_mix.py --cuda):
+// D 40 484 -> 383 instructions, ldmatrix 27 -> 15; D 80 614 -> 501, 45 -> 25; at ~220/240 registers instead of
+// 128/175 (8 resident warps per SM instead of 16 / 8); the H100 measured 1.09x at d 40 and 1.55x at d 80 (second run
+// of 2026-11-27, L 4096 / 1024, set size 2: more than the instruction counts say). D 160 with 32-key tiles: 543 -> 590
+// instructions inside an image, ldmatrix 90 -> 60, the same 8 warps per SM.
+JEDI_HD constexpr int fwd_default_row_blocks(int kD) { return kD <= 80 ? 2 : 1; }
 // Software-pipelined forward (stages = 2): a warp computes the scores of key tile t+1 on the tensor cores in the same
 // straight-line code as the exponentials of tile t, so ptxas interleaves the two and the tensor pipe and the SFU work
 // at the same time (FlashAttention-3's intra-warpgroup overlap, done with mma.sync); the one-stage loop issues them
@@ -106,7 +111,8 @@ JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks, int stages = 1) {
   // 192/256 take a narrower key tile so they fit without spills.
   return stages == 2
              ? (row_blocks == 2 ? FwdConfig{128, 32, 4, 2, kD <= 64, 2, 2} : FwdConfig{128, 64, 8, 1, kD <= 64, 1, 2})
-       : row_blocks == 2 ? (kD <= 64 ? FwdConfig{128, 64, 4, 2, true, 2} : FwdConfig{128, 64, 4, 2, false, 1})
+       : row_blocks == 2 ? (kD <= 64 ? FwdConfig{128, 64, 4, 2, true, 2}
+                            : kD <= 80 ? FwdConfig{128, 64, 4, 2, false, 1} : FwdConfig{128, 32, 4, 2, false, 1})
        : kD <= 64        ? FwdConfig{128, 64, 8, 1, true, 2}
        : kD <= 128       ? FwdConfig{128, 64, 8, 1, true, 1}
        : kD <= 160       ? FwdConfig{128, 64, 8, 1, false, 1}

@@ -829,6 +829,32 @@ def test_cuda_forward_instances(monkeypatch, row_blocks, stages, B, G, L, H, D, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("row_blocks", ["1", "2"], ids=["16rows", "32rows"])
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
+    (1, 4, 256, 2, 160, "full", True),      # SD's 16x16 level at set size 4: issue 4's full-wave forward miss
+    (2, 3, 97, 1, 152, "random", False),    # partial query and 32-key tiles, padded columns, a mask
+    (1, 8, 64, 1, 160, "blockdiag", False),
+])
+def test_cuda_forward_32_rows_per_warp_at_d160(monkeypatch, row_blocks, B, G, L, H, D, mask, fused):
+    """JEDI_CUDA_FWD_ROW_BLOCKS=2 at head dim 160 (32 query rows per warp, 32-key tiles; opt-in, built for sm_90 on)
+    passes the 2x rule forward and backward; the profiler shows the 32-row instance ran on compute capability >= 9.0
+    and the 16-row one before it (where the 32-row instance has no body)."""
+    _require_cuda_attention()
+    monkeypatch.setenv("JEDI_CUDA_FWD_ROW_BLOCKS", row_blocks)
+    monkeypatch.delenv("JEDI_CUDA_FWD_WGMMA", raising=False)
+    _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
+    _check_case(B, G, L, H, D, dtype=torch.float16, mask=mask, fused=fused, backend="cuda")
+    _, (q, k, v) = _inputs(1, G, L, H, D, torch.bfloat16, torch.device("cuda"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        jk.set_attention(q, k, v, G, H, backend="cuda")
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "set_attn_fwd_kernel" in e.name}
+    rb = 2 if row_blocks == "2" and torch.cuda.get_device_capability()[0] >= 9 else 1
+    # the kernel's template arguments (T, kD, kRB, kSplit) end its demangled name: "..., 160, 2, false>"
+    assert names and all(re.search(rf"160,\s*(\(int\))?{rb},", n) for n in names), names
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("splits", ["1", "2", "3", "8"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
     (2, 1, 1024, 2, 80, "full", True),    # SD's 32x32 level at set size 1: the shape the automatic count splits

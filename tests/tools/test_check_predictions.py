@@ -91,7 +91,7 @@ def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_res
     preds = cp.load_predictions()
     assert len(preds) >= 10
     new_rows = {"s20-cuda-wgmma-d80-ng8", "s20-cuda-wgmma-d160-ng8", "s21-targets-only-ng2", "s21-targets-only-ng4",
-                "s23-cuda-wgmma-v4-d40-ng2", "s23-cuda-wgmma-v5-d40-ng2"}
+                "s23-cuda-wgmma-v4-d40-ng2", "s23-cuda-wgmma-v5-d40-ng2", "s23-cuda-fwd-32rows-d160-ng8"}
     found = set()
     for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
         with open(path) as f:

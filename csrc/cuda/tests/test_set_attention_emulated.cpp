@@ -232,6 +232,10 @@ int main(int argc, char** argv) {
   run_case<__half, 80, 2, 1, 1, 8>({1, 2, 97, 1, 72, 0, 1, 0.f, true});
   run_case<__nv_bfloat16, 80, 2, 1, 1, 8>({1, 3, 70, 1, 80, 3, 2, -0.5f, false});
   run_case<__half, 48>({1, 3, 70, 1, 40, 2, 3, 0.f, true});  // q, k, v with strides of their own
+  // 32 query rows per warp at head dim 160 (32-key tiles, Q from shared memory): several query and key tiles, tails,
+  // masks with a never-attended image, a rescale mid-row, negative scale, padded columns (152), strides of their own
+  run_case<__nv_bfloat16, 160, 2>({1, 2, 150, 1, 160, 3, 1, 3.f, true});
+  run_case<__half, 160, 2>({1, 3, 70, 2, 152, 1, 3, -0.5f, false});
   // split forwards (S CTAs per query tile over runs of the allowed key tiles, then the merge): uneven runs, a run
   // crossing an image, masks (one-way: 1 of 3 images allowed, so a run may be empty; a never-attended image),
   // more splits than tiles, a rescale mid-run, negative scale, both dtypes, 16 and 32 rows per warp, d 160
@@ -260,6 +264,8 @@ int main(int argc, char** argv) {
     run_case<__nv_bfloat16, 192>({1, 1, 37, 1, 176, 0, 2, 0.f, true});
     run_case<__nv_bfloat16, 80, 2, 1, 1, 8>({1, 2, 97, 1, 80, 0, 3, 0.f, false});
     run_case<__half, 160>({1, 2, 70, 1, 152, 3, 1, 0.f, false});  // one 160-column chunk, 8 of them padding
+    run_case<__half, 160, 2>({2, 2, 64, 1, 160, 2, 0, 0.f, true});    // whole tiles only
+    run_case<__nv_bfloat16, 160, 2>({2, 5, 1, 1, 160, 2, 2, 0.f, true});  // one token per image
   }
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
