@@ -739,19 +739,34 @@ int fwd_split_ctas_per_sm() {
   return n;
 }
 
-// The current device's compute-capability major (0 when the runtime cannot tell), cached per device.
-inline int device_major() {
-  static std::atomic<int> cache[16];  // device -> major + 1 (0: not asked yet)
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < 16 && cache[dev].load(std::memory_order_relaxed) > 0)
-    return cache[dev].load(std::memory_order_relaxed) - 1;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
+// Whether the one-stage instance <T, kD, kRB> that the current device would run has its body: instances that are not
+// fwd_instance_before_sm90 trap when compiled for an older virtual arch, which is what the device gets on an older
+// GPU, and also on a newer one that JIT-compiles a build's older PTX. So this asks the loaded function for the PTX
+// version it came from (cached per device; false when the runtime cannot tell).
+template <typename T, int kD, int kRB>
+bool fwd_body_on_device() {
+  if constexpr (fwd_instance_before_sm90(kD, kRB)) {
+    return true;
+  } else {
+    static std::atomic<int> cache[16];  // device -> 1 + (has the body) (0: not asked yet)
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (dev >= 0 && dev < 16 && cache[dev].load(std::memory_order_relaxed) > 0)
+      return cache[dev].load(std::memory_order_relaxed) == 2;
+    // (a lazy query like fwd_split_ctas_per_sm's: relaxed capture mode if a graph capture is running)
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+    cudaFuncAttributes attr{};
+    const bool ok = cudaFuncGetAttributes(&attr, set_attn_fwd_kernel<T, kD, kRB>) == cudaSuccess;
+    if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+    if (!ok) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    const bool body = attr.ptxVersion >= 90;
+    if (dev >= 0 && dev < 16) cache[dev].store(body ? 2 : 1, std::memory_order_relaxed);
+    return body;
   }
-  if (dev >= 0 && dev < 16) cache[dev].store(major + 1, std::memory_order_relaxed);
-  return major;
 }
 
 template <typename T, int kD, int kRB>
@@ -773,8 +788,9 @@ cudaError_t run_fwd(const SetAttnParams& p, cudaStream_t stream) {
                                           : cudaErrorInvalidValue;
   if constexpr (fwd_has_row_blocks(kD, 2)) {
     if (rb == 2) {
-      // an instance built for sm_90 on only (fwd_instance_before_sm90) runs with 16 rows per warp on older devices
-      if (!fwd_instance_before_sm90(kD, 2) && device_major() < 9) return run_fwd_rb<T, kD, 1>(p, stream);
+      // an instance built for sm_90 on only (fwd_instance_before_sm90) runs with 16 rows per warp where the device
+      // would get its empty body
+      if (!fwd_body_on_device<T, kD, 2>()) return run_fwd_rb<T, kD, 1>(p, stream);
       return run_fwd_rb<T, kD, 2>(p, stream);
     }
   }
