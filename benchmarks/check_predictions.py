@@ -49,7 +49,8 @@ def load_predictions(path: str = DEFAULT_PREDICTIONS) -> list[dict]:
     return preds
 
 
-def _rows(results: dict, source: str) -> list[dict]:
+def section_rows(results: dict, source: str) -> list[dict]:
+    """The dict rows of a results.json section: ``attention_sweep`` (a list) or ``step_levers`` (its ``rows``)."""
     section = results.get(source)
     if source == "step_levers":
         section = section.get("rows") if isinstance(section, dict) else None
@@ -89,7 +90,7 @@ def check(results: dict, predictions: list[dict], any_card: bool = False) -> lis
             v["verdict"], v["why"] = "other card", f"made for {p['card']}, results are from {card or 'an unknown card'}"
             out.append(v)
             continue
-        rows = [r for r in _rows(results, p["source"]) if _matches(r, p["match"])]
+        rows = [r for r in section_rows(results, p["source"]) if _matches(r, p["match"])]
         if not rows:
             v["verdict"], v["why"] = "not measured", f"no {p['source']} row with {p['match']}"
             out.append(v)

@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from check_predictions import section_rows  # (benchmarks/ is on sys.path when these scripts run)
+
 # issue 3's headline row and its two bars
 ISSUE3_HEADLINE = {"L": 4096, "D": 40, "ng": 2, "dtype": "bfloat16", "mode": "fwd"}
 ISSUE3_HEADLINE_MS = 0.45
@@ -30,18 +32,13 @@ FA2 = "sdpa-flash"
 
 def _plain_rows(results: dict) -> list[dict]:
     """The sweep's backend-comparison rows (no kernel-variant ``kind``, no mask)."""
-    rows = results.get("attention_sweep") or []
-    if isinstance(rows, dict):
-        rows = rows.get("rows", [])
-    return [r for r in rows if isinstance(r, dict) and r.get("kind") is None and r.get("mask", "none") == "none"
-            and isinstance(r.get("ms"), dict)]
+    return [r for r in section_rows(results, "attention_sweep") if r.get("kind") is None
+            and r.get("mask", "none") == "none" and isinstance(r.get("ms"), dict)]
 
 
 def _graph_rows(results: dict) -> list[dict]:
-    rows = results.get("attention_sweep") or []
-    if isinstance(rows, dict):
-        rows = rows.get("rows", [])
-    return [r for r in rows if isinstance(r, dict) and r.get("kind") == "cuda_graph" and r.get("ms_graph")]
+    """The sweep's CUDA-graph rows (device time per backend in ``ms_graph``)."""
+    return [r for r in section_rows(results, "attention_sweep") if r.get("kind") == "cuda_graph" and r.get("ms_graph")]
 
 
 def _shape(r: dict) -> dict:
