@@ -706,66 +706,64 @@ cudaError_t run_fwd_split(const SetAttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// A lazy per-device query of the runtime (occupancy, function attributes), cached per device: query() returns a
+// value >= 0, or -1 when the runtime cannot tell (then `fallback`, not cached, and no error left behind). The first
+// query may come while this thread captures a CUDA graph (a model captured without an eager call first): it runs in
+// relaxed capture mode, which CUDA provides for such lazy queries, so that a strict capture cannot count it against
+// the graph (these queries touch no stream). The previous mode is restored.
+template <typename Query>
+int cached_device_query(std::atomic<int> (&cache)[16], int fallback, Query query) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return fallback;
+  if (dev >= 0 && dev < 16) {
+    const int hit = cache[dev].load(std::memory_order_relaxed);  // value + 1 (0: not asked yet)
+    if (hit > 0) return hit - 1;
+  }
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+  const int value = query();
+  if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  if (value < 0) {
+    (void)cudaGetLastError();  // not sticky; leave no error for the next launch check
+    return fallback;
+  }
+  if (dev >= 0 && dev < 16) cache[dev].store(value + 1, std::memory_order_relaxed);
+  return value;
+}
+
 // CTAs per SM of the split instance of head dim kD (the default row blocks, one stage) on the current device, 0 when
-// the runtime cannot tell; cached per device (set_attention_fwd_splits asks once per launch).
+// the runtime cannot tell (set_attention_fwd_splits asks once per launch).
 template <typename T, int kD>
 int fwd_split_ctas_per_sm() {
   constexpr int kRB = fwd_default_row_blocks(kD);
   using Tr = FwdTraits<T, kD, kRB, 1>;
-  static std::atomic<int> cache[16];  // device -> CTAs per SM + 1 (0: not asked yet)
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < 16) {
-    const int hit = cache[dev].load(std::memory_order_relaxed);
-    if (hit > 0) return hit - 1;
-  }
-  // The first query may come while this thread captures a CUDA graph (a model captured without an eager call
-  // first): run it in relaxed capture mode, which CUDA provides for such lazy queries, so that a strict capture
-  // cannot count it against the graph; the occupancy calculator touches no stream. The previous mode is restored.
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
-  auto kernel = set_attn_fwd_kernel<T, kD, kRB, true>;
-  int n = 0;
-  const bool ok =
-      (Tr::kSmemBytes <= 48 * 1024 ||
-       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) == cudaSuccess) &&
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::kSmemBytes) == cudaSuccess;
-  if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);
-  if (!ok) {
-    (void)cudaGetLastError();  // not sticky; leave no error for the next launch check
-    return 0;
-  }
-  if (dev >= 0 && dev < 16) cache[dev].store(n + 1, std::memory_order_relaxed);
-  return n;
+  static std::atomic<int> cache[16];
+  return cached_device_query(cache, 0, [] {
+    auto kernel = set_attn_fwd_kernel<T, kD, kRB, true>;
+    int n = 0;
+    const bool ok =
+        (Tr::kSmemBytes <= 48 * 1024 ||
+         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) == cudaSuccess) &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::kSmemBytes) == cudaSuccess;
+    return ok ? n : -1;
+  });
 }
 
 // Whether the one-stage instance <T, kD, kRB> that the current device would run has its body: instances that are not
 // fwd_instance_before_sm90 trap when compiled for an older virtual arch, which is what the device gets on an older
 // GPU, and also on a newer one that JIT-compiles a build's older PTX. So this asks the loaded function for the PTX
-// version it came from (cached per device; false when the runtime cannot tell).
+// version it came from (false when the runtime cannot tell).
 template <typename T, int kD, int kRB>
 bool fwd_body_on_device() {
   if constexpr (fwd_instance_before_sm90(kD, kRB)) {
     return true;
   } else {
-    static std::atomic<int> cache[16];  // device -> 1 + (has the body) (0: not asked yet)
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    if (dev >= 0 && dev < 16 && cache[dev].load(std::memory_order_relaxed) > 0)
-      return cache[dev].load(std::memory_order_relaxed) == 2;
-    // (a lazy query like fwd_split_ctas_per_sm's: relaxed capture mode if a graph capture is running)
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
-    cudaFuncAttributes attr{};
-    const bool ok = cudaFuncGetAttributes(&attr, set_attn_fwd_kernel<T, kD, kRB>) == cudaSuccess;
-    if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);
-    if (!ok) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    const bool body = attr.ptxVersion >= 90;
-    if (dev >= 0 && dev < 16) cache[dev].store(body ? 2 : 1, std::memory_order_relaxed);
-    return body;
+    static std::atomic<int> cache[16];
+    return cached_device_query(cache, 0, [] {
+      cudaFuncAttributes attr{};
+      if (cudaFuncGetAttributes(&attr, set_attn_fwd_kernel<T, kD, kRB>) != cudaSuccess) return -1;
+      return attr.ptxVersion >= 90 ? 1 : 0;
+    }) == 1;
   }
 }
 
