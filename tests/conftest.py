@@ -25,3 +25,16 @@ def _seed():
     """Fresh but reproducible random inputs per test."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    """Each test starts without set-attention launch plans (jedi_kernels.ops.set_attention, "Launch plans"): a test
+    that spies on the launchers sees its first call of a shape take the full path even if an earlier test in the same
+    process ran that shape. (Plans exist only for compiled kernels, i.e. on a GPU.)"""
+    import sys
+
+    sa = sys.modules.get("jedi_kernels.ops.set_attention")
+    if sa is not None:
+        sa.clear_launch_plans()
+    yield

@@ -112,6 +112,7 @@ def measure(reps: int = 2000) -> dict[str, dict[str, float]]:
     q, k, v = (torch.randn(2 * G, 64, H * D, dtype=f16) for _ in range(3))
     mask = torch.tensor([[True, False], [True, True]])
     out, lse = sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None)
+    do = torch.randn_like(out)  # (not out itself: a backward whose inputs alias each other is not planned)
     fns = {
         "torch.empty (reference: one allocation)": lambda: torch.empty(16),
         "group_norm launcher (3 Triton launches)": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True),
@@ -121,7 +122,7 @@ def measure(reps: int = 2000) -> dict[str, dict[str, float]]:
         "set_attn_fwd (autotuner lookup + 1 launch)": lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None),
         "set_attn_fwd with a set_mask (+ mask lists)": lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, mask),
         "jk.set_attention (checks + set_attn_fwd)": lambda: jk.set_attention(q, k, v, G, H, backend="triton"),
-        "set_attn_bwd (3 launches: delta, dK/dV, dQ)": lambda: sa.set_attn_bwd(out, q, k, v, out, lse, G, H,
+        "set_attn_bwd (3 launches: delta, dK/dV, dQ)": lambda: sa.set_attn_bwd(do, q, k, v, out, lse, G, H,
                                                                                D**-0.5, None),
     }
     with torch.no_grad():

@@ -27,6 +27,13 @@ of another type; an unhashable meta value), calls under the interpreter, and cal
 installed (a profiler such as proton reads the launch metadata) take Triton's own path every time.
 ``JEDI_FAST_LAUNCH=0`` (read at import) turns the direct path off.
 
+Launch plans (:func:`recording`, :func:`make_plan`, :func:`run_plan`): an op whose whole eager call is a fixed
+sequence of allocations and launches for given properties of its inputs (the set-attention forward and backward, the
+GroupNorm forward) records the entries its first call used and replays them on later calls with the same
+properties, skipping even its own argument checks and this module's launch key. The op builds the plan key: every
+property of the call its launches depend on (shapes, strides, dtypes and 16-byte alignments of the inputs, its
+scalar arguments, the device, the switches it reads per call, its module constants), besides the tensors' addresses.
+
 Precondition on the kernel (true of every jedi_kernels kernel): heuristics (``triton.heuristics``) compute values
 from int/bool/float arguments and constexprs only, not from a tensor's shape or contents. An autotuning config with
 a ``pre_hook`` (run before every launch) is never cached. Not seen by a cached launch: a Triton knob
@@ -38,17 +45,26 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import threading
 from typing import Any, Iterator
 
 import torch
 
-__all__ = ["launch", "enabled", "set_enabled", "switched", "clear_cache", "cache_size"]
+from jedi_kernels.backends import env_get
+
+__all__ = ["launch", "enabled", "set_enabled", "switched", "clear_cache", "cache_size", "recording", "direct_ready",
+           "current_device", "plan_cache", "make_plan", "run_plan", "store_plan"]
 
 _ENABLED = os.environ.get("JEDI_FAST_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # per kernel; past it the cache is cleared (distinct shapes, not a steady state)
 
 # kernel object -> (kernel object, {launch key: entry}); the kernel is kept alive so its id stays its own
 _CACHES: dict[int, tuple[Any, dict]] = {}
+
+# caches of launch plans built on this module's entries (cleared with it)
+_PLAN_CACHES: list[dict] = []
+# per thread: the list :func:`recording` collects (entry or None, positional args) into, or None
+_REC = threading.local()
 
 _driver = None  # triton.runtime.driver, imported on the first launch
 _runtime_knobs = None  # triton.knobs.runtime
@@ -79,8 +95,137 @@ def switched(on: bool) -> Iterator[None]:
 
 
 def clear_cache() -> None:
-    """Forget every cached launch (the compiled kernels stay in Triton's own cache)."""
+    """Forget every cached launch and every launch plan built on them (the compiled kernels stay in Triton's own
+    cache)."""
     _CACHES.clear()
+    for c in _PLAN_CACHES:
+        c.clear()
+
+
+def plan_cache() -> dict:
+    """A new dict for an op's launch plans (plan key -> plan), cleared by :func:`clear_cache` with the entries its
+    plans hold."""
+    cache: dict = {}
+    _PLAN_CACHES.append(cache)
+    return cache
+
+
+_MAX_PLANS = 1024  # per plan cache; past it the cache is cleared (distinct shapes, not a steady state)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def make_plan(recorded: list, inputs: tuple, allocated: tuple, outputs: tuple):
+    """A launch plan from what one call recorded (:func:`recording`), or None when the call cannot be replayed that
+    way.
+
+    Args:
+        recorded: the call's (entry, args) list.
+        inputs: the call's input tensors (None where an optional one was not given), as :func:`run_plan` will get
+            them.
+        allocated: the buffers the call allocated and passed to its launches, in allocation order.
+        outputs: the tensors the call returns (inputs or allocations).
+
+    Every tensor argument of every launch must be one of ``inputs`` or ``allocated`` (by identity: a copy made on the
+    way, e.g. of a strided input, is neither), every other argument an int, float, bool or None, every launch must
+    have an entry, and no two inputs may be one tensor (the plan could not tell them apart on a later call). The
+    allocations must be contiguous (row-major, or channels-last for 4-d) and 16-byte aligned: :func:`run_plan` makes
+    them again with ``torch.empty_strided``.
+    The plan: (allocations as (shape, stride, dtype), steps as (entry, argument template, (position, tensor index)
+    slots), indices of the outputs), tensors indexed inputs first, then allocations."""
+    tensors = inputs + allocated
+    index = {id(t): i for i, t in enumerate(tensors) if t is not None}
+    if not recorded or len(index) != sum(t is not None for t in tensors):
+        return None
+    for t in allocated:
+        if t is None or t.data_ptr() & 15 or not _dense(t):
+            return None
+    steps = []
+    for entry, args in recorded:
+        if entry is None:
+            return None
+        template, slots = [], []
+        for pos, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                i = index.get(id(a))
+                if i is None:
+                    return None
+                slots.append((pos, i))
+                template.append(None)
+            elif a is None or type(a) in (int, float, bool):
+                template.append(a)
+            else:
+                return None
+        steps.append((entry, tuple(template), tuple(slots)))
+    return (tuple((tuple(t.shape), t.stride(), t.dtype) for t in allocated), tuple(steps),
+            tuple(index[id(t)] for t in outputs))
+
+
+def run_plan(plan, inputs: tuple, device: int, alloc_device: torch.device):
+    """Allocate a plan's buffers on ``alloc_device`` and replay its launches on ``device`` (Triton's current device,
+    :func:`current_device`) with ``inputs`` in the recorded call's places; returns the plan's outputs, or None when
+    an allocation is not 16-byte aligned (the caller then takes its full path). The caller checks
+    :func:`direct_ready` and that the call's plan key equals the recorded call's."""
+    allocs, steps, outputs = plan
+    tensors = list(inputs)
+    empty = torch.empty_strided
+    for shape, stride, dtype in allocs:
+        t = empty(shape, stride, device=alloc_device, dtype=dtype)
+        if t.data_ptr() & 15:
+            return None
+        tensors.append(t)
+    stream = _driver.active.get_current_stream(device)
+    for (run, compiled, g, tail), template, slots in steps:
+        args = list(template)
+        for pos, i in slots:
+            args[pos] = tensors[i]
+        run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    return tuple(tensors[i] for i in outputs)
+
+
+def store_plan(cache: dict, key: tuple, plan) -> None:
+    """Keep ``plan`` (from :func:`make_plan`; None is not kept) under ``key``."""
+    if plan is not None:
+        if len(cache) >= _MAX_PLANS:
+            cache.clear()
+        cache[key] = plan
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Collect, for every :func:`launch` this thread makes inside the block, ``(entry, args)``: the cache entry the
+    launch used or made (None when it took Triton's path without one: direct path off, interpreter, a launch hook, an
+    argument it cannot key) and its positional arguments, for :func:`make_plan`. Blocks nest: the inner one collects, the outer one does not see those launches."""
+    prev = getattr(_REC, "launches", None)
+    _REC.launches = rec = []
+    try:
+        yield rec
+    finally:
+        _REC.launches = prev
+
+
+def _note(entry, args) -> None:
+    rec = getattr(_REC, "launches", None)
+    if rec is not None:
+        rec.append((entry, args))
+
+
+def direct_ready() -> bool:
+    """Whether recorded entries may be replayed now: the direct path on, not under Triton's interpreter (which has
+    no compiled kernels, and no driver to ask for a device on a machine without a GPU) and no launch hook installed
+    (imports Triton's driver on the first call)."""
+    if not _ENABLED or env_get("TRITON_INTERPRET") == "1":
+        return False
+    if _driver is None:
+        _import_triton()
+    return not _hooks_installed()
+
+
+def current_device() -> int:
+    """The device Triton launches on now (its driver's current device; call only when :func:`direct_ready`)."""
+    return _driver.active.get_current_device()
 
 
 def cache_size(kernel=None) -> int:
@@ -198,6 +343,7 @@ def launch(kernel, grid, *args, grid_key: tuple = (), **meta):
         Whatever Triton's launch returned on the first call of a key (the compiled kernel); None on cached calls.
     """
     if not _ENABLED:
+        _note(None, args)
         return kernel[grid](*args, **meta)
     entry_cache = _CACHES.get(id(kernel))
     if entry_cache is None:
@@ -208,23 +354,28 @@ def launch(kernel, grid, *args, grid_key: tuple = (), **meta):
         entry_cache = _CACHES.setdefault(id(kernel), (kernel, {} if cacheable else None))
     cache = entry_cache[1]
     if cache is None or _hooks_installed():
+        _note(None, args)
         return kernel[grid](*args, **meta)
     dev = _driver.active.get_current_device()
     try:
         key = (grid_key if callable(grid) else tuple(grid), dev, _arg_key(args), tuple(meta.items()))
         ent = cache.get(key)
     except TypeError:  # an unhashable argument or meta value
+        _note(None, args)
         return kernel[grid](*args, **meta)
     if ent is not None:
         run, compiled, g, tail = ent
         stream = _driver.active.get_current_stream(dev)
         run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+        _note(ent, args)
         return None
     compiled = kernel[grid](*args, **meta)
+    ent = None
     if compiled is not None and _keyable(args):
         ent = _entry(kernel, compiled, grid, args, meta)
         if ent is not None:
             if len(cache) >= _MAX_ENTRIES:
                 cache.clear()
             cache[key] = ent
+    _note(ent, args)
     return compiled

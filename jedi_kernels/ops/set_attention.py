@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from jedi_kernels.backends import triton_interpreting
+from jedi_kernels.backends import env_get, triton_interpreting
 from jedi_kernels.ops import cdiv, eager_call
 from jedi_kernels.ops import rows_stride as _rows_stride
 from jedi_kernels.ops import tma_rows_ok
+from jedi_kernels.ops import fast_launch
 from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.ops.set_attention_gluon import gluon_fwd_ok, gluon_fwd_variant, set_attn_fwd_gluon
 from jedi_kernels.ops.set_attention_gluon_bwd import gluon_bwd_ok, gluon_bwd_variant, set_attn_bwd_gluon
@@ -666,7 +667,7 @@ def _rowsum_dot(width: int, dtype: torch.dtype) -> bool:
     Off by default: static SASS had favoured it for narrow heads in half precision, but on the H100 (2026-11-27,
     L 4096, d 40, ng 2, bf16) the FADD kernel ran 1.03x faster (0.777 against 0.801 ms). ``JEDI_ATTN_ROWSUM=dot|fadd``
     forces one way (benchmarks compare both)."""
-    force = os.environ.get("JEDI_ATTN_ROWSUM", "")
+    force = env_get("JEDI_ATTN_ROWSUM", "")
     if force in ("dot", "fadd"):
         return force == "dot"
     return False
@@ -680,7 +681,7 @@ def _fused_dq(D0: int, D1: int) -> bool:
     zeroed float32 accumulator cost more than the recomputation saves). ``JEDI_TRITON_BWD_DQ=atomic|kernel`` forces
     one way (benchmarks compare both); deterministic mode (``torch.use_deterministic_algorithms``) always takes the
     kernel, whose dQ does not depend on atomic ordering."""
-    force = os.environ.get("JEDI_TRITON_BWD_DQ", "")
+    force = env_get("JEDI_TRITON_BWD_DQ", "")
     if force not in ("", "atomic", "kernel"):
         raise ValueError(f"JEDI_TRITON_BWD_DQ must be 'atomic' or 'kernel', got {force!r}")
     if torch.are_deterministic_algorithms_enabled():
@@ -832,6 +833,57 @@ def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Op
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Launch plans: an eager call replayed from the launches its first call recorded
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# With cached launches (fast_launch) an eager forward still cost ≈ 25 µs of host time on the CI machine's CPU before
+# the driver (tools/host_overhead.py), spread over checks, three environment switches, allocations, the head-dim
+# split, the alignment and stride rules, the config class, the autotuner lookup and the launch key. All of it is a
+# function of a few properties of the call: the shapes, strides, dtypes and 16-byte alignments of the inputs, the
+# set size, heads and scale, the device, the switches read per call and the module's constants (the plan keys
+# below). So the first call with given properties runs as before, recording (fast_launch.recording) the cache entry
+# of each launch and where each tensor argument came from (an input, or a buffer the call allocated); later calls
+# with the same properties allocate the same buffers and replay the entries with the new tensors (fast_launch.
+# make_plan / run_plan): ≈ 8 µs for the forward, ≈ 14 instead of ≈ 50 for the backward. Only the plain paths are
+# planned (no set mask, no fixed config, no chunking override, no tile counter; the pointer kernels, not the opt-in
+# Gluon / TMA ones; dQ by its own kernel); everything else takes the full path every call, as does a call whose
+# inputs alias each other (a backward whose gradient is its output) or whose launches took a copy made on the way
+# (a strided input), when it is the first of its key. tests/kernels/test_fast_launch.py checks on the stand-in
+# driver that a replayed call passes the driver exactly what Triton's own launch path passes.
+
+_FWD_PLANS: dict = fast_launch.plan_cache()
+_BWD_PLANS: dict = fast_launch.plan_cache()
+
+
+def clear_launch_plans() -> None:
+    """Forget every set-attention launch plan (tests that spy on the launch functions start from the full path)."""
+    _FWD_PLANS.clear()
+    _BWD_PLANS.clear()
+
+
+def _fwd_plan_key(q, k, v, set_size, heads, scale, device: int) -> tuple:
+    """Everything the forward's launches depend on besides the tensors' addresses (section comment); ``device``:
+    :func:`fast_launch.current_device`."""
+    return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, set_size, heads, scale, device,
+            env_get("JEDI_ATTN_ROWSUM"), _AUTOTUNE, _CHUNK_HEAD_DIM, _FWD_PAD_UP_TO)
+
+
+def _bwd_plan_key(do, q, k, v, out, lse, set_size, heads, scale, device: int) -> tuple:
+    """Everything the backward's launches depend on besides the tensors' addresses (section comment); ``device``:
+    :func:`fast_launch.current_device`."""
+    return (q.shape, do.stride(), q.stride(), k.stride(), v.stride(), out.stride(), lse.shape, lse.stride(),
+            do.dtype, q.dtype, k.dtype, v.dtype, out.dtype, lse.dtype, q.device,
+            do.data_ptr() & 15, q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, out.data_ptr() & 15,
+            lse.data_ptr() & 15, set_size, heads, scale, device, _AUTOTUNE, _CHUNK_HEAD_DIM)
+
+
+def _plannable(set_mask, chunk_head_dim, config, scale) -> bool:
+    return (set_mask is None and chunk_head_dim is None and config is None and type(scale) is float
+            and fast_launch.direct_ready())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -903,7 +955,7 @@ _WS_MAX_HEAD_DIM = 64
 
 def _fwd_ws_requested() -> bool:
     """``JEDI_TRITON_FWD_WS``: "1" takes the TMA + warp-specialized forward where it applies; unset/"0": not."""
-    v = os.environ.get("JEDI_TRITON_FWD_WS", "")
+    v = env_get("JEDI_TRITON_FWD_WS", "")
     if v not in ("", "0", "1"):
         raise ValueError(f"JEDI_TRITON_FWD_WS must be 0 or 1, got {v!r}")
     return v == "1"
@@ -1008,15 +1060,36 @@ def set_attn_fwd(
     Raises:
         TypeError: float64 (or other) dtypes. ValueError: shapes that do not split into (B, G) / (H, D), D > 256.
     """
+    gv, ws = gluon_fwd_variant(), _fwd_ws_requested()
+    key = None
+    if not gv and not ws and tile_counter is None and _plannable(set_mask, chunk_head_dim, config, scale):
+        dev = fast_launch.current_device()
+        key = _fwd_plan_key(q, k, v, set_size, heads, scale, dev)
+        plan = _FWD_PLANS.get(key)
+        if plan is not None:
+            res = fast_launch.run_plan(plan, (q, k, v), dev, q.device)
+            if res is not None:
+                return res
     B, G, L, H, D = _check_launch(q, set_size, heads)
+    q_in = q, k, v
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    gv = gluon_fwd_variant()
     if gv and tile_counter is None and gluon_fwd_ok(q, k, v, D, scale):
         out, lse, lst, cnt = _fwd_buffers(q, B, G, L, H, D, set_mask)
         set_attn_fwd_gluon(q, k, v, B, G, L, H, D, scale, set_mask, out, lse, lst, cnt, gv)
         return out, lse
-    if _fwd_ws_requested() and tile_counter is None and scale > 0 and _fwd_ws_ok(q, k, v, D):
+    if ws and tile_counter is None and scale > 0 and _fwd_ws_ok(q, k, v, D):
         return _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config)
+    if key is not None:
+        with fast_launch.recording() as rec:
+            out, lse = _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, None, None, None, None)
+        fast_launch.store_plan(_FWD_PLANS, key, fast_launch.make_plan(rec, q_in, (out, lse), (out, lse)))
+        return out, lse
+    return _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, set_mask, chunk_head_dim, config, tile_counter)
+
+
+def _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, set_mask, chunk_head_dim, config, tile_counter):
+    """The pointer-kernel forward (``_set_attn_fwd_kernel``) on validated inputs with unit last strides; returns
+    (out, lse)."""
     if chunk_head_dim is None and D <= _FWD_PAD_UP_TO:
         chunk_head_dim = False
     D0, D1 = head_dim_chunks(D, chunk_head_dim)
@@ -1090,6 +1163,27 @@ def set_attn_bwd(
     Raises:
         TypeError / ValueError: as :func:`set_attn_fwd`.
     """
+    gv = gluon_bwd_variant()
+    key = None
+    if not gv and not _fused_dq(0, 0) and _plannable(set_mask, chunk_head_dim, config, scale):
+        dev = fast_launch.current_device()
+        key = _bwd_plan_key(do, q, k, v, out, lse, set_size, heads, scale, dev)
+        plan = _BWD_PLANS.get(key)
+        if plan is not None:
+            res = fast_launch.run_plan(plan, (do, q, k, v, out, lse), dev, q.device)
+            if res is not None:
+                return res
+        inputs = (do, q, k, v, out, lse)
+        with fast_launch.recording() as rec:
+            res, scratch = _set_attn_bwd(do, q, k, v, out, lse, set_size, heads, scale, None, None, None, 0)
+        dq, dk, dv = res
+        fast_launch.store_plan(_BWD_PLANS, key, fast_launch.make_plan(rec, inputs, (scratch, dk, dv, dq), res))
+        return res
+    return _set_attn_bwd(do, q, k, v, out, lse, set_size, heads, scale, set_mask, chunk_head_dim, config, gv)[0]
+
+
+def _set_attn_bwd(do, q, k, v, out, lse, set_size, heads, scale, set_mask, chunk_head_dim, config, gv):
+    """:func:`set_attn_bwd` after its launch-plan lookup: ((dq, dk, dv), delta)."""
     B, G, L, H, D = _check_launch(q, set_size, heads)
     do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     lse = lse.contiguous()
@@ -1108,12 +1202,11 @@ def set_attn_bwd(
         rows, cols, rcnt, ccnt = lists[0], lists[1], counts[0], counts[1]
     else:
         rows = rcnt = cols = ccnt = delta  # dummies: never read without a mask
-    gv = gluon_bwd_variant()
     if gv and gluon_bwd_ok(do, q, k, v, D, gv):
         # one Gluon kernel: dK, dV, and dQ by float32 atomics (set_attention_gluon_bwd)
         dq_acc = torch.zeros((N, L, H * D), device=q.device, dtype=torch.float32)
         set_attn_bwd_gluon(do, q, k, v, lse, delta, B, G, L, H, D, scale, has_mask, cols, ccnt, dk, dv, dq_acc, gv)
-        return dq_acc.to(q.dtype), dk, dv
+        return (dq_acc.to(q.dtype), dk, dv), delta
     fused = _fused_dq(D0, D1)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     meta = dict(HEAD_DIM=D, D0=D0, D1=max(D1, 16), HAS_D1=D1 > 0, HAS_MASK=has_mask, DOT_F32=dot_f32, PREC=prec,
@@ -1126,12 +1219,12 @@ def set_attn_bwd(
             (q, k, v, do, lse, delta, dk, dv, dq_acc, cols, ccnt, *strides, *scalars),
             dict(meta, FUSED_DQ=fused, Q_LINEAR=_rows_linear(q, L) and _rows_linear(do, L)), config, (B, G, L, H))
     if fused:
-        return dq_acc.to(q.dtype), dk, dv
+        return (dq_acc.to(q.dtype), dk, dv), delta
     dq = _empty((N, L, H * D), device=q.device, dtype=q.dtype)
     _launch("dq", dclass, lambda c: (G * cdiv(L, c["BLOCK_M"]), B * H),
             (q, k, v, do, lse, delta, dq, rows, rcnt, *strides, *scalars),
             dict(meta, KV_LINEAR=_rows_linear(k, L) and _rows_linear(v, L)), config, (B, G, L, H))
-    return dq, dk, dv
+    return (dq, dk, dv), delta
 
 
 # ----------------------------------------------------------------------------------------------------------------------

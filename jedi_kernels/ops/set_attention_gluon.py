@@ -47,6 +47,7 @@ import os
 import torch
 import triton
 
+from jedi_kernels.backends import env_get
 from jedi_kernels.ops import cdiv, tma_rows_ok
 from jedi_kernels.ops import rows_stride as _rows_stride
 from jedi_kernels.ops.fast_launch import launch
@@ -126,7 +127,7 @@ def _chunks(head_dim: int, split: bool = True) -> tuple[int, int]:
 
 def variant_switch(env: str, configs: dict) -> int:
     """A Gluon kernel's switch ``env`` (read per call): 0 (unset) = off, else a config number of ``configs``."""
-    v = os.environ.get(env, "") or "0"
+    v = env_get(env) or "0"
     if v != "0" and (not v.isdigit() or int(v) not in configs):
         raise ValueError(f"{env} must be 0 or one of {sorted(configs)}, got {v!r}")
     return int(v)

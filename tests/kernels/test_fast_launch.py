@@ -66,15 +66,50 @@ def qkv(B, G, L, H, D, dtype=f16, offset=0):
     buf = torch.randn(n + offset, dtype=dtype)[offset:].view(B * G, L, 3 * H * D)
     return buf.split(H * D, dim=-1)
 
-def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False):
+def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False, do_is_out=False, env=None,
+         chunk=None, strided=False, do_view=False, lse_view=False):
+    """The pointer kernels' forward (and backward). ``env``: switches set around the call; ``chunk``: the module's
+    head-dim split constant flipped around it; ``strided``: k with a non-unit last stride (copied on the way);
+    ``do_view``: the output's gradient a view with wider rows (other strides, nothing copied); ``lse_view``: the
+    backward's lse a non-contiguous view (copied on the way)."""
     q, k, v = qkv(B, G, L, H, D, dtype, offset)
+    if strided:
+        k = torch.randn(B * G, L, 2 * H * D, dtype=dtype)[..., ::2]
     m = None if mask is None else torch.tensor(mask)
     s = D ** -0.5 if scale is None else scale
     def run():
-        out, lse = sa.set_attn_fwd(q, k, v, G, H, s, m)
-        if bwd:
-            sa.set_attn_bwd(out, q, k, v, out, lse, G, H, s, m)
+        prev_env = {n: os.environ.get(n) for n in (env or {})}
+        os.environ.update(env or {})
+        prev_chunk = sa._CHUNK_HEAD_DIM
+        if chunk is not None:
+            sa._CHUNK_HEAD_DIM = chunk
+        try:
+            out, lse = sa.set_attn_fwd(q, k, v, G, H, s, m)
+            if bwd:
+                do = out if do_is_out else torch.randn_like(out)
+                if do_view:
+                    do = torch.randn(out.shape[0], out.shape[1], 2 * out.shape[2], dtype=dtype)[..., :out.shape[2]]
+                if lse_view:
+                    lse = torch.cat([lse, lse], dim=-1)[..., :lse.shape[-1]]
+                sa.set_attn_bwd(do, q, k, v, out, lse, G, H, s, m)
+        finally:
+            sa._CHUNK_HEAD_DIM = prev_chunk
+            for n, val in prev_env.items():
+                if val is None:
+                    os.environ.pop(n)
+                else:
+                    os.environ[n] = val
     return run
+
+# how many calls took the full launcher path (checks, switches, launch keys) rather than a launch plan
+full = {"fwd": 0, "bwd": 0}
+def counting(name, fn):
+    def wrapped(*a, **kw):
+        full[name] += 1
+        return fn(*a, **kw)
+    return wrapped
+sa._set_attn_fwd_pointer = counting("fwd", sa._set_attn_fwd_pointer)
+sa._set_attn_bwd = counting("bwd", sa._set_attn_bwd)
 
 from jedi_kernels.ops import set_attention_gluon as sg, set_attention_gluon_bwd as gb
 sa.gluon_fwd_ok = lambda *a: True  # CPU tensors as if on an sm_90 GPU: the Gluon launches compile for sm_90
@@ -110,6 +145,16 @@ SCENARIOS = {
     "attn scale": attn(1, 2, 32, 2, 40, scale=0.3),
     "attn bwd": attn(1, 2, 32, 2, 40, bwd=True),
     "attn bwd mask": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]], bwd=True),
+    # launch plans: what their key must tell apart that the launch key sees only inside the launcher
+    "attn bwd do is out": attn(1, 2, 32, 2, 40, bwd=True, do_is_out=True),  # replays the plan of "attn bwd"
+    "attn bwd do is out L=40": attn(1, 2, 40, 2, 40, bwd=True, do_is_out=True),  # records none: aliased inputs
+    "attn rowsum dot": attn(1, 2, 32, 2, 40, env={"JEDI_ATTN_ROWSUM": "dot"}),
+    "attn d80": attn(1, 2, 32, 2, 80, bwd=True),
+    "attn d80 padded": attn(1, 2, 32, 2, 80, bwd=True, chunk=False),
+    "attn dq atomic": attn(1, 2, 32, 2, 40, bwd=True, env={"JEDI_TRITON_BWD_DQ": "atomic"}),
+    "attn strided k": attn(1, 2, 32, 2, 40, bwd=True, strided=True),
+    "attn bwd do view": attn(1, 2, 32, 2, 40, bwd=True, do_view=True),
+    "attn bwd lse view": attn(1, 2, 32, 2, 40, bwd=True, lse_view=True),
     "group_norm": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True),
     "group_norm eps": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-6, True),
     "group_norm bwd": lambda: gn.group_norm_bwd(x, x, 32, w, b, 1e-5, True),
@@ -137,28 +182,29 @@ def describe(a):
     return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
 
 def record(fn):
-    """(records of fn's launches, how many went through JITFunction.run)."""
-    calls.clear(); slow[0] = 0
+    """(records of fn's launches, how many went through JITFunction.run, how many forward / backward calls took the
+    full launcher path)."""
+    calls.clear(); slow[0] = 0; full.update(fwd=0, bwd=0)
     fn()
     recs = []
     for ck, a in calls:
         recs.append({"kernel": id(ck), "name": ck.name, "head": [a[0], a[1], a[2], a[3], a[4] is ck.function,
                                                              a[5] is ck.packed_metadata],
                      "hooks": [describe(h) for h in a[7:9]], "args": [describe(x) for x in a[9:]]})
-    return recs, slow[0]
+    return recs, slow[0], dict(full)
 
 result = {}
 for name, fn in SCENARIOS.items():
     fl.set_enabled(False)
-    triton_recs, _ = record(fn)
+    triton_recs = record(fn)[0]
     fl.set_enabled(True)
     record(fn)  # makes (or reuses) the cache entries
-    fast_recs, n_slow = record(fn)
-    result[name] = {"triton": triton_recs, "fast": fast_recs, "slow_calls": n_slow}
-# every scenario again, all cached: a launch key shared by two scenarios would replay the wrong entry
+    fast_recs, n_slow, n_full = record(fn)
+    result[name] = {"triton": triton_recs, "fast": fast_recs, "slow_calls": n_slow, "full_calls": n_full}
+# every scenario again, all cached: a launch key (or a plan key) shared by two scenarios would replay the wrong entry
 replay = {}
 for name, fn in SCENARIOS.items():
-    replay[name] = dict(zip(("fast", "slow_calls"), record(fn)))
+    replay[name] = dict(zip(("fast", "slow_calls", "full_calls"), record(fn)))
 print(json.dumps({"first": result, "replay": replay, "entries": fl.cache_size()}))
 '''
 
@@ -190,7 +236,7 @@ def _same_launch(triton_rec: dict, fast_rec: dict, where: str) -> None:
 
 def test_cached_launches_pass_what_triton_passes(equivalence):
     first = equivalence["first"]
-    assert len(first) == 22
+    assert len(first) == 31
     for name, r in first.items():
         assert r["triton"], f"{name}: nothing launched"
         assert len(r["fast"]) == len(r["triton"]), name
@@ -208,6 +254,31 @@ def test_replay_after_every_scenario_is_cached(equivalence):
             _same_launch(a, b, f"replay {name} launch {i}")
 
 
+# the scenarios whose cached calls must replay a launch plan (forward, backward), and those that must not
+PLANNED = {"attn": (1, 0), "attn B=2 (grid only)": (1, 0), "attn L=48": (1, 0), "attn misaligned": (1, 0),
+           "attn bf16": (1, 0), "attn scale": (1, 0), "attn bwd": (1, 1), "attn bwd do is out": (1, 1), "attn bwd do is out L=40": (1, 0),
+           "attn rowsum dot": (1, 0), "attn d80": (1, 1), "attn d80 padded": (1, 1), "attn dq atomic": (1, 0),
+           "attn strided k": (0, 0), "attn bwd do view": (1, 1),
+           "attn bwd lse view": (1, 0)}
+
+
+def test_launch_plans_replay_the_plain_calls(equivalence):
+    """Cached calls of the plain forward and backward skip the full launcher (a launch plan), and the rest do not:
+    a set mask, the atomic dQ, a strided input copied on the way, and a backward whose gradient is its output when
+    that call is the first of its key (inputs aliasing each other: the plan could not tell them apart; replaying
+    another call's plan with aliased inputs is fine, each slot takes its own argument). The launches themselves are
+    checked by the two tests above."""
+    for part in ("first", "replay"):
+        for name, want in PLANNED.items():
+            r = equivalence[part][name]
+            fwd = 1 if name.startswith("attn") else 0
+            bwd = int("bwd" in name or name in ("attn d80", "attn d80 padded", "attn dq atomic", "attn strided k"))
+            full = {"fwd": fwd - want[0], "bwd": bwd - want[1]}
+            assert r["full_calls"] == full, (part, name, r["full_calls"])
+    for name in ("attn mask", "attn bwd mask"):
+        assert equivalence["first"][name]["full_calls"]["fwd"] == 1, name
+
+
 def test_scenarios_exercise_the_key(equivalence):
     """The scenarios really differ where they should: otherwise the test above proves nothing about the key."""
     first = equivalence["first"]
@@ -222,6 +293,11 @@ def test_scenarios_exercise_the_key(equivalence):
     assert fwd["attn scale"]["kernel"] == fwd["attn"]["kernel"] and fwd["attn scale"]["args"] != fwd["attn"]["args"]
     assert len(first["attn mask"]["triton"]) == 2  # the mask lists, then the forward
     assert len(first["attn bwd"]["triton"]) == 4  # forward, delta, dK/dV, dQ
+    # the plan keys' extra parts: the row-sum switch, the head-dim split, the dQ switch change the kernels
+    assert first["attn rowsum dot"]["triton"][0]["kernel"] != fwd["attn"]["kernel"]
+    d80, d80p = first["attn d80"]["triton"], first["attn d80 padded"]["triton"]
+    assert [r["kernel"] for r in d80] != [r["kernel"] for r in d80p]
+    assert [r["name"] for r in first["attn dq atomic"]["triton"]][2:] == ["_set_attn_bwd_dkdv_kernel"]
     # the Gluon scenarios: forward, delta, the Gluon backward; their descriptors' shapes follow B and L, and configs
     # 3/2 launch other kernels on other boxes
     gl = {n: first[n]["triton"] for n in ("gluon", "gluon B=2", "gluon L=48", "gluon configs 3/2", "gluon mask")}
@@ -293,6 +369,65 @@ def test_interpreter_and_disabled_paths_do_not_cache(monkeypatch):
         assert fast_launch.launch(kern, (3,), 6) == "ran" and len(calls) == 2
     finally:
         fast_launch.set_enabled(prev)
+
+
+def test_env_get_reads_what_os_environ_reads(monkeypatch):
+    """The per-call switch reader sees every way a test or a user changes the environment from Python."""
+    from jedi_kernels.backends import env_get
+
+    name = "JEDI_TEST_ENV_GET_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    assert env_get(name) == "" and env_get(name, "d") == "d"
+    monkeypatch.setenv(name, "atomic")
+    assert env_get(name) == "atomic" == os.environ.get(name)
+    os.environ[name] = "k\u00e9rnel"  # non-ASCII: decoded as os.environ decodes it
+    assert env_get(name) == os.environ[name]
+    del os.environ[name]
+    assert env_get(name, "x") == "x"
+    assert env_get("PATH") == os.environ.get("PATH", "")
+
+
+def test_recording_collects_per_block_and_nests():
+    """recording() lists this thread's launches inside its block only; an inner block takes them from the outer."""
+    calls = []
+
+    class Kernel:  # an uncacheable (interpreter-like) kernel: every launch is Triton's own, recorded with entry None
+        arg_names = ["x"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(a)
+
+    kern = Kernel()
+    with fast_launch.recording() as outer:
+        fast_launch.launch(kern, (1,), 1)
+        with fast_launch.recording() as inner:
+            fast_launch.launch(kern, (1,), 2)
+        fast_launch.launch(kern, (1,), 3)
+    fast_launch.launch(kern, (1,), 4)
+    assert outer == [(None, (1,)), (None, (3,))] and inner == [(None, (2,))] and len(calls) == 4
+
+
+def test_make_plan_rules():
+    """A plan maps every tensor argument to an input or an allocation by identity, keeps the scalars, and refuses
+    what it could not replay: no launches, a launch without an entry, a tensor from elsewhere, an argument of another
+    type, inputs that alias each other, an allocation that is not dense. Absent optional inputs (None) are fine."""
+    mp = fast_launch.make_plan
+    q, k = torch.zeros(4, 8), torch.zeros(4, 8)
+    out, t_out = torch.empty(4, 8), torch.empty(1, 2, 2, 8).to(memory_format=torch.channels_last)  # kept as NHWC
+    ent = ("run", "compiled", (1, 1, 1), ())
+    allocs, steps, outs = mp([(ent, (q, k, out, 3, 0.5, None, True, out, t_out))], (q, None, k, None), (out, t_out),
+                             (t_out, out))
+    assert allocs == (((4, 8), (8, 1), torch.float32), ((1, 2, 2, 8), (32, 1, 16, 2), torch.float32))
+    assert outs == (5, 4)
+    assert steps == ((ent, (None, None, None, 3, 0.5, None, True, None, None),
+                      ((0, 0), (1, 2), (2, 4), (7, 4), (8, 5))),)
+    assert mp([], (q, k), (out,), (out,)) is None
+    assert mp([(None, (q,))], (q, k), (out,), (out,)) is None
+    assert mp([(ent, (q, torch.zeros(1)))], (q, k), (out,), (out,)) is None
+    assert mp([(ent, (q, "x"))], (q, k), (out,), (out,)) is None
+    assert mp([(ent, (q,))], (q, q), (out,), (out,)) is None
+    for odd in (torch.empty(4, 16)[:, :8], torch.empty(8, 4).t()):
+        assert mp([(ent, (q, odd))], (q, k), (odd,), (odd,)) is None
 
 
 def test_env_switch_is_read_at_import():
