@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from jedi_kernels.ops import cdiv, eager_call, next_pow2
+from jedi_kernels.ops import cdiv, eager_call, fast_launch, next_pow2
 from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import group_norm_reference
 
@@ -346,9 +346,10 @@ def _shift_args(shift: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[tor
 
 
 def _stats(x: torch.Tensor, G: int, eps: float, plan: dict, shift: Optional[torch.Tensor] = None,
-           channel_means: bool = False):
+           channel_means: bool = False, scratch: Optional[list] = None):
     """(mean, rstd), each (N, G) in the math dtype, of x (N, C, H, W) laid out NCHW or NHWC, plus x + shift[n, c].
-    With ``channel_means`` also each channel's mean (N, C) (the backward's gradient of the shift needs it)."""
+    With ``channel_means`` also each channel's mean (N, C) (the backward's gradient of the shift needs it).
+    ``scratch``: receives the buffers allocated here (partials, mean, rstd), in allocation order (launch plans)."""
     N, C, H, W = x.shape
     HW, CG = H * W, C // G
     wide = x.dtype == torch.float64
@@ -371,6 +372,8 @@ def _stats(x: torch.Tensor, G: int, eps: float, plan: dict, shift: Optional[torc
         pmean.stride(0), pmean.stride(1),
         BLOCK_S=next_pow2(S), BLOCK_G=next_pow2(CG), WIDE=wide,
     )
+    if scratch is not None:
+        scratch += [pmean, pm2, mean, rstd]
     if not channel_means:
         return mean, rstd
     split_pixels = plan["tiles_per_split"] * plan["BLOCK_P"]
@@ -389,7 +392,46 @@ def group_norm_fwd(
     shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Triton launcher. x: (N, C, H, W), NCHW or NHWC (other strides are copied once); shift: None or (N, C), added
-    to x before the norm. Returns y like x."""
+    to x before the norm. Returns y like x.
+
+    An eager call whose properties (:func:`_fwd_plan_key`) match an earlier call's replays that call's allocations
+    and three launches (``fast_launch`` launch plans; ≈ 10 instead of ≈ 28 µs of host time on the CI machine's CPU,
+    tools/host_overhead.py): the UNet's 61 norms a step are most of its eager Triton launches."""
+    key = None
+    if type(eps) is float and type(silu) is bool and fast_launch.direct_ready():
+        dev = fast_launch.current_device()
+        key = _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, dev)
+        plan = _FWD_PLANS.get(key)
+        if plan is not None:
+            res = fast_launch.run_plan(plan, (x, weight, bias, shift), dev, x.device)
+            if res is not None:
+                return res[0]
+        with fast_launch.recording() as rec:
+            y, scratch = _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)
+        fast_launch.store_plan(_FWD_PLANS, key,
+                               fast_launch.make_plan(rec, (x, weight, bias, shift), (*scratch, y), (y,)))
+        return y
+    return _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)[0]
+
+
+_FWD_PLANS: dict = fast_launch.plan_cache()
+
+
+def _facts(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+
+
+def _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, device: int) -> tuple:
+    """Everything the forward's allocations and launches depend on besides the tensors' addresses: x's shape,
+    strides, dtype, device and alignment, those of the optional weight, bias and shift (or their absence), the
+    groups, eps, silu and Triton's current device (the SM count that sizes the splits comes with x's device)."""
+    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, num_groups, eps, silu, _facts(weight),
+            _facts(bias), _facts(shift), device)
+
+
+def _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift):
+    """:func:`group_norm_fwd` after its launch-plan lookup: (y, the scratch buffers its launches used, in
+    allocation order)."""
     x = x.contiguous(memory_format=_fmt(x))
     N, C, H, W = x.shape
     HW, G = H * W, num_groups
@@ -398,7 +440,8 @@ def group_norm_fwd(
     _check_int32(x)
     shift = _shift_rows(shift)
     plan = split_plan(N, C, HW, _num_sms(x.device))  # cached dict: read, never modified
-    mean, rstd = _stats(x, G, eps, plan, shift)
+    scratch = []
+    mean, rstd = _stats(x, G, eps, plan, shift, scratch=scratch)
     y = torch.empty_like(x)
     dummy = mean  # never read when HAS_W / HAS_B / HAS_SHIFT is False
     sh, s_shn = _shift_args(shift, dummy)
@@ -409,7 +452,7 @@ def group_norm_fwd(
         BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"],
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WIDE=wide, HAS_SHIFT=shift is not None,
     )
-    return y
+    return y, scratch
 
 
 def group_norm_bwd(

@@ -102,7 +102,7 @@ def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False, d
     return run
 
 # how many calls took the full launcher path (checks, switches, launch keys) rather than a launch plan
-full = {"fwd": 0, "bwd": 0}
+full = {"fwd": 0, "bwd": 0, "gn": 0}
 def counting(name, fn):
     def wrapped(*a, **kw):
         full[name] += 1
@@ -110,6 +110,7 @@ def counting(name, fn):
     return wrapped
 sa._set_attn_fwd_pointer = counting("fwd", sa._set_attn_fwd_pointer)
 sa._set_attn_bwd = counting("bwd", sa._set_attn_bwd)
+gn._group_norm_fwd = counting("gn", gn._group_norm_fwd)
 
 from jedi_kernels.ops import set_attention_gluon as sg, set_attention_gluon_bwd as gb
 sa.gluon_fwd_ok = lambda *a: True  # CPU tensors as if on an sm_90 GPU: the Gluon launches compile for sm_90
@@ -129,7 +130,11 @@ def gluon(B, G, L, H, D, fwd_cfg, bwd_cfg, mask=None):
     return run
 
 x = torch.randn(2, 64, 4, 4, dtype=f16).to(memory_format=torch.channels_last)
+xs = torch.randn(2, 64, 4, 6, dtype=f16).to(memory_format=torch.channels_last)
 w, b = torch.randn(64, dtype=f16), torch.randn(64, dtype=f16)
+wm = torch.randn(65, dtype=f16)[1:]
+sh = torch.randn(2, 64, dtype=f16)
+sh_rows = torch.randn(2, 128, dtype=f16)[:, 32:96]  # a column slice: another row stride
 h = torch.randn(2, 16, 128, dtype=f16)
 xl, rl, wl = torch.randn(2, 16, 96, dtype=f16), torch.randn(2, 16, 96, dtype=f16), torch.randn(96, dtype=f16)
 xt, x0 = torch.randn(2, 4, 8, 8, dtype=f16), torch.randn(2, 4, 8, 8, dtype=f16)
@@ -157,6 +162,16 @@ SCENARIOS = {
     "attn bwd lse view": attn(1, 2, 32, 2, 40, bwd=True, lse_view=True),
     "group_norm": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True),
     "group_norm eps": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-6, True),
+    # GroupNorm launch plans: the optional inputs, silu, the layout and a misaligned weight change the launches
+    "group_norm no silu": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, False),
+    "group_norm no bias": lambda: gn.group_norm_fwd(x, 32, w, None, 1e-5, True),
+    "group_norm no affine": lambda: gn.group_norm_fwd(x, 32, None, None, 1e-5, True),
+    "group_norm NCHW": lambda: gn.group_norm_fwd(x.contiguous(), 32, w, b, 1e-5, True),
+    "group_norm weight misaligned": lambda: gn.group_norm_fwd(x, 32, wm, b, 1e-5, True),
+    "group_norm shift": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True, shift=sh),
+    "group_norm shift rows": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True, shift=sh_rows),
+    "group_norm weight is bias": lambda: gn.group_norm_fwd(xs, 32, w, w, 1e-5, True),
+    "group_norm NCHW strided": lambda: gn.group_norm_fwd(x.contiguous()[:, ::2], 16, w[:32], b[:32], 1e-5, True),
     "group_norm bwd": lambda: gn.group_norm_bwd(x, x, 32, w, b, 1e-5, True),
     "geglu": lambda: gg.geglu_fwd(h),
     "geglu bwd": lambda: gg.geglu_bwd(h[..., :64], h),
@@ -184,7 +199,7 @@ def describe(a):
 def record(fn):
     """(records of fn's launches, how many went through JITFunction.run, how many forward / backward calls took the
     full launcher path)."""
-    calls.clear(); slow[0] = 0; full.update(fwd=0, bwd=0)
+    calls.clear(); slow[0] = 0; full.update(fwd=0, bwd=0, gn=0)
     fn()
     recs = []
     for ck, a in calls:
@@ -236,7 +251,7 @@ def _same_launch(triton_rec: dict, fast_rec: dict, where: str) -> None:
 
 def test_cached_launches_pass_what_triton_passes(equivalence):
     first = equivalence["first"]
-    assert len(first) == 31
+    assert len(first) == 40
     for name, r in first.items():
         assert r["triton"], f"{name}: nothing launched"
         assert len(r["fast"]) == len(r["triton"]), name
@@ -254,29 +269,32 @@ def test_replay_after_every_scenario_is_cached(equivalence):
             _same_launch(a, b, f"replay {name} launch {i}")
 
 
-# the scenarios whose cached calls must replay a launch plan (forward, backward), and those that must not
-PLANNED = {"attn": (1, 0), "attn B=2 (grid only)": (1, 0), "attn L=48": (1, 0), "attn misaligned": (1, 0),
-           "attn bf16": (1, 0), "attn scale": (1, 0), "attn bwd": (1, 1), "attn bwd do is out": (1, 1), "attn bwd do is out L=40": (1, 0),
-           "attn rowsum dot": (1, 0), "attn d80": (1, 1), "attn d80 padded": (1, 1), "attn dq atomic": (1, 0),
-           "attn strided k": (0, 0), "attn bwd do view": (1, 1),
-           "attn bwd lse view": (1, 0)}
+# per scenario, how many of its calls take the full launcher path once its launches are cached: set-attention
+# forward and backward, GroupNorm forward (0 where a launch plan replays the call; unlisted scenarios: 0 of each)
+FULL = {
+    "attn mask": {"fwd": 1}, "attn bwd mask": {"fwd": 1, "bwd": 1},
+    "attn bwd do is out L=40": {"bwd": 1},  # the first call of its key, its inputs aliased: no plan recorded
+    "attn dq atomic": {"bwd": 1},  # dQ by atomics into a zeroed buffer: not a launch-only sequence
+    "attn strided k": {"fwd": 1, "bwd": 1},  # k copied on the way
+    "attn bwd lse view": {"bwd": 1},  # lse copied on the way
+    "gluon": {"bwd": 1}, "gluon B=2": {"bwd": 1}, "gluon L=48": {"bwd": 1}, "gluon configs 3/2": {"bwd": 1},
+    "gluon mask": {"bwd": 1},  # the opt-in Gluon kernels (their forwards bypass the pointer launcher altogether)
+    "group_norm weight is bias": {"gn": 1},  # aliased inputs
+    "group_norm NCHW strided": {"gn": 1},  # x copied on the way
+}
 
 
 def test_launch_plans_replay_the_plain_calls(equivalence):
-    """Cached calls of the plain forward and backward skip the full launcher (a launch plan), and the rest do not:
-    a set mask, the atomic dQ, a strided input copied on the way, and a backward whose gradient is its output when
-    that call is the first of its key (inputs aliasing each other: the plan could not tell them apart; replaying
-    another call's plan with aliased inputs is fine, each slot takes its own argument). The launches themselves are
-    checked by the two tests above."""
+    """Cached calls of the plain set-attention forward and backward and of the GroupNorm forward skip the full
+    launcher (a launch plan), and the rest do not: a set mask, the atomic dQ, an input copied on the way, and a call
+    whose inputs alias each other when it is the first of its key (the plan could not tell them apart; replaying
+    another call's plan with aliased inputs is fine, each slot takes its own argument: "attn bwd do is out"). The
+    launches themselves are checked by the two tests above."""
     for part in ("first", "replay"):
-        for name, want in PLANNED.items():
-            r = equivalence[part][name]
-            fwd = 1 if name.startswith("attn") else 0
-            bwd = int("bwd" in name or name in ("attn d80", "attn d80 padded", "attn dq atomic", "attn strided k"))
-            full = {"fwd": fwd - want[0], "bwd": bwd - want[1]}
-            assert r["full_calls"] == full, (part, name, r["full_calls"])
-    for name in ("attn mask", "attn bwd mask"):
-        assert equivalence["first"][name]["full_calls"]["fwd"] == 1, name
+        for name, r in equivalence[part].items():
+            want = {"fwd": 0, "bwd": 0, "gn": 0, **FULL.get(name, {})}
+            assert r["full_calls"] == want, (part, name, r["full_calls"])
+    assert set(FULL) <= set(equivalence["first"])
 
 
 def test_scenarios_exercise_the_key(equivalence):
