@@ -11,13 +11,15 @@ time. This tool measures that host time without a GPU, so the launch path can be
   (``CompiledKernel.run``, a cuLaunchKernel of a few µs) is a no-op. Binding, specialization, the cache lookup, the
   autotuner's lookup and launch metadata are all timed.
 - Every row is timed twice, one after the other in the same run: with every launch through Triton's own path
-  (``jedi_kernels.ops.fast_launch`` switched off) and through the cached direct launches (the default).
+  (``jedi_kernels.ops.fast_launch`` switched off) and through the cached direct launches and launch plans (the
+  default; a row's calls after its first replay a plan where the op has one).
 - Inputs are CPU tensors of the real dtypes (the kernels never run), small so that allocation costs what the CUDA
   caching allocator costs: almost nothing.
 
 It patches Triton internals (``triton.runtime.driver``, ``CompiledKernel``), so it is a development tool: a Triton
 version whose internals moved makes it exit with a message, not a wrong number. Numbers are CPU-relative: compare
-rows of one run (this machine is shared and slow; the H100 host's CPU is faster).
+rows of one run (this machine is shared; the H200 sweep's eager rows imply a GPU host ≈ 4x slower per call,
+benchmarks/README.md, "Launch plans").
 """
 from __future__ import annotations
 

@@ -459,11 +459,14 @@ def test_env_switch_is_read_at_import():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_cached_launches_compute_what_triton_launches_compute(dtype):
+def test_gpu_cached_launches_compute_what_triton_launches_compute(dtype, monkeypatch):
     """On the GPU: the same inputs through Triton's launch path and through cached direct launches give bit-identical
     results (same compiled kernels, deterministic kernels), for the set-attention forward and backward, GroupNorm,
-    GEGLU and add + LayerNorm, with fresh inputs after the keys are cached."""
+    GEGLU and add + LayerNorm, with fresh inputs after the keys are cached; the second run replays launch plans for
+    the attention forward and backward and the GroupNorm forward."""
     import jedi_kernels as jk
+    from jedi_kernels.ops import group_norm as gn
+    from jedi_kernels.ops import set_attention as sa
 
     dev = "cuda"
     B, G, L, H, D = 2, 2, 77, 8, 40  # L not a multiple of any block: tails and EVEN_* heuristics both ways
@@ -476,21 +479,27 @@ def test_gpu_cached_launches_compute_what_triton_launches_compute(dtype):
         r = torch.randn(4, 64, 320, device=dev, dtype=dtype, generator=g)
         return qkv, x, h, r
 
-    w = torch.randn(320, device=dev, dtype=dtype)
+    w, b = torch.randn(320, device=dev, dtype=dtype), torch.randn(320, device=dev, dtype=dtype)
 
     def run(qkv, x, h, r):
         q, k, v = (t.detach().requires_grad_() for t in qkv.split(H * D, dim=-1))
         out = jk.set_attention(q, k, v, G, H, backend="triton")
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-        y = jk.group_norm(x, 32, w, w, 1e-5, silu=True, backend="triton")
+        y = jk.group_norm(x, 32, w, b, 1e-5, silu=True, backend="triton")
         a = jk.geglu(h, backend="triton")
         s, n = jk.add_layer_norm(r, r, w, w, 1e-5, backend="triton")
         return out, dq, dk, dv, y, a, s, n
 
     with fast_launch.switched(True):
-        run(*inputs(0))  # first launches: through Triton, cached
+        run(*inputs(0))  # first launches: through Triton, cached, plans recorded
         fresh = inputs(1)
+        full = []
+        for mod, name in ((sa, "_set_attn_fwd_pointer"), (sa, "_set_attn_bwd"), (gn, "_group_norm_fwd")):
+            real = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **kw: full.append(_n) or _real(*a, **kw))
         fast = run(*fresh)
+        assert full == [], f"took the full launcher path instead of a launch plan: {full}"
+        monkeypatch.undo()
     with fast_launch.switched(False):
         ref = run(*fresh)
     torch.cuda.synchronize()
