@@ -399,8 +399,6 @@ def _hopper_summary(row: dict, out, ref, labels: tuple, tag: str, base: str) -> 
     return row
 
 
-# the Hopper forward's variants by sweep label (csrc/cuda/set_attention_wgmma.cuh: keys per tile x warpgroups per CTA)
-WGMMA_LABELS = {"wg64x2": "1", "wg128x2": "2", "wg128x3": "3", "wg128x1": "4", "wg64x1": "5"}
 
 
 def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
@@ -411,8 +409,9 @@ def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     1024 scores of a tile inside an image (tools/sass_loop_mix.py --wgmma, since the twentieth session): d 40 236 /
     184 / 178 / 189 / 248, d 80 252 / 188 / - / - / 256, d 160 270, against 32 MUFU x 8 = 256 exp-unit clocks;
     resident warps per SM at d 40: 16 / 8 / 12 / 12 / 16, at d 80: 8 / 8 / - / - / 12."""
-    compiled = {40: "12345", 80: "125", 160: "1"}.get(D, "")
-    labels = {n: v for n, v in WGMMA_LABELS.items() if v in compiled}
+    from jedi_kernels.cuda_variants import wgmma_labels
+
+    labels = wgmma_labels(D)  # labels "wg<keys>x<warpgroups>" of the variants compiled at D
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_WGMMA", {"mmasync": "0", **labels},
                        "cuda_fwd_wgmma")
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)

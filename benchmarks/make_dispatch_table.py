@@ -98,9 +98,19 @@ VARIANTS = {
                          "opt-in)"),
 }
 _BEST_OF = {"cuda_fwd_wgmma": "best_wgmma", "triton_fwd_gluon": "best_gluon", "triton_bwd_gluon": "best_gluonbwd"}
-# where a row's default depends on its shape: the CUDA forward runs the Hopper kernel's variant 1 (64 keys x 2
-# warpgroups) by default at head dim 40 on sm_90 (the only device these rows run on), the mma.sync kernel elsewhere
-_DEFAULT_OF = {"cuda_fwd_wgmma": lambda r: "ms_wg64x2" if r.get("D") == 40 else "ms_mmasync"}
+# where a row's default depends on its shape: the CUDA forward runs the Hopper kernel's default variant where it has one
+# (variant 1, 64 keys x 2 warpgroups, at head dim 40 on sm_90, the only device these rows run on), the mma.sync kernel
+# elsewhere (jedi_kernels.cuda_variants)
+def _wgmma_default(row: dict) -> str:
+    root = str(TABLE.parent.parent)  # the repo root: jedi_kernels importable from a checkout too
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from jedi_kernels.cuda_variants import default_label
+
+    return f"ms_{default_label(row.get('D'))}"
+
+
+_DEFAULT_OF = {"cuda_fwd_wgmma": _wgmma_default}
 
 
 def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:

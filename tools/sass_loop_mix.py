@@ -117,10 +117,9 @@ def _nvcc_sass(src: Path, arch: int | str, extra: tuple[str, ...] = (), ptxas_lo
         return _sass(out.read_bytes())
 
 
-# the Hopper forward's variants (csrc/cuda/set_attention_wgmma.cuh, wgmma_variant_*): keys per tile, warpgroups
-WGMMA_VARIANTS = {1: (64, 2), 2: (128, 2), 3: (128, 3), 4: (128, 1), 5: (64, 1)}
-# the variants compiled for each head dim (set_attention_wgmma.cuh, wgmma_variant_compiled)
-WGMMA_COMPILED = {40: (1, 2, 3, 4, 5), 80: (1, 2, 5), 160: (1,)}
+# the Hopper forward's variants (keys per tile, warpgroups) and those compiled for each head dim, as
+# csrc/cuda/set_attention_wgmma.cuh defines them (jedi_kernels/cuda_variants.py, checked against the header)
+from jedi_kernels.cuda_variants import WGMMA_COMPILED, WGMMA_VARIANTS  # noqa: E402
 
 
 @functools.lru_cache(maxsize=3)

@@ -82,3 +82,55 @@ def test_cpu_backward_op_message():
         _ops().prepare_inputs_backward_ext(torch.randn(2, 8, 3, 3), torch.ones(2), 4)
     assert str(info.value).splitlines()[0] == \
         "prepare_inputs_backward: grad_out must be (N, 2*channels+1, H, W), got [2, 8, 3, 3]"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# jedi_kernels/cuda_variants.py against the C++ that defines the Hopper forward's variants
+# ----------------------------------------------------------------------------------------------------------------------
+
+_VARIANTS_SRC = r"""
+#define JEDI_SET_ATTN_EMULATE 1
+#include <cstdio>
+#include "set_attention_wgmma.cuh"
+using namespace jedi::set_attn;
+int main() {
+  for (int v = 1; v <= kWgmmaVariants; ++v)
+    std::printf("variant %d %d %d\n", v, wgmma_variant_block_n(v), wgmma_variant_warpgroups(v));
+  for (int D = 8; D <= 256; D += 8)
+    for (int v = 0; v <= kWgmmaVariants + 1; ++v)
+      if (wgmma_fwd_head_dim(D) && wgmma_variant_compiled(D, v)) std::printf("compiled %d %d\n", D, v);
+}
+"""
+
+
+def test_cuda_variant_tables_match_the_header(tmp_path):
+    """The Python tables the benchmarks and tools use (variants' tiles, the variants compiled per head dim, the
+    default) say what csrc/cuda/set_attention_wgmma.cuh and set_attention_glue.cpp say: the header compiled on the
+    host (as the CPU emulators compile it) prints its tables; the glue's default is read from its source."""
+    import re
+    import shutil
+    import subprocess
+
+    from jedi_kernels import cuda_variants as cv
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    src = tmp_path / "variants.cpp"
+    src.write_text(_VARIANTS_SRC)
+    exe = tmp_path / "variants"
+    subprocess.run([cxx, "-std=c++17", f"-I{CSRC / 'cuda'}", str(src), "-o", str(exe)], check=True,
+                   capture_output=True, timeout=300)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    variants = {int(v): (int(n), int(w)) for _, v, n, w in (line.split() for line in out if line.startswith("variant"))}
+    compiled: dict[int, tuple[int, ...]] = {}
+    for _, d, v in (line.split() for line in out if line.startswith("compiled")):
+        compiled[int(d)] = compiled.get(int(d), ()) + (int(v),)
+    assert variants == cv.WGMMA_VARIANTS
+    assert compiled == cv.WGMMA_COMPILED
+    glue = (CSRC / "cuda" / "set_attention_glue.cpp").read_text()
+    default = int(re.search(r"constexpr int kDefaultWgmmaVariant = (\d+);", glue).group(1))
+    assert re.search(r"return D != 40 \|\|", glue), "the glue's default no longer applies at head dim 40 only"
+    assert cv.WGMMA_DEFAULT == {40: default}
+    assert cv.wgmma_labels(80) == {"wg64x2": "1", "wg128x2": "2", "wg64x1": "5"} and cv.wgmma_labels(64) == {}
+    assert cv.default_label(40) == "wg64x2" and cv.default_label(80) == "mmasync"
