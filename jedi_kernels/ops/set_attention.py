@@ -861,11 +861,12 @@ def clear_launch_plans() -> None:
     _BWD_PLANS.clear()
 
 
-def _fwd_plan_key(q, k, v, set_size, heads, scale, device: int) -> tuple:
-    """Everything the forward's launches depend on besides the tensors' addresses (section comment); ``device``:
-    :func:`fast_launch.current_device`."""
+def _fwd_plan_key(q, k, v, m8, set_size, heads, scale, device: int) -> tuple:
+    """Everything the forward's launches depend on besides the tensors' addresses (section comment); ``m8``: the set
+    mask as the mask-list kernel reads it (uint8), or None; ``device``: :func:`fast_launch.current_device`."""
+    mask = None if m8 is None else (m8.shape, m8.stride(), m8.dtype, m8.device, m8.data_ptr() & 15)
     return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, set_size, heads, scale, device,
+            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, mask, set_size, heads, scale, device,
             env_get("JEDI_ATTN_ROWSUM"), _AUTOTUNE, _CHUNK_HEAD_DIM, _FWD_PAD_UP_TO)
 
 
@@ -878,9 +879,8 @@ def _bwd_plan_key(do, q, k, v, out, lse, set_size, heads, scale, device: int) ->
             lse.data_ptr() & 15, set_size, heads, scale, device, _AUTOTUNE, _CHUNK_HEAD_DIM)
 
 
-def _plannable(set_mask, chunk_head_dim, config, scale) -> bool:
-    return (set_mask is None and chunk_head_dim is None and config is None and type(scale) is float
-            and fast_launch.direct_ready())
+def _plannable(chunk_head_dim, config, scale) -> bool:
+    return chunk_head_dim is None and config is None and type(scale) is float and fast_launch.direct_ready()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -934,10 +934,12 @@ def _mask_lists(set_mask: torch.Tensor, G: int, both: bool = False):
     """
     m = set_mask.view(torch.uint8) if set_mask.dtype == torch.bool else set_mask
     n = 2 if both else 1
-    lst = _empty((n, G, G), device=m.device, dtype=torch.int32)
-    cnt = _empty((n, G), device=m.device, dtype=torch.int32)
+    # (G, G) / (G,) without ``both``: the layout of index 0 of the (2, G, G) / (2, G) ones, the buffers themselves
+    # (no views: a launch plan must find them among the call's allocations)
+    lst = _empty((n, G, G) if both else (G, G), device=m.device, dtype=torch.int32)
+    cnt = _empty((n, G) if both else (G,), device=m.device, dtype=torch.int32)
     launch(_mask_lists_kernel, (G, n), m, lst, cnt, m.stride(0), m.stride(1), G, BLOCK_G=max(2, _next_pow2(G)))
-    return (lst, cnt) if both else (lst[0], cnt[0])
+    return lst, cnt
 
 
 def _prec(dtype: torch.dtype) -> tuple[bool, str]:
@@ -1062,12 +1064,14 @@ def set_attn_fwd(
     """
     gv, ws = gluon_fwd_variant(), _fwd_ws_requested()
     key = None
-    if not gv and not ws and tile_counter is None and _plannable(set_mask, chunk_head_dim, config, scale):
+    if not gv and not ws and tile_counter is None and _plannable(chunk_head_dim, config, scale):
+        # the mask's uint8 view is an input of the plan (the mask-list kernel reads it)
+        m8 = None if set_mask is None else set_mask.view(torch.uint8) if set_mask.dtype == torch.bool else set_mask
         dev = fast_launch.current_device()
-        key = _fwd_plan_key(q, k, v, set_size, heads, scale, dev)
+        key = _fwd_plan_key(q, k, v, m8, set_size, heads, scale, dev)
         plan = _FWD_PLANS.get(key)
         if plan is not None:
-            res = fast_launch.run_plan(plan, (q, k, v), dev, q.device)
+            res = fast_launch.run_plan(plan, (q, k, v, m8), dev, q.device)
             if res is not None:
                 return res
     B, G, L, H, D = _check_launch(q, set_size, heads)
@@ -1081,15 +1085,16 @@ def set_attn_fwd(
         return _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config)
     if key is not None:
         with fast_launch.recording() as rec:
-            out, lse = _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, None, None, None, None)
-        fast_launch.store_plan(_FWD_PLANS, key, fast_launch.make_plan(rec, q_in, (out, lse), (out, lse)))
+            out, lse, lists = _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, m8, None, None, None)
+        fast_launch.store_plan(_FWD_PLANS, key, fast_launch.make_plan(rec, (*q_in, m8), (out, lse, *lists),
+                                                                      (out, lse)))
         return out, lse
-    return _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, set_mask, chunk_head_dim, config, tile_counter)
+    return _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, set_mask, chunk_head_dim, config, tile_counter)[:2]
 
 
 def _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, set_mask, chunk_head_dim, config, tile_counter):
     """The pointer-kernel forward (``_set_attn_fwd_kernel``) on validated inputs with unit last strides; returns
-    (out, lse)."""
+    (out, lse, the mask's image lists and counts or ())."""
     if chunk_head_dim is None and D <= _FWD_PAD_UP_TO:
         chunk_head_dim = False
     D0, D1 = head_dim_chunks(D, chunk_head_dim)
@@ -1111,7 +1116,7 @@ def _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, set_mask, chunk_head_di
         return (G * cdiv(L, c["BLOCK_M"]), B * H)
 
     _launch("fwd", _dclass(D0, D1, q.dtype), grid, args, meta, config, (B, G, L, H))
-    return out, lse
+    return out, lse, ((lst, cnt) if has_mask else ())
 
 
 def bwd_delta(out: torch.Tensor, do: torch.Tensor, B: int, G: int, L: int, H: int, D: int) -> torch.Tensor:
@@ -1165,7 +1170,7 @@ def set_attn_bwd(
     """
     gv = gluon_bwd_variant()
     key = None
-    if not gv and not _fused_dq(0, 0) and _plannable(set_mask, chunk_head_dim, config, scale):
+    if set_mask is None and not gv and not _fused_dq(0, 0) and _plannable(chunk_head_dim, config, scale):
         dev = fast_launch.current_device()
         key = _bwd_plan_key(do, q, k, v, out, lse, set_size, heads, scale, dev)
         plan = _BWD_PLANS.get(key)

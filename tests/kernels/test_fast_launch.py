@@ -67,15 +67,18 @@ def qkv(B, G, L, H, D, dtype=f16, offset=0):
     return buf.split(H * D, dim=-1)
 
 def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False, do_is_out=False, env=None,
-         chunk=None, strided=False, do_view=False, lse_view=False):
+         chunk=None, strided=False, do_view=False, lse_view=False, mask_t=False):
     """The pointer kernels' forward (and backward). ``env``: switches set around the call; ``chunk``: the module's
     head-dim split constant flipped around it; ``strided``: k with a non-unit last stride (copied on the way);
     ``do_view``: the output's gradient a view with wider rows (other strides, nothing copied); ``lse_view``: the
-    backward's lse a non-contiguous view (copied on the way)."""
+    backward's lse a non-contiguous view (copied on the way); ``mask_t``: the set mask a transposed view (other
+    strides)."""
     q, k, v = qkv(B, G, L, H, D, dtype, offset)
     if strided:
         k = torch.randn(B * G, L, 2 * H * D, dtype=dtype)[..., ::2]
     m = None if mask is None else torch.tensor(mask)
+    if mask_t:
+        m = torch.tensor(mask).t().contiguous().t()
     s = D ** -0.5 if scale is None else scale
     def run():
         prev_env = {n: os.environ.get(n) for n in (env or {})}
@@ -147,6 +150,9 @@ SCENARIOS = {
     "attn misaligned": attn(1, 2, 32, 2, 40, offset=1),
     "attn bf16": attn(1, 2, 32, 2, 40, dtype=bf16),
     "attn mask": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]]),
+    "attn mask other": attn(1, 2, 32, 2, 40, mask=[[True, True], [False, True]]),  # the same plan, other lists
+    "attn mask transposed": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]], mask_t=True),
+    "attn mask G=3": attn(1, 3, 32, 2, 40, mask=[[True, False, False], [True, True, False], [True, True, True]]),
     "attn scale": attn(1, 2, 32, 2, 40, scale=0.3),
     "attn bwd": attn(1, 2, 32, 2, 40, bwd=True),
     "attn bwd mask": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]], bwd=True),
@@ -251,7 +257,7 @@ def _same_launch(triton_rec: dict, fast_rec: dict, where: str) -> None:
 
 def test_cached_launches_pass_what_triton_passes(equivalence):
     first = equivalence["first"]
-    assert len(first) == 40
+    assert len(first) == 43
     for name, r in first.items():
         assert r["triton"], f"{name}: nothing launched"
         assert len(r["fast"]) == len(r["triton"]), name
@@ -272,7 +278,7 @@ def test_replay_after_every_scenario_is_cached(equivalence):
 # per scenario, how many of its calls take the full launcher path once its launches are cached: set-attention
 # forward and backward, GroupNorm forward (0 where a launch plan replays the call; unlisted scenarios: 0 of each)
 FULL = {
-    "attn mask": {"fwd": 1}, "attn bwd mask": {"fwd": 1, "bwd": 1},
+    "attn bwd mask": {"bwd": 1},  # masked backwards are not planned (their two-way lists are views)
     "attn bwd do is out L=40": {"bwd": 1},  # the first call of its key, its inputs aliased: no plan recorded
     "attn dq atomic": {"bwd": 1},  # dQ by atomics into a zeroed buffer: not a launch-only sequence
     "attn strided k": {"fwd": 1, "bwd": 1},  # k copied on the way
@@ -285,8 +291,9 @@ FULL = {
 
 
 def test_launch_plans_replay_the_plain_calls(equivalence):
-    """Cached calls of the plain set-attention forward and backward and of the GroupNorm forward skip the full
-    launcher (a launch plan), and the rest do not: a set mask, the atomic dQ, an input copied on the way, and a call
+    """Cached calls of the set-attention forward (with or without a set mask), of its backward without one and of the
+    GroupNorm forward skip the full launcher (a launch plan), and the rest do not: a masked backward, the atomic dQ,
+    an input copied on the way, and a call
     whose inputs alias each other when it is the first of its key (the plan could not tell them apart; replaying
     another call's plan with aliased inputs is fine, each slot takes its own argument: "attn bwd do is out"). The
     launches themselves are checked by the two tests above."""
