@@ -197,7 +197,8 @@ def store_plan(cache: dict, key: tuple, plan) -> None:
 def recording() -> Iterator[list]:
     """Collect, for every :func:`launch` this thread makes inside the block, ``(entry, args)``: the cache entry the
     launch used or made (None when it took Triton's path without one: direct path off, interpreter, a launch hook, an
-    argument it cannot key) and its positional arguments, for :func:`make_plan`. Blocks nest: the inner one collects, the outer one does not see those launches."""
+    argument it cannot key) and its positional arguments, for :func:`make_plan`. Blocks nest: the inner one collects,
+    the outer one does not see those launches."""
     prev = getattr(_REC, "launches", None)
     _REC.launches = rec = []
     try:
