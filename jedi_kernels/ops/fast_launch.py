@@ -53,7 +53,7 @@ import torch
 from jedi_kernels.backends import env_get
 
 __all__ = ["launch", "enabled", "set_enabled", "switched", "clear_cache", "cache_size", "recording", "direct_ready",
-           "current_device", "plan_cache", "make_plan", "run_plan", "store_plan"]
+           "current_device", "plan_cache", "make_plan", "run_plan", "store_plan", "replay", "record_plan"]
 
 _ENABLED = os.environ.get("JEDI_FAST_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # per kernel; past it the cache is cleared (distinct shapes, not a steady state)
@@ -191,6 +191,24 @@ def store_plan(cache: dict, key: tuple, plan) -> None:
         if len(cache) >= _MAX_PLANS:
             cache.clear()
         cache[key] = plan
+
+
+def replay(cache: dict, key: tuple, inputs: tuple, device: int, alloc_device: torch.device):
+    """The outputs of the plan ``cache`` holds under ``key``, replayed on ``inputs`` (:func:`run_plan`), or None when
+    there is none (or its allocation was misaligned): the caller then runs its full path, e.g. through
+    :func:`record_plan`."""
+    plan = cache.get(key)
+    return None if plan is None else run_plan(plan, inputs, device, alloc_device)
+
+
+def record_plan(cache: dict, key: tuple, inputs: tuple, call):
+    """Run ``call()`` (the op's full path on ``inputs``, returning (outputs, the buffers it allocated for its
+    launches)) while recording its launches, keep the plan :func:`make_plan` makes of them under ``key``, and return
+    the outputs."""
+    with recording() as rec:
+        outputs, allocated = call()
+    store_plan(cache, key, make_plan(rec, inputs, allocated, outputs))
+    return outputs
 
 
 @contextlib.contextmanager

@@ -401,16 +401,15 @@ def group_norm_fwd(
     if type(eps) is float and type(silu) is bool and fast_launch.direct_ready():
         dev = fast_launch.current_device()
         key = _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, dev)
-        plan = _FWD_PLANS.get(key)
-        if plan is not None:
-            res = fast_launch.run_plan(plan, (x, weight, bias, shift), dev, x.device)
-            if res is not None:
-                return res[0]
-        with fast_launch.recording() as rec:
-            y, scratch = _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)
-        fast_launch.store_plan(_FWD_PLANS, key,
-                               fast_launch.make_plan(rec, (x, weight, bias, shift), (*scratch, y), (y,)))
-        return y
+        inputs = (x, weight, bias, shift)
+        res = fast_launch.replay(_FWD_PLANS, key, inputs, dev, x.device)
+        if res is None:
+            def call():
+                y, scratch = _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)
+                return (y,), (*scratch, y)
+
+            res = fast_launch.record_plan(_FWD_PLANS, key, inputs, call)
+        return res[0]
     return _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)[0]
 
 

@@ -1069,11 +1069,9 @@ def set_attn_fwd(
         m8 = None if set_mask is None else set_mask.view(torch.uint8) if set_mask.dtype == torch.bool else set_mask
         dev = fast_launch.current_device()
         key = _fwd_plan_key(q, k, v, m8, set_size, heads, scale, dev)
-        plan = _FWD_PLANS.get(key)
-        if plan is not None:
-            res = fast_launch.run_plan(plan, (q, k, v, m8), dev, q.device)
-            if res is not None:
-                return res
+        res = fast_launch.replay(_FWD_PLANS, key, (q, k, v, m8), dev, q.device)
+        if res is not None:
+            return res
     B, G, L, H, D = _check_launch(q, set_size, heads)
     q_in = q, k, v
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -1084,11 +1082,11 @@ def set_attn_fwd(
     if ws and tile_counter is None and scale > 0 and _fwd_ws_ok(q, k, v, D):
         return _set_attn_fwd_ws(q, k, v, B, G, L, H, D, scale, set_mask, config)
     if key is not None:
-        with fast_launch.recording() as rec:
+        def call():
             out, lse, lists = _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, m8, None, None, None)
-        fast_launch.store_plan(_FWD_PLANS, key, fast_launch.make_plan(rec, (*q_in, m8), (out, lse, *lists),
-                                                                      (out, lse)))
-        return out, lse
+            return (out, lse), (out, lse, *lists)
+
+        return fast_launch.record_plan(_FWD_PLANS, key, (*q_in, m8), call)
     return _set_attn_fwd_pointer(q, k, v, B, G, L, H, D, scale, set_mask, chunk_head_dim, config, tile_counter)[:2]
 
 
@@ -1173,17 +1171,16 @@ def set_attn_bwd(
     if set_mask is None and not gv and not _fused_dq(0, 0) and _plannable(chunk_head_dim, config, scale):
         dev = fast_launch.current_device()
         key = _bwd_plan_key(do, q, k, v, out, lse, set_size, heads, scale, dev)
-        plan = _BWD_PLANS.get(key)
-        if plan is not None:
-            res = fast_launch.run_plan(plan, (do, q, k, v, out, lse), dev, q.device)
-            if res is not None:
-                return res
         inputs = (do, q, k, v, out, lse)
-        with fast_launch.recording() as rec:
-            res, scratch = _set_attn_bwd(do, q, k, v, out, lse, set_size, heads, scale, None, None, None, 0)
-        dq, dk, dv = res
-        fast_launch.store_plan(_BWD_PLANS, key, fast_launch.make_plan(rec, inputs, (scratch, dk, dv, dq), res))
-        return res
+        res = fast_launch.replay(_BWD_PLANS, key, inputs, dev, q.device)
+        if res is not None:
+            return res
+
+        def call():
+            (dq, dk, dv), delta = _set_attn_bwd(do, q, k, v, out, lse, set_size, heads, scale, None, None, None, 0)
+            return (dq, dk, dv), (delta, dk, dv, dq)
+
+        return fast_launch.record_plan(_BWD_PLANS, key, inputs, call)
     return _set_attn_bwd(do, q, k, v, out, lse, set_size, heads, scale, set_mask, chunk_head_dim, config, gv)[0]
 
 
