@@ -29,12 +29,13 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _fresh_launch_plans():
-    """Each test starts without set-attention launch plans (jedi_kernels.ops.set_attention, "Launch plans"): a test
-    that spies on the launchers sees its first call of a shape take the full path even if an earlier test in the same
-    process ran that shape. (Plans exist only for compiled kernels, i.e. on a GPU.)"""
+    """Each test starts without launch plans (jedi_kernels.ops.fast_launch, "Launch plans"): a test that patches what
+    an op reads (a launcher spy, a poisoned allocator, the SM count) sees its first call of a shape take the full path
+    even if an earlier test in the same process ran that shape. (Plans exist only for compiled kernels, i.e. on a
+    GPU.)"""
     import sys
 
-    sa = sys.modules.get("jedi_kernels.ops.set_attention")
-    if sa is not None:
-        sa.clear_launch_plans()
+    fl = sys.modules.get("jedi_kernels.ops.fast_launch")
+    if fl is not None:
+        fl.clear_plans()
     yield

@@ -52,8 +52,8 @@ import torch
 
 from jedi_kernels.backends import env_get
 
-__all__ = ["launch", "enabled", "set_enabled", "switched", "clear_cache", "cache_size", "recording", "direct_ready",
-           "current_device", "plan_cache", "make_plan", "run_plan", "store_plan", "replay", "record_plan"]
+__all__ = ["launch", "enabled", "set_enabled", "switched", "clear_cache", "clear_plans", "cache_size", "recording",
+           "plan_device", "plan_cache", "make_plan", "run_plan", "store_plan", "replay", "record_plan"]
 
 _ENABLED = os.environ.get("JEDI_FAST_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # per kernel; past it the cache is cleared (distinct shapes, not a steady state)
@@ -98,6 +98,12 @@ def clear_cache() -> None:
     """Forget every cached launch and every launch plan built on them (the compiled kernels stay in Triton's own
     cache)."""
     _CACHES.clear()
+    clear_plans()
+
+
+def clear_plans() -> None:
+    """Forget every launch plan of every op (the cached launches stay): the next eager call of each op takes its full
+    path (tests that patch something an op reads start from there)."""
     for c in _PLAN_CACHES:
         c.clear()
 
@@ -132,9 +138,11 @@ def make_plan(recorded: list, inputs: tuple, allocated: tuple, outputs: tuple):
     way, e.g. of a strided input, is neither), every other argument an int, float, bool or None, every launch must
     have an entry, and no two inputs may be one tensor (the plan could not tell them apart on a later call). The
     allocations must be contiguous (row-major, or channels-last for 4-d) and 16-byte aligned: :func:`run_plan` makes
-    them again with ``torch.empty_strided``.
-    The plan: (allocations as (shape, stride, dtype), steps as (entry, argument template, (position, tensor index)
-    slots), indices of the outputs), tensors indexed inputs first, then allocations."""
+    them again with ``torch.empty_strided`` on the same devices (so the plan key must hold every input device an
+    allocation follows). Scalars are replayed as recorded: the plan key must tell apart values that compare equal but
+    differ (0.0 and -0.0; 1, True and numpy ints), e.g. by admitting only plain ints and nonzero floats.
+    The plan: (allocations as (shape, stride, dtype, device), steps as (entry, argument template, (position, tensor
+    index) slots), indices of the outputs), tensors indexed inputs first, then allocations."""
     tensors = inputs + allocated
     index = {id(t): i for i, t in enumerate(tensors) if t is not None}
     if not recorded or len(index) != sum(t is not None for t in tensors):
@@ -159,23 +167,26 @@ def make_plan(recorded: list, inputs: tuple, allocated: tuple, outputs: tuple):
             else:
                 return None
         steps.append((entry, tuple(template), tuple(slots)))
-    return (tuple((tuple(t.shape), t.stride(), t.dtype) for t in allocated), tuple(steps),
+    return (tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in allocated), tuple(steps),
             tuple(index[id(t)] for t in outputs))
 
 
-def run_plan(plan, inputs: tuple, device: int, alloc_device: torch.device):
-    """Allocate a plan's buffers on ``alloc_device`` and replay its launches on ``device`` (Triton's current device,
-    :func:`current_device`) with ``inputs`` in the recorded call's places; returns the plan's outputs, or None when
-    an allocation is not 16-byte aligned (the caller then takes its full path). The caller checks
-    :func:`direct_ready` and that the call's plan key equals the recorded call's."""
+def run_plan(plan, inputs: tuple, device: int):
+    """Allocate a plan's buffers and replay its launches on ``device`` (Triton's current device,
+    :func:`plan_device`) with ``inputs`` in the recorded call's places; returns the plan's outputs, or None when an
+    allocation is not 16-byte aligned (the caller then takes its full path). The caller checks that the call's plan
+    key equals the recorded call's."""
     allocs, steps, outputs = plan
     tensors = list(inputs)
     empty = torch.empty_strided
-    for shape, stride, dtype in allocs:
-        t = empty(shape, stride, device=alloc_device, dtype=dtype)
+    for shape, stride, dtype, dev in allocs:
+        t = empty(shape, stride, device=dev, dtype=dtype)
         if t.data_ptr() & 15:
             return None
         tensors.append(t)
+    rec = getattr(_REC, "launches", None)
+    if rec is not None:  # replayed inside another op's recording: that op cannot be replayed from what it saw
+        rec.append((None, ()))
     stream = _driver.active.get_current_stream(device)
     for (run, compiled, g, tail), template, slots in steps:
         args = list(template)
@@ -193,12 +204,12 @@ def store_plan(cache: dict, key: tuple, plan) -> None:
         cache[key] = plan
 
 
-def replay(cache: dict, key: tuple, inputs: tuple, device: int, alloc_device: torch.device):
+def replay(cache: dict, key: tuple, inputs: tuple, device: int):
     """The outputs of the plan ``cache`` holds under ``key``, replayed on ``inputs`` (:func:`run_plan`), or None when
     there is none (or its allocation was misaligned): the caller then runs its full path, e.g. through
     :func:`record_plan`."""
     plan = cache.get(key)
-    return None if plan is None else run_plan(plan, inputs, device, alloc_device)
+    return None if plan is None else run_plan(plan, inputs, device)
 
 
 def record_plan(cache: dict, key: tuple, inputs: tuple, call):
@@ -215,14 +226,17 @@ def record_plan(cache: dict, key: tuple, inputs: tuple, call):
 def recording() -> Iterator[list]:
     """Collect, for every :func:`launch` this thread makes inside the block, ``(entry, args)``: the cache entry the
     launch used or made (None when it took Triton's path without one: direct path off, interpreter, a launch hook, an
-    argument it cannot key) and its positional arguments, for :func:`make_plan`. Blocks nest: the inner one collects,
-    the outer one does not see those launches."""
+    argument it cannot key) and its positional arguments, for :func:`make_plan`. Blocks nest: the inner one collects
+    the launches inside it, and the outer one gets a ``(None, ())`` in their place, so no plan is made of it (as
+    when a plan is replayed inside the block: :func:`run_plan`)."""
     prev = getattr(_REC, "launches", None)
     _REC.launches = rec = []
     try:
         yield rec
     finally:
         _REC.launches = prev
+        if prev is not None:
+            prev.append((None, ()))
 
 
 def _note(entry, args) -> None:
@@ -231,20 +245,20 @@ def _note(entry, args) -> None:
         rec.append((entry, args))
 
 
-def direct_ready() -> bool:
-    """Whether recorded entries may be replayed now: the direct path on, not under Triton's interpreter (which has
-    no compiled kernels, and no driver to ask for a device on a machine without a GPU) and no launch hook installed
-    (imports Triton's driver on the first call)."""
+def plan_device() -> int | None:
+    """The device Triton launches on now (its driver's current device) when launch plans may be made and replayed,
+    else None: the direct path off, Triton's interpreter (no compiled kernels), a launch hook installed, or no driver
+    that can name a device (a machine without a GPU). Imports Triton's driver on the first call."""
     if not _ENABLED or env_get("TRITON_INTERPRET") == "1":
-        return False
+        return None
     if _driver is None:
         _import_triton()
-    return not _hooks_installed()
-
-
-def current_device() -> int:
-    """The device Triton launches on now (its driver's current device; call only when :func:`direct_ready`)."""
-    return _driver.active.get_current_device()
+    if _hooks_installed():
+        return None
+    try:
+        return _driver.active.get_current_device()
+    except Exception:  # no active driver here: the ops' full paths raise what they raise without one
+        return None
 
 
 def cache_size(kernel=None) -> int:

@@ -397,12 +397,15 @@ def group_norm_fwd(
     An eager call whose properties (:func:`_fwd_plan_key`) match an earlier call's replays that call's allocations
     and three launches (``fast_launch`` launch plans; ≈ 10 instead of ≈ 28 µs of host time on the CI machine's CPU,
     tools/host_overhead.py): the UNet's 61 norms a step are most of its eager Triton launches."""
-    key = None
-    if type(eps) is float and type(silu) is bool and fast_launch.direct_ready():
-        dev = fast_launch.current_device()
+    # a plan replays the recorded call's scalars (True == 1, 0.0 == -0.0) and allocates y with torch.empty_strided
+    # (torch.empty_like keeps a tensor subclass): plain ints, nonzero floats and plain tensors only
+    dev = None
+    if type(eps) is float and eps and type(silu) is bool and type(num_groups) is int and type(x) is torch.Tensor:
+        dev = fast_launch.plan_device()
+    if dev is not None:
         key = _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, dev)
         inputs = (x, weight, bias, shift)
-        res = fast_launch.replay(_FWD_PLANS, key, inputs, dev, x.device)
+        res = fast_launch.replay(_FWD_PLANS, key, inputs, dev)
         if res is None:
             def call():
                 y, scratch = _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)

@@ -855,15 +855,10 @@ _FWD_PLANS: dict = fast_launch.plan_cache()
 _BWD_PLANS: dict = fast_launch.plan_cache()
 
 
-def clear_launch_plans() -> None:
-    """Forget every set-attention launch plan (tests that spy on the launch functions start from the full path)."""
-    _FWD_PLANS.clear()
-    _BWD_PLANS.clear()
-
-
 def _fwd_plan_key(q, k, v, m8, set_size, heads, scale, device: int) -> tuple:
     """Everything the forward's launches depend on besides the tensors' addresses (section comment); ``m8``: the set
-    mask as the mask-list kernel reads it (uint8), or None; ``device``: :func:`fast_launch.current_device`."""
+    mask as the mask-list kernel reads it (uint8), or None; ``device``: :func:`fast_launch.plan_device`. The buffers
+    go where the full path puts them: out and lse on q's device, the mask lists on the mask's."""
     mask = None if m8 is None else (m8.shape, m8.stride(), m8.dtype, m8.device, m8.data_ptr() & 15)
     return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
             q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, mask, set_size, heads, scale, device,
@@ -872,15 +867,24 @@ def _fwd_plan_key(q, k, v, m8, set_size, heads, scale, device: int) -> tuple:
 
 def _bwd_plan_key(do, q, k, v, out, lse, set_size, heads, scale, device: int) -> tuple:
     """Everything the backward's launches depend on besides the tensors' addresses (section comment); ``device``:
-    :func:`fast_launch.current_device`."""
+    :func:`fast_launch.plan_device`. The buffers go where the full path puts them: delta on out's device, the
+    gradients on q's."""
     return (q.shape, do.stride(), q.stride(), k.stride(), v.stride(), out.stride(), lse.shape, lse.stride(),
-            do.dtype, q.dtype, k.dtype, v.dtype, out.dtype, lse.dtype, q.device,
+            do.dtype, q.dtype, k.dtype, v.dtype, out.dtype, lse.dtype, q.device, out.device,
             do.data_ptr() & 15, q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, out.data_ptr() & 15,
             lse.data_ptr() & 15, set_size, heads, scale, device, _AUTOTUNE, _CHUNK_HEAD_DIM)
 
 
-def _plannable(chunk_head_dim, config, scale) -> bool:
-    return chunk_head_dim is None and config is None and type(scale) is float and fast_launch.direct_ready()
+def _plan_device(q, k, v, set_size, heads, scale, chunk_head_dim, config) -> int | None:
+    """Triton's current device when this call may use a launch plan, else None: plain tensors (a subclass keeps its
+    own dispatch), a plain int set size and heads and a nonzero float scale (a plan replays the recorded call's
+    scalars, and True == 1, 0.0 == -0.0), no launch overrides, and plans possible at all
+    (:func:`fast_launch.plan_device`)."""
+    if (chunk_head_dim is not None or config is not None or type(scale) is not float or not scale
+            or type(set_size) is not int or type(heads) is not int
+            or type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor):
+        return None
+    return fast_launch.plan_device()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1064,12 +1068,14 @@ def set_attn_fwd(
     """
     gv, ws = gluon_fwd_variant(), _fwd_ws_requested()
     key = None
-    if not gv and not ws and tile_counter is None and _plannable(chunk_head_dim, config, scale):
+    dev = None
+    if not gv and not ws and tile_counter is None:
+        dev = _plan_device(q, k, v, set_size, heads, scale, chunk_head_dim, config)
+    if dev is not None:
         # the mask's uint8 view is an input of the plan (the mask-list kernel reads it)
         m8 = None if set_mask is None else set_mask.view(torch.uint8) if set_mask.dtype == torch.bool else set_mask
-        dev = fast_launch.current_device()
         key = _fwd_plan_key(q, k, v, m8, set_size, heads, scale, dev)
-        res = fast_launch.replay(_FWD_PLANS, key, (q, k, v, m8), dev, q.device)
+        res = fast_launch.replay(_FWD_PLANS, key, (q, k, v, m8), dev)
         if res is not None:
             return res
     B, G, L, H, D = _check_launch(q, set_size, heads)
@@ -1167,12 +1173,13 @@ def set_attn_bwd(
         TypeError / ValueError: as :func:`set_attn_fwd`.
     """
     gv = gluon_bwd_variant()
-    key = None
-    if set_mask is None and not gv and not _fused_dq(0, 0) and _plannable(chunk_head_dim, config, scale):
-        dev = fast_launch.current_device()
+    dev = None
+    if set_mask is None and not gv and not _fused_dq(0, 0) and type(do) is torch.Tensor and type(out) is torch.Tensor:
+        dev = _plan_device(q, k, v, set_size, heads, scale, chunk_head_dim, config)
+    if dev is not None:
         key = _bwd_plan_key(do, q, k, v, out, lse, set_size, heads, scale, dev)
         inputs = (do, q, k, v, out, lse)
-        res = fast_launch.replay(_BWD_PLANS, key, inputs, dev, q.device)
+        res = fast_launch.replay(_BWD_PLANS, key, inputs, dev)
         if res is not None:
             return res
 

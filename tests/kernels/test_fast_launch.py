@@ -59,49 +59,79 @@ from jedi_kernels.ops import set_attention as sa
 f16, bf16 = torch.float16, torch.bfloat16
 torch.manual_seed(0)
 
+def t3(N, L, C, dtype=f16, wide=False, mis=False):
+    """A fresh (N, L, C) tensor: rows of 2C (``wide``: another row stride, nothing copied), or shifted one element
+    off 16-byte alignment (``mis``)."""
+    W = 2 * C if wide else C
+    n = N * L * W
+    return torch.randn(n + 1, dtype=dtype)[int(mis):n + int(mis)].view(N, L, W)[..., :C]
+
 def qkv(B, G, L, H, D, dtype=f16, offset=0):
-    """Views of a fused (B*G, L, 3*H*D) projection; offset 1 shifts the storage by one element: the same strides,
-    every pointer misaligned (only the 16-byte alignment tells it from offset 0)."""
+    """Fresh views of a fused (B*G, L, 3*H*D) projection; offset 1 shifts the storage by one element: the same
+    strides, every pointer misaligned (only the 16-byte alignment tells it from offset 0)."""
     n = B * G * L * 3 * H * D
     buf = torch.randn(n + offset, dtype=dtype)[offset:].view(B * G, L, 3 * H * D)
     return buf.split(H * D, dim=-1)
 
+class flipped:
+    """Environment switches and module constants set for the duration of a call."""
+    def __init__(self, env=None, **consts):
+        self.env, self.consts = env or {}, {k: v for k, v in consts.items() if v is not None}
+    def __enter__(self):
+        self.prev_env = {n: os.environ.get(n) for n in self.env}
+        os.environ.update(self.env)
+        self.prev = {k: getattr(sa, k) for k in self.consts}
+        for k, v in self.consts.items():
+            setattr(sa, k, v)
+    def __exit__(self, *exc):
+        for k, v in self.prev.items():
+            setattr(sa, k, v)
+        for n, val in self.prev_env.items():
+            if val is None:
+                os.environ.pop(n)
+            else:
+                os.environ[n] = val
+
 def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False, do_is_out=False, env=None,
-         chunk=None, strided=False, do_view=False, lse_view=False, mask_t=False):
-    """The pointer kernels' forward (and backward). ``env``: switches set around the call; ``chunk``: the module's
-    head-dim split constant flipped around it; ``strided``: k with a non-unit last stride (copied on the way);
-    ``do_view``: the output's gradient a view with wider rows (other strides, nothing copied); ``lse_view``: the
-    backward's lse a non-contiguous view (copied on the way); ``mask_t``: the set mask a transposed view (other
-    strides)."""
-    q, k, v = qkv(B, G, L, H, D, dtype, offset)
-    if strided:
-        k = torch.randn(B * G, L, 2 * H * D, dtype=dtype)[..., ::2]
-    m = None if mask is None else torch.tensor(mask)
-    if mask_t:
-        m = torch.tensor(mask).t().contiguous().t()
+         chunk=None, pad_up_to=None, copied_k=False, own=None, do_view=False, lse_view=False, out_view=False,
+         mask_t=False):
+    """The pointer kernels' forward (and backward) on fresh inputs every call; returns (inputs, outputs).
+
+    ``env``: switches set around the call; ``chunk`` / ``pad_up_to``: the module's head-dim split constants;
+    ``copied_k``: k with a non-unit last stride (copied on the way); ``own``: q, k and v in buffers of their own
+    instead of views of one projection, {name: "wide" | "mis"} for one with other row strides or misaligned;
+    ``do_view``: the backward's gradient with wider rows (other strides, nothing copied); ``out_view``: its output
+    with wider rows ("wide") or misaligned ("mis");
+    ``lse_view``: the backward's lse a non-contiguous view (copied on the way), or "mis": misaligned; ``mask_t``:
+    the set mask a transposed view (other strides)."""
     s = D ** -0.5 if scale is None else scale
+    N, HD = B * G, H * D
     def run():
-        prev_env = {n: os.environ.get(n) for n in (env or {})}
-        os.environ.update(env or {})
-        prev_chunk = sa._CHUNK_HEAD_DIM
-        if chunk is not None:
-            sa._CHUNK_HEAD_DIM = chunk
-        try:
+        if own is not None:
+            q, k, v = (t3(N, L, HD, dtype, wide=own.get(n) == "wide", mis=own.get(n) == "mis") for n in "qkv")
+        else:
+            q, k, v = qkv(B, G, L, H, D, dtype, offset)
+        if copied_k:
+            k = torch.randn(N, L, 2 * HD, dtype=dtype)[..., ::2]
+        m = None if mask is None else torch.tensor(mask)
+        if mask_t:
+            m = m.t().contiguous().t()
+        with flipped(env, _CHUNK_HEAD_DIM=chunk, _FWD_PAD_UP_TO=pad_up_to):
             out, lse = sa.set_attn_fwd(q, k, v, G, H, s, m)
+            ins, outs = [q, k, v] + ([m] if m is not None else []), [out, lse]
             if bwd:
-                do = out if do_is_out else torch.randn_like(out)
-                if do_view:
-                    do = torch.randn(out.shape[0], out.shape[1], 2 * out.shape[2], dtype=dtype)[..., :out.shape[2]]
-                if lse_view:
+                do = out if do_is_out else t3(N, L, HD, dtype, wide=do_view)
+                o = out
+                if out_view:
+                    o = t3(N, L, HD, dtype, wide=out_view == "wide", mis=out_view == "mis")
+                    o.copy_(out)
+                if lse_view == "mis":
+                    lse = torch.empty(lse.numel() + 1)[1:].view(lse.shape).copy_(lse)
+                elif lse_view:
                     lse = torch.cat([lse, lse], dim=-1)[..., :lse.shape[-1]]
-                sa.set_attn_bwd(do, q, k, v, out, lse, G, H, s, m)
-        finally:
-            sa._CHUNK_HEAD_DIM = prev_chunk
-            for n, val in prev_env.items():
-                if val is None:
-                    os.environ.pop(n)
-                else:
-                    os.environ[n] = val
+                grads = sa.set_attn_bwd(do, q, k, v, o, lse, G, H, s, m)
+                ins, outs = ins + [do, o, lse], outs + list(grads)
+        return ins, outs
     return run
 
 # how many calls took the full launcher path (checks, switches, launch keys) rather than a launch plan
@@ -120,27 +150,55 @@ sa.gluon_fwd_ok = lambda *a: True  # CPU tensors as if on an sm_90 GPU: the Gluo
 sa.gluon_bwd_ok = lambda *a: True
 
 def gluon(B, G, L, H, D, fwd_cfg, bwd_cfg, mask=None):
-    """The Gluon forward and backward (TMA descriptor arguments) on bf16 fused-qkv views."""
-    q, k, v = qkv(B, G, L, H, D, bf16)
-    m = None if mask is None else torch.tensor(mask)
+    """The Gluon forward and backward (TMA descriptor arguments) on fresh bf16 fused-qkv views."""
     def run():
-        os.environ.update(JEDI_TRITON_FWD_GLUON=str(fwd_cfg), JEDI_TRITON_BWD_GLUON=str(bwd_cfg))
-        try:
+        q, k, v = qkv(B, G, L, H, D, bf16)
+        m = None if mask is None else torch.tensor(mask)
+        with flipped({"JEDI_TRITON_FWD_GLUON": str(fwd_cfg), "JEDI_TRITON_BWD_GLUON": str(bwd_cfg)}):
             out, lse = sa.set_attn_fwd(q, k, v, G, H, D ** -0.5, m)
-            sa.set_attn_bwd(out, q, k, v, out, lse, G, H, D ** -0.5, m)
-        finally:
-            os.environ.pop("JEDI_TRITON_FWD_GLUON"); os.environ.pop("JEDI_TRITON_BWD_GLUON")
+            grads = sa.set_attn_bwd(out, q, k, v, out, lse, G, H, D ** -0.5, m)
+        return [q, k, v] + ([m] if m is not None else []), [out, lse, *grads]
     return run
 
-x = torch.randn(2, 64, 4, 4, dtype=f16).to(memory_format=torch.channels_last)
-xs = torch.randn(2, 64, 4, 6, dtype=f16).to(memory_format=torch.channels_last)
-w, b = torch.randn(64, dtype=f16), torch.randn(64, dtype=f16)
-wm = torch.randn(65, dtype=f16)[1:]
-sh = torch.randn(2, 64, dtype=f16)
-sh_rows = torch.randn(2, 128, dtype=f16)[:, 32:96]  # a column slice: another row stride
-h = torch.randn(2, 16, 128, dtype=f16)
-xl, rl, wl = torch.randn(2, 16, 96, dtype=f16), torch.randn(2, 16, 96, dtype=f16), torch.randn(96, dtype=f16)
-xt, x0 = torch.randn(2, 4, 8, 8, dtype=f16), torch.randn(2, 4, 8, 8, dtype=f16)
+def nhwc(*shape):
+    return torch.randn(*shape, dtype=f16).to(memory_format=torch.channels_last)
+
+def vec(n, mis=False):
+    return torch.randn(n + 1, dtype=f16)[int(mis):n + int(mis)]
+
+class Sub(torch.Tensor):
+    """A tensor subclass: the full path's output keeps it (torch.empty_like), so such calls are not planned."""
+
+def gnorm(groups=32, eps=1e-5, silu=True, weight=True, bias=True, nchw=False, w_mis=False, shift=None, same_wb=False,
+          strided=False, hw=(4, 4), sub=False):
+    """The GroupNorm forward on fresh inputs: NHWC (or NCHW, or a channel-strided NCHW view copied on the way, or a
+    tensor subclass), the optional weight (misaligned), bias (the weight itself) and shift ("plain", or "rows": a
+    column slice)."""
+    def run():
+        x = nhwc(2, 64, *hw)
+        if sub:
+            x = x.as_subclass(Sub)
+        if nchw:
+            x = x.contiguous()
+        if strided:
+            x = x.contiguous()[:, ::2]
+        C = x.shape[1]
+        w = vec(C, w_mis) if weight else None
+        b = (w if same_wb else vec(C)) if bias else None
+        sh = None if shift is None else torch.randn(2, C, dtype=f16) if shift == "plain" else \
+            torch.randn(2, 2 * C, dtype=f16)[:, C // 2:C // 2 + C]
+        y = gn.group_norm_fwd(x, groups, w, b, eps, silu, shift=sh)
+        return [t for t in (x, w, b, sh) if t is not None], [y]
+    return run
+
+def fresh(fn, *shapes):
+    """fn on fresh fp16 inputs of these shapes (4-d ones channels-last); returns (inputs, outputs)."""
+    def run():
+        ins = [nhwc(*sh) if len(sh) == 4 else torch.randn(*sh, dtype=f16) for sh in shapes]
+        out = fn(*ins)
+        return ins, [o for o in out if o is not None] if isinstance(out, (tuple, list)) else [out]
+    return run
+
 pm = torch.tensor([1.0, 0.0], dtype=f16)
 
 SCENARIOS = {
@@ -154,6 +212,8 @@ SCENARIOS = {
     "attn mask transposed": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]], mask_t=True),
     "attn mask G=3": attn(1, 3, 32, 2, 40, mask=[[True, False, False], [True, True, False], [True, True, True]]),
     "attn scale": attn(1, 2, 32, 2, 40, scale=0.3),
+    "attn scale 0": attn(1, 2, 32, 2, 40, scale=0.0, bwd=True),  # 0.0 == -0.0: no plans at scale 0
+    "attn scale -0": attn(1, 2, 32, 2, 40, scale=-0.0, bwd=True),
     "attn bwd": attn(1, 2, 32, 2, 40, bwd=True),
     "attn bwd mask": attn(1, 2, 32, 2, 40, mask=[[True, False], [True, True]], bwd=True),
     # launch plans: what their key must tell apart that the launch key sees only inside the launcher
@@ -162,28 +222,45 @@ SCENARIOS = {
     "attn rowsum dot": attn(1, 2, 32, 2, 40, env={"JEDI_ATTN_ROWSUM": "dot"}),
     "attn d80": attn(1, 2, 32, 2, 80, bwd=True),
     "attn d80 padded": attn(1, 2, 32, 2, 80, bwd=True, chunk=False),
+    "attn d40 chunked": attn(1, 2, 32, 2, 40, pad_up_to=0),
     "attn dq atomic": attn(1, 2, 32, 2, 40, bwd=True, env={"JEDI_TRITON_BWD_DQ": "atomic"}),
-    "attn strided k": attn(1, 2, 32, 2, 40, bwd=True, strided=True),
+    "attn copied k": attn(1, 2, 32, 2, 40, bwd=True, copied_k=True),
+    "attn own buffers": attn(1, 2, 32, 2, 40, bwd=True, own={}),
+    "attn own, q wide": attn(1, 2, 32, 2, 40, bwd=True, own={"q": "wide"}),
+    "attn own, k wide": attn(1, 2, 32, 2, 40, bwd=True, own={"k": "wide"}),
+    "attn own, v wide": attn(1, 2, 32, 2, 40, bwd=True, own={"v": "wide"}),
+    "attn own, k misaligned": attn(1, 2, 32, 2, 40, bwd=True, own={"k": "mis"}),
+    "attn own, v misaligned": attn(1, 2, 32, 2, 40, bwd=True, own={"v": "mis"}),
     "attn bwd do view": attn(1, 2, 32, 2, 40, bwd=True, do_view=True),
+    "attn bwd out view": attn(1, 2, 32, 2, 40, bwd=True, out_view="wide"),
+    "attn bwd out misaligned": attn(1, 2, 32, 2, 40, bwd=True, out_view="mis"),
     "attn bwd lse view": attn(1, 2, 32, 2, 40, bwd=True, lse_view=True),
-    "group_norm": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True),
-    "group_norm eps": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-6, True),
+    "attn bwd lse misaligned": attn(1, 2, 32, 2, 40, bwd=True, lse_view="mis"),
+    "group_norm": gnorm(),
+    "group_norm eps": gnorm(eps=1e-6),
     # GroupNorm launch plans: the optional inputs, silu, the layout and a misaligned weight change the launches
-    "group_norm no silu": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, False),
-    "group_norm no bias": lambda: gn.group_norm_fwd(x, 32, w, None, 1e-5, True),
-    "group_norm no affine": lambda: gn.group_norm_fwd(x, 32, None, None, 1e-5, True),
-    "group_norm NCHW": lambda: gn.group_norm_fwd(x.contiguous(), 32, w, b, 1e-5, True),
-    "group_norm weight misaligned": lambda: gn.group_norm_fwd(x, 32, wm, b, 1e-5, True),
-    "group_norm shift": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True, shift=sh),
-    "group_norm shift rows": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True, shift=sh_rows),
-    "group_norm weight is bias": lambda: gn.group_norm_fwd(xs, 32, w, w, 1e-5, True),
-    "group_norm NCHW strided": lambda: gn.group_norm_fwd(x.contiguous()[:, ::2], 16, w[:32], b[:32], 1e-5, True),
-    "group_norm bwd": lambda: gn.group_norm_bwd(x, x, 32, w, b, 1e-5, True),
-    "geglu": lambda: gg.geglu_fwd(h),
-    "geglu bwd": lambda: gg.geglu_bwd(h[..., :64], h),
-    "add_layer_norm": lambda: ln.add_layer_norm_fwd(xl, rl, wl, None, 1e-5),
-    "prepare_inputs": lambda: pi.prep_fwd(xt, x0, pm),
-    "prepare_inputs bwd": lambda: pi.prep_bwd(torch.randn(2, 9, 8, 8, dtype=f16), pm, 4),
+    "group_norm no silu": gnorm(silu=False),
+    "group_norm no bias": gnorm(bias=False),
+    "group_norm no affine": gnorm(weight=False, bias=False),
+    "group_norm NCHW": gnorm(nchw=True),
+    "group_norm weight misaligned": gnorm(w_mis=True),
+    "group_norm shift": gnorm(shift="plain"),
+    "group_norm shift rows": gnorm(shift="rows"),
+    "group_norm groups 16": gnorm(groups=16),
+    "group_norm weight is bias": gnorm(same_wb=True, hw=(4, 6)),  # aliased inputs: no plan
+    "group_norm NCHW strided": gnorm(groups=16, strided=True),  # x copied on the way: no plan
+    # what compares equal but is not the same argument: no plans
+    "group_norm eps 0": gnorm(eps=0.0),
+    "group_norm eps -0": gnorm(eps=-0.0),
+    "group_norm subclass": gnorm(sub=True),
+    "group_norm bwd": fresh(lambda x, g, w, b: gn.group_norm_bwd(g, x, 32, w, b, 1e-5, True), (2, 64, 4, 4),
+                            (2, 64, 4, 4), (64,), (64,)),
+    "geglu": fresh(gg.geglu_fwd, (2, 16, 128)),
+    "geglu bwd": fresh(lambda g, h: gg.geglu_bwd(g, h), (2, 16, 64), (2, 16, 128)),
+    "add_layer_norm": fresh(lambda x, r, w: ln.add_layer_norm_fwd(x, r, w, None, 1e-5), (2, 16, 96), (2, 16, 96),
+                            (96,)),
+    "prepare_inputs": fresh(lambda a, b: pi.prep_fwd(a, b, pm), (2, 4, 8, 8), (2, 4, 8, 8)),
+    "prepare_inputs bwd": fresh(lambda g: pi.prep_bwd(g, pm, 4), (2, 9, 8, 8)),
     # descriptors: their shapes change with B and L (the key must tell), the configs change the boxes
     "gluon": gluon(1, 2, 32, 2, 40, 1, 1),
     "gluon B=2": gluon(2, 2, 32, 2, 40, 1, 1),
@@ -192,26 +269,39 @@ SCENARIOS = {
     "gluon mask": gluon(1, 2, 32, 2, 40, 1, 1, mask=[[True, False], [True, True]]),
 }
 
-def describe(a):
+def describe(a, role):
     if isinstance(a, torch.Tensor):
-        return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.storage_offset(), a.data_ptr() % 16 == 0]
+        return ["tensor", role(a), str(a.dtype), list(a.shape), list(a.stride()), a.storage_offset(),
+                a.data_ptr() % 16 == 0]
     if hasattr(a, "block_shape") and hasattr(a, "base"):
-        return ["desc", describe(a.base), list(a.shape), list(a.strides), list(a.block_shape), repr(a.layout),
+        return ["desc", describe(a.base, role), list(a.shape), list(a.strides), list(a.block_shape), repr(a.layout),
                 a.padding]
     if isinstance(a, HookChain):
         return ["hooks", len(a.calls)]
-    return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
+    if isinstance(a, float):
+        return ["float", a.hex()]  # -0.0 is not 0.0
+    return [type(a).__name__, a if isinstance(a, (int, bool, str, type(None))) else repr(a)]
 
 def record(fn):
-    """(records of fn's launches, how many went through JITFunction.run, how many forward / backward calls took the
-    full launcher path)."""
+    """(records of fn's launches, how many went through JITFunction.run, how many forward / backward / GroupNorm
+    calls took the full launcher path). Each tensor argument is named by its role in this call: "in<i>" (the
+    scenario's i-th input), "out<j>" (its j-th output), else "s<n>" (the n-th other buffer the launches use, in
+    order of first use), so a launch fed another call's tensor, or an output returned from the wrong buffer, differs
+    from Triton's own path."""
     calls.clear(); slow[0] = 0; full.update(fwd=0, bwd=0, gn=0)
-    fn()
+    ins, outs = fn()
+    roles = {}
+    for i, t in enumerate(ins):
+        roles.setdefault(t.data_ptr(), f"in{i}")
+    for j, t in enumerate(outs):
+        roles.setdefault(t.data_ptr(), f"out{j}")
+    def role(t):
+        return roles.setdefault(t.data_ptr(), f"s{sum(r.startswith('s') for r in roles.values())}")
     recs = []
     for ck, a in calls:
         recs.append({"kernel": id(ck), "name": ck.name, "head": [a[0], a[1], a[2], a[3], a[4] is ck.function,
                                                              a[5] is ck.packed_metadata],
-                     "hooks": [describe(h) for h in a[7:9]], "args": [describe(x) for x in a[9:]]})
+                     "hooks": [describe(h, role) for h in a[7:9]], "args": [describe(x, role) for x in a[9:]]})
     return recs, slow[0], dict(full)
 
 result = {}
@@ -257,7 +347,7 @@ def _same_launch(triton_rec: dict, fast_rec: dict, where: str) -> None:
 
 def test_cached_launches_pass_what_triton_passes(equivalence):
     first = equivalence["first"]
-    assert len(first) == 43
+    assert len(first) == 59
     for name, r in first.items():
         assert r["triton"], f"{name}: nothing launched"
         assert len(r["fast"]) == len(r["triton"]), name
@@ -281,12 +371,14 @@ FULL = {
     "attn bwd mask": {"bwd": 1},  # masked backwards are not planned (their two-way lists are views)
     "attn bwd do is out L=40": {"bwd": 1},  # the first call of its key, its inputs aliased: no plan recorded
     "attn dq atomic": {"bwd": 1},  # dQ by atomics into a zeroed buffer: not a launch-only sequence
-    "attn strided k": {"fwd": 1, "bwd": 1},  # k copied on the way
+    "attn copied k": {"fwd": 1, "bwd": 1},  # k copied on the way
     "attn bwd lse view": {"bwd": 1},  # lse copied on the way
     "gluon": {"bwd": 1}, "gluon B=2": {"bwd": 1}, "gluon L=48": {"bwd": 1}, "gluon configs 3/2": {"bwd": 1},
     "gluon mask": {"bwd": 1},  # the opt-in Gluon kernels (their forwards bypass the pointer launcher altogether)
     "group_norm weight is bias": {"gn": 1},  # aliased inputs
     "group_norm NCHW strided": {"gn": 1},  # x copied on the way
+    "group_norm eps 0": {"gn": 1}, "group_norm eps -0": {"gn": 1}, "group_norm subclass": {"gn": 1},
+    "attn scale 0": {"fwd": 1, "bwd": 1}, "attn scale -0": {"fwd": 1, "bwd": 1},
 }
 
 
@@ -313,7 +405,7 @@ def test_scenarios_exercise_the_key(equivalence):
     assert fwd["attn"]["head"][:3] != fwd["attn B=2 (grid only)"]["head"][:3]  # same kernel, another grid
     # not 16-byte aligned, same strides: another specialization, nothing else to tell them apart
     assert fwd["attn misaligned"]["kernel"] != fwd["attn"]["kernel"]
-    assert [a[:4] for a in fwd["attn misaligned"]["args"]] == [a[:4] for a in fwd["attn"]["args"]]
+    assert [a[:5] for a in fwd["attn misaligned"]["args"]] == [a[:5] for a in fwd["attn"]["args"]]
     assert fwd["attn bf16"]["kernel"] != fwd["attn"]["kernel"]
     assert fwd["attn scale"]["kernel"] == fwd["attn"]["kernel"] and fwd["attn scale"]["args"] != fwd["attn"]["args"]
     assert len(first["attn mask"]["triton"]) == 2  # the mask lists, then the forward
@@ -413,7 +505,8 @@ def test_env_get_reads_what_os_environ_reads(monkeypatch):
 
 
 def test_recording_collects_per_block_and_nests():
-    """recording() lists this thread's launches inside its block only; an inner block takes them from the outer."""
+    """recording() lists this thread's launches inside its block only; an inner block takes them from the outer,
+    which gets a marker in their place."""
     calls = []
 
     class Kernel:  # an uncacheable (interpreter-like) kernel: every launch is Triton's own, recorded with entry None
@@ -429,7 +522,8 @@ def test_recording_collects_per_block_and_nests():
             fast_launch.launch(kern, (1,), 2)
         fast_launch.launch(kern, (1,), 3)
     fast_launch.launch(kern, (1,), 4)
-    assert outer == [(None, (1,)), (None, (3,))] and inner == [(None, (2,))] and len(calls) == 4
+    # the outer block gets a marker for the inner one's launches: no plan can be made of it
+    assert outer == [(None, (1,)), (None, ()), (None, (3,))] and inner == [(None, (2,))] and len(calls) == 4
 
 
 def test_make_plan_rules():
@@ -442,7 +536,8 @@ def test_make_plan_rules():
     ent = ("run", "compiled", (1, 1, 1), ())
     allocs, steps, outs = mp([(ent, (q, k, out, 3, 0.5, None, True, out, t_out))], (q, None, k, None), (out, t_out),
                              (t_out, out))
-    assert allocs == (((4, 8), (8, 1), torch.float32), ((1, 2, 2, 8), (32, 1, 16, 2), torch.float32))
+    cpu = torch.device("cpu")
+    assert allocs == (((4, 8), (8, 1), torch.float32, cpu), ((1, 2, 2, 8), (32, 1, 16, 2), torch.float32, cpu))
     assert outs == (5, 4)
     assert steps == ((ent, (None, None, None, 3, 0.5, None, True, None, None),
                       ((0, 0), (1, 2), (2, 4), (7, 4), (8, 5))),)
