@@ -844,12 +844,15 @@ def _launch(kind: str, dclass: str, grid_fn, args: tuple, meta: dict, config: Op
 # below). So the first call with given properties runs as before, recording (fast_launch.recording) the cache entry
 # of each launch and where each tensor argument came from (an input, or a buffer the call allocated); later calls
 # with the same properties allocate the same buffers and replay the entries with the new tensors (fast_launch.
-# make_plan / run_plan): ≈ 8 µs for the forward, ≈ 14 instead of ≈ 50 for the backward. Only the plain paths are
-# planned (no set mask, no fixed config, no chunking override, no tile counter; the pointer kernels, not the opt-in
-# Gluon / TMA ones; dQ by its own kernel); everything else takes the full path every call, as does a call whose
-# inputs alias each other (a backward whose gradient is its output) or whose launches took a copy made on the way
-# (a strided input), when it is the first of its key. tests/kernels/test_fast_launch.py checks on the stand-in
-# driver that a replayed call passes the driver exactly what Triton's own launch path passes.
+# make_plan / run_plan): ≈ 8 µs for the forward, ≈ 12 instead of ≈ 50 for the backward. Planned: the forward on the
+# pointer kernels, with or without a set mask (the mask's uint8 view is a plan input), and the backward without a
+# mask, with dQ by its own kernel. Not planned (the full path every call): the opt-in Gluon / TMA kernels, a fixed
+# config, a chunking override, a tile counter, the masked backward, the atomic dQ, arguments that compare equal
+# without being the same (0.0 / -0.0 scales, bools or numpy ints as sizes: _plan_device), tensor subclasses, and a
+# call whose inputs alias each other (a backward whose gradient is its output) or whose launches took a copy made on
+# the way (a strided input), when it is the first of its key. tests/kernels/test_fast_launch.py checks on the
+# stand-in driver that a replayed call passes the driver exactly what Triton's own launch path passes, tensor by
+# tensor.
 
 _FWD_PLANS: dict = fast_launch.plan_cache()
 _BWD_PLANS: dict = fast_launch.plan_cache()
@@ -1058,6 +1061,9 @@ def set_attn_fwd(
             fp16/bf16, head dim <= 128, scale > 0, 16-byte aligned evenly spaced rows; not with tile_counter).
         tile_counter: optional int32 tensor of >= G*cdiv(L, BLOCK_M)*B*H elements; receives, per program, the number of
             key tiles it visited (instrumentation for tests; compiled in only when given).
+
+    Eager calls whose inputs have the properties of an earlier call's replay its recorded launches (a launch plan,
+    see "Launch plans" above): the same kernels, grid and arguments, without the Python in between.
 
     Returns:
         out: (N, L, H*D) contiguous, q's dtype.
