@@ -102,6 +102,7 @@ def measure(reps: int = 2000) -> dict[str, dict[str, float]]:
     import jedi_kernels as jk
     from jedi_kernels import functional
     from jedi_kernels.ops import geglu as gg
+    from jedi_kernels.ops import layer_norm as ln
     from jedi_kernels.ops import group_norm as gn
     from jedi_kernels.ops import set_attention as sa
 
@@ -110,6 +111,8 @@ def measure(reps: int = 2000) -> dict[str, dict[str, float]]:
     x = torch.randn(4, 320, 8, 8, dtype=f16).to(memory_format=torch.channels_last)
     w, b = torch.randn(320, dtype=f16), torch.randn(320, dtype=f16)
     h = torch.randn(4, 64, 2560, dtype=f16)
+    xl, xl2 = torch.randn(4, 64, 320, dtype=f16), torch.randn(4, 64, 320, dtype=f16)
+    wl, wl2 = torch.randn(320, dtype=f16), torch.randn(320, dtype=f16)
     G, H, D = 2, 8, 160
     q, k, v = (torch.randn(2 * G, 64, H * D, dtype=f16) for _ in range(3))
     mask = torch.tensor([[True, False], [True, True]])
@@ -120,6 +123,7 @@ def measure(reps: int = 2000) -> dict[str, dict[str, float]]:
         "group_norm launcher (3 Triton launches)": lambda: gn.group_norm_fwd(x, 32, w, b, 1e-5, True),
         "jk.group_norm (checks + launcher)": lambda: jk.group_norm(x, 32, w, b, 1e-5, silu=True, backend="triton"),
         "geglu launcher (1 Triton launch)": lambda: gg.geglu_fwd(h),
+        "add + LayerNorm launcher (1 Triton launch)": lambda: ln.add_layer_norm_fwd(xl, xl2, wl, wl2, 1e-5),
         "set-attention mask lists (1 Triton launch)": lambda: sa._mask_lists(mask, G),
         "set_attn_fwd (autotuner lookup + 1 launch)": lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, None),
         "set_attn_fwd with a set_mask (+ mask lists)": lambda: sa.set_attn_fwd(q, k, v, G, H, D**-0.5, mask),

@@ -135,7 +135,7 @@ def attn(B, G, L, H, D, dtype=f16, offset=0, mask=None, scale=None, bwd=False, d
     return run
 
 # how many calls took the full launcher path (checks, switches, launch keys) rather than a launch plan
-full = {"fwd": 0, "bwd": 0, "gn": 0}
+full = {"fwd": 0, "bwd": 0, "gn": 0, "geglu": 0, "ln": 0}
 def counting(name, fn):
     def wrapped(*a, **kw):
         full[name] += 1
@@ -144,6 +144,8 @@ def counting(name, fn):
 sa._set_attn_fwd_pointer = counting("fwd", sa._set_attn_fwd_pointer)
 sa._set_attn_bwd = counting("bwd", sa._set_attn_bwd)
 gn._group_norm_fwd = counting("gn", gn._group_norm_fwd)
+gg._geglu_fwd = counting("geglu", gg._geglu_fwd)
+ln._add_layer_norm_fwd = counting("ln", ln._add_layer_norm_fwd)
 
 from jedi_kernels.ops import set_attention_gluon as sg, set_attention_gluon_bwd as gb
 sa.gluon_fwd_ok = lambda *a: True  # CPU tensors as if on an sm_90 GPU: the Gluon launches compile for sm_90
@@ -256,9 +258,26 @@ SCENARIOS = {
     "group_norm bwd": fresh(lambda x, g, w, b: gn.group_norm_bwd(g, x, 32, w, b, 1e-5, True), (2, 64, 4, 4),
                             (2, 64, 4, 4), (64,), (64,)),
     "geglu": fresh(gg.geglu_fwd, (2, 16, 128)),
+    # GEGLU and add + LayerNorm launch plans: their inputs' row views (or copies) are the plans' inputs
+    "geglu wide": fresh(lambda h: gg.geglu_fwd(h[..., :128]), (2, 16, 256)),  # a column slice: other row stride
+    "geglu misaligned": fresh(lambda h: gg.geglu_fwd(h[..., 8:136]), (2, 16, 256)),  # 16 bytes off
+    "geglu copied": fresh(lambda h: gg.geglu_fwd(h.transpose(0, 1)), (16, 2, 128)),  # rows not one stride: copy
+    "geglu bf16": fresh(lambda h: gg.geglu_fwd(h.to(bf16)), (2, 16, 128)),
     "geglu bwd": fresh(lambda g, h: gg.geglu_bwd(g, h), (2, 16, 64), (2, 16, 128)),
     "add_layer_norm": fresh(lambda x, r, w: ln.add_layer_norm_fwd(x, r, w, None, 1e-5), (2, 16, 96), (2, 16, 96),
                             (96,)),
+    "add_layer_norm bias": fresh(lambda x, r, w, b: ln.add_layer_norm_fwd(x, r, w, b, 1e-5), (2, 16, 96),
+                                 (2, 16, 96), (96,), (96,)),
+    "add_layer_norm eps": fresh(lambda x, r, w: ln.add_layer_norm_fwd(x, r, w, None, 1e-6), (2, 16, 96), (2, 16, 96),
+                                (96,)),
+    "add_layer_norm no residual": fresh(lambda x, w: ln.add_layer_norm_fwd(x, None, w, None, 1e-5), (2, 16, 96),
+                                       (96,)),
+    "add_layer_norm residual wide": fresh(lambda x, r, w: ln.add_layer_norm_fwd(x, r[..., :96], w, None, 1e-5),
+                                          (2, 16, 96), (2, 16, 192), (96,)),
+    "add_layer_norm x misaligned": fresh(lambda x, r, w: ln.add_layer_norm_fwd(x[..., 8:104], r, w, None, 1e-5),
+                                         (2, 16, 192), (2, 16, 96), (96,)),
+    "add_layer_norm x is residual": fresh(lambda x, w: ln.add_layer_norm_fwd(x, x, w, None, 1e-5), (2, 16, 80),
+                                         (80,)),  # two row views of one tensor: planned, each view its own input
     "prepare_inputs": fresh(lambda a, b: pi.prep_fwd(a, b, pm), (2, 4, 8, 8), (2, 4, 8, 8)),
     "prepare_inputs bwd": fresh(lambda g: pi.prep_bwd(g, pm, 4), (2, 9, 8, 8)),
     # descriptors: their shapes change with B and L (the key must tell), the configs change the boxes
@@ -288,7 +307,7 @@ def record(fn):
     scenario's i-th input), "out<j>" (its j-th output), else "s<n>" (the n-th other buffer the launches use, in
     order of first use), so a launch fed another call's tensor, or an output returned from the wrong buffer, differs
     from Triton's own path."""
-    calls.clear(); slow[0] = 0; full.update(fwd=0, bwd=0, gn=0)
+    calls.clear(); slow[0] = 0; full.update(fwd=0, bwd=0, gn=0, geglu=0, ln=0)
     ins, outs = fn()
     roles = {}
     for i, t in enumerate(ins):
@@ -347,7 +366,7 @@ def _same_launch(triton_rec: dict, fast_rec: dict, where: str) -> None:
 
 def test_cached_launches_pass_what_triton_passes(equivalence):
     first = equivalence["first"]
-    assert len(first) == 59
+    assert len(first) == 69
     for name, r in first.items():
         assert r["triton"], f"{name}: nothing launched"
         assert len(r["fast"]) == len(r["triton"]), name
@@ -391,7 +410,7 @@ def test_launch_plans_replay_the_plain_calls(equivalence):
     launches themselves are checked by the two tests above."""
     for part in ("first", "replay"):
         for name, r in equivalence[part].items():
-            want = {"fwd": 0, "bwd": 0, "gn": 0, **FULL.get(name, {})}
+            want = {"fwd": 0, "bwd": 0, "gn": 0, "geglu": 0, "ln": 0, **FULL.get(name, {})}
             assert r["full_calls"] == want, (part, name, r["full_calls"])
     assert set(FULL) <= set(equivalence["first"])
 
