@@ -29,8 +29,8 @@ installed (a profiler such as proton reads the launch metadata) take Triton's ow
 
 Launch plans (:func:`recording`, :func:`make_plan`, :func:`run_plan`): an op whose whole eager call is a fixed
 sequence of allocations and launches for given properties of its inputs (the set-attention forward and backward, the
-GroupNorm forward) records the entries its first call used and replays them on later calls with the same
-properties, skipping even its own argument checks and this module's launch key. The op builds the plan key: every
+GroupNorm, GEGLU and add + LayerNorm forwards) records the entries its first call used and replays them on later
+calls with the same properties, skipping even its own argument checks and this module's launch key. The op builds the plan key: every
 property of the call its launches depend on (shapes, strides, dtypes and 16-byte alignments of the inputs, its
 scalar arguments, the device, the switches it reads per call, its module constants), besides the tensors' addresses.
 
