@@ -589,9 +589,12 @@ def test_gpu_cached_launches_compute_what_triton_launches_compute(dtype, monkeyp
     """On the GPU: the same inputs through Triton's launch path and through cached direct launches give bit-identical
     results (same compiled kernels, deterministic kernels), for the set-attention forward and backward, GroupNorm,
     GEGLU and add + LayerNorm, with fresh inputs after the keys are cached; the second run replays launch plans for
-    the attention forward and backward and the GroupNorm forward."""
+    every one of these calls (attention forward and backward, GroupNorm, GEGLU and add + LayerNorm forwards), i.e. none
+    of them takes its full launcher path."""
     import jedi_kernels as jk
+    from jedi_kernels.ops import geglu as gg
     from jedi_kernels.ops import group_norm as gn
+    from jedi_kernels.ops import layer_norm as ln
     from jedi_kernels.ops import set_attention as sa
 
     dev = "cuda"
@@ -613,14 +616,15 @@ def test_gpu_cached_launches_compute_what_triton_launches_compute(dtype, monkeyp
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         y = jk.group_norm(x, 32, w, b, 1e-5, silu=True, backend="triton")
         a = jk.geglu(h, backend="triton")
-        s, n = jk.add_layer_norm(r, r, w, w, 1e-5, backend="triton")
+        s, n = jk.add_layer_norm(r, r, w, b, 1e-5, backend="triton")
         return out, dq, dk, dv, y, a, s, n
 
     with fast_launch.switched(True):
         run(*inputs(0))  # first launches: through Triton, cached, plans recorded
         fresh = inputs(1)
         full = []
-        for mod, name in ((sa, "_set_attn_fwd_pointer"), (sa, "_set_attn_bwd"), (gn, "_group_norm_fwd")):
+        for mod, name in ((sa, "_set_attn_fwd_pointer"), (sa, "_set_attn_bwd"), (gn, "_group_norm_fwd"),
+                          (gg, "_geglu_fwd"), (ln, "_add_layer_norm_fwd")):
             real = getattr(mod, name)
             monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **kw: full.append(_n) or _real(*a, **kw))
         fast = run(*fresh)
