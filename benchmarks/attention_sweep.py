@@ -399,8 +399,6 @@ def _hopper_summary(row: dict, out, ref, labels: tuple, tag: str, base: str) -> 
     return row
 
 
-
-
 def cuda_wgmma_fwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA forward: the mma.sync kernel vs the Hopper one (``JEDI_CUDA_FWD_WGMMA`` 1 / 2 / 3 / 4 / 5: 64 keys x 2
     warpgroups, 128 x 2, 128 x 3, 128 x 1, 64 x 1; warpgroup MMAs with the softmax overlapping the P V product;
