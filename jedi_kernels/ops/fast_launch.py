@@ -53,7 +53,7 @@ import torch
 from jedi_kernels.backends import env_get
 
 __all__ = ["launch", "enabled", "set_enabled", "switched", "clear_cache", "clear_plans", "cache_size", "recording",
-           "plan_device", "plan_cache", "make_plan", "run_plan", "store_plan", "replay", "record_plan"]
+           "plan_device", "plan_cache", "tensor_facts", "make_plan", "run_plan", "store_plan", "replay", "record_plan"]
 
 _ENABLED = os.environ.get("JEDI_FAST_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # per kernel; past it the cache is cleared (distinct shapes, not a steady state)
@@ -117,6 +117,12 @@ def plan_cache() -> dict:
 
 
 _MAX_PLANS = 1024  # per plan cache; past it the cache is cleared (distinct shapes, not a steady state)
+
+
+def tensor_facts(t: torch.Tensor | None):
+    """A tensor's part of a plan key: None for an absent optional input, else its shape, strides, dtype, device and
+    16-byte alignment (everything a launch or an allocation can depend on besides its address)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
 
 
 def _dense(t: torch.Tensor) -> bool:

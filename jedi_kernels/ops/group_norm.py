@@ -419,16 +419,12 @@ def group_norm_fwd(
 _FWD_PLANS: dict = fast_launch.plan_cache()
 
 
-def _facts(t: Optional[torch.Tensor]):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
-
-
 def _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, device: int) -> tuple:
     """Everything the forward's allocations and launches depend on besides the tensors' addresses: x's shape,
     strides, dtype, device and alignment, those of the optional weight, bias and shift (or their absence), the
     groups, eps, silu and Triton's current device (the SM count that sizes the splits comes with x's device)."""
-    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, num_groups, eps, silu, _facts(weight),
-            _facts(bias), _facts(shift), device)
+    facts = fast_launch.tensor_facts
+    return facts(x), num_groups, eps, silu, facts(weight), facts(bias), facts(shift), device
 
 
 def _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift):

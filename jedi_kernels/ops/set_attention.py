@@ -862,7 +862,7 @@ def _fwd_plan_key(q, k, v, m8, set_size, heads, scale, device: int) -> tuple:
     """Everything the forward's launches depend on besides the tensors' addresses (section comment); ``m8``: the set
     mask as the mask-list kernel reads it (uint8), or None; ``device``: :func:`fast_launch.plan_device`. The buffers
     go where the full path puts them: out and lse on q's device, the mask lists on the mask's."""
-    mask = None if m8 is None else (m8.shape, m8.stride(), m8.dtype, m8.device, m8.data_ptr() & 15)
+    mask = fast_launch.tensor_facts(m8)
     return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
             q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, mask, set_size, heads, scale, device,
             env_get("JEDI_ATTN_ROWSUM"), _AUTOTUNE, _CHUNK_HEAD_DIM, _FWD_PAD_UP_TO)
