@@ -436,6 +436,8 @@ def test_gpu_graphed_sampling_loop_never_waits_for_the_device():
                 personalize(graphed, refs, ctx, null, steps=steps, **kw)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts[steps] = sum("synchroniz" in str(w.message) for w in caught)
+        # (only the per-call warning: the first set_sync_debug_mode call also warns that the mode is a prototype
+        # feature, and that message says "synchronization" too)
+        counts[steps] = sum("called a synchronizing" in str(w.message) for w in caught)
     assert graphed.captures == 1
     assert counts[2] == counts[5], counts
