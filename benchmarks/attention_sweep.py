@@ -546,15 +546,16 @@ def fast_launch_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60)
     return row
 
 
-def graph_time_ms(fn, rep_ms: int = 60) -> float:
+def graph_time_ms(fn, rep_ms: int = 60, stream=None) -> float:
     """Median milliseconds of one fn() replayed inside a CUDA graph: device time, with no host time per call and no
     L2 flush between calls. PyTorch's recipe for capturing a backward: fn() runs three times on a side stream first
     (lazy allocations and library handles outside the capture), the capture is on that stream, and the capture's
     error mode is thread_local (the autograd engine launches the backward kernels from its own thread). One graph
-    holds ≈ rep_ms of unrolled calls; 10 replays."""
+    holds ≈ rep_ms of unrolled calls; 10 replays. ``stream``: the side stream (:func:`graph_row` passes the one its
+    inputs and first call ran on; a forward + backward captures only if every leaf's first use was on it)."""
     import statistics
 
-    s = torch.cuda.Stream()
+    s = stream if stream is not None else torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
@@ -581,6 +582,12 @@ def graph_time_ms(fn, rep_ms: int = 60) -> float:
         torch.cuda.synchronize()
         times.append(t0.elapsed_time(t1) / n)
     return float(statistics.median(times))
+
+
+def _capture_stream():
+    """The side stream a CUDA-graph row makes its inputs on, runs its first calls on and captures on (None on the CPU
+    dry run)."""
+    return torch.cuda.Stream() if DEVICE == "cuda" else None
 
 
 def graph_backends() -> list[str]:
@@ -616,23 +623,35 @@ def graph_row(L, D, ng=2, dtype=torch.bfloat16, mode="fwd+bwd", rep_ms=60, backe
     flush between calls (a graph replays them back to back) the small shapes run from a warm L2, ours and SDPA's
     alike. ``ms_graph`` / ``ratio_graph_<ours>`` (> 1: ours faster than the best SDPA backend, both graphed); a backend
     that cannot be captured gets an entry in ``errors`` (``stop_on_error``: and no later backend runs, as a failed
-    capture can leave the process's CUDA state unusable; :func:`graph_rows_isolated` runs the rest in a new process)."""
-    qkv, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype, requires_grad=(mode != "fwd"))
-    do = torch.randn(SETS * ng, L, HEADS * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
+    capture can leave the process's CUDA state unusable; :func:`graph_rows_isolated` runs the rest in a new process).
+
+    Everything runs on one side stream: the inputs, each backend's first (eager) call, the warm-up and the capture.
+    The autograd engine remembers the stream of a leaf's first use and, at the end of every backward, makes the
+    caller's stream wait on it; a leaf first used on the default stream pulls that stream into a capture on the side
+    stream and invalidates it. That is what failed every fwd+bwd capture on the H200 (2026-11-28, two runs: "operation
+    failed due to a previous error during capture", for SDPA's backends and ours alike; PyTorch PRs 180090 and 189591
+    describe the same pattern)."""
+    stream = _capture_stream()
+    on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     row = _graph_row_start(L, D, ng, dtype, mode)
-    for name in backends if backends is not None else graph_backends():
-        try:
-            fn, _ = build_fn(name, q, k, v, ng, HEADS, mode, qkv=qkv, do=do)  # one eager call first: compiles, tunes
-            torch.cuda.synchronize()
-            ms = graph_time_ms(fn, rep_ms=rep_ms)
-        except Exception as e:  # a backend that cannot be captured (or cannot run the shape) is recorded, not fatal
-            row["errors"][name] = _error_text(e)
-            with contextlib.suppress(Exception):  # (a failed capture's error surfaces here, if anywhere)
+    with on_stream:
+        if stream is not None:
+            stream.wait_stream(torch.cuda.default_stream())
+        qkv, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype, requires_grad=(mode != "fwd"))
+        do = torch.randn(SETS * ng, L, HEADS * D, device=DEVICE, dtype=dtype) if mode != "fwd" else None
+        for name in backends if backends is not None else graph_backends():
+            try:
+                fn, _ = build_fn(name, q, k, v, ng, HEADS, mode, qkv=qkv, do=do)  # one eager call: compiles, tunes
                 torch.cuda.synchronize()
-            if stop_on_error:
-                break
-            continue
-        row["ms_graph"][name] = ms
+                ms = graph_time_ms(fn, rep_ms=rep_ms, stream=stream)
+            except Exception as e:  # a backend that cannot be captured (or cannot run the shape): recorded, not fatal
+                row["errors"][name] = _error_text(e)
+                with contextlib.suppress(Exception):  # (a failed capture's error surfaces here, if anywhere)
+                    torch.cuda.synchronize()
+                if stop_on_error:
+                    break
+                continue
+            row["ms_graph"][name] = ms
     return _graph_row_finish(row)
 
 

@@ -1,6 +1,7 @@
 """backend="auto" is data: the packaged dispatch table loads, a bad one is ignored loudly, lookups honour it, and the
 table generator (benchmarks/make_dispatch_table.py) only grants a class to a kernel that won every measured row; the
 sweep's kernel-variant rows (benchmarks/attention_sweep.py) time every value of a variant switch."""
+import contextlib
 import json
 import os
 import sys
@@ -289,7 +290,7 @@ def test_graph_row_times_every_backend_from_a_graph_and_records_failures(monkeyp
             raise RuntimeError("stream capture unsupported\nsecond line")
         return (lambda: name), None
 
-    def fake_graph_time_ms(fn, rep_ms=60):
+    def fake_graph_time_ms(fn, rep_ms=60, stream=None):
         timed.append(fn())
         return graph_ms[timed[-1]]
 
@@ -318,6 +319,59 @@ def test_graph_row_times_every_backend_from_a_graph_and_records_failures(monkeyp
         "vs sdpa-cudnn: cuda x0.60, triton x1.20; errors: ['sdpa-efficient']"]
     fwd = sw.graph_row(16, 8, ng=2, dtype=torch.float32, mode="fwd", rep_ms=1)
     assert fwd["mode"] == "fwd" and built[-1][3:] == (False, False)
+
+
+def test_graph_row_makes_inputs_first_calls_and_capture_on_one_side_stream(monkeypatch):
+    """A forward + backward captures only if every leaf was first used on the capture stream (the autograd engine
+    makes the caller's stream wait on each leaf's stream at the end of a backward; on the H200 a leaf first used on
+    the default stream failed every capture). So the inputs, each backend's first call and graph_time_ms all run with
+    the row's side stream current, and graph_time_ms captures on that stream. Stand-in streams: the CPU has none."""
+    current = ["default"]
+    seen = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            seen.append(("wait", other))
+
+    side = FakeStream()
+
+    @contextlib.contextmanager
+    def fake_stream_ctx(stream):
+        before, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    real_make_inputs = sw.make_inputs
+
+    def spy_make_inputs(*a, **kw):
+        seen.append(("inputs", current[0]))
+        return real_make_inputs(*a, **kw)
+
+    def fake_build_fn(name, q, k, v, ng, H, mode, qkv=None, do=None, **kw):
+        seen.append(("first call", name, current[0]))
+        return (lambda: name), None
+
+    def fake_graph_time_ms(fn, rep_ms=60, stream=None):
+        seen.append(("graph", fn(), current[0], stream))
+        return 1.0
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "_capture_stream", lambda: side)
+    monkeypatch.setattr(sw.torch.cuda, "stream", fake_stream_ctx)
+    monkeypatch.setattr(sw.torch.cuda, "default_stream", lambda *a: "default")
+    monkeypatch.setattr(sw.torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(sw, "make_inputs", spy_make_inputs)
+    monkeypatch.setattr(sw, "build_fn", fake_build_fn)
+    monkeypatch.setattr(sw, "graph_time_ms", fake_graph_time_ms)
+    row = sw.graph_row(16, 8, ng=2, dtype=torch.float32, mode="fwd+bwd", rep_ms=1, backends=["sdpa-cudnn", "triton"])
+    assert row["ms_graph"] == {"sdpa-cudnn": 1.0, "triton": 1.0}
+    assert seen == [("wait", "default"), ("inputs", side),
+                    ("first call", "sdpa-cudnn", side), ("graph", "sdpa-cudnn", side, side),
+                    ("first call", "triton", side), ("graph", "triton", side, side)]
+    assert current == ["default"]
 
 
 def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypatch):
@@ -574,3 +628,16 @@ def test_sweep_saves_after_every_row(monkeypatch):
     saved = []
     rows = sw.sweep(True, 1, save=lambda r: saved.append(len(r)))
     assert saved == list(range(1, len(rows) + 1)) and len(rows) > 20
+
+
+@pytest.mark.gpu
+def test_gpu_graph_rows_capture_forward_and_backward_for_every_backend():
+    """On the GPU, through the sweep's own child process (``--graph-items``): every backend's forward + backward and
+    forward are captured into a CUDA graph and timed, on a small SD-like shape (L 64, d 40, set size 2, bf16). Both
+    H200 runs of 2026-11-28 failed every fwd+bwd capture (a leaf first used on the default stream)."""
+    items = [[64, 40, mode, name] for mode in ("fwd+bwd", "fwd") for name in sw.graph_backends()]
+    results, rc, tail = sw._run_graph_child(items, rep_ms=2, timeout_s=240)
+    assert rc == 0 and len(results) == len(items), (rc, results, tail)
+    failed = {f"{mode} {name}": res for (_, _, mode, name), res in zip(items, results) if "ms" not in res}
+    assert not failed, failed
+    assert all(res["ms"] > 0 for res in results)
