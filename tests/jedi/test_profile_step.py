@@ -87,14 +87,14 @@ def test_categorize(name, expected):
     assert ps.categorize(name) == expected, f"{name!r} -> {ps.categorize(name)!r}, expected {expected!r}"
 
 
-def _evt(name, device_type, us, self_us=0.0):
+def _evt(name, device_type, us, self_us=0.0, annotation=False):
     return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(elapsed_us=lambda: us),
-                           self_cpu_time_total=self_us, is_user_annotation=False, is_python_function=False)
+                           self_cpu_time_total=self_us, is_user_annotation=annotation, is_python_function=False)
 
 
 def test_gpu_event_path_on_synthetic_events():
     """The CUDA branch of kernel_times (never run on a CPU machine otherwise): only device events count, by duration;
-    CPU-side ops and runtime calls are ignored."""
+    CPU-side ops, runtime calls and annotation ranges mirrored onto the device timeline are ignored."""
     prof = SimpleNamespace(events=lambda: [
         _evt("aten::conv2d", DeviceType.CPU, 50.0, 5.0),
         _evt("cudaLaunchKernel", DeviceType.CPU, 3.0, 3.0),
@@ -102,6 +102,10 @@ def test_gpu_event_path_on_synthetic_events():
         _evt("sm90_xmma_fprop_implicit_gemm_f16f16", DeviceType.CUDA, 400.0),
         _evt("flash_fwd_kernel", DeviceType.CUDA, 300.0),
         _evt("_gn_apply_kernel", DeviceType.CUDA, 100.0),
+        # ranges on the device timeline that span kernels (the compiled H200 profile counted the first as 32.5 ms)
+        _evt("## Call CompiledFxGraph fnaxbtitoq354sg575wxadmqznmlnwgghicstobxtqctks6nog77 ##", DeviceType.CUDA, 900.0),
+        _evt("ProfilerStep#3", DeviceType.CUDA, 950.0),
+        _evt("my_range", DeviceType.CUDA, 800.0, annotation=True),
     ])
     times = ps.kernel_times(prof, torch.device("cuda"))
     assert times == {"sm90_xmma_fprop_implicit_gemm_f16f16": [1000.0, 2], "flash_fwd_kernel": [300.0, 1],
