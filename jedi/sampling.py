@@ -347,7 +347,7 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
     x0_all = x0_all.reshape(nb * B * G, C, h, w)  # (nb, B, G, ...) -> (N, ...)
     ctx = torch.stack([context if keep_txt else null_context for keep_txt, _ in branches])  # (nb, B, M, D)
     ctx_all = ctx.unsqueeze(2).expand(nb, B, G, M, D).reshape(nb * B * G, M, D)
-    ng_mask = torch.tensor([False] * R + [True] * K, device=dev).repeat(nb * B)  # (N,)
+    ng_mask = (torch.arange(G, device=dev) >= R).repeat(nb * B)  # (N,); made on the device: no host copy to wait on
     targets = tuple(range(R, G))  # positions of the targets in each set
     prune = takes_out_positions(unet)
 
