@@ -809,13 +809,15 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
                        "Triton forward, Gluon Hopper vs pointer", "gluon", "pointer", "pointer"))
     from jedi_kernels.ops.set_attention_gluon_bwd import checked_bwd_configs
 
-    if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON_BWD", "1") != "0" and checked_bwd_configs():
+    if jk.available_backends()["cuda_attention"]:
         # 32 query rows per warp at d 160 (opt-in, never timed) on issue 4's full-wave forward misses (H100: x0.90 and
-        # x0.96 of FA2 at set sizes 4 and 8), and set size 2
+        # x0.96 of FA2 at set sizes 4 and 8), and set size 2 (this sat under the Gluon backward's condition until the
+        # twenty-fifth session, so the H200 session runs, which leave the Gluon probes off, never timed it)
         for ng in (4, 8, 2):
             add(cuda_row_blocks_row(256, 160, ng=ng, rep_ms=rep_ms))
             print(f"CUDA forward 32 vs 16 rows per warp, L=256 D=160 ng={ng}: "
                   f"x{rows[-1]['speedup_32_vs_16rows']:.2f}", flush=True)
+    if "triton" in available_ours() and os.environ.get("JEDI_SWEEP_GLUON_BWD", "1") != "0" and checked_bwd_configs():
         # the Gluon backward (JEDI_SWEEP_GLUON_BWD=0: its probe did not finish); speedup_gluonbwd_vs_cudnn is forward
         # + backward against cuDNN's
         hopper.append((triton_gluon_bwd_row, [(4096, 40, 2, torch.bfloat16), (4096, 40, 2, torch.float16),

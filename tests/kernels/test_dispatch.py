@@ -600,34 +600,61 @@ def test_cuda_wgmma_row_times_the_variants_compiled_for_the_head_dim(monkeypatch
     assert seen[-1] == {"mmasync": "0", "wg64x2": "1"} and row["best_wgmma"] == "wg64x2"
 
 
-def test_sweep_saves_after_every_row(monkeypatch):
-    """gpu_check.sh gives the sweep a fixed time: every row is written as soon as it is measured, so a run cut short
-    keeps its rows (stand-in measurements; the order puts the dispatch-deciding rows first)."""
+def _fake_sweep_row(*args, **kwargs):
+    """A stand-in for every row function of the sweep: each key the sweep's printing reads."""
+    return {"ms": {}, "errors": {}, "dtype": "bfloat16", "kind": "fake", "speedup_chunked_vs_padded": 1.0,
+            "speedup_dot_vs_fadd": 1.0, "speedup_atomic_vs_kernel": 1.0, "speedup_32_vs_16rows": 1.0,
+            "speedup_32_vs_16keys": 1.0, "speedup_ws_vs_default": 1.0, "speedup_2_vs_1stage": 1.0,
+            "ms_2stage_16rows": 1.0, "speedup_8_vs_4warps": 1.0, "wgmma_ran": True, "best_wgmma": "wg128x3",
+            "speedup_wgmma_vs_mmasync": 1.0, "speedup_wgmma_vs_cudnn": 1.0, "tflops_best_wgmma": 1.0,
+            "max_abs_diff_vs_cudnn": 0.0, "gluon_ran": True, "best_gluon": "gl128x128",
+            "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0,
+            "speedup_fast_vs_triton_launch": 1.0, "ms_fast_launch": 1.0, "gluonbwd_ran": True,
+            "best_gluonbwd": "glbwd1", "speedup_gluonbwd_vs_split": 1.0, "speedup_gluonbwd_vs_cudnn": 1.0,
+            "tflops_best_gluonbwd": 1.0, "speedup_auto_vs_off": 1.0}
+
+
+_SWEEP_ROW_FNS = ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
+                  "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
+                  "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row",
+                  "triton_gluon_bwd_row", "fast_launch_row", "graph_row", "cuda_fwd_splits_row")
+
+
+def _fake_sweep(monkeypatch, **spies):
+    """Every row function of the sweep replaced by _fake_sweep_row (``spies``: name -> replacement), both of ours
+    available, the CUDA attention extension too."""
     import jedi_kernels as jk
 
-    def fake_row(*args, **kwargs):
-        return {"ms": {}, "errors": {}, "dtype": "bfloat16", "kind": "fake", "speedup_chunked_vs_padded": 1.0,
-                "speedup_dot_vs_fadd": 1.0, "speedup_atomic_vs_kernel": 1.0, "speedup_32_vs_16rows": 1.0,
-                "speedup_32_vs_16keys": 1.0, "speedup_ws_vs_default": 1.0, "speedup_2_vs_1stage": 1.0,
-                "ms_2stage_16rows": 1.0, "speedup_8_vs_4warps": 1.0, "wgmma_ran": True, "best_wgmma": "wg128x3",
-                "speedup_wgmma_vs_mmasync": 1.0, "speedup_wgmma_vs_cudnn": 1.0, "tflops_best_wgmma": 1.0,
-                "max_abs_diff_vs_cudnn": 0.0, "gluon_ran": True, "best_gluon": "gl128x128",
-                "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0,
-                "speedup_fast_vs_triton_launch": 1.0, "ms_fast_launch": 1.0, "gluonbwd_ran": True,
-                "best_gluonbwd": "glbwd1", "speedup_gluonbwd_vs_split": 1.0, "speedup_gluonbwd_vs_cudnn": 1.0,
-                "tflops_best_gluonbwd": 1.0, "speedup_auto_vs_off": 1.0}
-
-    for name in ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
-                 "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
-                 "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row",
-                 "triton_gluon_bwd_row", "fast_launch_row", "graph_row", "cuda_fwd_splits_row"):
-        monkeypatch.setattr(sw, name, fake_row)
+    for name in _SWEEP_ROW_FNS:
+        monkeypatch.setattr(sw, name, spies.get(name, _fake_sweep_row))
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     monkeypatch.setattr(jk, "available_backends", lambda: {"cuda_attention": True})
     monkeypatch.setattr(sw, "set_mask_of", lambda *a, **k: None)  # the masked rows' masks (device = GPU)
+
+
+def test_sweep_saves_after_every_row(monkeypatch):
+    """gpu_check.sh gives the sweep a fixed time: every row is written as soon as it is measured, so a run cut short
+    keeps its rows (stand-in measurements; the order puts the dispatch-deciding rows first)."""
+    _fake_sweep(monkeypatch)
     saved = []
     rows = sw.sweep(True, 1, save=lambda r: saved.append(len(r)))
     assert saved == list(range(1, len(rows) + 1)) and len(rows) > 20
+
+
+def test_sweep_times_the_d160_row_blocks_without_the_gluon_backward(monkeypatch):
+    """The CUDA forward's 32-rows-per-warp rows at d 160 (issue 4's full-wave misses) depend on the CUDA extension
+    only: gpu_check.sh's session runs leave the Gluon backward's probe off (JEDI_SWEEP_GLUON_BWD=0), and until the
+    twenty-fifth session these rows sat under its condition, so no run timed them."""
+    calls = []
+
+    def spy(L, D, ng=2, **kw):
+        calls.append((L, D, ng))
+        return _fake_sweep_row()
+
+    _fake_sweep(monkeypatch, cuda_row_blocks_row=spy)
+    monkeypatch.setenv("JEDI_SWEEP_GLUON_BWD", "0")
+    sw.sweep(True, 1, save=lambda r: None)
+    assert [c for c in calls if c[1] == 160] == [(256, 160, 4), (256, 160, 8), (256, 160, 2)]
 
 
 @pytest.mark.gpu
