@@ -5,7 +5,9 @@ for every lever).
         [--json OUT.json]
 
 ``benchmarks/predictions.json`` lists each prediction: the card it is for (a substring of ``results["card"]``), the
-results section (``attention_sweep``: a list of rows; ``step_levers``: its ``rows``), the fields a row must have
+results section (``attention_sweep``: a list of rows; ``step_levers``: its ``rows``; ``ncu_attention`` and
+``ncu_attention_bwd80``: one row per profiled kernel, ``{"kernel": its name, "duration_us": ncu's Duration}``), the
+fields a row must have
 (``null``: the field is absent, e.g. ``"kind": null`` for the sweep's plain backend rows), a dotted path to the
 value (``ms.cuda``, ``ms_8warps``), the predicted range [lo, hi] in the value's unit, and optionally a peer value of
 the same row (``ms.sdpa-flash``). Each verdict is one of "as predicted", "better than predicted" (below lo: these are
@@ -21,7 +23,8 @@ import os
 import sys
 
 DEFAULT_PREDICTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predictions.json")
-SOURCES = ("attention_sweep", "step_levers")
+SOURCES = ("attention_sweep", "step_levers", "ncu_attention", "ncu_attention_bwd80")
+_TIME_UNITS_US = {"ns": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 _ABSENT = object()
 
 
@@ -49,9 +52,27 @@ def load_predictions(path: str = DEFAULT_PREDICTIONS) -> list[dict]:
     return preds
 
 
+def _ncu_duration_us(metrics: dict):
+    """ncu's "Duration" metric (["17,920", "ns"]) in µs, or None."""
+    value = metrics.get("Duration") if isinstance(metrics, dict) else None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        return None
+    try:
+        number = float(str(value[0]).replace(",", ""))
+    except ValueError:
+        return None
+    scale = _TIME_UNITS_US.get(str(value[1]).strip().lower())
+    return number * scale if scale is not None else None
+
+
 def section_rows(results: dict, source: str) -> list[dict]:
-    """The dict rows of a results.json section: ``attention_sweep`` (a list) or ``step_levers`` (its ``rows``)."""
+    """The dict rows of a results.json section: ``attention_sweep`` (a list), ``step_levers`` (its ``rows``), or an
+    ncu section (its ``kernels``, each as {"kernel", "duration_us"}: ncu's Duration, under its clock control)."""
     section = results.get(source)
+    if source.startswith("ncu_"):
+        kernels = section.get("kernels") if isinstance(section, dict) else None
+        return [{"kernel": k.get("kernel"), "duration_us": _ncu_duration_us(k.get("metrics"))}
+                for k in kernels if isinstance(k, dict)] if isinstance(kernels, list) else []
     if source == "step_levers":
         section = section.get("rows") if isinstance(section, dict) else None
     return [r for r in section if isinstance(r, dict)] if isinstance(section, list) else []

@@ -56,7 +56,7 @@ while [ $# -gt 0 ]; do
         "${JEDI_NCU_TIMEOUT:=40}" "${JEDI_FUSED_TEST_TIMEOUT:=0}" "${JEDI_BENCH_TIMEOUT:=0}" \
         "${JEDI_MODEL_TEST_TIMEOUT:=110}" "${JEDI_LEVERS_TIMEOUT:=100}" "${JEDI_T6PYTEST_TIMEOUT:=0}" \
         "${JEDI_WS_PROBE_TIMEOUT:=0}" "${JEDI_GLUON_PROBE_TIMEOUT:=0}" "${JEDI_GLUON_TEST_TIMEOUT:=90}" \
-        "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=0}" "${JEDI_NCU_BWD_TIMEOUT:=0}"
+        "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=0}" "${JEDI_NCU_BWD_TIMEOUT:=40}"
       # (twenty-second session: the Gluon probes, tests and sweep rows are off here, 0 s instead of the 125 s they
       # took on the H200 plus their sweep rows. Those opt-in kernels were correct and slower there; the time goes to
       # what has never run: the CUDA forward's key splits and Hopper d 80 / 160 rows, the model tests the cap cut,
@@ -66,9 +66,9 @@ while [ $# -gt 0 ]; do
       # stall reasons say by what.)
       # (the H200's second run, 2026-11-28, 500 s: build 41, kernel tests 45, sweep 148, harness 25, ncu 22 + 29 for
       # the d 80 forward + backward, model tests 85 (their 75 s cap cut the last two files again), the full step
-      # ladder 72 s; Table 6 and the profiles got nothing. So the d 80 ncu, which has answered its question (the CUDA
-      # backward: 29 % tensor pipe at 70 % memory throughput), is off again, the model tests get 110 s and the ladder
-      # 100, and the fused eager profile (≈ 25 s) runs in what is left)
+      # ladder 72 s; Table 6 and the profiles got nothing. So the model tests get 110 s and the ladder 100; the d 80
+      # ncu stays, as it times the rewritten backward preprocess kernel (prediction s25-cuda-bwd-preprocess-d80-*);
+      # the fused eager profile (≈ 25 s; taken in that session's follow-ups) runs only if time is left)
       # (the pytest form of Table 6 passed on the H100 twice; its minute goes to the compiled profile instead. The
       # Gluon probes and tests (first run on the H200, 2026-11-28) take the TMA + warp-specialized Triton forward's probe and
       # tests (up to 90 s: JEDI_WS_PROBE_TIMEOUT=30 brings them back): Gluon config 5 has that kernel's structure with

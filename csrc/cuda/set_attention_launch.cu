@@ -51,9 +51,10 @@ cudaError_t dispatch_bwd(const SetAttnBwdParams& p, cudaStream_t s) {
 template <typename T>
 cudaError_t bwd_all(const SetAttnBwdParams& p, cudaStream_t s) {
   const int64_t rows = p.B * p.G * p.L * p.H;
-  const int64_t pre_blocks = ceil_div(rows, kPreWarps);
-  if (pre_blocks > INT_MAX) return cudaErrorInvalidValue;
-  set_attn_bwd_preprocess_kernel<T><<<static_cast<unsigned>(pre_blocks), 32 * kPreWarps, 0, s>>>(p);
+  const PreGrid pg = preprocess_grid(p.B * p.G, p.L, p.H);
+  if (pg.x > INT_MAX || p.L * p.H > INT32_MAX || p.B * p.G > INT32_MAX) return cudaErrorInvalidValue;
+  set_attn_bwd_preprocess_kernel<T>
+      <<<dim3(static_cast<unsigned>(pg.x), static_cast<unsigned>(pg.y)), kPreThreads, 0, s>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   e = dispatch_bwd<T>(p, s);

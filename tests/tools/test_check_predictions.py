@@ -90,8 +90,7 @@ def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_res
     are exempt, listed here."""
     preds = cp.load_predictions()
     assert len(preds) >= 10
-    new_rows = {"s20-cuda-wgmma-d80-ng8", "s20-cuda-wgmma-d160-ng8", "s21-targets-only-ng2", "s21-targets-only-ng4",
-                "s23-cuda-wgmma-v4-d40-ng2", "s23-cuda-wgmma-v5-d40-ng2", "s23-cuda-fwd-32rows-d160-ng8"}
+    new_rows = {"s23-cuda-fwd-32rows-d160-ng8", "s25-cuda-bwd-preprocess-d80-h100"}
     found = set()
     for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
         with open(path) as f:
@@ -100,6 +99,27 @@ def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_res
             if v["verdict"] not in ("other card", "not measured"):
                 found.add(v["id"])
     assert {p["id"] for p in preds} - new_rows <= found, {p["id"] for p in preds} - new_rows - found
+
+
+def test_ncu_sections_give_one_row_per_kernel_with_its_duration_in_us():
+    """The ncu sections (ncu_attention, ncu_attention_bwd80) are checked by kernel name; their Duration strings
+    ("17,920" ns, "1.2" ms) come out in µs, and a kernel without one is "not measured"."""
+    name = "void jedi::set_attn_bwd_preprocess_kernel<__nv_bfloat16>(jedi::SetAttnBwdParams)"
+    results = {"card": "NVIDIA H200", "ncu_attention_bwd80": {"kernels": [
+        {"kernel": "_set_attn_bwd_preprocess_kernel", "metrics": {"Duration": ["7,488", "ns"]}},
+        {"kernel": name, "metrics": {"Duration": ["17,920", "ns"]}},
+        {"kernel": "slow", "metrics": {"Duration": ["1.25", "ms"]}},
+        {"kernel": "no duration", "metrics": {"Registers Per Thread": ["30", "register/thread"]}}]}}
+    rows = cp.section_rows(results, "ncu_attention_bwd80")
+    assert [r["duration_us"] for r in rows] == [pytest.approx(7.488), pytest.approx(17.92), pytest.approx(1250.0), None]
+    assert cp.section_rows(results, "ncu_attention") == []
+    preds = [_pred(id="pre", card="H200", source="ncu_attention_bwd80", match={"kernel": name}, value="duration_us",
+                   range=[5.5, 10.0], peer=None),
+             _pred(id="none", card="H200", source="ncu_attention_bwd80", match={"kernel": "no duration"},
+                   value="duration_us", range=[1.0, 2.0], peer=None)]
+    pre, none = cp.check(results, preds)
+    assert pre["verdict"] == "worse than predicted" and pre["measured"] == pytest.approx(17.92)
+    assert none["verdict"] == "not measured"
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):

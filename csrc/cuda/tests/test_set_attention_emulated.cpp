@@ -134,7 +134,10 @@ void run_case(const Case& c) {
   jedi_emu::g_inputs.push_back({reinterpret_cast<const unsigned char*>(delta.data()),
                                 reinterpret_cast<const unsigned char*>(delta.data() + delta.n)});
   const int64_t rows = N * L * H;
-  jedi_emu::launch(EmuDim3{unsigned(ceil_div(rows, kPreWarps)), 1, 1}, 32 * kPreWarps, 0,
+  // (half of preprocess_grid's y: each block row then walks two images of its grid-stride loop, which the launcher's
+  // grid uses only past 65535 images)
+  const PreGrid pg = preprocess_grid(N, L, H);
+  jedi_emu::launch(EmuDim3{unsigned(pg.x), unsigned((pg.y + 1) / 2), 1}, kPreThreads, 0,
                    [&] { set_attn_bwd_preprocess_kernel<T>(bp); });
   using BT = BwdTraits<T, kD, kKB, kBwdWarps>;
   const Grid3 gb = bwd_grid(B, G, L, H, BT::kBlockN, BT::kChunks);
