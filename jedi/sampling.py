@@ -17,6 +17,7 @@ Dimension letters: B sets, R references per set, K images to generate per set, G
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Callable, Sequence
@@ -33,6 +34,14 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---- timesteps ------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _default_schedule() -> NoiseSchedule:
+    """SD v1's schedule for the calls that pass none, one shared object (never modified here): its device copy
+    (``NoiseSchedule.alphas_cumprod_on``) is then made once per process, not once per call (a pageable host-to-device
+    copy, which waits for the GPU: one of the two syncs per ``personalize`` call the H200 showed, 2026-11-28)."""
+    return NoiseSchedule.scaled_linear()
+
+
 def uniform_timesteps(steps: int, num_train_steps: int = 1000) -> list[int]:
     """CompVis DDIM "uniform" spacing (ldm ``make_ddim_timesteps``): ``arange(0, T, T // steps) + 1``, descending.
 
@@ -332,7 +341,7 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
     refs = _as_sets(refs_latents, B, "refs_latents", 4)  # (B, R, C, h, w), a view: never written
     _, R, C, h, w = refs.shape
     K, G, nb = num_targets, refs.shape[1] + num_targets, len(branches)
-    schedule = schedule or NoiseSchedule.scaled_linear()
+    schedule = schedule or _default_schedule()
     ts = list(timesteps) if timesteps is not None else uniform_timesteps(steps, schedule.num_steps)
     dev, dt = refs.device, refs.dtype
 

@@ -409,6 +409,29 @@ def test_sampling_steps_read_nothing_back_from_the_device():
     assert counts["ddim", 2] == counts["ddim", 5] and counts["dpmpp_2m", 2] == counts["dpmpp_2m", 5], counts
 
 
+def test_personalize_without_a_schedule_shares_one_default(monkeypatch):
+    """Calls that pass no schedule share one SD v1 schedule, so its device copy is made once per process, not once
+    per call (a pageable host-to-device copy waits for the GPU); the shared table is SD v1's and stays unmodified."""
+    from jedi import sampling
+
+    made = []
+    real = NoiseSchedule.scaled_linear.__func__
+
+    def counting(cls, *a, **kw):
+        made.append(1)
+        return real(cls, *a, **kw)
+
+    sampling._default_schedule.cache_clear()
+    monkeypatch.setattr(NoiseSchedule, "scaled_linear", classmethod(counting))
+    refs, ctx, null = _inputs(B=1, R=1)
+    outs = [personalize(FakeUNet(), refs, ctx, null, num_targets=1, steps=2, progress=False,
+                        generator=torch.Generator().manual_seed(0)) for _ in range(3)]
+    assert len(made) == 1
+    assert torch.equal(outs[0], outs[2])
+    sampling._default_schedule.cache_clear()
+    assert torch.equal(sampling._default_schedule().alphas_cumprod, real(NoiseSchedule).alphas_cumprod)
+
+
 @pytest.mark.gpu
 def test_gpu_graphed_sampling_loop_never_waits_for_the_device():
     """On the GPU with the UNet replayed as CUDA graphs: no step synchronizes with the device (torch's sync debug
