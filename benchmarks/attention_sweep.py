@@ -679,14 +679,16 @@ def _run_graph_child(items: list, rep_ms: int, timeout_s: float) -> tuple[list, 
 
 
 def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_child=None) -> list[dict]:
-    """:func:`graph_row` for each (L, D, mode) of ``specs`` (ng 2, bf16), every backend's capture in a child process
+    """:func:`graph_row` for each (L, D, mode) or (L, D, mode, ng) of ``specs`` (ng 2 when absent; bf16), every
+    backend's capture in a child process
     that stops at its first failure, the next child going on after it: on the H200 (2026-11-28) the first fwd+bwd
     capture failed, every later capture in the process failed with it ("operation failed due to a previous error
     during capture"), and the next row's torch.randn raised ("Offset increment outside graph capture"), which ended
     the sweep. A child that crashes or hangs costs its item an error entry, nothing else. ``timeout_s`` bounds all
     children together; items left when it runs out get an error entry."""
     run_child = run_child or _run_graph_child
-    items = [[L, D, mode, name] for L, D, mode in specs for name in graph_backends()]
+    specs = [(s[0], s[1], s[2], s[3] if len(s) > 3 else 2) for s in specs]
+    items = [[L, D, mode, name, ng] for L, D, mode, ng in specs for name in graph_backends()]
     results: list = []
     deadline = time.time() + timeout_s
     empty = 0  # children in a row that wrote nothing
@@ -705,11 +707,11 @@ def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_chi
                 results += [{"error": f"skipped: two child processes in a row wrote nothing (exit {rc})"}] * (
                     len(items) - len(results))
     rows = []
-    for L, D, mode in specs:
-        row = _graph_row_start(L, D, 2, torch.bfloat16, mode)
+    for L, D, mode, ng in specs:
+        row = _graph_row_start(L, D, ng, torch.bfloat16, mode)
         row["isolated"] = True
-        for (iL, iD, imode, name), res in zip(items, results):
-            if (iL, iD, imode) == (L, D, mode):
+        for (iL, iD, imode, name, ing), res in zip(items, results):
+            if (iL, iD, imode, ing) == (L, D, mode, ng):
                 if "ms" in res:
                     row["ms_graph"][name] = res["ms"]
                 else:
@@ -719,12 +721,13 @@ def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_chi
 
 
 def graph_items_main(items: list, rep_ms: int, out: str) -> int:
-    """The child of :func:`graph_rows_isolated`: time each [L, D, mode, backend] item from a CUDA graph, writing the
-    results after each; exit 3 after the first failure."""
+    """The child of :func:`graph_rows_isolated`: time each [L, D, mode, backend, ng] item (ng 2 when absent) from a
+    CUDA graph, writing the results after each; exit 3 after the first failure."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     results = []
-    for L, D, mode, name in items:
-        row = graph_row(L, D, mode=mode, rep_ms=rep_ms, backends=[name], stop_on_error=True)
+    for L, D, mode, name, *rest in items:
+        ng = rest[0] if rest else 2
+        row = graph_row(L, D, ng=ng, mode=mode, rep_ms=rep_ms, backends=[name], stop_on_error=True)
         results.append({"ms": row["ms_graph"][name]} if name in row["ms_graph"] else {"error": row["errors"][name]})
         tmp = out + ".tmp"
         with open(tmp, "w") as f:
@@ -844,11 +847,13 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
     # issue 3 asks for both in every report: O(tokens) memory, and what head-dim chunking buys over padding (the
     # kernel-variant rows after it come last: they compile the non-default variants, and a cut-short run loses them)
     # device time (CUDA-graph replays) where the eager rows above are host-bound, and d 40 as the device-bound control
-    graph_specs = ((1024, 80, "fwd+bwd"), (256, 160, "fwd+bwd"), (64, 160, "fwd"), (4096, 40, "fwd+bwd"))
+    # (with set size 1 the forwards of issue 4's two host-bound misses on the H200: x0.53 and x0.77 of FA2 eager)
+    graph_specs = ((1024, 80, "fwd+bwd"), (256, 160, "fwd+bwd"), (64, 160, "fwd"), (1024, 80, "fwd", 1),
+                   (64, 160, "fwd", 1), (4096, 40, "fwd+bwd"))
     graph_s = float(os.environ.get("JEDI_SWEEP_GRAPH_S", 120))  # all the graph rows' child processes together
     for r in graph_rows_isolated(graph_specs, rep_ms=rep_ms, timeout_s=graph_s):
         add(r)
-        print(f"CUDA graph {r['mode']} L={r['L']} D={r['D']} ng=2: "
+        print(f"CUDA graph {r['mode']} L={r['L']} D={r['D']} ng={r['ng']}: "
               f"{ {n: round(t, 3) for n, t in r.get('ms_graph', {}).items()} } "
               f"ours/best SDPA { {n[12:]: round(r[n], 2) for n in r if n.startswith('ratio_graph_')} } "
               f"errors {list(r.get('errors', ()))}", flush=True)

@@ -393,8 +393,8 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
         return [{"ms": ms[i[3]]} for i in items], 0, ""
 
     rows = sw.graph_rows_isolated([(1024, 80, "fwd+bwd"), (64, 160, "fwd")], rep_ms=7, timeout_s=60, run_child=child)
-    assert [c[0] for c in calls] == [(1024, 80, "fwd+bwd", "sdpa-cudnn"), (1024, 80, "fwd+bwd", "cuda"),
-                                     (64, 160, "fwd", "triton")]
+    assert [c[0] for c in calls] == [(1024, 80, "fwd+bwd", "sdpa-cudnn", 2), (1024, 80, "fwd+bwd", "cuda", 2),
+                                     (64, 160, "fwd", "triton", 2)]
     assert len(calls[0]) == 6 and len(calls[2]) == 2
     first, second = rows
     assert (first["L"], first["D"], first["mode"], first["kind"], first["ng"]) == (1024, 80, "fwd+bwd", "cuda_graph", 2)
@@ -416,6 +416,11 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
     errors = [e for r in rows for e in r["errors"].values()]
     assert len(errors) == 6 and errors[:2] == ["child process exited 1 during this item: ImportError"] * 2
     assert all(e.startswith("skipped: two child processes in a row wrote nothing") for e in errors[2:])
+    # a spec may name its set size (ng 2 when it does not): the items carry it, and so do the rows
+    calls.clear()
+    rows = sw.graph_rows_isolated([(1024, 80, "fwd", 1), (1024, 80, "fwd")], timeout_s=60, run_child=child)
+    assert [i[4] for i in calls[0]] == [1, 1, 1, 2, 2, 2] and [r["ng"] for r in rows] == [1, 2]
+    assert rows[0]["tflops_graph"]["sdpa-cudnn"] == pytest.approx(sw.flops(2, sw.HEADS, 1, 1024, 80, "fwd") / 0.30 * 1e-9)
 
 
 def test_graph_items_child_writes_each_result_and_stops_at_the_first_failure(monkeypatch, tmp_path):
@@ -423,17 +428,17 @@ def test_graph_items_child_writes_each_result_and_stops_at_the_first_failure(mon
     failure; and the parent's runner on a real child process that cannot run (no GPU here: exit 2, no results)."""
     seen = []
 
-    def fake_graph_row(L, D, mode, rep_ms, backends, stop_on_error):
-        seen.append((L, D, mode, backends[0], rep_ms, stop_on_error))
+    def fake_graph_row(L, D, mode, rep_ms, backends, stop_on_error, ng=2):
+        seen.append((L, D, ng, mode, backends[0], rep_ms, stop_on_error))
         if backends[0] == "triton":
             return {"ms_graph": {}, "errors": {"triton": "RuntimeError: no"}}
         return {"ms_graph": {backends[0]: 1.5}, "errors": {}}
 
     monkeypatch.setattr(sw, "graph_row", fake_graph_row)
     out = tmp_path / "items.json"
-    items = [[64, 160, "fwd", "cuda"], [64, 160, "fwd", "triton"], [64, 160, "fwd", "sdpa-flash"]]
+    items = [[64, 160, "fwd", "cuda", 1], [64, 160, "fwd", "triton"], [64, 160, "fwd", "sdpa-flash"]]
     assert sw.graph_items_main(items, 9, str(out)) == 3
-    assert seen == [(64, 160, "fwd", "cuda", 9, True), (64, 160, "fwd", "triton", 9, True)]
+    assert seen == [(64, 160, 1, "fwd", "cuda", 9, True), (64, 160, 2, "fwd", "triton", 9, True)]
     assert json.loads(out.read_text()) == [{"ms": 1.5}, {"error": "RuntimeError: no"}]
     if not torch.cuda.is_available():
         results, rc, tail = sw._run_graph_child(items, 9, timeout_s=300)
