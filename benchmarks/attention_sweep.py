@@ -680,11 +680,10 @@ def _run_graph_child(items: list, rep_ms: int, timeout_s: float) -> tuple[list, 
 
 def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_child=None) -> list[dict]:
     """:func:`graph_row` for each (L, D, mode) or (L, D, mode, ng) of ``specs`` (ng 2 when absent; bf16), every
-    backend's capture in a child process
-    that stops at its first failure, the next child going on after it: on the H200 (2026-11-28) the first fwd+bwd
-    capture failed, every later capture in the process failed with it ("operation failed due to a previous error
-    during capture"), and the next row's torch.randn raised ("Offset increment outside graph capture"), which ended
-    the sweep. A child that crashes or hangs costs its item an error entry, nothing else. ``timeout_s`` bounds all
+    backend's capture in a child process that stops at its first failure, the next child going on after it: on the
+    H200 (2026-11-28) the first fwd+bwd capture failed, every later capture in the process failed with it ("operation
+    failed due to a previous error during capture"), and the next row's torch.randn raised ("Offset increment outside
+    graph capture"), which ended the sweep. A child that crashes or hangs costs its item an error entry, nothing else. ``timeout_s`` bounds all
     children together; items left when it runs out get an error entry."""
     run_child = run_child or _run_graph_child
     specs = [(s[0], s[1], s[2], s[3] if len(s) > 3 else 2) for s in specs]
