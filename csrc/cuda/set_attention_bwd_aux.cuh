@@ -13,7 +13,8 @@ constexpr int64_t kPreMaxGridY = 65535;
 
 // The grid of set_attn_bwd_preprocess_kernel (kPreThreads threads per block) for N = B*G images of L positions and
 // H heads: x covers the L*H (position, head) rows of one image, y the images (a grid-stride loop past 65535). The
-// launcher checks x <= INT_MAX and L*H <= INT32_MAX, which keeps the kernel's index arithmetic in 32 bits.
+// launcher checks x <= INT_MAX, L*H <= INT32_MAX and N <= INT32_MAX, which keeps the kernel's index arithmetic in 32
+// bits.
 struct PreGrid {
   int64_t x, y;
 };
@@ -30,7 +31,7 @@ inline PreGrid preprocess_grid(int64_t N, int64_t L, int64_t H) {
 // (Until the twenty-fifth session this was one warp per row with D/8 lanes active (5, 10 or 20 of 32 at SD's head
 // dims), each warp doing the row's index arithmetic (64-bit divisions) and a shuffle reduction. On the H200 ncu
 // timed it at 17.9 µs for d 80, L 1024, set size 2, compute-bound (67 % of issue slots, 22 % memory throughput),
-// against 8.4 µs for FA2's equivalent: about 260 instructions per warp for 320 bytes read.)
+// against 8.4 µs for FA2's equivalent: about 290 warp instructions per row for 320 bytes read.)
 template <typename T>
 __global__ void __launch_bounds__(kPreThreads) set_attn_bwd_preprocess_kernel(const SetAttnBwdParams p) {
   const uint32_t lh = blockIdx.x * kPreThreads + threadIdx.x;  // l*H + h
