@@ -22,9 +22,10 @@ import json
 import os
 import sys
 
+from ncu_attention import duration_us  # (benchmarks/ is on sys.path when these scripts run)
+
 DEFAULT_PREDICTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predictions.json")
 SOURCES = ("attention_sweep", "step_levers", "ncu_attention", "ncu_attention_bwd80")
-_TIME_UNITS_US = {"ns": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 _ABSENT = object()
 
 
@@ -52,26 +53,13 @@ def load_predictions(path: str = DEFAULT_PREDICTIONS) -> list[dict]:
     return preds
 
 
-def _ncu_duration_us(metrics: dict):
-    """ncu's "Duration" metric (["17,920", "ns"]) in µs, or None."""
-    value = metrics.get("Duration") if isinstance(metrics, dict) else None
-    if not (isinstance(value, (list, tuple)) and len(value) == 2):
-        return None
-    try:
-        number = float(str(value[0]).replace(",", ""))
-    except ValueError:
-        return None
-    scale = _TIME_UNITS_US.get(str(value[1]).strip().lower())
-    return number * scale if scale is not None else None
-
-
 def section_rows(results: dict, source: str) -> list[dict]:
     """The dict rows of a results.json section: ``attention_sweep`` (a list), ``step_levers`` (its ``rows``), or an
     ncu section (its ``kernels``, each as {"kernel", "duration_us"}: ncu's Duration, under its clock control)."""
     section = results.get(source)
     if source.startswith("ncu_"):
         kernels = section.get("kernels") if isinstance(section, dict) else None
-        return [{"kernel": k.get("kernel"), "duration_us": _ncu_duration_us(k.get("metrics"))}
+        return [{"kernel": k.get("kernel"), "duration_us": duration_us(k)}
                 for k in kernels if isinstance(k, dict)] if isinstance(kernels, list) else []
     if source == "step_levers":
         section = section.get("rows") if isinstance(section, dict) else None

@@ -198,11 +198,24 @@ def parse_details_csv(text: str) -> list[dict]:
 _US_PER_UNIT = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 
 
+def duration_us(kernel: dict) -> float | None:
+    """ncu's Duration of a parsed kernel (its metric ("17,920", "ns"), a list once in a results file) in µs, or None
+    when ncu gave none or in a unit not known here."""
+    metrics = kernel.get("metrics")
+    value = metrics.get("Duration") if isinstance(metrics, dict) else None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        return None
+    scale = _US_PER_UNIT.get(str(value[1]).strip())
+    try:
+        return float(str(value[0]).replace(",", "")) * scale if scale is not None else None
+    except ValueError:
+        return None
+
+
 def _shorter_than(kernel: dict, min_us: float) -> bool:
     """Whether ncu timed the kernel under ``min_us`` (SDPA's helper kernels, not attention)."""
-    value, unit = kernel["metrics"].get("Duration", (None, None))
-    scale = _US_PER_UNIT.get(unit)
-    return scale is not None and float(value.replace(",", "")) * scale < min_us
+    us = duration_us(kernel)
+    return us is not None and us < min_us
 
 
 def key_table(kernels: list[dict], min_us: float = 5.0) -> str:
