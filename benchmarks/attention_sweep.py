@@ -369,14 +369,15 @@ def cuda_fwd_stages_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 
 
 def cuda_fwd_splits_row(L, D, ng=1, dtype=torch.bfloat16, rep_ms=60) -> dict:
-    """CUDA forward with its keys split over several CTAs per query tile (``JEDI_CUDA_FWD_SPLITS``: unset = the
-    automatic count, which splits only grids that fill less than 80 % of one wave; 1 = never; 2, 4 = forced), with
+    """CUDA forward with its keys split over several CTAs per query tile (``JEDI_CUDA_FWD_SPLITS``: 0 = the
+    automatic count, which splits only grids that fill less than 80 % of one wave; unset or 1 = never, the default
+    since the H200's third run; 2, 4 = forced), with
     torch's FA2 backend on the same inputs (``ms_fa2``): the shapes of issue 4's matrix where one wave of CTAs walks
     every key tile in turn (d 80, L 1024, set size 1: 128 CTAs of 16 tiles, 0.039 ms on the H100 against FA2's 0.038,
     which splits there). The mma.sync kernel throughout (JEDI_CUDA_FWD_WGMMA=0; the Hopper forward has no splits)."""
     with _env("JEDI_CUDA_FWD_WGMMA", "0"):
         row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_SPLITS",
-                           {"auto": "", "off": "1", "s2": "2", "s4": "4"}, "cuda_fwd_splits")
+                           {"auto": "0", "off": "", "s2": "2", "s4": "4"}, "cuda_fwd_splits")
     _, q, k, v = make_inputs(SETS, ng, L, HEADS, D, dtype)
     with contextlib.suppress(Exception):  # FA2 may not take the shape
         row["ms_fa2"] = time_ms(build_fn("sdpa-flash", q, k, v, ng, HEADS, "fwd")[0], rep_ms=rep_ms)

@@ -70,8 +70,9 @@ VARIANTS = {
                                "fwd_default_row_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_ROW_BLOCKS)"),
     "cuda_fwd_stages": (("ms_1stage", "ms_2stage"), "ms_1stage",
                         "fwd_default_stages in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_STAGES)"),
-    "cuda_fwd_splits": (("ms_off", "ms_auto"), "ms_auto",
-                        "fwd_auto_splits in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_SPLITS)"),
+    "cuda_fwd_splits": (("ms_off", "ms_auto"), "ms_off",
+                        "fwd_splits_from_env in csrc/cuda/set_attention_glue.cpp (JEDI_CUDA_FWD_SPLITS; unset: off, "
+                        "0: fwd_auto_splits)"),
     "cuda_bwd_warps": (("ms_4warps", "ms_8warps"), "ms_8warps",
                        "bwd_default_warps in csrc/cuda/set_attention_plan.h (JEDI_CUDA_BWD_WARPS)"),
     "cuda_bwd_keys_per_warp": (("ms_16keys", "ms_32keys"), "ms_32keys",

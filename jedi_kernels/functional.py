@@ -297,10 +297,11 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             asks for an mma.sync instance, and the mma.sync kernel at 80 and 160 (their Hopper instances, variants 1-2
             at 80 and 1 at 160, are untimed); 0: the mma.sync kernel; other devices and head dims always run the
             mma.sync kernels),
-            ``JEDI_CUDA_FWD_SPLITS=0..8`` (CUDA forward, FlashAttention-2's split-KV: unset or 0, the keys of each
-            query tile are split over several CTAs, with float32 partial results merged by a second kernel, only
-            where the grid fills less than 80 % of one wave; 1: never; S: S splits; the one-stage mma.sync kernel
-            with its default rows per warp only, not the Hopper one; untimed on a GPU),
+            ``JEDI_CUDA_FWD_SPLITS=0..8`` (CUDA forward, FlashAttention-2's split-KV: 0, the keys of each query
+            tile are split over several CTAs, with float32 partial results merged by a second kernel, only where the
+            grid fills less than 80 % of one wave; unset or 1: never, the default, since the automatic count lost on
+            every shape it splits on the H200; S: S splits; the one-stage mma.sync kernel with its default rows per
+            warp only, not the Hopper one),
             ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32 keys per warp) and ``JEDI_CUDA_BWD_WARPS=4|8``
             (CUDA backward at head dims 72-80: 64 or 128 keys per CTA; 128, the default, timed faster).
         q_positions: optional positions (strictly increasing ints in [0, set_size)) of the images whose queries q

@@ -151,12 +151,15 @@ int fwd_wgmma_from_env(int64_t D, const char* op) {
   return v[0] - '0';
 }
 
-// JEDI_CUDA_FWD_SPLITS=0..8 asks for key splits of the forward (set_attention_fwd_splits): unset, empty or 0 =
-// automatic (more than one only where the grid fills less than 80 % of one wave of CTAs), 1 = none, S = S splits
+// JEDI_CUDA_FWD_SPLITS=0..8 asks for key splits of the forward (set_attention_fwd_splits): unset, empty or 1 =
+// none, 0 = automatic (more than one only where the grid fills less than 80 % of one wave of CTAs), S = S splits
 // where the launched instance has them (the one-stage mma.sync loop with the head dim's default row blocks).
+// Off unless asked: on the H200 (2026-11-28, third run, the torch-free harness's device times) the automatic count
+// lost on every shape it splits: d 80 L 1024 set size 1 0.049 ms (2 splits) against 0.037 unsplit, d 160 L 64 set
+// size 4 0.027 against 0.024, d 160 L 256 set size 2 0.038 against 0.036.
 int fwd_splits_from_env(const char* op) {
   const char* env = std::getenv("JEDI_CUDA_FWD_SPLITS");
-  if (env == nullptr || *env == '\0') return 0;
+  if (env == nullptr || *env == '\0') return 1;
   const std::string v(env);
   JEDI_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '8', op, ": JEDI_CUDA_FWD_SPLITS must be one of 0-8, got '", v,
              "'");

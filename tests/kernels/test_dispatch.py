@@ -89,15 +89,16 @@ def test_generator_picks_the_faster_of_our_backends_and_writes(tmp_path, monkeyp
 
 
 def test_variant_advice_reads_the_cuda_key_split_rows():
-    """The sweep's key-split rows: the automatic count (the default) against no split, either way round."""
+    """The sweep's key-split rows: no split (the default since the H200's third run) against the automatic count,
+    either way round."""
     rows = [{"kind": "cuda_fwd_splits", "L": 1024, "D": 80, "ng": 1, "dtype": "bfloat16", "ms_auto": 0.028,
              "ms_off": 0.039, "ms_s2": 0.028, "ms_s4": 0.030},
             {"kind": "cuda_fwd_splits", "L": 256, "D": 160, "ng": 2, "dtype": "bfloat16", "ms_auto": 0.040,
              "ms_off": 0.032}]
     advice = mdt.variant_advice(rows)
-    assert len(advice) == 2 and advice[0].endswith("keep") and "auto 0.028 ms vs off 0.039 ms" in advice[0]
-    assert "off x1.25 faster than the default auto" in advice[1] and "fwd_auto_splits" in advice[1]
-    assert "JEDI_CUDA_FWD_SPLITS" in advice[1]
+    assert len(advice) == 2 and advice[1].endswith("keep") and "off 0.032 ms vs auto 0.040 ms" in advice[1]
+    assert "auto x1.39 faster than the default off" in advice[0] and "fwd_splits_from_env" in advice[0]
+    assert "JEDI_CUDA_FWD_SPLITS" in advice[0]
 
 
 def test_variant_advice_compares_the_hopper_forward_with_its_default_per_head_dim():
@@ -529,7 +530,7 @@ def test_gluon_bwd_row_times_only_the_checked_configs(monkeypatch):
 
 
 def test_cuda_fwd_splits_row_times_each_setting_on_the_mma_sync_kernel(monkeypatch):
-    """The sweep's key-split row times the CUDA forward unset (automatic), off and with 2 and 4 splits, all with the
+    """The sweep's key-split row times the CUDA forward with 0 (automatic), unset (off) and with 2 and 4 splits, all with the
     Hopper forward off (it has no splits), then FA2 on the same shape; a shape FA2 refuses leaves its entries out
     (stand-ins for the timers and kernels)."""
     seen = []
@@ -550,7 +551,7 @@ def test_cuda_fwd_splits_row_times_each_setting_on_the_mma_sync_kernel(monkeypat
     monkeypatch.setattr(sw, "time_ms", lambda fn, rep_ms=60: 2.4)
     monkeypatch.delenv("JEDI_CUDA_FWD_WGMMA", raising=False)
     row = sw.cuda_fwd_splits_row(64, 80, ng=1, rep_ms=1)
-    assert seen == [({"auto": "", "off": "1", "s2": "2", "s4": "4"}, "0")]
+    assert seen == [({"auto": "0", "off": "", "s2": "2", "s4": "4"}, "0")]
     assert "JEDI_CUDA_FWD_WGMMA" not in os.environ
     assert row["kind"] == "cuda_fwd_splits" and row["speedup_auto_vs_off"] == 1.5
     assert row["ms_fa2"] == 2.4 and row["speedup_auto_vs_fa2"] == 1.2
