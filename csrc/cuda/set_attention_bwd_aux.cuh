@@ -9,46 +9,54 @@ namespace jedi {
 namespace set_attn {
 
 constexpr int kPreThreads = 256;
+constexpr int kPreLanes = 8;                       // threads per (position, head) row
+constexpr int kPreRows = kPreThreads / kPreLanes;  // rows per block
 constexpr int64_t kPreMaxGridY = 65535;
 
-// The grid of set_attn_bwd_preprocess_kernel (kPreThreads threads per block) for N = B*G images of L positions and
-// H heads: x covers the L*H (position, head) rows of one image, y the images (a grid-stride loop past 65535). The
-// launcher checks x <= INT_MAX, L*H <= INT32_MAX and N <= INT32_MAX, which keeps the kernel's index arithmetic in 32
-// bits.
+// The grid of set_attn_bwd_preprocess_kernel (kPreThreads threads per block, kPreRows rows of kPreLanes threads) for
+// N = B*G images of L positions and H heads: x covers the L*H (position, head) rows of one image, y the images (a
+// grid-stride loop past 65535). The launcher checks x <= INT_MAX, L*H <= INT32_MAX and N <= INT32_MAX, which keeps
+// the kernel's index arithmetic in 32 bits.
 struct PreGrid {
   int64_t x, y;
 };
 inline PreGrid preprocess_grid(int64_t N, int64_t L, int64_t H) {
-  return {(L * H + kPreThreads - 1) / kPreThreads, N < kPreMaxGridY ? N : kPreMaxGridY};
+  return {(L * H + kPreRows - 1) / kPreRows, N < kPreMaxGridY ? N : kPreMaxGridY};
 }
 
-// One thread per (image row n, position l, head h); consecutive threads take consecutive heads of one position, whose
-// columns are contiguous: delta = sum_d dO * O over the head's D columns, 16 bytes of each at a time, and the same
-// columns of dq_accum are zeroed so that the main kernel's atomics start from 0 (no memset: the whole backward stays
-// three kernels on one stream). It also writes the row's lse in log2 units (lse log2(e); +inf where lse = -inf, a
-// row with no probability: P = 0) after the delta array, so the main kernel copies both per query tile with
-// cp.async and uses them as they land.
-// (Until the twenty-fifth session this was one warp per row with D/8 lanes active (5, 10 or 20 of 32 at SD's head
-// dims), each warp doing the row's index arithmetic (64-bit divisions) and a shuffle reduction. On the H200 ncu
-// timed it at 17.9 µs for d 80, L 1024, set size 2, compute-bound (67 % of issue slots, 22 % memory throughput),
-// against 8.4 µs for FA2's equivalent: about 290 warp instructions per row for 320 bytes read.)
+// kPreLanes consecutive threads per (image row n, position l, head h), consecutive rows taking consecutive heads of
+// one position, whose columns are contiguous: lane s of a row reads 16-byte chunks s, s + 8, ... of the head's D
+// columns of dO and O, so the 8 lanes of a row read 128 contiguous bytes per step and a warp 4 rows' worth;
+// delta = sum_d dO * O is summed over the 8 lanes by three shuffles. The same columns of dq_accum are zeroed so that
+// the main kernel's atomics start from 0 (no memset: the whole backward stays three kernels on one stream). Lane 0
+// also writes the row's lse in log2 units (lse log2(e); +inf where lse = -inf, a row with no probability: P = 0)
+// after the delta array, so the main kernel copies both per query tile with cp.async and uses them as they land.
+// Rows past L*H run the shuffles with nothing loaded (a full-warp shuffle needs every lane) and write nothing.
+// History, on the H200 at d 80, L 1024, set size 2 (ncu):
+// - until the twenty-fifth session, one warp per row with D/8 lanes active (10 of 32 at d 80), with 64-bit index
+//   divisions and a shuffle reduction: 17.9 µs, compute-bound (about 290 warp instructions per row);
+// - the twenty-fifth session's one thread per row: 14.8 µs, latency-bound. Its 32768 threads fill 12 % of the SMs'
+//   warp slots, and each of its 16-byte loads sits in a different 160-byte row of the warp's footprint
+//   (long-scoreboard stalls, 24 cycles per instruction);
+// - FA2's equivalent takes 8.3 µs, our Triton one 7.5; 21 MB moved is ≈ 4.4 µs at 4.8 TB/s.
 template <typename T>
 __global__ void __launch_bounds__(kPreThreads) set_attn_bwd_preprocess_kernel(const SetAttnBwdParams p) {
-  const uint32_t lh = blockIdx.x * kPreThreads + threadIdx.x;  // l*H + h
+  const uint32_t sub = threadIdx.x % kPreLanes;
+  const uint32_t lh = blockIdx.x * kPreRows + threadIdx.x / kPreLanes;  // l*H + h
   const uint32_t H = static_cast<uint32_t>(p.H), G = static_cast<uint32_t>(p.G);
-  if (lh >= static_cast<uint32_t>(p.L) * H) return;
-  const uint32_t l = lh / H, h = lh - l * H;
+  const bool row_ok = lh < static_cast<uint32_t>(p.L) * H;
+  const uint32_t l = row_ok ? lh / H : 0, h = row_ok ? lh - l * H : 0;
   const int64_t D = p.D, N = p.B * p.G, rows_per_image = p.L * p.H;
-  const int chunks = static_cast<int>(D / 8);  // D is a multiple of 8, at most 256
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+  const int chunks = row_ok ? static_cast<int>(D / 8) : 0;  // D is a multiple of 8, at most 256
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform: every lane reaches the shuffles
     const uint4* o = reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + n * p.o_stride_n +
                                                     l * p.o_stride_l + h * D);
     const uint4* g = reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + n * p.do_stride_n +
                                                     l * p.do_stride_l + h * D);
     float4* acc = reinterpret_cast<float4*>(p.dq_accum + (n * rows_per_image + lh) * D);  // row n*L + l, head h
     float dot = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < chunks; ++c) {
+#pragma unroll 2
+    for (int c = static_cast<int>(sub); c < chunks; c += kPreLanes) {
       const uint4 ov4 = o[c], gv4 = g[c];
       const uint32_t ov[4] = {ov4.x, ov4.y, ov4.z, ov4.w}, gv[4] = {gv4.x, gv4.y, gv4.z, gv4.w};
 #pragma unroll
@@ -59,11 +67,15 @@ __global__ void __launch_bounds__(kPreThreads) set_attn_bwd_preprocess_kernel(co
       acc[2 * c] = make_float4(0.f, 0.f, 0.f, 0.f);
       acc[2 * c + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    const uint32_t b = static_cast<uint32_t>(n) / G;  // N <= INT32_MAX (the launcher's check)
-    const int64_t idx = lse_index(b, h, static_cast<uint32_t>(n) - b * G, l, p.H, p.G, p.L);
-    const float lse = p.lse[idx];
-    p.delta[idx] = dot;
-    p.delta[p.B * p.H * p.G * p.L + idx] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+#pragma unroll
+    for (int m = kPreLanes / 2; m > 0; m /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, m);
+    if (row_ok && sub == 0) {
+      const uint32_t b = static_cast<uint32_t>(n) / G;  // N <= INT32_MAX (the launcher's check)
+      const int64_t idx = lse_index(b, h, static_cast<uint32_t>(n) - b * G, l, p.H, p.G, p.L);
+      const float lse = p.lse[idx];
+      p.delta[idx] = dot;
+      p.delta[p.B * p.H * p.G * p.L + idx] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    }
   }
 }
 

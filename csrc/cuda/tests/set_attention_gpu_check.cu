@@ -8,6 +8,7 @@
 //   ./set_attention_gpu_check            # all cases, then timings
 //   ./set_attention_gpu_check --quick    # a few small cases (for compute-sanitizer)
 //   ./set_attention_gpu_check --perf     # timings only
+//   ./set_attention_gpu_check --time B G L H D [fp16|bf16]   # one shape's TIME line (bf16 unless fp16)
 // Prints one line per case and "N passed, M failed"; exit code 1 on any failure.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -439,6 +441,24 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+  if (argc > 1 && std::strcmp(argv[1], "--time") == 0) {  // one shape (e.g. under ncu, or a shape the list lacks)
+    int64_t v[5];
+    bool ok = argc == 7 || argc == 8;
+    for (int i = 0; ok && i < 5; ++i) {
+      char* end = nullptr;
+      v[i] = std::strtoll(argv[2 + i], &end, 10);
+      ok = end != argv[2 + i] && *end == '\0' && v[i] >= 1;
+    }
+    ok = ok && v[4] % 8 == 0 && v[4] <= 256 &&
+         (argc == 7 || !std::strcmp(argv[7], "fp16") || !std::strcmp(argv[7], "bf16"));
+    if (!ok) {
+      std::fprintf(stderr, "usage: %s --time B G L H D [fp16|bf16] (positive integers, D a multiple of 8, <= 256)\n",
+                   argv[0]);
+      return 2;
+    }
+    time_case(v[0], v[1], v[2], v[3], v[4], argc == 8 && !std::strcmp(argv[7], "fp16") ? 0 : 1, 0);
+    return 0;
+  }
   std::vector<Case> cases;
   // both dtypes; head dims with two forward (backward) instances also run the non-default one
   auto add = [&](int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int mask, int layout) {
@@ -547,6 +567,12 @@ int main(int argc, char** argv) {
     time_case(2, 1, 1024, 8, 80, 1, 0);  // one image per set: 128 CTAs, the automatic count splits (2 on an H100)
     time_case(2, 4, 64, 8, 160, 1, 0);   // L 64, set size 4: 32 CTAs of 4 one-tile images
     time_case(2, 2, 256, 8, 160, 1, 0);
+    // issue 4's d 160 forward misses (set sizes 4 and 8 at L 256) and L 64's host-bound rows, in device time, with
+    // both rows-per-warp instances
+    time_case(2, 4, 256, 8, 160, 1, 0);
+    time_case(2, 8, 256, 8, 160, 1, 0);
+    time_case(2, 1, 64, 8, 160, 1, 0);
+    time_case(2, 2, 64, 8, 160, 1, 0);
     time_case(2, 4, 1024, 8, 80, 1, 0);
     time_case(1, 2, 4096, 8, 64, 1, 0);
     time_case(1, 2, 4096, 8, 128, 1, 0);
