@@ -67,7 +67,8 @@ def derive(rows: list[dict], margin: float = 1.03, sources: list[str] | None = N
 # kernel-variant rows of attention_sweep.py: kind -> (timing keys (a, b), the default's key, where the default lives)
 VARIANTS = {
     "cuda_fwd_rows_per_warp": (("ms_16rows", "ms_32rows"), "ms_32rows",
-                               "fwd_default_row_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_ROW_BLOCKS)"),
+                               "fwd_default_row_blocks / fwd_shape_row_blocks in csrc/cuda/set_attention_plan.h "
+                               "(JEDI_CUDA_FWD_ROW_BLOCKS)"),
     "cuda_fwd_stages": (("ms_1stage", "ms_2stage"), "ms_1stage",
                         "fwd_default_stages in csrc/cuda/set_attention_plan.h (JEDI_CUDA_FWD_STAGES)"),
     "cuda_fwd_splits": (("ms_off", "ms_auto"), "ms_off",
@@ -111,7 +112,15 @@ def _wgmma_default(row: dict) -> str:
     return f"ms_{default_label(row.get('D'))}"
 
 
-_DEFAULT_OF = {"cuda_fwd_wgmma": _wgmma_default}
+def _rows_per_warp_default(row: dict) -> str:
+    """The CUDA forward's rows per warp when none is asked (fwd_default_row_blocks and fwd_shape_row_blocks in
+    csrc/cuda/set_attention_plan.h): 32 up to head dim 80, and at padded head dim 160 for sets of more than 1024 keys;
+    16 elsewhere."""
+    D, keys = int(row.get("D") or 0), int(row.get("ng") or 1) * int(row.get("L") or 0)
+    return "ms_32rows" if D <= 80 or (128 < D <= 160 and keys > 1024) else "ms_16rows"  # instance 160: D 136-160
+
+
+_DEFAULT_OF = {"cuda_fwd_wgmma": _wgmma_default, "cuda_fwd_rows_per_warp": _rows_per_warp_default}
 
 
 def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
@@ -123,9 +132,9 @@ def variant_advice(rows: list[dict], margin: float = 1.03) -> list[str]:
         if spec is None:
             continue
         (a, b), default, where = spec
-        other = b if default == a else a
         if r.get("kind") in _DEFAULT_OF:
             default = _DEFAULT_OF[r["kind"]](r)
+        other = b if default == a else a
         best = r.get(_BEST_OF.get(r.get("kind")))
         if best and f"ms_{best}" in r:  # (a Hopper row may hold only some variants: JEDI_GLUON_CONFIGS)
             other = f"ms_{best}"

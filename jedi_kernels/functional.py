@@ -286,8 +286,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             measured it faster, or by float32 atomics from the dK/dV kernel; deterministic mode always takes the
             kernel), ``JEDI_TRITON_BWD_GLUON=1|2`` (Triton backward at head dims <= 80 / 64 on compute capability
             9.0: one Gluon Hopper kernel for dK, dV and dQ by float32 atomics; not in deterministic mode; slower
-            than the default on the H200), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows per warp; 32 by default at
-            head dims <= 80, opt-in at 160 on compute capability >= 9.0),
+            than the default on the H200), ``JEDI_CUDA_FWD_ROW_BLOCKS=1|2`` (CUDA forward: 16 or 32 query rows
+            per warp; 32 by default at head dims <= 80, and at 160 for sets of more than 1024 keys on compute
+            capability >= 9.0),
             ``JEDI_CUDA_FWD_STAGES=1|2`` (CUDA forward at head dims <= 80: FlashAttention-2's loop, the default, or
             the software-pipelined one that computes the next key tile's scores during this tile's softmax),
             ``JEDI_CUDA_FWD_WGMMA=0..5`` (CUDA forward at head dims 40, 80 and 160 on compute capability 9.0: the

@@ -39,7 +39,8 @@ struct SetAttnParams {
   int64_t B, G, L, H, D;
   float scale;
   // Forward instance: m16 row blocks per warp (1: 16 query rows per warp; 2: 32, FlashAttention-2's layout, compiled
-  // for padded head dims <= 80, set_attn::fwd_has_row_blocks); 0 = the head dim's default.
+  // for padded head dims <= 80 and 160, set_attn::fwd_has_row_blocks); 0 = by shape (set_attn::fwd_shape_row_blocks:
+  // the head dim's default, 32 rows at 160 for sets of more than 1024 keys).
   int fwd_row_blocks;
   // Forward loop: 1 = FlashAttention-2's, 2 = software-pipelined (the next key tile's scores computed while this
   // tile's exponentials run; compiled for padded head dims <= 80, with 32 rows per warp up to 64,
@@ -56,7 +57,7 @@ struct SetAttnParams {
   // lse_accum, which a second kernel merges into out and lse. Takes precedence over fwd_wgmma.
   // set_attention_fwd_splits picks S for a launch.
   int fwd_splits;
-  float* out_accum;  // S * N * L * H * D float32 (set_attn::fwd_split_out_elems), 8-byte aligned; S > 1 only
+  float* out_accum;  // S * N * L * H * D float32 (set_attn::fwd_split_out_elems), 16-byte aligned; S > 1 only
   float* lse_accum;  // S * B * H * G * L float32 (set_attn::fwd_split_lse_elems); S > 1 only
 };
 

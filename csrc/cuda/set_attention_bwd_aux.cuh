@@ -8,23 +8,7 @@
 namespace jedi {
 namespace set_attn {
 
-constexpr int kPreThreads = 256;
-constexpr int kPreLanes = 8;                       // threads per (position, head) row
-constexpr int kPreRows = kPreThreads / kPreLanes;  // rows per block
-constexpr int64_t kPreMaxGridY = 65535;
-
-// The grid of set_attn_bwd_preprocess_kernel (kPreThreads threads per block, kPreRows rows of kPreLanes threads) for
-// N = B*G images of L positions and H heads: x covers the L*H (position, head) rows of one image, y the images (a
-// grid-stride loop past 65535). The launcher checks x <= INT_MAX, L*H <= INT32_MAX and N <= INT32_MAX, which keeps
-// the kernel's index arithmetic in 32 bits.
-struct PreGrid {
-  int64_t x, y;
-};
-inline PreGrid preprocess_grid(int64_t N, int64_t L, int64_t H) {
-  return {(L * H + kPreRows - 1) / kPreRows, N < kPreMaxGridY ? N : kPreMaxGridY};
-}
-
-// kPreLanes consecutive threads per (image row n, position l, head h), consecutive rows taking consecutive heads of
+// kRowLanes consecutive threads per (image row n, position l, head h) (row_grid, set_attention_plan.h), consecutive rows taking consecutive heads of
 // one position, whose columns are contiguous: lane s of a row reads 16-byte chunks s, s + 8, ... of the head's D
 // columns of dO and O, so the 8 lanes of a row read 128 contiguous bytes per step and a warp 4 rows' worth;
 // delta = sum_d dO * O is summed over the 8 lanes by three shuffles. The same columns of dq_accum are zeroed so that
@@ -40,9 +24,9 @@ inline PreGrid preprocess_grid(int64_t N, int64_t L, int64_t H) {
 //   (long-scoreboard stalls, 24 cycles per instruction);
 // - FA2's equivalent takes 8.3 µs, our Triton one 7.5; 21 MB moved is ≈ 4.4 µs at 4.8 TB/s.
 template <typename T>
-__global__ void __launch_bounds__(kPreThreads) set_attn_bwd_preprocess_kernel(const SetAttnBwdParams p) {
-  const uint32_t sub = threadIdx.x % kPreLanes;
-  const uint32_t lh = blockIdx.x * kPreRows + threadIdx.x / kPreLanes;  // l*H + h
+__global__ void __launch_bounds__(kRowThreads) set_attn_bwd_preprocess_kernel(const SetAttnBwdParams p) {
+  const uint32_t sub = threadIdx.x % kRowLanes;
+  const uint32_t lh = blockIdx.x * kRowsPerBlock + threadIdx.x / kRowLanes;  // l*H + h
   const uint32_t H = static_cast<uint32_t>(p.H), G = static_cast<uint32_t>(p.G);
   const bool row_ok = lh < static_cast<uint32_t>(p.L) * H;
   const uint32_t l = row_ok ? lh / H : 0, h = row_ok ? lh - l * H : 0;
@@ -56,7 +40,7 @@ __global__ void __launch_bounds__(kPreThreads) set_attn_bwd_preprocess_kernel(co
     float4* acc = reinterpret_cast<float4*>(p.dq_accum + (n * rows_per_image + lh) * D);  // row n*L + l, head h
     float dot = 0.f;
 #pragma unroll 2
-    for (int c = static_cast<int>(sub); c < chunks; c += kPreLanes) {
+    for (int c = static_cast<int>(sub); c < chunks; c += kRowLanes) {
       const uint4 ov4 = o[c], gv4 = g[c];
       const uint32_t ov[4] = {ov4.x, ov4.y, ov4.z, ov4.w}, gv[4] = {gv4.x, gv4.y, gv4.z, gv4.w};
 #pragma unroll
@@ -68,7 +52,7 @@ __global__ void __launch_bounds__(kPreThreads) set_attn_bwd_preprocess_kernel(co
       acc[2 * c + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
-    for (int m = kPreLanes / 2; m > 0; m /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, m);
+    for (int m = kRowLanes / 2; m > 0; m /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, m);
     if (row_ok && sub == 0) {
       const uint32_t b = static_cast<uint32_t>(n) / G;  // N <= INT32_MAX (the launcher's check)
       const int64_t idx = lse_index(b, h, static_cast<uint32_t>(n) - b * G, l, p.H, p.G, p.L);

@@ -109,10 +109,11 @@ int blocks_from_env(const char* name, const char* op) {
   return v[0] - '0';
 }
 
-// JEDI_CUDA_FWD_ROW_BLOCKS=1|2 picks the forward instance with 16 or 32 query rows per warp; 0: the head dim's
-// default (set_attn::fwd_default_row_blocks: 32 up to 80, 16 above). 2 applies where it is compiled (padded head dims
-// <= 80, and 160 on sm_90 devices: set_attn::run_fwd falls back to 16 rows before that); other head dims keep their
-// one instance, so one setting serves a whole model.
+// JEDI_CUDA_FWD_ROW_BLOCKS=1|2 picks the forward instance with 16 or 32 query rows per warp; 0: by shape
+// (set_attn::fwd_default_row_blocks: 32 up to 80, 16 above; set_attn::fwd_shape_row_blocks: 32 at 160 for sets of
+// more than 1024 keys). 2 applies where it is compiled (padded head dims <= 80, and 160 on sm_90 devices:
+// set_attn::run_fwd falls back to 16 rows before that); other head dims keep their one instance, so one setting
+// serves a whole model.
 int fwd_row_blocks_from_env(int64_t D, const char* op) {
   const int rb = blocks_from_env("JEDI_CUDA_FWD_ROW_BLOCKS", op);
   return set_attn::fwd_has_row_blocks(set_attn::padded_head_dim(D), rb) ? rb : 0;

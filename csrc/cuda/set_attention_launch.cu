@@ -51,10 +51,10 @@ cudaError_t dispatch_bwd(const SetAttnBwdParams& p, cudaStream_t s) {
 template <typename T>
 cudaError_t bwd_all(const SetAttnBwdParams& p, cudaStream_t s) {
   const int64_t rows = p.B * p.G * p.L * p.H;
-  const PreGrid pg = preprocess_grid(p.B * p.G, p.L, p.H);
-  if (pg.x > INT_MAX || p.L * p.H > INT32_MAX || p.B * p.G > INT32_MAX) return cudaErrorInvalidValue;
+  if (!row_grid_fits(p.B * p.G, p.L, p.H)) return cudaErrorInvalidValue;
+  const RowGrid pg = row_grid(p.B * p.G, p.L, p.H);
   set_attn_bwd_preprocess_kernel<T>
-      <<<dim3(static_cast<unsigned>(pg.x), static_cast<unsigned>(pg.y)), kPreThreads, 0, s>>>(p);
+      <<<dim3(static_cast<unsigned>(pg.x), static_cast<unsigned>(pg.y)), kRowThreads, 0, s>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   e = dispatch_bwd<T>(p, s);
@@ -69,6 +69,16 @@ cudaError_t bwd_all(const SetAttnBwdParams& p, cudaStream_t s) {
 template <typename T>
 int dispatch_split_ctas_per_sm(int kD) {
   return on_instance(kD, 0, [](auto d) { return fwd_split_ctas_per_sm<T, decltype(d)::value>(); });
+}
+
+// p with the instance choices it leaves to the shape filled in (fwd_shape_row_blocks): only the row blocks of a
+// one-stage mma.sync launch that asks for none.
+SetAttnParams with_shape_defaults(const SetAttnParams& p) {
+  SetAttnParams r = p;
+  const int kD = padded_head_dim(p.D);
+  if (r.fwd_row_blocks == 0 && r.fwd_stages <= 1 && r.fwd_wgmma == 0 && kD != 0)
+    r.fwd_row_blocks = fwd_shape_row_blocks(kD, p.G, p.L);
+  return r;
 }
 
 // Whether a launch of p runs the Hopper forward (it has no splits).
@@ -91,8 +101,9 @@ bool strides_ok(int64_t sn, int64_t sl) { return sn % 8 == 0 && sl % 8 == 0; }
 }  // namespace
 }  // namespace set_attn
 
-cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStream_t stream) {
+cudaError_t set_attention_fwd_launch(const SetAttnParams& p_in, int dtype, cudaStream_t stream) {
   using namespace set_attn;
+  const SetAttnParams p = with_shape_defaults(p_in);
   if (set_attention_supported(p.D, dtype) != nullptr) return cudaErrorInvalidValue;
   if (p.B < 0 || p.G < 1 || p.L < 0 || p.H < 1) return cudaErrorInvalidValue;
   if (p.fwd_row_blocks != 0 && !fwd_has_row_blocks(padded_head_dim(p.D), p.fwd_row_blocks))
@@ -106,7 +117,7 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
   if (p.fwd_splits > 1 && (!instance_has_splits(p) || p.out_accum == nullptr || p.lse_accum == nullptr))
     return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0) return cudaSuccess;  // nothing to compute
-  if (p.fwd_splits > 1 && (!aligned8(p.out_accum) || !aligned8(p.lse_accum))) return cudaErrorMisalignedAddress;
+  if (p.fwd_splits > 1 && (!aligned16(p.out_accum) || !aligned8(p.lse_accum))) return cudaErrorMisalignedAddress;
   // 16-byte vector/cp.async access of every row chunk
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
       !strides_ok(p.q_stride_n, p.q_stride_l) || !strides_ok(p.k_stride_n, p.k_stride_l) ||
@@ -121,8 +132,9 @@ cudaError_t set_attention_fwd_launch(const SetAttnParams& p, int dtype, cudaStre
   return dtype == 0 ? dispatch_fwd<__half>(p, stream) : dispatch_fwd<__nv_bfloat16>(p, stream);
 }
 
-int set_attention_fwd_splits(const SetAttnParams& p, int dtype, int requested) {
+int set_attention_fwd_splits(const SetAttnParams& p_in, int dtype, int requested) {
   using namespace set_attn;
+  const SetAttnParams p = with_shape_defaults(p_in);
   if (requested == 1 || (dtype != 0 && dtype != 1) || runs_wgmma(p) || !instance_has_splits(p)) return 1;
   if (requested > 1) return requested < kMaxFwdSplits ? requested : kMaxFwdSplits;
   if (p.B <= 0 || p.L <= 0 || p.G < 1 || p.H < 1) return 1;

@@ -106,6 +106,14 @@ JEDI_HD constexpr int fwd_launch_row_blocks(int kD, int requested, int stages) {
            ? 1
            : fwd_default_row_blocks(kD);
 }
+// The rows per warp a launch takes when it does not ask (SetAttnParams::fwd_row_blocks == 0), by shape: the head
+// dim's default, except at padded head dim 160 with more than 1024 keys per set (G * L), which takes 32 rows per warp
+// (set_attention_fwd_launch resolves it before anything else; 0 = the default). Measured on the H200 (2026-11-28,
+// third run's follow-up; the torch-free harness's device times, bf16, B 2, H 8; 32 vs 16 rows per warp, ms):
+// L 256, set size 8: 0.144 vs 0.198; set size 4: 0.060 vs 0.060; set size 2: 0.036 vs 0.035; L 64, set sizes 1, 2
+// and 4: 0.016 vs 0.014, 0.019 vs 0.017, 0.025 vs 0.023. (With a set mask the walks may be shorter than G * L: the
+// rule goes by the set's size, which the host knows without reading the mask.)
+JEDI_HD constexpr int fwd_shape_row_blocks(int kD, int64_t G, int64_t L) { return kD == 160 && G * L > 1024 ? 2 : 0; }
 JEDI_HD constexpr FwdConfig fwd_config(int kD, int row_blocks, int stages = 1) {
   // Registers per thread ~ row_blocks * (kD/2 (O accumulator) + stages * block_n/2 (scores) [+ kD/4 Q fragments]):
   // 192/256 take a narrower key tile so they fit without spills.
@@ -167,6 +175,25 @@ JEDI_HD constexpr int64_t fwd_split_out_elems(int64_t B, int64_t G, int64_t L, i
 }
 JEDI_HD constexpr int64_t fwd_split_lse_elems(int64_t B, int64_t G, int64_t L, int64_t H, int S) {
   return S * B * H * G * L;
+}
+
+// The two memory-bound kernels with one row per (image n, position l, head h), the backward's preprocess and the split
+// forward's merge, run kRowLanes threads per row (each taking the row's 8-column chunks lane, lane + 8, ...) in
+// blocks of kRowThreads: x covers the L*H rows of one image, y the images (a grid-stride loop past 65535). Their
+// launchers check x <= INT_MAX, L*H <= INT32_MAX and N <= INT32_MAX, which keeps the kernels' index arithmetic in
+// 32 bits (row_grid_fits).
+constexpr int kRowThreads = 256;
+constexpr int kRowLanes = 8;
+constexpr int kRowsPerBlock = kRowThreads / kRowLanes;
+constexpr int64_t kRowMaxGridY = 65535;
+struct RowGrid {
+  int64_t x, y;
+};
+inline RowGrid row_grid(int64_t N, int64_t L, int64_t H) {
+  return {ceil_div(L * H, kRowsPerBlock), N < kRowMaxGridY ? N : kRowMaxGridY};
+}
+inline bool row_grid_fits(int64_t N, int64_t L, int64_t H) {
+  return ceil_div(L * H, kRowsPerBlock) <= INT32_MAX && L * H <= INT32_MAX && N <= INT32_MAX;
 }
 
 // Backward: every warp owns key_blocks m16 blocks of keys (16 or 32 keys: dK, dV accumulators of 16 key_blocks x

@@ -101,6 +101,23 @@ def test_variant_advice_reads_the_cuda_key_split_rows():
     assert "JEDI_CUDA_FWD_SPLITS" in advice[0]
 
 
+def test_variant_advice_knows_the_rows_per_warp_default_by_shape():
+    """The CUDA forward's rows per warp: 32 up to head dim 80; at head dim 160, 32 for sets of more than 1024 keys
+    (fwd_shape_row_blocks), 16 below. The advice compares each row with the default of its own shape."""
+    def row(L, D, ng, ms16, ms32):
+        return {"kind": "cuda_fwd_rows_per_warp", "L": L, "D": D, "ng": ng, "dtype": "bfloat16",
+                "ms_16rows": ms16, "ms_32rows": ms32}
+
+    advice = mdt.variant_advice([row(1024, 80, 2, 0.114, 0.085), row(256, 160, 8, 0.198, 0.144),
+                                 row(256, 160, 4, 0.060, 0.060), row(64, 160, 2, 0.017, 0.019),
+                                 row(256, 160, 4, 0.060, 0.050)])
+    assert advice[0].endswith("keep") and "default 32rows 0.085" in advice[0]
+    assert advice[1].endswith("keep") and "default 32rows 0.144" in advice[1]      # 2048 keys
+    assert advice[2].endswith("keep") and "default 16rows 0.060" in advice[2]      # 1024 keys: not more
+    assert advice[3].endswith("keep") and "default 16rows 0.017" in advice[3]
+    assert "32rows x1.20 faster than the default 16rows" in advice[4] and "fwd_shape_row_blocks" in advice[4]
+
+
 def test_variant_advice_compares_the_hopper_forward_with_its_default_per_head_dim():
     """The CUDA Hopper-forward rows: at head dim 40 the default is variant 1 (64 keys x 2 warpgroups), elsewhere the
     mma.sync kernel; the row's fastest variant is compared with that."""

@@ -855,6 +855,27 @@ def test_cuda_forward_32_rows_per_warp_at_d160(monkeypatch, row_blocks, B, G, L,
 
 
 @pytest.mark.gpu
+def test_cuda_forward_rows_per_warp_at_d160_by_set_size(monkeypatch):
+    """Unasked (JEDI_CUDA_FWD_ROW_BLOCKS unset), the d 160 forward takes 32 query rows per warp for sets of more than
+    1024 keys (L 256, set size 8: 0.144 against 0.198 ms on the H200) and 16 at or below it, where 32 lost or tied;
+    devices before compute capability 9.0 always run 16. Out by the 2x rule."""
+    _require_cuda_attention()
+    for name in ("JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_FWD_WGMMA", "JEDI_CUDA_FWD_STAGES"):
+        monkeypatch.delenv(name, raising=False)
+    for (G, L), big in (((8, 256), True), ((4, 256), False), ((2, 64), False)):
+        q, k, v = (torch.randn(G, L, 2 * 160, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = jk.set_attention(q, k, v, G, 2, backend="cuda")
+            torch.cuda.synchronize()
+        names = {e.name for e in prof.events() if "set_attn_fwd_kernel" in e.name}
+        rb = 2 if big and torch.cuda.get_device_capability()[0] >= 9 else 1
+        assert names and all(re.search(rf"160,\s*(\(int\))?{rb},", n) for n in names), (G, L, names)
+        ref64 = reference.set_attention_reference(*(t.double() for t in (q, k, v)), G, 2)
+        same = reference.set_attention_reference(q, k, v, G, 2)
+        assert_flash_rule(out, same, ref64, f"out G={G} L={L}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("splits", ["1", "2", "3", "8"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
     (2, 1, 1024, 2, 80, "full", True),    # SD's 32x32 level at set size 1: the shape the automatic count splits

@@ -84,7 +84,9 @@ void run_case(const Case& c) {
       fp.lse_accum = lse_acc.data();
       jedi_emu::launch(EmuDim3{unsigned(gf.x * NS), unsigned(gf.y), unsigned(gf.z)}, FT::kThreads, FT::kSmemBytes,
                        [&] { set_attn_fwd_kernel<T, kD, kRB, true>(fp); });
-      jedi_emu::launch(EmuDim3{unsigned(ceil_div(N * L * H, 4)), 1, 1}, 128, 0,
+      // (half of row_grid's y, as for the preprocess below: block rows walk two images of the grid-stride loop)
+      const RowGrid mg = row_grid(N, L, H);
+      jedi_emu::launch(EmuDim3{unsigned(mg.x), unsigned((mg.y + 1) / 2), 1}, kRowThreads, 0,
                        [&] { set_attn_fwd_combine_kernel<T>(fp); });
     } else {
       std::printf("FAIL case asks for %d splits of an instance without them\n", NS);
@@ -134,10 +136,10 @@ void run_case(const Case& c) {
   jedi_emu::g_inputs.push_back({reinterpret_cast<const unsigned char*>(delta.data()),
                                 reinterpret_cast<const unsigned char*>(delta.data() + delta.n)});
   const int64_t rows = N * L * H;
-  // (half of preprocess_grid's y: each block row then walks two images of its grid-stride loop, which the launcher's
+  // (half of row_grid's y: each block row then walks two images of its grid-stride loop, which the launcher's
   // grid uses only past 65535 images)
-  const PreGrid pg = preprocess_grid(N, L, H);
-  jedi_emu::launch(EmuDim3{unsigned(pg.x), unsigned((pg.y + 1) / 2), 1}, kPreThreads, 0,
+  const RowGrid pg = row_grid(N, L, H);
+  jedi_emu::launch(EmuDim3{unsigned(pg.x), unsigned((pg.y + 1) / 2), 1}, kRowThreads, 0,
                    [&] { set_attn_bwd_preprocess_kernel<T>(bp); });
   using BT = BwdTraits<T, kD, kKB, kBwdWarps>;
   const Grid3 gb = bwd_grid(B, G, L, H, BT::kBlockN, BT::kChunks);

@@ -98,6 +98,12 @@ static void test_instances() {
               fwd_launch_row_blocks(kD, 0, 2) == (kD > 64 && kD <= 80 ? 1 : fwd_default_row_blocks(kD)),
           "fwd launch row blocks kD=%d", kD);
     CHECK(fwd_has_stages(kD, fwd_launch_row_blocks(kD, 0, 2), 2) == (kD <= 80), "two stages kD=%d", kD);
+    // by shape: 32 rows per warp at 160 for sets of more than 1024 keys (an instance it has), the default elsewhere
+    for (int64_t GL : {int64_t{1}, int64_t{512}, int64_t{1024}, int64_t{1025}, int64_t{2048}, int64_t{1} << 40}) {
+      const int rb = fwd_shape_row_blocks(kD, GL, 1), rb2 = fwd_shape_row_blocks(kD, 1, GL);
+      CHECK(rb == rb2 && rb == (kD == 160 && GL > 1024 ? 2 : 0) && (rb == 0 || fwd_has_row_blocks(kD, rb)),
+            "fwd shape row blocks kD=%d G*L=%lld: %d", kD, static_cast<long long>(GL), rb);
+    }
     CHECK(bwd_has_key_blocks(kD, 1) && bwd_has_key_blocks(kD, bwd_default_key_blocks(kD)) &&
               !bwd_has_key_blocks(kD, 0) && !bwd_has_key_blocks(kD, 3),
           "bwd instances kD=%d", kD);
