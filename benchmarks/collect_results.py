@@ -5,8 +5,9 @@
 Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml, pytest_gpu_fused.xml and
 pytest_gpu_model.xml, pytest_gpu_ws.xml, pytest_gpu_gluon.xml (junit), ws_probe.json, gluon_probe.json and
 gluon_bwd_probe.json (tools/ws_probe.py), attention.json (attention_sweep.py), step.json (step_levers.py),
-profile_eager.json / profile_fused.json / profile_compiled.json (profile_step.py), table6.json (table6.py) and
-ncu_attention.json / ncu_attention_bwd80.json (ncu_attention.py). Commit the result as
+profile_eager.json / profile_fused.json / profile_compiled.json (profile_step.py), table6.json (table6.py),
+ncu_attention.json / ncu_attention_bwd80.json (ncu_attention.py) and harness.log (the torch-free CUDA harness: its
+TIME lines become ``harness_times``, device times without host overhead). Commit the result as
 benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a ``-model`` suffix).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 
@@ -70,6 +72,29 @@ def _plot(rows: list, path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+_TIME = re.compile(r"TIME B=(\d+) G=(\d+) L=(\d+) H=(\d+) D=(\d+) (\w+) mask=(\d+): fwd ([\d.]+) ms \([\d.]+ TFLOP/s\)"
+                   r"\s+bwd ([\d.]+) ms \([\d.]+ TFLOP/s\)(.*)")
+
+
+def harness_times(text: str) -> list[dict]:
+    """The TIME lines of the CUDA harness's log (csrc/cuda/tests/set_attention_gpu_check.cu) as rows: the shape
+    (B, G, L, H, D, dtype "bf16"/"fp16", mask), ``ms_fwd`` and ``ms_bwd`` of the default instances, and one
+    ``ms_<label>`` per other instance the line times, under the line's own label (``ms_fwd[32 rows/warp]``,
+    ``ms_fwd[2 splits, auto]``). Median times of cudaEvent-timed launches: device time, no host overhead."""
+    rows = []
+    for line in text.splitlines():
+        m = _TIME.match(line.strip())
+        if not m:
+            continue
+        B, G, L, H, D, dtype, mask, fwd, bwd, rest = m.groups()
+        row = {"B": int(B), "G": int(G), "L": int(L), "H": int(H), "D": int(D), "dtype": dtype, "mask": int(mask),
+               "ms_fwd": float(fwd), "ms_bwd": float(bwd)}
+        for label, ms in re.findall(r"((?:fwd|bwd)\[[^\]]+\]) ([\d.]+) ms", rest):
+            row[f"ms_{label}"] = float(ms)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("outdir")
@@ -114,6 +139,10 @@ def main() -> None:
         path = os.path.join(args.outdir, name)
         if os.path.exists(path):
             result[key] = json.load(open(path))
+    harness_log = os.path.join(args.outdir, "harness.log")
+    if os.path.exists(harness_log):
+        with open(harness_log, errors="replace") as f:
+            result["harness_times"] = harness_times(f.read())
     # the predictions made before the run, against its outcome (benchmarks/predictions.json); a broken predictions
     # file costs this entry only
     try:

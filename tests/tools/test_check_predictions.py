@@ -90,7 +90,8 @@ def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_res
     are exempt, listed here."""
     preds = cp.load_predictions()
     assert len(preds) >= 10
-    new_rows = {"s23-cuda-fwd-32rows-d160-ng8", "s25-cuda-bwd-preprocess-d80-h100"}
+    new_rows = {"s23-cuda-fwd-32rows-d160-ng8", "s25-cuda-bwd-preprocess-d80-h100",
+                "s26-cuda-fwd-d160-L256-ng8-default-h200"}  # (a harness TIME shape added with the change)
     found = set()
     for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
         with open(path) as f:
@@ -120,6 +121,31 @@ def test_ncu_sections_give_one_row_per_kernel_with_its_duration_in_us():
     pre, none = cp.check(results, preds)
     assert pre["verdict"] == "worse than predicted" and pre["measured"] == pytest.approx(17.92)
     assert none["verdict"] == "not measured"
+
+
+def test_harness_times_come_from_the_cuda_harness_log_and_are_checked_by_shape():
+    """collect_results.harness_times turns the CUDA harness's TIME lines into rows (default fwd / bwd and every
+    labelled instance, other lines ignored); check_predictions reads them as the ``harness_times`` source."""
+    import collect_results
+
+    log = ("device: NVIDIA H200 (sm_90, 132 SMs)\nPASS something\n"
+           "TIME B=2 G=1 L=1024 H=8 D=80 bf16 mask=0: fwd 0.037 ms (145 TFLOP/s)  bwd 0.098 ms (137 TFLOP/s)  "
+           "fwd[16 rows/warp] 0.036 ms  fwd[2 splits, auto] 0.049 ms  bwd[4 warps] 0.128 ms\n"
+           "TIME B=2 G=2 L=4096 H=8 D=40 fp16 mask=1: fwd 0.420 ms (204 TFLOP/s)  bwd 1.121 ms (192 TFLOP/s)\n"
+           "251 passed, 0 failed\n")
+    rows = collect_results.harness_times(log)
+    assert rows == [
+        {"B": 2, "G": 1, "L": 1024, "H": 8, "D": 80, "dtype": "bf16", "mask": 0, "ms_fwd": 0.037, "ms_bwd": 0.098,
+         "ms_fwd[16 rows/warp]": 0.036, "ms_fwd[2 splits, auto]": 0.049, "ms_bwd[4 warps]": 0.128},
+        {"B": 2, "G": 2, "L": 4096, "H": 8, "D": 40, "dtype": "fp16", "mask": 1, "ms_fwd": 0.42, "ms_bwd": 1.121}]
+    results = {"card": "NVIDIA H200", "harness_times": rows}
+    pred = _pred(id="h", card="H200", source="harness_times",
+                 match={"B": 2, "G": 1, "L": 1024, "H": 8, "D": 80, "dtype": "bf16", "mask": 0},
+                 value="ms_fwd[2 splits, auto]", range=[0.026, 0.034], peer="ms_fwd")
+    (v,) = cp.check(results, [pred])
+    assert v["verdict"] == "worse than predicted" and v["measured"] == 0.049 and v["peer"]["ms"] == 0.037
+    (v,) = cp.check({"card": "NVIDIA H200"}, [pred])
+    assert v["verdict"] == "not measured"
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):
