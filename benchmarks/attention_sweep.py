@@ -104,11 +104,16 @@ def set_mask_of(kind: str, G: int) -> torch.Tensor | None:
 
 
 def build_fn(backend: str, q, k, v, ng, H, mode: str, qkv=None, do=None, set_mask=None, **launch):
-    """A zero-arg callable running one forward (or forward+backward) on ``backend`` ("triton", "cuda", or
+    """A zero-arg callable running one forward (or forward+backward) on ``backend`` ("triton", "cuda", "cuda-splits":
+    the CUDA backend with its automatic key splits, ``JEDI_CUDA_FWD_SPLITS=0`` for each call, or
     "sdpa-<cudnn|flash|efficient|math>"); returns (fn, output_of_one_run)."""
     import jedi_kernels as jk
 
-    if backend.startswith("sdpa-"):
+    if backend == "cuda-splits":
+        def fwd():
+            with _env("JEDI_CUDA_FWD_SPLITS", "0"):
+                return jk.set_attention(q, k, v, ng, H, set_mask=set_mask, backend="cuda")
+    elif backend.startswith("sdpa-"):
         from torch.nn.attention import sdpa_kernel
 
         enum = sdpa_backend_enum(backend[5:])
@@ -684,11 +689,17 @@ def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_chi
     backend's capture in a child process that stops at its first failure, the next child going on after it: on the
     H200 (2026-11-28) the first fwd+bwd capture failed, every later capture in the process failed with it ("operation
     failed due to a previous error during capture"), and the next row's torch.randn raised ("Offset increment outside
-    graph capture"), which ended the sweep. A child that crashes or hangs costs its item an error entry, nothing else. ``timeout_s`` bounds all
-    children together; items left when it runs out get an error entry."""
+    graph capture"), which ended the sweep. A child that crashes or hangs costs its item an error entry, nothing
+    else. ``timeout_s`` bounds all children together; items left when it runs out get an error entry. Forward specs
+    also time "cuda-splits" (see :func:`build_fn`), after every spec's own backends."""
     run_child = run_child or _run_graph_child
     specs = [(s[0], s[1], s[2], s[3] if len(s) > 3 else 2) for s in specs]
     items = [[L, D, mode, name, ng] for L, D, mode, ng in specs for name in graph_backends()]
+    # the CUDA forward with its automatic key splits (opt-in since the H200's third run, where they lost because of
+    # their merge kernel, now rewritten) beside the default, on every forward spec: the graphed device time of the
+    # whole split path, workspace and merge included
+    items += [[L, D, mode, "cuda-splits", ng] for L, D, mode, ng in specs
+              if mode == "fwd" and "cuda" in graph_backends()]
     results: list = []
     deadline = time.time() + timeout_s
     empty = 0  # children in a row that wrote nothing

@@ -400,7 +400,7 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
     monkeypatch.setattr(sw, "graph_backends", lambda: ["sdpa-cudnn", "triton", "cuda"])
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     calls = []
-    ms = {"sdpa-cudnn": 0.30, "triton": 0.25, "cuda": 0.50}
+    ms = {"sdpa-cudnn": 0.30, "triton": 0.25, "cuda": 0.50, "cuda-splits": 0.20}
 
     def child(items, rep_ms, timeout_s):
         calls.append([tuple(i) for i in items])
@@ -413,32 +413,54 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
     rows = sw.graph_rows_isolated([(1024, 80, "fwd+bwd"), (64, 160, "fwd")], rep_ms=7, timeout_s=60, run_child=child)
     assert [c[0] for c in calls] == [(1024, 80, "fwd+bwd", "sdpa-cudnn", 2), (1024, 80, "fwd+bwd", "cuda", 2),
                                      (64, 160, "fwd", "triton", 2)]
-    assert len(calls[0]) == 6 and len(calls[2]) == 2
+    assert len(calls[0]) == 7 and len(calls[2]) == 3  # (the forward spec's "cuda-splits" item comes last)
+    assert calls[0][-1] == (64, 160, "fwd", "cuda-splits", 2)
     first, second = rows
     assert (first["L"], first["D"], first["mode"], first["kind"], first["ng"]) == (1024, 80, "fwd+bwd", "cuda_graph", 2)
     assert first["ms_graph"] == {"sdpa-cudnn": 0.30, "cuda": 0.50}
     assert first["errors"] == {"triton": "AcceleratorError: capture failed"}
     assert first["ratio_graph_cuda"] == pytest.approx(0.6) and "ratio_graph_triton" not in first
-    assert second["ms_graph"] == {"triton": 0.25, "cuda": 0.50} and "best_sdpa_graph" not in second
+    assert second["ms_graph"] == {"triton": 0.25, "cuda": 0.50, "cuda-splits": 0.20} and "best_sdpa_graph" not in second
+    assert "cuda-splits" not in first["ms_graph"] and "cuda-splits" not in first["errors"]  # fwd+bwd: not split
     assert second["errors"]["sdpa-cudnn"].startswith("child process exited -11 during this item: Fatal Python error")
     assert second["tflops_graph"]["triton"] == pytest.approx(sw.flops(2, sw.HEADS, 2, 64, 160, "fwd") / 0.25 * 1e-9)
     # no time left: every item is an error entry, no child runs
     calls.clear()
     rows = sw.graph_rows_isolated([(64, 160, "fwd")], timeout_s=0, run_child=child)
-    assert calls == [] and rows[0]["ms_graph"] == {} and len(rows[0]["errors"]) == 3
+    assert calls == [] and rows[0]["ms_graph"] == {} and len(rows[0]["errors"]) == 4
     # children that fail before their first item (an import error, no GPU): two tries, then the rest is skipped
     calls.clear()
     rows = sw.graph_rows_isolated([(64, 160, "fwd"), (1024, 80, "fwd+bwd")], timeout_s=60,
                                   run_child=lambda items, rep_ms, t: (calls.append(len(items)) or [], 1, "ImportError"))
-    assert calls == [6, 5]
+    assert calls == [7, 6]
     errors = [e for r in rows for e in r["errors"].values()]
-    assert len(errors) == 6 and errors[:2] == ["child process exited 1 during this item: ImportError"] * 2
+    assert len(errors) == 7 and errors[:2] == ["child process exited 1 during this item: ImportError"] * 2
     assert all(e.startswith("skipped: two child processes in a row wrote nothing") for e in errors[2:])
     # a spec may name its set size (ng 2 when it does not): the items carry it, and so do the rows
     calls.clear()
     rows = sw.graph_rows_isolated([(1024, 80, "fwd", 1), (1024, 80, "fwd")], timeout_s=60, run_child=child)
-    assert [i[4] for i in calls[0]] == [1, 1, 1, 2, 2, 2] and [r["ng"] for r in rows] == [1, 2]
+    assert [i[4] for i in calls[0]] == [1, 1, 1, 2, 2, 2, 1, 2] and [r["ng"] for r in rows] == [1, 2]
     assert rows[0]["tflops_graph"]["sdpa-cudnn"] == pytest.approx(sw.flops(2, sw.HEADS, 1, 1024, 80, "fwd") / 0.30 * 1e-9)
+
+
+def test_build_fn_cuda_splits_runs_the_cuda_backend_with_the_automatic_split_count(monkeypatch):
+    """"cuda-splits" is the CUDA backend with JEDI_CUDA_FWD_SPLITS=0 set around each call (so a CUDA-graph capture
+    records the split kernels), the variable restored after it (stand-in for the op)."""
+    import jedi_kernels as jk
+
+    seen = []
+
+    def fake_set_attention(q, k, v, ng, H, set_mask=None, backend="auto"):
+        seen.append((backend, os.environ.get("JEDI_CUDA_FWD_SPLITS")))
+        return q.clone()
+
+    monkeypatch.setattr(jk, "set_attention", fake_set_attention)
+    monkeypatch.delenv("JEDI_CUDA_FWD_SPLITS", raising=False)
+    q = torch.randn(2, 8, 16)
+    fn, out = sw.build_fn("cuda-splits", q, q, q, 2, 2, "fwd")
+    fn()
+    assert seen == [("cuda", "0"), ("cuda", "0")] and "JEDI_CUDA_FWD_SPLITS" not in os.environ
+    assert torch.equal(out, q)
 
 
 def test_graph_items_child_writes_each_result_and_stops_at_the_first_failure(monkeypatch, tmp_path):
@@ -686,8 +708,10 @@ def test_gpu_graph_rows_capture_forward_and_backward_for_every_backend():
     forward are captured into a CUDA graph and timed, on a small SD-like shape (L 64, d 40, set size 2, bf16). Both
     H200 runs of 2026-11-28 failed every fwd+bwd capture (a leaf first used on the default stream)."""
     items = [[64, 40, mode, name] for mode in ("fwd+bwd", "fwd") for name in sw.graph_backends()]
+    if "cuda" in sw.graph_backends():  # the forward with key splits asked for, as the sweep's graph rows time it
+        items += [[1024, 80, "fwd", "cuda-splits", 1]]
     results, rc, tail = sw._run_graph_child(items, rep_ms=2, timeout_s=240)
     assert rc == 0 and len(results) == len(items), (rc, results, tail)
-    failed = {f"{mode} {name}": res for (_, _, mode, name), res in zip(items, results) if "ms" not in res}
+    failed = {f"{item[2]} {item[3]}": res for item, res in zip(items, results) if "ms" not in res}
     assert not failed, failed
     assert all(res["ms"] > 0 for res in results)

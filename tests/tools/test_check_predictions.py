@@ -91,7 +91,8 @@ def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_res
     preds = cp.load_predictions()
     assert len(preds) >= 10
     new_rows = {"s23-cuda-fwd-32rows-d160-ng8", "s25-cuda-bwd-preprocess-d80-h100",
-                "s26-cuda-fwd-d160-L256-ng8-default-h200"}  # (a harness TIME shape added with the change)
+                "s26-cuda-fwd-d160-L256-ng8-default-h200",  # (a harness TIME shape added with the change)
+                "s26-cuda-fwd-split-graph-d80-ng1-h200"}  # (the graph rows' "cuda-splits" entry, likewise)
     found = set()
     for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
         with open(path) as f:
