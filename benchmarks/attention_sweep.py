@@ -347,10 +347,11 @@ def triton_fwd_ws_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 
 def cuda_row_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA forward with 16 vs 32 query rows per warp (``JEDI_CUDA_FWD_ROW_BLOCKS`` 1 / 2; head dims <= 80 and 160
-    have both, 32 the default up to 80 and at 160 for sets of more than 1024 keys). Static SASS per 1024 scores of a full key tile, sm_90: d 40 484 vs 383
-    instructions, d 80 614 vs 501 (before the lazy rescale); registers 128 / 221 and 175 / 240 (8 resident warps per
-    SM with 32 rows); d 160 (32-key tiles with 32 rows) 543 vs 590 inside an image, ldmatrix 90 vs 60, 222 / 255
-    registers (8 warps per SM either way). The second H100 run measured 32 rows x1.09 at d 40 and x1.55 at d 80."""
+    have both, 32 the default up to 80 and at 160 for sets of more than 1024 keys). Static SASS per 1024 scores of a
+    full key tile, sm_90: d 40 484 vs 383 instructions, d 80 614 vs 501 (before the lazy rescale); registers 128 / 221
+    and 175 / 240 (8 resident warps per SM with 32 rows); d 160 (32-key tiles with 32 rows) 543 vs 590 inside an
+    image, ldmatrix 90 vs 60, 222 / 255 registers (8 warps per SM either way). The second H100 run measured 32 rows
+    x1.09 at d 40 and x1.55 at d 80; the H200's third run x1.38 at d 160, L 256, set size 8."""
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_FWD_ROW_BLOCKS", {"16rows": "1", "32rows": "2"},
                        "cuda_fwd_rows_per_warp")
     row["speedup_32_vs_16rows"] = row["ms_16rows"] / row["ms_32rows"]

@@ -8,8 +8,9 @@
 namespace jedi {
 namespace set_attn {
 
-// kRowLanes consecutive threads per (image row n, position l, head h) (row_grid, set_attention_plan.h), consecutive rows taking consecutive heads of
-// one position, whose columns are contiguous: lane s of a row reads 16-byte chunks s, s + 8, ... of the head's D
+// kRowLanes consecutive threads per (image row n, position l, head h) (row_grid, set_attention_plan.h), consecutive
+// rows taking consecutive heads of one position, whose columns are contiguous: lane s of a row reads 16-byte chunks
+// s, s + 8, ... of the head's D
 // columns of dO and O, so the 8 lanes of a row read 128 contiguous bytes per step and a warp 4 rows' worth;
 // delta = sum_d dO * O is summed over the 8 lanes by three shuffles. The same columns of dq_accum are zeroed so that
 // the main kernel's atomics start from 0 (no memset: the whole backward stays three kernels on one stream). Lane 0

@@ -569,8 +569,8 @@ def test_gluon_bwd_row_times_only_the_checked_configs(monkeypatch):
 
 
 def test_cuda_fwd_splits_row_times_each_setting_on_the_mma_sync_kernel(monkeypatch):
-    """The sweep's key-split row times the CUDA forward with 0 (automatic), unset (off) and with 2 and 4 splits, all with the
-    Hopper forward off (it has no splits), then FA2 on the same shape; a shape FA2 refuses leaves its entries out
+    """The sweep's key-split row times the CUDA forward with 0 (automatic), unset (off) and with 2 and 4 splits, all
+    with the Hopper forward off (it has no splits), then FA2 on the same shape; a shape FA2 refuses leaves its entries out
     (stand-ins for the timers and kernels)."""
     seen = []
 

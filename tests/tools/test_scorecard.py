@@ -50,8 +50,8 @@ def test_rows_are_scored_against_their_issue_targets():
 
 def test_the_committed_runs_score_as_their_write_ups_say():
     """The H200 run's write-up (benchmarks/README.md) has the CUDA backend at or above FA2 on 22 of 24 rows, below on
-    d 80 ng 1 forward and d 160 ng 8 forward; its second run 20 of 24 (and Triton 9 of 24 for issue 3), its third 21 of 24
-    (Triton 10) with the first CUDA-graph rows; the third H100 run's remaining misses are the ones the twenty-second
+    d 80 ng 1 forward and d 160 ng 8 forward; its second run 20 of 24 (and Triton 9 of 24 for issue 3), its third 21
+    of 24 (Triton 10) with the first CUDA-graph rows; the third H100 run's remaining misses are the ones the twenty-second
     session's note lists (d 80 forward + backward, d 160 L 256 ng 4 / 8 forward, and small-grid forwards)."""
     with open(os.path.join(ROOT, "benchmarks", "results", "h200-2026-11-28.json")) as f:
         s4 = scorecard.score(json.load(f))["summary"]["issue 4"]
