@@ -505,10 +505,11 @@ def triton_gluon_bwd_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
 
 
 def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
-    """CUDA backward with 4 vs 8 warps per CTA (``JEDI_CUDA_BWD_WARPS`` 4 / 8; padded head dim 80 has both): 64 or 128
-    keys per CTA, FlashAttention-2's d 80 shape being the latter. The wider CTA loads each query tile once for twice
-    the keys and halves the dQ atomics (84 M -> 42 M float adds at L 1024, ng 2); on the H100 (2026-11-27) the CUDA
-    forward+backward at d 80 ran 0.88x FA2's."""
+    """CUDA backward with 4 vs 8 warps per CTA (``JEDI_CUDA_BWD_WARPS`` 4 / 8; padded head dims 80 and 160 have both).
+    At 80: 64 or 128 keys per CTA, FlashAttention-2's d 80 shape being the latter. The wider CTA loads each query
+    tile once for twice the keys and halves the dQ atomics (84 M -> 42 M float adds at L 1024, ng 2); on the H100
+    (2026-11-27) the CUDA forward+backward at d 80 ran 0.88x FA2's. At 160: the same 64 keys, two warps per 16 keys
+    on alternate 16-query passes (twenty-sixth session, untimed), for grids of one 4-warp CTA per SM."""
     row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_BWD_WARPS", {"4warps": "4", "8warps": "8"},
                        "cuda_bwd_warps", mode="bwd")
     row["speedup_8_vs_4warps"] = row["ms_4warps"] / row["ms_8warps"]
@@ -900,8 +901,9 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
             print(f"Triton backward, dQ by atomics vs kernel, L={L} D={D}: "
                   f"x{rows[-1]['speedup_atomic_vs_kernel']:.2f}", flush=True)
     if jk.available_backends()["cuda_attention"]:
-        add(cuda_bwd_warps_row(1024, 80, rep_ms=rep_ms))
-        print(f"CUDA backward 8 vs 4 warps, L=1024 D=80: x{rows[-1]['speedup_8_vs_4warps']:.2f}", flush=True)
+        for L, D in ((1024, 80), (256, 160)):
+            add(cuda_bwd_warps_row(L, D, rep_ms=rep_ms))
+            print(f"CUDA backward 8 vs 4 warps, L={L} D={D}: x{rows[-1]['speedup_8_vs_4warps']:.2f}", flush=True)
         for L, D in ((4096, 40), (1024, 80)):  # the forward's two instance switches per shape
             add(cuda_fwd_stages_row(L, D, rep_ms=rep_ms))
             print(f"CUDA forward 2 vs 1 stages, L={L} D={D}: x{rows[-1]['speedup_2_vs_1stage']:.2f} "

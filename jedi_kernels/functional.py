@@ -304,7 +304,8 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             every shape it splits on the H200; S: S splits; the one-stage mma.sync kernel with its default rows per
             warp only, not the Hopper one),
             ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32 keys per warp) and ``JEDI_CUDA_BWD_WARPS=4|8``
-            (CUDA backward at head dims 72-80: 64 or 128 keys per CTA; 128, the default, timed faster).
+            (CUDA backward at head dims 72-80: 64 or 128 keys per CTA; 128, the default, timed faster; at 136-160:
+            4 warps, the default, or 8 on the same 64 keys, two per 16 keys on alternate query passes, untimed).
         q_positions: optional positions (strictly increasing ints in [0, set_size)) of the images whose queries q
             holds: q is then (B*K, L, heads*head_dim), the K images at those positions of each set, while k and v
             hold every image (N, L, heads*head_dim); the result is those K images' outputs. For a model that needs

@@ -175,9 +175,10 @@ int bwd_key_blocks_from_env(int64_t D, const char* op) {
   return set_attn::bwd_has_key_blocks(set_attn::padded_head_dim(D), kb) ? kb : 0;
 }
 
-// JEDI_CUDA_BWD_WARPS=4|8 picks the backward CTA: 4 warps, or 8 (128 keys per CTA) where compiled (padded head dim 80
-// with 16 keys per warp); unset, empty or 0: the default (set_attn::bwd_default_warps). Elsewhere 8 keeps the
-// head dim's one CTA shape, as for the other switches.
+// JEDI_CUDA_BWD_WARPS=4|8 picks the backward CTA: 4 warps, or 8 where compiled: 128 keys per CTA at padded head dim
+// 80 (16 keys per warp), the query-split CTA at 160 (64 keys, two warps per 16 keys); unset, empty or 0: the default
+// (set_attn::bwd_default_warps: 8 at 80, 4 elsewhere). Elsewhere 8 keeps the head dim's one CTA shape, as for the
+// other switches.
 int bwd_warps_from_env(int64_t D, int key_blocks, const char* op) {
   const char* env = std::getenv("JEDI_CUDA_BWD_WARPS");
   if (env == nullptr || *env == '\0') return 0;

@@ -826,6 +826,8 @@ struct BwdTraits {
   static constexpr int kBlockM = kCfg.block_m;  // queries per step
   static constexpr int kSubM = kCfg.sub_m;      // queries per register pass
   static constexpr int kWarps = kCfg.num_warps;
+  static constexpr int kQS = kCfg.query_splits;       // warps per key block (1, or 2: the query-split CTA)
+  static constexpr int kKeyWarps = kWarps / kQS;      // warps with keys of their own
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kChunk = kCfg.chunk;
   static constexpr int kChunks = kD / kChunk;
@@ -836,7 +838,9 @@ struct BwdTraits {
   static_assert(kCfg.key_blocks == kKB && kCfg.num_warps == kNW && bwd_has_warps(kD, kKB, kNW),
                 "a compiled key-block and warp count");
   static_assert(kD % 16 == 0 && kChunk % 16 == 0 && kD % kChunk == 0, "head-dim chunks");
-  static_assert(kBlockN == 16 * kKB * kWarps && kBlockM % kSubM == 0 && kSubM % 16 == 0, "tile shapes");
+  static_assert(kBlockN == 16 * kKB * kKeyWarps && kBlockM % (kSubM * kQS) == 0 && kSubM % 16 == 0, "tile shapes");
+  static_assert(kQS == 1 || (kQS == 2 && kWarps % 2 == 0 && bwd_split_reduce_bytes(kCfg) <= kSmemBytes),
+                "query splits");
   // keep this warp's K (and V) MMA fragments in registers across the query tiles instead of re-reading them from
   // shared memory every tile (the backward is bound by shared-memory bandwidth); head dims <= 48 only (at 64 the
   // instance spills), and V only with one key block (with two, V's 24 registers make ptxas spill)
@@ -877,6 +881,9 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
   float* sDelta = sLse + kBlockM;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // the warp's keys (kw) and, in a query-split CTA, which register passes of each query tile it takes (qs); the
+  // other instances keep their code exactly (warp, 0: compile-time)
+  const int kw = Tr::kQS == 1 ? warp : warp % Tr::kKeyWarps, qs = Tr::kQS == 1 ? 0 : warp / Tr::kKeyWarps;
   const int64_t G = p.G, L = p.L, H = p.H;
   const int D = static_cast<int>(p.D);
   const int64_t b = blockIdx.z, h = blockIdx.y;
@@ -922,8 +929,8 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
   const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
   const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
   // A: this warp's first key block (block kb at + kb * kKeyBlockBytes)
-  const uint32_t sK_a = smem_u32(sK + (warp * 16 * kKB + a_row) * kPitch + a_col);
-  const uint32_t sV_a = smem_u32(sV + (warp * 16 * kKB + a_row) * kPitch + a_col);
+  const uint32_t sK_a = smem_u32(sK + (kw * 16 * kKB + a_row) * kPitch + a_col);
+  const uint32_t sV_a = smem_u32(sV + (kw * 16 * kKB + a_row) * kPitch + a_col);
   const uint32_t sQ_b = smem_u32(sQ + b_row * kPitch + b_col);     // B [n = query][k = d]
   const uint32_t sdO_b = smem_u32(sdO + b_row * kPitch + b_col);
   const uint32_t sQ_t = smem_u32(sQ + a_row * kPitch + a_col + c0);  // B^T [k = query][n = d], chunk columns
@@ -937,10 +944,10 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
   for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      key_local[kb][r] = (warp * kKB + kb) * 16 + lane / 4 + 8 * r;
+      key_local[kb][r] = (kw * kKB + kb) * 16 + lane / 4 + 8 * r;
       key_ok[kb][r] = kc.row0 + key_local[kb][r] < L;
     }
-  const bool warp_keys_full = kc.row0 + (warp + 1) * 16 * kKB <= L;  // warp-uniform: no key of this warp is past L
+  const bool warp_keys_full = kc.row0 + (kw + 1) * 16 * kKB <= L;  // warp-uniform: no key of this warp is past L
   // the chunk's last dK/dV n8 tile holds only padding when c0 + 8 (kCT - 1) >= D (D 40 on the 48 instance): skip
   // its MMAs (not in the dQ loop: the predicate there costs more issue slots than the MMAs cost tensor time)
   const bool last_ct_live = c0 + 8 * (kCT - 1) < D;
@@ -982,9 +989,9 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
       }
     }
 
-    // register passes over the tile's queries [q0, q0 + kSubM)
+    // register passes over the tile's queries [q0, q0 + kSubM) (a query-split CTA's warps take every kQS-th)
 #pragma unroll 1
-    for (int q0 = 0; q0 < kBlockM; q0 += kSubM) {
+    for (int q0 = qs * kSubM; q0 < kBlockM; q0 += kSubM * Tr::kQS) {
       // S^T = K Q^T
       float acc_s[kKB][kMT][4];
 #pragma unroll
@@ -1177,6 +1184,42 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
     }
   }
   cp_async_wait_all();  // a CTA that visited no query tile still has its K/V copies in flight
+
+  if constexpr (Tr::kQS == 2) {
+    // the query-split CTA: the second half's warps hand their dK, then dV sums to the warps with the same keys,
+    // through the shared memory the tiles are done with (each lane's accumulators in one float4 column per n8 tile)
+    float4* red = reinterpret_cast<float4*>(smem_raw);
+    constexpr int kVecs = kKB * kCT;  // float4 per lane
+    const int slot = kw * 32 + lane;  // this lane's column in red, per key-owning warp
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+      float(&acc)[kKB][kCT][4] = which == 0 ? acc_dk : acc_dv;
+      __syncthreads();  // every warp done with the tiles (which == 0) or with the dK reduction (which == 1)
+      if (qs == 1) {
+#pragma unroll
+        for (int kb = 0; kb < kKB; ++kb)
+#pragma unroll
+          for (int i = 0; i < kCT; ++i)
+            red[(kb * kCT + i) * (Tr::kKeyWarps * 32) + slot] =
+                make_float4(acc[kb][i][0], acc[kb][i][1], acc[kb][i][2], acc[kb][i][3]);
+      }
+      __syncthreads();
+      if (qs == 0) {
+#pragma unroll
+        for (int kb = 0; kb < kKB; ++kb)
+#pragma unroll
+          for (int i = 0; i < kCT; ++i) {
+            const float4 o = red[(kb * kCT + i) * (Tr::kKeyWarps * 32) + slot];
+            acc[kb][i][0] += o.x;
+            acc[kb][i][1] += o.y;
+            acc[kb][i][2] += o.z;
+            acc[kb][i][3] += o.w;
+          }
+      }
+      static_assert(kVecs * Tr::kKeyWarps * 32 * 16 == bwd_split_reduce_bytes(Tr::kCfg), "reduction buffer");
+    }
+    if (qs != 0) return;  // the first half writes the sums
+  }
 
   // epilogue: dK (times scale), dV for keys < L, chunk columns < D
   T* dk = static_cast<T*>(p.dk);

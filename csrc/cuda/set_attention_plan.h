@@ -209,6 +209,10 @@ struct BwdConfig {
   int key_blocks;  // m16 key blocks per warp: 1 or 2
   int sub_m;       // queries per register pass (divides block_m, multiple of 16)
   int dq_groups_max;  // widest dQ unit in 16-column groups (bwd_dq_groups) the registers allow next to dK/dV
+  // warps sharing each key block: 1, or 2 (the query-split CTA: warps w and w + num_warps / 2 own the same keys and
+  // take alternate register passes of each query tile; their dK/dV sums meet in shared memory at the end). block_n
+  // = 16 * key_blocks * num_warps / query_splits.
+  int query_splits = 1;
 };
 // Key blocks per warp compiled for a kernel head dim: 1 always; 2 up to 48, where the K fragments still fit in
 // registers next to the doubled dK/dV accumulators (sm_90 ptxas: 254 registers at 48, no spills). Two key blocks
@@ -227,10 +231,17 @@ JEDI_HD constexpr int bwd_default_key_blocks(int kD) { return bwd_has_key_blocks
 // work and registers do not change. The default wherever compiled: on the H100 (2026-11-27, third session) the
 // backward at L 1024, d 80, ng 2, bf16 took 0.326 ms with 8 warps against 0.482 with 4 (x1.48; harness: 0.331 vs
 // 0.488, and 1.214 vs 1.863 ms at ng 4). JEDI_CUDA_BWD_WARPS=4 still runs the 4-warp CTA.
+// At padded head dim 160, 8 warps is a different CTA (opt-in, untimed; twenty-sixth session): the same 64 keys as
+// the 4-warp one, each 16 keys shared by two warps that take alternate 16-query register passes of every query tile
+// (query_splits = 2), their dK/dV sums added through shared memory once at the end. The H200's graph rows
+// (2026-11-28) had the CUDA forward + backward at d 160, L 256, set size 2 at 0.124 ms against FA2's 0.076: 128 CTAs
+// of 4 warps, one per SM, ≈ 5 µs per 32-query step, latency-bound with one warp per scheduler. FA2's d 160 backward
+// runs 8 warps per 64-key CTA; this gives each scheduler two warps on the same grid.
 JEDI_HD constexpr bool bwd_has_warps(int kD, int key_blocks, int warps) {
-  return bwd_has_key_blocks(kD, key_blocks) && (warps == 4 || (warps == 8 && key_blocks == 1 && kD == 80));
+  return bwd_has_key_blocks(kD, key_blocks) &&
+         (warps == 4 || (warps == 8 && key_blocks == 1 && (kD == 80 || kD == 160)));
 }
-JEDI_HD constexpr int bwd_default_warps(int kD) { return bwd_has_warps(kD, bwd_default_key_blocks(kD), 8) ? 8 : 4; }
+JEDI_HD constexpr int bwd_default_warps(int kD) { return kD == 80 ? 8 : 4; }
 JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks) {
   // (sm_80 and sm_90 ptxas: no spills for every instance with these shapes.) 160 runs as one chunk: its 160
   // registers of dK/dV accumulators leave room for S and dP of 16 queries at a time and for dQ units of one group;
@@ -244,7 +255,9 @@ JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks) {
 }
 JEDI_HD constexpr BwdConfig bwd_config(int kD) { return bwd_config(kD, bwd_default_key_blocks(kD)); }
 JEDI_HD constexpr BwdConfig bwd_config(int kD, int key_blocks, int warps) {
-  return warps == 8 ? BwdConfig{128, 64, 8, kD, 1, 64, 16} : bwd_config(kD, key_blocks);
+  return warps != 8   ? bwd_config(kD, key_blocks)
+       : kD == 160    ? BwdConfig{64, 32, 8, 160, 1, 16, 1, 2}
+                      : BwdConfig{128, 64, 8, kD, 1, 64, 16};
 }
 
 // dQ step of the backward: dQ[block_m x chunk] += dS[block_m x block_n] K[block_n x chunk] is split into units of
@@ -273,13 +286,21 @@ JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes, int row_blocks,
 JEDI_HD constexpr int64_t fwd_smem_bytes(int kD, int elem_bytes) {
   return fwd_smem_bytes(kD, elem_bytes, fwd_default_row_blocks(kD));
 }
+// The float32 dK (or dV) accumulators of the warps a query-split CTA adds into its first warps' at the end.
+JEDI_HD constexpr int64_t bwd_split_reduce_bytes(const BwdConfig& c) {
+  return c.query_splits == 1 ? 0
+                             : static_cast<int64_t>(c.num_warps - c.num_warps / c.query_splits) * 32 * c.key_blocks *
+                                   c.chunk / 2 * 4;
+}
 JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes, int key_blocks, int warps = 4) {
-  // K, V (block_n x kD), Q, dO (block_m x kD), dS^T (block_n x block_m), lse and delta (block_m floats each)
+  // K, V (block_n x kD), Q, dO (block_m x kD), dS^T (block_n x block_m), lse and delta (block_m floats each); a
+  // query-split CTA reuses them for its dK/dV reduction
   const BwdConfig c = bwd_config(kD, key_blocks, warps);
-  return (static_cast<int64_t>(2 * c.block_n + 2 * c.block_m) * smem_pitch(kD) +
-          static_cast<int64_t>(c.block_n) * smem_pitch(c.block_m)) *
-             elem_bytes +
-         2 * c.block_m * 4;
+  const int64_t tiles = (static_cast<int64_t>(2 * c.block_n + 2 * c.block_m) * smem_pitch(kD) +
+                         static_cast<int64_t>(c.block_n) * smem_pitch(c.block_m)) *
+                            elem_bytes +
+                        2 * c.block_m * 4;
+  return tiles > bwd_split_reduce_bytes(c) ? tiles : bwd_split_reduce_bytes(c);
 }
 JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes) {
   return bwd_smem_bytes(kD, elem_bytes, bwd_default_key_blocks(kD));

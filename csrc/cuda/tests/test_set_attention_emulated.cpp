@@ -241,6 +241,10 @@ int main(int argc, char** argv) {
   // masks with a never-attended image, a rescale mid-row, negative scale, padded columns (152), strides of their own
   run_case<__nv_bfloat16, 160, 2>({1, 2, 150, 1, 160, 3, 1, 3.f, true});
   run_case<__half, 160, 2>({1, 3, 70, 2, 152, 1, 3, -0.5f, false});
+  // the query-split 8-warp backward at head dim 160 (two warps per 16 keys on alternate 16-query passes, their dK/dV
+  // added in shared memory): key and query tails, several query tiles, masks, padded columns, negative scale
+  run_case<__half, 160, 1, 1, 1, 8>({1, 2, 97, 1, 160, 0, 1, 0.f, true});
+  run_case<__nv_bfloat16, 160, 1, 1, 1, 8>({1, 3, 70, 2, 152, 3, 2, -0.5f, false});
   // split forwards (S CTAs per query tile over runs of the allowed key tiles, then the merge): uneven runs, a run
   // crossing an image, masks (one-way: 1 of 3 images allowed, so a run may be empty; a never-attended image),
   // more splits than tiles, a rescale mid-run, negative scale, both dtypes, 16 and 32 rows per warp, d 160
@@ -268,6 +272,8 @@ int main(int argc, char** argv) {
     run_case<__half, 32>({2, 5, 1, 1, 8, 2, 1, 0.f, true});  // one token per image
     run_case<__nv_bfloat16, 192>({1, 1, 37, 1, 176, 0, 2, 0.f, true});
     run_case<__nv_bfloat16, 80, 2, 1, 1, 8>({1, 2, 97, 1, 80, 0, 3, 0.f, false});
+    run_case<__half, 160, 1, 1, 1, 8>({2, 2, 130, 1, 160, 2, 0, 2.5f, true});  // one-way mask, rescales, 2 sets
+    run_case<__nv_bfloat16, 160, 1, 1, 1, 8>({1, 4, 33, 1, 136, 1, 1, 0.f, true});  // block-diagonal, 136 columns
     run_case<__half, 160>({1, 2, 70, 1, 152, 3, 1, 0.f, false});  // one 160-column chunk, 8 of them padding
     run_case<__half, 160, 2>({2, 2, 64, 1, 160, 2, 0, 0.f, true});    // whole tiles only
     run_case<__nv_bfloat16, 160, 2>({2, 5, 1, 1, 160, 2, 2, 0.f, true});  // one token per image

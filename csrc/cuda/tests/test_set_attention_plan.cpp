@@ -122,11 +122,23 @@ static void test_instances() {
     }
     const BwdConfig b = bwd_config(kD);
     CHECK(b.key_blocks == bwd_default_key_blocks(kD), "bwd default kD=%d", kD);
-    // the 8-warp backward: 80 only, 16 keys per warp, 128 keys per CTA, the 4-warp shape otherwise
-    CHECK(bwd_has_warps(kD, 1, 4) && bwd_has_warps(kD, 1, 8) == (kD == 80) && !bwd_has_warps(kD, 2, 8) &&
-              !bwd_has_warps(kD, 1, 6) && bwd_has_warps(kD, bwd_default_key_blocks(kD), bwd_default_warps(kD)),
+    // the 8-warp backwards: 80 (16 keys per warp, 128 keys per CTA; the default) and 160 (the query-split CTA:
+    // opt-in), the 4-warp shape otherwise
+    CHECK(bwd_has_warps(kD, 1, 4) && bwd_has_warps(kD, 1, 8) == (kD == 80 || kD == 160) && !bwd_has_warps(kD, 2, 8) &&
+              !bwd_has_warps(kD, 1, 6) && bwd_has_warps(kD, bwd_default_key_blocks(kD), bwd_default_warps(kD)) &&
+              bwd_default_warps(kD) == (kD == 80 ? 8 : 4),
           "bwd warps kD=%d", kD);
-    if (bwd_has_warps(kD, 1, 8)) {
+    CHECK(bwd_config(kD, bwd_default_key_blocks(kD)).query_splits == 1 && bwd_split_reduce_bytes(bwd_config(kD)) == 0,
+          "bwd query splits kD=%d", kD);
+    if (kD == 160) {  // same keys, tile and chunk as the 4-warp CTA, two warps per 16 keys on alternate passes
+      const BwdConfig w = bwd_config(kD, 1, 8), n = bwd_config(kD, 1, 4);
+      CHECK(w.num_warps == 8 && w.query_splits == 2 && w.block_n == n.block_n && w.block_n == 16 * 8 / 2 &&
+                w.block_m == n.block_m && w.sub_m == n.sub_m && w.block_m % (w.sub_m * 2) == 0 &&
+                w.chunk == n.chunk && bwd_smem_bytes(kD, 2, 1, 8) == bwd_smem_bytes(kD, 2, 1, 4) &&
+                bwd_split_reduce_bytes(w) == 4 * 32 * 80 * 4 &&
+                bwd_split_reduce_bytes(w) <= bwd_smem_bytes(kD, 2, 1, 8),
+            "bwd query-split config kD=%d", kD);
+    } else if (bwd_has_warps(kD, 1, 8)) {
       const BwdConfig w = bwd_config(kD, 1, 8), n = bwd_config(kD, 1, 4);
       CHECK(w.num_warps == 8 && w.block_n == 16 * 8 && w.key_blocks == 1 && w.block_m == n.block_m &&
                 w.sub_m == n.sub_m && w.chunk == n.chunk && bwd_smem_bytes(kD, 2, 1, 8) <= 163 * 1024,
