@@ -103,21 +103,27 @@ _BEST_OF = {"cuda_fwd_wgmma": "best_wgmma", "triton_fwd_gluon": "best_gluon", "t
 # where a row's default depends on its shape: the CUDA forward runs the Hopper kernel's default variant where it has one
 # (variant 1, 64 keys x 2 warpgroups, at head dim 40 on sm_90, the only device these rows run on), the mma.sync kernel
 # elsewhere (jedi_kernels.cuda_variants)
-def _wgmma_default(row: dict) -> str:
+def _import_root() -> None:
     root = str(TABLE.parent.parent)  # the repo root: jedi_kernels importable from a checkout too
     if root not in sys.path:
         sys.path.insert(0, root)
+
+
+def _wgmma_default(row: dict) -> str:
+    _import_root()
     from jedi_kernels.cuda_variants import default_label
 
     return f"ms_{default_label(row.get('D'))}"
 
 
 def _rows_per_warp_default(row: dict) -> str:
-    """The CUDA forward's rows per warp when none is asked (fwd_default_row_blocks and fwd_shape_row_blocks in
-    csrc/cuda/set_attention_plan.h): 32 up to head dim 80, and at padded head dim 160 for sets of more than 1024 keys;
-    16 elsewhere."""
-    D, keys = int(row.get("D") or 0), int(row.get("ng") or 1) * int(row.get("L") or 0)
-    return "ms_32rows" if D <= 80 or (128 < D <= 160 and keys > 1024) else "ms_16rows"  # instance 160: D 136-160
+    """The CUDA forward's rows per warp when none is asked, at the row's head dim and set (jedi_kernels.cuda_variants,
+    which mirrors csrc/cuda/set_attention_plan.h)."""
+    _import_root()
+    from jedi_kernels.cuda_variants import rows_per_warp_default
+
+    keys = int(row.get("ng") or 1) * int(row.get("L") or 0)
+    return f"ms_{rows_per_warp_default(int(row.get('D') or 0), keys)}rows"
 
 
 _DEFAULT_OF = {"cuda_fwd_wgmma": _wgmma_default, "cuda_fwd_rows_per_warp": _rows_per_warp_default}

@@ -94,6 +94,12 @@ _VARIANTS_SRC = r"""
 #include "set_attention_wgmma.cuh"
 using namespace jedi::set_attn;
 int main() {
+  for (int D = 8; D <= 264; D += 8)
+    for (long long keys : {1LL, 512LL, 1024LL, 1025LL, 2048LL, 65536LL}) {
+      const int kD = padded_head_dim(D);
+      const int rb = kD == 0 ? 0 : fwd_launch_row_blocks(kD, fwd_shape_row_blocks(kD, keys, 1), 1);
+      std::printf("rows %d %lld %d %d\n", D, keys, kD, 16 * rb);
+    }
   for (int v = 1; v <= kWgmmaVariants; ++v)
     std::printf("variant %d %d %d\n", v, wgmma_variant_block_n(v), wgmma_variant_warpgroups(v));
   for (int D = 8; D <= 256; D += 8)
@@ -128,6 +134,10 @@ def test_cuda_variant_tables_match_the_header(tmp_path):
         compiled[int(d)] = compiled.get(int(d), ()) + (int(v),)
     assert variants == cv.WGMMA_VARIANTS
     assert compiled == cv.WGMMA_COMPILED
+    for _, d, keys, kd, rows in (line.split() for line in out if line.startswith("rows")):
+        assert cv.padded_head_dim(int(d)) == int(kd), d
+        if int(kd):
+            assert cv.rows_per_warp_default(int(d), int(keys)) == int(rows), (d, keys)
     glue = (CSRC / "cuda" / "set_attention_glue.cpp").read_text()
     default = int(re.search(r"constexpr int kDefaultWgmmaVariant = (\d+);", glue).group(1))
     assert re.search(r"return D != 40 \|\|", glue), "the glue's default no longer applies at head dim 40 only"
