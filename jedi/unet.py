@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import jedi_kernels as jk
+from jedi_kernels.modules import out_bias_foldable, out_without_bias
 from jedi_kernels.backends import triton_ok
 from jedi.config import UNetConfig
 
@@ -413,8 +414,11 @@ class CrossAttention(nn.Module):
             self.to_v_extra = nn.Linear(extra_context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, extra_context: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, extra_context: torch.Tensor | None = None, *,
+                out_bias: bool = True) -> torch.Tensor:
+        """out_bias: False leaves ``to_out[0].bias`` out of the result, as ``jedi_kernels.SetAttention`` does (the
+        caller adds it; ValueError for an out-projection that is not a plain ``nn.Linear`` with a bias)."""
+        out = self.to_out if out_bias else out_without_bias(self.to_out)
         N, L, _ = x.shape
         H, D = self.heads, self.dim_head
         kv = None
@@ -436,7 +440,7 @@ class CrossAttention(nn.Module):
         k = k.view(N, M, H, D).transpose(1, 2)  # (N, M, H*D) -> (N, H, M, D)
         v = v.view(N, M, H, D).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, D)
-        return self.to_out(o.transpose(1, 2).reshape(N, L, H * D))  # (N, H, L, D) -> (N, L, H*D)
+        return out(o.transpose(1, 2).reshape(N, L, H * D))  # (N, H, L, D) -> (N, L, H*D)
 
 
 class TransformerBlock(nn.Module):
@@ -459,6 +463,9 @@ class TransformerBlock(nn.Module):
 
     fused_ln: bool = False  # residual adds + LayerNorms through jedi_kernels.add_layer_norm (set_fused_ops)
     ln_backend: str = "auto"
+    # with fused_ln: the out-projections' and the feed-forward output's biases folded into the add + LayerNorms
+    # (set_fused_ops)
+    fold_linear_bias: bool = False
 
     def _run_fused_ln(self, x: torch.Tensor) -> bool:
         """The fused add + LayerNorm path: inference only (training keeps torch's native LayerNorm backward), not
@@ -470,10 +477,33 @@ class TransformerBlock(nn.Module):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def _attn1(self, h, set_size: int, set_mask, keep: Keep | None):
+    def _folded_biases(self, x: torch.Tensor) -> tuple:
+        """(attn1's out bias, attn2's out bias, (the feed-forward output's weight, bias)), each None where it stays
+        in its own layer. With ``fold_linear_bias`` (fused path only) the out-projections run without their biases,
+        which the next add + LayerNorm adds as its ``shift``, and the feed-forward's output GEMM adds its product to
+        the residual in place (``addmm_``, no add pass), its bias already in that residual (the third add +
+        LayerNorm's ``sum_shift``). Only plain layers in x's dtype fold (a wrapped one, e.g. LoRA, keeps its
+        forward)."""
+        if not self.fold_linear_bias:
+            return None, None, None
+
+        def out_bias(attn):  # our own attention modules only: a subclass or wrapper may not take out_bias
+            ok = (type(attn) in (jk.SetAttention, CrossAttention) and out_bias_foldable(attn.to_out)
+                  and attn.to_out[0].bias.dtype == x.dtype)
+            return attn.to_out[0].bias if ok else None
+
+        ff, lin = self.ff, self.ff.net[-1]
+        ff_ok = (type(ff) is FeedForward and len(ff.net) == 3 and isinstance(ff.net[0], GEGLU)
+                 and type(ff.net[1]) is nn.Dropout and (ff.net[1].p == 0 or not ff.net[1].training)
+                 and type(lin) is nn.Linear and lin.bias is not None and lin.weight.dtype == x.dtype
+                 and lin.bias.dtype == x.dtype)
+        return out_bias(self.attn1), out_bias(self.attn2), ((lin.weight, lin.bias) if ff_ok else None)
+
+    def _attn1(self, h, set_size: int, set_mask, keep: Keep | None, out_bias: bool = True):
+        kw = {} if out_bias else dict(out_bias=False)
         if keep is None:
-            return self.attn1(h, set_size, set_mask)
-        return self.attn1(h, set_size, set_mask, q_positions=keep.positions)
+            return self.attn1(h, set_size, set_mask, **kw)
+        return self.attn1(h, set_size, set_mask, q_positions=keep.positions, **kw)
 
     def forward(self, x, context, set_size: int, set_mask=None, extra_context=None, keep: Keep | None = None):
         """``keep``: only those images' outputs (see :class:`Keep`): attn1's queries and everything after it run
@@ -482,12 +512,20 @@ class TransformerBlock(nn.Module):
             context, extra_context = keep.take_context(context), keep.take(extra_context)
         if self._run_fused_ln(x):
             n1, n2, n3, be = self.norm1, self.norm2, self.norm3, self.ln_backend
+            b1, b2, ff_out = self._folded_biases(x)
             _, h = jk.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps, backend=be)
-            a = self._attn1(h, set_size, set_mask, keep)
+            a = self._attn1(h, set_size, set_mask, keep, out_bias=b1 is None)
             x = x if keep is None else keep.take(x)
-            x, h = jk.add_layer_norm(x, a, n2.weight, n2.bias, n2.eps, backend=be)
-            x, h = jk.add_layer_norm(x, self.attn2(h, context, extra_context), n3.weight, n3.bias, n3.eps, backend=be)
-            return x + self.ff(h)
+            x, h = jk.add_layer_norm(x, a, n2.weight, n2.bias, n2.eps, shift=b1, backend=be)
+            a = self.attn2(h, context, extra_context, **({} if b2 is None else dict(out_bias=False)))
+            x, h = jk.add_layer_norm(x, a, n3.weight, n3.bias, n3.eps, shift=b2,
+                                     sum_shift=None if ff_out is None else ff_out[1], backend=be)
+            if ff_out is None:
+                return x + self.ff(h)
+            g = self.ff.net[0](h)  # GEGLU: (N, L, 4C)
+            # x is this block's own fresh sum (with the output bias in it): the GEMM accumulates into it
+            x.view(-1, x.shape[-1]).addmm_(g.reshape(-1, g.shape[-1]), ff_out[0].t())
+            return x
         a = self._attn1(self.norm1(x), set_size, set_mask, keep)
         x = (x if keep is None else keep.take(x)) + a
         x = x + self.attn2(self.norm2(x), context, extra_context)
@@ -692,7 +730,7 @@ class JeDiUNet(nn.Module):
             if isinstance(m, (GroupNorm32, GEGLU)):
                 m.fused, m.backend = enabled, backend
             if isinstance(m, TransformerBlock):
-                m.fused_ln, m.ln_backend = enabled, backend
+                m.fused_ln, m.ln_backend, m.fold_linear_bias = enabled, backend, enabled
             if isinstance(m, (ResBlock, SpatialTransformer)):
                 m.fold_bias = enabled
         # every ResBlock's time-embedding shift in one GEMM (TimeEmb), while the biases are folded

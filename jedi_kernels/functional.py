@@ -436,10 +436,11 @@ def prepare_inputs(x_t, x0, ng_mask, *, backend="auto"):
     return prepare_inputs_op(x_t, x0, m, backend)
 
 
-def _check_affine_eps(x: torch.Tensor, C: int, weight, bias, eps, *, same_dtype: bool) -> None:
-    """The norms' shared checks: weight and bias None or (C,) float tensors on x's device (in x's dtype when
-    ``same_dtype``), eps a non-negative number."""
-    for name, t in (("weight", weight), ("bias", bias)):
+def _check_affine_eps(x: torch.Tensor, C: int, weight, bias, eps, *, same_dtype: bool,
+                      names: tuple[str, str] = ("weight", "bias")) -> None:
+    """The norms' shared checks: weight and bias (or the two vectors ``names`` calls so) None or (C,) float tensors on
+    x's device (in x's dtype when ``same_dtype``), eps a non-negative number."""
+    for name, t in zip(names, (weight, bias)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or (same_dtype and t.dtype != x.dtype):
@@ -603,7 +604,8 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
     return ops.linear_geglu_op(x, weight, bias, backend)
 
 
-def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, backend="auto"):
+def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, shift=None, sum_shift=None,
+                   backend="auto"):
     """A residual add and the LayerNorm of its result in one pass: ``s = x + residual; n = layer_norm(s)``.
 
     SD's transformer blocks add each sub-layer's output to the tokens and normalize the sum for the next sub-layer;
@@ -614,18 +616,24 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, backen
         residual: x's shape, dtype and device, or None: then a plain LayerNorm of x (s is x itself).
         weight, bias: optional (C,) LayerNorm affine parameters, x's dtype and device.
         eps: variance epsilon (>= 0).
+        shift: optional (C,) vector in x's dtype, added to the sum before the norm: the bias of the layer that made
+            ``residual``, which can then run without one (``t = x + residual + shift``).
+        sum_shift: optional (C,) vector in x's dtype, added to the returned sum only, after the norm has read it: the
+            bias of a later layer whose output will be added to the sum (``s = t + sum_shift``, ``n =
+            layer_norm(t)``).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"
-            (``reference.add_layer_norm_reference``: the add and ``F.layer_norm``).
+            (``reference.add_layer_norm_reference``: the adds and ``F.layer_norm``).
 
     Returns:
-        (s, n), each x's shape and dtype, contiguous. s rounds the sum to x's dtype as torch's add does; n is computed
-        from that s in float32 (float64 for float64 inputs) and rounded once, as torch's LayerNorm. Differentiable
-        w.r.t. x, residual, weight and bias.
+        (s, n), each x's shape and dtype, contiguous (s is x itself when residual, shift and sum_shift are None).
+        t rounds the sum to x's dtype as torch's add does (x + residual + shift rounded once); n is computed from
+        that t in float32 (float64 for float64 inputs) and rounded once, as torch's LayerNorm; s = t + sum_shift
+        rounded once more. Differentiable w.r.t. x, residual, weight, bias, shift and sum_shift.
 
     Raises:
         TypeError: non-tensor or non-float inputs, mismatched dtypes.
         ValueError: x without dims, an empty last dim or one over 16384 on backend "triton", mismatched shapes or
-            devices, a negative eps, bad backend.
+            devices, a shift or sum_shift not of shape (C,), a negative eps, bad backend.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (..., C), got {type(x)}")
@@ -635,14 +643,15 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, backen
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual)}")
         _check_like("residual", residual, "x", x)
     _check_affine_eps(x, C, weight, bias, eps, same_dtype=True)
+    _check_affine_eps(x, C, shift, sum_shift, eps, same_dtype=True, names=("shift", "sum_shift"))
     backend = _elementwise_backend(backend, x)
     from jedi_kernels.ops import layer_norm as ops
 
     if backend == "triton" and C > ops.MAX_C:
         raise ValueError(f"backend='triton' normalizes rows of at most {ops.MAX_C} elements, got C = {C}; use "
                          f"backend='torch'")
-    s, n = ops.add_layer_norm_op(x, residual, weight, bias, float(eps), backend)
-    return (x if residual is None else s), n
+    s, n = ops.add_layer_norm_op(x, residual, weight, bias, float(eps), backend, shift, sum_shift)
+    return (x if residual is None and shift is None and sum_shift is None else s), n
 
 
 def sample_ng_mask(n: int, set_size: int, generator: torch.Generator | None = None, *, p: float = 0.5,

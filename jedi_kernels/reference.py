@@ -181,6 +181,9 @@ def add_layer_norm_reference(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    shift: torch.Tensor | None = None,
+    sum_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A residual add and the LayerNorm that reads its result, as SD's transformer blocks compute them unfused.
 
@@ -188,10 +191,16 @@ def add_layer_norm_reference(
         x: (..., C) any float dtype. residual: x's shape and dtype, or None (no add).
         weight, bias: optional (C,) affine parameters of the LayerNorm, x's dtype.
         eps: variance epsilon.
+        shift: optional (C,) in x's dtype, the residual's bias: added to it first (as a GEMM's bias epilogue would),
+            then the sum to x.
+        sum_shift: optional (C,) in x's dtype, added to the returned sum only (the norm reads the sum without it).
 
     Returns:
-        (s, n): s = x + residual in x's dtype (x itself when residual is None); n = layer_norm(s) over the last dim in
-        x's dtype (torch's LayerNorm: float32 math for half inputs, one rounding).
+        (s, n): t = x + (residual + shift) in x's dtype (x itself when both are None); n = layer_norm(t) over the last
+        dim in x's dtype (torch's LayerNorm: float32 math for half inputs, one rounding); s = t + sum_shift (t without
+        it).
     """
-    s = x if residual is None else x + residual
-    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    add = residual if shift is None else (shift if residual is None else residual + shift)
+    t = x if add is None else x + add
+    n = F.layer_norm(t, (t.shape[-1],), weight, bias, eps)
+    return (t if sum_shift is None else t + sum_shift), n

@@ -98,6 +98,9 @@ def _record(out_path: str) -> None:
             t, r, w = torch.randn(8, C, dtype=dtype), torch.randn(8, C, dtype=dtype), torch.randn(C, dtype=dtype)
             jk.add_layer_norm(t, r, w, w, backend="triton")
             jk.add_layer_norm(t, None, None, None, backend="triton")
+            # the transformer block's folded biases (JeDiUNet fold_linear_bias): shift alone, shift + sum_shift
+            jk.add_layer_norm(t, r, w, w, shift=w, backend="triton")
+            jk.add_layer_norm(t, r, w, w, shift=w, sum_shift=w, backend="triton")
     cases = [(40, torch.bfloat16, False), (40, torch.float16, False), (80, torch.bfloat16, False),
              (80, torch.bfloat16, True), (160, torch.float16, False), (64, torch.bfloat16, False),
              (24, torch.bfloat16, False), (40, torch.float32, False),

@@ -679,3 +679,168 @@ def test_fuse_ff_from_config():
     cfg = dataclasses.replace(UNetConfig.tiny(), fuse_ff=True)
     unet = JeDiUNet(cfg)
     assert all(m.fuse_linear for m in unet.modules() if isinstance(m, GEGLU))
+
+
+# ---- fold_linear_bias: the out-projections' and feed-forward output's biases in the add + LayerNorms ---------------
+def _ln_pair(dtype=torch.float64):
+    """The plain model and one with every fused op (torch backend), in ``dtype``, and inputs for one set of two."""
+    base, fast = _pair()
+    base, fast = base.to(dtype), fast.to(dtype)
+    fast.set_fused_ops(True, backend="torch")
+    inp = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    return base, fast, inp
+
+
+def _linear_calls(monkeypatch, unet, inp, **kw):
+    """Counts of the aten GEMM ops one no-grad forward dispatches, and of the tensor adds it makes outside
+    jk.add_layer_norm (whose torch backend is made of adds)."""
+    import jedi.unet as unet_mod
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"addmm": 0, "addmm_": 0, "mm": 0, "add": 0}
+    ops = {torch.ops.aten.addmm.default: "addmm", torch.ops.aten.addmm_.default: "addmm_",
+           torch.ops.aten.mm.default: "mm"}
+    inside = [0]
+    real = jk.add_layer_norm
+
+    def ln(*a, **k):
+        inside[0] += 1
+        try:
+            return real(*a, **k)
+        finally:
+            inside[0] -= 1
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                counts[ops[func]] += 1
+            elif (func is torch.ops.aten.add.Tensor and not inside[0]
+                  and all(isinstance(a, torch.Tensor) for a in args[:2])):
+                counts["add"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with monkeypatch.context() as mp:
+        mp.setattr(unet_mod.jk, "add_layer_norm", ln)
+        with torch.no_grad(), Spy():
+            unet(**inp, set_size=2, **kw)
+    return counts
+
+
+def test_set_fused_ops_switches_fold_linear_bias():
+    from jedi.unet import TransformerBlock
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    blocks = [m for m in unet.modules() if isinstance(m, TransformerBlock)]
+    assert blocks and not any(m.fold_linear_bias for m in blocks)
+    unet.set_fused_ops(True, backend="torch")
+    assert all(m.fold_linear_bias and m.fused_ln for m in blocks)
+    unet.set_fused_ops(False)
+    assert not any(m.fold_linear_bias for m in blocks)
+
+
+@pytest.mark.parametrize("out_positions", [None, (1,)], ids=["all", "targets"])
+def test_fold_linear_bias_float64_equals_plain_and_moves_the_biases(monkeypatch, out_positions):
+    """In float64 inference the folded biases give the plain model's output to rounding (also with the targets-only
+    forward, whose last joint attention runs on some images); per transformer block the two out-projections run
+    as mm instead of addmm (their biases go into the next add + LayerNorm as its shift), the feed-forward output as
+    an in-place addmm_ into the sum the third add + LayerNorm wrote with its bias in it (sum_shift), and the
+    residual add after the feed-forward is gone."""
+    import jedi.unet as unet_mod
+    from jedi.unet import TransformerBlock
+
+    base, fast, inp = _ln_pair()
+    kw = {} if out_positions is None else dict(out_positions=out_positions)
+    n_blocks = _count(fast, TransformerBlock)
+    ln_calls = []
+    real = jk.add_layer_norm
+    monkeypatch.setattr(unet_mod.jk, "add_layer_norm", lambda *a, **k: ln_calls.append(
+        (k.get("shift") is not None, k.get("sum_shift") is not None)) or real(*a, **k))
+    with torch.no_grad():
+        ref, out = base(**inp, set_size=2, **kw), fast(**inp, set_size=2, **kw)
+    assert ref.abs().max() > 0.1
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="fold_linear_bias float64")
+    assert ln_calls == [(False, False), (True, False), (True, True)] * n_blocks
+    monkeypatch.undo()
+    folded = _linear_calls(monkeypatch, fast, inp, **kw)
+    for m in fast.modules():
+        if isinstance(m, TransformerBlock):
+            m.fold_linear_bias = False
+    unfolded = _linear_calls(monkeypatch, fast, inp, **kw)
+    assert folded["addmm"] == unfolded["addmm"] - 3 * n_blocks
+    assert folded["mm"] == unfolded["mm"] + 2 * n_blocks
+    assert folded["addmm_"] == unfolded["addmm_"] + n_blocks
+    assert folded["add"] == unfolded["add"] - n_blocks
+    with torch.no_grad():
+        assert_close_verbose(fast(**inp, set_size=2, **kw), ref, atol=1e-12 * float(ref.abs().max()), name="off")
+
+
+def test_fold_linear_bias_leaves_wrapped_layers_and_training_alone():
+    """A wrapped out-projection (a subclass of nn.Linear, e.g. LoRA), a wrapped feed-forward output or attention
+    module keeps its own forward with its bias, the rest of the block still folds, and the output is the plain
+    model's; under autograd nothing folds (the block takes torch's LayerNorms) and the gradients are the plain
+    model's."""
+    from jedi.unet import TransformerBlock
+
+    class Wrapped(nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Wrapped.calls += 1
+            return super().forward(x)
+
+    def wrap(lin):
+        w = Wrapped(lin.in_features, lin.out_features).double()
+        w.load_state_dict(lin.state_dict())
+        return w
+
+    base, fast, inp = _ln_pair()
+    blocks = [m for m in fast.modules() if isinstance(m, TransformerBlock)]
+    blocks[0].attn1.to_out[0] = wrap(blocks[0].attn1.to_out[0])
+    blocks[0].attn2.to_out[0] = wrap(blocks[0].attn2.to_out[0])
+    blocks[-1].ff.net[2] = wrap(blocks[-1].ff.net[2])
+    x = torch.zeros(1, dtype=torch.float64)
+    assert blocks[0]._folded_biases(x)[:2] == (None, None) and blocks[0]._folded_biases(x)[2] is not None
+    assert blocks[-1]._folded_biases(x)[2] is None
+    with torch.no_grad():
+        ref, out = base(**inp, set_size=2), fast(**inp, set_size=2)
+    assert Wrapped.calls == 3
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="wrapped layers")
+    outs = _train_each((base, fast), inp)
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="training")
+    _assert_same_grads(base, fast, 1e-11)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fold_linear_bias_triton_float32_matches_unfused(channels_last):
+    """The folded biases through the Triton add + LayerNorm (interpreter on CPU) in float32: the plain model's
+    output within float32 rounding."""
+    base, fast = _pair()
+    fast.set_fused_ops(True, backend="triton")
+    inp = _inputs(base.config, N=2)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+        inp = dict(inp, x_t=inp["x_t"].to(memory_format=torch.channels_last),
+                   x0=inp["x0"].to(memory_format=torch.channels_last))
+    with torch.no_grad():
+        ref, out = base(**inp, set_size=2), fast(**inp, set_size=2)
+    assert_close_verbose(out, ref, atol=2e-5 * float(ref.abs().max()), name="fold_linear_bias triton")
+
+
+def test_attention_out_bias_false():
+    """SetAttention and CrossAttention with out_bias=False: the output without to_out's bias, exactly; ValueError
+    when to_out is not a plain Linear with a bias."""
+    from jedi.unet import CrossAttention
+
+    torch.manual_seed(0)
+    sa = jk.SetAttention(16, heads=2, dim_head=8).double()
+    ca = CrossAttention(16, 12, 2, 8).double()
+    x, ctx = torch.randn(4, 6, 16, dtype=torch.float64), torch.randn(4, 3, 12, dtype=torch.float64)
+    for name, full, part, mod in (
+            ("set", sa(x, 2), sa(x, 2, out_bias=False), sa),
+            ("set positions", sa(x, 2, q_positions=(1,)), sa(x, 2, q_positions=(1,), out_bias=False), sa),
+            ("cross", ca(x, ctx), ca(x, ctx, out_bias=False), ca)):
+        assert_close_verbose(part + mod.to_out[0].bias, full, atol=1e-12, name=name)
+    sa.to_out[0] = nn.Linear(16, 16, bias=False).double()
+    with pytest.raises(ValueError, match="out_bias=False needs"):
+        sa(x, 2, out_bias=False)

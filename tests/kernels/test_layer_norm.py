@@ -1,6 +1,6 @@
 """jedi_kernels.add_layer_norm (residual add + LayerNorm in one pass): the sum exactly as torch's add rounds it, the
-norm by the 2x rule against float64, gradients against the unfused ops' autograd, strided inputs, opcheck, compile,
-bad inputs."""
+norm by the 2x rule against float64, the folded biases (shift, sum_shift) by the 2x rule, gradients against the
+unfused ops' autograd, strided inputs, opcheck, compile, bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,11 +110,91 @@ def test_backward_matches_unfused_autograd(backend, outputs):
         assert_close_verbose(g, rg, atol=1e-10, name=f"d{name}")
 
 
+def _shifts(C, dtype, which):
+    """(shift, sum_shift) for ``which`` in "shift", "sum_shift", "both": fresh (C,) vectors in ``dtype``."""
+    shift = torch.randn(C, device=DEVICE).to(dtype) if which in ("shift", "both") else None
+    sum_shift = torch.randn(C, device=DEVICE).to(dtype) if which in ("sum_shift", "both") else None
+    return shift, sum_shift
+
+
+def _d(t):
+    return t.double() if t is not None else None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 320), (4, 40), (2, 3, 5, 77), (9, 1)], ids=str)
+@pytest.mark.parametrize("residual", [True, False], ids=["add", "plain"])
+@pytest.mark.parametrize("which", ["shift", "sum_shift", "both"])
+def test_shifts_2x_rule(backend, dtype, shape, residual, which):
+    """The folded biases: n = layer_norm(x + residual + shift), s = that sum + sum_shift, both by the 2x rule against
+    float64 (the unfused ops: the shift added to the residual first, as a GEMM's bias epilogue would)."""
+    x, r, w, b = _inputs(shape, dtype, offset=3.0)
+    r = r if residual else None
+    shift, sum_shift = _shifts(shape[-1], dtype, which)
+    s, n = jk.add_layer_norm(x, r, w, b, 1e-5, shift=shift, sum_shift=sum_shift, backend=backend)
+    assert s is not x and s.shape == x.shape and s.dtype == dtype and s.is_contiguous() and n.is_contiguous()
+    ts, tn = add_layer_norm_reference(x, r, w, b, 1e-5, shift=shift, sum_shift=sum_shift)
+    rs, rn = add_layer_norm_reference(_d(x), _d(r), _d(w), _d(b), 1e-5, shift=_d(shift), sum_shift=_d(sum_shift))
+    name = f"add_layer_norm[{backend}] {which} {dtype} {shape}"
+    assert_flash_rule(n, tn, rn, f"{name} n")
+    assert_flash_rule(s, ts, rs, f"{name} s")
+    if which == "sum_shift":  # the norm reads the sum without sum_shift: n is the plain add + LayerNorm's
+        assert_equal_verbose(n, jk.add_layer_norm(x, r, w, b, 1e-5, backend=backend)[1], name=f"{name} n unshifted")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifts_are_not_mixed_up_by_launch_plans(backend):
+    """One input shape called without, then with each vector, then without again (an eager launch plan is keyed by
+    which vectors are present): every call equals its own reference."""
+    x, r, w, b = _inputs((3, 4, 48), torch.float32)
+    shift, sum_shift = _shifts(48, torch.float32, "both")
+    for kw in ({}, dict(shift=shift), dict(sum_shift=sum_shift), dict(shift=shift, sum_shift=sum_shift), {}):
+        s, n = jk.add_layer_norm(x, r, w, b, 1e-5, backend=backend, **kw)
+        rs, rn = add_layer_norm_reference(x, r, w, b, 1e-5, **kw)
+        assert_close_verbose(s, rs, atol=1e-5, name=f"s {sorted(kw)}")
+        assert_close_verbose(n, rn, atol=1e-5, name=f"n {sorted(kw)}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+@pytest.mark.parametrize("residual", [True, False], ids=["add", "plain"])
+def test_shift_gradients(backend, path, residual):
+    """float64 gradients of every input, shift and sum_shift included, with gradients into both outputs: ours (the
+    eager autograd.Function, or the custom op under torch.compile) against autograd through the reference."""
+    x, r, w, b = _inputs((3, 5, 24), torch.float64)
+    shift, sum_shift = _shifts(24, torch.float64, "both")
+    inputs = [x, r if residual else None, w, b, shift, sum_shift]
+    gs, gn = torch.randn_like(x), torch.randn_like(x)
+
+    def loss(fn, xx, rr, ww, bb, sh, ss):
+        s, n = fn(xx, rr, ww, bb, sh, ss)
+        return (n * gn).sum() + (s * gs).sum()
+
+    def ours(xx, rr, ww, bb, sh, ss):
+        return jk.add_layer_norm(xx, rr, ww, bb, 1e-5, shift=sh, sum_shift=ss, backend=backend)
+
+    if path == "compiled":
+        ours = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    ref_leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    got = torch.autograd.grad(loss(ours, *leaves), [t for t in leaves if t is not None])
+    want = torch.autograd.grad(
+        loss(lambda xx, rr, ww, bb, sh, ss: add_layer_norm_reference(xx, rr, ww, bb, 1e-5, shift=sh, sum_shift=ss),
+             *ref_leaves), [t for t in ref_leaves if t is not None])
+    names = [n for n, t in zip(("x", "residual", "weight", "bias", "shift", "sum_shift"), inputs) if t is not None]
+    for name, g, rg in zip(names, got, want):
+        assert_close_verbose(g, rg, atol=1e-10, name=f"d{name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     x, r, w, b = _inputs((2, 3, 16), torch.float32)
     torch.library.opcheck(torch.ops.jedi.add_layer_norm.default, (x, r, w, b, 1e-5, backend))
     torch.library.opcheck(torch.ops.jedi.add_layer_norm.default, (x, None, None, None, 1e-6, backend))
+    shift = torch.randn(16, device=DEVICE)
+    torch.library.opcheck(torch.ops.jedi.add_layer_norm.default, (x, r, w, b, 1e-5, backend, shift))
+    torch.library.opcheck(torch.ops.jedi.add_layer_norm.default, (x, None, w, None, 1e-5, backend, shift))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -147,14 +227,18 @@ def test_row_width_limit():
     (dict(weight=torch.zeros(5)), ValueError, r"weight must have shape \(C,\)"),
     (dict(bias=torch.zeros(4, dtype=torch.float16)), TypeError, "bias must be a tensor of x's dtype"),
     (dict(eps=-1.0), ValueError, "eps must be a non-negative"),
+    (dict(shift=torch.zeros(2, 4)), ValueError, r"shift must have shape \(C,\)"),
+    (dict(sum_shift=torch.zeros(4, dtype=torch.float64)), TypeError, "sum_shift must be a tensor of x's dtype"),
+    (dict(shift="0"), TypeError, "shift must be a tensor"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
 ])
 def test_bad_inputs(kwargs, exc, match):
-    args = dict(x=torch.zeros(2, 4), residual=None, weight=None, bias=None, eps=1e-5, backend="torch")
+    args = dict(x=torch.zeros(2, 4), residual=None, weight=None, bias=None, eps=1e-5, backend="torch", shift=None,
+                sum_shift=None)
     args.update(kwargs)
-    backend = args.pop("backend")
+    keywords = {k: args.pop(k) for k in ("backend", "shift", "sum_shift")}
     with pytest.raises(exc, match=match):
-        jk.add_layer_norm(*args.values(), backend=backend)
+        jk.add_layer_norm(*args.values(), **keywords)
 
 
 @pytest.mark.gpu
@@ -166,3 +250,9 @@ def test_gpu_sd_shapes(dtype, shape):
     s, n = jk.add_layer_norm(x, r, w, b, backend="triton")
     assert_equal_verbose(s, x + r, name="s")
     assert_flash_rule(n, F.layer_norm(x + r, (shape[-1],), w, b), _ref64(x, r, w, b, 1e-5), f"{dtype} {shape}")
+    shift, sum_shift = _shifts(shape[-1], dtype, "both")
+    s, n = jk.add_layer_norm(x, r, w, b, shift=shift, sum_shift=sum_shift, backend="triton")
+    ts, tn = add_layer_norm_reference(x, r, w, b, shift=shift, sum_shift=sum_shift)
+    rs, rn = add_layer_norm_reference(_d(x), _d(r), _d(w), _d(b), shift=_d(shift), sum_shift=_d(sum_shift))
+    assert_flash_rule(n, tn, rn, f"shifted {dtype} {shape} n")
+    assert_flash_rule(s, ts, rs, f"shifted {dtype} {shape} s")
