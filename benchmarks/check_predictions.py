@@ -7,10 +7,10 @@ for every lever).
 ``benchmarks/predictions.json`` lists each prediction: the card it is for (a substring of ``results["card"]``), the
 results section (``attention_sweep``: a list of rows; ``step_levers``: its ``rows``; ``ncu_attention`` and
 ``ncu_attention_bwd80``: one row per profiled kernel, ``{"kernel": its name, "duration_us": ncu's Duration}``;
-``harness_times``: the CUDA harness's TIME lines, device times, ``collect_results.harness_times``), the
-fields a row must have
-(``null``: the field is absent, e.g. ``"kind": null`` for the sweep's plain backend rows), a dotted path to the
-value (``ms.cuda``, ``ms_8warps``), the predicted range [lo, hi] in the value's unit, and optionally a peer value of
+``harness_times``: the CUDA harness's TIME lines, device times, ``collect_results.harness_times``; ``gemm_probe``:
+its ``rows``, µs per call of each variant), the fields a row must have (``null``: the field is absent, e.g.
+``"kind": null`` for the sweep's plain backend rows), a dotted path to the value (``ms.cuda``, ``ms_8warps``), the
+predicted range [lo, hi] in the value's unit, and optionally a peer value of
 the same row (``ms.sdpa-flash``). Each verdict is one of "as predicted", "better than predicted" (below lo: these are
 times), "worse than predicted", "not measured" (no such row, or no value in it; the reason is given) and "other
 card" (made for another card; ``--any-card`` checks it anyway). ``gpu_check.sh`` embeds the verdicts in
@@ -26,7 +26,7 @@ import sys
 from ncu_attention import duration_us  # (benchmarks/ is on sys.path when these scripts run)
 
 DEFAULT_PREDICTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predictions.json")
-SOURCES = ("attention_sweep", "step_levers", "ncu_attention", "ncu_attention_bwd80", "harness_times")
+SOURCES = ("attention_sweep", "step_levers", "ncu_attention", "ncu_attention_bwd80", "harness_times", "gemm_probe")
 _ABSENT = object()
 
 
@@ -56,14 +56,14 @@ def load_predictions(path: str = DEFAULT_PREDICTIONS) -> list[dict]:
 
 def section_rows(results: dict, source: str) -> list[dict]:
     """The dict rows of a results.json section: ``attention_sweep`` and ``harness_times`` (lists), ``step_levers``
-    (its ``rows``), or an ncu section (its ``kernels``, each as {"kernel", "duration_us"}: ncu's Duration, under its
-    clock control)."""
+    and ``gemm_probe`` (their ``rows``), or an ncu section (its ``kernels``, each as {"kernel", "duration_us"}:
+    ncu's Duration, under its clock control)."""
     section = results.get(source)
     if source.startswith("ncu_"):
         kernels = section.get("kernels") if isinstance(section, dict) else None
         return [{"kernel": k.get("kernel"), "duration_us": duration_us(k)}
                 for k in kernels if isinstance(k, dict)] if isinstance(kernels, list) else []
-    if source == "step_levers":
+    if source in ("step_levers", "gemm_probe"):
         section = section.get("rows") if isinstance(section, dict) else None
     return [r for r in section if isinstance(r, dict)] if isinstance(section, list) else []
 

@@ -6,9 +6,10 @@ Reads, when present: OUTDIR/bench.json (pytest-benchmark), OUTDIR/pytest_gpu.xml
 pytest_gpu_model.xml, pytest_gpu_ws.xml, pytest_gpu_gluon.xml (junit), ws_probe.json, gluon_probe.json and
 gluon_bwd_probe.json (tools/ws_probe.py), attention.json (attention_sweep.py), step.json (step_levers.py),
 profile_eager.json / profile_fused.json / profile_compiled.json (profile_step.py), table6.json (table6.py),
-ncu_attention.json / ncu_attention_bwd80.json (ncu_attention.py) and harness.log (the torch-free CUDA harness: its
-TIME lines become ``harness_times``, device times without host overhead). Commit the result as
-benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a ``-model`` suffix).
+ncu_attention.json / ncu_attention_bwd80.json (ncu_attention.py), gemm_probe.json (gemm_probe.py) and harness.log
+(the torch-free CUDA harness: its TIME lines become ``harness_times``, device times without host overhead).
+Commit the result as benchmarks/results/<card>-<yyyy-mm-dd>.json (+ .png; a second part of the same day gets a
+``-model`` suffix).
 """
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ def main() -> None:
                       ("profile_compiled", "profile_compiled.json"),
                       ("ncu_attention", "ncu_attention.json"), ("ncu_attention_bwd80", "ncu_attention_bwd80.json"),
                       ("ws_probe", "ws_probe.json"),
-                      ("gluon_probe", "gluon_probe.json"), ("gluon_bwd_probe", "gluon_bwd_probe.json")):
+                      ("gluon_probe", "gluon_probe.json"), ("gluon_bwd_probe", "gluon_bwd_probe.json"),
+                      ("gemm_probe", "gemm_probe.json")):
         path = os.path.join(args.outdir, name)
         if os.path.exists(path):
             result[key] = json.load(open(path))

@@ -56,7 +56,7 @@ while [ $# -gt 0 ]; do
         "${JEDI_NCU_TIMEOUT:=40}" "${JEDI_FUSED_TEST_TIMEOUT:=0}" "${JEDI_BENCH_TIMEOUT:=0}" \
         "${JEDI_MODEL_TEST_TIMEOUT:=110}" "${JEDI_LEVERS_TIMEOUT:=100}" "${JEDI_T6PYTEST_TIMEOUT:=0}" \
         "${JEDI_WS_PROBE_TIMEOUT:=0}" "${JEDI_GLUON_PROBE_TIMEOUT:=0}" "${JEDI_GLUON_TEST_TIMEOUT:=90}" \
-        "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=0}" "${JEDI_NCU_BWD_TIMEOUT:=40}"
+        "${JEDI_GLUON_BWD_PROBE_TIMEOUT:=0}" "${JEDI_NCU_BWD_TIMEOUT:=40}" "${JEDI_GEMM_PROBE_TIMEOUT:=20}"
       # (twenty-second session: the Gluon probes, tests and sweep rows are off here, 0 s instead of the 125 s they
       # took on the H200 plus their sweep rows. Those opt-in kernels were correct and slower there; the time goes to
       # what has never run: the CUDA forward's key splits and Hopper d 80 / 160 rows, the model tests the cap cut,
@@ -74,7 +74,8 @@ while [ $# -gt 0 ]; do
       # (the H200's third run, 543 s: build 46, kernel tests 68, sweep 130, dispatch table 26, harness 27, ncu 27 + 33,
       # model tests 94, ladder 78; Table 6 and the profiles got nothing. The harness gets 45 s: four more TIME
       # shapes (d 160 at L 256 set sizes 4 and 8, L 64 set sizes 1 and 2) took it to 26 s alone in the follow-up, and
-      # its TIME lines are now checked by predictions (results.json["harness_times"]))
+      # its TIME lines are now checked by predictions (results.json["harness_times"]). Twenty-seventh session: the
+      # GEMM probe (≈ 10 s for 17 shapes x 4 variants, capped at 20) goes before the ladder, which has one rung more)
       # (the pytest form of Table 6 passed on the H100 twice; its minute goes to the compiled profile instead. The
       # Gluon probes and tests (first run on the H200, 2026-11-28) take the TMA + warp-specialized Triton forward's probe and
       # tests (up to 90 s: JEDI_WS_PROBE_TIMEOUT=30 brings them back): Gluon config 5 has that kernel's structure with
@@ -84,7 +85,7 @@ while [ $# -gt 0 ]; do
       export JEDI_CHECK_BUDGET_S JEDI_GPU_TEST_TIMEOUT JEDI_TEST_WORKERS JEDI_SWEEP_TIMEOUT JEDI_SWEEP_GRAPH_S \
         JEDI_HARNESS_TIMEOUT JEDI_PROBE_TIMEOUT JEDI_MEMCHECK_TIMEOUT JEDI_NCU_TIMEOUT JEDI_FUSED_TEST_TIMEOUT JEDI_BENCH_TIMEOUT JEDI_MODEL_TEST_TIMEOUT \
         JEDI_LEVERS_TIMEOUT JEDI_T6PYTEST_TIMEOUT JEDI_WS_PROBE_TIMEOUT JEDI_GLUON_PROBE_TIMEOUT JEDI_GLUON_TEST_TIMEOUT \
-        JEDI_GLUON_BWD_PROBE_TIMEOUT JEDI_NCU_BWD_TIMEOUT
+        JEDI_GLUON_BWD_PROBE_TIMEOUT JEDI_NCU_BWD_TIMEOUT JEDI_GEMM_PROBE_TIMEOUT
       ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -366,6 +367,15 @@ timeout -s INT -k 20 "$(lim ${JEDI_MODEL_TEST_TIMEOUT:-120})" $PY -m pytest test
   --junitxml="$OUT/pytest_gpu_model.xml" >"$OUT/pytest_gpu_model.log" 2>&1
 echo "pytest rc=$?" | tee -a "$LOG"
 tail -15 "$OUT/pytest_gpu_model.log" | tee -a "$LOG"
+
+step "GEMM probe (issue 9: bias epilogues and in-place accumulation on the step's linear shapes)"
+if [ "${JEDI_GEMM_PROBE_TIMEOUT:-30}" = 0 ]; then
+  echo "skipped (JEDI_GEMM_PROBE_TIMEOUT=0)" | tee -a "$LOG"
+else
+  timeout -k 5 "$(lim ${JEDI_GEMM_PROBE_TIMEOUT:-30})" $PY benchmarks/gemm_probe.py --out "$OUT/gemm_probe.json" \
+    >"$OUT/gemm_probe.log" 2>&1
+  echo "gemm_probe rc=$?" | tee -a "$LOG"; tail -20 "$OUT/gemm_probe.log" | grep '^|' | tee -a "$LOG"
+fi
 
 step "step levers (issue 9)"
 sl=$(lim ${JEDI_LEVERS_TIMEOUT:-300})
