@@ -77,7 +77,8 @@ struct SetAttnBwdParams {
   void* dq;                 // (N, L, H*D) contiguous, input dtype
   void* dk;
   void* dv;
-  float* dq_accum;  // workspace: N*L*H*D float32 (set_attn_dq_accum_elems); zeroed by the launch itself
+  float* dq_accum;  // workspace: N*L*H*D float32 (set_attn_dq_accum_elems); zeroed by the launch itself (unused
+                    // by the split backward, bwd_split)
   float* delta;     // workspace: 2*B*H*G*L float32 (set_attn_delta_elems): rowsum(dout * out), then lse in log2
                     // units (+inf where lse is -inf), both written by the launch's first kernel
   int64_t B, G, L, H, D;
@@ -88,6 +89,9 @@ struct SetAttnBwdParams {
   // Backward warps per CTA: 4, or 8 (128 keys per CTA; compiled for padded head dim 80 with 16 keys per warp,
   // set_attn::bwd_has_warps); 0 = the default.
   int bwd_warps;
+  // 1: the split backward (set_attn::DqConfig): the main kernel computes dK and dV only and a second kernel dQ over
+  // the query tiles, no float32 atomics; dq_accum is not used then (may be nullptr). 0 = the fused backward.
+  int bwd_split;
 };
 
 // dtype: 0 = float16, 1 = bfloat16.

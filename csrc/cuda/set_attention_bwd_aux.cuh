@@ -1,5 +1,6 @@
 // The two memory-bound kernels around the set-attention backward main kernel: delta = rowsum(dO o O) (with the
-// reset of the fp32 dQ accumulator) before it, and dq = scale * dq_accum (fp32 -> T) after it.
+// reset of the fp32 dQ accumulator, which the split backward has not) before it, and dq = scale * dq_accum
+// (fp32 -> T) after it (the fused backward only).
 #pragma once
 
 #include "set_attention.cuh"
@@ -33,12 +34,13 @@ __global__ void __launch_bounds__(kRowThreads) set_attn_bwd_preprocess_kernel(co
   const uint32_t l = row_ok ? lh / H : 0, h = row_ok ? lh - l * H : 0;
   const int64_t D = p.D, N = p.B * p.G, rows_per_image = p.L * p.H;
   const int chunks = row_ok ? static_cast<int>(D / 8) : 0;  // D is a multiple of 8, at most 256
+  const bool reset = p.bwd_split == 0;  // the split backward has no dQ accumulator
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform: every lane reaches the shuffles
     const uint4* o = reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + n * p.o_stride_n +
                                                     l * p.o_stride_l + h * D);
     const uint4* g = reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + n * p.do_stride_n +
                                                     l * p.do_stride_l + h * D);
-    float4* acc = reinterpret_cast<float4*>(p.dq_accum + (n * rows_per_image + lh) * D);  // row n*L + l, head h
+    float4* acc = reinterpret_cast<float4*>(p.dq_accum + (reset ? (n * rows_per_image + lh) * D : 0));  // row n*L + l
     float dot = 0.f;
 #pragma unroll 2
     for (int c = static_cast<int>(sub); c < chunks; c += kRowLanes) {
@@ -49,8 +51,10 @@ __global__ void __launch_bounds__(kRowThreads) set_attn_bwd_preprocess_kernel(co
         const float2 a = unpack2<T>(ov[i]), b = unpack2<T>(gv[i]);
         dot = fmaf(a.x, b.x, fmaf(a.y, b.y, dot));
       }
-      acc[2 * c] = make_float4(0.f, 0.f, 0.f, 0.f);
-      acc[2 * c + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (reset) {
+        acc[2 * c] = make_float4(0.f, 0.f, 0.f, 0.f);
+        acc[2 * c + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
     }
 #pragma unroll
     for (int m = kRowLanes / 2; m > 0; m /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, m);

@@ -860,7 +860,9 @@ struct BwdTraits {
 //   dQ += dS K                                (dS^T staged in shared memory; once per query tile, fp32 atomics into
 //                                              dq_accum, times scale in the convert kernel)
 // A warp's kKB key blocks share every Q and dO fragment it loads from shared memory.
-template <typename T, int kD, int kKB, int kNW = 4>
+// kWithDq = false: the split backward's first kernel (SetAttnBwdParams::bwd_split): dK and dV only (no dS^T staging,
+// no dQ step; set_attn_bwd_dq_kernel computes dQ).
+template <typename T, int kD, int kKB, int kNW = 4, bool kWithDq = true>
 __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
     set_attn_bwd_kernel(const SetAttnBwdParams p) {
   using Tr = BwdTraits<T, kD, kKB, kNW>;
@@ -1114,10 +1116,12 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
 #pragma unroll
         for (int kb = 0; kb < kKB; ++kb) {
           c_to_a<T>(a[kb], acc_dp[kb][2 * kk], acc_dp[kb][2 * kk + 1]);
-          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol) = a[kb][0];
-          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][1] * kPitchS + qcol) = a[kb][1];
-          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol + 8) = a[kb][2];
-          *reinterpret_cast<uint32_t*>(sdS + key_local[kb][1] * kPitchS + qcol + 8) = a[kb][3];
+          if constexpr (kWithDq) {
+            *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol) = a[kb][0];
+            *reinterpret_cast<uint32_t*>(sdS + key_local[kb][1] * kPitchS + qcol) = a[kb][1];
+            *reinterpret_cast<uint32_t*>(sdS + key_local[kb][0] * kPitchS + qcol + 8) = a[kb][2];
+            *reinterpret_cast<uint32_t*>(sdS + key_local[kb][1] * kPitchS + qcol + 8) = a[kb][3];
+          }
         }
 #pragma unroll
         for (int d2 = 0; d2 < kChunk / 16; ++d2) {
@@ -1136,7 +1140,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
     qw.advance();
     if (!qw.done()) load_query_tile(qw);  // overlaps the dQ step below
     cp_async_commit();
-
+    if constexpr (kWithDq) {  // (the split backward's dK/dV kernel has no dQ step)
     // dQ[tile t] += dS K over this CTA's keys, chunk columns, in units of (16-query slab, kDqG 16-column groups)
     // over the warps: a unit loads its slab's dS fragment once per 16 keys for all of its groups
     constexpr int kDqG = Tr::kDqGroups, kSpans = kChunk / 16 / kDqG, kUnits = (kBlockM / 16) * kSpans;
@@ -1182,6 +1186,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
         }
       }
     }
+    }  // kWithDq
   }
   cp_async_wait_all();  // a CTA that visited no query tile still has its K/V copies in flight
 
@@ -1242,13 +1247,180 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
     }
 }
 
+// ---- the split backward's dQ kernel (SetAttnBwdParams::bwd_split; set_attn::DqConfig) -------------------------------
+// Shapes in the form the forward's building blocks take (fwd_scores, fwd_mask_tail): one m16 row block per warp,
+// Q's (and dO's) fragments in registers or re-read from shared memory per key tile.
+template <typename T, int kD>
+struct DqTraits {
+  using Elem = T;
+  static constexpr DqConfig kCfg = bwd_dq_config(kD);
+  static constexpr int kBlockM = kCfg.block_m;
+  static constexpr int kBlockN = kCfg.block_n;
+  static constexpr int kWarps = kCfg.num_warps;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRowBlocks = 1;
+  static constexpr bool kQInRegs = kCfg.frags_in_regs;
+  static constexpr int kPitch = smem_pitch(kD);
+  static constexpr int kSmemBytes = static_cast<int>(bwd_dq_smem_bytes(kD, sizeof(T)));
+  static constexpr int kNT = kBlockN / 8;  // score n8 tiles per warp
+  static constexpr int kDT = kD / 8;       // dQ n8 tiles
+  static constexpr int kKS = kD / 16;      // k16 steps of Q K^T and dO V^T
+  static constexpr uint32_t kRowBlockBytes = 16 * kPitch * sizeof(T);
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBlockM == 16 * kWarps, "tile shapes");
+
+  using Scores = float[1][kNT][4];  // a warp's 16 x kBlockN scores (S, then P; dP, then dS)
+  using QFrag = uint32_t[1][kQInRegs ? kKS : 1][4];
+};
+
+// One CTA: dQ of query rows [m0, m0 + kBlockM) of image i of set b, head h. With c = |scale| log2(e), lse2 = lse
+// log2(e) and delta (the preprocess kernel's, as for the main kernel), over the allowed key tiles of the query image
+// (the forward's walk, K and V double-buffered: tile t + 1 streams in while tile t is worked on):
+//   P = exp2(c Q K^T - lse2),  dP = dO V^T,  dS = P o (dP - delta),  dQ += dS K
+// dQ = scale dQ is written once, in T. A negative scale flips Q's fragments (S then carries sign(scale), as in the
+// forward); K in shared memory is the true K for dS K. Queries past L: zero-filled Q and dO rows and lse2 = +inf, so
+// P = 0 and dS = 0 (never written out); keys past L (an image's last tile): P is set to 0 (their K rows are zero
+// too, but 2^(0 - lse2) may overflow when lse is very negative).
+template <typename T, int kD>
+__global__ void __launch_bounds__(DqTraits<T, kD>::kThreads, 1) set_attn_bwd_dq_kernel(const SetAttnBwdParams p) {
+  using Tr = DqTraits<T, kD>;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kPitch = Tr::kPitch;
+  constexpr int kNT = Tr::kNT, kDT = Tr::kDT;
+  constexpr uint32_t kStageBytes = kBlockN * kPitch * sizeof(T);
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBlockM * kPitch;
+  T* sK = sdO + kBlockM * kPitch;  // stage s at + s * kBlockN * kPitch
+  T* sV = sK + 2 * kBlockN * kPitch;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t G = p.G, L = p.L, H = p.H;
+  const int D = static_cast<int>(p.D);
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const TileCoord qc = tile_coord(blockIdx.x, ceil_div(L, kBlockM), kBlockM);
+  const int64_t row = tensor_row(b, G, qc.image);
+
+  const uint8_t* mask_row = p.set_mask != nullptr ? p.set_mask + qc.image * G : nullptr;
+  KeyWalk<T, kBlockN> kw(p, b, h, mask_row);
+  TileCopyPlan<kBlockN, kD / 8, kThreads, kPitch * static_cast<int>(sizeof(T))> tile_copy;
+  tile_copy.init(tid, p.k_stride_l, p.v_stride_l, D);
+
+  load_tile<T, kBlockM, kD, kThreads>(sQ, static_cast<const T*>(p.q) + row * p.q_stride_n + h * D, p.q_stride_l,
+                                      qc.row0, L, D, tid);
+  load_tile<T, kBlockM, kD, kThreads>(sdO, static_cast<const T*>(p.dout) + row * p.do_stride_n + h * D,
+                                      p.do_stride_l, qc.row0, L, D, tid);
+  if (!kw.done()) {
+    tile_copy.copy(sK, kw.k, tile_copy.koff, kw.rows);
+    tile_copy.copy(sV, kw.v, tile_copy.voff, kw.rows);
+  }
+  cp_async_commit();
+
+  // this lane's two rows (g, g + 8 of the warp's 16): lse2 (+inf past L: P = 0) and delta
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t pos = qc.row0 + warp * 16 + lane / 4 + 8 * r;
+    const int64_t i = lse_index(b, h, qc.image, pos < L ? pos : 0, H, G, L);
+    lse2[r] = pos < L ? p.delta[p.B * H * G * L + i] : INFINITY;
+    dlt[r] = pos < L ? p.delta[i] : 0.f;
+  }
+
+  const float sl = fabsf(p.scale) * kLog2e;
+  const uint32_t qsign = p.scale < 0.f ? kSignBits : 0u;
+  const int a_row = (lane % 8) + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
+  const int b_row = (lane % 8) + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+  const uint32_t sQ_a = smem_u32(sQ + (warp * 16 + a_row) * kPitch + a_col);
+  const uint32_t sdO_a = smem_u32(sdO + (warp * 16 + a_row) * kPitch + a_col);
+  const uint32_t sK_b = smem_u32(sK + b_row * kPitch + b_col);  // B [n = key][k = d] of Q K^T (stage 0)
+  const uint32_t sV_b = smem_u32(sV + b_row * kPitch + b_col);  // ... of dO V^T
+  const uint32_t sK_t = smem_u32(sK + a_row * kPitch + a_col);  // B^T [k = key][n = d] of dS K
+  // the last dQ n8 tile holds only padding when D <= kD - 8 (40 on the 48 instance): skip its MMAs
+  const bool last_n8_live = 8 * (kDT - 1) < D;
+
+  float acc_dq[kDT][4];
+#pragma unroll
+  for (int i = 0; i < kDT; ++i) acc_dq[i][0] = acc_dq[i][1] = acc_dq[i][2] = acc_dq[i][3] = 0.f;
+  typename Tr::QFrag q_frag, do_frag;
+  bool frags_loaded = false;
+
+  int stage = 0;
+  bool have = !kw.done();
+  while (have) {
+    const int valid_keys = kw.rows;  // > 0; kBlockN except in an image's last tile
+    cp_async_wait_all();  // tile t (and Q, dO on the first trip) landed
+    __syncthreads();      // ... for every thread; and every warp is done with the other stage (tile t - 1)
+    kw.advance();
+    have = !kw.done();
+    if (have) {
+      tile_copy.copy(reinterpret_cast<unsigned char*>(sK) + (stage ^ 1) * kStageBytes, kw.k, tile_copy.koff,
+                     kw.rows);
+      tile_copy.copy(reinterpret_cast<unsigned char*>(sV) + (stage ^ 1) * kStageBytes, kw.v, tile_copy.voff,
+                     kw.rows);
+    }
+    cp_async_commit();
+    if constexpr (Tr::kQInRegs) {
+      if (!frags_loaded) {
+        fwd_load_q<Tr>(q_frag, sQ_a, qsign);
+        fwd_load_q<Tr>(do_frag, sdO_a, 0u);
+        frags_loaded = true;
+      }
+    }
+    const uint32_t so = stage * kStageBytes;
+
+    typename Tr::Scores acc_s, acc_dp;
+    fwd_scores<Tr>(acc_s, q_frag, sQ_a, sK_b + so, qsign);     // S = Q K^T (times sign(scale))
+    fwd_scores<Tr>(acc_dp, do_frag, sdO_a, sV_b + so, 0u);     // dP = dO V^T
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)  // rows g (e < 2) and g + 8
+        acc_s[0][j][e] = fast_exp2(fmaf(acc_s[0][j][e], sl, -lse2[e / 2]));
+    if (valid_keys < kBlockN) fwd_mask_tail<Tr>(acc_s, valid_keys, lane, 0.f);
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dp[0][j][e] = acc_s[0][j][e] * (acc_dp[0][j][e] - dlt[e / 2]);
+
+    // dQ += dS K: dS's accumulator layout is the A fragment layout (two n8 tiles per k16 step), K's rows the k dim
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      c_to_a<T>(a, acc_dp[0][2 * kk], acc_dp[0][2 * kk + 1]);
+#pragma unroll
+      for (int d2 = 0; d2 < kDT / 2; ++d2) {
+        uint32_t bk[4];
+        ldsm_x4_trans(bk, sK_t + so + (kk * 16 * kPitch + d2 * 16) * sizeof(T));
+        mma16816<T>(acc_dq[2 * d2], a, bk[0], bk[1]);
+        if (2 * d2 + 1 < kDT - 1 || last_n8_live) mma16816<T>(acc_dq[2 * d2 + 1], a, bk[2], bk[3]);
+      }
+    }
+    stage ^= 1;
+  }
+  cp_async_wait_all();  // a CTA that visited no key tile still has its Q and dO copies in flight
+
+  T* dq = static_cast<T*>(p.dq);
+  const int64_t HD = H * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t pos = qc.row0 + warp * 16 + lane / 4 + 8 * r;
+    if (pos >= L) continue;
+    T* const dst = dq + (row * L + pos) * HD + h * D;
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      const int col = i * 8 + (lane % 4) * 2;
+      if (col < D)
+        *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(acc_dq[i][2 * r] * p.scale, acc_dq[i][2 * r + 1] * p.scale);
+    }
+  }
+}
+
 #if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
-template <typename T, int kD, int kKB, int kNW = 4>
+template <typename T, int kD, int kKB, int kNW = 4, bool kWithDq = true>
 cudaError_t run_bwd_kb(const SetAttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<T, kD, kKB, kNW>;
   const Grid3 g = bwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockN, Tr::kChunks);
   if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_bwd_kernel<T, kD, kKB, kNW>;
+  auto kernel = set_attn_bwd_kernel<T, kD, kKB, kNW, kWithDq>;
   if (Tr::kSmemBytes > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
@@ -1259,19 +1431,46 @@ cudaError_t run_bwd_kb(const SetAttnBwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int kD>
-cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
+// The main kernel of the instance p asks for (key blocks, warps), with or without its dQ step.
+template <typename T, int kD, bool kWithDq>
+cudaError_t run_bwd_main(const SetAttnBwdParams& p, cudaStream_t stream) {
   const int kb = p.bwd_key_blocks == 0 ? bwd_default_key_blocks(kD) : p.bwd_key_blocks;
   const int warps = p.bwd_warps == 0 ? bwd_default_warps(kD) : p.bwd_warps;
   if constexpr (bwd_has_warps(kD, 1, 8)) {
-    if (kb == 1 && warps == 8) return run_bwd_kb<T, kD, 1, 8>(p, stream);
+    if (kb == 1 && warps == 8) return run_bwd_kb<T, kD, 1, 8, kWithDq>(p, stream);
   }
   if (warps != 4) return cudaErrorInvalidValue;
-  if (kb == 1) return run_bwd_kb<T, kD, 1>(p, stream);
+  if (kb == 1) return run_bwd_kb<T, kD, 1, 4, kWithDq>(p, stream);
   if constexpr (bwd_has_key_blocks(kD, 2)) {
-    if (kb == 2) return run_bwd_kb<T, kD, 2>(p, stream);
+    if (kb == 2) return run_bwd_kb<T, kD, 2, 4, kWithDq>(p, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+// The split backward's dQ kernel: one CTA per query tile (the forward's grid).
+template <typename T, int kD>
+cudaError_t run_bwd_dq(const SetAttnBwdParams& p, cudaStream_t stream) {
+  using Tr = DqTraits<T, kD>;
+  const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
+  if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
+  auto kernel = set_attn_bwd_dq_kernel<T, kD>;
+  if (Tr::kSmemBytes > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
+           Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The backward's tensor-core kernels (the preprocess and dQ conversion kernels are the launcher's): fused, or split
+// into the dK/dV kernel and the dQ kernel (p.bwd_split).
+template <typename T, int kD>
+cudaError_t run_bwd(const SetAttnBwdParams& p, cudaStream_t stream) {
+  if (p.bwd_split == 0) return run_bwd_main<T, kD, true>(p, stream);
+  const cudaError_t e = run_bwd_main<T, kD, false>(p, stream);
+  return e != cudaSuccess ? e : run_bwd_dq<T, kD>(p, stream);
 }
 #endif
 

@@ -1,5 +1,6 @@
 // Entry points of the CUDA set attention: argument validation, head-dim/dtype dispatch to the compiled instances,
-// and the backward's sequence preprocess (delta, dQ-accumulator reset) -> main kernel -> dQ conversion.
+// and the backward's sequence preprocess (delta, dQ-accumulator reset) -> main kernel -> dQ conversion (or, split:
+// preprocess -> dK/dV kernel -> dQ kernel).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -58,7 +59,7 @@ cudaError_t bwd_all(const SetAttnBwdParams& p, cudaStream_t s) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   e = dispatch_bwd<T>(p, s);
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess || p.bwd_split != 0) return e;  // the split backward wrote dq itself
   const int64_t n4 = rows * p.D / 4;
   const int64_t blocks = ceil_div(n4, 256) < 65536 ? ceil_div(n4, 256) : 65536;  // grid-stride beyond
   set_attn_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, s>>>(p.dq_accum, static_cast<T*>(p.dq), n4,
@@ -163,9 +164,13 @@ cudaError_t set_attention_bwd_launch(const SetAttnBwdParams& p, int dtype, cudaS
                      p.bwd_key_blocks == 0 ? bwd_default_key_blocks(padded_head_dim(p.D)) : p.bwd_key_blocks,
                      p.bwd_warps))
     return cudaErrorInvalidValue;
+  if (p.bwd_split != 0 && p.bwd_split != 1) return cudaErrorInvalidValue;
+  // the split backward's dQ kernel walks key tiles as the forward does (32-bit offsets inside a tile)
+  if (p.bwd_split == 1 && (!key_tiles_fit(p, 64, 32) || p.do_stride_l > max_tile_stride_l(64)))
+    return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0) return cudaSuccess;
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !aligned16(p.dout) ||
-      !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv) || !aligned16(p.dq_accum) ||
+      !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv) || (p.bwd_split == 0 && !aligned16(p.dq_accum)) ||
       !strides_ok(p.q_stride_n, p.q_stride_l) || !strides_ok(p.k_stride_n, p.k_stride_l) ||
       !strides_ok(p.v_stride_n, p.v_stride_l) || !strides_ok(p.o_stride_n, p.o_stride_l) ||
       !strides_ok(p.do_stride_n, p.do_stride_l))

@@ -306,6 +306,31 @@ JEDI_HD constexpr int64_t bwd_smem_bytes(int kD, int elem_bytes) {
   return bwd_smem_bytes(kD, elem_bytes, bwd_default_key_blocks(kD));
 }
 
+// The split backward (SetAttnBwdParams::bwd_split = 1; opt-in, twenty-seventh session, not yet timed on a GPU): the
+// main kernel above without its dQ step (dK and dV only: no dS^T staging, no float32 atomics, no dq_accum), then a
+// kernel over the query tiles that recomputes S = Q K^T, P, dP = dO V^T and dS for each allowed key tile and
+// accumulates dQ = scale dS K in registers, written once in the input dtype (no dQ conversion kernel). Two GEMMs
+// more (7 instead of 5), in exchange for no atomics and a dQ loop shaped like the forward's. Our Triton backward is
+// split this way, and the H200's ncu run of d 80, L 1024, set size 2 (2026-11-28) timed it at 226 µs (preprocess,
+// dK/dV and dQ kernels) against 355 for FA2 and 412 for this CUDA backward fused (at ncu's clocks).
+// dQ kernel tiles: 4 warps x 16 query rows, key tiles of block_n, K and V double-buffered; Q's and dO's MMA
+// fragments stay in registers up to head dim 80 (re-read from shared memory beyond, as the forward does Q's).
+struct DqConfig {
+  int block_m;          // query rows per CTA (16 per warp)
+  int block_n;          // keys per tile
+  int num_warps;
+  bool frags_in_regs;   // Q and dO fragments in registers
+};
+JEDI_HD constexpr DqConfig bwd_dq_config(int kD) {
+  // registers per thread ~ kD/2 (dQ accumulators) + block_n (S and dP) [+ kD/4 (Q and dO fragments)]
+  return kD <= 80 ? DqConfig{64, 64, 4, true} : kD <= 128 ? DqConfig{64, 64, 4, false} : DqConfig{64, 32, 4, false};
+}
+JEDI_HD constexpr int64_t bwd_dq_smem_bytes(int kD, int elem_bytes) {
+  // Q and dO (block_m rows), K and V two stages each (block_n rows)
+  return static_cast<int64_t>(2 * bwd_dq_config(kD).block_m + 4 * bwd_dq_config(kD).block_n) * smem_pitch(kD) *
+         elem_bytes;
+}
+
 // ---- mask-aware tile walk ----------------------------------------------------------------------------------------
 // `line` points at the mask entries of one image pair line: mask[i][j] for j = 0..G-1 (row: stride 1) or i = 0..G-1
 // (column: stride G). nullptr = every image allowed.

@@ -66,7 +66,9 @@ struct KeyWalk {
   const T* v = nullptr;
   int rows = 0;
 
-  __device__ __forceinline__ KeyWalk(const SetAttnParams& p, int64_t b, int64_t h, const uint8_t* mask)
+  // P: SetAttnParams, or SetAttnBwdParams (the split backward's dQ kernel walks the same tiles)
+  template <typename P>
+  __device__ __forceinline__ KeyWalk(const P& p, int64_t b, int64_t h, const uint8_t* mask)
       : mask_row(mask),
         k_set(static_cast<const T*>(p.k) + tensor_row(b, p.G, 0) * p.k_stride_n + h * p.D),
         v_set(static_cast<const T*>(p.v) + tensor_row(b, p.G, 0) * p.v_stride_n + h * p.D),
@@ -125,7 +127,8 @@ struct KeyWalk {
 
 // The launchers' side of both: row strides whose offsets inside a tile of `rows` rows fit 32 bits, and a walk whose
 // counters fit (G images x tiles of at least `min_block_n` keys).
-JEDI_HD bool key_tiles_fit(const SetAttnParams& p, int rows, int min_block_n) {
+template <typename P>  // SetAttnParams or SetAttnBwdParams
+JEDI_HD bool key_tiles_fit(const P& p, int rows, int min_block_n) {
   const int64_t lim = max_tile_stride_l(rows);
   return p.q_stride_l <= lim && p.k_stride_l <= lim && p.v_stride_l <= lim &&
          p.G * ceil_div(p.L, min_block_n) <= int64_t{INT_MAX};

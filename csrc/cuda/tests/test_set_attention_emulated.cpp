@@ -7,7 +7,8 @@
 // Covers every code path of the kernel templates (Q in registers / from shared memory, key tiles of 64 and 32,
 // backward query tiles of 64 and 32, 16 or 32 keys per warp (one or two register passes per query tile), dQ units of
 // one or several column groups, one to four dK/dV column chunks), both dtypes, partial tiles, masks (with a
-// never-attended image), fused-qkv strides, padded strides, negative scale. Prints "N passed, M failed".
+// never-attended image), fused-qkv strides, padded strides, negative scale; and the split backward (dK/dV kernel
+// without its dQ step, then the dQ kernel). Prints "N passed, M failed".
 #define JEDI_SET_ATTN_EMULATE 1
 
 #include <chrono>
@@ -34,6 +35,7 @@ struct Case {
   float scale;  // 0: D^-0.5
   bool cp_late = true;
   int splits = 1;  // > 1: the split forward (S CTAs per query tile, then the merge kernel)
+  bool split_bwd = false;  // the split backward (dK/dV kernel without its dQ step, then the dQ kernel)
 };
 
 template <typename T, int kD, int kRB = fwd_default_row_blocks(kD), int kKB = bwd_default_key_blocks(kD),
@@ -122,7 +124,8 @@ void run_case(const Case& c) {
   bp.dq = dq.data();
   bp.dk = dk.data();
   bp.dv = dv.data();
-  bp.dq_accum = dq_acc.data();
+  bp.dq_accum = c.split_bwd ? nullptr : dq_acc.data();  // the split backward has no dQ accumulator
+  bp.bwd_split = c.split_bwd ? 1 : 0;
   bp.delta = delta.data();
   bp.B = B;
   bp.G = G;
@@ -143,11 +146,20 @@ void run_case(const Case& c) {
                    [&] { set_attn_bwd_preprocess_kernel<T>(bp); });
   using BT = BwdTraits<T, kD, kKB, kBwdWarps>;
   const Grid3 gb = bwd_grid(B, G, L, H, BT::kBlockN, BT::kChunks);
-  jedi_emu::launch(EmuDim3{unsigned(gb.x), unsigned(gb.y), unsigned(gb.z)}, BT::kThreads, BT::kSmemBytes,
-                   [&] { set_attn_bwd_kernel<T, kD, kKB, kBwdWarps>(bp); });
-  const int64_t n4 = rows * D / 4;
-  jedi_emu::launch(EmuDim3{unsigned(std::min<int64_t>(ceil_div(n4, 256), 2)), 1, 1}, 256, 0,
-                   [&] { set_attn_dq_convert_kernel<T>(dq_acc.data(), static_cast<T*>(bp.dq), n4, scale); });
+  if (c.split_bwd) {
+    jedi_emu::launch(EmuDim3{unsigned(gb.x), unsigned(gb.y), unsigned(gb.z)}, BT::kThreads, BT::kSmemBytes,
+                     [&] { set_attn_bwd_kernel<T, kD, kKB, kBwdWarps, false>(bp); });
+    using QT = DqTraits<T, kD>;
+    const Grid3 gq = fwd_grid(B, G, L, H, QT::kBlockM);
+    jedi_emu::launch(EmuDim3{unsigned(gq.x), unsigned(gq.y), unsigned(gq.z)}, QT::kThreads, QT::kSmemBytes,
+                     [&] { set_attn_bwd_dq_kernel<T, kD>(bp); });
+  } else {
+    jedi_emu::launch(EmuDim3{unsigned(gb.x), unsigned(gb.y), unsigned(gb.z)}, BT::kThreads, BT::kSmemBytes,
+                     [&] { set_attn_bwd_kernel<T, kD, kKB, kBwdWarps>(bp); });
+    const int64_t n4 = rows * D / 4;
+    jedi_emu::launch(EmuDim3{unsigned(std::min<int64_t>(ceil_div(n4, 256), 2)), 1, 1}, 256, 0,
+                     [&] { set_attn_dq_convert_kernel<T>(dq_acc.data(), static_cast<T*>(bp.dq), n4, scale); });
+  }
 
   // compare
   const jedi_test::AttnRef r = jedi_test::attention_reference(B, G, L, H, D, scale, in.qf, in.kf, in.vf, dof, mask);
@@ -204,8 +216,8 @@ void run_case(const Case& c) {
     if (!all) msg += " UNWRITTEN-split-workspace";
     ok = ok && all;
   }
-  std::printf("%s splits=%d kD=%d rows/warp=%d stages=%d keys/warp=%d bwd warps=%d %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
-              ok ? "PASS" : "FAIL", NS, kD, 16 * kRB, kStages, 16 * kKB, kBwdWarps, bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
+  std::printf("%s splits=%d kD=%d rows/warp=%d stages=%d keys/warp=%d bwd warps=%d%s %s B=%lld G=%lld L=%lld H=%lld D=%lld mask=%d layout=%d scale=%.3f cp.async %s (%.1fs):%s\n",
+              ok ? "PASS" : "FAIL", NS, kD, 16 * kRB, kStages, 16 * kKB, kBwdWarps, c.split_bwd ? " split" : "", bf ? "bf16" : "fp16", (long long)B, (long long)G, (long long)L, (long long)H,
               (long long)D, c.mask, c.layout, scale, c.cp_late ? "late" : "early", secs, msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
@@ -252,7 +264,23 @@ int main(int argc, char** argv) {
   run_case<__nv_bfloat16, 48>({1, 3, 70, 1, 40, 2, 0, 3.f, false, 3});
   run_case<__half, 48>({1, 2, 33, 1, 40, 3, 2, -0.5f, true, 8});
   run_case<__nv_bfloat16, 160>({1, 2, 70, 1, 152, 1, 3, 0.f, true, 4});
+  // the split backward (dK/dV without the dQ step, then the dQ kernel over the query tiles): every SD instance (32
+  // and 16 keys per warp at 48; the 8- and 4-warp CTAs at 80; the 4-warp and query-split CTAs at 160), key and query
+  // tails, several query and key tiles, masks with a never-attended image and one-way ones, negative and large
+  // scales, fused-qkv and padded strides, padded columns, both dtypes, cp.async early and late
+  run_case<__half, 48>({1, 2, 97, 2, 40, 0, 1, 0.f, true, 1, true});
+  run_case<__nv_bfloat16, 48, 2, 1>({1, 3, 70, 1, 40, 3, 2, -0.5f, false, 1, true});
+  run_case<__nv_bfloat16, 80>({1, 2, 97, 1, 72, 2, 3, 3.f, true, 1, true});
+  run_case<__half, 80, 2, 1, 1, 4>({1, 3, 70, 1, 80, 1, 0, -2.5f, false, 1, true});
+  run_case<__nv_bfloat16, 160>({1, 2, 70, 1, 152, 3, 1, 0.f, true, 1, true});
+  run_case<__half, 160, 1, 1, 1, 8>({1, 3, 33, 2, 160, 2, 2, -0.5f, false, 1, true});
   if (!quick) {
+    run_case<__half, 48>({2, 2, 130, 1, 48, 2, 0, 2.f, true, 1, true});  // two query tiles per image, whole tiles
+    run_case<__half, 32>({2, 5, 1, 1, 8, 2, 1, 0.f, true, 1, true});     // one token per image
+    run_case<__nv_bfloat16, 64>({1, 3, 100, 1, 56, 1, 1, -0.2f, false, 1, true});
+    run_case<__half, 128>({1, 2, 40, 1, 128, 3, 0, 0.f, true, 1, true});
+    run_case<__nv_bfloat16, 256>({1, 2, 20, 1, 248, 0, 1, 0.f, true, 1, true});
+    run_case<__half, 192>({1, 1, 37, 1, 176, 0, 2, 0.f, true, 1, true});
     run_case<__half, 80>({2, 4, 33, 1, 80, 2, 0, 2.5f, false, 5});
     run_case<__nv_bfloat16, 256>({1, 2, 40, 1, 248, 0, 1, 0.f, true, 3});
     run_case<__half, 32>({2, 5, 1, 1, 8, 2, 1, 0.f, true, 4});  // one token per image: every run a tail
