@@ -105,10 +105,19 @@ def set_mask_of(kind: str, G: int) -> torch.Tensor | None:
 
 def build_fn(backend: str, q, k, v, ng, H, mode: str, qkv=None, do=None, set_mask=None, **launch):
     """A zero-arg callable running one forward (or forward+backward) on ``backend`` ("triton", "cuda", "cuda-splits":
-    the CUDA backend with its automatic key splits, ``JEDI_CUDA_FWD_SPLITS=0`` for each call, or
+    the CUDA backend with its automatic key splits, ``JEDI_CUDA_FWD_SPLITS=0`` for each call, "cuda-bwdsplit": the CUDA
+    backend with its split backward, ``JEDI_CUDA_BWD_SPLIT=1`` around each forward + backward, or
     "sdpa-<cudnn|flash|efficient|math>"); returns (fn, output_of_one_run)."""
     import jedi_kernels as jk
 
+    if backend == "cuda-bwdsplit":
+        inner, _ = build_fn("cuda", q, k, v, ng, H, mode, qkv=qkv, do=do, set_mask=set_mask)
+
+        def run_split():
+            with _env("JEDI_CUDA_BWD_SPLIT", "1"):
+                return inner()
+
+        return run_split, run_split()
     if backend == "cuda-splits":
         def fwd():
             with _env("JEDI_CUDA_FWD_SPLITS", "0"):
@@ -516,6 +525,17 @@ def cuda_bwd_warps_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     return row
 
 
+def cuda_bwd_split_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
+    """CUDA backward fused (dQ by float32 atomics from the dK/dV kernel, then a conversion kernel) vs split (the dK/dV
+    kernel without its dQ step, then a dQ kernel over the query tiles; ``JEDI_CUDA_BWD_SPLIT`` 0 / 1; twenty-seventh
+    session, untimed). On the H200 (ncu, d 80, L 1024, ng 2) our Triton backward, split this way, took 226 µs against
+    412 for the CUDA one fused."""
+    row = _variant_row(L, D, ng, dtype, rep_ms, "cuda", "JEDI_CUDA_BWD_SPLIT", {"fused": "0", "split": "1"},
+                       "cuda_bwd_split", mode="bwd")
+    row["speedup_split_vs_fused"] = row["ms_fused"] / row["ms_split"]
+    return row
+
+
 def cuda_bwd_key_blocks_row(L, D, ng=2, dtype=torch.bfloat16, rep_ms=60) -> dict:
     """CUDA backward with 16 vs 32 keys per warp (``JEDI_CUDA_BWD_KEY_BLOCKS`` 1 / 2; padded head dims <= 48 have
     both): two key blocks share every Q and dO fragment a warp loads, and a CTA's 128 keys halve the dQ atomics."""
@@ -693,7 +713,8 @@ def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_chi
     failed due to a previous error during capture"), and the next row's torch.randn raised ("Offset increment outside
     graph capture"), which ended the sweep. A child that crashes or hangs costs its item an error entry, nothing
     else. ``timeout_s`` bounds all children together; items left when it runs out get an error entry. Forward specs
-    also time "cuda-splits" (see :func:`build_fn`), after every spec's own backends."""
+    also time "cuda-splits", forward + backward specs "cuda-bwdsplit" (see :func:`build_fn`), after every spec's own
+    backends."""
     run_child = run_child or _run_graph_child
     specs = [(s[0], s[1], s[2], s[3] if len(s) > 3 else 2) for s in specs]
     items = [[L, D, mode, name, ng] for L, D, mode, ng in specs for name in graph_backends()]
@@ -702,6 +723,10 @@ def graph_rows_isolated(specs, rep_ms: int = 60, timeout_s: float = 120, run_chi
     # whole split path, workspace and merge included
     items += [[L, D, mode, "cuda-splits", ng] for L, D, mode, ng in specs
               if mode == "fwd" and "cuda" in graph_backends()]
+    # the CUDA split backward (opt-in, twenty-seventh session: dK/dV kernel without the dQ step, then a dQ kernel; no
+    # float32 atomics) on every forward + backward spec
+    items += [[L, D, mode, "cuda-bwdsplit", ng] for L, D, mode, ng in specs
+              if mode != "fwd" and "cuda" in graph_backends()]
     results: list = []
     deadline = time.time() + timeout_s
     empty = 0  # children in a row that wrote nothing
@@ -904,6 +929,9 @@ def sweep(quick: bool, rep_ms: int, save=None) -> list[dict]:
         for L, D in ((1024, 80), (256, 160)):
             add(cuda_bwd_warps_row(L, D, rep_ms=rep_ms))
             print(f"CUDA backward 8 vs 4 warps, L={L} D={D}: x{rows[-1]['speedup_8_vs_4warps']:.2f}", flush=True)
+        for L, D in ((4096, 40), (1024, 80), (256, 160)):
+            add(cuda_bwd_split_row(L, D, rep_ms=rep_ms))
+            print(f"CUDA backward split vs fused, L={L} D={D}: x{rows[-1]['speedup_split_vs_fused']:.2f}", flush=True)
         for L, D in ((4096, 40), (1024, 80)):  # the forward's two instance switches per shape
             add(cuda_fwd_stages_row(L, D, rep_ms=rep_ms))
             print(f"CUDA forward 2 vs 1 stages, L={L} D={D}: x{rows[-1]['speedup_2_vs_1stage']:.2f} "

@@ -76,6 +76,8 @@ VARIANTS = {
                         "0: fwd_auto_splits)"),
     "cuda_bwd_warps": (("ms_4warps", "ms_8warps"), "ms_8warps",
                        "bwd_default_warps in csrc/cuda/set_attention_plan.h (JEDI_CUDA_BWD_WARPS)"),
+    "cuda_bwd_split": (("ms_fused", "ms_split"), "ms_fused",
+                       "bwd_split_from_env in csrc/cuda/set_attention_glue.cpp (JEDI_CUDA_BWD_SPLIT, opt-in)"),
     "cuda_bwd_keys_per_warp": (("ms_16keys", "ms_32keys"), "ms_32keys",
                                "bwd_default_key_blocks in csrc/cuda/set_attention_plan.h (JEDI_CUDA_BWD_KEY_BLOCKS)"),
     "rowsum_dot_vs_fadd": (("ms_dot", "ms_fadd"), "ms_fadd",

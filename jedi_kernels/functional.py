@@ -305,7 +305,9 @@ def set_attention(q, k, v, set_size, heads, *, scale=None, set_mask=None, backen
             warp only, not the Hopper one),
             ``JEDI_CUDA_BWD_KEY_BLOCKS=1|2`` (CUDA backward: 16 or 32 keys per warp) and ``JEDI_CUDA_BWD_WARPS=4|8``
             (CUDA backward at head dims 72-80: 64 or 128 keys per CTA; 128, the default, timed faster; at 136-160:
-            4 warps, the default, or 8 on the same 64 keys, two per 16 keys on alternate query passes, untimed).
+            4 warps, the default, or 8 on the same 64 keys, two per 16 keys on alternate query passes, untimed),
+            ``JEDI_CUDA_BWD_SPLIT=1`` (CUDA backward split in two kernels: dK/dV without the dQ step, then dQ over
+            the query tiles, no float32 atomics and no dQ workspace; opt-in, untimed).
         q_positions: optional positions (strictly increasing ints in [0, set_size)) of the images whose queries q
             holds: q is then (B*K, L, heads*head_dim), the K images at those positions of each set, while k and v
             hold every image (N, L, heads*head_dim); the result is those K images' outputs. For a model that needs

@@ -190,17 +190,34 @@ def cuda_fwd_sass(D: int, arch: int, dtype: str = "bf16", row_blocks: int = 1, s
     raise LookupError(f"no {kernel} for D={D} {dtype} row_blocks={row_blocks} in {src.name}")
 
 
-def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16", key_blocks: int = 1, warps: int = 4) -> str:
+def cuda_bwd_sass(D: int, arch: int, dtype: str = "bf16", key_blocks: int = 1, warps: int = 4,
+                  with_dq: bool = True) -> str:
     """SASS of the CUDA C++ backward main kernel serving head dim D (csrc/cuda/set_attention_bwd_hdim<D>.cu), the
-    ``dtype`` instantiation with ``key_blocks`` m16 key blocks per warp and ``warps`` warps per CTA."""
+    ``dtype`` instantiation with ``key_blocks`` m16 key blocks per warp and ``warps`` warps per CTA; ``with_dq``
+    False: the split backward's dK/dV kernel (the kWithDq = false instance)."""
     sass = _nvcc_sass(ROOT / "csrc" / "cuda" / f"set_attention_bwd_hdim{D}.cu", arch)
     want = "set_attn_bwd_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half")
     for blk in re.split(r"\n\s*Function : ", sass)[1:]:
         name = blk.split("\n", 1)[0]
-        args = re.search(r"set_attn_bwd_kernelI\w+?Li(\d+)ELi(\d+)ELi(\d+)E", name)
-        if want in name and args and int(args.group(2)) == key_blocks and int(args.group(3)) == warps:
+        args = re.search(r"set_attn_bwd_kernelI\w+?Li(\d+)ELi(\d+)ELi(\d+)ELb([01])E", name)
+        if (want in name and args and int(args.group(2)) == key_blocks and int(args.group(3)) == warps
+                and args.group(4) == ("1" if with_dq else "0")):
             return blk
-    raise LookupError(f"no backward kernel for D={D} {dtype} key_blocks={key_blocks} warps={warps}")
+    raise LookupError(f"no backward kernel for D={D} {dtype} key_blocks={key_blocks} warps={warps} with_dq={with_dq}")
+
+
+def cuda_bwd_dq_mix(D: int, arch: int, dtype: str = "bf16") -> tuple[collections.Counter, float]:
+    """(opcode counts, instructions) per 1024 scores of the split backward's dQ kernel serving head dim D (its key-tile
+    loop: 16 query rows x block_n keys per warp and trip; block_n from set_attn::bwd_dq_config, 64 up to 96, else
+    32)."""
+    sass = _nvcc_sass(ROOT / "csrc" / "cuda" / f"set_attention_bwd_hdim{D}.cu", arch)
+    want = "set_attn_bwd_dq_kernelI" + ("13__nv_bfloat16" if dtype == "bf16" else "6__half")
+    for blk in re.split(r"\n\s*Function : ", sass)[1:]:
+        if want in blk.split("\n", 1)[0]:
+            ops, n = sass_loop_mix(blk)
+            per = 1024 / (16 * (64 if D <= 96 else 32))
+            return collections.Counter({o: v * per for o, v in ops.items()}), n * per
+    raise LookupError(f"no dQ kernel for D={D} {dtype}")
 
 
 def cuda_bwd_configs() -> dict[tuple[int, int, int], dict[str, int]]:
@@ -359,6 +376,8 @@ def bwd_report(arch: int) -> None:
             default = sa._fused_dq(*sa.head_dim_chunks(D, True)) == (label == "triton")
             rows.append((label + (" *" if default else ""), total, n_total))
         kD = {40: 48, 80: 80, 160: 160}[D]
+        # the split backward's dQ kernel (one loop trip per key tile of a warp's 16 query rows)
+        dq_ops, dq_n = cuda_bwd_dq_mix(D, arch)
         for kb, warps in ((1, 4), (2, 4), (1, 8)):
             c = cfgs.get((kD, kb, warps))
             if c is None:
@@ -374,10 +393,17 @@ def bwd_report(arch: int) -> None:
             per_1024 = 1024 / (16 * kb * c["block_m"]) * (kD // c["chunk"])
             rows.append((f"cuda {16 * kb}k" + (" 8w" if warps == 8 else ""),
                          collections.Counter({o: v * per_1024 for o, v in ops.items()}), n * per_1024))
+            # the split backward (JEDI_CUDA_BWD_SPLIT=1): this instance without its dQ step, plus the dQ kernel
+            ops_s, n_s = dynamic_loop_mix(cuda_bwd_sass(D, arch, key_blocks=kb, warps=warps, with_dq=False),
+                                          [passes] if passes > 1 else [])
+            total = collections.Counter({o: v * per_1024 for o, v in ops_s.items()})
+            total.update(dq_ops)
+            rows.append((f"cuda {16 * kb}k" + (" 8w" if warps == 8 else "") + " split", total,
+                         n_s * per_1024 + dq_n))
         for name, ops, n in rows:
             fp32 = sum(ops[o] for o in FP32_PIPE)
             mma = ops["HGMMA"] + ops["HMMA"]
-            print(f"  D={D:3d} {name:10s} instructions {n:6.0f}  MUFU {ops['MUFU']:5.0f}  FP32 {fp32:5.0f}  "
+            print(f"  D={D:3d} {name:16s} instructions {n:6.0f}  MUFU {ops['MUFU']:5.0f}  FP32 {fp32:5.0f}  "
                   f"MMA {mma:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "
                   f"LDSM {ops['LDSM']:4.0f}  atomics {ops['REDG'] + ops['RED']:3.0f}")
 
@@ -386,8 +412,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--bwd", action="store_true", help="the backward instead: Triton (dK/dV kernel with dQ by "
-                    "atomics, or dK/dV + dQ kernels) vs the CUDA C++ backward instances (needs nvcc), per score "
-                    "element")
+                    "atomics, or dK/dV + dQ kernels) vs the CUDA C++ backward instances, fused and split (needs "
+                    "nvcc), per score element")
     ap.add_argument("--cuda", action="store_true", help="also the CUDA C++ forward instances (needs nvcc), per score "
                     "element next to the Triton kernel's best variant")
     ap.add_argument("--wgmma", action="store_true", help="the Hopper (wgmma, sm_90a) forward's variants instead: "
@@ -443,7 +469,7 @@ def main(argv=None) -> int:
                 k = 1024 / elems
                 fp32 = sum(ops[o] for o in FP32_PIPE)
                 mma = ops["HGMMA"] + ops["HMMA"]
-                print(f"  D={D:3d} {name:10s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
+                print(f"  D={D:3d} {name:16s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
                       f"without rescale {steady * k:4.0f}, inside an image {inside * k:4.0f})  "
                       f"MUFU {ops['MUFU'] * k:5.0f}  "
                       f"FP32 {fp32 * k:5.0f}  MMA {mma * k:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "

@@ -190,6 +190,17 @@ int bwd_warps_from_env(int64_t D, int key_blocks, const char* op) {
   return set_attn::bwd_has_warps(kD, kb, warps) ? warps : 0;
 }
 
+// JEDI_CUDA_BWD_SPLIT=1 runs the split backward (set_attn::DqConfig): the main kernel computes dK and dV only and a
+// second kernel dQ over the query tiles, no float32 atomics and no dQ accumulator (nor its workspace); unset, empty or
+// 0: the fused backward. Opt-in until a GPU run has timed it (twenty-seventh session).
+int bwd_split_from_env(const char* op) {
+  const char* env = std::getenv("JEDI_CUDA_BWD_SPLIT");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string v(env);
+  JEDI_CHECK(v == "0" || v == "1", op, ": JEDI_CUDA_BWD_SPLIT must be 0 or 1, got '", v, "'");
+  return v[0] - '0';
+}
+
 std::tuple<at::Tensor, at::Tensor> set_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           const at::Tensor& v_in, int64_t set_size, int64_t heads,
                                                           double scale, const std::optional<at::Tensor>& set_mask) {
@@ -267,7 +278,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
   const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in), o = kernel_view(out_in);
   const at::Tensor g = kernel_view(grad_out_in.contiguous());
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor dq_accum = at::empty({set_attn_dq_accum_elems(s.B, s.G, s.L, s.H, s.D)}, q_in.options().dtype(at::kFloat));
+  const int split = bwd_split_from_env(op);
+  at::Tensor dq_accum;  // the fused backward's float32 dQ accumulator (the split backward has none)
+  if (split == 0)
+    dq_accum = at::empty({set_attn_dq_accum_elems(s.B, s.G, s.L, s.H, s.D)}, q_in.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({set_attn_delta_elems(s.B, s.G, s.L, s.H)}, q_in.options().dtype(at::kFloat));
 
   SetAttnBwdParams p{};
@@ -282,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_attention_bwd_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq_accum = split == 0 ? dq_accum.data_ptr<float>() : nullptr;
+  p.bwd_split = split;
   p.delta = delta.data_ptr<float>();
   p.bwd_key_blocks = bwd_key_blocks_from_env(s.D, op);
   p.bwd_warps = bwd_warps_from_env(s.D, p.bwd_key_blocks, op);

@@ -866,6 +866,9 @@ template <typename T, int kD, int kKB, int kNW = 4, bool kWithDq = true>
 __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
     set_attn_bwd_kernel(const SetAttnBwdParams p) {
   using Tr = BwdTraits<T, kD, kKB, kNW>;
+  // K's fragments in registers (Tr::kKInRegs), except in the split backward's dK/dV kernel with two key blocks: there,
+  // without the dQ step, sm_80 ptxas spilled 12 bytes (the instance SD's d 40 runs)
+  constexpr bool kKRegs = Tr::kKInRegs && (kWithDq || kKB == 1);
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kWarps = Tr::kWarps;
   constexpr int kPitch = Tr::kPitch, kPitchS = Tr::kPitchS, kChunk = Tr::kChunk, kSubM = Tr::kSubM;
   constexpr int kMT = kSubM / 8;   // n8 tiles over the queries of one pass of S^T / dP^T
@@ -964,7 +967,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
 
   float* dq_accum = p.dq_accum;
   const int64_t HD = H * D;
-  uint32_t k_frag[Tr::kKInRegs ? kKB : 1][Tr::kKInRegs ? kKS : 1][4];
+  uint32_t k_frag[kKRegs ? kKB : 1][kKRegs ? kKS : 1][4];
   uint32_t v_frag[Tr::kVInRegs ? kKB : 1][Tr::kVInRegs ? kKS : 1][4];
   bool kv_loaded = false;
 
@@ -974,13 +977,13 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
     cp_async_wait_all();
     __syncthreads();  // Q, dO, lse, delta of tile t visible; every warp done with the previous dS^T and dQ step
 
-    if constexpr (Tr::kKInRegs || Tr::kVInRegs) {
+    if constexpr (kKRegs || Tr::kVInRegs) {
       if (!kv_loaded) {  // K and V landed with the first query tile
 #pragma unroll
         for (int kb = 0; kb < kKB; ++kb)
 #pragma unroll
           for (int ks = 0; ks < kKS; ++ks) {
-            if constexpr (Tr::kKInRegs) {
+            if constexpr (kKRegs) {
               ldsm_x4(k_frag[kb][ks], sK_a + kb * kKeyBlockBytes + ks * 16 * sizeof(T));
 #pragma unroll
               for (int i = 0; i < 4; ++i) k_frag[kb][ks][i] ^= ksign;
@@ -1005,7 +1008,7 @@ __global__ void __launch_bounds__(BwdTraits<T, kD, kKB, kNW>::kThreads, 1)
         uint32_t a[kKB][4];
 #pragma unroll
         for (int kb = 0; kb < kKB; ++kb) {
-          if constexpr (Tr::kKInRegs) {
+          if constexpr (kKRegs) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) a[kb][i] = k_frag[kb][ks][i];
           } else {

@@ -323,7 +323,7 @@ struct DqConfig {
 };
 JEDI_HD constexpr DqConfig bwd_dq_config(int kD) {
   // registers per thread ~ kD/2 (dQ accumulators) + block_n (S and dP) [+ kD/4 (Q and dO fragments)]
-  return kD <= 80 ? DqConfig{64, 64, 4, true} : kD <= 128 ? DqConfig{64, 64, 4, false} : DqConfig{64, 32, 4, false};
+  return kD <= 80 ? DqConfig{64, 64, 4, true} : kD <= 96 ? DqConfig{64, 64, 4, false} : DqConfig{64, 32, 4, false};
 }
 JEDI_HD constexpr int64_t bwd_dq_smem_bytes(int kD, int elem_bytes) {
   // Q and dO (block_m rows), K and V two stages each (block_n rows)

@@ -400,7 +400,7 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
     monkeypatch.setattr(sw, "graph_backends", lambda: ["sdpa-cudnn", "triton", "cuda"])
     monkeypatch.setattr(sw, "available_ours", lambda: ["triton", "cuda"])
     calls = []
-    ms = {"sdpa-cudnn": 0.30, "triton": 0.25, "cuda": 0.50, "cuda-splits": 0.20}
+    ms = {"sdpa-cudnn": 0.30, "triton": 0.25, "cuda": 0.50, "cuda-splits": 0.20, "cuda-bwdsplit": 0.40}
 
     def child(items, rep_ms, timeout_s):
         calls.append([tuple(i) for i in items])
@@ -413,15 +413,17 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
     rows = sw.graph_rows_isolated([(1024, 80, "fwd+bwd"), (64, 160, "fwd")], rep_ms=7, timeout_s=60, run_child=child)
     assert [c[0] for c in calls] == [(1024, 80, "fwd+bwd", "sdpa-cudnn", 2), (1024, 80, "fwd+bwd", "cuda", 2),
                                      (64, 160, "fwd", "triton", 2)]
-    assert len(calls[0]) == 7 and len(calls[2]) == 3  # (the forward spec's "cuda-splits" item comes last)
-    assert calls[0][-1] == (64, 160, "fwd", "cuda-splits", 2)
+    assert len(calls[0]) == 8 and len(calls[2]) == 4  # (then the forward spec's "cuda-splits" item, and the
+    assert calls[0][-2:] == [(64, 160, "fwd", "cuda-splits", 2),  # forward + backward spec's "cuda-bwdsplit")
+                             (1024, 80, "fwd+bwd", "cuda-bwdsplit", 2)]
     first, second = rows
     assert (first["L"], first["D"], first["mode"], first["kind"], first["ng"]) == (1024, 80, "fwd+bwd", "cuda_graph", 2)
-    assert first["ms_graph"] == {"sdpa-cudnn": 0.30, "cuda": 0.50}
+    assert first["ms_graph"] == {"sdpa-cudnn": 0.30, "cuda": 0.50, "cuda-bwdsplit": 0.40}
     assert first["errors"] == {"triton": "AcceleratorError: capture failed"}
     assert first["ratio_graph_cuda"] == pytest.approx(0.6) and "ratio_graph_triton" not in first
     assert second["ms_graph"] == {"triton": 0.25, "cuda": 0.50, "cuda-splits": 0.20} and "best_sdpa_graph" not in second
     assert "cuda-splits" not in first["ms_graph"] and "cuda-splits" not in first["errors"]  # fwd+bwd: not split
+    assert "cuda-bwdsplit" not in second["ms_graph"]  # a forward spec: no backward to split
     assert second["errors"]["sdpa-cudnn"].startswith("child process exited -11 during this item: Fatal Python error")
     assert second["tflops_graph"]["triton"] == pytest.approx(sw.flops(2, sw.HEADS, 2, 64, 160, "fwd") / 0.25 * 1e-9)
     # no time left: every item is an error entry, no child runs
@@ -432,9 +434,9 @@ def test_graph_rows_isolated_goes_on_after_failed_and_crashed_children(monkeypat
     calls.clear()
     rows = sw.graph_rows_isolated([(64, 160, "fwd"), (1024, 80, "fwd+bwd")], timeout_s=60,
                                   run_child=lambda items, rep_ms, t: (calls.append(len(items)) or [], 1, "ImportError"))
-    assert calls == [7, 6]
+    assert calls == [8, 7]
     errors = [e for r in rows for e in r["errors"].values()]
-    assert len(errors) == 7 and errors[:2] == ["child process exited 1 during this item: ImportError"] * 2
+    assert len(errors) == 8 and errors[:2] == ["child process exited 1 during this item: ImportError"] * 2
     assert all(e.startswith("skipped: two child processes in a row wrote nothing") for e in errors[2:])
     # a spec may name its set size (ng 2 when it does not): the items carry it, and so do the rows
     calls.clear()
@@ -461,6 +463,28 @@ def test_build_fn_cuda_splits_runs_the_cuda_backend_with_the_automatic_split_cou
     fn()
     assert seen == [("cuda", "0"), ("cuda", "0")] and "JEDI_CUDA_FWD_SPLITS" not in os.environ
     assert torch.equal(out, q)
+
+
+def test_build_fn_cuda_bwdsplit_sets_the_switch_around_forward_and_backward(monkeypatch):
+    """"cuda-bwdsplit" is the CUDA backend's forward + backward with JEDI_CUDA_BWD_SPLIT=1 set around each call (the
+    backward reads it; a CUDA-graph capture records the split kernels), the variable restored after it (stand-in
+    for the op, which autograd differentiates as the identity here)."""
+    import jedi_kernels as jk
+
+    seen = []
+
+    def fake_set_attention(q, k, v, ng, H, set_mask=None, backend="auto"):
+        seen.append((backend, os.environ.get("JEDI_CUDA_BWD_SPLIT")))
+        return q * 1.0
+
+    monkeypatch.setattr(jk, "set_attention", fake_set_attention)
+    monkeypatch.delenv("JEDI_CUDA_BWD_SPLIT", raising=False)
+    qkv = torch.randn(2, 8, 16, requires_grad=True)
+    fn, out = sw.build_fn("cuda-bwdsplit", qkv, qkv, qkv, 2, 2, "fwd+bwd", qkv=qkv, do=torch.ones(2, 8, 16))
+    fn()
+    # (build_fn runs once for the inner "cuda" function without the switch, then each call of the split one)
+    assert seen[-2:] == [("cuda", "1"), ("cuda", "1")] and "JEDI_CUDA_BWD_SPLIT" not in os.environ
+    assert torch.equal(out, qkv)
 
 
 def test_graph_items_child_writes_each_result_and_stops_at_the_first_failure(monkeypatch, tmp_path):
@@ -656,13 +680,13 @@ def _fake_sweep_row(*args, **kwargs):
             "speedup_gluon_vs_pointer": 1.0, "speedup_gluon_vs_cudnn": 1.0, "tflops_best_gluon": 1.0,
             "speedup_fast_vs_triton_launch": 1.0, "ms_fast_launch": 1.0, "gluonbwd_ran": True,
             "best_gluonbwd": "glbwd1", "speedup_gluonbwd_vs_split": 1.0, "speedup_gluonbwd_vs_cudnn": 1.0,
-            "tflops_best_gluonbwd": 1.0, "speedup_auto_vs_off": 1.0}
+            "tflops_best_gluonbwd": 1.0, "speedup_auto_vs_off": 1.0, "speedup_split_vs_fused": 1.0}
 
 
 _SWEEP_ROW_FNS = ("measure_row", "chunking_row", "bwd_chunking_row", "rowsum_row", "triton_bwd_dq_row",
                   "cuda_row_blocks_row", "cuda_bwd_key_blocks_row", "peak_memory_row", "triton_fwd_ws_row",
                   "cuda_fwd_stages_row", "cuda_bwd_warps_row", "cuda_wgmma_fwd_row", "triton_gluon_fwd_row",
-                  "triton_gluon_bwd_row", "fast_launch_row", "graph_row", "cuda_fwd_splits_row")
+                  "triton_gluon_bwd_row", "fast_launch_row", "graph_row", "cuda_fwd_splits_row", "cuda_bwd_split_row")
 
 
 def _fake_sweep(monkeypatch, **spies):

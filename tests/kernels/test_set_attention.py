@@ -983,9 +983,44 @@ def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
         out.backward(torch.ones_like(out))
         torch.cuda.synchronize()
     names = {e.name for e in prof.events() if "set_attn_bwd_kernel" in e.name}
-    # the kernel's template arguments (T, kD, kKB, kNW) end its demangled name: "..., 80, 1, 8>" for the 8-warp CTA
+    # the kernel's template arguments (T, kD, kKB, kNW, kWithDq) end its demangled name: "..., 80, 1, 8, true>" for
+    # the 8-warp CTA
     wide = (warps in ("0", "8") and 64 < D <= 80) or (warps == "8" and D > 128)
-    assert names and all(bool(re.search(r",\s*(\(int\))?1,\s*(\(int\))?8>", n)) == wide for n in names), names
+    assert names and all(bool(re.search(r",\s*(\(int\))?1,\s*(\(int\))?8,\s*(true|\(bool\)1)>", n)) == wide
+                         for n in names), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, G, L, H, D, mask, fused, warps", [
+    (1, 2, 4096, 2, 40, "full", True, "0"),    # SD's 64x64 level (32 keys per warp in the dK/dV kernel)
+    (2, 3, 97, 2, 40, "random", False, "0"),   # partial query and key tiles, masked
+    (1, 2, 1024, 2, 80, "full", True, "0"),    # SD's 32x32 level: the 8-warp dK/dV CTA
+    (1, 4, 130, 1, 72, "oneway", False, "4"),  # the 4-warp one, a mask, padded columns
+    (1, 2, 256, 2, 160, "full", True, "0"),    # SD's 16x16 level: 32-key tiles in the dQ kernel
+    (1, 3, 97, 1, 152, "random", False, "8"),  # the query-split dK/dV CTA, tails, padded columns
+    (2, 2, 33, 1, 256, "blockdiag", False, "0"),  # a generic instance
+])
+def test_cuda_backward_split(monkeypatch, B, G, L, H, D, mask, fused, warps):
+    """The split CUDA backward (JEDI_CUDA_BWD_SPLIT=1: the dK/dV kernel without its dQ step, then the dQ kernel; no
+    dQ accumulator, no conversion kernel) passes the 2x rule for dq, dk, dv in both dtypes, with each dK/dV CTA
+    shape; the profiler shows the dQ kernel and the dK/dV instance without dQ ran, and no conversion kernel."""
+    _require_cuda_attention()
+    monkeypatch.setenv("JEDI_CUDA_BWD_SPLIT", "1")
+    monkeypatch.setenv("JEDI_CUDA_BWD_WARPS", warps)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused, backend="cuda")
+    _, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cuda"))
+    q.requires_grad_()
+    out = jk.set_attention(q, k, v, G, H, backend="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if "set_attn" in e.name}
+    assert any("set_attn_bwd_dq_kernel" in n for n in names), names
+    assert not any("dq_convert" in n for n in names), names
+    # the main kernel's last template argument (kWithDq) is false: "..., false>" in its demangled name
+    main = [n for n in names if "set_attn_bwd_kernel" in n]
+    assert main and all(re.search(r"(false|\(bool\)0)>", n) for n in main), main
 
 
 @pytest.mark.gpu
@@ -1100,14 +1135,15 @@ def test_ws_forward_gpu(monkeypatch, B, G, L, H, D, mask, fused, dtype):
 
 
 @pytest.mark.parametrize("switch", ["JEDI_CUDA_FWD_ROW_BLOCKS", "JEDI_CUDA_FWD_STAGES", "JEDI_CUDA_BWD_KEY_BLOCKS",
-                                    "JEDI_CUDA_BWD_WARPS", "JEDI_CUDA_FWD_WGMMA"])
+                                    "JEDI_CUDA_BWD_WARPS", "JEDI_CUDA_FWD_WGMMA", "JEDI_CUDA_BWD_SPLIT"])
 def test_cuda_instance_switch_bad_value(monkeypatch, switch):
     """A bad value of a CUDA instance switch is an error naming the variable, from the pass that reads it."""
     _require_cuda_attention()
     _, (q, k, v) = _inputs(1, 2, 16, 1, 40, torch.float16, torch.device("cuda"))
     q.requires_grad_()
     monkeypatch.setenv(switch, "6" if switch == "JEDI_CUDA_FWD_WGMMA" else "3")
-    allowed = {"JEDI_CUDA_BWD_WARPS": "0, 4 or 8", "JEDI_CUDA_FWD_WGMMA": "0, 1, 2, 3, 4 or 5"}.get(switch, "0, 1 or 2")
+    allowed = {"JEDI_CUDA_BWD_WARPS": "0, 4 or 8", "JEDI_CUDA_FWD_WGMMA": "0, 1, 2, 3, 4 or 5",
+               "JEDI_CUDA_BWD_SPLIT": "0 or 1"}.get(switch, "0, 1 or 2")
     bad = pytest.raises(RuntimeError, match=f"{switch} must be {allowed}")
     if switch.startswith("JEDI_CUDA_FWD"):
         with bad:

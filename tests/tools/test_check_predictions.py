@@ -98,6 +98,9 @@ def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_res
                 "s27-fold-linear-bias-ng2-h200", "s27-fold-linear-bias-ng2-h100",
                 # the GEMM probe (benchmarks/gemm_probe.py), added with the change
                 "s27-gemm-nobias-64x64-h200", "s27-gemm-accumulate-ff-out-64x64-h200",
+                # the harness's bwd[split] timing, added with the split backward
+                "s27-cuda-bwd-split-d80-L1024-ng2-h200", "s27-cuda-bwd-split-d160-L256-ng2-h200",
+                "s27-cuda-bwd-split-d40-L4096-ng2-h200",
                 # H100 predictions on the sweep's key-split rows, which no H100 run has had yet
                 "s22-cuda-fwd-splits-d80-L1024-ng1", "s22-cuda-fwd-splits-d160-L64-ng4",
                 "s22-cuda-fwd-splits-d160-L256-ng1", "s22-cuda-fwd-splits-d160-L256-ng2"}

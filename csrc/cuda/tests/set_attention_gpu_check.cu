@@ -59,6 +59,7 @@ struct Case {
   int bwd_warps = 0;   // backward CTA (SetAttnBwdParams::bwd_warps): 0 = the default
   int wgmma = 0;       // Hopper forward variant (SetAttnParams::fwd_wgmma): 0 = off
   int splits = 0;      // forward key splits (set_attention_fwd_splits' request): 0 = none, S > 1 = S
+  int bwd_split = 0;   // the split backward (SetAttnBwdParams::bwd_split)
 };
 
 uint16_t to_bits(float x, int dtype) {
@@ -198,6 +199,8 @@ bool run_case(const Case& c, bool use_graph) {
   bp.B = B; bp.G = G; bp.L = L; bp.H = H; bp.D = D; bp.scale = (float)scale;
   bp.bwd_key_blocks = c.key_blocks;
   bp.bwd_warps = c.bwd_warps;
+  bp.bwd_split = c.bwd_split;
+  if (c.bwd_split) bp.dq_accum = nullptr;  // the split backward has no dQ accumulator
 
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -265,10 +268,10 @@ bool run_case(const Case& c, bool use_graph) {
     }
   }
   std::printf("%s B=%lld G=%lld L=%lld H=%lld D=%lld %s mask=%d layout=%d scale=%.3f fwd_row_blocks=%d "
-              "fwd_stages=%d fwd_wgmma=%d fwd_splits=%d bwd_key_blocks=%d bwd_warps=%d%s:%s\n",
+              "fwd_stages=%d fwd_wgmma=%d fwd_splits=%d bwd_key_blocks=%d bwd_warps=%d bwd_split=%d%s:%s\n",
               ok ? "PASS" : "FAIL", (long long)B, (long long)G, (long long)L, (long long)H, (long long)D,
               c.dtype ? "bf16" : "fp16", c.mask, c.layout, scale, c.row_blocks, c.stages, c.wgmma, c.splits,
-              c.key_blocks, c.bwd_warps, use_graph ? " graph" : "", msg.c_str());
+              c.key_blocks, c.bwd_warps, c.bwd_split, use_graph ? " graph" : "", msg.c_str());
   std::fflush(stdout);
   (ok ? g_pass : g_fail)++;
   return ok;
@@ -420,6 +423,15 @@ void time_case(int64_t B, int64_t G, int64_t L, int64_t H, int64_t D, int dtype,
     bp.bwd_key_blocks = 0;
     bp.bwd_warps = 0;
   }
+  // the split backward (dK/dV kernel without the dQ step, then the dQ kernel; no dQ accumulator)
+  {
+    bp.bwd_split = 1;
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "  bwd[split] %.3f ms",
+                  median_ms([&] { return jedi::set_attention_bwd_launch(bp, dtype, 0); }));
+    alt += buf;
+    bp.bwd_split = 0;
+  }
   // useful FLOPs (unpadded D, allowed key fraction of the mask)
   double frac = 1.0;
   if (mask_kind) frac = (double)std::count(mask.begin(), mask.end(), 1) / (double)(G * G);
@@ -483,6 +495,10 @@ int main(int argc, char** argv) {
         for (int v = 1; v <= jedi::set_attn::kWgmmaVariants; ++v)  // 80 or 160: those compiled for it)
           if (jedi::set_attn::wgmma_variant_compiled(D, v))
             cases.push_back(Case{B, G, L, H, D, dt, mask, layout, 0.f, false, 0, 0, 0, 0, v});
+      // the split backward (dK/dV kernel without the dQ step, then the dQ kernel), with the default CTA shape
+      Case split{B, G, L, H, D, dt, mask, layout, 0.f, false};
+      split.bwd_split = 1;
+      cases.push_back(split);
     }
   };
   if (quick) {

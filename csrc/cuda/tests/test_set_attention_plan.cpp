@@ -149,6 +149,13 @@ static void test_instances() {
     // A100 opt-in limit (163 KB) bounds both; H100 allows 227 KB
     CHECK(fwd_smem_bytes(kD, 2) <= 163 * 1024, "fwd smem kD=%d: %lld", kD, (long long)fwd_smem_bytes(kD, 2));
     CHECK(bwd_smem_bytes(kD, 2) <= 163 * 1024, "bwd smem kD=%d: %lld", kD, (long long)bwd_smem_bytes(kD, 2));
+    // the split backward's dQ kernel: 16 query rows per warp, whole m16n8k16 steps over keys and columns, Q and dO
+    // fragments in registers exactly up to 80, K and V two stages each, within the A100's limit
+    const DqConfig q = bwd_dq_config(kD);
+    CHECK(q.block_m == 16 * q.num_warps && q.block_n % 16 == 0 && q.frags_in_regs == (kD <= 80) &&
+              bwd_dq_smem_bytes(kD, 2) == (2 * q.block_m + 4 * q.block_n) * smem_pitch(kD) * 2 &&
+              bwd_dq_smem_bytes(kD, 2) <= 163 * 1024,
+          "dq kernel config kD=%d", kD);
     // ldmatrix rows hit distinct 16-byte bank groups: pitch in 16-byte units is odd
     CHECK((smem_pitch(kD) * 2 / 16) % 2 == 1, "pitch kD=%d", kD);
     CHECK((smem_pitch(b.block_m) * 2 / 16) % 2 == 1, "dS pitch kD=%d", kD);
