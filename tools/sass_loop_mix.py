@@ -469,7 +469,7 @@ def main(argv=None) -> int:
                 k = 1024 / elems
                 fp32 = sum(ops[o] for o in FP32_PIPE)
                 mma = ops["HGMMA"] + ops["HMMA"]
-                print(f"  D={D:3d} {name:16s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
+                print(f"  D={D:3d} {name:10s} instructions {n * k:6.0f} (full tile {full * k:4.0f}, "
                       f"without rescale {steady * k:4.0f}, inside an image {inside * k:4.0f})  "
                       f"MUFU {ops['MUFU'] * k:5.0f}  "
                       f"FP32 {fp32 * k:5.0f}  MMA {mma * k:4.0f} ({'HGMMA' if ops['HGMMA'] else 'HMMA'})  "
