@@ -679,11 +679,24 @@ __global__ void __launch_bounds__(FwdTraits<T, kD, kRB, 2>::kThreads, FwdTraits<
 }
 
 #if !defined(JEDI_SET_ATTN_EMULATE)  // the CPU emulation calls the kernels itself
+// kernel(p) on grid g (x <= INT_MAX, y and z <= 65535; else cudaErrorInvalidValue, nothing launched) with `threads`
+// threads and `smem` bytes of dynamic shared memory: more than 48 KB needs an explicit opt-in (per kernel; cheap, and
+// legal during graph capture).
+template <typename Kernel, typename P>
+cudaError_t launch_on_grid(Kernel kernel, const Grid3& g, int threads, int smem, const P& p, cudaStream_t stream) {
+  if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), threads, smem,
+           stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T, int kD, int kRB, int kStages>
 cudaError_t run_fwd_instance(const SetAttnParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD, kRB, kStages>;
-  const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
-  if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
   auto kernel = [] {  // only the launched instance is compiled
     if constexpr (kStages == 2) {
       return set_attn_fwd_pipe_kernel<T, kD, kRB>;
@@ -691,15 +704,7 @@ cudaError_t run_fwd_instance(const SetAttnParams& p, cudaStream_t stream) {
       return set_attn_fwd_kernel<T, kD, kRB>;
     }
   }();
-  if (Tr::kSmemBytes > 48 * 1024) {
-    // > 48 KB of dynamic shared memory needs an explicit opt-in (per kernel; cheap, and legal during graph capture)
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
-           Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_on_grid(kernel, fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM), Tr::kThreads, Tr::kSmemBytes, p, stream);
 }
 
 // A split forward (p.fwd_splits = S > 1; fwd_has_splits(kD, kRB, 1)): S CTAs per query tile, then the merge.
@@ -707,18 +712,10 @@ template <typename T, int kD, int kRB>
 cudaError_t run_fwd_split(const SetAttnParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD, kRB, 1>;
   const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
-  const int64_t gx = g.x * p.fwd_splits;
-  if (gx > INT_MAX || g.y > 65535 || g.z > 65535 || !row_grid_fits(p.B * p.G, p.L, p.H)) return cudaErrorInvalidValue;
+  if (!row_grid_fits(p.B * p.G, p.L, p.H)) return cudaErrorInvalidValue;
   const RowGrid mg = row_grid(p.B * p.G, p.L, p.H);
-  auto kernel = set_attn_fwd_kernel<T, kD, kRB, true>;
-  if (Tr::kSmemBytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
-           Tr::kSmemBytes, stream>>>(p);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = launch_on_grid(set_attn_fwd_kernel<T, kD, kRB, true>, Grid3{g.x * p.fwd_splits, g.y, g.z},
+                                       Tr::kThreads, Tr::kSmemBytes, p, stream);
   if (e != cudaSuccess) return e;
   set_attn_fwd_combine_kernel<T>
       <<<dim3(static_cast<unsigned>(mg.x), static_cast<unsigned>(mg.y)), kRowThreads, 0, stream>>>(p);
@@ -1421,17 +1418,9 @@ __global__ void __launch_bounds__(DqTraits<T, kD>::kThreads, 1) set_attn_bwd_dq_
 template <typename T, int kD, int kKB, int kNW = 4, bool kWithDq = true>
 cudaError_t run_bwd_kb(const SetAttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<T, kD, kKB, kNW>;
-  const Grid3 g = bwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockN, Tr::kChunks);
-  if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_bwd_kernel<T, kD, kKB, kNW, kWithDq>;
-  if (Tr::kSmemBytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
-           Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_on_grid(set_attn_bwd_kernel<T, kD, kKB, kNW, kWithDq>,
+                        bwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockN, Tr::kChunks), Tr::kThreads, Tr::kSmemBytes, p,
+                        stream);
 }
 
 // The main kernel of the instance p asks for (key blocks, warps), with or without its dQ step.
@@ -1454,17 +1443,8 @@ cudaError_t run_bwd_main(const SetAttnBwdParams& p, cudaStream_t stream) {
 template <typename T, int kD>
 cudaError_t run_bwd_dq(const SetAttnBwdParams& p, cudaStream_t stream) {
   using Tr = DqTraits<T, kD>;
-  const Grid3 g = fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM);
-  if (g.x > INT_MAX || g.y > 65535 || g.z > 65535) return cudaErrorInvalidValue;
-  auto kernel = set_attn_bwd_dq_kernel<T, kD>;
-  if (Tr::kSmemBytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z)), Tr::kThreads,
-           Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_on_grid(set_attn_bwd_dq_kernel<T, kD>, fwd_grid(p.B, p.G, p.L, p.H, Tr::kBlockM), Tr::kThreads,
+                        Tr::kSmemBytes, p, stream);
 }
 
 // The backward's tensor-core kernels (the preprocess and dQ conversion kernels are the launcher's): fused, or split

@@ -958,6 +958,18 @@ def test_cuda_backward_instances(monkeypatch, key_blocks, B, G, L, H, D, mask, f
     _check_case(B, G, L, H, D, dtype=torch.bfloat16, mask=mask, fused=fused, backend="cuda")
 
 
+def _cuda_bwd_kernel_names(G, L, H, D) -> set[str]:
+    """The names of the CUDA kernels one fp16 CUDA-backend backward of a (1, G, L, H, D) case launches (profiler),
+    with the instance switches as the environment has them."""
+    _, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cuda"))
+    q.requires_grad_()
+    out = jk.set_attention(q, k, v, G, H, backend="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "set_attn" in e.name}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("warps", ["0", "4", "8"])
 @pytest.mark.parametrize("B, G, L, H, D, mask, fused", [
@@ -976,13 +988,7 @@ def test_cuda_backward_warps(monkeypatch, warps, B, G, L, H, D, mask, fused):
     monkeypatch.setenv("JEDI_CUDA_BWD_WARPS", warps)
     for dtype in (torch.bfloat16, torch.float16):
         _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused, backend="cuda")
-    _, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cuda"))
-    q.requires_grad_()
-    out = jk.set_attention(q, k, v, G, H, backend="cuda")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out.backward(torch.ones_like(out))
-        torch.cuda.synchronize()
-    names = {e.name for e in prof.events() if "set_attn_bwd_kernel" in e.name}
+    names = {n for n in _cuda_bwd_kernel_names(G, L, H, D) if "set_attn_bwd_kernel" in n}
     # the kernel's template arguments (T, kD, kKB, kNW, kWithDq) end its demangled name: "..., 80, 1, 8, true>" for
     # the 8-warp CTA
     wide = (warps in ("0", "8") and 64 < D <= 80) or (warps == "8" and D > 128)
@@ -1009,13 +1015,7 @@ def test_cuda_backward_split(monkeypatch, B, G, L, H, D, mask, fused, warps):
     monkeypatch.setenv("JEDI_CUDA_BWD_WARPS", warps)
     for dtype in (torch.bfloat16, torch.float16):
         _check_case(B, G, L, H, D, dtype=dtype, mask=mask, fused=fused, backend="cuda")
-    _, (q, k, v) = _inputs(1, G, L, H, D, torch.float16, torch.device("cuda"))
-    q.requires_grad_()
-    out = jk.set_attention(q, k, v, G, H, backend="cuda")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out.backward(torch.ones_like(out))
-        torch.cuda.synchronize()
-    names = {e.name for e in prof.events() if "set_attn" in e.name}
+    names = _cuda_bwd_kernel_names(G, L, H, D)
     assert any("set_attn_bwd_dq_kernel" in n for n in names), names
     assert not any("dq_convert" in n for n in names), names
     # the main kernel's last template argument (kWithDq) is false: "..., false>" in its demangled name
