@@ -492,8 +492,9 @@ class TransformerBlock(nn.Module):
                   and attn.to_out[0].bias.dtype == x.dtype)
             return attn.to_out[0].bias if ok else None
 
-        ff, lin = self.ff, self.ff.net[-1]
-        ff_ok = (type(ff) is FeedForward and len(ff.net) == 3 and isinstance(ff.net[0], GEGLU)
+        ff = self.ff  # (a wrapped feed-forward may have no .net at all)
+        lin = ff.net[-1] if type(ff) is FeedForward and len(ff.net) == 3 else None
+        ff_ok = (lin is not None and isinstance(ff.net[0], GEGLU)
                  and type(ff.net[1]) is nn.Dropout and (ff.net[1].p == 0 or not ff.net[1].training)
                  and type(lin) is nn.Linear and lin.bias is not None and lin.weight.dtype == x.dtype
                  and lin.bias.dtype == x.dtype)

@@ -809,6 +809,23 @@ def test_fold_linear_bias_leaves_wrapped_layers_and_training_alone():
     assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="training")
     _assert_same_grads(base, fast, 1e-11)
 
+    class FFWrapper(nn.Module):  # a wrapped feed-forward without FeedForward's .net: its block adds its output
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return self.inner(h)
+
+    base.eval()
+    fast.eval()
+    middle = blocks[1]
+    middle.ff = FFWrapper(middle.ff)
+    assert middle._folded_biases(x)[2] is None and middle._folded_biases(x)[0] is not None
+    with torch.no_grad():
+        ref, out = base(**inp, set_size=2), fast(**inp, set_size=2)
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="wrapped feed-forward")
+
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
