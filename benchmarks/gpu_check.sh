@@ -332,10 +332,11 @@ if [ "${JEDI_NCU_TIMEOUT:-60}" -gt 0 ] && command -v ncu >/dev/null; then
   if [ "${JEDI_NCU_BWD_TIMEOUT:-0}" -gt 0 ]; then
     # issue 4: the CUDA backward at d 80 against FA2's (and cuDNN's, Triton's) on the counters
     # (and the Gluon backward's config 1 where its probe passed it)
-    step "ncu: forward + backward at L 1024, d 80, ng 2 (FA2, cuDNN, Triton, CUDA, Triton's Gluon backward)"
+    step "ncu: forward + backward at L 1024, d 80, ng 2 (FA2, cuDNN, Triton, CUDA fused and split, Triton's Gluon backward)"
     nl=$(lim ${JEDI_NCU_BWD_TIMEOUT})
     timeout $(( nl + 10 )) $PY benchmarks/ncu_attention.py --out "$OUT/ncu_attention_bwd80.json" --timeout "$nl" \
-      --L 1024 --D 80 --bwd --backends sdpa-flash,sdpa-cudnn,triton,cuda,triton-gluonbwd1 >"$OUT/ncu_bwd80.log" 2>&1
+      --L 1024 --D 80 --bwd --backends sdpa-flash,sdpa-cudnn,triton,cuda,cuda-bwdsplit,triton-gluonbwd1 \
+      >"$OUT/ncu_bwd80.log" 2>&1
     echo "ncu bwd80 rc=$?" | tee -a "$LOG"; tail -10 "$OUT/ncu_bwd80.log" | tee -a "$LOG"
   fi
 fi

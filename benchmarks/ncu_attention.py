@@ -112,7 +112,8 @@ def run_program(args) -> None:
 
 
 # backend names beyond build_fn's: (build_fn backend, (switch, value)) of a kernel variant chosen per call
-_VARIANTS = {"cuda-2stage": ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))}
+_VARIANTS = {"cuda-2stage": ("cuda", ("JEDI_CUDA_FWD_STAGES", "2")),
+             "cuda-bwdsplit": ("cuda", ("JEDI_CUDA_BWD_SPLIT", "1"))}  # the split CUDA backward (with --bwd)
 # CUDA: the mma.sync kernel (wgmma0) and the default, which at d 40 on sm_90 is the wgmma kernel's variant 1 (the H200
 # sweep's fastest, 2026-11-28; that run profiled variant 3) and variant 4 (cuDNN's tile: 128 keys, one warpgroup per
 # CTA, three CTAs per SM); Gluon config 1 (the plain loop), 5 (warp-specialized) and 6 (5 with ping-pong)
@@ -122,7 +123,8 @@ DEFAULT_BACKENDS = "sdpa-cudnn,triton,cuda-wgmma0,cuda,cuda-wgmma4,triton-gluon1
 def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:
     """(build_fn backend, its switch and value or None) of a profiled backend name: "sdpa-<b>", "triton", "cuda",
     "cuda-2stage" (JEDI_CUDA_FWD_STAGES=2), "cuda-wgmma<n>" (JEDI_CUDA_FWD_WGMMA=n), "triton-gluon<n>"
-    (JEDI_TRITON_FWD_GLUON=n), "triton-gluonbwd<n>" (JEDI_TRITON_BWD_GLUON=n: the Gluon backward; with --bwd)."""
+    (JEDI_TRITON_FWD_GLUON=n), "triton-gluonbwd<n>" (JEDI_TRITON_BWD_GLUON=n: the Gluon backward; with --bwd),
+    "cuda-bwdsplit" (JEDI_CUDA_BWD_SPLIT=1: the split CUDA backward; with --bwd)."""
     if name in _VARIANTS:
         return _VARIANTS[name]
     for prefix, base, env in (("cuda-wgmma", "cuda", "JEDI_CUDA_FWD_WGMMA"),
@@ -132,8 +134,8 @@ def variant_of(name: str) -> tuple[str, tuple[str, str] | None]:
             return base, (env, name[len(prefix):])
     if name.startswith("sdpa-") or name in ("triton", "cuda"):
         return name, None
-    raise ValueError(f"unknown backend {name!r} (sdpa-<backend>, triton, cuda, cuda-2stage, cuda-wgmma<n>, "
-                     f"triton-gluon<n>, triton-gluonbwd<n>)")
+    raise ValueError(f"unknown backend {name!r} (sdpa-<backend>, triton, cuda, cuda-2stage, cuda-bwdsplit, "
+                     f"cuda-wgmma<n>, triton-gluon<n>, triton-gluonbwd<n>)")
 
 
 def unavailable(name: str, base: str, env, jk) -> str | None:

@@ -68,6 +68,7 @@ def test_backend_names_map_to_build_fn_backends_and_switches():
     v = ncu_attention.variant_of
     assert v("sdpa-cudnn") == ("sdpa-cudnn", None) and v("triton") == ("triton", None) and v("cuda") == ("cuda", None)
     assert v("cuda-2stage") == ("cuda", ("JEDI_CUDA_FWD_STAGES", "2"))
+    assert v("cuda-bwdsplit") == ("cuda", ("JEDI_CUDA_BWD_SPLIT", "1"))
     assert v("cuda-wgmma3") == ("cuda", ("JEDI_CUDA_FWD_WGMMA", "3"))
     assert v("triton-gluon5") == ("triton", ("JEDI_TRITON_FWD_GLUON", "5"))
     assert v("triton-gluonbwd1") == ("triton", ("JEDI_TRITON_BWD_GLUON", "1"))
