@@ -210,8 +210,11 @@ def _backward_body(grad_s, grad_n, s, weight, bias, eps, has_res, has_shift=Fals
         [True, weight is not None, bias is not None])
     if (has_res or has_shift) and grad_s is not None:
         ds = ds + grad_s
-    dshift = ds.reshape(-1, C).sum(0, dtype=torch.float64 if ds.dtype == torch.float64 else torch.float32)
-    return ds, (ds if has_res else None), dw, db, (dshift.to(ds.dtype) if has_shift else None)
+    dshift = None
+    if has_shift:  # summed in float32 (float64 for float64) over every row, rounded once
+        dshift = ds.reshape(-1, C).sum(0, dtype=torch.float64 if ds.dtype == torch.float64 else torch.float32)
+        dshift = dshift.to(ds.dtype)
+    return ds, (ds if has_res else None), dw, db, dshift
 
 
 def _save(ctx, x, residual, s, weight, bias, eps, shift=None) -> None:
