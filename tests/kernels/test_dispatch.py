@@ -732,8 +732,9 @@ def test_gpu_graph_rows_capture_forward_and_backward_for_every_backend():
     forward are captured into a CUDA graph and timed, on a small SD-like shape (L 64, d 40, set size 2, bf16). Both
     H200 runs of 2026-11-28 failed every fwd+bwd capture (a leaf first used on the default stream)."""
     items = [[64, 40, mode, name] for mode in ("fwd+bwd", "fwd") for name in sw.graph_backends()]
-    if "cuda" in sw.graph_backends():  # the forward with key splits asked for, as the sweep's graph rows time it
-        items += [[1024, 80, "fwd", "cuda-splits", 1]]
+    if "cuda" in sw.graph_backends():  # the forward with key splits asked for, as the sweep's graph rows time it,
+        items += [[1024, 80, "fwd", "cuda-splits", 1],  # and the split backward
+                  [64, 40, "fwd+bwd", "cuda-bwdsplit", 2], [256, 160, "fwd+bwd", "cuda-bwdsplit", 2]]
     results, rc, tail = sw._run_graph_child(items, rep_ms=2, timeout_s=240)
     assert rc == 0 and len(results) == len(items), (rc, results, tail)
     failed = {f"{item[2]} {item[3]}": res for item, res in zip(items, results) if "ms" not in res}
