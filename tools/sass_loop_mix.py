@@ -105,7 +105,20 @@ def loop_mix(kernel) -> tuple[collections.Counter, int]:
 
 def _nvcc_sass(src: Path, arch: int | str, extra: tuple[str, ...] = (), ptxas_log: list | None = None) -> str:
     """SASS of one csrc/cuda source compiled to a cubin with nvcc as torch's extension build compiles it (``arch``:
-    90, or "90a" for the arch-specific target); ``ptxas_log`` (a list) receives ptxas's -v output."""
+    90, or "90a" for the arch-specific target); ``ptxas_log`` (a list) receives ptxas's -v output. Without a log,
+    one compile per (source and its modification time, arch, flags) and process: a report reads several kernels of
+    one file (the backward's: each instance with and without its dQ step, and the dQ kernel)."""
+    if ptxas_log is None:
+        return _nvcc_sass_cached(Path(src), src.stat().st_mtime_ns, arch, tuple(extra))
+    return _nvcc_sass_build(src, arch, extra, ptxas_log)
+
+
+@functools.lru_cache(maxsize=16)
+def _nvcc_sass_cached(src: Path, mtime_ns: int, arch: int | str, extra: tuple[str, ...]) -> str:
+    return _nvcc_sass_build(src, arch, extra, None)
+
+
+def _nvcc_sass_build(src: Path, arch: int | str, extra: tuple[str, ...], ptxas_log: list | None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "k.cubin"
         verbose = ("-Xptxas=-v",) if ptxas_log is not None else ()
