@@ -272,8 +272,8 @@ class JeDiPipeline:
         Args:
             channels_last: store the UNet's conv weights channels-last (NHWC convolutions, no layout transforms).
             fused_ops: GroupNorm(+SiLU), GEGLU and the transformer blocks' residual add + LayerNorm through
-                jedi_kernels' fused kernels, and the convs' biases folded into the adds and GEMMs after them
-                (``JeDiUNet.set_fused_ops``).
+                jedi_kernels' fused kernels, the convs' biases folded into the adds and GEMMs after them, and each
+                Upsample as a sub-pixel convolution (``JeDiUNet.set_fused_ops``).
             fuse_qkv: every self-attention's q/k/v projections as one GEMM.
             fuse_context_kv: every cross-attention's keys and values of the text context in one GEMM for the whole
                 UNet (``JeDiUNet.set_fuse_context_kv``).

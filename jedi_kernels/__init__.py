@@ -7,12 +7,14 @@
     a = jk.geglu(h)                                         # h[..., :F] * gelu(h[..., F:]), one pass
     a = jk.linear_geglu(x, w, b)                            # geglu(x wᵀ + b), the projection never stored
     s, n = jk.add_layer_norm(x, r, w, b)                    # s = x + r, n = layer_norm(s), one pass
+    y = jk.upsample_conv2d(x, w, b)                         # conv3x3(upsample2x(x)) as a sub-pixel conv
     t = jk.take_set_positions(x, set_size, (1,))            # image 1 of every set, in x's memory format
 """
 from jedi_kernels import _ext  # noqa: F401  (imports torch, then _C)
 from jedi_kernels.backends import available_backends
 from jedi_kernels.functional import (add_layer_norm, check_set_positions, geglu, group_norm, linear_geglu,
-                                     prepare_inputs, sample_ng_mask, set_attention, take_set_positions)
+                                     prepare_inputs, sample_ng_mask, set_attention, take_set_positions,
+                                     upsample_conv2d)
 from jedi_kernels.modules import SetAttention
 from jedi_kernels.reference import (
     add_layer_norm_reference,
@@ -21,6 +23,7 @@ from jedi_kernels.reference import (
     linear_geglu_reference,
     prepare_inputs_reference,
     set_attention_reference,
+    upsample_conv2d_reference,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +36,7 @@ __all__ = [
     "geglu",
     "linear_geglu",
     "add_layer_norm",
+    "upsample_conv2d",
     "take_set_positions",
     "check_set_positions",
     "SetAttention",
@@ -43,4 +47,5 @@ __all__ = [
     "geglu_reference",
     "linear_geglu_reference",
     "add_layer_norm_reference",
+    "upsample_conv2d_reference",
 ]

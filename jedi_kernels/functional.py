@@ -10,7 +10,7 @@ from jedi_kernels import dispatch
 from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
 
 __all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu", "linear_geglu",
-           "add_layer_norm", "take_set_positions", "check_set_positions"]
+           "add_layer_norm", "upsample_conv2d", "take_set_positions", "check_set_positions"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -604,6 +604,59 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
     from jedi_kernels.ops import linear_geglu as ops
 
     return ops.linear_geglu_op(x, weight, bias, backend)
+
+
+def upsample_conv2d(x, weight, bias=None, *, backend="auto"):
+    """SD's ``Upsample``: nearest 2x upsampling, then a 3x3 convolution with padding 1, as a sub-pixel convolution.
+
+    The upsampled input is never made: its 3x3 taps that read the same input pixel are summed into four 2x2 kernels
+    (one per output phase), which run as ONE convolution of x with 4 * C_out output channels (0.44x the FLOPs), and
+    one pass interleaves the phases into the (2H, 2W) output and adds the bias (see
+    :mod:`jedi_kernels.ops.upsample_conv`). Same sums, rounded in another order: each folded weight is a sum of up to
+    four taps, rounded once to the weight's dtype.
+
+    Args:
+        x: (N, C_in, H, W) float16/bfloat16/float32/float64, any layout (channels-last stays channels-last).
+        weight: (C_out, C_in, 3, 3) in x's dtype and on its device (an ``nn.Conv2d(C_in, C_out, 3, padding=1)``
+            weight).
+        bias: (C_out,) in x's dtype and on its device, or None.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" (the sub-pixel convolution, its interleave in
+            Triton) or "torch" (``reference.upsample_conv2d_reference``: interpolate, then conv2d).
+
+    Returns:
+        (N, C_out, 2H, 2W) in x's dtype and memory format; differentiable w.r.t. x, weight and bias.
+
+    Raises:
+        TypeError: non-tensor or non-float inputs, mismatched dtypes.
+        ValueError: bad shapes, devices or backend.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"x and weight must be torch.Tensors, got {type(x)} and {type(weight)}")
+    if x.dim() != 4 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty (N, C_in, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    c_in = x.shape[1]
+    if weight.dim() != 4 or weight.shape[1:] != (c_in, 3, 3) or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (C_out, C_in, 3, 3) = (C_out, {c_in}, 3, 3), got "
+                         f"{tuple(weight.shape)}")
+    _check_dtype_device("weight", weight, "x", x)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape (C_out,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        _check_dtype_device("bias", bias, "x", x)
+    backend = _elementwise_backend(backend, x)
+    if backend == "torch":
+        from jedi_kernels.reference import upsample_conv2d_reference
+
+        return upsample_conv2d_reference(x, weight, bias)
+    from jedi_kernels.ops import upsample_conv as ops
+
+    fmt = ops._fmt(x)
+    z = F.conv2d(x.contiguous(memory_format=fmt), ops.fold_weight(weight, fmt), None, padding=1)
+    return ops.upsample_interleave_op(z, bias, backend)
 
 
 def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, shift=None, sum_shift=None,

@@ -16,6 +16,7 @@ __all__ = [
     "group_norm_reference",
     "geglu_reference",
     "add_layer_norm_reference",
+    "upsample_conv2d_reference",
 ]
 
 
@@ -204,3 +205,16 @@ def add_layer_norm_reference(
     t = x if add is None else x + add
     n = F.layer_norm(t, (t.shape[-1],), weight, bias, eps)
     return (t if sum_shift is None else t + sum_shift), n
+
+
+def upsample_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SD's ``Upsample`` (with its conv): nearest 2x upsampling, then a 3x3 convolution with padding 1.
+
+    Args:
+        x: (N, C_in, H, W) any float dtype. weight: (C_out, C_in, 3, 3), x's dtype. bias: (C_out,) or None.
+
+    Returns:
+        (N, C_out, 2H, 2W) in x's dtype: ``F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias,
+        padding=1)``.
+    """
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)

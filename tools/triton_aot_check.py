@@ -129,6 +129,14 @@ def _record(out_path: str) -> None:
             x = torch.randn(8, K, dtype=dtype)
             w = torch.randn(2 * 24, K, dtype=dtype)
             jk.linear_geglu(x, w, torch.randn(48, dtype=dtype) if bias else None, backend="triton")
+    # the Upsample's sub-pixel interleave: channels-last with a bias (SD's), NCHW without, every dtype; 64-channel
+    # blocks as at SD sizes
+    for dtype in (*halves, torch.float32, torch.float64):
+        for cl, bias in ((True, True), (False, False)):
+            x = torch.randn(1, 8, 3, 3, dtype=dtype)
+            x = x.to(memory_format=torch.channels_last) if cl else x
+            w = torch.randn(64, 8, 3, 3, dtype=dtype)
+            jk.upsample_conv2d(x, w, torch.randn(64, dtype=dtype) if bias else None, backend="triton")
     interpreter.InterpretedFunction.run = real_run
     Path(out_path).write_text(json.dumps(launches))
 

@@ -109,3 +109,25 @@ def test_targets_only_rung_is_reported_apart(monkeypatch):
     assert s["best_ms"] == {"jedi_ng2": 11.3} and s["best_ms_targets_only"] == {"jedi_ng2": 10.9}
     assert s["speedup_vs_best_peer"] == round(40.0 / 11.3, 3) and s["ng2_targets_only_meets_8ms"] is False
     assert "targets' eps only" in sl.markdown(dict(env={}, date="-", rows=rows, summary=s))
+
+
+def test_subpixel_upsample_rung_switches_only_the_upsamples():
+    """+subpixel_upsample is the first rung whose Upsample layers run jk.upsample_conv2d; the rungs before it keep
+    interpolate + conv even with the fused ops on, and every rung after it keeps it on."""
+    from jedi import JeDiUNet, UNetConfig
+    from jedi.unet import Upsample
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    ups = [m for m in unet.modules() if isinstance(m, Upsample)]
+    names = [e for e, _ in sl.LADDER]
+    at = names.index("+subpixel_upsample")
+    assert names[at - 1] == "+fold_linear_bias"
+    cudnn = torch.backends.cudnn.benchmark
+    try:
+        for i, (entry, cfg) in enumerate(sl.LADDER):
+            if cfg["attn"] != "auto":
+                continue
+            sl.configure(unet, {}, cfg)
+            assert all(m.subpixel is (i >= at) for m in ups), entry
+    finally:
+        torch.backends.cudnn.benchmark = cudnn

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import jedi_kernels as jk
@@ -861,3 +862,83 @@ def test_attention_out_bias_false():
     sa.to_out[0] = nn.Linear(16, 16, bias=False).double()
     with pytest.raises(ValueError, match="out_bias=False needs"):
         sa(x, 2, out_bias=False)
+
+
+# ---- Upsample as a sub-pixel convolution (jk.upsample_conv2d) ------------------------------------------------------
+def test_set_fused_ops_switches_subpixel_upsample():
+    from jedi.unet import Upsample
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    ups = [m for m in unet.modules() if isinstance(m, Upsample)]
+    assert ups and not any(m.subpixel for m in ups)
+    unet.set_fused_ops(True, backend="triton")
+    assert all(m.subpixel and m.backend == "triton" for m in ups)
+    unet.set_fused_ops(False)
+    assert not any(m.subpixel for m in ups)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_subpixel_upsample_float64_equals_plain(monkeypatch, channels_last):
+    """With the fused ops on the Triton backend every Upsample runs jk.upsample_conv2d (no upsampled tensor: no
+    F.interpolate call) and the float64 output is the plain model's to rounding; a wrapped conv (a subclass, e.g.
+    LoRA) keeps its own forward."""
+    import jedi.unet as unet_mod
+    from jedi.unet import Upsample
+
+    base, fast = _pair()
+    base, fast = base.double(), fast.double()
+    fast.set_fused_ops(True, backend="triton")
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+        inp = dict(inp, x_t=inp["x_t"].to(memory_format=torch.channels_last),
+                   x0=inp["x0"].to(memory_format=torch.channels_last))
+    calls = {"subpixel": 0, "interpolate": 0}
+    real_sub, real_interp = jk.upsample_conv2d, F.interpolate
+
+    def sub(*a, **k):
+        calls["subpixel"] += 1
+        return real_sub(*a, **k)
+
+    def interp(*a, **k):
+        calls["interpolate"] += 1
+        return real_interp(*a, **k)
+
+    monkeypatch.setattr(unet_mod.jk, "upsample_conv2d", sub)
+    monkeypatch.setattr(unet_mod.F, "interpolate", interp)
+    with torch.no_grad():
+        ref, out = base(**inp, set_size=2), fast(**inp, set_size=2)
+    n_up = _count(fast, Upsample)
+    assert calls == {"subpixel": n_up, "interpolate": n_up}  # the plain model's calls only
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="subpixel upsample float64")
+
+    class WrappedConv(nn.Conv2d):
+        pass
+
+    up = next(m for m in fast.modules() if isinstance(m, Upsample))
+    wrapped = WrappedConv(up.conv.in_channels, up.conv.out_channels, 3, padding=1).double()
+    wrapped.load_state_dict(up.conv.state_dict())
+    up.conv = wrapped
+    calls.update(subpixel=0, interpolate=0)
+    with torch.no_grad():
+        out = fast(**inp, set_size=2)
+    assert calls == {"subpixel": n_up - 1, "interpolate": 1}
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name="wrapped upsample conv")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
+def test_subpixel_upsample_training_grads_equal_plain():
+    """Under autograd the sub-pixel path stays on (it is differentiable: the fold, the conv and the interleave's
+    adjoint): the Upsample convs' gradients, and all others, equal the plain model's in float64."""
+    from jedi.unet import Upsample
+
+    base, fast = _pair()
+    base, fast = base.double(), fast.double()
+    for m in fast.modules():
+        if isinstance(m, Upsample):
+            m.subpixel, m.backend = True, "triton"
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    outs = _train_each((base, fast), inp)
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="training subpixel")
+    _assert_same_grads(base, fast, 1e-11)

@@ -13,6 +13,7 @@ from jedi_kernels.ops import geglu as geglu_ops
 from jedi_kernels.ops import group_norm as gn_ops
 from jedi_kernels.ops import layer_norm as ln_ops
 from jedi_kernels.ops import set_attention as sa
+from jedi_kernels.ops import upsample_conv as up_ops
 
 BACKENDS = ["torch"] + (["triton"] if jk.available_backends()["triton"] else [])
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -85,9 +86,22 @@ def _attn_case(backend):
             sa._SetAttentionEager, (sa, "_fwd_body"), "jedi.set_attention_fwd")
 
 
+def _upsample_case(backend):
+    x = torch.randn(2, 6, 3, 4, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
+    w = torch.randn(5, 6, 3, 3, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
+    b = torch.randn(5, device=DEVICE, dtype=DTYPE)
+
+    def op(x, w, b):
+        z = torch.nn.functional.conv2d(x, up_ops.fold_weight(w), None, padding=1)
+        return torch.ops.jedi.upsample_interleave(z, b, backend)
+
+    return ((x, w, b), lambda x, w, b: jk.upsample_conv2d(x, w, b, backend=backend), op,
+            up_ops._InterleaveEager, (up_ops, "_fwd_body"), "jedi.upsample_interleave")
+
+
 CASES = [(_gn_case, b) for b in BACKENDS] + [(_gn_shift_case, b) for b in BACKENDS] + \
     [(_geglu_case, b) for b in BACKENDS] + [(_ln_case, b) for b in BACKENDS] + \
-    ([(_attn_case, "triton")] if "triton" in BACKENDS else [])
+    ([(_attn_case, "triton"), (_upsample_case, "triton")] if "triton" in BACKENDS else [])
 
 
 @pytest.mark.parametrize("case, backend", CASES, ids=[f"{c.__name__[1:-5]}-{b}" for c, b in CASES])
