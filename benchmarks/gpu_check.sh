@@ -355,7 +355,8 @@ if [ "${JEDI_BENCH_TIMEOUT:-180}" -gt 0 ]; then
 sel=()
 if [ -n "$QUICK" ]; then sel=(-k "not ng8"); fi
 timeout "$(lim ${JEDI_BENCH_TIMEOUT:-180})" $PY -m pytest benchmarks/bench_prepare_inputs.py benchmarks/bench_geglu.py \
-  benchmarks/bench_group_norm.py benchmarks/bench_layer_norm.py benchmarks/bench_set_attention.py benchmarks/bench_upsample_conv.py -m gpu --benchmark-only -q -p no:cacheprovider \
+  benchmarks/bench_group_norm.py benchmarks/bench_layer_norm.py benchmarks/bench_set_attention.py benchmarks/bench_upsample_conv.py \
+  benchmarks/bench_residual_add.py -m gpu --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json" "${sel[@]}" >"$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$LOG"
 tail -8 "$OUT/bench.log" | tee -a "$LOG"

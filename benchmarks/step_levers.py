@@ -27,9 +27,12 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
                         (addmm_, its bias in that residual already): no add after it
     +subpixel_upsample  each Upsample (nearest 2x + 3x3 conv) as one conv of its small input with four folded 2x2
                         kernels and a Triton interleave + bias pass (jedi_kernels.upsample_conv2d: 0.44x the FLOPs,
-                        no upsampled tensor, no bias pass; the rest of set_fused_ops)
+                        no upsampled tensor, no bias pass)
+    +residual_add       the ResBlocks' and SpatialTransformers' residual adds take their output convs' biases
+                        (jedi_kernels.residual_add, one pass): conv2 without cuDNN's strided bias pass, the 1x1 skip
+                        and proj_out GEMMs without a bias epilogue (the rest of set_fused_ops)
     +targets_only       the sampler's step: eps of the targets only (JeDiUNet out_positions), the references run up
-                        to the last joint self-attention, whose keys and values need them (on +subpixel_upsample; the
+                        to the last joint self-attention, whose keys and values need them (on +residual_add; the
                         rungs after it compute every image again). Its output is half the full step's at set size 2,
                         so it is reported apart (summary best_ms_targets_only) and never picked as the best
                         configuration the peers are compared with
@@ -86,11 +89,11 @@ TARGET_NG4_OVER_NG2 = 2.1
 ANCHOR_PEER_MS = {"jedi_ng2": 12.26, "blipd": 6.54}  # diffusers compile reduce-overhead channels-last, H100 2026-11-26
 
 BASE = dict(gn_fp32=False, channels_last=False, fused_ops=False, fused_ln=False, fold_bias=False, fuse_qkv=False,
-            fuse_context_kv=False, fold_linear_bias=False, subpixel_upsample=False, cudnn_benchmark=False, fuse_ff=False,
-            attn="auto", targets_only=False)
+            fuse_context_kv=False, fold_linear_bias=False, subpixel_upsample=False, residual_add=False,
+            cudnn_benchmark=False, fuse_ff=False, attn="auto", targets_only=False)
 _FUSED = dict(channels_last=True, fused_ops=True, fused_ln=True, fold_bias=True)
 _PROJ = dict(_FUSED, fuse_qkv=True, fuse_context_kv=True, fold_linear_bias=True)
-_UP = dict(_PROJ, subpixel_upsample=True)
+_UP = dict(_PROJ, subpixel_upsample=True, residual_add=True)
 _ALL = dict(_UP, cudnn_benchmark=True)
 LADDER = [
     ("eager, float32 GN", dict(BASE, gn_fp32=True)),
@@ -102,7 +105,8 @@ LADDER = [
     ("+fuse_qkv", dict(BASE, **_FUSED, fuse_qkv=True)),
     ("+fuse_context_kv", dict(BASE, **_FUSED, fuse_qkv=True, fuse_context_kv=True)),
     ("+fold_linear_bias", dict(BASE, **_PROJ)),
-    ("+subpixel_upsample", dict(BASE, **_UP)),
+    ("+subpixel_upsample", dict(BASE, **_PROJ, subpixel_upsample=True)),
+    ("+residual_add", dict(BASE, **_UP)),
     # right after the best configuration measured so far, so that a time-capped session run reaches it
     ("+targets_only", dict(BASE, **_UP, targets_only=True)),
     ("+cudnn_benchmark", dict(BASE, **_ALL)),
@@ -145,6 +149,7 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
             m.fold_linear_bias = bool(m.fused_ln and cfg.get("fold_linear_bias", True))
         if isinstance(m, (ResBlock, SpatialTransformer)):
             m.fold_bias = bool(cfg["fused_ops"] and cfg.get("fold_bias", True))
+            m.residual_add = bool(m.fold_bias and cfg.get("residual_add", True))
         if isinstance(m, Upsample):
             m.subpixel = bool(cfg["fused_ops"] and cfg.get("subpixel_upsample", True))
     unet.set_fuse_qkv(cfg["fuse_qkv"])

@@ -98,6 +98,14 @@ def _conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _residual_add_ok(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``module`` (a ResBlock or SpatialTransformer with ``residual_add`` on) may hand its output conv's bias to
+    ``jk.residual_add``: outside torch.compile (inductor fuses the adds into its own kernels) and autocast (the op
+    takes one dtype), with x in the weight's dtype."""
+    return (module.residual_add and not torch.compiler.is_compiling() and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
 def _is_pointwise(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
 
@@ -261,6 +269,10 @@ class ResBlock(nn.Module):
 
     fold_bias: bool = False  # the convs' biases applied in the adds / GEMMs that follow them (set_fused_ops)
     emb_index: int = -1  # this block's entry of a TimeEmb (JeDiUNet.set_fused_ops)
+    # with fold_bias: the residual add takes the output bias (jk.residual_add, one pass; set_fused_ops), so neither
+    # conv2 (cuDNN: a strided bias pass) nor the 1x1 skip GEMM (a bias epilogue) adds it
+    residual_add: bool = False
+    add_backend: str = "auto"
 
     def _shift_gemm_ok(self) -> bool:
         """This block's second-norm shift can come from the UNet's one GEMM (:class:`TimeEmb`)."""
@@ -300,10 +312,16 @@ class ResBlock(nn.Module):
         norm2 = self.out_layers[0]
         h = norm2(h, shift) if isinstance(norm2, GroupNorm32) else norm2(h + shift[:, :, None, None])
         h = self.out_layers[2](self.out_layers[1](h))
+        one_pass = _residual_add_ok(self, x, conv2.weight)
         if isinstance(skip, nn.Identity):
+            if one_pass:
+                return jk.residual_add(x, _conv_without_bias(conv2, h), conv2.bias, backend=self.add_backend)
             return x + conv2(h)
         if skip_bias is None:
             skip_bias = skip.bias + conv2.bias
+        if one_pass:
+            return jk.residual_add(_pointwise(skip, x, None), _conv_without_bias(conv2, h), skip_bias,
+                                   backend=self.add_backend)
         return _pointwise(skip, x, skip_bias) + _conv_without_bias(conv2, h)
 
 
@@ -578,6 +596,9 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     fold_bias: bool = False  # channels-last: proj_in/proj_out as GEMMs with the bias in the epilogue (set_fused_ops)
+    # with fold_bias: proj_out's GEMM without its bias, which the residual add takes (jk.residual_add; set_fused_ops)
+    residual_add: bool = False
+    add_backend: str = "auto"
 
     def _blocks(self, t, context, set_size: int, set_mask, extra_context, keep: Keep | None):
         last = len(self.transformer_blocks) - 1
@@ -605,6 +626,9 @@ class SpatialTransformer(nn.Module):
             t = _pointwise(self.proj_in, t, self.proj_in.bias).permute(0, 2, 3, 1).reshape(t.shape[0], h * w, -1)
             t = self._blocks(t, context, set_size, set_mask, extra_context, keep)
             w_out = self.proj_out.weight.reshape(self.proj_out.out_channels, -1)
+            if _residual_add_ok(self, x, w_out):
+                out = F.linear(t, w_out).view(N, h, w, -1).permute(0, 3, 1, 2)
+                return jk.residual_add(x, out, self.proj_out.bias, backend=self.add_backend)
             return x + F.linear(t, w_out, self.proj_out.bias).view(N, h, w, -1).permute(0, 3, 1, 2)
         if not self.linear:
             t = self.proj_in(t)
@@ -730,7 +754,9 @@ class JeDiUNet(nn.Module):
         ResBlocks' time embeddings come from one GEMM (:class:`TimeEmb`); its second conv bias joins the 1x1 skip
         conv's bias; and on channels-last activations the 1x1 convs (skip, proj_in, proj_out) run as GEMMs with the
         bias in the epilogue. Same sums, rounded in another order. And each ``Upsample`` runs as a sub-pixel
-        convolution (``subpixel``: ``jedi_kernels.upsample_conv2d``, 0.44x its FLOPs, no upsampled tensor).
+        convolution (``subpixel``: ``jedi_kernels.upsample_conv2d``, 0.44x its FLOPs, no upsampled tensor), and the
+        ResBlocks' and SpatialTransformers' residual adds take their output convs' biases (``residual_add``:
+        ``jedi_kernels.residual_add``, one pass; the convs and GEMMs before them run without a bias).
 
         Args:
             enabled: fuse (True) or restore the unfused torch modules (False).
@@ -753,7 +779,8 @@ class JeDiUNet(nn.Module):
             if isinstance(m, TransformerBlock):
                 m.fused_ln, m.ln_backend, m.fold_linear_bias = enabled, backend, enabled
             if isinstance(m, (ResBlock, SpatialTransformer)):
-                m.fold_bias = enabled
+                m.fold_bias = m.residual_add = enabled
+                m.add_backend = backend
             if isinstance(m, Upsample):
                 m.subpixel, m.backend = enabled, backend
         # every ResBlock's time-embedding shift in one GEMM (TimeEmb), while the biases are folded

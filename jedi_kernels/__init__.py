@@ -8,13 +8,14 @@
     a = jk.linear_geglu(x, w, b)                            # geglu(x wᵀ + b), the projection never stored
     s, n = jk.add_layer_norm(x, r, w, b)                    # s = x + r, n = layer_norm(s), one pass
     y = jk.upsample_conv2d(x, w, b)                         # conv3x3(upsample2x(x)) as a sub-pixel conv
+    y = jk.residual_add(x, r, b)                            # x + r + b[c] over (N, C, H, W), one pass
     t = jk.take_set_positions(x, set_size, (1,))            # image 1 of every set, in x's memory format
 """
 from jedi_kernels import _ext  # noqa: F401  (imports torch, then _C)
 from jedi_kernels.backends import available_backends
 from jedi_kernels.functional import (add_layer_norm, check_set_positions, geglu, group_norm, linear_geglu,
                                      prepare_inputs, sample_ng_mask, set_attention, take_set_positions,
-                                     upsample_conv2d)
+                                     residual_add, upsample_conv2d)
 from jedi_kernels.modules import SetAttention
 from jedi_kernels.reference import (
     add_layer_norm_reference,
@@ -23,6 +24,7 @@ from jedi_kernels.reference import (
     linear_geglu_reference,
     prepare_inputs_reference,
     set_attention_reference,
+    residual_add_reference,
     upsample_conv2d_reference,
 )
 
@@ -37,6 +39,7 @@ __all__ = [
     "linear_geglu",
     "add_layer_norm",
     "upsample_conv2d",
+    "residual_add",
     "take_set_positions",
     "check_set_positions",
     "SetAttention",
@@ -48,4 +51,5 @@ __all__ = [
     "linear_geglu_reference",
     "add_layer_norm_reference",
     "upsample_conv2d_reference",
+    "residual_add_reference",
 ]

@@ -10,7 +10,7 @@ from jedi_kernels import dispatch
 from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
 
 __all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu", "linear_geglu",
-           "add_layer_norm", "upsample_conv2d", "take_set_positions", "check_set_positions"]
+           "add_layer_norm", "upsample_conv2d", "residual_add", "take_set_positions", "check_set_positions"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -657,6 +657,49 @@ def upsample_conv2d(x, weight, bias=None, *, backend="auto"):
     fmt = ops._fmt(x)
     z = F.conv2d(x.contiguous(memory_format=fmt), ops.fold_weight(weight, fmt), None, padding=1)
     return ops.upsample_interleave_op(z, bias, backend)
+
+
+def residual_add(x, residual, bias=None, *, backend="auto"):
+    """``x + residual + bias[None, :, None, None]`` in one pass over (N, C, H, W) activations.
+
+    SD's ResBlocks end in ``skip(x) + conv2(h)`` and its SpatialTransformers in ``x + proj_out(t)``: torch adds a
+    cuDNN convolution's bias in a pass of its own, and cuBLASLt's bias epilogue can make a GEMM slower than without
+    one. Run the conv / GEMM without its bias and hand the bias to this add instead.
+
+    Args:
+        x: (N, C, H, W) float16/bfloat16/float32/float64, any strides.
+        residual: x's shape, dtype and device, any strides.
+        bias: (C,) in x's dtype and on its device, or None.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" (one pass, float32 math rounded once) or
+            "torch" (``reference.residual_add_reference``: two adds, each rounded).
+
+    Returns:
+        (N, C, H, W) in x's dtype and memory format (channels-last stays channels-last; other strides give NCHW);
+        differentiable w.r.t. x, residual and bias.
+
+    Raises:
+        TypeError: non-tensor or non-float inputs, mismatched dtypes.
+        ValueError: bad shapes, devices or backend.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(residual, torch.Tensor):
+        raise TypeError(f"x and residual must be torch.Tensors, got {type(x)} and {type(residual)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    _check_dtype_device("residual", residual, "x", x)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
+        if bias.shape != (x.shape[1],):
+            raise ValueError(f"bias must have shape (C,) = ({x.shape[1]},), got {tuple(bias.shape)}")
+        _check_dtype_device("bias", bias, "x", x)
+    backend = _elementwise_backend(backend, x)
+    from jedi_kernels.ops import residual_add as ops
+
+    return ops.residual_add_op(x, residual, bias, backend)
 
 
 def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, shift=None, sum_shift=None,

@@ -17,6 +17,7 @@ __all__ = [
     "geglu_reference",
     "add_layer_norm_reference",
     "upsample_conv2d_reference",
+    "residual_add_reference",
 ]
 
 
@@ -218,3 +219,16 @@ def upsample_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
         padding=1)``.
     """
     return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+def residual_add_reference(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A residual add with a per-channel bias, as an unfused model computes it: ``x + residual`` and then the bias.
+
+    Args:
+        x, residual: (N, C, H, W), same dtype. bias: (C,) in x's dtype, or None.
+
+    Returns:
+        (N, C, H, W) in x's dtype, each add rounded to it.
+    """
+    out = x + residual
+    return out if bias is None else out + bias[None, :, None, None]

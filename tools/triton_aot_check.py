@@ -137,6 +137,12 @@ def _record(out_path: str) -> None:
             x = x.to(memory_format=torch.channels_last) if cl else x
             w = torch.randn(64, 8, 3, 3, dtype=dtype)
             jk.upsample_conv2d(x, w, torch.randn(64, dtype=dtype) if bias else None, backend="triton")
+    # the residual add with the output conv's bias: channels-last + a GEMM's strided output (SD's), NCHW, no bias
+    for dtype in (*halves, torch.float32, torch.float64):
+        x = torch.randn(1, 64, 4, 4, dtype=dtype)
+        r = torch.randn(1, 4, 4, 64, dtype=dtype).permute(0, 3, 1, 2)
+        jk.residual_add(x.to(memory_format=torch.channels_last), r, torch.randn(64, dtype=dtype), backend="triton")
+        jk.residual_add(x, x, None, backend="triton")
     interpreter.InterpretedFunction.run = real_run
     Path(out_path).write_text(json.dumps(launches))
 

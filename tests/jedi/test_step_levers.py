@@ -131,3 +131,24 @@ def test_subpixel_upsample_rung_switches_only_the_upsamples():
             assert all(m.subpixel is (i >= at) for m in ups), entry
     finally:
         torch.backends.cudnn.benchmark = cudnn
+
+
+def test_residual_add_rung_comes_after_subpixel_and_stays_on():
+    """+residual_add is the first rung whose ResBlocks and SpatialTransformers hand their output biases to
+    jk.residual_add; every rung after it (but the Hopper attention options, which keep it too) has it on."""
+    from jedi import JeDiUNet, UNetConfig
+    from jedi.unet import ResBlock, SpatialTransformer
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    names = [e for e, _ in sl.LADDER]
+    at = names.index("+residual_add")
+    assert names[at - 1] == "+subpixel_upsample"
+    cudnn = torch.backends.cudnn.benchmark
+    try:
+        for i, (entry, cfg) in enumerate(sl.LADDER):
+            sl.configure(unet, {}, dict(cfg, attn="auto"))
+            assert all(m.residual_add is (i >= at) for m in blocks), entry
+            assert all(m.fold_bias for m in blocks) or i < at
+    finally:
+        torch.backends.cudnn.benchmark = cudnn

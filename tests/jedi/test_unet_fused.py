@@ -942,3 +942,71 @@ def test_subpixel_upsample_training_grads_equal_plain():
     outs = _train_each((base, fast), inp)
     assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="training subpixel")
     _assert_same_grads(base, fast, 1e-11)
+
+
+# ---- residual_add: the output convs' biases in the residual adds (jk.residual_add) ---------------------------------
+def test_set_fused_ops_switches_residual_add():
+    from jedi.unet import ResBlock, SpatialTransformer
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    assert blocks and not any(m.residual_add for m in blocks)
+    unet.set_fused_ops(True, backend="triton")
+    assert all(m.residual_add and m.fold_bias and m.add_backend == "triton" for m in blocks)
+    unet.set_fused_ops(False)
+    assert not any(m.residual_add for m in blocks)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_residual_add_moves_the_output_biases_into_the_adds(monkeypatch, backend):
+    """Channels-last, fold_bias + residual_add: every ResBlock and SpatialTransformer ends in one jk.residual_add
+    with its output bias; conv2 of every ResBlock (identity skips too) runs without bias, and the 1x1 skip and
+    proj_out GEMMs as mm (no bias epilogue): only conv_in, the down/up-sampling convs and conv_out keep a bias. The
+    float64 output equals the plain model's; in training every gradient does."""
+    import jedi.unet as unet_mod
+    from jedi.unet import ResBlock, SpatialTransformer
+
+    base, folded, inp = _fold_pair(channels_last=True)
+    for m in folded.modules():
+        if isinstance(m, (ResBlock, SpatialTransformer)):
+            m.residual_add, m.add_backend = True, backend
+    res = [m for m in folded.modules() if isinstance(m, ResBlock)]
+    n_skip = sum(isinstance(m.skip_connection, nn.Conv2d) for m in res)
+    n_st = _count(folded, SpatialTransformer)
+    convs_ref, addmm_ref = _conv_calls(base, inp)
+    n_1x1 = sum(k == (1, 1) for k, _ in convs_ref)
+    calls = []
+    real = jk.residual_add
+    monkeypatch.setattr(unet_mod.jk, "residual_add", lambda *a, **k: calls.append(a[2] is not None) or real(*a, **k))
+    convs, addmm = _conv_calls(folded, inp)
+    assert calls == [True] * (len(res) + n_st)
+    assert all(k == (3, 3) for k, _ in convs) and len(convs) == len(convs_ref) - n_1x1
+    assert sum(not b for _, b in convs) == 2 * len(res)  # conv1 and conv2 everywhere
+    assert addmm == addmm_ref + n_1x1 - n_skip - n_st  # proj_in keeps its epilogue; skip and proj_out run as mm
+    with torch.no_grad():
+        ref, out = base(**inp, set_size=2), folded(**inp, set_size=2)
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name=f"residual_add[{backend}]")
+    w = torch.linspace(-1, 1, inp["x_t"].numel(), dtype=torch.float64).view(inp["x_t"].shape)
+    outs = _train_each((base, folded), inp, w)
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="residual_add training")
+    _assert_same_grads(base, folded, 1e-11)
+
+
+def test_residual_add_stays_out_of_compile_and_autocast(monkeypatch):
+    """Under torch.compile (inductor fuses the adds itself) and autocast (mixed dtypes) the blocks take the
+    fold_bias path without jk.residual_add."""
+    import jedi.unet as unet_mod
+    from jedi.unet import ResBlock
+
+    block = ResBlock(32, 16, 32).double()
+    block.fold_bias = block.residual_add = True
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+    assert unet_mod._residual_add_ok(block, x, block.out_layers[3].weight)
+    assert not unet_mod._residual_add_ok(block, x.float(), block.out_layers[3].weight)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not unet_mod._residual_add_ok(block, x, block.out_layers[3].weight)
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not unet_mod._residual_add_ok(block, x, block.out_layers[3].weight)
+    block.residual_add = False
+    assert not unet_mod._residual_add_ok(block, x, block.out_layers[3].weight)

@@ -13,6 +13,7 @@ from jedi_kernels.ops import geglu as geglu_ops
 from jedi_kernels.ops import group_norm as gn_ops
 from jedi_kernels.ops import layer_norm as ln_ops
 from jedi_kernels.ops import set_attention as sa
+from jedi_kernels.ops import residual_add as ra_ops
 from jedi_kernels.ops import upsample_conv as up_ops
 
 BACKENDS = ["torch"] + (["triton"] if jk.available_backends()["triton"] else [])
@@ -86,6 +87,15 @@ def _attn_case(backend):
             sa._SetAttentionEager, (sa, "_fwd_body"), "jedi.set_attention_fwd")
 
 
+def _residual_add_case(backend):
+    x, r = (torch.randn(2, 6, 3, 4, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
+            for _ in range(2))
+    b = torch.randn(6, device=DEVICE, dtype=DTYPE)
+    return ((x, r, b), lambda x, r, b: jk.residual_add(x, r, b, backend=backend),
+            lambda x, r, b: torch.ops.jedi.residual_add(x, r, b, backend),
+            ra_ops._ResidualAddEager, (ra_ops, "_fwd_body"), "jedi.residual_add")
+
+
 def _upsample_case(backend):
     x = torch.randn(2, 6, 3, 4, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
     w = torch.randn(5, 6, 3, 3, device=DEVICE, dtype=DTYPE).to(memory_format=torch.channels_last)
@@ -101,6 +111,7 @@ def _upsample_case(backend):
 
 CASES = [(_gn_case, b) for b in BACKENDS] + [(_gn_shift_case, b) for b in BACKENDS] + \
     [(_geglu_case, b) for b in BACKENDS] + [(_ln_case, b) for b in BACKENDS] + \
+    [(_residual_add_case, b) for b in BACKENDS] + \
     ([(_attn_case, "triton"), (_upsample_case, "triton")] if "triton" in BACKENDS else [])
 
 
