@@ -30,9 +30,12 @@ The ladder is cumulative; every rung is timed on the same inputs (CUDA-event med
                         no upsampled tensor, no bias pass)
     +residual_add       the ResBlocks' and SpatialTransformers' residual adds take their output convs' biases
                         (jedi_kernels.residual_add, one pass): conv2 without cuDNN's strided bias pass, the 1x1 skip
-                        and proj_out GEMMs without a bias epilogue (the rest of set_fused_ops)
+                        and proj_out GEMMs without a bias epilogue
+    +skip_cat           the decoder's skip concatenations never made: each decoder ResBlock's fused GroupNorm reads
+                        the two halves in place, its 1x1 skip conv runs as two GEMMs (the second accumulating into
+                        the first's output) (the rest of set_fused_ops; inference only)
     +targets_only       the sampler's step: eps of the targets only (JeDiUNet out_positions), the references run up
-                        to the last joint self-attention, whose keys and values need them (on +residual_add; the
+                        to the last joint self-attention, whose keys and values need them (on +skip_cat; the
                         rungs after it compute every image again). Its output is half the full step's at set size 2,
                         so it is reported apart (summary best_ms_targets_only) and never picked as the best
                         configuration the peers are compared with
@@ -90,10 +93,10 @@ ANCHOR_PEER_MS = {"jedi_ng2": 12.26, "blipd": 6.54}  # diffusers compile reduce-
 
 BASE = dict(gn_fp32=False, channels_last=False, fused_ops=False, fused_ln=False, fold_bias=False, fuse_qkv=False,
             fuse_context_kv=False, fold_linear_bias=False, subpixel_upsample=False, residual_add=False,
-            cudnn_benchmark=False, fuse_ff=False, attn="auto", targets_only=False)
+            skip_cat=False, cudnn_benchmark=False, fuse_ff=False, attn="auto", targets_only=False)
 _FUSED = dict(channels_last=True, fused_ops=True, fused_ln=True, fold_bias=True)
 _PROJ = dict(_FUSED, fuse_qkv=True, fuse_context_kv=True, fold_linear_bias=True)
-_UP = dict(_PROJ, subpixel_upsample=True, residual_add=True)
+_UP = dict(_PROJ, subpixel_upsample=True, residual_add=True, skip_cat=True)
 _ALL = dict(_UP, cudnn_benchmark=True)
 LADDER = [
     ("eager, float32 GN", dict(BASE, gn_fp32=True)),
@@ -106,7 +109,8 @@ LADDER = [
     ("+fuse_context_kv", dict(BASE, **_FUSED, fuse_qkv=True, fuse_context_kv=True)),
     ("+fold_linear_bias", dict(BASE, **_PROJ)),
     ("+subpixel_upsample", dict(BASE, **_PROJ, subpixel_upsample=True)),
-    ("+residual_add", dict(BASE, **_UP)),
+    ("+residual_add", dict(BASE, **_PROJ, subpixel_upsample=True, residual_add=True)),
+    ("+skip_cat", dict(BASE, **_UP)),
     # right after the best configuration measured so far, so that a time-capped session run reaches it
     ("+targets_only", dict(BASE, **_UP, targets_only=True)),
     ("+cudnn_benchmark", dict(BASE, **_ALL)),
@@ -150,6 +154,8 @@ def configure(unet, inp: dict, cfg: dict) -> dict:
         if isinstance(m, (ResBlock, SpatialTransformer)):
             m.fold_bias = bool(cfg["fused_ops"] and cfg.get("fold_bias", True))
             m.residual_add = bool(m.fold_bias and cfg.get("residual_add", True))
+        if isinstance(m, ResBlock):
+            m.skip_cat = bool(m.fold_bias and cfg.get("skip_cat", True))
         if isinstance(m, Upsample):
             m.subpixel = bool(cfg["fused_ops"] and cfg.get("subpixel_upsample", True))
     unet.set_fuse_qkv(cfg["fuse_qkv"])

@@ -52,6 +52,7 @@ __all__ = [
     "SpatialTransformer",
     "Block",
     "ContextKV",
+    "SkipCat",
     "TimeEmb",
     "Keep",
     "timestep_embedding",
@@ -148,13 +149,18 @@ class GroupNorm32(nn.GroupNorm):
             return True
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                concat: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, C, H, W) -> x's shape, dtype and memory format. ``shift`` (N, C), optional: normalize
         ``x + shift[:, :, None, None]`` instead (a ResBlock's time embedding): inside the fused kernel, which then
-        needs no pass for the sum; otherwise added in x's dtype first, as the unfused model does."""
+        needs no pass for the sum; otherwise added in x's dtype first, as the unfused model does. ``concat``
+        (N, C2, H, W), optional: normalize ``cat([x, concat], dim=1)`` (the fused kernels read both in place in
+        inference; otherwise concatenated first)."""
+        if concat is not None and not self._run_fused(x, shift):
+            x, concat = torch.cat([x, concat], dim=1), None
         if self._run_fused(x, shift):
             return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, shift=shift,
-                                 backend=self.backend)
+                                 concat=concat, backend=self.backend)
         if shift is not None:
             x = x + shift.to(x.dtype)[:, :, None, None]
         if not (self.silu or self.fp32_round_trip) and x.dtype in (torch.float16, torch.bfloat16) and all(
@@ -250,6 +256,30 @@ class Keep:
         return self.take_emb(emb), self.take_context(context), self.take(extra_context)
 
 
+class SkipCat(NamedTuple):
+    """A decoder block's input ``torch.cat([h, skip], dim=1)`` not yet made (``ResBlock.skip_cat``): the block's
+    fused GroupNorm reads both halves in place and its 1x1 skip conv runs as two GEMMs, one per half, the second
+    accumulating into the first's output; anything else asks for :meth:`materialize`."""
+
+    h: torch.Tensor
+    skip: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        """The concatenation, (N, C_h + C_skip, h, w)."""
+        return torch.cat([self.h, self.skip], dim=1)
+
+
+def _pointwise_cat(conv: nn.Conv2d, x1: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 ``conv`` of cat([x1, x2], dim=1) (both channels-last) without the concatenation: a GEMM of x1 with
+    the weight's first C1 columns (with ``bias`` in its epilogue), then one of x2 with the rest accumulating into it
+    in place (cuBLAS beta = 1). The weight's column slices are strided views (no copies). Channels-last result."""
+    N, C1, h, w = x1.shape
+    wt = conv.weight.reshape(conv.out_channels, conv.in_channels)
+    out = F.linear(x1.permute(0, 2, 3, 1), wt[:, :C1], bias)  # (N, h, w, C_out) contiguous
+    out.view(-1, conv.out_channels).addmm_(x2.permute(0, 2, 3, 1).reshape(-1, x2.shape[1]), wt[:, C1:].t())
+    return out.permute(0, 3, 1, 2)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3, + Linear(SiLU(emb)), GroupNorm-SiLU-conv3x3, residual (1x1 conv if widths differ).
 
@@ -273,6 +303,23 @@ class ResBlock(nn.Module):
     # conv2 (cuDNN: a strided bias pass) nor the 1x1 skip GEMM (a bias epilogue) adds it
     residual_add: bool = False
     add_backend: str = "auto"
+    # with fold_bias, in inference: take a decoder block's input as a SkipCat (the concatenation never made: the
+    # fused GroupNorm reads both halves, the 1x1 skip conv runs as two GEMMs; set_fused_ops)
+    skip_cat: bool = False
+
+    def takes_skip_cat(self, h: torch.Tensor, skip: torch.Tensor) -> bool:
+        """Whether :meth:`forward` runs ``SkipCat(h, skip)`` without making the concatenation: ``skip_cat`` on, the
+        folded path with a plain 1x1 skip conv and a fused first norm, both halves channels-last in the weights'
+        dtype, and an inference call (no autograd, not compiling, no autocast)."""
+        skip_conv, norm1 = self.skip_connection, self.in_layers[0]
+
+        def nhwc(t):
+            return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+        return (self.skip_cat and self._folds() and isinstance(skip_conv, nn.Conv2d) and _is_pointwise(skip_conv)
+                and isinstance(norm1, GroupNorm32) and norm1.fused and nhwc(h) and nhwc(skip)
+                and h.dtype == skip.dtype == skip_conv.weight.dtype and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(h.device.type))
 
     def _shift_gemm_ok(self) -> bool:
         """This block's second-norm shift can come from the UNet's one GEMM (:class:`TimeEmb`)."""
@@ -285,8 +332,14 @@ class ResBlock(nn.Module):
                 and (isinstance(skip, nn.Identity) or _foldable(skip)))
 
     def forward(self, x: torch.Tensor, emb) -> torch.Tensor:
-        """x (N, C_in, h, w), emb (N, E) or a :class:`TimeEmb` -> (N, C_out, h, w)."""
+        """x (N, C_in, h, w) or a :class:`SkipCat`, emb (N, E) or a :class:`TimeEmb` -> (N, C_out, h, w)."""
         conv1, conv2, skip = self.in_layers[2], self.out_layers[3], self.skip_connection
+        cat = None
+        if isinstance(x, SkipCat):
+            if self.takes_skip_cat(x.h, x.skip):
+                cat, x = x, x.h  # x: the first half (shapes and dtype); cat: both, for the norm and the skip GEMMs
+            else:
+                x = x.materialize()
         shift = None
         skip_bias = None
         if isinstance(emb, TimeEmb):
@@ -302,9 +355,12 @@ class ResBlock(nn.Module):
         # fold_bias: the same sums with fewer passes over the activations. conv1's bias joins the time embedding
         # ((N, C) + (C,) is tiny), and the sum goes into the second norm as its shift: the fused GroupNorm adds it
         # inside (no pass over h at all), torch's adds it first. conv2's bias joins the 1x1 skip conv's, which a
-        # channels-last x runs as a GEMM with the bias in its epilogue. Only a block without a skip conv keeps
-        # conv2's bias pass.
-        h = _conv_without_bias(conv1, self.in_layers[1](self.in_layers[0](x)))
+        # channels-last x runs as a GEMM with the bias in its epilogue; with residual_add both go into the residual
+        # add instead (so an identity-skip block's conv2 runs without its bias too). A SkipCat input (skip_cat) is
+        # normalized and projected half by half.
+        norm1 = self.in_layers[0]
+        h = norm1(cat.h, concat=cat.skip) if cat is not None else norm1(x)
+        h = _conv_without_bias(conv1, self.in_layers[1](h))
         if shift is None:
             shift = self.emb_layers(emb).to(h.dtype) + conv1.bias.to(h.dtype)
         else:  # the UNet's one GEMM for every block (TimeEmb) already added both biases
@@ -319,6 +375,11 @@ class ResBlock(nn.Module):
             return x + conv2(h)
         if skip_bias is None:
             skip_bias = skip.bias + conv2.bias
+        if cat is not None:
+            if one_pass:
+                return jk.residual_add(_pointwise_cat(skip, cat.h, cat.skip, None), _conv_without_bias(conv2, h),
+                                       skip_bias, backend=self.add_backend)
+            return _pointwise_cat(skip, cat.h, cat.skip, skip_bias) + _conv_without_bias(conv2, h)
         if one_pass:
             return jk.residual_add(_pointwise(skip, x, None), _conv_without_bias(conv2, h), skip_bias,
                                    backend=self.add_backend)
@@ -661,6 +722,8 @@ class Block(nn.ModuleList):
                 if isinstance(layer, SpatialTransformer):
                     last = i
         for i, layer in enumerate(self):
+            if isinstance(x, SkipCat) and not isinstance(layer, ResBlock):
+                x = x.materialize()
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
@@ -756,7 +819,9 @@ class JeDiUNet(nn.Module):
         bias in the epilogue. Same sums, rounded in another order. And each ``Upsample`` runs as a sub-pixel
         convolution (``subpixel``: ``jedi_kernels.upsample_conv2d``, 0.44x its FLOPs, no upsampled tensor), and the
         ResBlocks' and SpatialTransformers' residual adds take their output convs' biases (``residual_add``:
-        ``jedi_kernels.residual_add``, one pass; the convs and GEMMs before them run without a bias).
+        ``jedi_kernels.residual_add``, one pass; the convs and GEMMs before them run without a bias). In inference
+        the decoder's skip concatenations are never made (``skip_cat``: the ResBlock's fused GroupNorm reads both
+        halves, its 1x1 skip conv runs as two GEMMs).
 
         Args:
             enabled: fuse (True) or restore the unfused torch modules (False).
@@ -781,6 +846,8 @@ class JeDiUNet(nn.Module):
             if isinstance(m, (ResBlock, SpatialTransformer)):
                 m.fold_bias = m.residual_add = enabled
                 m.add_backend = backend
+            if isinstance(m, ResBlock):
+                m.skip_cat = enabled
             if isinstance(m, Upsample):
                 m.subpixel, m.backend = enabled, backend
         # every ResBlock's time-embedding shift in one GEMM (TimeEmb), while the biases are folded
@@ -1005,7 +1072,11 @@ class JeDiUNet(nn.Module):
             skip = skips.pop()
             if skip.shape[0] != h.shape[0]:  # an encoder skip from before the pruning: its kept images
                 skip = keep.take(skip)
-            h = torch.cat([h, skip], dim=1)  # (N, C + C_skip, h, w)
+            first = block[0] if len(block) else None
+            if isinstance(first, ResBlock) and first.takes_skip_cat(h, skip):
+                h = SkipCat(h, skip)  # the ResBlock reads both halves in place (skip_cat)
+            else:
+                h = torch.cat([h, skip], dim=1)  # (N, C + C_skip, h, w)
             h = self._run(block, h, emb, context, set_size, set_mask, extra_context, keep if block is prune else None)
             if block is prune and block is not self.output_blocks[-1]:  # (self.out reads neither emb nor context)
                 emb, context, extra_context = keep.take_all(emb, context, extra_context)

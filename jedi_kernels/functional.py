@@ -470,7 +470,8 @@ def _elementwise_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, shift=None, backend="auto"):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, shift=None, concat=None,
+               backend="auto"):
     """GroupNorm, optionally fused with the SiLU that follows it in SD's ResBlocks, in two passes over x.
 
     Normalization math is float32 for half inputs (LDM's GroupNorm32) and the result is rounded once; a channels-last
@@ -487,11 +488,16 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, s
             math dtype, unrounded): ``group_norm(x + shift[:, :, None, None])`` without materializing the sum. A
             ResBlock's time embedding (+ its first conv's bias) goes here. No extra pass and no per-element work
             (it moves each channel's mean).
+        concat: optional (N, C2, H, W) tensor of x's dtype on its device: normalize ``cat([x, concat], dim=1)``
+            (C = C1 + C2 channels; weight, bias and shift are then (C,) / (N, C)) without writing the
+            concatenation: the Triton kernels read both inputs in place in inference (no autograd, not compiling;
+            SD's decoder ResBlocks normalize the skip concatenation), other calls concatenate first.
         backend: "auto" (Triton on CUDA, see ``dispatch.choose_fused_backend``; torch elsewhere), "triton" or
             "torch" (``reference.group_norm_reference``).
 
     Returns:
-        (N, C, H, W) in x's dtype and memory format. Differentiable w.r.t. x, weight, bias and shift.
+        (N, C, H, W) in x's dtype and memory format (C = C1 + C2 with ``concat``). Differentiable w.r.t. x, weight,
+        bias, shift and concat.
 
     Raises:
         TypeError: non-tensor or non-float x / weight / bias / shift.
@@ -506,6 +512,14 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, s
     if x.numel() == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     C = x.shape[1]
+    if concat is not None:
+        if not isinstance(concat, torch.Tensor):
+            raise TypeError(f"concat must be a torch.Tensor of shape (N, C2, H, W) or None, got {type(concat)}")
+        if concat.dim() != 4 or concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
+            raise ValueError(f"concat must have shape (N, C2, H, W) = ({x.shape[0]}, C2, {x.shape[2]}, "
+                             f"{x.shape[3]}), got {tuple(concat.shape)}")
+        _check_dtype_device("concat", concat, "x", x)
+        C += concat.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing C = {C}, got {num_groups!r}")
     _check_affine_eps(x, C, weight, bias, eps, same_dtype=False)
@@ -513,15 +527,15 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=False, s
         if not isinstance(shift, torch.Tensor) or shift.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"shift must be a float tensor of shape (N, C), got "
                             f"{shift.dtype if isinstance(shift, torch.Tensor) else type(shift)}")
-        if tuple(shift.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"shift must have shape (N, C) = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
+        if tuple(shift.shape) != (x.shape[0], C):
+            raise ValueError(f"shift must have shape (N, C) = {(x.shape[0], C)}, got {tuple(shift.shape)}")
         if shift.device != x.device:
             raise ValueError(f"shift is on {shift.device}, x on {x.device}")
     backend = _elementwise_backend(backend, x)
     from jedi_kernels.ops import group_norm as ops
 
     # eager calls skip the custom op's dispatch layers (~15-50 us a call, x 61 norms per UNet step): group_norm_op
-    return ops.group_norm_op(x, num_groups, weight, bias, float(eps), bool(silu), backend, shift)
+    return ops.group_norm_op(x, num_groups, weight, bias, float(eps), bool(silu), backend, shift, concat)
 
 
 def geglu(h, *, backend="auto"):

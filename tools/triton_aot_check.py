@@ -92,6 +92,9 @@ def _record(out_path: str) -> None:
         sh = torch.randn(1, 64, dtype=dtype, requires_grad=True)  # a ResBlock's second norm: time embedding folded in
         jk.group_norm(x.detach().requires_grad_(), 32, None, None, 1e-5, silu=True, shift=sh,
                       backend="triton").float().sum().backward()
+        with torch.no_grad():  # a decoder ResBlock's first norm: the skip concatenation read in place (inference)
+            w128 = torch.randn(128)
+            jk.group_norm(x, 32, w128, w128, 1e-5, silu=True, concat=x.clone(), backend="triton")
         h = torch.randn(16, 2 * 256, dtype=dtype, requires_grad=True)  # 16 x 256 tiles, as at SD sizes
         jk.geglu(h, backend="triton").sum().backward()
         for C in (320, 1280, 40):  # SD's narrowest and widest token rows, and a non-power of two

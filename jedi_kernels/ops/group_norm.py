@@ -57,13 +57,27 @@ def _fmt(t: torch.Tensor) -> torch.memory_format:
 if triton is not None:
 
     @triton.jit
+    def _load_tile(x_img, x2_img, p, c, msk, C1, s_xp, s_xc, s_x2p, s_x2c, HAS_X2: tl.constexpr):
+        """The (pixel, channel) tile of x; with HAS_X2 of cat([x, x2], dim=1), channels >= C1 read from x2 (each
+        element from one of the two: masked loads fetch nothing for the other)."""
+        if HAS_X2:
+            first = (c < C1)[None, :]
+            a = tl.load(x_img + p[:, None] * s_xp + c[None, :] * s_xc, mask=msk & first, other=0.0)
+            b = tl.load(x2_img + p[:, None] * s_x2p + (c - C1)[None, :] * s_x2c, mask=msk & (c >= C1)[None, :],
+                        other=0.0)
+            return tl.where(first, a, b)
+        return tl.load(x_img + p[:, None] * s_xp + c[None, :] * s_xc, mask=msk, other=0.0)
+
+    @triton.jit
     def _gn_partial_kernel(
-        x_ptr, pmean_ptr, pm2_ptr, sh_ptr,
-        C, HW, TILES_PER_SPLIT,
+        x_ptr, x2_ptr, pmean_ptr, pm2_ptr, sh_ptr,
+        C, C1, HW, TILES_PER_SPLIT,
         s_xn, s_xc, s_xp,  # x strides: image, channel, pixel (h*W + w)
+        s_x2n, s_x2c, s_x2p,  # x2 strides (HAS_X2: the channels from C1 on)
         s_pn, s_ps,  # partial buffers (N, SPLIT, C), channel stride 1
         s_shn,  # shift (N, C), channel stride 1
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_X2: tl.constexpr,
     ):
         """Per-channel (mean, M2) of pixels [s*TILES_PER_SPLIT*BLOCK_P, ...) of image n, channels of block cb.
 
@@ -84,14 +98,15 @@ if triton is not None:
         m2_e = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
         cnt = tl.zeros([BLOCK_P], dtype=acc_t)  # pixels seen by each row of the tile
         x_img = x_ptr + n * s_xn  # int64 image base; offsets inside an image are int32
+        x2_img = x2_ptr + n * s_x2n
         t0 = s * TILES_PER_SPLIT
         t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(HW, BLOCK_P))
         # cp.async prefetch of the next two tiles (num_stages=3): the loop only streams, so keep loads in flight
         for t in tl.range(t0, t1, num_stages=3):
             p = tl.arange(0, BLOCK_P) + t * BLOCK_P
             pm = p < HW
-            x = tl.load(x_img + p[:, None] * s_xp + c[None, :] * s_xc, mask=pm[:, None] & cm[None, :],
-                        other=0.0).to(acc_t)
+            x = _load_tile(x_img, x2_img, p, c, pm[:, None] & cm[None, :], C1, s_xp, s_xc, s_x2p, s_x2c,
+                           HAS_X2).to(acc_t)
             cnt = cnt + pm.to(acc_t)
             inv = tl.where(pm, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # 0: a row past HW keeps its (mean, M2)
             d = x - mean_e
@@ -156,15 +171,18 @@ if triton is not None:
 
     @triton.jit
     def _gn_apply_kernel(
-        x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sh_ptr,
-        C, HW, G, CG,
-        s_xn, s_xc, s_xp,  # x strides (y has the same layout)
+        x_ptr, x2_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sh_ptr,
+        C, C1, HW, G, CG,
+        s_xn, s_xc, s_xp,  # x strides
+        s_x2n, s_x2c, s_x2p,  # x2 strides (HAS_X2)
+        s_yn, s_yc, s_yp,  # y strides
         s_shn,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        HAS_X2: tl.constexpr,
     ):
         """y = silu?((x + shift[n, c] - mean[n, c // CG]) * rstd[n, c // CG] * w[c] + b[c]) for one (pixel tile,
-        channel block)."""
+        channel block); with HAS_X2, x is cat([x, x2], dim=1)."""
         n = tl.program_id(0).to(tl.int64)
         cb = tl.program_id(1)
         t = tl.program_id(2)
@@ -179,12 +197,13 @@ if triton is not None:
         shift = -mean * scale
         if HAS_B:
             shift = shift + b
-        off = p[:, None] * s_xp + c[None, :] * s_xc  # within image n: int32 (the launcher checks C*HW < 2**31)
-        x = tl.load(x_ptr + n * s_xn + off, mask=msk, other=0.0).to(acc_t)
+        # offsets within image n: int32 (the launcher checks C*HW < 2**31)
+        x = _load_tile(x_ptr + n * s_xn, x2_ptr + n * s_x2n, p, c, msk, C1, s_xp, s_xc, s_x2p, s_x2c,
+                       HAS_X2).to(acc_t)
         y = x * scale[None, :] + shift[None, :]  # (x - mean) * rstd * w + b, one FMA per element
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + n * s_xn + off, y.to(y_ptr.dtype.element_ty), mask=msk)
+        tl.store(y_ptr + n * s_yn + p[:, None] * s_yp + c[None, :] * s_yc, y.to(y_ptr.dtype.element_ty), mask=msk)
 
 
     @triton.jit
@@ -345,12 +364,22 @@ def _shift_args(shift: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[tor
     return shift, shift.stride(0)
 
 
+def _x2_args(x2: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
+    """(pointer tensor, image, channel and pixel strides) of the second input of a concatenation; a never-read dummy
+    and zero strides without one."""
+    if x2 is None:
+        return dummy, 0, 0, 0
+    return x2, x2.stride(0), x2.stride(1), x2.stride(3)
+
+
 def _stats(x: torch.Tensor, G: int, eps: float, plan: dict, shift: Optional[torch.Tensor] = None,
-           channel_means: bool = False, scratch: Optional[list] = None):
+           channel_means: bool = False, scratch: Optional[list] = None, x2: Optional[torch.Tensor] = None):
     """(mean, rstd), each (N, G) in the math dtype, of x (N, C, H, W) laid out NCHW or NHWC, plus x + shift[n, c].
     With ``channel_means`` also each channel's mean (N, C) (the backward's gradient of the shift needs it).
-    ``scratch``: receives the buffers allocated here (partials, mean, rstd), in allocation order (launch plans)."""
-    N, C, H, W = x.shape
+    ``scratch``: receives the buffers allocated here (partials, mean, rstd), in allocation order (launch plans).
+    ``x2``: (N, C2, H, W) in x's layout: the statistics of cat([x, x2], dim=1) (C = C1 + C2), never materialized."""
+    N, C1, H, W = x.shape
+    C = C1 + (x2.shape[1] if x2 is not None else 0)
     HW, CG = H * W, C // G
     wide = x.dtype == torch.float64
     acc = torch.float64 if wide else torch.float32
@@ -358,11 +387,13 @@ def _stats(x: torch.Tensor, G: int, eps: float, plan: dict, shift: Optional[torc
     pmean = torch.empty((N, S, C), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
     sh, s_shn = _shift_args(shift, pmean)
+    x2_args = _x2_args(x2, x)
     launch(
         _gn_partial_kernel, (N, plan["n_cblk"], S),
-        x, pmean, pm2, sh, C, HW, plan["tiles_per_split"],
-        x.stride(0), x.stride(1), x.stride(3), pmean.stride(0), pmean.stride(1), s_shn,
+        x, x2_args[0], pmean, pm2, sh, C, C1, HW, plan["tiles_per_split"],
+        x.stride(0), x.stride(1), x.stride(3), *x2_args[1:], pmean.stride(0), pmean.stride(1), s_shn,
         BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"], WIDE=wide, HAS_SHIFT=shift is not None,
+        HAS_X2=x2 is not None,
     )
     mean = torch.empty((N, G), device=x.device, dtype=acc)
     rstd = torch.empty_like(mean)
@@ -390,9 +421,11 @@ def group_norm_fwd(
     eps: float,
     silu: bool,
     shift: Optional[torch.Tensor] = None,
+    x2: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Triton launcher. x: (N, C, H, W), NCHW or NHWC (other strides are copied once); shift: None or (N, C), added
-    to x before the norm. Returns y like x.
+    to x before the norm. Returns y like x. ``x2``: (N, C2, H, W) or None: normalize cat([x, x2], dim=1) without
+    making it (y then has C + C2 channels, in x's layout; x2 is read in place when it has that layout).
 
     An eager call whose properties (:func:`_fwd_plan_key`) match an earlier call's replays that call's allocations
     and three launches (``fast_launch`` launch plans; ≈ 10 instead of ≈ 28 µs of host time on the CI machine's CPU,
@@ -403,17 +436,17 @@ def group_norm_fwd(
     if type(eps) is float and eps and type(silu) is bool and type(num_groups) is int and type(x) is torch.Tensor:
         dev = fast_launch.plan_device()
     if dev is not None:
-        key = _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, dev)
-        inputs = (x, weight, bias, shift)
+        key = _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, dev) + (fast_launch.tensor_facts(x2),)
+        inputs = (x, weight, bias, shift, x2)
         res = fast_launch.replay(_FWD_PLANS, key, inputs, dev)
         if res is None:
             def call():
-                y, scratch = _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)
+                y, scratch = _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift, x2)
                 return (y,), (*scratch, y)
 
             res = fast_launch.record_plan(_FWD_PLANS, key, inputs, call)
         return res[0]
-    return _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift)[0]
+    return _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift, x2)[0]
 
 
 _FWD_PLANS: dict = fast_launch.plan_cache()
@@ -427,11 +460,16 @@ def _fwd_plan_key(x, num_groups, weight, bias, eps, silu, shift, device: int) ->
     return facts(x), num_groups, eps, silu, facts(weight), facts(bias), facts(shift), device
 
 
-def _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift):
+def _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift, x2=None):
     """:func:`group_norm_fwd` after its launch-plan lookup: (y, the scratch buffers its launches used, in
     allocation order)."""
-    x = x.contiguous(memory_format=_fmt(x))
-    N, C, H, W = x.shape
+    fmt = _fmt(x)
+    x = x.contiguous(memory_format=fmt)
+    N, C1, H, W = x.shape
+    if x2 is not None:
+        x2 = x2.contiguous(memory_format=fmt)
+        _check_int32(x2)
+    C = C1 + (x2.shape[1] if x2 is not None else 0)
     HW, G = H * W, num_groups
     CG = C // G
     wide = x.dtype == torch.float64
@@ -439,16 +477,21 @@ def _group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift):
     shift = _shift_rows(shift)
     plan = split_plan(N, C, HW, _num_sms(x.device))  # cached dict: read, never modified
     scratch = []
-    mean, rstd = _stats(x, G, eps, plan, shift, scratch=scratch)
-    y = torch.empty_like(x)
+    mean, rstd = _stats(x, G, eps, plan, shift, scratch=scratch, x2=x2)
+    y = (torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=fmt) if x2 is not None
+         else torch.empty_like(x))
+    if x2 is not None:
+        _check_int32(y)
     dummy = mean  # never read when HAS_W / HAS_B / HAS_SHIFT is False
     sh, s_shn = _shift_args(shift, dummy)
     launch(
         _gn_apply_kernel, (N, plan["n_cblk"], plan["n_ptiles"]),
-        x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd, sh,
-        C, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), s_shn,
+        x, _x2_args(x2, x)[0], y, weight if weight is not None else dummy, bias if bias is not None else dummy,
+        mean, rstd, sh, C, C1, HW, G, CG, x.stride(0), x.stride(1), x.stride(3), *_x2_args(x2, x)[1:],
+        y.stride(0), y.stride(1), y.stride(3), s_shn,
         BLOCK_P=plan["BLOCK_P"], BLOCK_C=plan["BLOCK_C"],
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WIDE=wide, HAS_SHIFT=shift is not None,
+        HAS_X2=x2 is not None,
     )
     return y, scratch
 
@@ -656,11 +699,16 @@ class _GroupNormEager(torch.autograd.Function):
         return _grads(ctx, *fn(grad, x, ctx.num_groups, weight, bias, ctx.eps, ctx.silu, shift))
 
 
-def group_norm_op(x, num_groups, weight, bias, eps, silu, backend, shift=None) -> torch.Tensor:
+def group_norm_op(x, num_groups, weight, bias, eps, silu, backend, shift=None, x2=None) -> torch.Tensor:
     """The differentiable op behind ``jedi_kernels.group_norm`` (inputs validated, backend resolved): the custom op
     ``jedi::group_norm`` while compiling and for tensor subclasses, the same kernels without its dispatch layers on
-    eager calls (:func:`jedi_kernels.ops.eager_call`)."""
-    how = eager_call(x, weight, bias, shift)
+    eager calls (:func:`jedi_kernels.ops.eager_call`). ``x2``: normalize cat([x, x2], dim=1); the Triton kernels
+    read both in place on eager calls without autograd (inference), every other call concatenates first."""
+    how = eager_call(x, weight, bias, shift, x2)
+    if x2 is not None:
+        if how == "direct" and backend == "triton":
+            return group_norm_fwd(x, num_groups, weight, bias, eps, silu, shift, x2)
+        x = torch.cat([x, x2], dim=1)
     if how == "direct":
         return _fwd_body(x, num_groups, weight, bias, eps, silu, backend, shift)
     if how == "function":

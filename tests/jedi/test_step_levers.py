@@ -152,3 +152,21 @@ def test_residual_add_rung_comes_after_subpixel_and_stays_on():
             assert all(m.fold_bias for m in blocks) or i < at
     finally:
         torch.backends.cudnn.benchmark = cudnn
+
+
+def test_skip_cat_rung_comes_after_residual_add_and_stays_on():
+    from jedi import JeDiUNet, UNetConfig
+    from jedi.unet import ResBlock
+
+    unet = JeDiUNet(UNetConfig.tiny())
+    res = [m for m in unet.modules() if isinstance(m, ResBlock)]
+    names = [e for e, _ in sl.LADDER]
+    at = names.index("+skip_cat")
+    assert names[at - 1] == "+residual_add"
+    cudnn = torch.backends.cudnn.benchmark
+    try:
+        for i, (entry, cfg) in enumerate(sl.LADDER):
+            sl.configure(unet, {}, dict(cfg, attn="auto"))
+            assert all(m.skip_cat is (i >= at) for m in res), entry
+    finally:
+        torch.backends.cudnn.benchmark = cudnn

@@ -1010,3 +1010,82 @@ def test_residual_add_stays_out_of_compile_and_autocast(monkeypatch):
         assert not unet_mod._residual_add_ok(block, x, block.out_layers[3].weight)
     block.residual_add = False
     assert not unet_mod._residual_add_ok(block, x, block.out_layers[3].weight)
+
+
+# ---- skip_cat: the decoder's skip concatenations never made -------------------------------------------------------
+def _activation_cats(unet, inp):
+    """The aten.cat calls of one no-grad forward whose output is a 4-D activation (the skip concatenations)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n = [0]
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.cat.default and out.dim() == 4:
+                n[0] += 1
+            return out
+
+    with torch.no_grad(), Spy():
+        out = unet(**inp, set_size=2)
+    return n[0], out
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_skip_cat_float64_equals_plain_without_concatenations(monkeypatch, backend):
+    """Channels-last inference with every fused op: each decoder ResBlock gets a SkipCat, its first GroupNorm the
+    two halves (concat=) and its skip conv two GEMMs; on the Triton backend no activation is concatenated at all
+    (torch's backend concatenates inside the norm). The float64 output equals the plain model's; with grad on, or
+    skip_cat off, the concatenations come back and the output is the same."""
+    import jedi.unet as unet_mod
+    from jedi.unet import ResBlock
+
+    base, fast = _pair()
+    base, fast = base.double(), fast.double()
+    fast.set_fused_ops(True, backend=backend)
+    fast = fast.to(memory_format=torch.channels_last)
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    inp = dict(inp, x_t=inp["x_t"].to(memory_format=torch.channels_last),
+               x0=inp["x0"].to(memory_format=torch.channels_last))
+    n_dec = len(fast.output_blocks)
+    norms = []
+    real = jk.group_norm
+    monkeypatch.setattr(unet_mod.jk, "group_norm", lambda *a, **k: norms.append(k.get("concat") is not None)
+                        or real(*a, **k))
+    cats, out = _activation_cats(fast, inp)
+    assert sum(norms) == n_dec
+    assert cats == (0 if backend == "triton" else n_dec)
+    with torch.no_grad():
+        ref = base(**inp, set_size=2)
+    assert_close_verbose(out, ref, atol=1e-12 * float(ref.abs().max()), name=f"skip_cat[{backend}]")
+    for m in fast.modules():
+        if isinstance(m, ResBlock):
+            m.skip_cat = False
+    norms.clear()
+    cats_off, out_off = _activation_cats(fast, inp)
+    assert sum(norms) == 0 and cats_off == n_dec
+    assert_close_verbose(out_off, ref, atol=1e-12 * float(ref.abs().max()), name="skip_cat off")
+
+
+def test_skip_cat_only_in_inference_and_materializes_for_others():
+    """takes_skip_cat: off under autograd, for NCHW halves, a wrapped skip conv or an unfused norm; a SkipCat handed
+    to a block that cannot take it is concatenated, so the output never changes."""
+    from jedi.unet import Block, ResBlock, SkipCat
+
+    block = ResBlock(64, 16, 32).double()
+    block.fold_bias = block.skip_cat = True
+    block.in_layers[0].fused = True
+    h = torch.randn(2, 32, 4, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    s = torch.randn(2, 32, 4, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    assert not block.takes_skip_cat(h, s)  # grad mode on
+    with torch.no_grad():
+        assert block.takes_skip_cat(h, s)
+        assert not block.takes_skip_cat(h.contiguous(), s)
+        emb = torch.randn(2, 16, dtype=torch.float64)
+        ref = block(torch.cat([h, s], dim=1), emb)
+        assert_close_verbose(block(SkipCat(h, s), emb), ref, atol=1e-12, name="SkipCat")
+        block.in_layers[0].fused = False
+        assert not block.takes_skip_cat(h, s)
+        assert_close_verbose(block(SkipCat(h, s), emb), ref, atol=1e-12, name="SkipCat materialized")
+        seq = Block([nn.Identity()])
+        assert torch.equal(seq(SkipCat(h, s), emb, None, 1), torch.cat([h, s], dim=1))

@@ -497,3 +497,107 @@ def test_gpu_backward_and_graph_capture():
     g.replay()
     ref = group_norm_reference(xs, 32, w.detach(), None, 1e-5, True)
     assert_close_verbose(out, ref, atol=2e-2, name="replayed group_norm")
+
+
+# ---- concat: the norm of cat([x, concat], dim=1) without the concatenation (SD's decoder ResBlocks) ---------------
+def _cat_inputs(N, C1, C2, H, W, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, x2 = (torch.randn(N, c, H, W, generator=g).to(dtype) for c in (C1, C2))
+    if layout == "nhwc":
+        x, x2 = x.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
+    C = C1 + C2
+    w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    sh = torch.randn(N, C, generator=g).to(dtype)
+    return x, x2, w, b, sh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+# groups that straddle the halves' boundary (C1 = 6, 4 channels a group), SD-like 64-channel blocks, a 1x1 image,
+# halves of different widths
+@pytest.mark.parametrize("dims", [(2, 6, 10, 3, 5, 4), (1, 64, 64, 4, 4, 32), (2, 40, 24, 8, 8, 32),
+                                  (1, 3, 5, 1, 1, 8)], ids=str)
+def test_concat_bitwise_equals_the_concatenation(backend, dtype, layout, dims):
+    """In inference the kernels read both halves in place: bitwise the output of the same norm of torch.cat, with
+    shift, affine and SiLU, in the first half's layout."""
+    N, C1, C2, H, W, G = dims
+    x, x2, w, b, sh = _cat_inputs(N, C1, C2, H, W, dtype, layout)
+    with torch.no_grad():
+        out = jk.group_norm(x, G, w, b, 1e-5, silu=True, shift=sh, concat=x2, backend=backend)
+        ref = jk.group_norm(torch.cat([x, x2], dim=1), G, w, b, 1e-5, silu=True, shift=sh, backend=backend)
+    assert out.shape == (N, C1 + C2, H, W) and torch.equal(out, ref)
+    if H * W > 1 and layout == "nhwc":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+def test_concat_reads_the_halves_in_place_and_keys_its_launch_plan(monkeypatch):
+    """No torch.cat on the Triton inference path; a second call with another second half (width, layout) gets its
+    own launch plan, not the first call's."""
+    x, x2, w, b, sh = _cat_inputs(2, 8, 8, 4, 4, torch.float32, "nhwc")
+    real_cat = torch.cat
+
+    def no_cat(*a, **k):
+        raise AssertionError("concatenated")
+
+    with torch.no_grad():
+        monkeypatch.setattr(torch, "cat", no_cat)
+        first = jk.group_norm(x, 4, w, b, concat=x2, backend="triton")
+        again = jk.group_norm(x, 4, w, b, concat=x2 * 2, backend="triton")
+        wider = torch.randn(2, 24, 4, 4).to(memory_format=torch.channels_last)
+        w32 = torch.randn(32)
+        third = jk.group_norm(x, 4, w32, None, concat=wider, backend="triton")
+        fourth = jk.group_norm(x, 4, w, b, concat=x2.contiguous(), backend="triton")
+        monkeypatch.setattr(torch, "cat", real_cat)
+        assert torch.equal(first, jk.group_norm(torch.cat([x, x2], 1), 4, w, b, backend="triton"))
+        assert torch.equal(again, jk.group_norm(torch.cat([x, 2 * x2], 1), 4, w, b, backend="triton"))
+        assert torch.equal(third, jk.group_norm(torch.cat([x, wider], 1), 4, w32, None, backend="triton"))
+        assert torch.equal(fourth, first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concat_gradients_reach_both_halves(backend):
+    """With autograd the halves are concatenated first (the differentiable path): both get their gradients, equal to
+    those of the norm of the concatenation in float64."""
+    x, x2, w, b, sh = _cat_inputs(2, 6, 10, 3, 5, torch.float64, "nhwc")
+    ins = [t.clone().requires_grad_(True) for t in (x, x2, w, b, sh)]
+    out = jk.group_norm(ins[0], 4, ins[2], ins[3], silu=True, shift=ins[4], concat=ins[1], backend=backend)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, ins, g)
+    ref_ins = [t.clone().requires_grad_(True) for t in (x, x2, w, b, sh)]
+    ref = group_norm_reference(torch.cat(ref_ins[:2], 1), 4, ref_ins[2], ref_ins[3], 1e-5, True, ref_ins[4])
+    want = torch.autograd.grad(ref, ref_ins, g)
+    for gt, wt in zip(got, want):
+        assert_close_verbose(gt, wt, atol=1e-10, name=f"concat grads[{backend}]")
+
+
+@pytest.mark.parametrize(
+    "concat, kw, exc, match",
+    [
+        (torch.randn(2, 4, 3, 3), {}, ValueError, r"concat must have shape \(N, C2, H, W\) = \(2, C2, 4, 4\)"),
+        (torch.randn(1, 4, 4, 4), {}, ValueError, r"concat must have shape"),
+        (torch.randn(2, 4, 4, 4).double(), {}, TypeError, "concat must have x's dtype"),
+        ([1.0], {}, TypeError, "concat must be a torch.Tensor"),
+        (torch.randn(2, 2, 4, 4), {}, ValueError, r"num_groups must be a positive int dividing C = 10"),
+        (torch.randn(2, 4, 4, 4), {"weight": torch.randn(8)}, ValueError, r"weight must have shape \(C,\) = \(12,\)"),
+        (torch.randn(2, 4, 4, 4), {"shift": torch.randn(2, 8)}, ValueError, r"shift must have shape \(N, C\) = \(2, 12\)"),
+    ],
+    ids=["hw", "n", "dtype", "list", "groups", "weight", "shift"],
+)
+def test_concat_bad_inputs(concat, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        jk.group_norm(torch.randn(2, 8, 4, 4), 4, concat=concat, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dims", [(4, 640, 320, 64, 64), (4, 1280, 640, 32, 32), (4, 1280, 1280, 8, 8)], ids=str)
+def test_gpu_concat_sd_decoder_shapes(dtype, dims):
+    """SD's decoder concatenations (1920 = 1280 + 640 straddles a group boundary): bitwise the norm of torch.cat."""
+    N, C1, C2, H, W = dims
+    x, x2, w, b, sh = (t.cuda() for t in _cat_inputs(N, C1, C2, H, W, dtype, "nhwc"))
+    with torch.no_grad():
+        out = jk.group_norm(x, 32, w, b, 1e-5, silu=True, concat=x2)
+        ref = jk.group_norm(torch.cat([x, x2], dim=1), 32, w, b, 1e-5, silu=True)
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
