@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import jedi_kernels as jk
-from common import bench_cpu, bench_gpu, copy_bandwidth_gbps, cpu_time_ms
+from common import bench_cpu, bench_gpu, copy_bandwidth_gbps, cpu_time_ms, impl_fn
 from jedi_kernels.reference import residual_add_reference
 
 # (N, C, H, W) of the residual adds at the JeDi step (UNet batch 4)
@@ -29,15 +29,8 @@ def _inputs(shape, device, dtype):
 
 
 def _impl(impl, x, r, b):
-    if impl == "triton":
-        return lambda: jk.residual_add(x, r, b, backend="triton")
-    if impl == "torch":
-        return lambda: residual_add_reference(x, r, b)
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(residual_add_reference, dynamic=False)
-    fn = _compiled["fn"]
-    fn(x, r, b)  # compile for this shape outside the timing
-    return lambda: fn(x, r, b)
+    return impl_fn(impl, lambda *t: jk.residual_add(*t, backend="triton"), residual_add_reference, (x, r, b),
+                   _compiled)
 
 
 def test_residual_add_cpu(benchmark, one_thread):

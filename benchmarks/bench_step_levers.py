@@ -25,7 +25,7 @@ def test_step_levers_script_cpu_rehearsal(benchmark, tmp_path, one_thread):
         assert ("jedi_ng2", entry) in rows, entry
     for entry in ("eager, float32 GN", "eager", "+channels_last", "+fused_ops", "+fused_ln", "+fold_bias", "+fuse_qkv",
                   "+fuse_context_kv", "+fold_linear_bias", "+subpixel_upsample", "+residual_add",
-                  "+skip_cat", "+cudnn_benchmark"):
+                  "+skip_cat", "+frozen_weights", "+cudnn_benchmark"):
         assert rows[("jedi_ng2", entry)]["ms"] > 0, rows[("jedi_ng2", entry)]
     assert rows[("jedi_ng2", "+cudnn_benchmark")]["config"]["cudnn_benchmark"] is True
     assert torch.backends.cudnn.benchmark is cudnn_before  # the script restores the process-wide switch

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import jedi_kernels as jk
-from common import bench_cpu, bench_gpu, cpu_time_ms
+from common import bench_cpu, bench_gpu, cpu_time_ms, impl_fn
 from jedi_kernels.reference import upsample_conv2d_reference
 
 # (N, C, H, W) of the Upsample inputs at the JeDi step (UNet batch 4); C_out = C
@@ -35,15 +35,8 @@ def _flops(shape):
 
 
 def _impl(impl, x, w, b):
-    if impl == "subpixel":
-        return lambda: jk.upsample_conv2d(x, w, b, backend="triton")
-    if impl == "torch":
-        return lambda: upsample_conv2d_reference(x, w, b)
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(upsample_conv2d_reference, dynamic=False)
-    fn = _compiled["fn"]
-    fn(x, w, b)  # compile for this shape outside the timing
-    return lambda: fn(x, w, b)
+    return impl_fn(impl, lambda *t: jk.upsample_conv2d(*t, backend="triton"), upsample_conv2d_reference, (x, w, b),
+                   _compiled)
 
 
 def _inputs(shape, device, dtype):

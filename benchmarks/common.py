@@ -88,3 +88,18 @@ def copy_bandwidth_gbps(nbytes: int, device="cuda") -> float:
     dst = torch.empty_like(src)
     ms = gpu_time_ms(lambda: dst.copy_(src))
     return 4 * src.numel() / ms / 1e6
+
+
+def impl_fn(impl: str, ours, reference, args: tuple, compiled: dict):
+    """A zero-argument callable for one benchmark impl: ``ours(*args)`` for our op, ``reference(*args)`` for
+    "torch", and for "torch_compile" the reference through torch.compile (compiled once per ``compiled`` cache and
+    run once here, so that compiling stays outside the timing)."""
+    if impl == "torch":
+        return lambda: reference(*args)
+    if impl != "torch_compile":
+        return lambda: ours(*args)
+    if "fn" not in compiled:
+        compiled["fn"] = torch.compile(reference, dynamic=False)
+    fn = compiled["fn"]
+    fn(*args)
+    return lambda: fn(*args)

@@ -40,6 +40,7 @@ preparation, softmax and other small terms. It is a floor estimate, not a predic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -144,9 +145,12 @@ def set_fused_ops(unet: nn.Module, enabled: bool) -> None:
 
 def build_step(workload: str, *, device="cuda", dtype=torch.float16, tiny: bool = False, mode: str = "eager",
                attn_backend: str = "auto", fused: bool = False, channels_last: bool = False,
-               compile_backend: str = "inductor", fuse_projections: bool = False):
+               compile_backend: str = "inductor", fuse_projections: bool = False, frozen_weights=None):
     """(step, info): a no-argument function running one UNet step of ``workload`` in ``mode``, and facts for the
     record. The model and inputs are table6's (``build_ours``). Call it under ``torch.no_grad()``.
+    ``frozen_weights``: a ``contextlib.ExitStack`` that enters the UNet's ``frozen_weights()`` scope before the step
+    is built (a CUDA graph is then captured inside it, as a sampling run captures it); keep the stack open while the
+    step runs.
 
     Raises:
         ValueError: unknown workload or mode, cuda_graph/compile off CUDA, ``fused`` without ``set_fused_ops``.
@@ -173,6 +177,10 @@ def build_step(workload: str, *, device="cuda", dtype=torch.float16, tiny: bool 
         unet = unet.to(memory_format=torch.channels_last)
         inp = {k: (v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4
                    else v) for k, v in inp.items()}
+    if frozen_weights is not None:
+        if getattr(unet, "frozen_weights", None) is None:
+            raise ValueError("--frozen-weights: this JeDiUNet has no frozen_weights()")
+        frozen_weights.enter_context(unet.frozen_weights())
     info = {"unet_batch": w.batch, "set_size": w.set_size, "latent_hw": tuple(inp["x_t"].shape[-2:]),
             "context_tokens": inp["context"].shape[1],
             "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2)}
@@ -297,7 +305,7 @@ def gemm_shapes(prof, steps: int, device: torch.device, dtype: torch.dtype, *, p
 def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: bool = False, mode: str = "eager",
                  attn_backend: str = "auto", fused: bool = False, channels_last: bool = False, steps: int = 5,
                  warmup: int = 3, trace: str | None = None, compile_backend: str = "inductor",
-                 with_floors: bool | None = None, fuse_projections: bool = False) -> dict:
+                 with_floors: bool | None = None, fuse_projections: bool = False, frozen_weights: bool = False) -> dict:
     """Profile ``steps`` UNet steps of ``workload`` and return the result dict (see the module docstring).
 
     device: "cuda" (default when available) or "cpu". dtype: default float16 on CUDA, float32 on the CPU.
@@ -311,10 +319,11 @@ def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: b
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
         step, info = build_step(workload, device=device, dtype=dtype, tiny=tiny, mode=mode,
                                 attn_backend=attn_backend, fused=fused, channels_last=channels_last,
-                                compile_backend=compile_backend, fuse_projections=fuse_projections)
+                                compile_backend=compile_backend, fuse_projections=fuse_projections,
+                                frozen_weights=stack if frozen_weights else None)
         for _ in range(max(warmup, 1)):  # at least one: cuDNN/cuBLAS heuristics, Triton compiles
             step()
         _sync(device)
@@ -345,7 +354,7 @@ def profile_step(workload: str = "jedi_ng2", *, device=None, dtype=None, tiny: b
         "mode": mode,
         "flags": {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "tiny": tiny,
                   "attn_backend": attn_backend, "fused": fused, "channels_last": channels_last,
-                  "fuse_projections": fuse_projections, "steps": steps,
+                  "fuse_projections": fuse_projections, "frozen_weights": frozen_weights, "steps": steps,
                   "warmup": warmup, **({"compile_backend": compile_backend} if mode == "compile" else {})},
         **info,
         "step_ms": round(statistics.median(walls), 4),
@@ -374,7 +383,7 @@ def markdown(result: dict) -> str:
     """The per-category table of a :func:`profile_step` result."""
     env, f = result["env"], result["flags"]
     has_floor = any("floor_ms" in v for v in result["categories"].values())
-    flags = ", ".join(k for k in ("fused", "fuse_projections", "channels_last", "tiny") if f.get(k))
+    flags = ", ".join(k for k in ("fused", "fuse_projections", "channels_last", "frozen_weights", "tiny") if f.get(k))
     lines = [f"{result['workload']} (UNet batch {result.get('unet_batch')}), mode {result['mode']}, "
              f"{f['dtype']}, attention {f['attn_backend']}{', ' + flags if flags else ''}; "
              f"{env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}"
@@ -556,6 +565,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--channels-last", action="store_true", help="model and latents in channels-last")
     ap.add_argument("--fuse-projections", action="store_true",
                     help="JeDiUNet.set_fuse_qkv(True) and set_fuse_context_kv(True), as JeDiPipeline.optimize()")
+    ap.add_argument("--frozen-weights", action="store_true",
+                    help="build and run the step inside JeDiUNet.frozen_weights() (as jedi.sampling.personalize does)")
     ap.add_argument("--mode", default="eager", choices=MODES, help="cuda_graph (jedi.CUDAGraphRunner) and compile "
                                                                   "(torch.compile(unet)) need CUDA")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --mode compile")
@@ -590,7 +601,7 @@ def main(argv=None) -> dict:
                               tiny=args.tiny, mode=args.mode, attn_backend=args.attn_backend, fused=args.fused,
                               channels_last=args.channels_last, steps=args.steps, warmup=args.warmup,
                               trace=args.trace, compile_backend=args.compile_backend,
-                              fuse_projections=args.fuse_projections)
+                              fuse_projections=args.fuse_projections, frozen_weights=args.frozen_weights)
         md = markdown(result)
     print(md)
     _write(args.out, result, md)

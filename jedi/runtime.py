@@ -29,7 +29,9 @@ class CUDAGraphRunner:
     output tensor (N, C, h, w), which the NEXT call overwrites: clone it (or build with ``clone=True``) to keep it.
     A call must pass the same keys; tensors must have the captured shapes and dtypes, and non-tensor values must equal
     the captured ones (else ValueError). The graph reads the UNet's parameters in place: updating their values
-    (``load_unet_weights``, an optimizer step) is seen by the next replay, re-allocating them is not.
+    (``load_unet_weights``, an optimizer step) is seen by the next replay, re-allocating them is not. A graph
+    captured inside ``JeDiUNet.frozen_weights()`` reads the weight-derived tensors the scope keeps: replayed inside a
+    scope it uses them as they are (the scope refreshed them on entry), outside one it refreshes them first.
 
     Raises:
         RuntimeError: at construction when CUDA is unavailable or the UNet is not on a CUDA device. There is no
@@ -62,6 +64,9 @@ class CUDAGraphRunner:
                 unet(**self.static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
+        derived = getattr(unet, "derived_weights", None)
+        # captured inside JeDiUNet.frozen_weights(): the graph reads the scope's stored weight-derived tensors
+        self.frozen_capture = derived is not None and derived.active
         with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
             self.output = unet(**self.static)
 
@@ -79,8 +84,20 @@ class CUDAGraphRunner:
                 s.copy_(v)
             elif not (v is s or v == s):
                 raise ValueError(f"{k}={v!r} differs from the captured value {s!r}: capture another runner")
+        refresh_derived(self.unet, self.frozen_capture)
         self.graph.replay()
         return self.output.clone() if self.clone else self.output
+
+
+def refresh_derived(unet: nn.Module, frozen_capture: bool) -> bool:
+    """Before a replay: a graph captured inside ``JeDiUNet.frozen_weights()`` reads the tensors the scope derived
+    from the weights; replayed outside any scope, bring them up to date first (what an unfrozen forward recomputes
+    anyway), so that weight updates are seen by the next replay. Returns whether it refreshed."""
+    derived = getattr(unet, "derived_weights", None)
+    if frozen_capture and derived is not None and not derived.active:
+        derived.refresh()
+        return True
+    return False
 
 
 def _uses_channels_last(unet: nn.Module) -> bool:
@@ -109,7 +126,9 @@ class GraphedUNet:
         ValueError: ``max_graphs < 1``.
 
     The graphs read the UNet's parameters in place: loading new weights into them is seen by the next replay; moving
-    or re-allocating the parameters (``.to(...)``) is not, call :meth:`reset` after that.
+    or re-allocating the parameters (``.to(...)``) is not, call :meth:`reset` after that. Inside
+    ``JeDiUNet.frozen_weights()`` (the sampling loop's scope) the tensors derived from the weights are made once per
+    scope, not per step; outside one they are refreshed before every replay.
     """
 
     def __init__(self, unet: nn.Module, *, max_graphs: int = 4, warmup: int = 2):

@@ -17,6 +17,7 @@ Dimension letters: B sets, R references per set, K images to generate per set, G
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -237,6 +238,17 @@ def takes_out_positions(unet) -> bool:
     plain callable) has a parameter of that name or ``**kwargs``. Wrappers are looked through: torch.compile's
     (``_orig_mod``) and :class:`jedi.GraphedUNet` (``.unet``, which it calls with every keyword). Callables whose
     signature cannot be read count as not taking it."""
+    unet = _unwrap(unet)
+    fn = unet.forward if isinstance(unet, torch.nn.Module) else unet
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "out_positions" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _unwrap(unet):
+    """The module behind torch.compile's (``_orig_mod``) and :class:`jedi.GraphedUNet`'s (``.unet``) wrappers."""
     for _ in range(8):  # unwrap (bounded: a wrapper that wraps itself must not loop)
         if getattr(unet, "_orig_mod", None) is not None:
             unet = unet._orig_mod
@@ -244,12 +256,14 @@ def takes_out_positions(unet) -> bool:
             unet = unet.unet
         else:
             break
-    fn = unet.forward if isinstance(unet, torch.nn.Module) else unet
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "out_positions" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return unet
+
+
+def frozen_weights_of(unet):
+    """``JeDiUNet.frozen_weights()`` of the UNet behind ``unet`` (wrappers looked through), a do-nothing context for
+    any other callable: a sampling run's weights do not change, so what every step derives from them is made once."""
+    fn = getattr(_unwrap(unet), "frozen_weights", None)
+    return fn() if callable(fn) else contextlib.nullcontext()
 
 
 def _as_sets(t: torch.Tensor, B: int, name: str, dims: int) -> torch.Tensor:
@@ -380,6 +394,7 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
             return guided_eps(eps[0], eps[1], eps[1], l1, l1)
         return guided_eps(eps[0], eps[1], eps[2], l1, l2)
 
-    out = SAMPLERS[sampler](model_fn, x, schedule, ts, eta=eta, generator=generator, callback=callback,
-                            progress=progress)
+    with frozen_weights_of(unet):  # the weight-derived tensors once per run (JeDiUNet.frozen_weights)
+        out = SAMPLERS[sampler](model_fn, x, schedule, ts, eta=eta, generator=generator, callback=callback,
+                                progress=progress)
     return out.view(B, K, C, h, w)

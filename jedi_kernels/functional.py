@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from jedi_kernels import dispatch
 from jedi_kernels.backends import available_backends, cpu_ext_ok, cuda_ok, triton_ok
+from jedi_kernels.ops import memory_format_of
 
 __all__ = ["set_attention", "prepare_inputs", "sample_ng_mask", "group_norm", "geglu", "linear_geglu",
            "add_layer_norm", "upsample_conv2d", "residual_add", "take_set_positions", "check_set_positions"]
@@ -93,6 +94,17 @@ def _check_dtype_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
         raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _check_bias(bias, size: int, dim: str, x: torch.Tensor) -> None:
+    """``bias`` None or a (size,) tensor of x's dtype on its device (``dim`` names the size in the message)."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
+    if bias.shape != (size,):
+        raise ValueError(f"bias must have shape ({dim},) = ({size},), got {tuple(bias.shape)}")
+    _check_dtype_device("bias", bias, "x", x)
 
 
 def _check_rows(x: torch.Tensor, dim: str) -> int:
@@ -602,12 +614,7 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
         raise ValueError(f"weight must have shape (2F, K) = (2F, {K}) with an even, non-zero 2F, got "
                          f"{tuple(weight.shape)}")
     _check_dtype_device("weight", weight, "x", x)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape (2F,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        _check_dtype_device("bias", bias, "x", x)
+    _check_bias(bias, weight.shape[0], "2F", x)
     # the fused ops' backend checks; "auto" is "torch" here until a GPU run measures the kernel faster
     backend = _elementwise_backend("torch" if backend == "auto" else backend, x)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -620,7 +627,7 @@ def linear_geglu(x, weight, bias=None, *, backend="auto"):
     return ops.linear_geglu_op(x, weight, bias, backend)
 
 
-def upsample_conv2d(x, weight, bias=None, *, backend="auto"):
+def upsample_conv2d(x, weight, bias=None, *, folded_weight=None, backend="auto"):
     """SD's ``Upsample``: nearest 2x upsampling, then a 3x3 convolution with padding 1, as a sub-pixel convolution.
 
     The upsampled input is never made: its 3x3 taps that read the same input pixel are summed into four 2x2 kernels
@@ -634,8 +641,12 @@ def upsample_conv2d(x, weight, bias=None, *, backend="auto"):
         weight: (C_out, C_in, 3, 3) in x's dtype and on its device (an ``nn.Conv2d(C_in, C_out, 3, padding=1)``
             weight).
         bias: (C_out,) in x's dtype and on its device, or None.
+        folded_weight: optional ``jedi_kernels.ops.upsample_conv.fold_weight(weight, memory format of x)``, computed
+            once by a caller whose weight does not change (e.g. ``JeDiUNet.frozen_weights``); None folds on every
+            call. Its gradient does not flow back to ``weight``: pass it in inference only.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" (the sub-pixel convolution, its interleave in
-            Triton) or "torch" (``reference.upsample_conv2d_reference``: interpolate, then conv2d).
+            Triton) or "torch" (``reference.upsample_conv2d_reference``: interpolate, then conv2d; ignores
+            ``folded_weight``).
 
     Returns:
         (N, C_out, 2H, 2W) in x's dtype and memory format; differentiable w.r.t. x, weight and bias.
@@ -655,12 +666,7 @@ def upsample_conv2d(x, weight, bias=None, *, backend="auto"):
         raise ValueError(f"weight must have shape (C_out, C_in, 3, 3) = (C_out, {c_in}, 3, 3), got "
                          f"{tuple(weight.shape)}")
     _check_dtype_device("weight", weight, "x", x)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape (C_out,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        _check_dtype_device("bias", bias, "x", x)
+    _check_bias(bias, weight.shape[0], "C_out", x)
     backend = _elementwise_backend(backend, x)
     if backend == "torch":
         from jedi_kernels.reference import upsample_conv2d_reference
@@ -668,8 +674,15 @@ def upsample_conv2d(x, weight, bias=None, *, backend="auto"):
         return upsample_conv2d_reference(x, weight, bias)
     from jedi_kernels.ops import upsample_conv as ops
 
-    fmt = ops._fmt(x)
-    z = F.conv2d(x.contiguous(memory_format=fmt), ops.fold_weight(weight, fmt), None, padding=1)
+    fmt = memory_format_of(x)
+    if folded_weight is None:
+        folded_weight = ops.fold_weight(weight, fmt)
+    elif (not isinstance(folded_weight, torch.Tensor) or folded_weight.shape != (4 * weight.shape[0], c_in, 2, 2)
+          or folded_weight.dtype != x.dtype or folded_weight.device != x.device):
+        raise ValueError(f"folded_weight must be fold_weight(weight): a ({4 * weight.shape[0]}, {c_in}, 2, 2) tensor "
+                         f"of x's dtype on its device, got "
+                         f"{tuple(folded_weight.shape) if isinstance(folded_weight, torch.Tensor) else type(folded_weight)}")
+    z = F.conv2d(x.contiguous(memory_format=fmt), folded_weight, None, padding=1)
     return ops.upsample_interleave_op(z, bias, backend)
 
 
@@ -704,12 +717,7 @@ def residual_add(x, residual, bias=None, *, backend="auto"):
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     _check_dtype_device("residual", residual, "x", x)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias)}")
-        if bias.shape != (x.shape[1],):
-            raise ValueError(f"bias must have shape (C,) = ({x.shape[1]},), got {tuple(bias.shape)}")
-        _check_dtype_device("bias", bias, "x", x)
+    _check_bias(bias, x.shape[1], "C", x)
     backend = _elementwise_backend(backend, x)
     from jedi_kernels.ops import residual_add as ops
 

@@ -27,6 +27,13 @@ def eager_call(*tensors) -> str | None:
     return "direct"
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The layout an op keeps (the rule the C++ kernels share): NHWC-contiguous and not also NCHW-contiguous stays
+    channels-last; everything else is NCHW."""
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints: ``triton.cdiv`` on the host, without its constexpr-function wrapper (≈ 1.5 µs a call
     on the CI machine's CPU, several per launch)."""

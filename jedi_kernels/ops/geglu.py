@@ -26,6 +26,7 @@ import torch
 
 from jedi_kernels.ops import cdiv, eager_call, fast_launch, next_pow2, rows_view
 from jedi_kernels.ops.fast_launch import launch
+from jedi_kernels.ops.triton_util import bf16_rne
 from jedi_kernels.reference import geglu_reference
 
 try:
@@ -41,20 +42,11 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 if triton is not None:
+    from jedi_kernels.ops.triton_util import to_out as _to_out
+
     # constexpr so the jit may read them; Python floats stay weakly typed, so in fp64 math they keep full precision
     _C_SQRT1_2 = tl.constexpr(_SQRT1_2)
     _C_INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
-
-    @triton.jit
-    def _to_out(x, out_ptr, BF16_RNE: tl.constexpr):
-        """Round fp32/fp64 math to the output dtype once, to nearest even. BF16_RNE (only under the CPU interpreter,
-        whose fp32 -> bf16 cast truncates toward zero where the GPU rounds to nearest even) rounds bf16 by hand:
-        add half an ulp of bf16 (minus one on ties to an even mantissa) to the fp32 bits and keep the top 16."""
-        if BF16_RNE:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return x.to(out_ptr.dtype.element_ty)
 
     @triton.jit
     def _geglu_fwd_kernel(
@@ -129,9 +121,8 @@ if triton is not None:
 
 
 def _bf16_rne(h: torch.Tensor) -> bool:
-    """Round bf16 outputs by hand only where Triton is interpreted (see ``_to_out``); GPUs use the native cast."""
-    interpreted = type(_geglu_fwd_kernel).__name__ == "InterpretedFunction"
-    return interpreted and h.dtype == torch.bfloat16
+    """Round bf16 outputs by hand only where Triton is interpreted (see ``triton_util.to_out``)."""
+    return bf16_rne(_geglu_fwd_kernel, h)
 
 
 def _config(R: int, F: int) -> tuple[int, int, int]:

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from jedi_kernels.ops import cdiv, eager_call, fast_launch, next_pow2
+from jedi_kernels.ops import memory_format_of as _fmt
 from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import group_norm_reference
 
@@ -46,12 +47,6 @@ except ImportError:  # triton is optional: the torch backend still works
     triton = None
 
 __all__ = ["group_norm_op", "group_norm_fwd", "group_norm_bwd", "split_plan"]
-
-
-def _fmt(t: torch.Tensor) -> torch.memory_format:
-    """NHWC-contiguous (and not also NCHW-contiguous) stays channels-last; everything else is made NCHW."""
-    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 if triton is not None:

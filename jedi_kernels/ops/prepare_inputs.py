@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from jedi_kernels.ops import cdiv, next_pow2
+from jedi_kernels.ops import memory_format_of as _fmt
 from jedi_kernels.ops.fast_launch import launch
 from jedi_kernels.reference import prepare_inputs_reference
 
@@ -25,10 +26,6 @@ __all__ = ["prepare_inputs_op", "prep_fwd", "prep_bwd"]
 def _channels_last(t: torch.Tensor) -> bool:
     """The layout rule shared with the C++ kernels: NHWC-contiguous and not also NCHW-contiguous."""
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _fmt(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
 if triton is not None:

@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 
 from jedi_kernels.ops import cdiv, eager_call, next_pow2
+from jedi_kernels.ops import memory_format_of as _fmt
 from jedi_kernels.ops.fast_launch import launch
+from jedi_kernels.ops.triton_util import bf16_rne
 from jedi_kernels.reference import residual_add_reference
 
 try:
@@ -29,23 +31,8 @@ except ImportError:  # triton is optional: the torch backend still works
 __all__ = ["residual_add_fwd", "residual_add_op"]
 
 
-def _fmt(t: torch.Tensor) -> torch.memory_format:
-    """NHWC-contiguous (and not also NCHW-contiguous) stays channels-last; everything else is made NCHW."""
-    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
-
-
 if triton is not None:
-
-    @triton.jit
-    def _to_out(x, out_ptr, BF16_RNE: tl.constexpr):
-        """Round the math dtype to the output's once, to nearest even (by hand for bf16 under the CPU interpreter,
-        whose fp32 -> bf16 cast truncates; GPUs use the native cast)."""
-        if BF16_RNE:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return x.to(out_ptr.dtype.element_ty)
+    from jedi_kernels.ops.triton_util import to_out as _to_out
 
     @triton.jit
     def _residual_add_kernel(
@@ -122,7 +109,7 @@ def residual_add_fwd(x: torch.Tensor, residual: torch.Tensor, bias: Optional[tor
         residual.stride(0), residual.stride(1), _pixel_stride(residual),
         out.stride(0), out.stride(1), _pixel_stride(out),
         BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None, WIDE=x.dtype == torch.float64,
-        BF16_RNE=type(_residual_add_kernel).__name__ == "InterpretedFunction" and x.dtype == torch.bfloat16,
+        BF16_RNE=bf16_rne(_residual_add_kernel, out),
         num_warps=4,
     )
     return out

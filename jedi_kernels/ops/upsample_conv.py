@@ -30,7 +30,9 @@ from typing import Optional
 import torch
 
 from jedi_kernels.ops import cdiv, eager_call, next_pow2
+from jedi_kernels.ops import memory_format_of as _fmt
 from jedi_kernels.ops.fast_launch import launch
+from jedi_kernels.ops.triton_util import bf16_rne
 
 try:
     import triton
@@ -112,24 +114,8 @@ def _interleave_adjoint(grad: torch.Tensor, z_shape, need_bias: bool):
     return dz, db
 
 
-def _fmt(t: torch.Tensor) -> torch.memory_format:
-    """Channels-last when t is laid out so (and not plainly contiguous), else contiguous."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 if triton is not None:
-
-    @triton.jit
-    def _to_out(x, out_ptr, BF16_RNE: tl.constexpr):
-        """Round the math dtype to the output's once, to nearest even (by hand for bf16 under the CPU interpreter,
-        whose fp32 -> bf16 cast truncates; GPUs use the native cast)."""
-        if BF16_RNE:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return x.to(out_ptr.dtype.element_ty)
+    from jedi_kernels.ops.triton_util import to_out as _to_out
 
     @triton.jit
     def _interleave_kernel(
@@ -172,11 +158,6 @@ if triton is not None:
             tl.store(y_img + dst, _to_out(v, y_ptr, BF16_RNE), mask=m)
 
 
-def _bf16_rne(t: torch.Tensor) -> bool:
-    """Round bf16 outputs by hand only where Triton is interpreted (see ``_to_out``)."""
-    return type(_interleave_kernel).__name__ == "InterpretedFunction" and t.dtype == torch.bfloat16
-
-
 def interleave_fwd(z: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Triton launcher of the interleave.
 
@@ -208,7 +189,7 @@ def interleave_fwd(z: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tenso
         _interleave_kernel, grid,
         z, bias if bias is not None else z, y, C, H, W, *z.stride(), *y.stride(),
         BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None, WIDE=z.dtype == torch.float64,
-        BF16_RNE=_bf16_rne(z), num_warps=4,
+        BF16_RNE=bf16_rne(_interleave_kernel, y), num_warps=4,
     )
     return y
 

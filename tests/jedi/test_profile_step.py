@@ -223,3 +223,11 @@ def test_floors_full_sd_meta(workload, tmp_path):
     assert sum(by_cat.values()) == pytest.approx(fl["floor_ms_total"], rel=1e-3)
     assert by_cat["conv"] == pytest.approx(fl["flops"]["conv"] / (ps.PEAK_TFLOPS * 1e12) * 1e3, rel=1e-3)
     assert ps.count_pass_bytes(workload, channels_last=True)["layout_copies"] == 0
+
+
+def test_profile_step_inside_frozen_weights_cpu():
+    """--frozen-weights builds and runs the step inside JeDiUNet.frozen_weights() (the scope is left afterwards)."""
+    r = ps.profile_step("jedi_ng2", device="cpu", tiny=True, steps=1, warmup=1, fused=True, channels_last=True,
+                        fuse_projections=True, frozen_weights=True, with_floors=False)
+    assert r["flags"]["frozen_weights"] is True and r["step_ms"] > 0
+    assert "frozen_weights" in ps.markdown(r)

@@ -46,7 +46,7 @@ def test_call_copies_into_static_buffers_and_checks_inputs():
     runner.output = torch.zeros(4, 4, 16, 16)
     replays = []
     runner.graph = type("Graph", (), {"replay": lambda self: replays.append(1)})()
-    runner.clone = False
+    runner.clone, runner.unet, runner.frozen_capture = False, nn.Linear(2, 2), False
     new = _inputs()
     assert runner(**new) is runner.output and replays == [1]
     assert torch.equal(runner.static["x_t"], new["x_t"]) and torch.equal(runner.static["ng_mask"], new["ng_mask"])
@@ -182,3 +182,51 @@ def test_graphed_unet_replays_equal_eager():
     assert g.captures == 2 and len(g.runners) == 1
     with pytest.raises(ValueError, match="max_graphs"):
         GraphedUNet(unet, max_graphs=0)
+
+
+def test_refresh_derived_only_for_frozen_captures_outside_a_scope(monkeypatch):
+    """The runners' rule before a replay (jedi.runtime.refresh_derived): a graph captured inside
+    JeDiUNet.frozen_weights() gets the scope's stored tensors refreshed when replayed outside any scope, not inside
+    one (the scope refreshed them on entry); a graph captured outside never (it derives them itself)."""
+    unet = _randomize(JeDiUNet(UNetConfig.tiny())).eval()
+    unet.set_fused_ops(True, backend="torch")
+    unet.set_fuse_qkv(True)
+    refreshes = []
+    real = unet.derived_weights.refresh
+    monkeypatch.setattr(unet.derived_weights, "refresh", lambda: refreshes.append(1) or real())
+    inp = _inputs()
+    with torch.no_grad(), unet.frozen_weights():
+        unet(**inp)
+        assert not rt.refresh_derived(unet, frozen_capture=True)
+    assert refreshes == [1] and len(unet.derived_weights) > 0  # the scope's entry only
+    assert rt.refresh_derived(unet, frozen_capture=True) and refreshes == [1, 1]
+    assert not rt.refresh_derived(unet, frozen_capture=False) and refreshes == [1, 1]
+    assert not rt.refresh_derived(nn.Linear(2, 2), frozen_capture=True)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_captured_frozen_sees_weight_updates():
+    """A real graph captured inside frozen_weights() (fused ops, fused q/k/v and context k/v, channels-last fp16):
+    equal to eager inside; after a weight update outside any scope, the replay (GraphedUNet refreshes first) and
+    the replay inside a new scope (refreshed on entry) both equal the eager forward with the new weights."""
+    unet = _randomize(JeDiUNet(UNetConfig.tiny())).cuda().half().eval().to(memory_format=torch.channels_last)
+    unet.set_fused_ops(True)
+    unet.set_fuse_qkv(True)
+    unet.set_fuse_context_kv(True)
+    g = GraphedUNet(unet, max_graphs=1)
+    inp = _inputs(device="cuda", dtype=torch.float16)
+    args = (inp.pop("x_t"), inp.pop("timesteps"), inp.pop("context"))
+    with torch.no_grad():
+        with unet.frozen_weights():
+            out = g(*args, **inp)
+            ref = unet(*args, **inp)
+        tol = 2e-3 * float(ref.abs().max())
+        assert_close_verbose(out, ref, atol=tol, name="frozen graph")
+        for p in unet.parameters():
+            p.mul_(1.05)
+        new_ref = unet(*args, **inp)
+        assert float((new_ref - ref).abs().max()) > 10 * tol  # the update shows
+        assert_close_verbose(g(*args, **inp), new_ref, atol=tol, name="replay outside after an update")
+        with unet.frozen_weights():
+            assert_close_verbose(g(*args, **inp), new_ref, atol=tol, name="replay in a new scope")
+    assert g.captures == 1

@@ -111,62 +111,41 @@ def test_targets_only_rung_is_reported_apart(monkeypatch):
     assert "targets' eps only" in sl.markdown(dict(env={}, date="-", rows=rows, summary=s))
 
 
-def test_subpixel_upsample_rung_switches_only_the_upsamples():
-    """+subpixel_upsample is the first rung whose Upsample layers run jk.upsample_conv2d; the rungs before it keep
-    interpolate + conv even with the fused ops on, and every rung after it keeps it on."""
+@pytest.mark.parametrize("rung, before, kinds, attr", [
+    ("+subpixel_upsample", "+fold_linear_bias", ("Upsample",), "subpixel"),
+    ("+residual_add", "+subpixel_upsample", ("ResBlock", "SpatialTransformer"), "residual_add"),
+    ("+skip_cat", "+residual_add", ("ResBlock",), "skip_cat"),
+])
+def test_a_model_switch_rung_turns_it_on_for_itself_and_every_later_rung(rung, before, kinds, attr):
+    """Each of these rungs is the first whose modules have the switch on (with the fused ops on before it, it stays
+    off there), in the ladder's order; every later rung keeps it (the Hopper attention rungs too)."""
+    import jedi.unet as unet_mod
     from jedi import JeDiUNet, UNetConfig
-    from jedi.unet import Upsample
 
     unet = JeDiUNet(UNetConfig.tiny())
-    ups = [m for m in unet.modules() if isinstance(m, Upsample)]
+    mods = [m for m in unet.modules() if isinstance(m, tuple(getattr(unet_mod, k) for k in kinds))]
     names = [e for e, _ in sl.LADDER]
-    at = names.index("+subpixel_upsample")
-    assert names[at - 1] == "+fold_linear_bias"
-    cudnn = torch.backends.cudnn.benchmark
-    try:
-        for i, (entry, cfg) in enumerate(sl.LADDER):
-            if cfg["attn"] != "auto":
-                continue
-            sl.configure(unet, {}, cfg)
-            assert all(m.subpixel is (i >= at) for m in ups), entry
-    finally:
-        torch.backends.cudnn.benchmark = cudnn
-
-
-def test_residual_add_rung_comes_after_subpixel_and_stays_on():
-    """+residual_add is the first rung whose ResBlocks and SpatialTransformers hand their output biases to
-    jk.residual_add; every rung after it (but the Hopper attention options, which keep it too) has it on."""
-    from jedi import JeDiUNet, UNetConfig
-    from jedi.unet import ResBlock, SpatialTransformer
-
-    unet = JeDiUNet(UNetConfig.tiny())
-    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
-    names = [e for e, _ in sl.LADDER]
-    at = names.index("+residual_add")
-    assert names[at - 1] == "+subpixel_upsample"
+    at = names.index(rung)
+    assert mods and names[at - 1] == before
     cudnn = torch.backends.cudnn.benchmark
     try:
         for i, (entry, cfg) in enumerate(sl.LADDER):
             sl.configure(unet, {}, dict(cfg, attn="auto"))
-            assert all(m.residual_add is (i >= at) for m in blocks), entry
-            assert all(m.fold_bias for m in blocks) or i < at
+            assert all(getattr(m, attr) is (i >= at) for m in mods), entry
     finally:
         torch.backends.cudnn.benchmark = cudnn
 
 
-def test_skip_cat_rung_comes_after_residual_add_and_stays_on():
+def test_frozen_weights_rung_times_inside_the_scope():
+    """+frozen_weights and the rungs after it run their steps inside the UNet's frozen_weights() (frozen_scope);
+    the rungs before it, and a UNet without the method, outside."""
     from jedi import JeDiUNet, UNetConfig
-    from jedi.unet import ResBlock
 
     unet = JeDiUNet(UNetConfig.tiny())
-    res = [m for m in unet.modules() if isinstance(m, ResBlock)]
     names = [e for e, _ in sl.LADDER]
-    at = names.index("+skip_cat")
-    assert names[at - 1] == "+residual_add"
-    cudnn = torch.backends.cudnn.benchmark
-    try:
-        for i, (entry, cfg) in enumerate(sl.LADDER):
-            sl.configure(unet, {}, dict(cfg, attn="auto"))
-            assert all(m.skip_cat is (i >= at) for m in res), entry
-    finally:
-        torch.backends.cudnn.benchmark = cudnn
+    at = names.index("+frozen_weights")
+    assert names[at - 1] == "+skip_cat"
+    for i, (entry, cfg) in enumerate(sl.LADDER):
+        scope = sl.frozen_scope(unet, cfg)
+        assert (scope is not None) is (i >= at), entry
+    assert sl.frozen_scope(_StubUNet(), dict(sl.LADDER)["+frozen_weights"]) is None

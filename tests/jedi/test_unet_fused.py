@@ -1089,3 +1089,101 @@ def test_skip_cat_only_in_inference_and_materializes_for_others():
         assert_close_verbose(block(SkipCat(h, s), emb), ref, atol=1e-12, name="SkipCat materialized")
         seq = Block([nn.Identity()])
         assert torch.equal(seq(SkipCat(h, s), emb, None, 1), torch.cat([h, s], dim=1))
+
+
+# ---- frozen_weights: the weight-derived tensors once per scope ----------------------------------------------------
+def _frozen_pair(backend):
+    base, fast = _pair()
+    base, fast = base.double(), fast.double()
+    fast.set_fused_ops(True, backend=backend)
+    fast.set_fuse_qkv(True)
+    fast.set_fuse_context_kv(True)
+    fast = fast.to(memory_format=torch.channels_last)
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(base.config, N=2).items()}
+    inp = dict(inp, x_t=inp["x_t"].to(memory_format=torch.channels_last),
+               x0=inp["x0"].to(memory_format=torch.channels_last))
+    return base, fast, inp
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_frozen_weights_same_outputs_derived_once(monkeypatch, backend):
+    """Inside frozen_weights() the forward's weight-derived tensors are stored once (each self-attention's fused
+    q/k/v weight, the context k/v weight, the time-embedding GEMM's weights and biases, and on the Triton backend
+    each Upsample's folded kernels) and reused by later forwards: outputs bitwise equal to the unfrozen forward's;
+    a weight update between two scopes is seen by the next."""
+    from jedi.unet import Upsample
+    from jedi_kernels.modules import SetAttention
+
+    base, fast, inp = _frozen_pair(backend)
+    with torch.no_grad():
+        ref = fast(**inp, set_size=2)
+        with fast.frozen_weights():
+            outs = [fast(**inp, set_size=2) for _ in range(2)]
+    assert all(torch.equal(o, ref) for o in outs)
+    n_up = _count(fast, Upsample) if backend == "triton" else 0
+    assert len(fast.derived_weights) == _count(fast, SetAttention) + 2 + n_up
+    assert_close_verbose(ref, base(**inp, set_size=2).detach(), atol=1e-12 * float(ref.abs().max()), name="vs plain")
+    # stored tensors are not recomputed inside the scope: count the concatenations of a second forward
+    cats = []
+    real = torch.cat
+    with torch.no_grad(), fast.frozen_weights():
+        fast(**inp, set_size=2)
+        monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(
+            any(isinstance(t, nn.Parameter) for t in (a[0] if a else k["tensors"]))) or real(*a, **k))
+        fast(**inp, set_size=2)
+        monkeypatch.undo()
+    assert cats and not any(cats)  # no parameter concatenated (the others are activations and embeddings)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.mul_(1.01)
+        plain_new = JeDiUNet(fast.config).double()
+        plain_new.load_state_dict(fast.state_dict())
+        with fast.frozen_weights():
+            after = fast(**inp, set_size=2)
+        expect = plain_new.eval()(**inp, set_size=2)
+    assert_close_verbose(after, expect, atol=1e-12 * float(expect.abs().max()), name="after an update")
+
+
+def test_frozen_weights_catches_a_change_inside_and_leaves_training_alone():
+    from jedi_kernels.modules import SetAttention
+
+    base, fast, inp = _frozen_pair("torch")
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="parameters changed inside a frozen-weights scope"):
+            with fast.frozen_weights():
+                fast(**inp, set_size=2)
+                attn = next(m for m in fast.modules() if isinstance(m, SetAttention))
+                attn.to_q.weight.add_(0)  # any in-place write bumps the version
+    fast.train()
+    base.train()
+    with fast.frozen_weights():  # grad on: nothing stored, gradients as without the scope
+        outs = _train_each((base, fast), inp)
+    assert_close_verbose(outs[1], outs[0], atol=1e-12 * float(outs[0].abs().max()), name="training in a scope")
+    _assert_same_grads(base, fast, 1e-11)
+
+
+def test_personalize_runs_in_a_frozen_scope(monkeypatch):
+    """jedi.sampling.personalize enters the UNet's frozen_weights() for the run (looking through wrappers): its
+    result is bitwise the one without the scope."""
+    import contextlib
+
+    import jedi.sampling as sampling
+
+    _, fast, _ = _frozen_pair("torch")
+    g = torch.Generator().manual_seed(0)
+    refs = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    ctx, null = (torch.randn(1, 5, fast.config.context_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    seen = []
+    real = fast.frozen_weights
+
+    def spy():
+        seen.append(1)
+        return real()
+
+    monkeypatch.setattr(fast, "frozen_weights", spy)
+    kw = dict(steps=2, progress=False)
+    out = sampling.personalize(fast, refs, ctx, null, generator=torch.Generator().manual_seed(1), **kw)
+    assert seen == [1] and len(fast.derived_weights) > 0 and not fast.derived_weights.active
+    monkeypatch.setattr(sampling, "frozen_weights_of", lambda unet: contextlib.nullcontext())
+    plain = sampling.personalize(fast, refs, ctx, null, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(out, plain)

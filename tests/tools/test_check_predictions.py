@@ -105,6 +105,7 @@ def test_the_committed_predictions_load_and_find_their_rows_in_the_committed_res
                 "s28-subpixel-upsample-ng2-h200", "s28-subpixel-upsample-ng2-h100",
                 "s28-residual-add-ng2-h200", "s28-residual-add-ng2-h100",  # (and its +residual_add rung)
                 "s28-skip-cat-ng2-h200", "s28-skip-cat-ng2-h100",  # (and +skip_cat)
+                "s28-frozen-weights-ng2-h200", "s28-frozen-weights-ng2-h100",  # (and +frozen_weights)
                 # H100 predictions on the sweep's key-split rows, which no H100 run has had yet
                 "s22-cuda-fwd-splits-d80-L1024-ng1", "s22-cuda-fwd-splits-d160-L64-ng4",
                 "s22-cuda-fwd-splits-d160-L256-ng1", "s22-cuda-fwd-splits-d160-L256-ng2"}
