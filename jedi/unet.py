@@ -833,12 +833,13 @@ class JeDiUNet(nn.Module):
         """A scope in which the weights do not change (e.g. one sampling run), so the tensors every forward derives
         from them are made once: each self-attention's fused q/k/v weight (``fuse_qkv``), the cross-attentions'
         fused key/value weight (``fuse_context_kv``), the time-embedding GEMM's concatenated weights and summed
-        biases (``fused_ops``) and the Upsample layers' folded sub-pixel kernels. Per step that is ≈ 0.5 GB of
-        copies at SD v1's size, ≈ 0.2 ms on an H200. Inference only (with grad enabled, under torch.compile or
-        autocast every forward derives them as usual); re-entrant.
+        biases (``fused_ops``) and the Upsample layers' folded sub-pixel kernels: per step ≈ 0.5 GB of copies at SD
+        v1's size (the H200 profile had the concatenations alone at 0.11 ms a step). Inference only (with grad
+        enabled, under torch.compile or autocast every forward derives them as usual); re-entrant.
 
         Entering recomputes the stored tensors in place, so CUDA graphs captured in an earlier scope read current
-        weights (``jedi.GraphedUNet`` also refreshes them before a replay outside any scope). Leaving raises
+        weights (``jedi.CUDAGraphRunner``, and so ``GraphedUNet``, refresh them before replaying such a graph outside
+        any scope). Leaving raises
         RuntimeError if a parameter changed inside (its outputs used the old values); a write through ``p.data``
         has no version counter and escapes that check: change weights outside the scope.
 
@@ -938,6 +939,7 @@ class JeDiUNet(nn.Module):
                  and m.to_k.bias is None and m.to_v.bias is None]
         if len(attns) < 2:
             return context
+
         def weights():
             return [t for m in attns for t in (m.to_k.weight, m.to_v.weight)]
 
