@@ -643,7 +643,7 @@ def upsample_conv2d(x, weight, bias=None, *, folded_weight=None, backend="auto")
         bias: (C_out,) in x's dtype and on its device, or None.
         folded_weight: optional ``jedi_kernels.ops.upsample_conv.fold_weight(weight, memory format of x)``, computed
             once by a caller whose weight does not change (e.g. ``JeDiUNet.frozen_weights``); None folds on every
-            call. Its gradient does not flow back to ``weight``: pass it in inference only.
+            call. The conv then reads it, not ``weight``: gradients reach ``weight`` only through it.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" (the sub-pixel convolution, its interleave in
             Triton) or "torch" (``reference.upsample_conv2d_reference``: interpolate, then conv2d; ignores
             ``folded_weight``).

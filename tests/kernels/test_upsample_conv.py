@@ -181,6 +181,20 @@ def test_compile_fullgraph(backend):
         assert_close_verbose(gt, wt, atol=1e-4, name=f"compiled grads[{backend}]")
 
 
+@needs_triton
+def test_a_precomputed_folded_weight_gives_the_same_output():
+    """folded_weight = fold_weight(weight, x's layout), made once by a caller (JeDiUNet.frozen_weights): bitwise the
+    output of folding on the call."""
+    x, w, b = _make((2, 5, 7, 3, 4), dtype=torch.float32, layout="nhwc")
+    folded = up.fold_weight(w, CL)
+    assert torch.equal(jk.upsample_conv2d(x, w, b, folded_weight=folded, backend="triton"),
+                       jk.upsample_conv2d(x, w, b, backend="triton"))
+    with pytest.raises(ValueError, match=r"folded_weight must be fold_weight\(weight\): a \(28, 5, 2, 2\)"):
+        jk.upsample_conv2d(x, w, b, folded_weight=folded[:8], backend="triton")
+    with pytest.raises(ValueError, match="folded_weight must be"):
+        jk.upsample_conv2d(x, w, b, folded_weight=folded.double(), backend="triton")
+
+
 def test_auto_on_cpu_is_the_reference():
     x, w, b = _make((2, 3, 4, 3, 3), dtype=torch.float32)
     assert torch.equal(jk.upsample_conv2d(x, w, b), upsample_conv2d_reference(x, w, b))
