@@ -306,6 +306,10 @@ def personalize(unet, refs_latents: torch.Tensor, context: torch.Tensor, null_co
     ``(branches, B, G) -> N = branches * B * G`` with ``set_size = G``. Branches with zero weight are skipped
     (l1 = l2 cancels eps1; a single scale of 1 leaves eps_full alone), see :func:`guidance_branches`.
 
+    The run executes inside the UNet's ``frozen_weights()`` scope (a JeDiUNet, also behind torch.compile or
+    :class:`jedi.GraphedUNet`): what every step derives from the weights is made once. Do not change the weights
+    from ``callback``: leaving the scope raises RuntimeError if they changed.
+
     Args:
         unet: ``unet(x_t, t, context, *, x0, ng_mask, set_size, set_mask, out_positions) -> eps`` (JeDiUNet),
             returning the eps of the images at ``out_positions`` (the K targets, ``range(R, G)``) of each set. A
