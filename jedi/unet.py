@@ -156,9 +156,10 @@ class GroupNorm32(nn.GroupNorm):
         needs no pass for the sum; otherwise added in x's dtype first, as the unfused model does. ``concat``
         (N, C2, H, W), optional: normalize ``cat([x, concat], dim=1)`` (the fused kernels read both in place in
         inference; otherwise concatenated first)."""
-        if concat is not None and not self._run_fused(x, shift):
+        fused = self._run_fused(x, shift)
+        if concat is not None and not fused:
             x, concat = torch.cat([x, concat], dim=1), None
-        if self._run_fused(x, shift):
+        if fused:
             return jk.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, shift=shift,
                                  concat=concat, backend=self.backend)
         if shift is not None:
